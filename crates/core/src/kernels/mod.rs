@@ -1,1 +1,400 @@
-//! CPU kernels (in progress).
+//! CPU kernels: matrix-vector and matrix-matrix products in f32 arithmetic over the weight
+//! formats flashmoe reads (f32, bf16, f16 and MLX affine 2/4/8-bit, arch-spec §11.3), affine
+//! quantisation, and the elementwise ops of a forward pass.
+//!
+//! Owns arithmetic only. It never does I/O, never knows about models or tensors' names, and
+//! allocates only small per-call scratch (a permuted copy of `x`, per-row scale buffers).
+//!
+//! Layout of the module:
+//! - `mod.rs`: the weight views, the public entry points and the choice of kernel (ISA, threads).
+//! - `reference.rs`: the plain twins. They document the formats and are what the tests trust.
+//! - `lanes.rs`: the portable fast kernels, written over 8-lane arrays so LLVM vectorises them;
+//!   also the per-call preparation of `x` shared by every ISA.
+//! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`.
+//! - `quantize.rs`: MLX's affine rule and a min-max baseline.
+//! - `elementwise.rs`: rmsnorm, silu, swiglu, softmax, top-k, dot, axpy.
+//!
+//! Shapes: weights are row-major `W [rows, cols]` as in a PyTorch Linear, `y = W x`.
+
+mod elementwise;
+mod lanes;
+mod quantize;
+mod reference;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use elementwise::{axpy, dot, rmsnorm, silu, softmax_inplace, swiglu, top_k};
+pub use quantize::{quantize_affine, quantize_minmax};
+pub use reference::{dequantize, dequantize_row, matmul_ref, matvec_ref};
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Per-group scales or biases of an affine-quantised matrix, `[rows, cols / group]`.
+/// MLX stores them in the dtype the model was converted from (bf16, f16 or f32).
+#[derive(Clone, Copy, Debug)]
+pub enum Scales<'a> {
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
+impl Scales<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Scales::Bf16(s) => s.len(),
+            Scales::F16(s) => s.len(),
+            Scales::F32(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Value `i` widened to f32 (exact for every stored dtype).
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Scales::Bf16(s) => s[i].to_f32(),
+            Scales::F16(s) => s[i].to_f32(),
+            Scales::F32(s) => s[i],
+        }
+    }
+
+    /// Widens `out.len()` values starting at `start` into `out`.
+    #[inline]
+    pub fn to_f32_into(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            Scales::Bf16(s) => {
+                for (o, v) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = f32::from_bits((v.to_bits() as u32) << 16);
+                }
+            }
+            Scales::F16(s) => {
+                for (o, v) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = v.to_f32();
+                }
+            }
+            Scales::F32(s) => out.copy_from_slice(&s[start..start + n]),
+        }
+    }
+}
+
+/// An MLX affine-quantised matrix `W [rows, cols]` (arch-spec §11.3).
+///
+/// Element `(r, j)` is `scale[r, j / group] * q + bias[r, j / group]` with
+/// `q = (w[r * cols * bits / 32 + j * bits / 32] >> ((j * bits) % 32)) & (2^bits - 1)`.
+#[derive(Clone, Copy, Debug)]
+pub struct AffineView<'a> {
+    /// 2, 4 or 8.
+    pub bits: u32,
+    /// 32, 64 or 128 elements per (scale, bias) pair.
+    pub group: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols * bits / 32]`, LSB-first packing.
+    pub w: &'a [u32],
+    /// `[rows, cols / group]`; may be negative.
+    pub scales: Scales<'a>,
+    /// `[rows, cols / group]`.
+    pub biases: Scales<'a>,
+}
+
+impl AffineView<'_> {
+    pub fn words_per_row(&self) -> usize {
+        self.cols * self.bits as usize / 32
+    }
+
+    pub fn groups_per_row(&self) -> usize {
+        self.cols / self.group
+    }
+
+    /// Panics with a message naming the mismatch if the view is not a well-formed matrix.
+    pub fn check(&self) {
+        assert!(
+            matches!(self.bits, 2 | 4 | 8),
+            "affine: bits {} not in {{2, 4, 8}}",
+            self.bits
+        );
+        assert!(
+            matches!(self.group, 32 | 64 | 128),
+            "affine: group {} not in {{32, 64, 128}}",
+            self.group
+        );
+        assert!(
+            self.cols.is_multiple_of(self.group),
+            "affine: cols {} not a multiple of group {}",
+            self.cols,
+            self.group
+        );
+        assert_eq!(
+            self.w.len(),
+            self.rows * self.words_per_row(),
+            "affine: w length"
+        );
+        let ng = self.rows * self.groups_per_row();
+        assert_eq!(self.scales.len(), ng, "affine: scales length");
+        assert_eq!(self.biases.len(), ng, "affine: biases length");
+    }
+}
+
+/// A borrowed weight matrix `W [rows, cols]`, row-major, in one of the supported formats.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightView<'a> {
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: &'a [f32],
+    },
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        data: &'a [bf16],
+    },
+    F16 {
+        rows: usize,
+        cols: usize,
+        data: &'a [f16],
+    },
+    Affine(AffineView<'a>),
+}
+
+impl WeightView<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            WeightView::F32 { rows, .. }
+            | WeightView::Bf16 { rows, .. }
+            | WeightView::F16 { rows, .. } => *rows,
+            WeightView::Affine(a) => a.rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            WeightView::F32 { cols, .. }
+            | WeightView::Bf16 { cols, .. }
+            | WeightView::F16 { cols, .. } => *cols,
+            WeightView::Affine(a) => a.cols,
+        }
+    }
+
+    /// Panics with a message naming the mismatch if the view is not a well-formed matrix.
+    pub fn check(&self) {
+        let (r, c) = (self.rows(), self.cols());
+        match self {
+            WeightView::F32 { data, .. } => assert_eq!(data.len(), r * c, "f32 weight length"),
+            WeightView::Bf16 { data, .. } => assert_eq!(data.len(), r * c, "bf16 weight length"),
+            WeightView::F16 { data, .. } => assert_eq!(data.len(), r * c, "f16 weight length"),
+            WeightView::Affine(a) => a.check(),
+        }
+    }
+}
+
+/// Below this many weights a product runs on the calling thread: a rayon fork-join costs a few
+/// microseconds, which at ~10 GB/s is the time to stream ~64 KiB of weights. Measured with the
+/// `par_threshold` test (ignored by default) on a 2-core EPYC.
+const PAR_MIN_WEIGHTS: usize = 1 << 16;
+
+/// The instruction set a product runs with, detected at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+pub(crate) fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::available() {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// Runs `f(first_row, y_chunk)` over `y` (one value per row, or `per_row` values per row),
+/// in parallel on rayon's global pool when `work` weights are enough to pay for it.
+fn for_row_chunks(
+    par_min: usize,
+    work: usize,
+    rows: usize,
+    per_row: usize,
+    y: &mut [f32],
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    let threads = rayon::current_num_threads();
+    if work < par_min || threads <= 1 || rows < 2 {
+        f(0, y);
+        return;
+    }
+    // A few chunks per thread so an uneven core (another process, a page fault) does not stall
+    // the whole product, but not so many that scheduling dominates.
+    let chunk = rows.div_ceil(threads * 4).max(1);
+    y.par_chunks_mut(chunk * per_row)
+        .enumerate()
+        .for_each(|(i, yc)| f(i * chunk, yc));
+}
+
+/// `y = W x` with `x [cols]`, `y [rows]`, f32 accumulation. Picks the fastest kernel for this
+/// CPU and parallelises over output rows when the matrix is large.
+pub fn matvec(w: &WeightView, x: &[f32], y: &mut [f32]) {
+    matvec_with(isa(), PAR_MIN_WEIGHTS, w, x, y)
+}
+
+/// `matvec` on a chosen ISA, parallel from `par_min` weights up (tests and threshold probes).
+pub(crate) fn matvec_with(isa: Isa, par_min: usize, w: &WeightView, x: &[f32], y: &mut [f32]) {
+    w.check();
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), cols, "matvec: x length vs cols");
+    assert_eq!(y.len(), rows, "matvec: y length vs rows");
+    match w {
+        WeightView::Affine(a) => {
+            let prep = lanes::AffinePrep::new(a.bits, a.group, x);
+            for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
+                affine_rows(isa, a, &prep, r0, yc)
+            });
+        }
+        _ => for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
+            for (i, yi) in yc.iter_mut().enumerate() {
+                *yi = dense_row_dot(isa, w, r0 + i, x);
+            }
+        }),
+    }
+}
+
+/// `y[i] = W x[i]` for `n` inputs: `x [n, cols]`, `y [n, rows]`. Each weight row is read (and
+/// dequantised) once and applied to all `n` inputs, so this is the prefill kernel.
+pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
+    matmul_with(isa(), PAR_MIN_WEIGHTS, w, x, n, y)
+}
+
+/// `matmul` on a chosen ISA, parallel from `par_min` weights up (tests and threshold probes).
+pub(crate) fn matmul_with(
+    isa: Isa,
+    par_min: usize,
+    w: &WeightView,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) {
+    w.check();
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n * cols, "matmul: x length vs n * cols");
+    assert_eq!(y.len(), n * rows, "matmul: y length vs n * rows");
+    if n == 0 || rows == 0 {
+        return;
+    }
+    if n == 1 {
+        return matvec_with(isa, par_min, w, x, y);
+    }
+    // Computed transposed, yt [rows, n], so that each parallel task owns a contiguous slice;
+    // the transpose back costs n * rows, nothing next to n * rows * cols.
+    let mut yt = vec![0f32; rows * n];
+    // Affine rows are dequantised in the lane-permuted order of `lanes::permute_x`, so the inputs
+    // are permuted the same way once per call (a dot product does not care about the order).
+    let xp: Vec<f32>;
+    let xs: &[f32] = match w {
+        WeightView::Affine(a) => {
+            let mut buf = vec![0f32; n * cols];
+            for (src, dst) in x.chunks_exact(cols).zip(buf.chunks_exact_mut(cols)) {
+                lanes::permute_x(a.bits, src, dst);
+            }
+            xp = buf;
+            &xp
+        }
+        _ => x,
+    };
+    for_row_chunks(par_min, rows * cols * n, rows, n, &mut yt, |r0, ytc| {
+        matmul_rows(isa, w, xs, n, r0, ytc)
+    });
+    for r in 0..rows {
+        for i in 0..n {
+            y[i * rows + r] = yt[r * n + i];
+        }
+    }
+}
+
+/// Rows per step of `matmul_rows`: each loaded input element is used against this many rows.
+const MM_ROWS: usize = 4;
+
+fn matmul_rows(isa: Isa, w: &WeightView, xs: &[f32], n: usize, r0: usize, yt: &mut [f32]) {
+    let cols = w.cols();
+    let nrows = yt.len() / n;
+    let mut buf = vec![0f32; MM_ROWS * cols];
+    let mut sbuf = vec![0f32; cols + 8];
+    let mut bbuf = vec![0f32; cols + 8];
+    let mut r = 0;
+    while r < nrows {
+        let m = MM_ROWS.min(nrows - r);
+        for k in 0..m {
+            let row = r0 + r + k;
+            let out = &mut buf[k * cols..(k + 1) * cols];
+            match w {
+                WeightView::F32 { data, .. } => {
+                    out.copy_from_slice(&data[row * cols..(row + 1) * cols])
+                }
+                WeightView::Bf16 { data, .. } => {
+                    lanes::bf16_to_f32(&data[row * cols..(row + 1) * cols], out)
+                }
+                WeightView::F16 { data, .. } => {
+                    lanes::f16_to_f32(&data[row * cols..(row + 1) * cols], out)
+                }
+                WeightView::Affine(a) => {
+                    let ng = a.groups_per_row();
+                    a.scales.to_f32_into(row * ng, &mut sbuf[..ng]);
+                    a.biases.to_f32_into(row * ng, &mut bbuf[..ng]);
+                    let wpr = a.words_per_row();
+                    let wrow = &a.w[row * wpr..(row + 1) * wpr];
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => x86::dequant_row_permuted(a, wrow, &sbuf, &bbuf, out),
+                        Isa::Portable => lanes::dequant_row_permuted(a, wrow, &sbuf, &bbuf, out),
+                    }
+                }
+            }
+        }
+        for i in 0..n {
+            let xi = &xs[i * cols..(i + 1) * cols];
+            let mut d = [0f32; MM_ROWS];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => x86::dot_rows(&buf, cols, m, xi, &mut d),
+                Isa::Portable => lanes::dot_rows(&buf, cols, m, xi, &mut d),
+            }
+            for k in 0..m {
+                yt[(r + k) * n + i] = d[k];
+            }
+        }
+        r += m;
+    }
+}
+
+fn affine_rows(isa: Isa, a: &AffineView, prep: &lanes::AffinePrep, r0: usize, y: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::affine_rows(a, prep, r0, y),
+        Isa::Portable => lanes::affine_rows(a, prep, r0, y),
+    }
+}
+
+fn dense_row_dot(isa: Isa, w: &WeightView, row: usize, x: &[f32]) -> f32 {
+    let cols = x.len();
+    let range = row * cols..(row + 1) * cols;
+    match (isa, w) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, WeightView::F32 { data, .. }) => x86::dot_f32(&data[range], x),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, WeightView::Bf16 { data, .. }) => x86::dot_bf16(&data[range], x),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, WeightView::F16 { data, .. }) => x86::dot_f16(&data[range], x),
+        (_, WeightView::F32 { data, .. }) => lanes::dot_f32(&data[range], x),
+        (_, WeightView::Bf16 { data, .. }) => lanes::dot_bf16(&data[range], x),
+        (_, WeightView::F16 { data, .. }) => lanes::dot_f16(&data[range], x),
+        (_, WeightView::Affine(_)) => unreachable!("affine rows go through affine_rows"),
+    }
+}

@@ -1,0 +1,395 @@
+//! Every fast kernel against its plain twin, on every ISA this CPU has, for every format.
+
+use super::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        v.push(Isa::Avx2);
+    }
+    v
+}
+
+fn gauss(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    // Box-Muller; rand 0.8 without rand_distr has no normal distribution.
+    (0..n)
+        .map(|_| {
+            let u1: f64 = rng.gen_range(1e-12..1.0);
+            let u2: f64 = rng.gen();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect()
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Checks `got` against `want` row by row: `|got - want| <= 1e-5 * |W_r| |x|` (+ a floor).
+fn assert_close(what: &str, w: &[f32], cols: usize, x: &[f32], got: &[f32], want: &[f32]) {
+    let xn = norm(x);
+    let rows = w.len() / cols.max(1);
+    for (i, (g, r)) in got.iter().zip(want).enumerate() {
+        let row = i % rows.max(1);
+        let tol = 1e-5 * norm(&w[row * cols..(row + 1) * cols]) * xn + 1e-6;
+        assert!(
+            ((g - r) as f64).abs() <= tol,
+            "{what}: y[{i}] = {g}, reference {r}, tol {tol}"
+        );
+    }
+}
+
+/// Owns the buffers of a random affine matrix.
+struct Affine {
+    bits: u32,
+    group: usize,
+    rows: usize,
+    cols: usize,
+    w: Vec<u32>,
+    s32: Vec<f32>,
+    b32: Vec<f32>,
+    sb: Vec<half::bf16>,
+    bb: Vec<half::bf16>,
+    sh: Vec<half::f16>,
+    bh: Vec<half::f16>,
+}
+
+impl Affine {
+    fn random(rng: &mut StdRng, bits: u32, group: usize, rows: usize, cols: usize) -> Self {
+        let ng = rows * cols / group;
+        let w = (0..rows * cols * bits as usize / 32)
+            .map(|_| rng.gen())
+            .collect();
+        let all_negative = rng.gen_bool(0.3);
+        let s32: Vec<f32> = (0..ng)
+            .map(|_| {
+                let s: f32 = rng.gen_range(0.01..0.1);
+                if all_negative || rng.gen_bool(0.5) {
+                    -s
+                } else {
+                    s
+                }
+            })
+            .collect();
+        let b32: Vec<f32> = (0..ng).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let sb = s32.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let bb = b32.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let sh = s32.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let bh = b32.iter().map(|&v| half::f16::from_f32(v)).collect();
+        Affine {
+            bits,
+            group,
+            rows,
+            cols,
+            w,
+            s32,
+            b32,
+            sb,
+            bb,
+            sh,
+            bh,
+        }
+    }
+
+    /// The view with scales in dtype `k` (0 bf16, 1 f16, 2 f32).
+    fn view(&self, k: usize) -> WeightView<'_> {
+        let (scales, biases) = match k % 3 {
+            0 => (Scales::Bf16(&self.sb), Scales::Bf16(&self.bb)),
+            1 => (Scales::F16(&self.sh), Scales::F16(&self.bh)),
+            _ => (Scales::F32(&self.s32), Scales::F32(&self.b32)),
+        };
+        WeightView::Affine(AffineView {
+            bits: self.bits,
+            group: self.group,
+            rows: self.rows,
+            cols: self.cols,
+            w: &self.w,
+            scales,
+            biases,
+        })
+    }
+}
+
+/// Runs matvec and matmul on every ISA (serial and forced-parallel) against the twins.
+fn check_products(rng: &mut StdRng, what: &str, w: &WeightView) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let dense = dequantize(w);
+    let x = gauss(rng, cols);
+    let mut want = vec![0f32; rows];
+    matvec_ref(w, &x, &mut want);
+    for isa in isas() {
+        for par_min in [usize::MAX, 0] {
+            let mut got = vec![f32::NAN; rows];
+            matvec_with(isa, par_min, w, &x, &mut got);
+            let tag = format!("{what} matvec {isa:?} par_min {par_min}");
+            assert_close(&tag, &dense, cols, &x, &got, &want);
+        }
+    }
+    for n in [2, 3, 6] {
+        let xs = gauss(rng, n * cols);
+        let mut want = vec![0f32; n * rows];
+        matmul_ref(w, &xs, n, &mut want);
+        for isa in isas() {
+            for par_min in [usize::MAX, 0] {
+                let mut got = vec![f32::NAN; n * rows];
+                matmul_with(isa, par_min, w, &xs, n, &mut got);
+                let tag = format!("{what} matmul n {n} {isa:?} par_min {par_min}");
+                for i in 0..n {
+                    let xi = &xs[i * cols..(i + 1) * cols];
+                    let (g, r) = (i * rows, (i + 1) * rows);
+                    assert_close(&tag, &dense, cols, xi, &got[g..r], &want[g..r]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn affine_products_match_reference() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut k = 0;
+    for bits in [2u32, 4, 8] {
+        for group in [32usize, 64, 128] {
+            // One group, groups that end mid-block (tail path), several whole blocks.
+            for ngroups in [1usize, 3, 5, 8] {
+                for rows in [1usize, 7, 33] {
+                    let a = Affine::random(&mut rng, bits, group, rows, group * ngroups);
+                    let what = format!("affine b{bits} g{group} {rows}x{} s{k}", group * ngroups);
+                    check_products(&mut rng, &what, &a.view(k));
+                    k += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_products_match_reference() {
+    let mut rng = StdRng::seed_from_u64(2);
+    for (rows, cols) in [(1, 1), (7, 33), (33, 100), (5, 257), (300, 512)] {
+        let f = gauss(&mut rng, rows * cols);
+        let b: Vec<_> = f.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let h: Vec<_> = f.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let data = &f;
+        check_products(&mut rng, "f32", &WeightView::F32 { rows, cols, data });
+        let data = &b;
+        check_products(&mut rng, "bf16", &WeightView::Bf16 { rows, cols, data });
+        let data = &h;
+        check_products(&mut rng, "f16", &WeightView::F16 { rows, cols, data });
+    }
+}
+
+#[test]
+fn large_affine_parallel_default_dispatch() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let a = Affine::random(&mut rng, 4, 64, 301, 1024);
+    let w = a.view(0);
+    let x = gauss(&mut rng, 1024);
+    let (mut got, mut want) = (vec![0f32; 301], vec![0f32; 301]);
+    matvec(&w, &x, &mut got);
+    matvec_ref(&w, &x, &mut want);
+    assert_close("default matvec", &dequantize(&w), 1024, &x, &got, &want);
+}
+
+fn rms(a: &[f32], b: &[f32]) -> f64 {
+    let s: f64 = a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+    (s / a.len() as f64).sqrt()
+}
+
+#[test]
+fn quantize_round_trip_and_error_vs_minmax() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (rows, cols) = (64, 1024);
+    let w = gauss(&mut rng, rows * cols);
+    for bits in [2u32, 4, 8] {
+        for group in [32usize, 64, 128] {
+            let mut errs = [0f64; 2];
+            for (m, q) in [quantize_affine, quantize_minmax].iter().enumerate() {
+                let (qw, s, b) = q(&w, rows, cols, bits, group);
+                let view = AffineView {
+                    bits,
+                    group,
+                    rows,
+                    cols,
+                    w: &qw,
+                    scales: Scales::Bf16(&s),
+                    biases: Scales::Bf16(&b),
+                };
+                let d = dequantize(&WeightView::Affine(view));
+                // Per element: half a step of rounding, at most one step lost to MLX's
+                // snapping of the edge, and bf16 rounding of scale * q and of the bias.
+                for (j, (dv, wv)) in d.iter().zip(&w).enumerate() {
+                    let st = s[j / group].to_f32().abs();
+                    assert!((dv - wv).abs() <= 3.0 * st, "b{bits} g{group} m{m} [{j}]");
+                }
+                errs[m] = rms(&d, &w);
+            }
+            eprintln!(
+                "rms error b{bits} g{group}: affine(MLX) {:.5}  minmax {:.5}",
+                errs[0], errs[1]
+            );
+            // On Gaussian data MLX's snapping of the edge to the grid costs little; allow 5%.
+            assert!(errs[0] <= errs[1] * 1.05, "b{bits} g{group}: {errs:?}");
+        }
+    }
+}
+
+#[test]
+fn quantize_affine_follows_mlx_rule() {
+    // Group of 32 from -1 to 0.5: |min| > |max|, so edge = min and scale > 0;
+    // q0 = round(-1 / (1.5 / 15)) = -10, scale = 0.1, bias = -1, and 0.0 is code 10.
+    let mut w: Vec<f32> = (0..32).map(|i| -1.0 + 1.5 * i as f32 / 31.0).collect();
+    w[5] = 0.0;
+    let (q, s, b) = quantize_affine(&w, 1, 32, 4, 32);
+    assert_eq!(b[0].to_f32(), -1.0);
+    assert!((s[0].to_f32() - 0.1).abs() < 1e-3);
+    assert_eq!((q[0] >> 20) & 15, 10, "0.0 maps to -q0");
+    // Mirror image: |max| > |min| gives a negative scale and bias = max.
+    let neg: Vec<f32> = w.iter().map(|v| -v).collect();
+    let (_, s, b) = quantize_affine(&neg, 1, 32, 4, 32);
+    assert!(s[0].to_f32() < 0.0 && b[0].to_f32() == 1.0);
+}
+
+#[test]
+fn dequantize_row_matches_dequantize() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let a = Affine::random(&mut rng, 2, 32, 3, 96);
+    let WeightView::Affine(v) = a.view(2) else {
+        unreachable!()
+    };
+    let all = dequantize(&WeightView::Affine(v));
+    let mut row = vec![0f32; 96];
+    dequantize_row(&v, 2, &mut row);
+    assert_eq!(&row[..], &all[192..288]);
+    // Element 17 of row 2: word 2 * 6 + 1, bits 2..4.
+    let q = (a.w[13] >> 2) & 3;
+    assert_eq!(row[17], a.s32[6] * q as f32 + a.b32[6]);
+}
+
+#[test]
+fn elementwise_match_plain_twins() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for n in [0usize, 1, 7, 8, 33, 1000] {
+        let x: Vec<f32> = gauss(&mut rng, n).iter().map(|v| v * 4.0).collect();
+        let w = gauss(&mut rng, n);
+        let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let close = |what: &str, got: &[f32], want: &[f64], tol: f64| {
+            for (i, (g, r)) in got.iter().zip(want).enumerate() {
+                let err = (*g as f64 - r).abs();
+                assert!(
+                    err <= tol * r.abs().max(1.0),
+                    "{what} n{n} [{i}]: {g} vs {r}"
+                );
+            }
+        };
+        // dot, axpy
+        let want: f64 = xd.iter().zip(&w).map(|(a, &b)| a * b as f64).sum();
+        let tol = 1e-5 * norm(&x) * norm(&w) + 1e-6;
+        assert!((dot(&x, &w) as f64 - want).abs() <= tol, "dot n{n}");
+        let mut y = w.clone();
+        axpy(0.5, &x, &mut y);
+        let want: Vec<f64> = xd
+            .iter()
+            .zip(&w)
+            .map(|(a, &b)| b as f64 + 0.5 * a)
+            .collect();
+        close("axpy", &y, &want, 1e-6);
+        // rmsnorm, both weight conventions
+        for add_one in [false, true] {
+            let mut out = vec![0f32; n];
+            rmsnorm(&x, &w, 1e-6, add_one, &mut out);
+            let ms = xd.iter().map(|v| v * v).sum::<f64>() / n.max(1) as f64;
+            let inv = 1.0 / (ms + 1e-6).sqrt();
+            let off = if add_one { 1.0 } else { 0.0 };
+            let want: Vec<f64> = xd
+                .iter()
+                .zip(&w)
+                .map(|(v, &g)| v * inv * (g as f64 + off))
+                .collect();
+            close("rmsnorm", &out, &want, 1e-5);
+        }
+        // silu, swiglu
+        let sig = |v: f64| v / (1.0 + (-v).exp());
+        let mut out = vec![0f32; n];
+        silu(&x, &mut out);
+        close(
+            "silu",
+            &out,
+            &xd.iter().map(|&v| sig(v)).collect::<Vec<_>>(),
+            1e-6,
+        );
+        swiglu(&x, &w, &mut out);
+        let want: Vec<f64> = xd
+            .iter()
+            .zip(&w)
+            .map(|(&g, &u)| sig(g) * u as f64)
+            .collect();
+        close("swiglu", &out, &want, 1e-6);
+        // softmax
+        let mut p = x.clone();
+        softmax_inplace(&mut p);
+        let max = xd.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = xd.iter().map(|v| (v - max).exp()).sum();
+        let want: Vec<f64> = xd.iter().map(|v| (v - max).exp() / sum).collect();
+        close("softmax", &p, &want, 1e-6);
+        // top_k against a full sort
+        let mut q: Vec<f32> = x.iter().map(|v| (v * 2.0).round()).collect(); // many ties
+        if n > 3 {
+            q[2] = f32::NAN;
+        }
+        for k in [0, 1, 4, 10, n + 1] {
+            let mut idx: Vec<usize> = (0..n).collect();
+            let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+            // partial_cmp, not total_cmp: -0.0 and 0.0 are a tie.
+            let cmp = |a: f32, b: f32| a.partial_cmp(&b).expect("no NaN after key");
+            idx.sort_by(|&a, &b| cmp(key(q[b]), key(q[a])).then(a.cmp(&b)));
+            let got: Vec<usize> = top_k(&q, k).iter().map(|e| e.0).collect();
+            assert_eq!(got, idx[..k.min(n)].to_vec(), "top_k n{n} k{k}");
+        }
+    }
+    // exp at the clamp edges and beyond stays finite and monotone.
+    let mut e = vec![-100.0, -87.0, 0.0, 88.0, 100.0];
+    silu(&e.clone(), &mut e);
+    assert!(e.iter().all(|v| v.is_finite()));
+}
+
+/// Prints serial vs parallel matvec time by size; run with `--ignored --nocapture` to re-derive
+/// `PAR_MIN_WEIGHTS` and the GB/s of the 4096x4096 4-bit g64 product.
+#[test]
+#[ignore]
+fn par_threshold() {
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(7);
+    for (rows, cols) in [
+        (64, 256),
+        (128, 256),
+        (256, 256),
+        (256, 512),
+        (512, 512),
+        (1024, 1024),
+        (4096, 4096),
+    ] {
+        let a = Affine::random(&mut rng, 4, 64, rows, cols);
+        let w = a.view(0);
+        let x = gauss(&mut rng, cols);
+        let mut y = vec![0f32; rows];
+        let bytes = (a.w.len() * 4 + a.sb.len() * 4) as f64;
+        for (name, par_min) in [("serial", usize::MAX), ("parallel", 0)] {
+            let reps = (200_000_000 / (rows * cols)).clamp(5, 20_000);
+            matvec_with(isa(), par_min, &w, &x, &mut y);
+            let t = Instant::now();
+            for _ in 0..reps {
+                matvec_with(isa(), par_min, &w, &x, &mut y);
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            eprintln!(
+                "{rows}x{cols} 4b g64 {name}: {:.2} us, {:.2} GB/s",
+                s * 1e6,
+                bytes / s / 1e9
+            );
+        }
+    }
+}
