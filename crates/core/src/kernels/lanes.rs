@@ -35,19 +35,41 @@ pub(crate) fn permute_x(bits: u32, src: &[f32], dst: &mut [f32]) {
 /// What an affine product needs from `x`, computed once per call and shared by all rows:
 /// the lane-permuted copy and the per-group sums `Σx` (the bias term of each group is
 /// `bias * Σx`, arch-spec §11.3 "Kernel arithmetic").
+///
+/// With `prescaled`, slice `k < pw - 1` of each block is multiplied by `2^(-bits * k)`. A kernel
+/// can then mask code `k` in place, `w & (mask << bits * k)`, whose integer value is
+/// `q * 2^(bits * k)`, and skip the shift: the product with the prescaled `x` is exactly `q x`
+/// (powers of two scale exactly, short of underflow below |x| ~ 1e-30). The last code is shifted
+/// down instead, because in place it would set the sign bit.
 pub(crate) struct AffinePrep {
-    /// `[cols]`, lane-permuted.
+    /// `[cols]`, lane-permuted (and prescaled if `prescaled`).
     pub xt: Vec<f32>,
     /// `[cols / group]`.
     pub xsum: Vec<f32>,
+    pub prescaled: bool,
 }
 
 impl AffinePrep {
-    pub fn new(bits: u32, group: usize, x: &[f32]) -> Self {
+    pub fn new(bits: u32, group: usize, x: &[f32], prescaled: bool) -> Self {
         let mut xt = vec![0f32; x.len()];
         permute_x(bits, x, &mut xt);
+        if prescaled {
+            let pw = 32 / bits as usize;
+            for blk in xt.chunks_exact_mut(block_elems(bits)) {
+                for k in 1..pw - 1 {
+                    let f = (-((bits as usize * k) as f32)).exp2();
+                    for v in &mut blk[k * 8..k * 8 + 8] {
+                        *v *= f;
+                    }
+                }
+            }
+        }
         let xsum = x.chunks_exact(group).map(sum8).collect();
-        AffinePrep { xt, xsum }
+        AffinePrep {
+            xt,
+            xsum,
+            prescaled,
+        }
     }
 }
 
@@ -93,6 +115,10 @@ pub(crate) fn affine_rows(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut 
 }
 
 fn affine_rows_b<const BITS: u32>(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut [f32]) {
+    assert!(
+        !prep.prescaled,
+        "the portable kernel shifts codes down; x must not be prescaled"
+    );
     let ng = a.groups_per_row();
     let wpr = a.words_per_row();
     let pw = (32 / BITS) as usize;
@@ -119,7 +145,7 @@ fn affine_rows_b<const BITS: u32>(a: &AffineView, prep: &AffinePrep, r0: usize, 
                     blk[l] += q as f32 * xb[k * 8 + l];
                 }
             }
-            let g0 = b * e / a.group;
+            let g0 = (b * e) >> a.group.trailing_zeros();
             for l in 0..8 {
                 acc[l] += blk[l] * sbuf[g0 + l / lpg];
             }
@@ -150,7 +176,7 @@ pub(crate) fn dequant_row_permuted(
     let lpg = a.group / pw;
     for b in 0..nb {
         let w = &wrow[b * 8..b * 8 + 8];
-        let g0 = b * e / a.group;
+        let g0 = (b * e) >> a.group.trailing_zeros();
         let o = &mut out[b * e..(b + 1) * e];
         for l in 0..8 {
             let (s, z) = (sbuf[g0 + l / lpg], bbuf[g0 + l / lpg]);

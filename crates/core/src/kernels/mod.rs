@@ -254,7 +254,8 @@ pub(crate) fn matvec_with(isa: Isa, par_min: usize, w: &WeightView, x: &[f32], y
     assert_eq!(y.len(), rows, "matvec: y length vs rows");
     match w {
         WeightView::Affine(a) => {
-            let prep = lanes::AffinePrep::new(a.bits, a.group, x);
+            let prescaled = affine_prescaled(isa);
+            let prep = lanes::AffinePrep::new(a.bits, a.group, x, prescaled);
             for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
                 affine_rows(isa, a, &prep, r0, yc)
             });
@@ -371,6 +372,15 @@ fn matmul_rows(isa: Isa, w: &WeightView, xs: &[f32], n: usize, r0: usize, yt: &m
             }
         }
         r += m;
+    }
+}
+
+/// Whether `isa`'s affine kernel wants `x` prescaled (see `lanes::AffinePrep`).
+fn affine_prescaled(isa: Isa) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => true,
+        Isa::Portable => false,
     }
 }
 

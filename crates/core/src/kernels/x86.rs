@@ -51,20 +51,26 @@ pub(crate) fn affine_rows(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut 
     assert!(available());
     assert!((r0 + y.len()) <= a.rows && prep.xt.len() == a.cols);
     assert_eq!(prep.xsum.len(), a.groups_per_row());
+    assert!(
+        prep.prescaled,
+        "the AVX2 kernel masks codes in place; x must be prescaled"
+    );
     // SAFETY: the CPU features were checked above, and the row range and `x` length match the
     // view that `AffineView::check` validated, which is what the body's loads rely on.
     unsafe {
         match a.bits {
-            2 => affine_rows_avx2::<2>(a, prep, r0, y),
-            4 => affine_rows_avx2::<4>(a, prep, r0, y),
-            8 => affine_rows_avx2::<8>(a, prep, r0, y),
+            2 => affine_rows_avx2::<2, 30>(a, prep, r0, y),
+            4 => affine_rows_avx2::<4, 28>(a, prep, r0, y),
+            8 => affine_rows_avx2::<8, 24>(a, prep, r0, y),
             b => unreachable!("bits {b} rejected by AffineView::check"),
         }
     }
 }
 
+/// `LAST` is `32 - BITS`, the shift that brings the top code down (a const expression of `BITS`
+/// cannot be a const argument on stable Rust).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_rows_avx2<const BITS: i32>(
+unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
     a: &AffineView,
     prep: &AffinePrep,
     r0: usize,
@@ -77,8 +83,18 @@ unsafe fn affine_rows_avx2<const BITS: i32>(
     let nb = a.cols / e;
     let lpg = a.group / pw;
     let idx = lane_group_index(lpg);
-    let maskv = _mm256_set1_epi32((1 << BITS) - 1);
     let mask = (1u32 << BITS) - 1;
+    // Groups are powers of two: a shift, not a division per block.
+    let gshift = a.group.trailing_zeros();
+    // The in-place masks `mask << BITS k`. Built from an opaque value so LLVM keeps them in
+    // registers instead of re-loading each from the constant pool every block (the loads, not
+    // the arithmetic, were the bottleneck).
+    let mut masks = [_mm256_setzero_si256(); 16];
+    let mut m = std::hint::black_box(_mm256_set1_epi32(mask as i32));
+    for mk in masks.iter_mut().take(pw) {
+        *mk = m;
+        m = _mm256_slli_epi32::<BITS>(m);
+    }
     let mut sbuf = vec![0f32; ng + 8];
     let mut bbuf = vec![0f32; ng];
     let xp = prep.xt.as_ptr();
@@ -91,25 +107,27 @@ unsafe fn affine_rows_avx2<const BITS: i32>(
         let mut acc = _mm256_setzero_ps();
         for b in 0..nb {
             // Block b reads words [8b, 8b + 8) < wpr and xt [b e, (b + 1) e) <= cols.
-            let mut w = _mm256_loadu_si256(wp.add(b * 8) as *const __m256i);
+            let w = _mm256_loadu_si256(wp.add(b * 8) as *const __m256i);
             let xb = xp.add(b * e);
-            let mut a0 = _mm256_setzero_ps();
-            let mut a1 = _mm256_setzero_ps();
-            let mut k = 0;
-            while k < pw {
-                let q0 = _mm256_cvtepi32_ps(_mm256_and_si256(w, maskv));
-                w = _mm256_srli_epi32::<BITS>(w);
-                a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xb.add(k * 8)), a0);
-                let q1 = _mm256_cvtepi32_ps(_mm256_and_si256(w, maskv));
-                w = _mm256_srli_epi32::<BITS>(w);
-                a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb.add(k * 8 + 8)), a1);
-                k += 2;
+            // Two accumulators halve the FMA dependency chain. Codes k < pw - 1 are masked in
+            // place (x is prescaled by 2^(-BITS k)), the last one is shifted down.
+            let mut acc2 = [_mm256_setzero_ps(); 2];
+            for k in 0..pw {
+                let q = if k + 1 < pw {
+                    _mm256_and_si256(w, masks[k])
+                } else {
+                    _mm256_srli_epi32::<LAST>(w)
+                };
+                let xk = _mm256_loadu_ps(xb.add(k * 8));
+                acc2[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xk, acc2[k & 1]);
             }
-            let sv = lane_values(sbuf.as_ptr(), b * e / a.group, lpg, idx);
+            let (a0, a1) = (acc2[0], acc2[1]);
+            let sv = lane_values(sbuf.as_ptr(), (b * e) >> gshift, lpg, idx);
             acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), sv, acc);
         }
         let mut tail = 0f32;
         for j in nb * e..a.cols {
+            // Past the last whole block `xt` is in natural order and not prescaled.
             let q = (wrow[j * BITS as usize / 32] >> ((j * BITS as usize) % 32)) & mask;
             tail += q as f32 * prep.xt[j] * sbuf[j / a.group];
         }
@@ -158,7 +176,7 @@ unsafe fn dequant_avx2<const BITS: i32>(
     let op = out.as_mut_ptr();
     for b in 0..nb {
         let mut w = _mm256_loadu_si256(wrow.as_ptr().add(b * 8) as *const __m256i);
-        let g0 = b * e / a.group;
+        let g0 = (b * e) >> a.group.trailing_zeros();
         let sv = lane_values(sbuf.as_ptr(), g0, lpg, idx);
         let bv = lane_values(bbuf.as_ptr(), g0, lpg, idx);
         for k in 0..pw {
