@@ -194,10 +194,13 @@ impl WeightView<'_> {
     }
 }
 
-/// Below this many weights a product runs on the calling thread: a rayon fork-join costs a few
-/// microseconds, which at ~10 GB/s is the time to stream ~64 KiB of weights. Measured with the
-/// `par_threshold` test (ignored by default) on a 2-core EPYC.
-const PAR_MIN_WEIGHTS: usize = 1 << 16;
+/// Below this many weights a product runs on the calling thread. Measured with the ignored
+/// `par_threshold` test (best of many, 4-bit g64) on the 2-core EPYC dev VM while other builds ran:
+/// a rayon fork-join costs 10-25 us there, so 2 threads lost at 512x512 (21 us serial vs 37 us)
+/// and only broke even from about 1M weights (1024x1024: 105 us vs 118 us; 4096x4096 tied,
+/// both ~1 ms, i.e. memory-bound). An idle machine with more cores would favour a lower
+/// threshold; re-run the test there before lowering it.
+const PAR_MIN_WEIGHTS: usize = 1 << 20;
 
 /// The instruction set a product runs with, detected at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
