@@ -1,1 +1,6 @@
-pub fn placeholder() {}
+pub mod error;
+pub mod template;
+pub mod tokenizer;
+pub use error::{Result, TextError};
+pub use template::{ChatTemplate, RenderOptions};
+pub use tokenizer::{StreamDecoder, Tokenizer};
