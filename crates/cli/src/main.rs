@@ -1,1 +1,41 @@
-fn main() {}
+//! `flashmoe`: one binary, one subcommand per job. Each subcommand lives in `cmd/`.
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "flashmoe",
+    version,
+    about = "Run Mixture-of-Experts LLMs larger than memory by streaming experts from SSD",
+    long_about = "flashmoe runs Qwen3.5-MoE, Qwen3-Next and Qwen3-MoE models from Hugging Face or MLX \
+checkpoints or from its own packed format, keeping only the dense weights resident and reading each \
+token's routed experts from disk."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Synthesize a small random Qwen3.5-MoE model and generate from it (no download needed).
+    Demo(cmd::demo::Args),
+    /// Write the logits of every position of a token sequence to a safetensors file.
+    Logits(cmd::logits::Args),
+    /// Print the greedy continuation of a token sequence as ids.
+    Generate(cmd::generate::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Command::Demo(a) => cmd::demo::run(a),
+        Command::Logits(a) => cmd::logits::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

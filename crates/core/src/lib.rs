@@ -1,3 +1,14 @@
 //! flashmoe-core: the engine. Formats and weights, expert streaming, CPU kernels, the model's
 //! forward pass and the session that drives it. Front ends live in other crates.
+pub mod buf;
+pub mod config;
+pub mod error;
+pub mod experts;
 pub mod kernels;
+pub mod loader;
+pub mod model;
+pub mod probe;
+pub mod store;
+pub mod weights;
+
+pub use error::{Error, Result};

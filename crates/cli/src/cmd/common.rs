@@ -1,0 +1,64 @@
+//! Options and helpers shared by subcommands.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use flashmoe_core::loader::{open_model, IoMode, LoadOptions};
+use flashmoe_core::model::Model;
+
+#[derive(Copy, Clone, Debug, ValueEnum, Default)]
+pub enum Io {
+    /// pread through the page cache
+    #[default]
+    Cached,
+    /// O_DIRECT reads (cold-disk behaviour)
+    Direct,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory: Hugging Face or MLX checkpoint, or a flashmoe packed model
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Routed experts per token (default: the model's own num_experts_per_tok)
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// How expert bytes are read from a packed model
+    #[arg(long, value_enum, default_value_t = Io::Cached)]
+    pub io: Io,
+    /// Verify every expert read against the packed manifest's checksums
+    #[arg(long)]
+    pub verify: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Model> {
+        let opts = LoadOptions {
+            io: match self.io {
+                Io::Cached => IoMode::Cached,
+                Io::Direct => IoMode::Direct,
+            },
+            verify: self.verify,
+            top_k: self.k,
+        };
+        open_model(&self.model, &opts)
+            .with_context(|| format!("loading model from {}", self.model.display()))
+    }
+}
+
+/// Parses `1,2,3` (spaces allowed) into token ids.
+pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u32>()
+                .with_context(|| format!("--ids: `{p}` is not a token id (non-negative integer)"))
+        })
+        .collect::<Result<_>>()?;
+    if ids.is_empty() {
+        bail!("--ids is empty: give at least one token id, e.g. --ids 1,2,3");
+    }
+    Ok(ids)
+}

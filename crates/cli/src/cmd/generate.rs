@@ -1,0 +1,47 @@
+//! `flashmoe generate`: greedy continuation of a token sequence, printed as ids.
+use anyhow::Result;
+use clap::Args as ClapArgs;
+use flashmoe_core::model::{ForwardStats, Logits, State};
+
+use super::common::{parse_ids, ModelArgs};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated prompt token ids
+    #[arg(long)]
+    pub ids: String,
+    /// Number of tokens to generate
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let ids = parse_ids(&a.ids)?;
+    let model = a.model.load()?;
+    let mut state = State::new(&model.cfg);
+    let mut stats = ForwardStats::default();
+    let mut logits = model.forward(&ids, &mut state, Logits::Last, &mut stats, None)?;
+    let mut out = Vec::with_capacity(a.tokens);
+    for i in 0..a.tokens {
+        let next = argmax(&logits);
+        out.push(next);
+        if i + 1 < a.tokens {
+            logits = model.forward(&[next], &mut state, Logits::Last, &mut stats, None)?;
+        }
+    }
+    let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();
+    println!("{}", s.join(","));
+    Ok(())
+}

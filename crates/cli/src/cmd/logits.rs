@@ -1,0 +1,62 @@
+//! `flashmoe logits`: logits at every position, as one prompt or prompt + cached decode steps.
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use flashmoe_core::model::{ForwardStats, Logits, State};
+
+use super::common::{parse_ids, ModelArgs};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated token ids, e.g. 1,2,3
+    #[arg(long)]
+    pub ids: String,
+    /// Process the first N ids as one prompt, the rest one token at a time through the cache
+    /// (default: all ids as one prompt)
+    #[arg(long)]
+    pub prefill: Option<usize>,
+    /// Output file: safetensors with one float32 tensor `logits` [T, vocab]
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let ids = parse_ids(&a.ids)?;
+    let model = a.model.load()?;
+    let n = a.prefill.unwrap_or(ids.len());
+    if n == 0 || n > ids.len() {
+        bail!(
+            "--prefill {n} must be between 1 and the number of ids ({})",
+            ids.len()
+        );
+    }
+    let mut state = State::new(&model.cfg);
+    let mut stats = ForwardStats::default();
+    model.check_tokens(&ids, &state)?;
+    let mut logits = model.forward(&ids[..n], &mut state, Logits::All, &mut stats, None)?;
+    for &id in &ids[n..] {
+        logits.extend(model.forward(&[id], &mut state, Logits::Last, &mut stats, None)?);
+    }
+    let vocab = model.cfg.vocab_size;
+    write_f32(&a.out, "logits", &logits, &[ids.len(), vocab])
+}
+
+/// Writes one float32 tensor to a safetensors file (via a temp file, so a failure leaves no
+/// half-written output behind).
+pub fn write_f32(path: &std::path::Path, name: &str, data: &[f32], shape: &[usize]) -> Result<()> {
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .context("building the logits tensor")?;
+    let mut m = HashMap::new();
+    m.insert(name.to_string(), view);
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(&m, None, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Subcommands, one file each, plus the options they share.
+pub mod common;
+pub mod demo;
+pub mod generate;
+pub mod logits;

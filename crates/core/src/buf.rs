@@ -1,0 +1,145 @@
+//! Byte storage that weights point into: a slice of a shared mmap (dense weights, checkpoints)
+//! or a page-aligned heap buffer (expert reads, converted tensors). Cloning is an Arc bump, so
+//! weight views can be handed around without lifetimes and without copying.
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+/// Alignment of every owned buffer: a page, so that O_DIRECT reads can land in it and any
+/// element type can be viewed in place.
+pub const ALIGN: usize = 4096;
+
+/// A heap buffer aligned to [`ALIGN`].
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+    cap: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out &[u8]; mutation needs &mut self.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> Self {
+        let cap = len.max(1).div_ceil(ALIGN) * ALIGN;
+        let layout = Layout::from_size_align(cap, ALIGN).expect("aligned layout");
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len, cap }
+    }
+    pub fn from_bytes(b: &[u8]) -> Self {
+        let mut a = Self::zeroed(b.len());
+        a.as_mut_slice().copy_from_slice(b);
+        a
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Capacity rounded up to the page size (O_DIRECT reads may fill it whole).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap >= len bytes, initialised by alloc_zeroed.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    /// The whole page-rounded capacity, for O_DIRECT reads whose length must be a multiple of
+    /// the block size.
+    pub fn as_mut_full(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for cap bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.cap) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.cap, ALIGN).expect("aligned layout");
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { dealloc(self.ptr, layout) }
+    }
+}
+
+#[derive(Clone)]
+enum Backing {
+    Map(Arc<Mmap>),
+    Heap(Arc<AlignedBuf>),
+}
+
+/// A cheap-to-clone view of `len` bytes at `off` in shared storage.
+#[derive(Clone)]
+pub struct Buf {
+    backing: Backing,
+    off: usize,
+    len: usize,
+}
+
+impl Buf {
+    pub fn from_map(map: Arc<Mmap>, off: usize, len: usize) -> Self {
+        assert!(off + len <= map.len(), "Buf range outside the map");
+        Buf {
+            backing: Backing::Map(map),
+            off,
+            len,
+        }
+    }
+    pub fn from_heap(buf: Arc<AlignedBuf>, off: usize, len: usize) -> Self {
+        assert!(off + len <= buf.len(), "Buf range outside the buffer");
+        Buf {
+            backing: Backing::Heap(buf),
+            off,
+            len,
+        }
+    }
+    pub fn from_vec<T: bytemuck::Pod>(v: &[T]) -> Self {
+        let bytes: &[u8] = bytemuck::cast_slice(v);
+        let len = bytes.len();
+        Buf::from_heap(Arc::new(AlignedBuf::from_bytes(bytes)), 0, len)
+    }
+    pub fn bytes(&self) -> &[u8] {
+        match &self.backing {
+            Backing::Map(m) => &m[self.off..self.off + self.len],
+            Backing::Heap(h) => &h.as_slice()[self.off..self.off + self.len],
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn slice(&self, off: usize, len: usize) -> Buf {
+        assert!(off + len <= self.len, "Buf::slice out of range");
+        Buf {
+            backing: self.backing.clone(),
+            off: self.off + off,
+            len,
+        }
+    }
+    /// The bytes viewed as `T`. Falls back to an aligned copy when the storage offset is not
+    /// aligned for `T` (safetensors only promises 8-byte header alignment in newer writers).
+    pub fn aligned<T: bytemuck::Pod>(&self) -> Buf {
+        if (self.bytes().as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+            self.clone()
+        } else {
+            Buf::from_heap(Arc::new(AlignedBuf::from_bytes(self.bytes())), 0, self.len)
+        }
+    }
+    /// View as a typed slice. Callers obtain `self` through [`Buf::aligned`]; this panics only
+    /// on a programming error (misaligned or odd-length view), never on file contents.
+    pub fn typed<T: bytemuck::Pod>(&self) -> &[T] {
+        bytemuck::cast_slice(self.bytes())
+    }
+}

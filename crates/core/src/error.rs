@@ -1,0 +1,59 @@
+//! The engine's one error type. Every variant names the operation and the offending thing
+//! (file, tensor, layer, expert) so that a user can act on the message without a debugger.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {msg}")]
+    Json { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("tensor `{name}` not found in {where_}")]
+    MissingTensor { name: String, where_: String },
+    #[error("tensor `{name}` in {file}: expected {expected}, found {found}")]
+    BadTensor {
+        name: String,
+        file: String,
+        expected: String,
+        found: String,
+    },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("sequence of {len} tokens exceeds the model's context of {max} tokens")]
+    ContextOverflow { len: usize, max: usize },
+    #[error("{path}: packed model: {msg}")]
+    Packed { path: PathBuf, msg: String },
+    #[error("layer {layer} expert {expert}: {msg}")]
+    Expert {
+        layer: usize,
+        expert: usize,
+        msg: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}

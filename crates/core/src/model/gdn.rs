@@ -1,0 +1,195 @@
+//! Gated DeltaNet (arch-spec §6): projections, causal depthwise conv1d with carried state,
+//! L2-normalised q/k, the gated delta rule (recurrent form, fp32 state), gated RMSNorm with
+//! silu(z), out_proj. Decoding one token at a time equals one pass over the sequence.
+use crate::config::ModelConfig;
+use crate::kernels;
+use crate::weights::Linear;
+
+use super::linear;
+
+pub enum GdnProj {
+    /// Qwen3.5: in_proj_qkv [2*nk*dk + nv*dv, H], in_proj_z [nv*dv, H], in_proj_b/a [nv, H].
+    Separate {
+        qkv: Linear,
+        z: Linear,
+        b: Linear,
+        a: Linear,
+    },
+    /// Qwen3-Next: in_proj_qkvz [nk*(2dk + 2*rep*dv), H] and in_proj_ba [nk*2*rep, H],
+    /// interleaved per key-head group (arch-spec §6.2).
+    Fused { qkvz: Linear, ba: Linear },
+}
+
+pub struct GatedDeltaNet {
+    pub proj: GdnProj,
+    /// [conv_dim, K]: w[c, j], the newest input multiplies w[c, K-1].
+    pub conv_w: Vec<f32>,
+    /// [nv]
+    pub dt_bias: Vec<f32>,
+    /// [nv] -exp(A_log), precomputed.
+    pub neg_a: Vec<f32>,
+    /// [dv] plain weight of the gated RMSNorm.
+    pub norm_w: Vec<f32>,
+    /// [H, nv*dv]
+    pub out_proj: Linear,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+fn softplus(x: f32) -> f32 {
+    // torch softplus(beta=1, threshold=20)
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl GatedDeltaNet {
+    /// Returns (mixed [t, conv_dim], z [t, nv*dv], b [t, nv], a [t, nv]) in Qwen3.5 order.
+    fn project(
+        &self,
+        cfg: &ModelConfig,
+        x: &[f32],
+        t: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        match &self.proj {
+            GdnProj::Separate { qkv, z, b, a } => (
+                linear(qkv, x, t),
+                linear(z, x, t),
+                linear(b, x, t),
+                linear(a, x, t),
+            ),
+            GdnProj::Fused { qkvz, ba } => {
+                let (nk, nv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads);
+                let (dk, dv) = (cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+                let rep = nv / nk;
+                let p = linear(qkvz, x, t);
+                let q2 = linear(ba, x, t);
+                let (kd, vd) = (nk * dk, nv * dv);
+                let gw = 2 * dk + 2 * rep * dv;
+                let mut mixed = vec![0f32; t * (2 * kd + vd)];
+                let mut z = vec![0f32; t * vd];
+                let mut b = vec![0f32; t * nv];
+                let mut a = vec![0f32; t * nv];
+                for ti in 0..t {
+                    let row = &p[ti * nk * gw..][..nk * gw];
+                    let m = &mut mixed[ti * (2 * kd + vd)..][..2 * kd + vd];
+                    for g in 0..nk {
+                        let grp = &row[g * gw..][..gw];
+                        m[g * dk..][..dk].copy_from_slice(&grp[..dk]);
+                        m[kd + g * dk..][..dk].copy_from_slice(&grp[dk..2 * dk]);
+                        m[2 * kd + g * rep * dv..][..rep * dv]
+                            .copy_from_slice(&grp[2 * dk..2 * dk + rep * dv]);
+                        z[ti * vd + g * rep * dv..][..rep * dv]
+                            .copy_from_slice(&grp[2 * dk + rep * dv..]);
+                        let bag = &q2[ti * nk * 2 * rep + g * 2 * rep..][..2 * rep];
+                        b[ti * nv + g * rep..][..rep].copy_from_slice(&bag[..rep]);
+                        a[ti * nv + g * rep..][..rep].copy_from_slice(&bag[rep..]);
+                    }
+                }
+                (mixed, z, b, a)
+            }
+        }
+    }
+
+    /// x: [t, H] normed input. Updates conv/recurrent state; returns [t, H].
+    pub fn forward(
+        &self,
+        cfg: &ModelConfig,
+        x: &[f32],
+        t: usize,
+        conv: &mut [f32],
+        s: &mut [f32],
+    ) -> Vec<f32> {
+        let (nk, nv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads);
+        let (dk, dv) = (cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+        let kk = cfg.linear_conv_kernel_dim;
+        let cd = cfg.gdn_conv_dim();
+        let rep = nv / nk;
+        let (mixed, z, b, a) = self.project(cfg, x, t);
+
+        // Causal depthwise conv over [state (K-1 rows) ; mixed (t rows)], then SiLU.
+        let mut ext = Vec::with_capacity((kk - 1 + t) * cd);
+        ext.extend_from_slice(conv);
+        ext.extend_from_slice(&mixed);
+        let mut u = vec![0f32; t * cd];
+        for ti in 0..t {
+            let out = &mut u[ti * cd..][..cd];
+            for (c, o) in out.iter_mut().enumerate() {
+                let w = &self.conv_w[c * kk..][..kk];
+                let mut acc = 0f32;
+                for (j, wj) in w.iter().enumerate() {
+                    acc += wj * ext[(ti + j) * cd + c];
+                }
+                *o = silu(acc);
+            }
+        }
+        conv.copy_from_slice(&ext[t * cd..]);
+
+        let kd = nk * dk;
+        let qscale = 1.0 / (dk as f32).sqrt();
+        let mut o = vec![0f32; t * nv * dv];
+        let mut qn = vec![0f32; kd];
+        let mut kn = vec![0f32; kd];
+        let mut kv_mem = vec![0f32; dv];
+        for ti in 0..t {
+            let ut = &u[ti * cd..][..cd];
+            // l2norm with eps inside the rsqrt (HF-Q35 `l2norm`), q scaled by 1/sqrt(dk).
+            for h in 0..nk {
+                for (src, dst, sc) in [
+                    (&ut[h * dk..][..dk], &mut qn[h * dk..][..dk], qscale),
+                    (&ut[kd + h * dk..][..dk], &mut kn[h * dk..][..dk], 1.0),
+                ] {
+                    let ss: f32 = src.iter().map(|v| v * v).sum();
+                    let r = 1.0 / (ss + 1e-6).sqrt() * sc;
+                    for (d, s_) in dst.iter_mut().zip(src) {
+                        *d = s_ * r;
+                    }
+                }
+            }
+            for h in 0..nv {
+                let kh = h / rep;
+                let (q, k) = (&qn[kh * dk..][..dk], &kn[kh * dk..][..dk]);
+                let v = &ut[2 * kd + h * dv..][..dv];
+                let beta = sigmoid(b[ti * nv + h]);
+                let g = self.neg_a[h] * softplus(a[ti * nv + h] + self.dt_bias[h]);
+                let decay = g.exp();
+                let st = &mut s[h * dk * dv..][..dk * dv];
+                // S = S*decay; kv_mem = S^T k; delta = (v - kv_mem)*beta; S += k ⊗ delta; o = S^T q
+                kv_mem.fill(0.0);
+                for i in 0..dk {
+                    let row = &mut st[i * dv..][..dv];
+                    for x in row.iter_mut() {
+                        *x *= decay;
+                    }
+                    kernels::axpy(k[i], row, &mut kv_mem);
+                }
+                for (m, vv) in kv_mem.iter_mut().zip(v) {
+                    *m = (vv - *m) * beta;
+                }
+                let oh = &mut o[(ti * nv + h) * dv..][..dv];
+                for i in 0..dk {
+                    let row = &mut st[i * dv..][..dv];
+                    kernels::axpy(k[i], &kv_mem, row);
+                    kernels::axpy(q[i], row, oh);
+                }
+            }
+        }
+
+        // Gated RMSNorm per (token, value head): w * norm(o) * silu(z).
+        let eps = cfg.rms_norm_eps;
+        let mut y = vec![0f32; t * nv * dv];
+        for ((oh, zh), yh) in o.chunks(dv).zip(z.chunks(dv)).zip(y.chunks_mut(dv)) {
+            kernels::rmsnorm(oh, &self.norm_w, eps, false, yh);
+            for (yv, zv) in yh.iter_mut().zip(zh) {
+                *yv *= silu(*zv);
+            }
+        }
+        linear(&self.out_proj, &y, t)
+    }
+}
