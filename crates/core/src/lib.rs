@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod probe;
+pub mod session;
 pub mod store;
 pub mod weights;
 

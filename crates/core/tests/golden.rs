@@ -1,0 +1,129 @@
+//! Golden tests: the engine against what Hugging Face transformers computed (float32 math on
+//! bf16 weights) for tiny models in every checkpoint layout, one prompt and step by step,
+//! plus every layer's hidden state (which localises a mismatch to a layer).
+mod common;
+
+use common::{max_abs, shared_dir, Golden};
+use flashmoe_core::loader::{open_model, LoadOptions};
+use flashmoe_core::model::{ForwardStats, Logits, Model, State};
+
+const TOL: f32 = 1e-3;
+
+/// Logits for every position: all as one prompt, or `prefill` tokens then one at a time.
+fn logits(model: &Model, ids: &[u32], prefill: usize) -> Vec<f32> {
+    let mut st = State::new(&model.cfg);
+    let mut stats = ForwardStats::default();
+    let mut out = model
+        .forward(&ids[..prefill], &mut st, Logits::All, &mut stats, None)
+        .expect("prefill");
+    for &id in &ids[prefill..] {
+        out.extend(
+            model
+                .forward(&[id], &mut st, Logits::Last, &mut stats, None)
+                .expect("decode"),
+        );
+    }
+    out
+}
+
+fn check(fixture: &str, variant: &str, prefix: &str, section: &str) {
+    let Some(shared) = shared_dir() else { return };
+    let gdir = shared.join("golden").join(fixture);
+    let g = Golden::load(&gdir);
+    let model = open_model(&gdir.join(variant), &LoadOptions::default()).expect("load model");
+    let ids = g.ids(&format!("{prefix}input_ids"));
+    let (shape, want) = &g.f32s[&format!("{prefix}logits")];
+    let vocab = shape[1];
+
+    let full = logits(&model, &ids, ids.len());
+    let err = max_abs(&full, want);
+    eprintln!("{fixture}/{variant}: one prompt max abs err {err:.2e}");
+    assert!(err < TOL, "{fixture}/{variant}: logits off by {err}");
+
+    let p = g.prompt_len(section);
+    let stepped = logits(&model, &ids, p);
+    let (_, dec) = &g.f32s[&format!("{prefix}decode_logits")];
+    let n = dec.len() / vocab;
+    // decode_logits[i] predicts input_ids[p + i]: the logits at position p - 1 + i.
+    let err = max_abs(&stepped[(p - 1) * vocab..(p - 1 + n) * vocab], dec);
+    eprintln!("{fixture}/{variant}: prefill {p} + decode max abs err {err:.2e}");
+    assert!(err < TOL, "{fixture}/{variant}: decode logits off by {err}");
+    let err = max_abs(&stepped, want);
+    assert!(
+        err < TOL,
+        "{fixture}/{variant}: stepped logits off by {err}"
+    );
+
+    // Hidden states after each layer.
+    let (hs_shape, hs) = &g.f32s[&format!("{prefix}hidden_states")];
+    let (t, h) = (hs_shape[1], hs_shape[2]);
+    let mut got = Vec::new();
+    let mut st = State::new(&model.cfg);
+    model
+        .forward(
+            &ids,
+            &mut st,
+            Logits::Last,
+            &mut ForwardStats::default(),
+            Some(&mut got),
+        )
+        .expect("forward");
+    assert_eq!(got.len(), hs_shape[0], "hidden state count");
+    for (i, layer) in got.iter().enumerate() {
+        let want = &hs[i * t * h..(i + 1) * t * h];
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let err = max_abs(layer, want);
+        assert!(
+            err < 1e-4 * scale.max(1.0) + 2e-4,
+            "{fixture}/{variant}: hidden state {i} off by {err} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn tiny_a_hf_bf16() {
+    check("tiny-a", "hf-bf16", "", "bf16");
+}
+
+#[test]
+fn tiny_a_hf_bf16_fused() {
+    check("tiny-a", "hf-bf16-fused", "", "bf16");
+}
+
+#[test]
+fn tiny_a_mlx_4bit() {
+    check("tiny-a", "mlx-4bit", "mlx4_", "mlx4");
+}
+
+#[test]
+fn tiny_next_a() {
+    check("tiny-next-a", "hf-bf16", "", "bf16");
+}
+
+#[test]
+fn tiny_qwen3moe_a() {
+    check("tiny-qwen3moe-a", "hf-bf16", "", "bf16");
+}
+
+#[test]
+fn k_override_changes_routing_and_renormalises() {
+    let Some(shared) = shared_dir() else { return };
+    let dir = shared.join("golden/tiny-a/hf-bf16");
+    let opts = LoadOptions {
+        top_k: Some(2),
+        ..Default::default()
+    };
+    let m2 = open_model(&dir, &opts).expect("load");
+    assert_eq!(m2.top_k, 2);
+    let m4 = open_model(&dir, &LoadOptions::default()).expect("load");
+    let ids = [1u32, 2, 3, 4];
+    let a = logits(&m2, &ids, 4);
+    let b = logits(&m4, &ids, 4);
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert!(max_abs(&a, &b) > 1e-4, "--k 2 must change the result");
+    let bad = LoadOptions {
+        top_k: Some(99),
+        ..Default::default()
+    };
+    assert!(open_model(&dir, &bad).is_err());
+}
