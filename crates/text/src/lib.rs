@@ -9,7 +9,8 @@
 
 pub mod error;
 pub mod sampling;
-
+pub mod session_store;
+pub mod special;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
@@ -17,7 +18,8 @@ pub mod toolcall;
 
 pub use error::{Result, TextError};
 pub use sampling::{Sampler, SamplingParams};
-
+pub use session_store::{Session, SessionHeader, SessionStore};
+pub use special::eos_token_ids;
 pub use stop::StopChecker;
 pub use template::{ChatTemplate, RenderOptions};
 pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -78,3 +78,15 @@ fn special_token_ids() {
     assert_eq!(tok.token_id("<think>"), Some(248068));
     assert!(tok.vocab_size() >= 248070);
 }
+
+#[test]
+fn eos_ids_from_model_dir_and_vocab() {
+    let Some((tok, _)) = load() else { return };
+    let Some(shared) = common::shared_dir() else {
+        return;
+    };
+    let model = shared.join("golden/tiny-a/hf-bf16");
+    let ids = flashmoe_text::eos_token_ids(&model, Some(&tok)).unwrap();
+    // The tiny fixture's config says 999; the chat terminators come from the vocabulary.
+    assert_eq!(ids, [999, 248046, 248044]);
+}
