@@ -25,6 +25,12 @@ enum Command {
     Logits(cmd::logits::Args),
     /// Print the greedy continuation of a token sequence as ids.
     Generate(cmd::generate::Args),
+    /// Generate from token ids or a prompt, optionally with a per-layer timing report.
+    Run(cmd::run::Args),
+    /// Print the token ids of a text file as a JSON array.
+    Tokenize(cmd::tokenize::Args),
+    /// Print the prompt the chat template renders for an OpenAI-style request file.
+    Render(cmd::render::Args),
 }
 
 fn main() {
@@ -33,6 +39,9 @@ fn main() {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Logits(a) => cmd::logits::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Render(a) => cmd::render::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

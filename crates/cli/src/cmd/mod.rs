@@ -3,3 +3,6 @@ pub mod common;
 pub mod demo;
 pub mod generate;
 pub mod logits;
+pub mod render;
+pub mod run;
+pub mod tokenize;

@@ -1,0 +1,60 @@
+//! Helpers for CLI tests: the binary, the shared reference dir, temp dirs.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+}
+
+/// `FLASHMOE_SHARED` or `<repo>/../shared`. Missing: fail under CI, skip (with a note) otherwise.
+pub fn shared_dir() -> Option<PathBuf> {
+    let p = std::env::var_os("FLASHMOE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    if p.join("golden").is_dir() {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "CI is set but shared reference data is missing at {}",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipped: shared reference data not found at {}",
+        p.display()
+    );
+    None
+}
+
+/// A fresh, empty directory under the target dir (removed at the start of the next run).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn flashmoe");
+    assert!(
+        out.status.success(),
+        "flashmoe failed: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn flashmoe");
+    assert!(!out.status.success(), "expected failure, got success");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "must not panic: {err}");
+    err
+}
+
+pub fn write(path: &Path, content: impl AsRef<[u8]>) {
+    std::fs::write(path, content).expect("write test file");
+}

@@ -1,0 +1,173 @@
+//! CLI contract of `logits` and `generate`, and clear errors on bad input.
+mod common;
+
+use common::*;
+
+fn golden_ids(shared: &std::path::Path) -> Vec<i64> {
+    let bytes = std::fs::read(shared.join("golden/tiny-a/golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("input_ids").unwrap();
+    t.data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn read_logits(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+#[test]
+fn logits_cli_matches_golden_with_and_without_prefill() {
+    let Some(shared) = shared_dir() else { return };
+    let ids = golden_ids(&shared);
+    let ids_s: Vec<String> = ids.iter().map(|x| x.to_string()).collect();
+    let bytes = std::fs::read(shared.join("golden/tiny-a/golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want: Vec<f32> = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let tmp = temp_dir("logits_cli");
+    for (variant, prefill) in [("hf-bf16", None), ("hf-bf16-fused", Some(40))] {
+        let out = tmp.join(format!("{variant}.safetensors"));
+        let mut cmd = bin();
+        cmd.args(["logits", "--model"])
+            .arg(shared.join("golden/tiny-a").join(variant))
+            .args(["--ids", &ids_s.join(",")])
+            .arg("--out")
+            .arg(&out);
+        if let Some(p) = prefill {
+            cmd.args(["--prefill", &p.to_string()]);
+        }
+        run_ok(&mut cmd);
+        let (shape, got) = read_logits(&out);
+        assert_eq!(shape, vec![ids.len(), 1000]);
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-3, "{variant}: max abs err {err}");
+    }
+}
+
+#[test]
+fn generate_prints_greedy_ids() {
+    let Some(shared) = shared_dir() else { return };
+    let ids = golden_ids(&shared);
+    let prompt: Vec<String> = ids[..40].iter().map(|x| x.to_string()).collect();
+    let out = run_ok(
+        bin()
+            .args(["generate", "--model"])
+            .arg(shared.join("golden/tiny-a/hf-bf16"))
+            .args(["--ids", &prompt.join(","), "--tokens", "8"]),
+    );
+    let got = String::from_utf8(out.stdout).unwrap();
+    let want: Vec<String> = ids[40..48].iter().map(|x| x.to_string()).collect();
+    assert_eq!(got.trim(), want.join(","));
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let Some(shared) = shared_dir() else { return };
+    let model = shared.join("golden/tiny-a/hf-bf16");
+    let tmp = temp_dir("bad_inputs");
+    let out = tmp.join("x.safetensors");
+    // id outside the vocabulary
+    let err = run_err(
+        bin()
+            .args(["logits", "--model"])
+            .arg(&model)
+            .args(["--ids", "1,5000"])
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(err.contains("5000") && err.contains("vocabulary"), "{err}");
+    // not a number
+    let err = run_err(
+        bin()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args(["--ids", "1,x"]),
+    );
+    assert!(err.contains("`x`"), "{err}");
+    // missing directory
+    let err = run_err(bin().args(["generate", "--model", "/nonexistent/model", "--ids", "1"]));
+    assert!(err.contains("/nonexistent/model"), "{err}");
+
+    // truncated weights file
+    let bad = tmp.join("truncated");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(model.join("config.json"), bad.join("config.json")).unwrap();
+    let full = std::fs::read(model.join("model.safetensors")).unwrap();
+    write(&bad.join("model.safetensors"), &full[..full.len() / 2]);
+    let err = run_err(
+        bin()
+            .args(["generate", "--model"])
+            .arg(&bad)
+            .args(["--ids", "1"]),
+    );
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+
+    // unknown model_type
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    write(
+        &bad.join("config.json"),
+        cfg.replace("qwen3_5_moe", "llama_moe"),
+    );
+    std::fs::copy(
+        model.join("model.safetensors"),
+        bad.join("model.safetensors"),
+    )
+    .unwrap();
+    let err = run_err(
+        bin()
+            .args(["generate", "--model"])
+            .arg(&bad)
+            .args(["--ids", "1"]),
+    );
+    assert!(
+        err.contains("model_type") && err.contains("llama_moe"),
+        "{err}"
+    );
+
+    // unsupported rope scaling is refused, not ignored
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["text_config"]["rope_parameters"]["rope_type"] = "yarn".into();
+    write(&bad.join("config.json"), serde_json::to_vec(&v).unwrap());
+    let err = run_err(
+        bin()
+            .args(["generate", "--model"])
+            .arg(&bad)
+            .args(["--ids", "1"]),
+    );
+    assert!(err.contains("yarn"), "{err}");
+
+    // wrong shape
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["text_config"]["moe_intermediate_size"] = 32.into();
+    write(&bad.join("config.json"), serde_json::to_vec(&v).unwrap());
+    let err = run_err(
+        bin()
+            .args(["generate", "--model"])
+            .arg(&bad)
+            .args(["--ids", "1"]),
+    );
+    assert!(err.contains("expected") && err.contains("experts"), "{err}");
+}

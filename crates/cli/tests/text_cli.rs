@@ -1,0 +1,104 @@
+//! CLI contract of `tokenize` and `render` against the Qwen3.5 reference cases.
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+#[test]
+fn tokenize_matches_reference_cases() {
+    let Some(shared) = shared_dir() else { return };
+    let tdir = shared.join("tokenizer/qwen3.5");
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(tdir.join("tokenizer_cases.json")).unwrap())
+            .unwrap();
+    let tmp = temp_dir("tokenize_cases");
+    for (i, c) in cases.as_array().unwrap().iter().enumerate() {
+        let f = tmp.join(format!("case{i}.txt"));
+        write(&f, c["text"].as_str().unwrap());
+        let out = run_ok(
+            bin()
+                .args(["tokenize", "--tokenizer"])
+                .arg(&tdir)
+                .arg("--text-file")
+                .arg(&f),
+        );
+        let got: Value = serde_json::from_slice(&out.stdout).expect("JSON array");
+        assert_eq!(got, c["ids"], "case {i}: {:?}", c["text"]);
+    }
+}
+
+#[test]
+fn render_matches_reference_cases() {
+    let Some(shared) = shared_dir() else { return };
+    let tdir = shared.join("tokenizer/qwen3.5");
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(tdir.join("chat_cases.json")).unwrap())
+            .unwrap();
+    let tmp = temp_dir("render_cases");
+    for c in cases.as_array().unwrap() {
+        let mut req = json!({ "messages": c["messages"] });
+        if let Some(t) = c.get("tools") {
+            req["tools"] = t.clone();
+        }
+        if let Some(g) = c.get("add_generation_prompt") {
+            req["add_generation_prompt"] = g.clone();
+        }
+        if let Some(e) = c.get("enable_thinking") {
+            req["chat_template_kwargs"] = json!({ "enable_thinking": e });
+        }
+        let f = tmp.join(format!("{}.json", c["name"].as_str().unwrap()));
+        write(&f, serde_json::to_vec(&req).unwrap());
+        let out = run_ok(
+            bin()
+                .args(["render", "--tokenizer"])
+                .arg(&tdir)
+                .arg("--request")
+                .arg(&f),
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            c["rendered"].as_str().unwrap(),
+            "case {}",
+            c["name"]
+        );
+    }
+}
+
+#[test]
+fn bad_text_input_gives_clear_errors() {
+    let Some(shared) = shared_dir() else { return };
+    let tdir = shared.join("tokenizer/qwen3.5");
+    let tmp = temp_dir("text_bad");
+    let f = tmp.join("bad.txt");
+    write(&f, [b'o', b'k', 0xff, 0xfe]);
+    let err = run_err(
+        bin()
+            .args(["tokenize", "--tokenizer"])
+            .arg(&tdir)
+            .arg("--text-file")
+            .arg(&f),
+    );
+    assert!(err.contains("UTF-8") && err.contains("bad.txt"), "{err}");
+
+    let r = tmp.join("req.json");
+    write(&r, "{\"messages\": [");
+    let err = run_err(
+        bin()
+            .args(["render", "--tokenizer"])
+            .arg(&tdir)
+            .arg("--request")
+            .arg(&r),
+    );
+    assert!(err.contains("invalid JSON"), "{err}");
+
+    // The Qwen3.5 template raises when there is no user query.
+    write(&r, r#"{"messages": [{"role": "system", "content": "x"}]}"#);
+    let err = run_err(
+        bin()
+            .args(["render", "--tokenizer"])
+            .arg(&tdir)
+            .arg("--request")
+            .arg(&r),
+    );
+    assert!(!err.is_empty(), "{err}");
+}
