@@ -1,0 +1,233 @@
+//! [`Engine`]: one loaded model with its tokenizer, chat template, default sampling settings,
+//! stop ids and the one [`Session`] whose snapshots give prefix reuse across requests.
+//!
+//! Owns the model for as long as the session borrows it (the only `unsafe` of this crate).
+//! Generations run one at a time (`&mut self`); a server serialises requests in front of it.
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+
+use flashmoe_core::loader::{open_model, LoadOptions as CoreLoadOptions};
+use flashmoe_core::model::Model;
+use flashmoe_core::session::Session;
+use flashmoe_text::{ChatTemplate, SamplingParams, TextError, Tokenizer};
+
+use crate::error::{Result, RuntimeError};
+use crate::prompt::{self, PreparedPrompt};
+use crate::request::{GenerationRequest, PromptInput, ToolChoice};
+
+/// How to open a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// I/O mode, checksum verification and routed experts per token.
+    pub core: CoreLoadOptions,
+    /// Saved states kept for prefix reuse (each holds a full KV/recurrent state copy).
+    pub max_snapshots: usize,
+    /// Tokens per prefill forward call; `None` keeps the session's default.
+    pub prefill_chunk: Option<usize>,
+    /// The name the model answers to (OpenAI `model`); default: the directory's name.
+    pub model_name: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            core: CoreLoadOptions::default(),
+            max_snapshots: 8,
+            prefill_chunk: None,
+            model_name: None,
+        }
+    }
+}
+
+pub struct Engine {
+    /// Borrows `*model`; dropped before it in `Drop`.
+    pub(crate) session: ManuallyDrop<Session<'static>>,
+    /// Owned (from `Box::into_raw`), freed in `Drop`; never mutated while the session lives.
+    model: *mut Model,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) template: Option<ChatTemplate>,
+    pub(crate) defaults: SamplingParams,
+    pub(crate) stop_ids: Vec<u32>,
+    name: String,
+    dir: PathBuf,
+}
+
+// SAFETY: the raw pointer is the only non-Send part, and it is an owned Box in disguise: the
+// Model it points to is Sync (asserted below), so the `&'static Model` inside the session may
+// be used from whichever thread holds the Engine, and nothing else aliases it.
+unsafe impl Send for Engine {}
+
+#[allow(dead_code)]
+fn assert_thread_safety() {
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+    sync::<Model>();
+    send::<Session<'static>>();
+    send::<Tokenizer>();
+    send::<ChatTemplate>();
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // SAFETY: the session is the only borrower of `*self.model`; it is dropped first and
+        // never touched again, then the Box made in `open` is rebuilt and freed exactly once.
+        unsafe {
+            ManuallyDrop::drop(&mut self.session);
+            drop(Box::from_raw(self.model));
+        }
+    }
+}
+
+impl Engine {
+    /// Loads the model, tokenizer, chat template (optional: plain-text prompts still work),
+    /// `generation_config.json` defaults and the stop ids from `dir`.
+    pub fn open(dir: &Path, opts: LoadOptions) -> Result<Engine> {
+        let model = open_model(dir, &opts.core)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let template = match ChatTemplate::from_dir(dir) {
+            Ok(t) => Some(t),
+            Err(TextError::TemplateMissing(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let defaults = SamplingParams::from_generation_config(dir)?;
+        let stop_ids = stop_ids(dir, &model, &tokenizer);
+        let name = opts.model_name.clone().unwrap_or_else(|| {
+            dir.canonicalize()
+                .ok()
+                .as_deref()
+                .unwrap_or(dir)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let model = Box::into_raw(Box::new(model));
+        // SAFETY: `model` comes from Box::into_raw and is freed only in Drop, after the
+        // session; no `&mut Model` is ever made from it, so this shared borrow stays valid.
+        let model_ref: &'static Model = unsafe { &*model };
+        let mut session = Session::new(model_ref);
+        session.max_snapshots = opts.max_snapshots;
+        if let Some(c) = opts.prefill_chunk {
+            session.prefill_chunk = c.max(1);
+        }
+        Ok(Engine {
+            session: ManuallyDrop::new(session),
+            model,
+            tokenizer,
+            template,
+            defaults,
+            stop_ids,
+            name,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        self.session.model
+    }
+
+    /// The name the model answers to.
+    pub fn model_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Context length in tokens (prompt plus completion).
+    pub fn context_len(&self) -> usize {
+        self.model().cfg.max_position_embeddings
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
+    }
+
+    /// Sampling settings used where a request sets none.
+    pub fn default_sampling(&self) -> &SamplingParams {
+        &self.defaults
+    }
+
+    /// Ids that end a generation (the model's eos ids, `<|im_end|>`, `<|endoftext|>`).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// The prompt text the model would see for this request (chat template and tool choice
+    /// applied). Runs nothing.
+    pub fn render(&self, prompt: &PromptInput, choice: &ToolChoice) -> Result<String> {
+        prompt::render_text(self.template.as_ref(), &self.name, prompt, choice)
+    }
+
+    /// Tokenizes the request's prompt and checks it against the vocabulary and the context,
+    /// without running the model. Returns (prompt, tokens that may be generated).
+    pub fn prepare(&self, req: &GenerationRequest) -> Result<(PreparedPrompt, usize)> {
+        let p = prompt::prepare(
+            &self.tokenizer,
+            self.template.as_ref(),
+            &self.name,
+            &req.prompt,
+            &req.tool_choice,
+        )?;
+        let vocab = self.model().cfg.vocab_size;
+        if let Some(&id) = p.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RuntimeError::InvalidPrompt(format!(
+                "token id {id} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        let context = self.context_len();
+        let n = p.ids.len();
+        if n >= context {
+            return Err(RuntimeError::PromptTooLong {
+                prompt_tokens: n,
+                context,
+            });
+        }
+        let max_new = match req.max_tokens {
+            Some(m) if n + m > context => {
+                return Err(RuntimeError::MaxTokensTooLarge {
+                    max_tokens: m,
+                    prompt_tokens: n,
+                    context,
+                })
+            }
+            Some(m) => m,
+            None => context - n,
+        };
+        Ok((p, max_new))
+    }
+
+    /// Forgets the live state and every snapshot's use (the next prompt prefills in full).
+    pub fn reset(&mut self) {
+        self.session.reset();
+    }
+}
+
+/// Stop ids: the config's eos ids, `generation_config.json`'s `eos_token_id`, and the chat
+/// end markers the tokenizer knows, all within the model's vocabulary.
+fn stop_ids(dir: &Path, model: &Model, tok: &Tokenizer) -> Vec<u32> {
+    let mut ids = model.cfg.eos_token_ids.clone();
+    let gen = std::fs::read(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    match gen.as_ref().and_then(|g| g.get("eos_token_id")) {
+        Some(serde_json::Value::Array(a)) => {
+            ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+        }
+        Some(v) => ids.extend(v.as_u64().map(|v| v as u32)),
+        None => {}
+    }
+    ids.extend(
+        ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| tok.token_id(t)),
+    );
+    ids.retain(|&id| (id as usize) < model.cfg.vocab_size);
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

@@ -1,0 +1,205 @@
+//! The generation loop: prefill with prefix reuse, then sample, detokenize, apply stop strings
+//! and split the text into content, reasoning and tool calls, streaming each piece at once.
+//!
+//! Never blocks on the caller beyond its callback; a `Break` from the callback ends the loop
+//! before the next forward pass.
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use flashmoe_text::{Sampler, StopChecker, ToolCallParser, ToolEvent};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::request::{
+    Done, Event, ExpertIo, FinishReason, GenerationRequest, Timings, ToolCall, Usage,
+};
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Turns parser events into [`Event`]s and hands them to the callback.
+struct Emitter<'f, F: FnMut(Event) -> ControlFlow<()>> {
+    on_event: &'f mut F,
+    calls: usize,
+}
+
+impl<F: FnMut(Event) -> ControlFlow<()>> Emitter<'_, F> {
+    fn emit(&mut self, events: Vec<ToolEvent>) -> ControlFlow<()> {
+        for ev in events {
+            let out = match ev {
+                ToolEvent::Content(t) if t.is_empty() => continue,
+                ToolEvent::Reasoning(t) if t.is_empty() => continue,
+                ToolEvent::Content(t) => Event::Content(t),
+                ToolEvent::Reasoning(t) => Event::Reasoning(t),
+                // Nothing is dropped: a call that cannot be understood is shown as text.
+                ToolEvent::MalformedToolCall { raw, .. } => Event::Content(raw),
+                ToolEvent::ToolCall { name, arguments } => {
+                    let arguments = match arguments {
+                        serde_json::Value::String(s) => s,
+                        v => v.to_string(),
+                    };
+                    self.calls += 1;
+                    Event::ToolCall(ToolCall {
+                        index: self.calls - 1,
+                        id: call_id(),
+                        name,
+                        arguments,
+                    })
+                }
+            };
+            (self.on_event)(out)?;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn call_id() -> String {
+    let tail: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("call_{tail}")
+}
+
+impl Engine {
+    /// Runs one generation, streaming [`Event`]s to `on_event`, and returns the summary that was
+    /// also sent as the last event ([`Event::Done`]). Returning `Break` from the callback stops
+    /// at once: no further events, and the result says [`FinishReason::Cancelled`].
+    ///
+    /// Errors in the request (prompt too long, `max_tokens` beyond the context, a template that
+    /// raises) come back before the model runs.
+    pub fn generate<F>(&mut self, req: &GenerationRequest, mut on_event: F) -> Result<Done>
+    where
+        F: FnMut(Event) -> ControlFlow<()>,
+    {
+        let t0 = Instant::now();
+        let (prompt, max_new) = self.prepare(req)?;
+        let prepare_ms = ms(t0);
+        let io0 = self.model().experts.counters().snapshot();
+
+        // Prefill up to each boundary in turn, saving a snapshot at each: set_prompt reuses the
+        // longest saved state, so every call after the first only extends the live state.
+        let t_prefill = Instant::now();
+        let mut fed = 0usize;
+        let mut logits = Vec::new();
+        let ends = prompt.boundaries.iter().copied().chain([prompt.ids.len()]);
+        for end in ends {
+            let (l, reused) = self.session.set_prompt(&prompt.ids[..end])?;
+            fed += end - reused.min(end);
+            logits = l;
+            self.session.snapshot();
+        }
+        let prefill_ms = ms(t_prefill);
+        let n_prompt = prompt.ids.len();
+        let cached = n_prompt - fed.min(n_prompt);
+
+        let params = req.sampling.apply(&self.defaults);
+        let penalise_prompt = params.repetition_penalty != 1.0;
+        let mut sampler = Sampler::new(params);
+        let mut history: Vec<u32> = if penalise_prompt {
+            prompt.ids.clone()
+        } else {
+            Vec::new()
+        };
+        let mut stops = StopChecker::new(&req.stop);
+        let mut parser =
+            ToolCallParser::new(prompt.parser_tools.as_ref(), prompt.starts_in_thinking);
+        let mut emitter = Emitter {
+            on_event: &mut on_event,
+            calls: 0,
+        };
+        let mut decoder = self.tokenizer.stream_decoder();
+        // The forced call opening is part of the prompt, but the parser must see it first.
+        let mut flow = emitter.emit(parser.push(&prompt.forced_prefix));
+
+        let mut completion = 0usize;
+        let mut ttft_ms = 0.0;
+        let mut t_first = None;
+        let mut finish = FinishReason::Length;
+        while flow.is_continue() && completion < max_new {
+            let tok = sampler.sample(&logits, &history);
+            completion += 1;
+            if t_first.is_none() {
+                ttft_ms = ms(t0);
+                t_first = Some(Instant::now());
+            }
+            if self.stop_ids.contains(&tok) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            history.push(tok);
+            if let Some(piece) = decoder.push(tok)? {
+                let (text, hit) = stops.push(&piece);
+                flow = emitter.emit(parser.push(&text));
+                if hit {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+            }
+            if flow.is_break() || completion >= max_new {
+                break;
+            }
+            logits = self.session.step(tok)?.to_vec();
+        }
+        if flow.is_continue() {
+            let mut tail = String::new();
+            if !stops.stopped() {
+                if let Some(piece) = decoder.flush()? {
+                    let (text, hit) = stops.push(&piece);
+                    tail.push_str(&text);
+                    if hit {
+                        finish = FinishReason::Stop;
+                    }
+                }
+                tail.push_str(&stops.finish());
+            }
+            let mut events = parser.push(&tail);
+            events.extend(parser.finish());
+            flow = emitter.emit(events);
+        }
+        if flow.is_break() {
+            finish = FinishReason::Cancelled;
+        } else if finish == FinishReason::Stop && emitter.calls > 0 {
+            finish = FinishReason::ToolCalls;
+        }
+        // The conversation so far, for a follow-up that continues it.
+        self.session.snapshot();
+
+        let decode_ms = t_first.map(ms).unwrap_or(0.0);
+        let io = self.model().experts.counters().snapshot().since(&io0);
+        let done = Done {
+            finish_reason: finish,
+            usage: Usage {
+                prompt_tokens: n_prompt,
+                completion_tokens: completion,
+                cached_tokens: cached,
+            },
+            timings: Timings {
+                prepare_ms,
+                prefill_ms,
+                ttft_ms,
+                decode_ms,
+                decode_tok_s: if completion > 1 && decode_ms > 0.0 {
+                    (completion - 1) as f64 / (decode_ms / 1e3)
+                } else {
+                    0.0
+                },
+                total_ms: ms(t0),
+            },
+            expert_io: ExpertIo {
+                fetched: io.fetched,
+                bytes_read: io.bytes_read,
+                bytes_cached: io.bytes_cached,
+                read_ns: io.read_ns,
+            },
+        };
+        if finish != FinishReason::Cancelled {
+            let _ = on_event(Event::Done(done.clone()));
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,20 @@
+//! flashmoe-runtime: the generation engine every front end shares (`run`, `chat`, `serve`).
+//!
+//! Owns the path from a request (chat messages, raw text or ids) to streamed events: rendering
+//! with the model's chat template, tokenizing, context checks, prefix reuse through the core
+//! [`Session`](flashmoe_core::session::Session)'s snapshots, sampling, stop ids and strings, and
+//! the split of generated text into content, reasoning and tool calls. It never does I/O with
+//! users (no terminal, no sockets): front ends turn [`Event`]s into whatever they show.
+pub mod engine;
+pub mod error;
+mod generate;
+pub mod prompt;
+pub mod request;
+pub mod testutil;
+
+pub use engine::{Engine, LoadOptions};
+pub use error::{Result, RuntimeError};
+pub use request::{
+    Done, Event, ExpertIo, FinishReason, GenerationRequest, PromptInput, SamplingOverrides,
+    Timings, ToolCall, ToolChoice, Usage,
+};
