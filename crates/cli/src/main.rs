@@ -31,6 +31,8 @@ enum Command {
     Tokenize(cmd::tokenize::Args),
     /// Print the prompt the chat template renders for an OpenAI-style request file.
     Render(cmd::render::Args),
+    /// Convert a Hugging Face or MLX checkpoint into a packed model that streams experts from disk.
+    Pack(cmd::pack::Args),
 }
 
 fn main() {
@@ -42,6 +44,7 @@ fn main() {
         Command::Run(a) => cmd::run::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Render(a) => cmd::render::run(a),
+        Command::Pack(a) => cmd::pack::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

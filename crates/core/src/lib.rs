@@ -7,6 +7,7 @@ pub mod experts;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod packed;
 pub mod probe;
 pub mod session;
 pub mod store;

@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::experts::StoreExperts;
 use crate::model::Model;
+use crate::packed::{self, Manifest, PackedExperts};
 use crate::store::TensorStore;
 
 /// How expert bytes are read from a packed model.
@@ -28,7 +29,22 @@ pub struct LoadOptions {
 }
 
 pub fn open_model(dir: &Path, opts: &LoadOptions) -> Result<Model> {
-    let mut model = open_checkpoint(dir)?;
+    let mut model = if packed::is_packed_dir(dir) {
+        open_packed(dir, opts)?
+    } else if packed::is_incomplete_packed_dir(dir) {
+        return Err(Error::Packed {
+            path: dir.join(packed::MANIFEST),
+            msg: "missing: this packed model is incomplete (interrupted pack?); pack it again"
+                .into(),
+        });
+    } else if dir.is_dir() && !dir.join("config.json").exists() {
+        return Err(Error::config(
+            dir,
+            "not a model directory: no manifest.json (flashmoe packed model) and no config.json (checkpoint)",
+        ));
+    } else {
+        open_checkpoint(dir)?
+    };
     if let Some(k) = opts.top_k {
         model.set_top_k(k)?;
     }
@@ -39,5 +55,17 @@ fn open_checkpoint(dir: &Path) -> Result<Model> {
     let cfg = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_checkpoint(dir, &cfg)?;
     let experts = StoreExperts::new(&store, &cfg)?;
+    Model::load(cfg, &store, Box::new(experts))
+}
+
+/// A flashmoe packed model: dense tensors mmap'd from `dense.bin`, experts read by
+/// [`PackedExperts`]. The manifest is checked against the files before anything is built.
+fn open_packed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+    let man = Manifest::read(dir)?;
+    let cfg = man.model_config(dir)?;
+    man.validate(dir, &cfg)?;
+    let store = man.open_dense(dir)?;
+    let k = opts.top_k.unwrap_or(cfg.num_experts_per_tok);
+    let experts = PackedExperts::open(dir, &man, cfg.num_layers, k, opts.io, opts.verify, 0)?;
     Model::load(cfg, &store, Box::new(experts))
 }

@@ -3,6 +3,8 @@ pub mod common;
 pub mod demo;
 pub mod generate;
 pub mod logits;
+pub mod pack;
+pub mod progress;
 pub mod render;
 pub mod run;
 pub mod tokenize;

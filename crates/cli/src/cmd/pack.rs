@@ -1,0 +1,69 @@
+//! `flashmoe pack`: a Hugging Face or MLX checkpoint into a flashmoe packed model directory.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
+use flashmoe_core::packed::{pack, PackOptions};
+
+use super::progress::Bar;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Source checkpoint directory (Hugging Face safetensors or MLX quantized)
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Output directory (written as OUT.partial, renamed when complete)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Expert bits: 4, 2, 8, or 16 (bf16). Default: an MLX source's own bits, else 4
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["2", "4", "8", "16"]))]
+    pub bits: Option<String>,
+    /// Affine group size (32, 64, 128). Default: an MLX source's own, else 64
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Dense matrices: 16 (bf16), 8 or 4 (router and shared-expert gate stay >= 8 bits).
+    /// Default: keep the source's format (bf16 from Hugging Face)
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8", "16"]))]
+    pub dense_bits: Option<String>,
+    /// Replace an existing output directory
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let opts = PackOptions {
+        bits: a.bits.as_deref().map(str::parse).transpose()?,
+        group_size: a.group_size,
+        dense_bits: a.dense_bits.as_deref().map(str::parse).transpose()?,
+        force: a.force,
+    };
+    let t = Instant::now();
+    let bar = Bar::new();
+    let r = pack(&a.from, &a.out, &opts, &bar)
+        .with_context(|| format!("packing {} into {}", a.from.display(), a.out.display()))?;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "packed {} ({} checkpoint) in {:.1}s: experts {}-bit{} ({} copied byte for byte, {} converted), \
+dense {:.1} MB, experts {:.1} MB{}",
+        r.dst.display(),
+        r.source_kind,
+        secs,
+        r.expert_bits,
+        if r.expert_bits == 16 {
+            String::new()
+        } else {
+            format!(" group {}", r.group_size)
+        },
+        r.experts_copied,
+        r.experts_converted,
+        r.dense_bytes as f64 / 1e6,
+        r.expert_file_bytes as f64 / 1e6,
+        if r.text_files.is_empty() {
+            String::new()
+        } else {
+            format!("; copied {}", r.text_files.join(", "))
+        }
+    );
+    Ok(())
+}

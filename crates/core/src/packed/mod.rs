@@ -1,0 +1,463 @@
+//! The flashmoe packed model directory (design.md §2): what the engine streams from.
+//!
+//! ```text
+//! DIR/manifest.json            format version, source config, tensor table, expert layout, crc32s
+//! DIR/dense.bin                every non-expert tensor, each at a 64-byte aligned offset (mmap'd)
+//! DIR/experts/layer_NNN.bin    every expert of MoE layer NNN at a fixed stride (multiple of 4096);
+//!                              one expert = gate, up, down (weight, scales, biases) contiguous
+//! DIR/config.json, tokenizer.json, ... copied from the source for the text front ends
+//! ```
+//!
+//! Norms in `dense.bin` are plain weights (y = x̂ · w): zero-centred offsets are folded in when
+//! packing, so the packed store has [`SourceLayout::Packed`]. `manifest.json` is written last,
+//! through a temporary file and a rename: a directory without it is never a complete model.
+//!
+//! This module owns the on-disk format (types, validation, opening the dense store). Writing
+//! lives in `writer`/`pack`/`synth`, reading experts in `reader`.
+mod pack;
+mod reader;
+mod synth;
+mod writer;
+
+pub use pack::{pack, PackOptions, PackReport};
+pub use reader::PackedExperts;
+
+pub use writer::{NoProgress, Progress};
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::buf::Buf;
+use crate::config::{ModelConfig, QuantSpec};
+use crate::error::{Error, Result};
+use crate::experts::ExpertWeights;
+use crate::store::{DType, SourceLayout, TensorEntry, TensorStore};
+use crate::weights::Linear;
+
+pub const FORMAT: &str = "flashmoe-packed";
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const DENSE_FILE: &str = "dense.bin";
+/// Alignment of every tensor in `dense.bin` and of every part inside one expert.
+pub const DENSE_ALIGN: u64 = 64;
+/// Expert stride alignment: O_DIRECT needs block-aligned offsets and lengths.
+pub const EXPERT_ALIGN: u64 = 4096;
+
+pub fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// One tensor of `dense.bin`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TensorInfo {
+    /// Canonical name (`layers.3.mlp.gate.weight`).
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub offset: u64,
+    pub nbytes: u64,
+    /// Set on a packed `*.weight` (u32); its `.scales` and `.biases` are separate entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<QuantSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DenseTable {
+    pub file: String,
+    pub nbytes: u64,
+    pub tensors: Vec<TensorInfo>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proj {
+    Gate,
+    Up,
+    Down,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Weight,
+    Scales,
+    Biases,
+}
+
+/// One piece of an expert: its place inside the expert's bytes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpertPart {
+    pub proj: Proj,
+    pub role: Role,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub offset: u64,
+    pub nbytes: u64,
+}
+
+/// The experts of one MoE layer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerFile {
+    pub layer: usize,
+    /// Relative to the model directory.
+    pub file: String,
+    /// Expected file size: `count * stride`.
+    pub nbytes: u64,
+    /// crc32 (IEEE) of each expert's `expert_bytes` bytes.
+    pub crc32: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpertLayout {
+    /// 2, 4, 8 (affine) or 16 (bf16/f16/f32 dense).
+    pub bits: u32,
+    /// Affine group size (0 when `bits == 16`).
+    pub group_size: usize,
+    /// Experts per layer.
+    pub count: usize,
+    /// Bytes of one expert (the read size, before rounding for O_DIRECT).
+    pub expert_bytes: u64,
+    /// Distance between consecutive experts in a layer file (multiple of 4096).
+    pub stride: u64,
+    pub parts: Vec<ExpertPart>,
+    pub layers: Vec<LayerFile>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// Where it came from: `{"kind": "hf"|"mlx"|"synth", ...}` (informational).
+    pub source: Value,
+    /// The source's `config.json`, quantization blocks removed (the tensor table says it).
+    pub config: Value,
+    pub dense: DenseTable,
+    pub experts: ExpertLayout,
+}
+
+impl ExpertLayout {
+    /// Parts of one expert with gate/up [inter, hidden] and down [hidden, inter]:
+    /// affine (`bits` 2/4/8, scales and biases in `sdtype`) or dense in `sdtype` (`bits` 16).
+    pub fn build(
+        bits: u32,
+        group: usize,
+        inter: usize,
+        hidden: usize,
+        sdtype: DType,
+        count: usize,
+    ) -> ExpertLayout {
+        let mut parts = Vec::new();
+        let mut off = 0u64;
+        let mut push = |proj, role, dtype: DType, shape: Vec<usize>| {
+            let nbytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+            parts.push(ExpertPart {
+                proj,
+                role,
+                dtype,
+                shape,
+                offset: off,
+                nbytes,
+            });
+            off = align_up(off + nbytes, DENSE_ALIGN);
+        };
+        for (proj, rows, cols) in [
+            (Proj::Gate, inter, hidden),
+            (Proj::Up, inter, hidden),
+            (Proj::Down, hidden, inter),
+        ] {
+            if bits == 16 {
+                push(proj, Role::Weight, sdtype, vec![rows, cols]);
+            } else {
+                let b = bits as usize;
+                push(proj, Role::Weight, DType::U32, vec![rows, cols * b / 32]);
+                push(proj, Role::Scales, sdtype, vec![rows, cols / group]);
+                push(proj, Role::Biases, sdtype, vec![rows, cols / group]);
+            }
+        }
+        let last = parts.last().expect("three projections");
+        let expert_bytes = last.offset + last.nbytes;
+        ExpertLayout {
+            bits,
+            group_size: if bits == 16 { 0 } else { group },
+            count,
+            expert_bytes,
+            stride: align_up(expert_bytes, EXPERT_ALIGN),
+            parts,
+            layers: Vec::new(),
+        }
+    }
+
+    pub fn part(&self, proj: Proj, role: Role) -> Option<&ExpertPart> {
+        self.parts.iter().find(|p| p.proj == proj && p.role == role)
+    }
+
+    /// The scale dtype (affine) or weight dtype (dense) of the parts.
+    pub fn sdtype(&self) -> DType {
+        let role = if self.bits == 16 {
+            Role::Weight
+        } else {
+            Role::Scales
+        };
+        self.part(Proj::Gate, role).map_or(DType::BF16, |p| p.dtype)
+    }
+
+    /// One expert's matrices as views into `buf` (`expert_bytes` long, 64-byte aligned parts).
+    pub fn view(&self, buf: &Buf) -> ExpertWeights {
+        let lin = |proj| -> Linear {
+            let w = self.part(proj, Role::Weight).expect("validated layout");
+            let rows = w.shape[0];
+            let slice = |p: &ExpertPart| buf.slice(p.offset as usize, p.nbytes as usize);
+            if self.bits == 16 {
+                Linear::Dense {
+                    dtype: w.dtype,
+                    rows,
+                    cols: w.shape[1],
+                    data: slice(w),
+                }
+            } else {
+                let s = self.part(proj, Role::Scales).expect("validated layout");
+                let b = self.part(proj, Role::Biases).expect("validated layout");
+                Linear::Affine {
+                    bits: self.bits,
+                    group: self.group_size,
+                    rows,
+                    cols: w.shape[1] * 32 / self.bits as usize,
+                    w: slice(w),
+                    scales: slice(s),
+                    biases: slice(b),
+                    sdtype: s.dtype,
+                }
+            }
+        };
+        ExpertWeights {
+            gate: lin(Proj::Gate),
+            up: lin(Proj::Up),
+            down: lin(Proj::Down),
+        }
+    }
+
+    pub fn layer(&self, layer: usize) -> Option<&LayerFile> {
+        self.layers.iter().find(|l| l.layer == layer)
+    }
+}
+
+/// Whether `dir` looks like a packed model (complete or not).
+pub fn is_packed_dir(dir: &Path) -> bool {
+    dir.join(MANIFEST).exists()
+}
+
+/// Whether `dir` holds the remains of a packed model without its manifest (interrupted pack).
+pub fn is_incomplete_packed_dir(dir: &Path) -> bool {
+    !is_packed_dir(dir) && (dir.join(DENSE_FILE).exists() || dir.join("experts").is_dir())
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        if m.format != FORMAT {
+            return Err(packed_err(
+                &path,
+                format!("format is `{}`, not `{FORMAT}`", m.format),
+            ));
+        }
+        if m.format_version != FORMAT_VERSION {
+            return Err(packed_err(
+                &path,
+                format!(
+                    "format_version {} is not supported (this build reads {FORMAT_VERSION}); repack the model",
+                    m.format_version
+                ),
+            ));
+        }
+        Ok(m)
+    }
+
+    pub fn model_config(&self, dir: &Path) -> Result<ModelConfig> {
+        ModelConfig::from_json(&self.config, &dir.join(MANIFEST))
+    }
+
+    /// Checks the manifest against the config and the files on disk (sizes, shapes, offsets),
+    /// so that a mismatch is reported at load time with the file's name.
+    pub fn validate(&self, dir: &Path, cfg: &ModelConfig) -> Result<()> {
+        let mpath = dir.join(MANIFEST);
+        let dpath = dir.join(&self.dense.file);
+        let dlen = file_len(&dpath)?;
+        if dlen < self.dense.nbytes {
+            return Err(packed_err(
+                &dpath,
+                format!(
+                    "file is {dlen} bytes, manifest says {} (truncated?)",
+                    self.dense.nbytes
+                ),
+            ));
+        }
+        for t in &self.dense.tensors {
+            let n = (t.shape.iter().product::<usize>() * t.dtype.size()) as u64;
+            if n != t.nbytes || t.offset + t.nbytes > self.dense.nbytes {
+                return Err(packed_err(
+                    &mpath,
+                    format!(
+                        "tensor `{}`: {:?} {:?} at {}+{} does not fit the table",
+                        t.name, t.dtype, t.shape, t.offset, t.nbytes
+                    ),
+                ));
+            }
+        }
+        let x = &self.experts;
+        let (i, h) = (cfg.moe_intermediate_size, cfg.hidden_size);
+        let moe_layers: Vec<usize> = (0..cfg.num_layers)
+            .filter(|&l| cfg.is_moe_layer(l))
+            .collect();
+        if moe_layers.is_empty() {
+            return Ok(());
+        }
+        if x.count != cfg.num_experts {
+            return Err(packed_err(
+                &mpath,
+                format!(
+                    "expert count {} but config has {}",
+                    x.count, cfg.num_experts
+                ),
+            ));
+        }
+        if !matches!(x.bits, 2 | 4 | 8 | 16) || !x.stride.is_multiple_of(EXPERT_ALIGN) {
+            return Err(packed_err(
+                &mpath,
+                format!("bad expert layout: bits {} stride {}", x.bits, x.stride),
+            ));
+        }
+        let want = ExpertLayout::build(x.bits, x.group_size, i, h, x.sdtype(), x.count);
+        let same = want.parts.len() == x.parts.len()
+            && want.parts.iter().zip(&x.parts).all(|(a, b)| {
+                a.proj == b.proj
+                    && a.role == b.role
+                    && a.dtype == b.dtype
+                    && a.shape == b.shape
+                    && b.offset + b.nbytes <= x.expert_bytes
+            });
+        if !same || x.expert_bytes > x.stride {
+            return Err(packed_err(
+                &mpath,
+                format!(
+                    "expert layout does not match the config (moe_intermediate_size {i}, hidden_size {h}, {} bits)",
+                    x.bits
+                ),
+            ));
+        }
+        for &l in &moe_layers {
+            let lf = x.layer(l).ok_or_else(|| {
+                packed_err(&mpath, format!("no expert file listed for layer {l}"))
+            })?;
+            let path = dir.join(&lf.file);
+            let len = file_len(&path)?;
+            let want = x.count as u64 * x.stride;
+            if len != want || lf.nbytes != want {
+                return Err(packed_err(
+                    &path,
+                    format!(
+                        "layer {l} expert file is {len} bytes, expected {want} ({} experts x stride {}){}",
+                        x.count,
+                        x.stride,
+                        if len < want { " (truncated?)" } else { "" }
+                    ),
+                ));
+            }
+            if lf.crc32.len() != x.count {
+                return Err(packed_err(
+                    &mpath,
+                    format!(
+                        "layer {l}: {} checksums for {} experts",
+                        lf.crc32.len(),
+                        x.count
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The dense tensors, mmap'd from `dense.bin`.
+    pub fn open_dense(&self, dir: &Path) -> Result<TensorStore> {
+        let path = dir.join(&self.dense.file);
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: read-only mapping; like every mmap loader we rely on the file not being
+        // truncated while the model is served (sizes were validated above).
+        let map = Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?);
+        let mut tensors = HashMap::with_capacity(self.dense.tensors.len());
+        for t in &self.dense.tensors {
+            if t.offset + t.nbytes > map.len() as u64 {
+                return Err(packed_err(
+                    &path,
+                    format!("tensor `{}` lies past the end of the file", t.name),
+                ));
+            }
+            tensors.insert(
+                t.name.clone(),
+                TensorEntry {
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    buf: Buf::from_map(map.clone(), t.offset as usize, t.nbytes as usize),
+                    file: path.display().to_string(),
+                    orig_name: t.name.clone(),
+                    quant: t.quant,
+                },
+            );
+        }
+        Ok(TensorStore {
+            tensors,
+            layout: SourceLayout::Packed,
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+pub(crate) fn packed_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Packed {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn file_len(path: &Path) -> Result<u64> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// `experts/layer_NNN.bin`.
+pub fn layer_file_name(layer: usize) -> String {
+    format!("experts/layer_{layer:03}.bin")
+}
+
+/// The `.partial` sibling a pack writes into before renaming it to `dst`.
+pub fn partial_path(dst: &Path) -> PathBuf {
+    let mut s = dst.as_os_str().to_os_string();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// Removes MLX quantization blocks from a config (root and `text_config`): in a packed model
+/// the tensor table carries each tensor's quantization.
+pub fn strip_quantization(cfg: &Value) -> Value {
+    let mut v = cfg.clone();
+    if let Value::Object(o) = &mut v {
+        o.remove("quantization");
+        o.remove("quantization_config");
+        if let Some(Value::Object(t)) = o.get_mut("text_config") {
+            t.remove("quantization");
+            t.remove("quantization_config");
+        }
+    }
+    v
+}

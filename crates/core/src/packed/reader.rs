@@ -1,0 +1,437 @@
+//! [`PackedExperts`]: the ExpertSource of a packed model. One positional read per expert
+//! (`FileExt::read_at`), issued to a persistent pool of I/O threads, landing in reusable
+//! 4096-aligned buffers that the returned weights view without copying.
+//!
+//! - `prefetch(layer, ids)` queues the reads and returns at once; `fetch` waits for them (and
+//!   queues any that were not prefetched).
+//! - `IoMode::Cached` reads through the page cache; before each read `mincore` measures how
+//!   much of the expert is resident, which is what `bytes_cached` counts. `IoMode::Direct`
+//!   opens the layer files `O_DIRECT`: offsets are multiples of the stride (4096-aligned) and
+//!   lengths are rounded up to 4096, inside the stride padding.
+//! - `verify` checks each read's crc32 against the manifest.
+//!
+//! Buffers: a pool of `Arc<AlignedBuf>`; one whose strong count is 1 is held by nobody else
+//! (no weights view it, no read fills it) and is reused. The pool grows to what is in use at
+//! once (K experts in flight plus those the model still holds) and keeps at most
+//! [`MAX_POOL`] idle buffers.
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::buf::{AlignedBuf, Buf};
+use crate::error::{Error, Result};
+use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
+use crate::loader::IoMode;
+use crate::probe::page_cache_resident;
+
+use super::{align_up, packed_err, ExpertLayout, Manifest, EXPERT_ALIGN};
+
+/// Idle buffers kept for reuse.
+const MAX_POOL: usize = 64;
+/// Prefetched reads not yet fetched; older ones are dropped beyond this.
+const MAX_PENDING: usize = 256;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update of plain data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct LayerHandle {
+    file: File,
+    path: PathBuf,
+    crc32: Vec<u32>,
+}
+
+/// The result of one read, filled by a worker.
+struct Slot {
+    done: Mutex<Option<Result<Arc<AlignedBuf>>>>,
+    cv: Condvar,
+}
+
+impl Slot {
+    fn wait(&self) -> Result<Arc<AlignedBuf>> {
+        let mut g = lock(&self.done);
+        loop {
+            if let Some(r) = g.take() {
+                return r;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+struct Job {
+    layer: usize,
+    expert: usize,
+    buf: Arc<AlignedBuf>,
+    slot: Arc<Slot>,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    shutdown: bool,
+}
+
+struct Shared {
+    files: Vec<Option<LayerHandle>>,
+    stride: u64,
+    expert_bytes: usize,
+    /// Bytes per read: `expert_bytes`, rounded up to 4096 for O_DIRECT.
+    read_len: usize,
+    io: IoMode,
+    verify: bool,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    pool: Mutex<Vec<Arc<AlignedBuf>>>,
+    counters: ExpertCounters,
+}
+
+impl Shared {
+    /// A buffer nobody else references (strong count 1), or a new one.
+    fn take_buf(&self) -> Arc<AlignedBuf> {
+        let mut pool = lock(&self.pool);
+        match pool.iter().position(|b| Arc::strong_count(b) == 1) {
+            Some(i) => pool.swap_remove(i),
+            None => Arc::new(AlignedBuf::zeroed(self.expert_bytes)),
+        }
+    }
+
+    fn give_back(&self, b: &Arc<AlignedBuf>) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < MAX_POOL {
+            pool.push(b.clone());
+        }
+    }
+
+    fn read(&self, layer: usize, expert: usize, buf: &mut Arc<AlignedBuf>) -> Result<()> {
+        let h = self.files[layer].as_ref().ok_or_else(|| Error::Expert {
+            layer,
+            expert,
+            msg: "layer has no expert file".into(),
+        })?;
+        let off = expert as u64 * self.stride;
+        if self.io == IoMode::Cached {
+            if let Ok(frac) = page_cache_resident(&h.file, off, self.expert_bytes) {
+                self.counters
+                    .bytes_cached
+                    .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
+            }
+        }
+        let b = Arc::get_mut(buf).expect("a queued buffer is referenced only by its job");
+        let dst = &mut b.as_mut_full()[..self.read_len];
+        let t = Instant::now();
+        let mut got = 0;
+        while got < dst.len() {
+            match h.file.read_at(&mut dst[got..], off + got as u64) {
+                Ok(0) => {
+                    return Err(Error::Expert {
+                        layer,
+                        expert,
+                        msg: format!(
+                            "{}: file ends at byte {} inside the expert (truncated?)",
+                            h.path.display(),
+                            off + got as u64
+                        ),
+                    })
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::Expert {
+                        layer,
+                        expert,
+                        msg: format!("{}: read at offset {off}: {e}", h.path.display()),
+                    })
+                }
+            }
+        }
+        self.counters
+            .read_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_read
+            .fetch_add(self.expert_bytes as u64, Ordering::Relaxed);
+        if self.verify {
+            let crc = crc32fast::hash(&b.as_slice()[..self.expert_bytes]);
+            let want = h.crc32[expert];
+            if crc != want {
+                return Err(Error::Expert {
+                    layer,
+                    expert,
+                    msg: format!(
+                        "checksum mismatch in {} at offset {off}: crc32 {crc:08x}, manifest says {want:08x} (corrupted file?)",
+                        h.path.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn worker(&self) {
+        loop {
+            let job = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if let Some(j) = q.jobs.pop_front() {
+                        break j;
+                    }
+                    if q.shutdown {
+                        return;
+                    }
+                    q = self.queue_cv.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let Job {
+                layer,
+                expert,
+                mut buf,
+                slot,
+            } = job;
+            let r = self.read(layer, expert, &mut buf).map(|()| {
+                self.give_back(&buf);
+                buf
+            });
+            *lock(&slot.done) = Some(r);
+            slot.cv.notify_all();
+        }
+    }
+}
+
+/// Prefetched reads by (layer, expert), with their order (oldest first) for trimming.
+type Pending = (HashMap<(usize, usize), Arc<Slot>>, VecDeque<(usize, usize)>);
+
+pub struct PackedExperts {
+    shared: Arc<Shared>,
+    layout: ExpertLayout,
+    workers: Vec<JoinHandle<()>>,
+    /// Reads queued by `prefetch` and not yet fetched.
+    pending: Mutex<Pending>,
+}
+
+impl PackedExperts {
+    /// Opens every layer file of a validated manifest; `threads` I/O workers (0: a default
+    /// that keeps one top-k's reads in flight).
+    pub fn open(
+        dir: &Path,
+        man: &Manifest,
+        num_layers: usize,
+        top_k: usize,
+        io: IoMode,
+        verify: bool,
+        threads: usize,
+    ) -> Result<PackedExperts> {
+        let layout = man.experts.clone();
+        let mut files: Vec<Option<LayerHandle>> = (0..num_layers).map(|_| None).collect();
+        for lf in &layout.layers {
+            let path = dir.join(&lf.file);
+            if lf.layer >= num_layers {
+                return Err(packed_err(
+                    &dir.join(super::MANIFEST),
+                    format!("expert file for layer {} of {num_layers}", lf.layer),
+                ));
+            }
+            let mut o = OpenOptions::new();
+            o.read(true);
+            if io == IoMode::Direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            let file = o.open(&path).map_err(|e| direct_err(&path, io, e))?;
+            files[lf.layer] = Some(LayerHandle {
+                file,
+                path,
+                crc32: lf.crc32.clone(),
+            });
+        }
+        let expert_bytes = layout.expert_bytes as usize;
+        let read_len = match io {
+            IoMode::Direct => align_up(layout.expert_bytes, EXPERT_ALIGN) as usize,
+            IoMode::Cached => expert_bytes,
+        };
+        // Some filesystems accept O_DIRECT at open and refuse the reads: try one now.
+        if io == IoMode::Direct {
+            if let Some(h) = files.iter().flatten().next() {
+                let mut b = AlignedBuf::zeroed(read_len);
+                if let Err(e) = h.file.read_at(&mut b.as_mut_full()[..read_len], 0) {
+                    return Err(direct_err(&h.path, io, e));
+                }
+            }
+        }
+        let shared = Arc::new(Shared {
+            files,
+            stride: layout.stride,
+            expert_bytes,
+            read_len,
+            io,
+            verify,
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                shutdown: false,
+            }),
+            queue_cv: Condvar::new(),
+            pool: Mutex::new(Vec::new()),
+            counters: ExpertCounters::default(),
+        });
+        let n = if threads == 0 {
+            top_k.clamp(4, 16)
+        } else {
+            threads
+        };
+        let workers = (0..n)
+            .map(|i| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("flashmoe-io-{i}"))
+                    .spawn(move || s.worker())
+                    .map_err(|e| Error::Invalid(format!("starting I/O thread: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PackedExperts {
+            shared,
+            layout,
+            workers,
+            pending: Mutex::new((HashMap::new(), VecDeque::new())),
+        })
+    }
+
+    fn check(&self, layer: usize, expert: usize) -> Result<()> {
+        if expert >= self.layout.count || self.shared.files.get(layer).is_none_or(|f| f.is_none()) {
+            return Err(Error::Expert {
+                layer,
+                expert,
+                msg: format!(
+                    "no such expert in the packed model ({} experts per MoE layer)",
+                    self.layout.count
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn submit(&self, layer: usize, expert: usize) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            done: Mutex::new(None),
+            cv: Condvar::new(),
+        });
+        let buf = self.shared.take_buf();
+        lock(&self.shared.queue).jobs.push_back(Job {
+            layer,
+            expert,
+            buf,
+            slot: slot.clone(),
+        });
+        self.shared.queue_cv.notify_one();
+        slot
+    }
+
+    pub fn io_threads(&self) -> usize {
+        self.workers.len()
+    }
+}
+
+fn direct_err(path: &Path, io: IoMode, e: std::io::Error) -> Error {
+    if io == IoMode::Direct && e.raw_os_error() == Some(libc::EINVAL) {
+        packed_err(
+            path,
+            format!("O_DIRECT is not supported by this file's filesystem ({e}); use --io cached"),
+        )
+    } else {
+        Error::io(path, e)
+    }
+}
+
+impl ExpertSource for PackedExperts {
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
+        let mut p = lock(&self.pending);
+        for &e in experts {
+            if self.check(layer, e).is_err() || p.0.contains_key(&(layer, e)) {
+                continue;
+            }
+            let slot = self.submit(layer, e);
+            p.0.insert((layer, e), slot);
+            p.1.push_back((layer, e));
+        }
+        while p.0.len() > MAX_PENDING {
+            match p.1.pop_front() {
+                Some(k) => {
+                    p.0.remove(&k);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn fetch(&self, layer: usize, experts: &[usize]) -> Result<Vec<ExpertWeights>> {
+        for &e in experts {
+            self.check(layer, e)?;
+        }
+        let slots: Vec<Arc<Slot>> = {
+            let mut p = lock(&self.pending);
+            let slots = experts
+                .iter()
+                .map(|&e| match p.0.remove(&(layer, e)) {
+                    Some(s) => s,
+                    None => self.submit(layer, e),
+                })
+                .collect();
+            let (map, order) = &mut *p;
+            order.retain(|k| map.contains_key(k));
+            slots
+        };
+        let mut out = Vec::with_capacity(experts.len());
+        for s in slots {
+            let buf = s.wait()?;
+            let view = Buf::from_heap(buf, 0, self.shared.expert_bytes);
+            out.push(self.layout.view(&view));
+        }
+        self.shared
+            .counters
+            .fetched
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn counters(&self) -> &ExpertCounters {
+        &self.shared.counters
+    }
+
+    fn expert_bytes(&self) -> usize {
+        self.shared.expert_bytes
+    }
+
+    fn describe(&self) -> String {
+        let io = match self.shared.io {
+            IoMode::Cached => {
+                "pread through the page cache; cache hits measured with mincore before each read"
+            }
+            IoMode::Direct => "pread O_DIRECT (page cache bypassed; no cache hits)",
+        };
+        format!(
+            "packed experts ({}-bit, {} bytes each, stride {}), {} I/O threads, {io}{}",
+            self.layout.bits,
+            self.layout.expert_bytes,
+            self.layout.stride,
+            self.workers.len(),
+            if self.shared.verify {
+                ", crc32 verified"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+impl Drop for PackedExperts {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.queue_cv.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}

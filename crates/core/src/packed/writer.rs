@@ -1,0 +1,283 @@
+//! Writing a packed model directory: the `.partial` directory that becomes the model only once
+//! its manifest is in place, the dense file (tensors at aligned offsets, written positionally so
+//! a large matrix can be converted in row chunks), and layer files of experts at a fixed stride.
+//! Every write error names the file; a failed or dropped writer removes its `.partial` directory.
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::QuantSpec;
+use crate::error::{Error, Result};
+use crate::store::DType;
+
+use super::{
+    align_up, is_packed_dir, packed_err, partial_path, DenseTable, LayerFile, Manifest, TensorInfo,
+    DENSE_ALIGN, DENSE_FILE, MANIFEST,
+};
+
+/// Progress of a long conversion, in bytes. The CLI draws it as a bar; tests ignore it.
+pub trait Progress: Sync {
+    /// A new stage of `total` bytes.
+    fn begin(&self, total: u64, what: &str);
+    fn advance(&self, bytes: u64);
+    fn finish(&self);
+}
+
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _total: u64, _what: &str) {}
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {}
+}
+
+/// Files a text front end needs, copied from the source model directory when present.
+pub const TEXT_FILES: [&str; 11] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "preprocessor_config.json",
+];
+
+fn write_err(path: &Path, e: std::io::Error) -> Error {
+    let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+        " (disk full)"
+    } else {
+        ""
+    };
+    packed_err(path, format!("write failed: {e}{hint}"))
+}
+
+/// The directory being written: `DST.partial`, renamed to `DST` by [`OutDir::commit`].
+pub(crate) struct OutDir {
+    dst: PathBuf,
+    partial: PathBuf,
+    committed: bool,
+}
+
+impl OutDir {
+    /// Refuses an existing non-empty `dst` unless `force`; clears a stale `.partial`.
+    pub fn create(dst: &Path, force: bool) -> Result<OutDir> {
+        if dst.exists() && !force {
+            let empty = std::fs::read_dir(dst).is_ok_and(|mut d| d.next().is_none());
+            if is_packed_dir(dst) {
+                return Err(packed_err(
+                    dst,
+                    "already holds a packed model; pass --force to overwrite it",
+                ));
+            }
+            if !empty {
+                return Err(packed_err(
+                    dst,
+                    "exists and is not empty; pass --force to replace it",
+                ));
+            }
+        }
+        let partial = partial_path(dst);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+        }
+        let experts = partial.join("experts");
+        std::fs::create_dir_all(&experts).map_err(|e| write_err(&experts, e))?;
+        Ok(OutDir {
+            dst: dst.to_path_buf(),
+            partial,
+            committed: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Writes a whole small file into the directory.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let p = self.partial.join(name);
+        std::fs::write(&p, bytes).map_err(|e| write_err(&p, e))
+    }
+
+    /// Copies the tokenizer, chat template and generation config files `src` has.
+    pub fn copy_text_files(&self, src: &Path) -> Result<Vec<String>> {
+        let mut copied = Vec::new();
+        for name in TEXT_FILES {
+            let from = src.join(name);
+            if from.is_file() {
+                let to = self.partial.join(name);
+                std::fs::copy(&from, &to).map_err(|e| write_err(&to, e))?;
+                copied.push(name.to_string());
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Writes the manifest (temp file + fsync + rename: last, so it marks completeness) and
+    /// renames the directory to its final name, replacing an old `dst` (checked in `create`).
+    pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
+        let text = serde_json::to_string_pretty(manifest)
+            .map_err(|e| Error::Invalid(format!("serialising the manifest: {e}")))?;
+        let tmp = self.partial.join(format!("{MANIFEST}.tmp"));
+        let fin = self.partial.join(MANIFEST);
+        {
+            let mut f = File::create(&tmp).map_err(|e| write_err(&tmp, e))?;
+            f.write_all(text.as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| write_err(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| write_err(&fin, e))?;
+        if self.dst.exists() {
+            std::fs::remove_dir_all(&self.dst).map_err(|e| Error::io(&self.dst, e))?;
+        }
+        std::fs::rename(&self.partial, &self.dst).map_err(|e| Error::io(&self.dst, e))?;
+        self.committed = true;
+        Ok(self.dst.clone())
+    }
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.partial);
+        }
+    }
+}
+
+/// `dense.bin`: tensors at 64-byte aligned offsets, written with positional writes.
+pub(crate) struct DenseWriter {
+    file: File,
+    path: PathBuf,
+    end: u64,
+    tensors: Vec<TensorInfo>,
+}
+
+impl DenseWriter {
+    pub fn create(dir: &Path) -> Result<DenseWriter> {
+        let path = dir.join(DENSE_FILE);
+        let file = File::create(&path).map_err(|e| write_err(&path, e))?;
+        Ok(DenseWriter {
+            file,
+            path,
+            end: 0,
+            tensors: Vec::new(),
+        })
+    }
+
+    /// Adds a tensor to the table and returns its offset; its bytes come with `write_at`.
+    pub fn reserve(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        quant: Option<QuantSpec>,
+    ) -> u64 {
+        let nbytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        let offset = align_up(self.end, DENSE_ALIGN);
+        self.end = offset + nbytes;
+        self.tensors.push(TensorInfo {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            offset,
+            nbytes,
+            quant,
+        });
+        offset
+    }
+
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| write_err(&self.path, e))
+    }
+
+    /// Reserves and writes a whole tensor.
+    pub fn put(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        quant: Option<QuantSpec>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let off = self.reserve(name, dtype, shape, quant);
+        debug_assert_eq!(
+            self.tensors.last().map(|t| t.nbytes),
+            Some(bytes.len() as u64)
+        );
+        self.write_at(off, bytes)
+    }
+
+    pub fn finish(self) -> Result<DenseTable> {
+        let nbytes = align_up(self.end, DENSE_ALIGN);
+        self.file
+            .set_len(nbytes)
+            .and_then(|_| self.file.sync_all())
+            .map_err(|e| write_err(&self.path, e))?;
+        Ok(DenseTable {
+            file: DENSE_FILE.to_string(),
+            nbytes,
+            tensors: self.tensors,
+        })
+    }
+}
+
+/// One layer's expert file: experts appended in id order, each padded to the stride.
+pub(crate) struct LayerWriter {
+    out: BufWriter<File>,
+    path: PathBuf,
+    rel: String,
+    layer: usize,
+    stride: u64,
+    expert_bytes: u64,
+    crcs: Vec<u32>,
+}
+
+impl LayerWriter {
+    pub fn create(dir: &Path, layer: usize, stride: u64, expert_bytes: u64) -> Result<LayerWriter> {
+        let rel = super::layer_file_name(layer);
+        let path = dir.join(&rel);
+        let f = File::create(&path).map_err(|e| write_err(&path, e))?;
+        Ok(LayerWriter {
+            out: BufWriter::with_capacity(1 << 20, f),
+            path,
+            rel,
+            layer,
+            stride,
+            expert_bytes,
+            crcs: Vec::new(),
+        })
+    }
+
+    /// Appends one expert (`expert_bytes` bytes; the stride padding is added here).
+    pub fn push(&mut self, expert: &[u8]) -> Result<()> {
+        assert_eq!(expert.len() as u64, self.expert_bytes, "expert size");
+        self.crcs.push(crc32fast::hash(expert));
+        let pad = vec![0u8; (self.stride - self.expert_bytes) as usize];
+        self.out
+            .write_all(expert)
+            .and_then(|_| self.out.write_all(&pad))
+            .map_err(|e| write_err(&self.path, e))
+    }
+
+    pub fn finish(self) -> Result<LayerFile> {
+        let path = self.path;
+        let f = self
+            .out
+            .into_inner()
+            .map_err(|e| write_err(&path, e.into_error()))?;
+        f.sync_all().map_err(|e| write_err(&path, e))?;
+        Ok(LayerFile {
+            layer: self.layer,
+            file: self.rel,
+            nbytes: self.crcs.len() as u64 * self.stride,
+            crc32: self.crcs,
+        })
+    }
+}
