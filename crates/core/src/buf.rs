@@ -131,7 +131,7 @@ impl Buf {
     /// The bytes viewed as `T`. Falls back to an aligned copy when the storage offset is not
     /// aligned for `T` (safetensors only promises 8-byte header alignment in newer writers).
     pub fn aligned<T: bytemuck::Pod>(&self) -> Buf {
-        if (self.bytes().as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+        if (self.bytes().as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             self.clone()
         } else {
             Buf::from_heap(Arc::new(AlignedBuf::from_bytes(self.bytes())), 0, self.len)

@@ -180,7 +180,7 @@ impl ModelConfig {
             }
         }
         let rotary_dim = (head_dim as f64 * prf) as usize;
-        if rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             return Err(err(format!(
                 "rotary dim {rotary_dim} must be even and <= head_dim {head_dim}"
             )));
@@ -343,7 +343,7 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads

@@ -191,7 +191,8 @@ pub fn load_matrix(
         ws.push(cols * bits / 32);
         let mut ss = want.clone();
         ss.push(cols / q.group_size);
-        if cols % q.group_size != 0 || (cols * bits) % 32 != 0 || t.shape != ws {
+        if !cols.is_multiple_of(q.group_size) || !(cols * bits).is_multiple_of(32) || t.shape != ws
+        {
             return Err(bad(
                 t,
                 format!("u32 {ws:?} ({}-bit, group {})", q.bits, q.group_size),

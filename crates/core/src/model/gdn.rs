@@ -7,6 +7,7 @@ use crate::weights::Linear;
 
 use super::linear;
 
+#[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 pub enum GdnProj {
     /// Qwen3.5: in_proj_qkv [2*nk*dk + nv*dv, H], in_proj_z [nv*dv, H], in_proj_b/a [nv, H].
     Separate {

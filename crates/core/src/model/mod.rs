@@ -37,6 +37,7 @@ pub enum Mixer {
     DeltaNet(GatedDeltaNet),
 }
 
+#[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 pub enum Ffn {
     Moe(Moe),
     Dense(Mlp),
@@ -331,7 +332,7 @@ impl Model {
                 &mut normed[j * h..][..h],
             );
         }
-        if let Some(hs) = hidden.as_deref_mut() {
+        if let Some(hs) = hidden {
             let mut all = vec![0f32; t * h];
             for (xr, nr) in x.chunks(h).zip(all.chunks_mut(h)) {
                 kernels::rmsnorm(xr, &self.final_norm, cfg.rms_norm_eps, false, nr);
