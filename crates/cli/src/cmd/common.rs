@@ -32,16 +32,29 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<Model> {
-        let opts = LoadOptions {
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
             io: match self.io {
                 Io::Cached => IoMode::Cached,
                 Io::Direct => IoMode::Direct,
             },
             verify: self.verify,
             top_k: self.k,
+        }
+    }
+
+    pub fn load(&self) -> Result<Model> {
+        open_model(&self.model, &self.options())
+            .with_context(|| format!("loading model from {}", self.model.display()))
+    }
+
+    /// The generation engine (model + tokenizer + chat template) for text front ends.
+    pub fn engine(&self) -> Result<flashmoe_runtime::Engine> {
+        let opts = flashmoe_runtime::LoadOptions {
+            core: self.options(),
+            ..Default::default()
         };
-        open_model(&self.model, &opts)
+        flashmoe_runtime::Engine::open(&self.model, opts)
             .with_context(|| format!("loading model from {}", self.model.display()))
     }
 }

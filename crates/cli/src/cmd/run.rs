@@ -10,29 +10,101 @@ use flashmoe_core::session::Session;
 
 use super::common::{parse_ids, ModelArgs};
 use super::generate::argmax;
+use super::sampling::SamplingArgs;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Comma-separated prompt token ids
+    /// Prompt text: sent as one user message through the model's chat template; the answer
+    /// streams to stdout (thinking, if any, dimmed on stderr)
+    #[arg(long, conflicts_with = "ids")]
+    pub prompt: Option<String>,
+    /// Comma-separated prompt token ids (greedy; prints the generated ids)
     #[arg(long)]
     pub ids: Option<String>,
-    /// Number of tokens to generate
-    #[arg(long, default_value_t = 32)]
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 256)]
     pub tokens: usize,
-    /// Print a per-layer time breakdown and per-token I/O figures
+    /// Turn thinking off (the template's `enable_thinking=false`)
+    #[arg(long)]
+    pub no_think: bool,
+    /// Stop before this string (repeatable)
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print a per-layer time breakdown and per-token I/O figures (stderr)
     #[arg(long)]
     pub timing: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(p) = &a.prompt {
+        return run_prompt(&a, p);
+    }
     let Some(ids) = &a.ids else {
-        anyhow::bail!("give --ids (comma-separated token ids)");
+        anyhow::bail!("give --prompt TEXT or --ids 1,2,3");
     };
     let ids = parse_ids(ids)?;
     let model = a.model.load()?;
     run_ids(&model, &ids, a.tokens, a.timing)
+}
+
+fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
+    use flashmoe_runtime::{Event, GenerationRequest, PromptInput};
+    use std::io::Write;
+    use std::ops::ControlFlow;
+    let mut engine = a.model.engine()?;
+    let msgs = vec![serde_json::json!({"role": "user", "content": prompt})];
+    let mut req = GenerationRequest::new(PromptInput::Messages {
+        messages: msgs,
+        tools: Vec::new(),
+        enable_thinking: if a.no_think { Some(false) } else { None },
+        add_generation_prompt: true,
+    });
+    req.max_tokens = Some(a.tokens);
+    req.stop = a.stop.clone();
+    req.sampling = a.sampling.overrides();
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let done = engine.generate(&req, |ev| {
+        match ev {
+            Event::Content(t) => {
+                let _ = write!(out, "{t}");
+                let _ = out.flush();
+            }
+            Event::Reasoning(t) => {
+                let _ = write!(err, "\x1b[2m{t}\x1b[0m");
+                let _ = err.flush();
+            }
+            Event::ToolCall(c) => {
+                let _ = writeln!(out, "\n[tool call] {}({})", c.name, c.arguments);
+            }
+            Event::Done(_) => {}
+        }
+        ControlFlow::Continue(())
+    })?;
+    println!();
+    if a.timing {
+        let t = &done.timings;
+        let io = &done.expert_io;
+        eprintln!(
+            "--- timing ---\nprompt {} tokens ({} reused), prefill {:.1} ms, time to first token {:.1} ms\n\
+             generated {} tokens, decode {:.2} tok/s, finish: {}\n\
+             experts fetched {} ({:.3} GB), page cache / cache served {:.1}%",
+            done.usage.prompt_tokens,
+            done.usage.cached_tokens,
+            t.prefill_ms,
+            t.ttft_ms,
+            done.usage.completion_tokens,
+            t.decode_tok_s,
+            done.finish_reason.as_str(),
+            io.fetched,
+            io.bytes_read as f64 / 1e9,
+            if io.bytes_read > 0 { 100.0 * io.bytes_cached as f64 / io.bytes_read as f64 } else { 0.0 }
+        );
+    }
+    Ok(())
 }
 
 pub fn run_ids(model: &Model, ids: &[u32], tokens: usize, timing: bool) -> Result<()> {
