@@ -27,6 +27,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Generate from token ids or a prompt, optionally with a per-layer timing report.
     Run(cmd::run::Args),
+    /// Terminal chat with a bash tool (runs only after you confirm) and saved sessions.
+    Chat(cmd::chat::Args),
     /// Print the token ids of a text file as a JSON array.
     Tokenize(cmd::tokenize::Args),
     /// Print the prompt the chat template renders for an OpenAI-style request file.
@@ -42,6 +44,7 @@ fn main() {
         Command::Logits(a) => cmd::logits::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Render(a) => cmd::render::run(a),
         Command::Pack(a) => cmd::pack::run(a),

@@ -1,4 +1,5 @@
 //! Subcommands, one file each, plus the options they share.
+pub mod chat;
 pub mod common;
 pub mod demo;
 pub mod generate;
@@ -7,4 +8,6 @@ pub mod pack;
 pub mod progress;
 pub mod render;
 pub mod run;
+pub mod sampling;
 pub mod tokenize;
+pub mod tools;
