@@ -1,0 +1,55 @@
+//! `cargo run --release -p flashmoe-cuda --example cuda_bench -- [MODEL_DIR] [--layers N]
+//! [--k K] [--tokens T] [--ptx-only]`: prints bench_cuda's JSON. With `--ptx-only`, compiles the
+//! kernels for sm_90 through NVRTC and exits (no GPU needed).
+use flashmoe_core::loader::{open_model, LoadOptions};
+use flashmoe_cuda::{bench_cuda, BenchOptions, Device};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--ptx-only") {
+        match Device::ptx_for((9, 0)) {
+            Ok(p) => println!("PTX ok: {} bytes", p.len()),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let mut opts = BenchOptions::default();
+    let mut dir = None;
+    let mut i = 0;
+    while i < args.len() {
+        let v = |i: usize| {
+            args.get(i + 1)
+                .and_then(|s| s.parse::<usize>().ok())
+                .expect("a number")
+        };
+        match args[i].as_str() {
+            "--layers" => {
+                opts.synth_layers = v(i);
+                i += 1;
+            }
+            "--k" => {
+                opts.synth_k = v(i);
+                i += 1;
+            }
+            "--tokens" => {
+                opts.tokens = v(i);
+                i += 1;
+            }
+            d => dir = Some(d.to_string()),
+        }
+        i += 1;
+    }
+    let dir = dir.expect("usage: cuda_bench MODEL_DIR [--layers N] [--k K] [--tokens T]");
+    let model =
+        open_model(std::path::Path::new(&dir), &LoadOptions::default()).expect("load model");
+    match bench_cuda(&model, &opts) {
+        Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap()),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    }
+}

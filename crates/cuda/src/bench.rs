@@ -1,0 +1,467 @@
+//! `bench_cuda`: the GPU's own limits measured in the same run (device-to-device copy,
+//! host-to-device over pinned memory), quantised matvec bandwidth as a ratio of the copy
+//! bandwidth, and decode tok/s on a synthetic full-shape model with experts all in VRAM and
+//! read from host memory, each beside its bound.
+//!
+//! Owns measurement only; the synthetic model is built here in memory (random 4-bit weights)
+//! so the bench needs no files.
+use std::time::Instant;
+
+use half::bf16;
+use serde_json::{json, Value};
+
+use flashmoe_core::buf::Buf;
+use flashmoe_core::config::ModelConfig;
+use flashmoe_core::experts::{ExpertCounters, ExpertSource, ExpertWeights};
+use flashmoe_core::model::attention::Attention;
+use flashmoe_core::model::gdn::{GatedDeltaNet, GdnProj};
+use flashmoe_core::model::moe::{Mlp, Moe};
+use flashmoe_core::model::{Ffn, Layer, Logits, Mixer, Model};
+use flashmoe_core::store::DType;
+use flashmoe_core::weights::Linear;
+
+use crate::device::Device;
+use crate::model::{CudaModel, CudaOptions};
+use crate::ops::{self, DevMat, Fmt};
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub device: usize,
+    /// Layers of the synthetic model (397B shapes; every 4th is full attention).
+    pub synth_layers: usize,
+    /// Routed experts per token in the synthetic model.
+    pub synth_k: usize,
+    /// Decode steps timed per mode.
+    pub tokens: usize,
+    /// Also time decode of `model` itself (experts through the default cache).
+    pub model_decode: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            device: 0,
+            synth_layers: 8,
+            synth_k: 10,
+            tokens: 32,
+            model_decode: true,
+        }
+    }
+}
+
+/// xorshift64*: fast, reproducible filler for synthetic weights.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+}
+
+fn rand_u32(n: usize, seed: u64) -> Vec<u32> {
+    use rayon::prelude::*;
+    let mut v = vec![0u32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+        let mut r =
+            Rng(seed.wrapping_mul(0x9E3779B97F4A7C15)
+                ^ (i as u64 + 1).wrapping_mul(0xD1B54A32D192ED03));
+        for x in c.iter_mut() {
+            *x = r.next() as u32;
+        }
+    });
+    v
+}
+
+/// A random 4-bit (group 64, bf16 scales) matrix with weights in about ±1/sqrt(cols).
+fn synth_affine(rows: usize, cols: usize, bits: u32, seed: u64) -> Linear {
+    let w = rand_u32(rows * cols * bits as usize / 32, seed);
+    let ng = rows * cols / 64;
+    let a = 1.0 / (cols as f32).sqrt();
+    let levels = ((1u32 << bits) - 1) as f32;
+    let sc = vec![bf16::from_f32(2.0 * a / levels); ng];
+    let bi = vec![bf16::from_f32(-a); ng];
+    Linear::Affine {
+        bits,
+        group: 64,
+        rows,
+        cols,
+        w: Buf::from_vec(&w),
+        scales: Buf::from_vec(&sc),
+        biases: Buf::from_vec(&bi),
+        sdtype: DType::BF16,
+    }
+}
+
+/// Experts of a synthetic model: a pool of distinct host buffers, expert (l, e) = pool[(l*E+e) % P].
+struct SynthExperts {
+    pool: Vec<ExpertWeights>,
+    ne: usize,
+    counters: ExpertCounters,
+}
+
+impl ExpertSource for SynthExperts {
+    fn fetch(&self, layer: usize, experts: &[usize]) -> flashmoe_core::Result<Vec<ExpertWeights>> {
+        Ok(experts
+            .iter()
+            .map(|&e| self.pool[(layer * self.ne + e) % self.pool.len()].clone())
+            .collect())
+    }
+    fn counters(&self) -> &ExpertCounters {
+        &self.counters
+    }
+    fn expert_bytes(&self) -> usize {
+        self.pool[0].nbytes()
+    }
+    fn describe(&self) -> String {
+        format!("synthetic ({} distinct host experts)", self.pool.len())
+    }
+}
+
+/// Qwen3.5-397B-A17B shapes (arch-spec §1.1) with `layers` layers.
+pub fn synth_config(layers: usize, k: usize) -> ModelConfig {
+    let types: Vec<&str> = (0..layers)
+        .map(|i| {
+            if (i + 1) % 4 == 0 {
+                "full_attention"
+            } else {
+                "linear_attention"
+            }
+        })
+        .collect();
+    let j = json!({
+        "model_type": "qwen3_5_moe",
+        "text_config": {
+            "model_type": "qwen3_5_moe_text",
+            "hidden_size": 4096, "num_hidden_layers": layers, "layer_types": types,
+            "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 256,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+            "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+            "num_experts": 512, "num_experts_per_tok": k, "moe_intermediate_size": 1024,
+            "shared_expert_intermediate_size": 1024, "rms_norm_eps": 1e-6, "vocab_size": 248320,
+            "tie_word_embeddings": false, "max_position_embeddings": 262144, "eos_token_id": 248044
+        }
+    });
+    ModelConfig::from_json(&j, std::path::Path::new("<synthetic>")).expect("synthetic config")
+}
+
+/// A synthetic model with random 4-bit weights (8-bit router) of `cfg`'s shapes.
+pub fn synth_model(cfg: ModelConfig, pool: usize) -> Model {
+    let h = cfg.hidden_size;
+    let mut seed = 1u64;
+    let mut m = |r: usize, c: usize, bits: u32| {
+        seed += 1;
+        synth_affine(r, c, bits, seed)
+    };
+    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let (nk, nv, dk, dv) = (
+        cfg.linear_num_key_heads,
+        cfg.linear_num_value_heads,
+        cfg.linear_key_head_dim,
+        cfg.linear_value_head_dim,
+    );
+    let (ne, ei, si) = (
+        cfg.num_experts,
+        cfg.moe_intermediate_size,
+        cfg.shared_expert_intermediate_size,
+    );
+    let cd = cfg.gdn_conv_dim();
+    let mut layers = Vec::new();
+    for l in 0..cfg.num_layers {
+        let mixer = if (l + 1) % 4 == 0 {
+            Mixer::Attention(Attention {
+                q_proj: m(nh * hd * 2, h, 4),
+                k_proj: m(nkv * hd, h, 4),
+                v_proj: m(nkv * hd, h, 4),
+                o_proj: m(h, nh * hd, 4),
+                q_norm: vec![1.0; hd],
+                k_norm: vec![1.0; hd],
+            })
+        } else {
+            Mixer::DeltaNet(GatedDeltaNet {
+                proj: GdnProj::Separate {
+                    qkv: m(cd, h, 4),
+                    z: m(nv * dv, h, 4),
+                    b: m(nv, h, 4),
+                    a: m(nv, h, 4),
+                },
+                conv_w: (0..cd * cfg.linear_conv_kernel_dim)
+                    .map(|i| ((i % 7) as f32 - 3.0) * 0.1)
+                    .collect(),
+                dt_bias: vec![0.0; nv],
+                neg_a: vec![-1.0; nv],
+                norm_w: vec![1.0; dv],
+                out_proj: m(h, nv * dv, 4),
+            })
+        };
+        let _ = (nk, dk);
+        layers.push(Layer {
+            input_norm: vec![1.0; h],
+            post_norm: vec![1.0; h],
+            mixer,
+            ffn: Ffn::Moe(Moe {
+                router: m(ne, h, 8),
+                shared: Some(Mlp {
+                    gate: m(si, h, 4),
+                    up: m(si, h, 4),
+                    down: m(h, si, 4),
+                }),
+                shared_gate: Some(m(1, h, 8)),
+                layer: l,
+            }),
+        });
+    }
+    let experts: Vec<ExpertWeights> = (0..pool)
+        .map(|_| ExpertWeights {
+            gate: m(ei, h, 4),
+            up: m(ei, h, 4),
+            down: m(h, ei, 4),
+        })
+        .collect();
+    let top_k = cfg.num_experts_per_tok;
+    Model {
+        embed: m(cfg.vocab_size, h, 4),
+        lm_head: m(cfg.vocab_size, h, 4),
+        final_norm: vec![1.0; h],
+        layers,
+        experts: Box::new(SynthExperts {
+            pool: experts,
+            ne,
+            counters: ExpertCounters::default(),
+        }),
+        top_k,
+        cfg,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Device-to-device copy bandwidth, bytes read + written per second (GB/s).
+fn d2d_gbps(dev: &Device) -> Result<f64> {
+    let n = 1usize << 30;
+    let a = dev.alloc_zeros(n)?;
+    let b = dev.alloc_zeros(n)?;
+    let (e0, e1) = (dev.event()?, dev.event()?);
+    let mut v = Vec::new();
+    for i in 0..7 {
+        dev.record(&e0, &dev.compute)?;
+        for _ in 0..4 {
+            dev.dtod_async(b.ptr(), a.ptr(), n, &dev.compute)?;
+        }
+        dev.record(&e1, &dev.compute)?;
+        dev.sync()?;
+        if i > 0 {
+            let ms = dev.elapsed_ms(&e0, &e1)? as f64;
+            v.push(2.0 * 4.0 * n as f64 / (ms * 1e-3) / 1e9);
+        }
+    }
+    Ok(median(v))
+}
+
+/// Host-to-device over pinned memory (GB/s).
+fn h2d_gbps(dev: &Device) -> Result<f64> {
+    let n = 256usize << 20;
+    let mut p = dev.pinned(n)?;
+    p.as_mut_slice().fill(1);
+    let d = dev.alloc(n)?;
+    let (e0, e1) = (dev.event()?, dev.event()?);
+    let mut v = Vec::new();
+    for i in 0..6 {
+        dev.record(&e0, &dev.copy)?;
+        for _ in 0..4 {
+            dev.htod_async(d.ptr(), &p, 0, n, &dev.copy)?;
+        }
+        dev.record(&e1, &dev.copy)?;
+        dev.event_sync(&e1)?;
+        if i > 0 {
+            let ms = dev.elapsed_ms(&e0, &e1)? as f64;
+            v.push(4.0 * n as f64 / (ms * 1e-3) / 1e9);
+        }
+    }
+    Ok(median(v))
+}
+
+/// Matvec GB/s over `rows x cols` matrices in `l`'s format, rotating through enough copies to
+/// defeat the L2 cache.
+fn matvec_gbps(dev: &Device, l: &Linear) -> Result<(f64, usize)> {
+    let fmt = Fmt::of(l)?;
+    let (rows, cols) = (l.rows(), l.cols());
+    let one = crate::ops::upload_rows(dev, &[(l, 0, rows)])?;
+    let bytes = one.m.nbytes();
+    let copies = (512usize << 20).div_ceil(bytes).clamp(1, 64);
+    let mut mats = vec![one];
+    for _ in 1..copies {
+        mats.push(crate::ops::upload_rows(dev, &[(l, 0, rows)])?);
+    }
+    let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
+    let xd = dev.upload_f32(&x)?;
+    let yd = dev.alloc(rows * 4)?;
+    let (e0, e1) = (dev.event()?, dev.event()?);
+    let reps = copies.max(8) * 4;
+    let mut v = Vec::new();
+    for i in 0..6 {
+        dev.record(&e0, &dev.compute)?;
+        for r in 0..reps {
+            let m: &DevMat = &mats[r % copies].m;
+            ops::matvec(dev, &dev.compute, m, xd.ptr(), yd.ptr())?;
+        }
+        dev.record(&e1, &dev.compute)?;
+        dev.sync()?;
+        if i > 0 {
+            let ms = dev.elapsed_ms(&e0, &e1)? as f64;
+            v.push(bytes as f64 * reps as f64 / (ms * 1e-3) / 1e9);
+        }
+    }
+    let _ = fmt;
+    Ok((median(v), bytes))
+}
+
+/// Decode `n` tokens after a 1-token prompt; returns (ms per token, counters delta as JSON).
+fn time_decode(cm: &mut CudaModel, n: usize) -> Result<(f64, Value)> {
+    let mut st = cm.new_state()?;
+    let mut tok = 1u32;
+    let l = cm.forward(&[tok], &mut st, Logits::Last)?;
+    tok = argmax(&l);
+    let c0 = cm.counters;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let l = cm.forward(&[tok], &mut st, Logits::Last)?;
+        tok = argmax(&l);
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
+    let c = cm.counters;
+    let nt = (c.tokens - c0.tokens).max(1) as f64;
+    Ok((
+        ms,
+        json!({
+            "ms_per_token": ms,
+            "tok_per_s": 1e3 / ms,
+            "gpu_compute_ms_per_token": (c.compute_ms - c0.compute_ms) / nt,
+            "vram_hits_per_token": (c.vram_hits - c0.vram_hits) as f64 / nt,
+            "misses_per_token": (c.misses - c0.misses) as f64 / nt,
+            "bytes_copied_per_token": (c.bytes_copied - c0.bytes_copied) as f64 / nt,
+            "copy_ms_per_token": (c.copy_ms - c0.copy_ms) / nt,
+            "fetch_ms_per_token": (c.fetch - c0.fetch).as_secs_f64() * 1e3 / nt,
+            "router_wait_ms_per_token": (c.router_wait - c0.router_wait).as_secs_f64() * 1e3 / nt,
+        }),
+    ))
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut b = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[b] {
+            b = i;
+        }
+    }
+    b as u32
+}
+
+/// Runs the whole CUDA benchmark; `model` (when `opts.model_decode`) is also decoded.
+pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
+    let dev = Device::new(opts.device)?;
+    dev.bind()?;
+    let d2d = d2d_gbps(&dev)?;
+    let h2d = h2d_gbps(&dev)?;
+    let mut kernels = Vec::new();
+    for (rows, cols, bits) in [
+        (4096, 4096, 4),
+        (16384, 4096, 4),
+        (4096, 8192, 4),
+        (248320, 4096, 4),
+        (4096, 4096, 8),
+        (4096, 4096, 2),
+    ] {
+        let l = synth_affine(rows, cols, bits, rows as u64 ^ cols as u64);
+        let (gbps, bytes) = matvec_gbps(&dev, &l)?;
+        kernels.push(json!({
+            "kernel": format!("matvec affine {bits}-bit g64 bf16 scales"),
+            "rows": rows, "cols": cols, "bytes": bytes,
+            "gbps": gbps, "of_d2d_ratio": gbps / d2d,
+        }));
+    }
+    {
+        let w = rand_u32(4096 * 4096 / 2, 77);
+        let w: Vec<bf16> = w
+            .iter()
+            .flat_map(|x| [*x as u16, (*x >> 16) as u16])
+            .map(|x| bf16::from_f32((x % 1000) as f32 * 3e-5 - 0.015))
+            .collect();
+        let l = Linear::Dense {
+            dtype: DType::BF16,
+            rows: 4096,
+            cols: 4096,
+            data: Buf::from_vec(&w),
+        };
+        let (gbps, bytes) = matvec_gbps(&dev, &l)?;
+        kernels.push(json!({"kernel": "matvec dense bf16", "rows": 4096, "cols": 4096, "bytes": bytes, "gbps": gbps, "of_d2d_ratio": gbps / d2d}));
+    }
+    drop(dev);
+
+    let mut out = json!({
+        "device": Device::new(opts.device)?.name,
+        "d2d_gbps": d2d,
+        "h2d_pinned_gbps": h2d,
+        "kernels": kernels,
+    });
+
+    // Synthetic full-shape model: experts all in VRAM, then read from host memory.
+    let t = Instant::now();
+    let cfg = synth_config(opts.synth_layers, opts.synth_k);
+    let synth = synth_model(cfg, 64);
+    let build_s = t.elapsed().as_secs_f64();
+    let mut modes = serde_json::Map::new();
+    let vram_ms;
+    {
+        let mut cm = CudaModel::new(&synth, &CudaOptions::default())?;
+        let (slots, cbytes, ebytes) = cm.cache_info().unwrap_or((0, 0, 0));
+        let tp = Instant::now();
+        cm.preload_experts()?;
+        let preload_s = tp.elapsed().as_secs_f64();
+        let (ms, mut j) = time_decode(&mut cm, opts.tokens)?;
+        vram_ms = ms;
+        let n_moe = synth.cfg.num_layers;
+        let touched = cm.dense_touched_bytes + n_moe * synth.top_k * ebytes;
+        let bound_ms = touched as f64 / (d2d * 1e9) * 1e3;
+        j["bytes_touched_per_token"] = json!(touched);
+        j["bound_ms"] = json!(bound_ms);
+        j["time_over_bound_ratio"] = json!(ms / bound_ms);
+        j["cache_slots"] = json!(slots);
+        j["cache_bytes"] = json!(cbytes);
+        j["preload_s"] = json!(preload_s);
+        modes.insert("experts_in_vram".into(), j);
+    }
+    {
+        let k = synth.top_k;
+        let ebytes = synth.experts.expert_bytes();
+        let o = CudaOptions {
+            expert_cache_bytes: Some(2 * k * (ebytes + 4096)),
+            ..Default::default()
+        };
+        let mut cm = CudaModel::new(&synth, &o)?;
+        let (ms, mut j) = time_decode(&mut cm, opts.tokens)?;
+        let missed = j["bytes_copied_per_token"].as_f64().unwrap_or(0.0);
+        let bound_ms = missed / (h2d * 1e9) * 1e3 + vram_ms;
+        j["bound_ms"] = json!(bound_ms);
+        j["time_over_bound_ratio"] = json!(ms / bound_ms);
+        modes.insert("experts_from_host".into(), j);
+    }
+    out["synthetic"] = json!({
+        "layers": opts.synth_layers, "k": opts.synth_k, "build_s": build_s,
+        "expert_bytes": synth.experts.expert_bytes(),
+        "modes": modes,
+    });
+
+    if opts.model_decode {
+        let mut cm = CudaModel::new(model, &CudaOptions::default())?;
+        let (_, j) = time_decode(&mut cm, opts.tokens.min(16))?;
+        out["model"] = j;
+    }
+    Ok(out)
+}

@@ -1,0 +1,480 @@
+//! The CUDA device: driver context, two streams (compute, copy), raw device and pinned host
+//! buffers, events, and the kernel module (CUDA C++ in `kernels.cu`, compiled by NVRTC for the
+//! device's architecture at first use and cached as PTX under `~/.cache/flashmoe`).
+//!
+//! Owns every `unsafe` call into the driver. Never knows about models; `ops.rs` and `model.rs`
+//! build on the safe wrappers here.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdeviceptr, CUevent, CUevent_flags, CUstream};
+use cudarc::driver::{
+    result, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+
+use crate::{CudaError, Result};
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+fn drv(what: &str, e: result::DriverError) -> CudaError {
+    CudaError::Driver {
+        what: what.to_string(),
+        msg: format!("{e:?}"),
+    }
+}
+
+/// A device allocation, freed on drop. Plain bytes: kernels see it as a typed pointer.
+pub struct DBuf {
+    ptr: CUdeviceptr,
+    len: usize,
+}
+
+// SAFETY: a device pointer is an integer handle valid in every thread of the process that binds
+// the same context; the buffer is freed once, on drop.
+unsafe impl Send for DBuf {}
+// SAFETY: shared access only reads the handle.
+unsafe impl Sync for DBuf {}
+
+impl DBuf {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for DBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: ptr came from malloc_sync and is freed exactly once; freeing synchronises
+            // with outstanding work that uses it.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Page-locked host memory (for DMA copies that overlap compute), freed on drop.
+pub struct Pinned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: owned allocation, like a Vec<u8>.
+unsafe impl Send for Pinned {}
+// SAFETY: shared access hands out only &[u8].
+unsafe impl Sync for Pinned {}
+
+impl Pinned {
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above; &mut self gives exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated by malloc_host, freed once.
+            let _ = unsafe { result::free_host(self.ptr as *mut _) };
+        }
+    }
+}
+
+/// A CUDA event (timing enabled), destroyed on drop.
+pub struct Event(CUevent);
+
+// SAFETY: event handles may be used from any thread bound to the context.
+unsafe impl Send for Event {}
+// SAFETY: as above.
+unsafe impl Sync for Event {}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by event::create, destroyed once.
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}
+
+/// Kernel parameter block of up to [`MAXP`] matrix-vector problems (mirrors `MvBatch` in
+/// kernels.cu; passed by value).
+pub const MAXP: usize = 16;
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct MvBatch {
+    pub w: [u64; MAXP],
+    pub s: [u64; MAXP],
+    pub b: [u64; MAXP],
+    pub x: [u64; MAXP],
+    pub y: [u64; MAXP],
+}
+// SAFETY: plain-old-data of u64s with the same layout as the C struct.
+unsafe impl DeviceRepr for MvBatch {}
+
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    /// Kernels run here, in order.
+    pub compute: Arc<CudaStream>,
+    /// Host-to-device expert copies, overlapping `compute`.
+    pub copy: Arc<CudaStream>,
+    funcs: HashMap<String, CudaFunction>,
+    pub name: String,
+    pub arch: (i32, i32),
+    pub sms: i32,
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("FLASHMOE_CACHE") {
+        return PathBuf::from(x);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("flashmoe")
+}
+
+/// FNV-1a: a stable hash for the PTX cache key (std's hasher may change between releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn kernel_names() -> Vec<String> {
+    let mut v = Vec::new();
+    for bits in [2, 4, 8] {
+        for s in ["bf16", "f16", "f32"] {
+            for var in ["mv", "mm"] {
+                v.push(format!("qmv{bits}_{s}_{var}"));
+            }
+        }
+    }
+    for d in ["bf16", "f16", "f32"] {
+        for var in ["mv", "mm"] {
+            v.push(format!("dmv_{d}_{var}"));
+        }
+    }
+    for k in [
+        "embed_row",
+        "rmsnorm_rows",
+        "add_rmsnorm",
+        "swiglu_k",
+        "moe_combine",
+        "router_topk",
+        "attn_prep",
+        "attn_decode",
+        "gdn_conv",
+        "gdn_step",
+    ] {
+        v.push(k.to_string());
+    }
+    v
+}
+
+impl Device {
+    /// Opens device `ordinal`: loads the driver, creates the context and streams, compiles (or
+    /// reads from the cache) the kernels. Fails with `CudaError::NoDevice` when there is no
+    /// driver or no GPU.
+    pub fn new(ordinal: usize) -> Result<Device> {
+        // SAFETY: only probes whether libcuda can be dlopen'ed.
+        let present = unsafe { cudarc::driver::sys::is_culib_present() };
+        if !present {
+            return Err(CudaError::NoDevice(
+                "the CUDA driver library (libcuda) was not found".into(),
+            ));
+        }
+        // cudarc panics inside when a symbol is missing; turn that into an error too.
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| CudaError::NoDevice("the CUDA driver could not be initialised".into()))?
+            .map_err(|e| CudaError::NoDevice(format!("device {ordinal}: {e:?}")))?;
+        // We order work between our two streams with explicit events; cudarc's per-buffer
+        // tracking would add events to every launch.
+        // SAFETY: called before any CudaSlice exists in this context (we use none).
+        unsafe { ctx.disable_event_tracking() };
+        let compute = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        let copy = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let arch = ctx
+            .compute_capability()
+            .map_err(|e| drv("compute capability", e))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(1);
+        let ptx = Self::ptx_for(arch)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| drv("load PTX module", e))?;
+        let mut funcs = HashMap::new();
+        for n in kernel_names() {
+            let f = module
+                .load_function(&n)
+                .map_err(|e| drv(&format!("kernel {n}"), e))?;
+            funcs.insert(n, f);
+        }
+        Ok(Device {
+            ctx,
+            compute,
+            copy,
+            funcs,
+            name,
+            arch,
+            sms,
+        })
+    }
+
+    /// The kernels' PTX for compute capability `arch` (compiled by NVRTC, or from the cache).
+    /// Needs NVRTC but no GPU, so kernel sources can be checked on a machine without one.
+    pub fn ptx_for(arch: (i32, i32)) -> Result<String> {
+        let arch_s = format!("sm_{}{}", arch.0, arch.1);
+        let key = fnv1a(format!("{arch_s}\n{KERNELS}").as_bytes());
+        let path = cache_dir().join(format!("kernels-{arch_s}-{key:016x}.ptx"));
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            return Ok(s);
+        }
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(Box::leak(arch_s.clone().into_boxed_str())),
+            options: vec!["-std=c++17".into()],
+            ..Default::default()
+        };
+        let ptx = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts))
+            .map_err(|_| CudaError::NoDevice("NVRTC (libnvrtc) could not be loaded".into()))?
+            .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+        let src = ptx.to_src();
+        if std::fs::create_dir_all(cache_dir()).is_ok() {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, &src).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+        Ok(src)
+    }
+
+    /// Makes this device's context current on the calling thread (every public entry does).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| drv("bind context", e))
+    }
+
+    pub fn func(&self, name: &str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+
+    pub fn alloc(&self, len: usize) -> Result<DBuf> {
+        if len == 0 {
+            return Ok(DBuf { ptr: 0, len: 0 });
+        }
+        // SAFETY: plain allocation; freed by DBuf's drop.
+        let ptr = unsafe { result::malloc_sync(len) }.map_err(|e| CudaError::Alloc {
+            bytes: len,
+            msg: format!("{e:?}"),
+        })?;
+        Ok(DBuf { ptr, len })
+    }
+
+    pub fn alloc_zeros(&self, len: usize) -> Result<DBuf> {
+        let b = self.alloc(len)?;
+        if len > 0 {
+            // SAFETY: b is a live allocation of len bytes.
+            unsafe { result::memset_d8_sync(b.ptr, 0, len) }.map_err(|e| drv("memset", e))?;
+        }
+        Ok(b)
+    }
+
+    /// A device copy of `data` (synchronous).
+    pub fn upload(&self, data: &[u8]) -> Result<DBuf> {
+        let b = self.alloc(data.len())?;
+        if !data.is_empty() {
+            // SAFETY: b has data.len() bytes; the copy completes before returning.
+            unsafe { result::memcpy_htod_sync(b.ptr, data) }.map_err(|e| drv("upload", e))?;
+        }
+        Ok(b)
+    }
+
+    pub fn upload_f32(&self, v: &[f32]) -> Result<DBuf> {
+        self.upload(bytemuck::cast_slice(v))
+    }
+
+    /// Writes `data` at `dst` (synchronous, after the compute stream's earlier work).
+    pub fn write(&self, dst: u64, data: &[u8]) -> Result<()> {
+        self.sync()?;
+        // SAFETY: caller passes a pointer into a live allocation with room for data.
+        unsafe { result::memcpy_htod_sync(dst, data) }.map_err(|e| drv("write", e))
+    }
+
+    /// Reads `out.len()` f32 from `src` after the compute stream's earlier work.
+    pub fn read_f32(&self, src: u64, out: &mut [f32]) -> Result<()> {
+        self.sync()?;
+        // SAFETY: caller passes a pointer into a live allocation of at least out.len() floats.
+        unsafe { result::memcpy_dtoh_sync(out, src) }.map_err(|e| drv("read", e))
+    }
+
+    pub fn pinned(&self, len: usize) -> Result<Pinned> {
+        if len == 0 {
+            return Ok(Pinned {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: page-locked allocation, freed by Pinned's drop.
+        let p = unsafe { result::malloc_host(len, 0) }.map_err(|e| CudaError::Alloc {
+            bytes: len,
+            msg: format!("pinned: {e:?}"),
+        })?;
+        Ok(Pinned {
+            ptr: p as *mut u8,
+            len,
+        })
+    }
+
+    /// Async host-to-device copy on `stream` from pinned memory.
+    pub fn htod_async(
+        &self,
+        dst: u64,
+        src: &Pinned,
+        off: usize,
+        len: usize,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        assert!(off + len <= src.len, "htod_async: source range");
+        // SAFETY: src is pinned and outlives the copy (callers synchronise before reuse); dst
+        // points into a live allocation with room for len bytes.
+        unsafe {
+            result::memcpy_htod_async(dst, &src.as_slice()[off..off + len], stream.cu_stream())
+        }
+        .map_err(|e| drv("htod", e))
+    }
+
+    /// Async device-to-host copy of `len` bytes into pinned memory.
+    pub fn dtoh_async(
+        &self,
+        dst: &Pinned,
+        src: u64,
+        len: usize,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        assert!(len <= dst.len, "dtoh_async: destination range");
+        // SAFETY: the DMA engine writes dst's first len bytes; callers read them (through
+        // `as_slice`) only after synchronising on the stream, and no Rust reference to the range
+        // is alive across the copy. src is a live device range.
+        unsafe {
+            let out = std::slice::from_raw_parts_mut(dst.ptr, len);
+            result::memcpy_dtoh_async(out, src, stream.cu_stream())
+        }
+        .map_err(|e| drv("dtoh", e))
+    }
+
+    pub fn dtod_async(&self, dst: u64, src: u64, len: usize, stream: &CudaStream) -> Result<()> {
+        // SAFETY: both ranges are live device allocations of at least len bytes.
+        unsafe { result::memcpy_dtod_async(dst, src, len, stream.cu_stream()) }
+            .map_err(|e| drv("dtod", e))
+    }
+
+    pub fn event(&self) -> Result<Event> {
+        let e =
+            result::event::create(CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| drv("event", e))?;
+        Ok(Event(e))
+    }
+
+    pub fn record(&self, ev: &Event, stream: &CudaStream) -> Result<()> {
+        // SAFETY: both handles are live.
+        unsafe { result::event::record(ev.0, stream.cu_stream()) }
+            .map_err(|e| drv("event record", e))
+    }
+
+    /// Makes `stream` wait for `ev` (device-side, no host block).
+    pub fn wait(&self, stream: &CudaStream, ev: &Event) -> Result<()> {
+        // SAFETY: both handles are live.
+        unsafe {
+            result::stream::wait_event(
+                stream.cu_stream() as CUstream,
+                ev.0,
+                cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| drv("stream wait", e))
+    }
+
+    pub fn event_sync(&self, ev: &Event) -> Result<()> {
+        // SAFETY: live handle.
+        unsafe { result::event::synchronize(ev.0) }.map_err(|e| drv("event sync", e))
+    }
+
+    /// Milliseconds between two completed events.
+    pub fn elapsed_ms(&self, a: &Event, b: &Event) -> Result<f32> {
+        // SAFETY: live handles, both recorded and complete.
+        unsafe { result::event::elapsed(a.0, b.0) }.map_err(|e| drv("event elapsed", e))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.compute
+            .synchronize()
+            .map_err(|e| drv("synchronize", e))
+    }
+
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| drv("mem info", e))
+    }
+
+    /// Launches kernel `name` on `stream` with `args` in order.
+    pub fn launch_on(
+        &self,
+        stream: &CudaStream,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[A],
+    ) -> Result<()> {
+        let f = self.func(name);
+        let mut b = stream.launch_builder(f);
+        for a in args {
+            match a {
+                A::P(v) => b.arg(v),
+                A::I(v) => b.arg(v),
+                A::L(v) => b.arg(v),
+                A::F(v) => b.arg(v),
+                A::D(v) => b.arg(v),
+                A::B(v) => b.arg(v.as_ref()),
+            };
+        }
+        // SAFETY: every kernel's argument list is built by the typed wrappers in ops.rs to
+        // match its signature in kernels.cu, and every pointer passed is a live allocation
+        // sized for the launch; `args` outlives the launch call, which copies the values.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| drv(&format!("launch {name}"), e))
+    }
+
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
+        self.launch_on(&self.compute, name, cfg, args)
+    }
+}
+
+/// One kernel argument, by value.
+pub enum A {
+    /// A device pointer (0 for a null pointer).
+    P(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+    D(f64),
+    B(Box<MvBatch>),
+}

@@ -1,0 +1,622 @@
+// flashmoe CUDA kernels, compiled at run time by NVRTC for the device's architecture.
+// No headers: bf16/f16 are decoded by hand so NVRTC needs no include path.
+// Every kernel has a CPU twin in flashmoe_core (kernels::*_ref and the model's CPU path);
+// crates/cuda/tests/device.rs compares them.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+#define INFINITY __int_as_float(0x7f800000)
+
+#define MAXP 16
+// Up to MAXP independent matrix-vector products of one shape and format in one launch
+// (blockIdx.y picks the problem): the K routed experts of a layer, or a single matrix.
+struct MvBatch {
+    u64 w[MAXP];
+    u64 s[MAXP];
+    u64 b[MAXP];
+    u64 x[MAXP];
+    u64 y[MAXP];
+};
+
+__device__ __forceinline__ float bf16f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ float f16f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// SDT/DT: 0 = bf16, 1 = f16, 2 = f32.
+template <int SDT> __device__ __forceinline__ float ldsc(const void* p, long i) {
+    if (SDT == 0) return bf16f(__ldg((const u16*)p + i));
+    if (SDT == 1) return f16f(__ldg((const u16*)p + i));
+    return __ldg((const float*)p + i);
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block; every thread gets the result. `red` holds >= 32 floats.
+__device__ float block_sum(float v, float* red) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; i++) t += red[i];
+    return t;
+}
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float siluf_(float x) { return x / (1.f + expf(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// Affine (MLX) quantised matvec / small matmul. W [rows, cols*BITS/32] u32 LSB-first, scales and
+// biases [rows, cols/group]. Per group: y += s * sum(q*x) + b * sum(x) (bias folded, no
+// dequantised weight is ever formed). A warp owns R rows; each lane reads 16-byte chunks
+// (4 words) with the next chunk's loads issued before the current one is used.
+// ---------------------------------------------------------------------------------------------
+template <int BITS, int SDT, int R, int NT>
+__device__ __forceinline__ void qmv_chunk(const uint4* wv, int e0, int lg, const void* S, const void* B,
+                                          const int* rowv, int gpr, const float* X, int ldx, int ntok,
+                                          int t0, float (*acc)[NT]) {
+    const int EPW = 32 / BITS;
+    const u32 MASK = (1u << BITS) - 1u;
+    float d[R][NT], xs[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        xs[t] = 0.f;
+#pragma unroll
+        for (int r = 0; r < R; r++) d[r][t] = 0.f;
+    }
+    int gcur = e0 >> lg;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        int e = e0 + k * EPW;
+        int g = e >> lg;
+        if (g != gcur) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float s = ldsc<SDT>(S, (long)rowv[r] * gpr + gcur), b = ldsc<SDT>(B, (long)rowv[r] * gpr + gcur);
+#pragma unroll
+                for (int t = 0; t < NT; t++) { acc[r][t] += s * d[r][t] + b * xs[t]; d[r][t] = 0.f; }
+            }
+#pragma unroll
+            for (int t = 0; t < NT; t++) xs[t] = 0.f;
+            gcur = g;
+        }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t0 + t >= ntok) break;
+            const float4* xp = (const float4*)(X + (long)(t0 + t) * ldx + e);
+            float xv[EPW];
+#pragma unroll
+            for (int i = 0; i < EPW / 4; i++) {
+                float4 f = __ldg(xp + i);
+                xv[4 * i] = f.x; xv[4 * i + 1] = f.y; xv[4 * i + 2] = f.z; xv[4 * i + 3] = f.w;
+            }
+#pragma unroll
+            for (int i = 0; i < EPW; i++) xs[t] += xv[i];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                u32 w = (k == 0) ? wv[r].x : (k == 1) ? wv[r].y : (k == 2) ? wv[r].z : wv[r].w;
+#pragma unroll
+                for (int i = 0; i < EPW; i++) d[r][t] += (float)((w >> (i * BITS)) & MASK) * xv[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float s = ldsc<SDT>(S, (long)rowv[r] * gpr + gcur), b = ldsc<SDT>(B, (long)rowv[r] * gpr + gcur);
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] += s * d[r][t] + b * xs[t];
+    }
+}
+
+template <int BITS, int SDT, int R, int NT>
+__device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok, int ldx, int ldy) {
+    const int EPW = 32 / BITS;
+    const u32 MASK = (1u << BITS) - 1u;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int row0 = (blockIdx.x * nw + warp) * R;
+    if (row0 >= rows) return;
+    const u32* W = (const u32*)p.w[blockIdx.y];
+    const void* S = (const void*)p.s[blockIdx.y];
+    const void* B = (const void*)p.b[blockIdx.y];
+    const float* X = (const float*)p.x[blockIdx.y];
+    float* Y = (float*)p.y[blockIdx.y];
+    const int wpr = cols / EPW, gpr = cols >> lg;
+    const bool vec = (wpr & 3) == 0;
+    const int nch = vec ? wpr / 4 : 0;
+    int rowv[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
+    for (int t0 = 0; t0 < ntok; t0 += NT) {
+        float acc[R][NT];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
+        int c = lane;
+        uint4 cur[R];
+        if (c < nch) {
+#pragma unroll
+            for (int r = 0; r < R; r++) cur[r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + c);
+        }
+        while (c < nch) {
+            uint4 nxt[R];
+            const int cn = c + 32;
+            if (cn < nch) {
+#pragma unroll
+                for (int r = 0; r < R; r++) nxt[r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + cn);
+            }
+            qmv_chunk<BITS, SDT, R, NT>(cur, c * 4 * EPW, lg, S, B, rowv, gpr, X, ldx, ntok, t0, acc);
+#pragma unroll
+            for (int r = 0; r < R; r++) cur[r] = nxt[r];
+            c = cn;
+        }
+        // Rows whose word count is not a multiple of 4: one word per lane, scalar.
+        if (!vec) {
+            for (int wi = lane; wi < wpr; wi += 32) {
+                int e = wi * EPW, g = e >> lg;
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    u32 w = __ldg(W + (long)rowv[r] * wpr + wi);
+                    float s = ldsc<SDT>(S, (long)rowv[r] * gpr + g), b = ldsc<SDT>(B, (long)rowv[r] * gpr + g);
+#pragma unroll
+                    for (int t = 0; t < NT; t++) {
+                        if (t0 + t >= ntok) break;
+                        const float* x = X + (long)(t0 + t) * ldx + e;
+                        float d = 0.f, xs = 0.f;
+                        for (int i = 0; i < EPW; i++) {
+                            d += (float)((w >> (i * BITS)) & MASK) * x[i];
+                            xs += x[i];
+                        }
+                        acc[r][t] += s * d + b * xs;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                float v = warp_sum(acc[r][t]);
+                if (lane == 0 && row0 + r < rows && t0 + t < ntok) Y[(long)(t0 + t) * ldy + row0 + r] = v;
+            }
+    }
+}
+
+// Dense matvec / small matmul: W [rows, cols] in bf16, f16 or f32, 16-byte loads per lane.
+template <int DT> __device__ __forceinline__ void unpack8(uint4 v, float* o) {
+    if (DT == 2) {
+        o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y); o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
+    } else {
+        u32 a[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u16 lo = (u16)(a[i] & 0xffffu), hi = (u16)(a[i] >> 16);
+            o[2 * i] = DT == 0 ? bf16f(lo) : f16f(lo);
+            o[2 * i + 1] = DT == 0 ? bf16f(hi) : f16f(hi);
+        }
+    }
+}
+template <int DT> __device__ __forceinline__ float ld1(const void* W, long i) {
+    if (DT == 2) return __ldg((const float*)W + i);
+    u16 h = __ldg((const u16*)W + i);
+    return DT == 0 ? bf16f(h) : f16f(h);
+}
+
+template <int DT, int R, int NT>
+__device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx, int ldy) {
+    const int EPV = DT == 2 ? 4 : 8;  // elements per 16 bytes
+    const int ES = DT == 2 ? 4 : 2;   // element size
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int row0 = (blockIdx.x * nw + warp) * R;
+    if (row0 >= rows) return;
+    const char* W = (const char*)p.w[blockIdx.y];
+    const float* X = (const float*)p.x[blockIdx.y];
+    float* Y = (float*)p.y[blockIdx.y];
+    const bool vec = (cols % EPV) == 0;
+    const int nch = vec ? cols / EPV : 0;
+    int rowv[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
+    for (int t0 = 0; t0 < ntok; t0 += NT) {
+        float acc[R][NT];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
+        int c = lane;
+        uint4 cur[R];
+        if (c < nch) {
+#pragma unroll
+            for (int r = 0; r < R; r++) cur[r] = __ldg((const uint4*)(W + (long)rowv[r] * cols * ES) + c);
+        }
+        while (c < nch) {
+            uint4 nxt[R];
+            const int cn = c + 32;
+            if (cn < nch) {
+#pragma unroll
+                for (int r = 0; r < R; r++) nxt[r] = __ldg((const uint4*)(W + (long)rowv[r] * cols * ES) + cn);
+            }
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t0 + t >= ntok) break;
+                const float4* xp = (const float4*)(X + (long)(t0 + t) * ldx + c * EPV);
+                float xv[EPV];
+#pragma unroll
+                for (int i = 0; i < EPV / 4; i++) {
+                    float4 f = __ldg(xp + i);
+                    xv[4 * i] = f.x; xv[4 * i + 1] = f.y; xv[4 * i + 2] = f.z; xv[4 * i + 3] = f.w;
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float wf[8];
+                    unpack8<DT>(cur[r], wf);
+#pragma unroll
+                    for (int i = 0; i < EPV; i++) acc[r][t] += wf[i] * xv[i];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) cur[r] = nxt[r];
+            c = cn;
+        }
+        if (!vec) {
+            for (int j = lane; j < cols; j += 32) {
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float w = ld1<DT>(W, (long)rowv[r] * cols + j);
+#pragma unroll
+                    for (int t = 0; t < NT; t++)
+                        if (t0 + t < ntok) acc[r][t] += w * X[(long)(t0 + t) * ldx + j];
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                float v = warp_sum(acc[r][t]);
+                if (lane == 0 && row0 + r < rows && t0 + t < ntok) Y[(long)(t0 + t) * ldy + row0 + r] = v;
+            }
+    }
+}
+
+// Kernel names: qmv{bits}_{sdt}_{variant}, dmv_{dt}_{variant}; variant mv = decode (2 rows per
+// warp, one token), mm = prefill tile (2 rows per warp, 8 tokens per pass).
+#define QK(BITS, SDT, SN)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv(MvBatch p, int rows, int cols, \
+                                                                           int lg, int ntok, int ldx, int ldy) { \
+        qmv_body<BITS, SDT, 2, 1>(p, rows, cols, lg, ntok, ldx, ldy);                                       \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
+                                                                           int lg, int ntok, int ldx, int ldy) { \
+        qmv_body<BITS, SDT, 2, 8>(p, rows, cols, lg, ntok, ldx, ldy);                                       \
+    }
+QK(4, 0, bf16) QK(4, 1, f16) QK(4, 2, f32)
+QK(2, 0, bf16) QK(2, 1, f16) QK(2, 2, f32)
+QK(8, 0, bf16) QK(8, 1, f16) QK(8, 2, f32)
+
+#define DK(DT, DN)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mv(MvBatch p, int rows, int cols, int lg,  \
+                                                                   int ntok, int ldx, int ldy) {            \
+        dmv_body<DT, 2, 1>(p, rows, cols, ntok, ldx, ldy);                                                  \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mm(MvBatch p, int rows, int cols, int lg,  \
+                                                                   int ntok, int ldx, int ldy) {            \
+        dmv_body<DT, 2, 8>(p, rows, cols, ntok, ldx, ldy);                                                  \
+    }
+DK(0, bf16) DK(1, f16) DK(2, f32)
+
+// One row of a matrix as f32 (embedding lookup). fmt: 0..2 dense dtype; else affine with
+// bits, sdt, lg.
+extern "C" __global__ void embed_row(const void* W, const void* S, const void* B, int dense_dt, int bits, int sdt,
+                                     int lg, long row, int cols, float* out) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x) {
+        float v;
+        if (dense_dt >= 0) {
+            long i = row * cols + j;
+            v = dense_dt == 0 ? ld1<0>(W, i) : dense_dt == 1 ? ld1<1>(W, i) : ld1<2>(W, i);
+        } else {
+            int wpr = cols * bits / 32, gpr = cols >> lg;
+            u32 w = ((const u32*)W)[row * wpr + (long)j * bits / 32];
+            u32 q = (w >> ((j * bits) % 32)) & ((1u << bits) - 1u);
+            long g = row * gpr + (j >> lg);
+            float s = sdt == 0 ? ldsc<0>(S, g) : sdt == 1 ? ldsc<1>(S, g) : ldsc<2>(S, g);
+            float b = sdt == 0 ? ldsc<0>(B, g) : sdt == 1 ? ldsc<1>(B, g) : ldsc<2>(B, g);
+            v = s * (float)q + b;
+        }
+        out[j] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Norms and elementwise ops.
+// ---------------------------------------------------------------------------------------------
+// out[r, :n] = x[r, :n] / sqrt(mean(x^2) + eps) * w; one block per row.
+extern "C" __global__ void rmsnorm_rows(const float* x, int ldx, const float* w, float* out, int ldo, int n,
+                                        float eps) {
+    __shared__ float red[32];
+    const float* xr = x + (long)blockIdx.x * ldx;
+    float* o = out + (long)blockIdx.x * ldo;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, red);
+    float inv = 1.f / sqrtf(ss / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+}
+
+// x += d; out = rmsnorm(x) * w. One block (the residual stream of one token).
+extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w, float* out, int n, float eps) {
+    __shared__ float red[32];
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = x[i] + d[i];
+        x[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    float inv = 1.f / sqrtf(ss / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = x[i] * inv * w[i];
+}
+
+// h[j, i] = silu(gu[j, i]) * gu[j, I + i] for j < nexp, i < I.
+extern "C" __global__ void swiglu_k(const float* gu, float* h, int I, int nexp) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= I * nexp) return;
+    int j = idx / I, i = idx - j * I;
+    float g = gu[(long)j * 2 * I + i], u = gu[(long)j * 2 * I + I + i];
+    h[idx] = siluf_(g) * u;
+}
+
+// x[i] += sum_j wts[j] * ye[j, i] + (sg ? sigmoid(*sg) * ys[i] : 0) + (add ? add[i] : 0).
+extern "C" __global__ void moe_combine(float* x, const float* ye, const float* wts, int nexp, const float* ys,
+                                       const float* sg, const float* add, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float acc = 0.f;
+    if (ys) acc = (sg ? sigmoidf_(*sg) : 1.f) * ys[i];
+    for (int j = 0; j < nexp; j++) acc += wts[j] * ye[(long)j * n + i];
+    if (add) acc += add[i];
+    x[i] += acc;
+}
+
+// Router: softmax over E logits (fp32), top-k by probability (ties: lower index; NaN lowest),
+// optional renormalisation over the chosen. One block; dynamic shared memory holds E floats.
+extern "C" __global__ void router_topk(const float* logits, int E, int K, int norm, int* ids, float* wts) {
+    extern __shared__ float p[];
+    __shared__ float red[32];
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < E; i += blockDim.x) m = fmaxf(m, logits[i]);
+    m = warp_max(m);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    m = -INFINITY;
+    for (int i = 0; i < nw; i++) m = fmaxf(m, red[i]);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+        float e = expf(logits[i] - m);
+        p[i] = e;
+        s += e;
+    }
+    s = block_sum(s, red);
+    for (int i = threadIdx.x; i < E; i += blockDim.x) p[i] = p[i] / s;
+    __syncthreads();
+    float tot = 0.f;
+    for (int k = 0; k < K; k++) {
+        float best = -INFINITY;
+        int bidx = 0x7fffffff;
+        for (int i = threadIdx.x; i < E; i += blockDim.x) {
+            float v = p[i];
+            if (v != v) v = -INFINITY;
+            if (v > best || (v == best && i < bidx)) { best = v; bidx = i; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
+            if (ov > best || (ov == best && oi < bidx)) { best = ov; bidx = oi; }
+        }
+        if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = best; bi[threadIdx.x >> 5] = bidx; }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float b = bv[0];
+            int ix = bi[0];
+            for (int i = 1; i < nw; i++)
+                if (bv[i] > b || (bv[i] == b && bi[i] < ix)) { b = bv[i]; ix = bi[i]; }
+            if (ix == 0x7fffffff) ix = 0;
+            ids[k] = ix;
+            wts[k] = p[ix];
+            tot += p[ix];
+            p[ix] = -INFINITY;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && norm)
+        for (int k = 0; k < K; k++) wts[k] /= tot;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Full attention (arch-spec §5), one token at position `pos`.
+// ---------------------------------------------------------------------------------------------
+// Blocks 0..nh-1: q head b = RoPE(RMSNorm(qkv[b*qw .. +hd]; qnorm)) -> q[b*hd]. Blocks nh..nh+nkv-1:
+// k head likewise with knorm -> kc[pos], and v -> vc[pos]. qkv = [qg (nh*qw) | k (nkv*hd) | v].
+extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, int qw, const float* qn,
+                                     const float* kn, float eps, int rot, double theta, long pos, float* q,
+                                     float* kc, float* vc) {
+    extern __shared__ float y[];
+    __shared__ float red[32];
+    int b = blockIdx.x;
+    bool isq = b < nh;
+    int h = isq ? b : b - nh;
+    const float* src = isq ? qkv + (long)h * qw : qkv + (long)nh * qw + (long)h * hd;
+    const float* w = isq ? qn : kn;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += src[i] * src[i];
+    ss = block_sum(ss, red);
+    float inv = 1.f / sqrtf(ss / hd + eps);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) y[i] = src[i] * inv * w[i];
+    __syncthreads();
+    int half = rot / 2;
+    float* dst = isq ? q + (long)h * hd : kc + pos * nkv * hd + (long)h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float v = y[i];
+        if (i < rot) {
+            int d = i < half ? i : i - half;
+            // Same rounding as the CPU twin: inv_freq in f32, angle and sin/cos in f64.
+            float invf = (float)(1.0 / pow(theta, (double)(2 * d) / (double)rot));
+            double ang = (double)pos * (double)invf;
+            float sn = (float)sin(ang), cs = (float)cos(ang);
+            float x1 = y[d], x2 = y[d + half];
+            v = i < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
+        }
+        dst[i] = v;
+    }
+    if (!isq) {
+        const float* vs = qkv + (long)nh * qw + (long)nkv * hd + (long)h * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) vc[pos * nkv * hd + (long)h * hd + i] = vs[i];
+    }
+}
+
+// One block (4 warps) per query head over keys 0..n-1; online softmax per warp, merged at the
+// end. o[h] = softmax(q k^T * scale) V, times sigmoid(gate) when gated. hd <= 256.
+#define ATT_WARPS 4
+extern "C" __global__ void attn_decode(const float* q, const float* kc, const float* vc, const float* qkv, int gated,
+                                       int nh, int nkv, int hd, int qw, int n, float scale, float* o) {
+    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
+    __shared__ float sacc[ATT_WARPS][256];
+    int h = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int kvh = h / (nh / nkv);
+    int kvw = nkv * hd;
+    float qr[8], acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int d = lane + 32 * j;
+        qr[j] = d < hd ? q[(long)h * hd + d] : 0.f;
+        acc[j] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int s = w; s < n; s += ATT_WARPS) {
+        const float* kr = kc + (long)s * kvw + (long)kvh * hd;
+        float part = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int d = lane + 32 * j;
+            if (d < hd) part += qr[j] * kr[d];
+        }
+        float sc = warp_sum(part) * scale;
+        float mn = fmaxf(m, sc);
+        float corr = expf(m - mn), pe = expf(sc - mn);
+        l = l * corr + pe;
+        const float* vr = vc + (long)s * kvw + (long)kvh * hd;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int d = lane + 32 * j;
+            if (d < hd) acc[j] = acc[j] * corr + pe * vr[d];
+        }
+        m = mn;
+    }
+    if (lane == 0) { sm[w] = m; sl[w] = l; }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int d = lane + 32 * j;
+        if (d < hd) sacc[w][d] = acc[j];
+    }
+    __syncthreads();
+    float M = -INFINITY;
+    for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, sm[i]);
+    float L = 0.f;
+    for (int i = 0; i < ATT_WARPS; i++)
+        if (sm[i] > -INFINITY) L += sl[i] * expf(sm[i] - M);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.f;
+        for (int i = 0; i < ATT_WARPS; i++)
+            if (sm[i] > -INFINITY) v += sacc[i][d] * expf(sm[i] - M);
+        v /= L;
+        if (gated) v *= sigmoidf_(qkv[(long)h * qw + hd + d]);
+        o[(long)h * hd + d] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated DeltaNet (arch-spec §6), one token.
+// ---------------------------------------------------------------------------------------------
+// Depthwise causal conv over [state (K-1 rows, oldest first); mixed], SiLU; shifts the state.
+extern "C" __global__ void gdn_conv(const float* mixed, float* state, const float* w, int cd, int K, float* u) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cd) return;
+    float acc = 0.f;
+    for (int j = 0; j < K - 1; j++) acc += w[(long)c * K + j] * state[(long)j * cd + c];
+    float xin = mixed[c];
+    acc += w[(long)c * K + K - 1] * xin;
+    u[c] = siluf_(acc);
+    for (int j = 0; j + 1 < K - 1; j++) state[(long)j * cd + c] = state[(long)(j + 1) * cd + c];
+    if (K > 1) state[(long)(K - 2) * cd + c] = xin;
+}
+
+// One block per value head h; thread v owns column v of S[h] [dk, dv] (kept in registers).
+// l2norm(q, k) of key head h/rep, decay, delta rule, o = S^T q, then the gated RMSNorm with
+// silu(z). dk <= 128.
+#define GDN_MAXDK 128
+extern "C" __global__ void gdn_step(const float* u, const float* z, const float* bv, const float* av,
+                                    const float* dt_bias, const float* neg_a, const float* norm_w, float* S,
+                                    float* y, int nk, int nv, int dk, int dv, float eps) {
+    __shared__ float qn[GDN_MAXDK], kn[GDN_MAXDK];
+    __shared__ float red[32];
+    int h = blockIdx.x, v = threadIdx.x;
+    int rep = nv / nk, kh = h / rep, kd = nk * dk;
+    const float* qs = u + (long)kh * dk;
+    const float* ks = u + kd + (long)kh * dk;
+    float sq = 0.f, sk = 0.f;
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) { sq += qs[i] * qs[i]; sk += ks[i] * ks[i]; }
+    sq = block_sum(sq, red);
+    sk = block_sum(sk, red);
+    float rq = 1.f / sqrtf(sq + 1e-6f) * (1.f / sqrtf((float)dk));
+    float rk = 1.f / sqrtf(sk + 1e-6f);
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) { qn[i] = qs[i] * rq; kn[i] = ks[i] * rk; }
+    __syncthreads();
+    float beta = sigmoidf_(bv[h]);
+    float x = av[h] + dt_bias[h];
+    float sp = x > 20.f ? x : log1pf(expf(x));
+    float decay = expf(neg_a[h] * sp);
+    float o = 0.f;
+    bool act = v < dv;
+    if (act) {
+        float* col = S + (long)h * dk * dv + v;
+        float s[GDN_MAXDK];
+        float kvm = 0.f;
+#pragma unroll
+        for (int i = 0; i < GDN_MAXDK; i++) {
+            if (i < dk) {
+                s[i] = col[(long)i * dv] * decay;
+                kvm += s[i] * kn[i];
+            }
+        }
+        float delta = (u[2 * kd + (long)h * dv + v] - kvm) * beta;
+#pragma unroll
+        for (int i = 0; i < GDN_MAXDK; i++) {
+            if (i < dk) {
+                s[i] += kn[i] * delta;
+                o += s[i] * qn[i];
+                col[(long)i * dv] = s[i];
+            }
+        }
+    }
+    float ss = block_sum(act ? o * o : 0.f, red);
+    if (act) {
+        float inv = 1.f / sqrtf(ss / dv + eps);
+        float zz = z[(long)h * dv + v];
+        y[(long)h * dv + v] = o * inv * norm_w[v] * siluf_(zz);
+    }
+}

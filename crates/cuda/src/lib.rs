@@ -1,0 +1,49 @@
+//! flashmoe-cuda: the CUDA backend. Dense weights, KV cache and recurrent state live in VRAM;
+//! routed experts come through a VRAM LRU cache fed from the model's `ExpertSource` via pinned
+//! host buffers on a separate copy stream, overlapping the shared expert's compute.
+//!
+//! Builds everywhere: the driver and NVRTC are loaded at run time, the kernels (kernels.cu) are
+//! compiled for the device's architecture on first use and cached under ~/.cache/flashmoe.
+//! Without a driver or GPU, [`CudaModel::new`] and [`Device::new`] return
+//! [`CudaError::NoDevice`].
+pub mod bench;
+mod cache;
+pub mod device;
+pub mod model;
+pub mod ops;
+
+pub use bench::{bench_cuda, BenchOptions};
+pub use device::Device;
+pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    #[error("CUDA driver error in {what}: {msg}")]
+    Driver { what: String, msg: String },
+    #[error("CUDA kernel compilation (NVRTC) failed: {0}")]
+    Compile(String),
+    #[error("CUDA allocation of {bytes} bytes failed: {msg}")]
+    Alloc { bytes: usize, msg: String },
+    #[error("not supported by the CUDA backend: {0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Core(#[from] flashmoe_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+/// Whether a CUDA device can be opened here (driver present, at least one GPU).
+pub fn device_available() -> bool {
+    // SAFETY: only probes whether libcuda can be dlopen'ed.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    std::panic::catch_unwind(cudarc::driver::CudaContext::device_count)
+        .ok()
+        .and_then(|r| r.ok())
+        .is_some_and(|n| n > 0)
+}

@@ -1,0 +1,816 @@
+//! The forward pass on the GPU: the loop of arch-spec §3 over layers, one token at a time,
+//! with every weight of `flashmoe_core::model::Model` except the routed experts uploaded once.
+//! Routed experts go through the VRAM cache (cache.rs): the router's top-k ids are copied to
+//! the host, misses are fetched from the model's ExpertSource into pinned staging and copied on
+//! the copy stream while the shared expert runs on the compute stream.
+//!
+//! Owns the GPU state layout and the order of launches. Never does arithmetic on the host
+//! beyond bookkeeping.
+use std::time::{Duration, Instant};
+
+use flashmoe_core::config::ModelConfig;
+use flashmoe_core::model::gdn::GdnProj;
+use flashmoe_core::model::{Ffn, Logits, Mixer, Model};
+
+use crate::cache::{ExpertCache, Layout};
+use crate::device::{DBuf, Device, Event, Pinned};
+use crate::ops::{self, AttnShape, GdnShape, Proj};
+use crate::{CudaError, Result};
+
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    pub device: usize,
+    /// VRAM for the expert cache; None = free VRAM after the dense weights, less `reserve`.
+    pub expert_cache_bytes: Option<usize>,
+    pub reserve_bytes: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            device: 0,
+            expert_cache_bytes: None,
+            reserve_bytes: 2 << 30,
+        }
+    }
+}
+
+/// Monotonic counters (readers take differences).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CudaCounters {
+    pub tokens: u64,
+    pub vram_hits: u64,
+    pub misses: u64,
+    pub bytes_copied: u64,
+    /// Host time reading misses from the ExpertSource into pinned staging.
+    pub fetch: Duration,
+    /// GPU time of the host-to-device expert copies (copy-stream events).
+    pub copy_ms: f64,
+    /// GPU time of whole tokens on the compute stream.
+    pub compute_ms: f64,
+    /// Host time blocked waiting for the router's ids.
+    pub router_wait: Duration,
+}
+
+enum DMixer {
+    Attn {
+        /// [qg | k | v] rows.
+        qkv: Proj,
+        o: Proj,
+        qn: DBuf,
+        kn: DBuf,
+    },
+    Gdn {
+        /// [mixed (conv_dim) | z (nv*dv) | b (nv) | a (nv)] rows, Qwen3.5 order.
+        proj: Proj,
+        conv_w: DBuf,
+        dt_bias: DBuf,
+        neg_a: DBuf,
+        norm_w: DBuf,
+        out: Proj,
+    },
+}
+
+enum DFfn {
+    Moe {
+        /// [router (E) | shared gate (1, if any)] rows.
+        router: Proj,
+        shared: Option<(Proj, Proj)>,
+    },
+    Dense {
+        gu: Proj,
+        down: Proj,
+        inter: usize,
+    },
+}
+
+struct DLayer {
+    in_norm: DBuf,
+    post_norm: DBuf,
+    mixer: DMixer,
+    ffn: DFfn,
+}
+
+/// Per-sequence state in VRAM.
+pub struct CudaState {
+    pub pos: usize,
+    layers: Vec<DState>,
+}
+
+enum DState {
+    Attn { k: DBuf, v: DBuf, cap: usize },
+    Gdn { conv: DBuf, s: DBuf },
+}
+
+/// Activation scratch, sized once.
+struct Scratch {
+    x: DBuf,
+    xn: DBuf,
+    mix: DBuf,
+    proj: DBuf,
+    q: DBuf,
+    o: DBuf,
+    u: DBuf,
+    y: DBuf,
+    rl: DBuf,
+    ids: DBuf,
+    wts: DBuf,
+    gus: DBuf,
+    hs: DBuf,
+    ys: DBuf,
+    gue: DBuf,
+    he: DBuf,
+    ye: DBuf,
+    logits: DBuf,
+    ids_host: Pinned,
+}
+
+pub struct CudaModel<'m> {
+    pub model: &'m Model,
+    pub dev: Device,
+    cfg: ModelConfig,
+    embed: Proj,
+    lm_head: Proj,
+    final_norm: DBuf,
+    layers: Vec<DLayer>,
+    cache: Option<ExpertCache>,
+    s: Scratch,
+    ev_ids: Event,
+    ev_copy0: Event,
+    ev_copy1: Event,
+    ev_tok0: Event,
+    ev_tok1: Event,
+    pub counters: CudaCounters,
+    copy_pending: bool,
+    /// Bytes of dense weights resident in VRAM.
+    pub dense_bytes: usize,
+    /// Bytes of dense weights one token reads (all but the embedding table).
+    pub dense_touched_bytes: usize,
+}
+
+fn f32buf(dev: &Device, v: &[f32]) -> Result<DBuf> {
+    dev.upload_f32(v)
+}
+
+fn fbytes(n: usize) -> usize {
+    n.max(1) * 4
+}
+
+impl<'m> CudaModel<'m> {
+    pub fn new(model: &'m Model, opts: &CudaOptions) -> Result<CudaModel<'m>> {
+        let dev = Device::new(opts.device)?;
+        dev.bind()?;
+        let cfg = model.cfg.clone();
+        let h = cfg.hidden_size;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        let mut max_proj = h;
+        let mut max_e = 1;
+        let mut max_shared = 1;
+        for layer in &model.layers {
+            let mixer = match &layer.mixer {
+                Mixer::Attention(a) => {
+                    let qkv = Proj::whole(&dev, &[&a.q_proj, &a.k_proj, &a.v_proj])?;
+                    max_proj = max_proj.max(qkv.rows);
+                    DMixer::Attn {
+                        qkv,
+                        o: Proj::whole(&dev, &[&a.o_proj])?,
+                        qn: f32buf(&dev, &a.q_norm)?,
+                        kn: f32buf(&dev, &a.k_norm)?,
+                    }
+                }
+                Mixer::DeltaNet(g) => {
+                    let proj = match &g.proj {
+                        GdnProj::Separate { qkv, z, b, a } => Proj::whole(&dev, &[qkv, z, b, a])?,
+                        GdnProj::Fused { qkvz, ba } => {
+                            // Reorder the interleaved rows into Qwen3.5's [q | k | v | z | b | a]
+                            // (arch-spec §6.2) once, at upload.
+                            let (nk, nv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads);
+                            let (dk, dv) = (cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+                            let rep = nv / nk;
+                            let gw = 2 * dk + 2 * rep * dv;
+                            let mut parts = Vec::new();
+                            for g in 0..nk {
+                                parts.push((qkvz, g * gw, dk));
+                            }
+                            for g in 0..nk {
+                                parts.push((qkvz, g * gw + dk, dk));
+                            }
+                            for g in 0..nk {
+                                parts.push((qkvz, g * gw + 2 * dk, rep * dv));
+                            }
+                            for g in 0..nk {
+                                parts.push((qkvz, g * gw + 2 * dk + rep * dv, rep * dv));
+                            }
+                            for g in 0..nk {
+                                parts.push((ba, g * 2 * rep, rep));
+                            }
+                            for g in 0..nk {
+                                parts.push((ba, g * 2 * rep + rep, rep));
+                            }
+                            Proj::new(&dev, &parts)?
+                        }
+                    };
+                    max_proj = max_proj.max(proj.rows);
+                    DMixer::Gdn {
+                        proj,
+                        conv_w: f32buf(&dev, &g.conv_w)?,
+                        dt_bias: f32buf(&dev, &g.dt_bias)?,
+                        neg_a: f32buf(&dev, &g.neg_a)?,
+                        norm_w: f32buf(&dev, &g.norm_w)?,
+                        out: Proj::whole(&dev, &[&g.out_proj])?,
+                    }
+                }
+            };
+            let ffn = match &layer.ffn {
+                Ffn::Moe(m) => {
+                    let router = match &m.shared_gate {
+                        Some(sg) => Proj::whole(&dev, &[&m.router, sg])?,
+                        None => Proj::whole(&dev, &[&m.router])?,
+                    };
+                    max_e = max_e.max(router.rows);
+                    let shared = match &m.shared {
+                        Some(s) => {
+                            max_shared = max_shared.max(s.gate.rows());
+                            Some((
+                                Proj::whole(&dev, &[&s.gate, &s.up])?,
+                                Proj::whole(&dev, &[&s.down])?,
+                            ))
+                        }
+                        None => None,
+                    };
+                    DFfn::Moe { router, shared }
+                }
+                Ffn::Dense(m) => {
+                    max_shared = max_shared.max(m.gate.rows());
+                    DFfn::Dense {
+                        gu: Proj::whole(&dev, &[&m.gate, &m.up])?,
+                        down: Proj::whole(&dev, &[&m.down])?,
+                        inter: m.gate.rows(),
+                    }
+                }
+            };
+            layers.push(DLayer {
+                in_norm: f32buf(&dev, &layer.input_norm)?,
+                post_norm: f32buf(&dev, &layer.post_norm)?,
+                mixer,
+                ffn,
+            });
+        }
+        let embed = Proj::whole(&dev, &[&model.embed])?;
+        let embed_bytes = embed.nbytes();
+        let lm_head = Proj::whole(&dev, &[&model.lm_head])?;
+        let final_norm = f32buf(&dev, &model.final_norm)?;
+        let mut dense_bytes = embed.nbytes() + lm_head.nbytes();
+        for l in &layers {
+            dense_bytes += match &l.mixer {
+                DMixer::Attn { qkv, o, .. } => qkv.nbytes() + o.nbytes(),
+                DMixer::Gdn { proj, out, .. } => proj.nbytes() + out.nbytes(),
+            };
+            dense_bytes += match &l.ffn {
+                DFfn::Moe { router, shared } => {
+                    router.nbytes() + shared.as_ref().map_or(0, |(a, b)| a.nbytes() + b.nbytes())
+                }
+                DFfn::Dense { gu, down, .. } => gu.nbytes() + down.nbytes(),
+            };
+        }
+
+        let k = model.top_k.max(1);
+        let nh = cfg.num_heads.max(1);
+        let cache = match (0..cfg.num_layers).find(|&l| matches!(model.layers[l].ffn, Ffn::Moe(_)))
+        {
+            Some(l0) => {
+                let first = model.experts.fetch(l0, &[0])?;
+                let layout = Layout::of(&first[0])?;
+                let n_moe = (0..cfg.num_layers)
+                    .filter(|&l| matches!(model.layers[l].ffn, Ffn::Moe(_)))
+                    .count();
+                let all = n_moe * cfg.num_experts;
+                let (free, _) = dev.mem_info()?;
+                // Activations and state are small next to this; the reserve covers them.
+                let want = opts
+                    .expert_cache_bytes
+                    .unwrap_or_else(|| free.saturating_sub(opts.reserve_bytes));
+                let slots = (want / layout.slot).clamp(2 * k, all.max(2 * k));
+                Some(ExpertCache::new(&dev, layout, slots, k)?)
+            }
+            None => None,
+        };
+        let (ei, eh) = cache.as_ref().map_or((1, h), |c| (c.layout.i, c.layout.h));
+        let nhd = nh * cfg.head_dim;
+        let gdn_cd = cfg.gdn_conv_dim();
+        let gdn_vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim;
+        let s = Scratch {
+            x: dev.alloc(fbytes(h))?,
+            xn: dev.alloc(fbytes(h))?,
+            mix: dev.alloc(fbytes(h))?,
+            proj: dev.alloc(fbytes(max_proj))?,
+            q: dev.alloc(fbytes(nhd))?,
+            o: dev.alloc(fbytes(nhd))?,
+            u: dev.alloc(fbytes(gdn_cd))?,
+            y: dev.alloc(fbytes(gdn_vd))?,
+            rl: dev.alloc(fbytes(max_e))?,
+            ids: dev.alloc(fbytes(k))?,
+            wts: dev.alloc(fbytes(k))?,
+            gus: dev.alloc(fbytes(2 * max_shared))?,
+            hs: dev.alloc(fbytes(max_shared))?,
+            ys: dev.alloc(fbytes(h))?,
+            gue: dev.alloc(fbytes(k * 2 * ei))?,
+            he: dev.alloc(fbytes(k * ei))?,
+            ye: dev.alloc(fbytes(k * eh))?,
+            logits: dev.alloc(fbytes(cfg.vocab_size))?,
+            ids_host: dev.pinned(fbytes(k))?,
+        };
+        Ok(CudaModel {
+            model,
+            cfg,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            cache,
+            s,
+            ev_ids: dev.event()?,
+            ev_copy0: dev.event()?,
+            ev_copy1: dev.event()?,
+            ev_tok0: dev.event()?,
+            ev_tok1: dev.event()?,
+            dev,
+            counters: CudaCounters::default(),
+            copy_pending: false,
+            dense_touched_bytes: dense_bytes - embed_bytes,
+            dense_bytes,
+        })
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Expert cache capacity (slots, bytes) and bytes copied per missed expert.
+    pub fn cache_info(&self) -> Option<(usize, usize, usize)> {
+        self.cache
+            .as_ref()
+            .map(|c| (c.slots, c.bytes(), c.layout.bytes))
+    }
+
+    pub fn new_state(&self) -> Result<CudaState> {
+        self.dev.bind()?;
+        let cfg = &self.cfg;
+        let mut layers = Vec::new();
+        for l in &self.layers {
+            layers.push(match l.mixer {
+                DMixer::Attn { .. } => DState::Attn {
+                    k: self.dev.alloc(0)?,
+                    v: self.dev.alloc(0)?,
+                    cap: 0,
+                },
+                DMixer::Gdn { .. } => DState::Gdn {
+                    conv: self.dev.alloc_zeros(fbytes(
+                        (cfg.linear_conv_kernel_dim - 1) * cfg.gdn_conv_dim(),
+                    ))?,
+                    s: self.dev.alloc_zeros(fbytes(
+                        cfg.linear_num_value_heads
+                            * cfg.linear_key_head_dim
+                            * cfg.linear_value_head_dim,
+                    ))?,
+                },
+            });
+        }
+        Ok(CudaState { pos: 0, layers })
+    }
+
+    /// Loads every expert of every MoE layer into the cache (when it fits): "all in VRAM".
+    pub fn preload_experts(&mut self) -> Result<()> {
+        let n = self.cfg.num_experts;
+        let moe: Vec<usize> = (0..self.layers.len())
+            .filter(|&l| matches!(self.layers[l].ffn, DFfn::Moe { .. }))
+            .collect();
+        let k = self.model.top_k.max(1);
+        for l in moe {
+            for chunk in (0..n).collect::<Vec<_>>().chunks(k) {
+                self.load_experts(l, chunk)?;
+                self.collect_copy()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        let c = &self.cfg;
+        AttnShape {
+            nh: c.num_heads,
+            nkv: c.num_kv_heads,
+            hd: c.head_dim,
+            gated: c.attn_output_gate,
+            rot: c.rotary_dim,
+            theta: c.rope_theta,
+            eps: c.rms_norm_eps,
+        }
+    }
+
+    fn gdn_shape(&self) -> GdnShape {
+        let c = &self.cfg;
+        GdnShape {
+            nk: c.linear_num_key_heads,
+            nv: c.linear_num_value_heads,
+            dk: c.linear_key_head_dim,
+            dv: c.linear_value_head_dim,
+            kconv: c.linear_conv_kernel_dim,
+            eps: c.rms_norm_eps,
+        }
+    }
+
+    /// Runs `tokens` from `state` (advancing it) and returns logits [t, vocab] or [vocab], as
+    /// `Model::forward`. Tokens go through the decode path one at a time.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        state: &mut CudaState,
+        want: Logits,
+    ) -> Result<Vec<f32>> {
+        self.dev.bind()?;
+        if tokens.is_empty() {
+            return Err(CudaError::Invalid("forward called with no tokens".into()));
+        }
+        for &id in tokens {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(flashmoe_core::Error::TokenOutOfRange {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                }
+                .into());
+            }
+        }
+        let len = state.pos + tokens.len();
+        if len > self.cfg.max_position_embeddings {
+            return Err(flashmoe_core::Error::ContextOverflow {
+                len,
+                max: self.cfg.max_position_embeddings,
+            }
+            .into());
+        }
+        let vocab = self.cfg.vocab_size;
+        let mut out = Vec::new();
+        for (i, &id) in tokens.iter().enumerate() {
+            let last = i + 1 == tokens.len();
+            let need = want == Logits::All || last;
+            self.token(id, state, need)?;
+            if need {
+                let mut l = vec![0f32; vocab];
+                self.dev.read_f32(self.s.logits.ptr(), &mut l)?;
+                out.extend_from_slice(&l);
+            } else {
+                self.dev.sync()?;
+            }
+            self.counters.tokens += 1;
+            self.counters.compute_ms += self.dev.elapsed_ms(&self.ev_tok0, &self.ev_tok1)? as f64;
+            self.collect_copy()?;
+        }
+        Ok(out)
+    }
+
+    fn grow_kv(&self, st: &mut DState, pos: usize) -> Result<()> {
+        if let DState::Attn { k, v, cap } = st {
+            if pos < *cap {
+                return Ok(());
+            }
+            let row = self.cfg.num_kv_heads * self.cfg.head_dim * 4;
+            let ncap = (*cap * 2)
+                .max(256)
+                .max(pos + 1)
+                .min(self.cfg.max_position_embeddings.max(pos + 1));
+            let nk = self.dev.alloc(ncap * row)?;
+            let nv = self.dev.alloc(ncap * row)?;
+            if *cap > 0 {
+                self.dev
+                    .dtod_async(nk.ptr(), k.ptr(), pos * row, &self.dev.compute)?;
+                self.dev
+                    .dtod_async(nv.ptr(), v.ptr(), pos * row, &self.dev.compute)?;
+                self.dev.sync()?;
+            }
+            *k = nk;
+            *v = nv;
+            *cap = ncap;
+        }
+        Ok(())
+    }
+
+    /// One token through every layer; logits into `s.logits` when `head`.
+    fn token(&mut self, id: u32, state: &mut CudaState, head: bool) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let eps = self.cfg.rms_norm_eps;
+        let pos = state.pos;
+        self.dev.record(&self.ev_tok0, &self.dev.compute)?;
+        ops::embed_row(
+            &self.dev,
+            &self.embed.mats[0].0.m,
+            id as usize,
+            self.s.x.ptr(),
+        )?;
+        for l in 0..self.layers.len() {
+            self.grow_kv(&mut state.layers[l], pos)?;
+            let layer = &self.layers[l];
+            let s = &self.s;
+            let dev = &self.dev;
+            ops::rmsnorm_rows(
+                dev,
+                s.x.ptr(),
+                h,
+                layer.in_norm.ptr(),
+                s.xn.ptr(),
+                h,
+                h,
+                1,
+                eps,
+            )?;
+            match (&layer.mixer, &state.layers[l]) {
+                (DMixer::Attn { qkv, o, qn, kn }, DState::Attn { k, v, .. }) => {
+                    let a = self.attn_shape();
+                    qkv.run(dev, s.xn.ptr(), s.proj.ptr())?;
+                    ops::attn_prep(
+                        dev,
+                        &a,
+                        s.proj.ptr(),
+                        qn.ptr(),
+                        kn.ptr(),
+                        pos,
+                        s.q.ptr(),
+                        k.ptr(),
+                        v.ptr(),
+                    )?;
+                    ops::attn_decode(
+                        dev,
+                        &a,
+                        s.q.ptr(),
+                        k.ptr(),
+                        v.ptr(),
+                        s.proj.ptr(),
+                        pos + 1,
+                        s.o.ptr(),
+                    )?;
+                    o.run(dev, s.o.ptr(), s.mix.ptr())?;
+                }
+                (
+                    DMixer::Gdn {
+                        proj,
+                        conv_w,
+                        dt_bias,
+                        neg_a,
+                        norm_w,
+                        out,
+                    },
+                    DState::Gdn { conv, s: st },
+                ) => {
+                    let g = self.gdn_shape();
+                    let cd = g.conv_dim();
+                    let vd = g.nv * g.dv;
+                    proj.run(dev, s.xn.ptr(), s.proj.ptr())?;
+                    let p = s.proj.ptr();
+                    ops::gdn_conv(dev, &g, p, conv.ptr(), conv_w.ptr(), s.u.ptr())?;
+                    let z = p + (cd * 4) as u64;
+                    let b = z + (vd * 4) as u64;
+                    let a = b + (g.nv * 4) as u64;
+                    ops::gdn_step(
+                        dev,
+                        &g,
+                        s.u.ptr(),
+                        z,
+                        b,
+                        a,
+                        dt_bias.ptr(),
+                        neg_a.ptr(),
+                        norm_w.ptr(),
+                        st.ptr(),
+                        s.y.ptr(),
+                    )?;
+                    out.run(dev, s.y.ptr(), s.mix.ptr())?;
+                }
+                _ => {
+                    return Err(CudaError::Invalid(format!(
+                        "layer {l}: state does not match the layer kind"
+                    )))
+                }
+            }
+            ops::add_rmsnorm(
+                dev,
+                s.x.ptr(),
+                s.mix.ptr(),
+                layer.post_norm.ptr(),
+                s.xn.ptr(),
+                h,
+                eps,
+            )?;
+            self.ffn(l)?;
+        }
+        state.pos += 1;
+        let s = &self.s;
+        if head {
+            ops::rmsnorm_rows(
+                &self.dev,
+                s.x.ptr(),
+                h,
+                self.final_norm.ptr(),
+                s.xn.ptr(),
+                h,
+                h,
+                1,
+                eps,
+            )?;
+            self.lm_head.run(&self.dev, s.xn.ptr(), s.logits.ptr())?;
+        }
+        self.dev.record(&self.ev_tok1, &self.dev.compute)?;
+        Ok(())
+    }
+
+    /// Fetches `experts` of `layer` into the cache (misses only) and returns their slot
+    /// pointers; the compute stream waits for the copies.
+    fn load_experts(&mut self, layer: usize, experts: &[usize]) -> Result<Vec<u64>> {
+        let cache = self
+            .cache
+            .as_mut()
+            .expect("MoE layer without an expert cache");
+        let lk = cache.lookup(layer, experts)?;
+        let ptrs: Vec<u64> = lk.slots.iter().map(|&s| cache.slot_ptr(s)).collect();
+        self.counters.vram_hits += (experts.len() - lk.missed.len()) as u64;
+        if lk.missed.is_empty() {
+            return Ok(ptrs);
+        }
+        if lk.missed.len() > cache.staging_slots {
+            return Err(CudaError::Invalid(format!(
+                "{} misses in one layer, staging holds {}",
+                lk.missed.len(),
+                cache.staging_slots
+            )));
+        }
+        let ids: Vec<usize> = lk.missed.iter().map(|&j| experts[j]).collect();
+        let t0 = Instant::now();
+        let src = &self.model.experts;
+        src.prefetch(layer, &ids);
+        let ws = match src.fetch(layer, &ids) {
+            Ok(w) => w,
+            Err(e) => {
+                for &x in &ids {
+                    cache.invalidate(layer, x);
+                }
+                return Err(e.into());
+            }
+        };
+        let lay = cache.layout;
+        // Staging is a host memcpy per expert; spread it over cores (7 MB per 397B expert).
+        {
+            use rayon::prelude::*;
+            let n = ws.len();
+            cache.staging.as_mut_slice()[..n * lay.slot]
+                .par_chunks_mut(lay.slot)
+                .zip(ws.par_iter())
+                .try_for_each(|(dst, w)| lay.stage(w, dst))?;
+        }
+        if self.copy_pending {
+            // The previous copies are complete: the compute stream waited for them before
+            // work that precedes this call's router result.
+            self.counters.copy_ms += self.dev.elapsed_ms(&self.ev_copy0, &self.ev_copy1)? as f64;
+        }
+        self.dev.record(&self.ev_copy0, &self.dev.copy)?;
+        for (n, &j) in lk.missed.iter().enumerate() {
+            let off = n * lay.slot;
+            self.dev
+                .htod_async(ptrs[j], &cache.staging, off, lay.slot, &self.dev.copy)?;
+        }
+        self.dev.record(&self.ev_copy1, &self.dev.copy)?;
+        self.copy_pending = true;
+        self.dev.wait(&self.dev.compute, &self.ev_copy1)?;
+        self.counters.fetch += t0.elapsed();
+        self.counters.misses += ids.len() as u64;
+        self.counters.bytes_copied += (ids.len() * lay.bytes) as u64;
+        Ok(ptrs)
+    }
+
+    fn ffn(&mut self, l: usize) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let k = self.model.top_k;
+        match &self.layers[l].ffn {
+            DFfn::Dense { gu, down, inter } => {
+                let s = &self.s;
+                gu.run(&self.dev, s.xn.ptr(), s.gus.ptr())?;
+                ops::swiglu(&self.dev, s.gus.ptr(), s.hs.ptr(), *inter, 1)?;
+                down.run(&self.dev, s.hs.ptr(), s.ys.ptr())?;
+                ops::moe_combine(&self.dev, s.x.ptr(), 0, 0, 0, s.ys.ptr(), 0, 0, h)?;
+                return Ok(());
+            }
+            DFfn::Moe { router, shared } => {
+                let s = &self.s;
+                let dev = &self.dev;
+                let ne = self.cfg.num_experts;
+                router.run(dev, s.xn.ptr(), s.rl.ptr())?;
+                ops::router_topk(
+                    dev,
+                    s.rl.ptr(),
+                    ne,
+                    k,
+                    self.cfg.norm_topk_prob,
+                    s.ids.ptr(),
+                    s.wts.ptr(),
+                )?;
+                // The ids go to the host (to drive the fetches) while the shared expert runs;
+                // ids_host is read only after ev_ids completes.
+                dev.dtoh_async(&s.ids_host, s.ids.ptr(), k * 4, &dev.compute)?;
+                dev.record(&self.ev_ids, &dev.compute)?;
+                if let Some((gu, down)) = shared {
+                    let si = gu.rows / 2;
+                    gu.run(dev, s.xn.ptr(), s.gus.ptr())?;
+                    ops::swiglu(dev, s.gus.ptr(), s.hs.ptr(), si, 1)?;
+                    down.run(dev, s.hs.ptr(), s.ys.ptr())?;
+                }
+            }
+        }
+        let tw = Instant::now();
+        self.dev.event_sync(&self.ev_ids)?;
+        self.counters.router_wait += tw.elapsed();
+        let ids: Vec<usize> = bytemuck::cast_slice::<u8, i32>(&self.s.ids_host.as_slice()[..k * 4])
+            .iter()
+            .map(|&x| x as usize)
+            .collect();
+        if ids.iter().any(|&e| e >= self.cfg.num_experts) {
+            return Err(CudaError::Invalid(format!(
+                "layer {l}: router produced expert ids {ids:?}"
+            )));
+        }
+        let ptrs = self.load_experts(l, &ids)?;
+        let lay = self.cache.as_ref().expect("cache").layout;
+        let s = &self.s;
+        let (ei, eh) = (lay.i, lay.h);
+        let mut gu_p = Vec::with_capacity(k);
+        let mut dn_p = Vec::with_capacity(k);
+        for (j, &p) in ptrs.iter().enumerate() {
+            let (gu, dn) = lay.mats(p);
+            gu_p.push((
+                gu.w,
+                gu.s,
+                gu.b,
+                s.xn.ptr(),
+                s.gue.ptr() + (j * 2 * ei * 4) as u64,
+            ));
+            dn_p.push((
+                dn.w,
+                dn.s,
+                dn.b,
+                s.he.ptr() + (j * ei * 4) as u64,
+                s.ye.ptr() + (j * eh * 4) as u64,
+            ));
+        }
+        let (gu0, dn0) = lay.mats(ptrs[0]);
+        ops::matvec_batch(
+            &self.dev,
+            &self.dev.compute,
+            &gu0,
+            &gu_p,
+            1,
+            gu0.cols,
+            gu0.rows,
+        )?;
+        ops::swiglu(&self.dev, s.gue.ptr(), s.he.ptr(), ei, k)?;
+        ops::matvec_batch(
+            &self.dev,
+            &self.dev.compute,
+            &dn0,
+            &dn_p,
+            1,
+            dn0.cols,
+            dn0.rows,
+        )?;
+        let (ys, sg) = match &self.layers[l].ffn {
+            DFfn::Moe {
+                router,
+                shared: Some(_),
+            } if router.rows > self.cfg.num_experts => {
+                (s.ys.ptr(), s.rl.ptr() + (self.cfg.num_experts * 4) as u64)
+            }
+            DFfn::Moe {
+                shared: Some(_), ..
+            } => (s.ys.ptr(), 0),
+            _ => (0, 0),
+        };
+        ops::moe_combine(
+            &self.dev,
+            s.x.ptr(),
+            s.ye.ptr(),
+            s.wts.ptr(),
+            k,
+            ys,
+            sg,
+            0,
+            h,
+        )?;
+        Ok(())
+    }
+
+    /// Adds the last pending copy's time once it is complete (after a sync).
+    fn collect_copy(&mut self) -> Result<()> {
+        if self.copy_pending {
+            self.dev.event_sync(&self.ev_copy1)?;
+            self.counters.copy_ms += self.dev.elapsed_ms(&self.ev_copy0, &self.ev_copy1)? as f64;
+            self.copy_pending = false;
+        }
+        Ok(())
+    }
+}

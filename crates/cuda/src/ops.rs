@@ -1,0 +1,644 @@
+//! Typed launches of the kernels in kernels.cu, and weight matrices in VRAM ([`DMat`]).
+//!
+//! Owns the mapping from a `flashmoe_core::weights::Linear` to device bytes and to the kernel
+//! that reads them. Never decides what to compute; model.rs does.
+use cudarc::driver::{CudaStream, LaunchConfig};
+use flashmoe_core::store::DType;
+use flashmoe_core::weights::Linear;
+
+use crate::device::{DBuf, Device, MvBatch, A, MAXP};
+use crate::{CudaError, Result};
+
+/// How a matrix's bytes are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fmt {
+    /// 0 = bf16, 1 = f16, 2 = f32.
+    Dense(u8),
+    /// MLX affine: `bits`, log2(group), scale dtype (0 = bf16, 1 = f16, 2 = f32).
+    Affine { bits: u32, lg: u32, sdt: u8 },
+}
+
+fn dt_code(d: DType) -> Result<u8> {
+    match d {
+        DType::BF16 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::F32 => Ok(2),
+        other => Err(CudaError::Unsupported(format!("weight dtype {other:?}"))),
+    }
+}
+
+impl Fmt {
+    pub fn of(l: &Linear) -> Result<Fmt> {
+        Ok(match l {
+            Linear::Dense { dtype, .. } => Fmt::Dense(dt_code(*dtype)?),
+            Linear::Affine {
+                bits,
+                group,
+                sdtype,
+                ..
+            } => {
+                if !matches!(bits, 2 | 4 | 8) || !group.is_power_of_two() {
+                    return Err(CudaError::Unsupported(format!(
+                        "affine {bits}-bit group {group}"
+                    )));
+                }
+                Fmt::Affine {
+                    bits: *bits,
+                    lg: group.trailing_zeros(),
+                    sdt: dt_code(*sdtype)?,
+                }
+            }
+        })
+    }
+
+    /// The kernel for this format: `decode` = one token, else the prefill tile.
+    pub fn kernel(&self, decode: bool) -> &'static str {
+        const Q: [[[&str; 2]; 3]; 3] = [
+            [
+                ["qmv2_bf16_mv", "qmv2_bf16_mm"],
+                ["qmv2_f16_mv", "qmv2_f16_mm"],
+                ["qmv2_f32_mv", "qmv2_f32_mm"],
+            ],
+            [
+                ["qmv4_bf16_mv", "qmv4_bf16_mm"],
+                ["qmv4_f16_mv", "qmv4_f16_mm"],
+                ["qmv4_f32_mv", "qmv4_f32_mm"],
+            ],
+            [
+                ["qmv8_bf16_mv", "qmv8_bf16_mm"],
+                ["qmv8_f16_mv", "qmv8_f16_mm"],
+                ["qmv8_f32_mv", "qmv8_f32_mm"],
+            ],
+        ];
+        const D: [[&str; 2]; 3] = [
+            ["dmv_bf16_mv", "dmv_bf16_mm"],
+            ["dmv_f16_mv", "dmv_f16_mm"],
+            ["dmv_f32_mv", "dmv_f32_mm"],
+        ];
+        let v = if decode { 0 } else { 1 };
+        match *self {
+            Fmt::Dense(d) => D[d as usize][v],
+            Fmt::Affine { bits, sdt, .. } => {
+                let bi = match bits {
+                    2 => 0,
+                    4 => 1,
+                    _ => 2,
+                };
+                Q[bi][sdt as usize][v]
+            }
+        }
+    }
+
+    fn lg(&self) -> i32 {
+        match self {
+            Fmt::Affine { lg, .. } => *lg as i32,
+            Fmt::Dense(_) => 0,
+        }
+    }
+
+    /// Bytes of (weights, scales, biases) for `rows` rows of `cols`.
+    pub fn sizes(&self, rows: usize, cols: usize) -> (usize, usize, usize) {
+        match *self {
+            Fmt::Dense(d) => (rows * cols * if d == 2 { 4 } else { 2 }, 0, 0),
+            Fmt::Affine { bits, lg, sdt } => {
+                let s = rows * (cols >> lg) * if sdt == 2 { 4 } else { 2 };
+                (rows * cols * bits as usize / 8, s, s)
+            }
+        }
+    }
+}
+
+/// A matrix in VRAM (pointers into buffers owned elsewhere or by `_own`).
+#[derive(Clone, Copy, Debug)]
+pub struct DevMat {
+    pub fmt: Fmt,
+    pub rows: usize,
+    pub cols: usize,
+    pub w: u64,
+    pub s: u64,
+    pub b: u64,
+}
+
+impl DevMat {
+    pub fn nbytes(&self) -> usize {
+        let (a, b, c) = self.fmt.sizes(self.rows, self.cols);
+        a + b + c
+    }
+}
+
+/// A matrix uploaded to VRAM, owning its buffers.
+pub struct DMat {
+    pub m: DevMat,
+    _own: Vec<DBuf>,
+}
+
+/// Host bytes of a Linear: (weights, scales, biases).
+pub fn linear_bytes(l: &Linear) -> (&[u8], &[u8], &[u8]) {
+    match l {
+        Linear::Dense { data, .. } => (data.bytes(), &[], &[]),
+        Linear::Affine {
+            w, scales, biases, ..
+        } => (w.bytes(), scales.bytes(), biases.bytes()),
+    }
+}
+
+/// Uploads rows `[start, start+n)` of each part, stacked, as one matrix (all parts share format
+/// and column count).
+pub fn upload_rows(dev: &Device, parts: &[(&Linear, usize, usize)]) -> Result<DMat> {
+    let fmt = Fmt::of(parts[0].0)?;
+    let cols = parts[0].0.cols();
+    let (mut w, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rows = 0;
+    for (l, start, n) in parts {
+        if Fmt::of(l)? != fmt || l.cols() != cols {
+            return Err(CudaError::Unsupported(
+                "stacking matrices of different formats".into(),
+            ));
+        }
+        let sl = l.slice_rows(*start, *n);
+        let (a, c, d) = linear_bytes(&sl);
+        w.extend_from_slice(a);
+        s.extend_from_slice(c);
+        b.extend_from_slice(d);
+        rows += n;
+    }
+    let wb = dev.upload(&w)?;
+    let sb = dev.upload(&s)?;
+    let bb = dev.upload(&b)?;
+    Ok(DMat {
+        m: DevMat {
+            fmt,
+            rows,
+            cols,
+            w: wb.ptr(),
+            s: sb.ptr(),
+            b: bb.ptr(),
+        },
+        _own: vec![wb, sb, bb],
+    })
+}
+
+/// A projection whose output vector is the concatenation of several row blocks, each uploaded as
+/// one matrix where neighbouring blocks share a format (one launch per matrix).
+pub struct Proj {
+    pub mats: Vec<(DMat, usize)>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Proj {
+    pub fn new(dev: &Device, parts: &[(&Linear, usize, usize)]) -> Result<Proj> {
+        let mut mats = Vec::new();
+        let mut i = 0;
+        let mut off = 0;
+        while i < parts.len() {
+            let f = Fmt::of(parts[i].0)?;
+            let mut j = i + 1;
+            while j < parts.len() && Fmt::of(parts[j].0)? == f {
+                j += 1;
+            }
+            let m = upload_rows(dev, &parts[i..j])?;
+            let r = m.m.rows;
+            mats.push((m, off));
+            off += r;
+            i = j;
+        }
+        Ok(Proj {
+            mats,
+            rows: off,
+            cols: parts[0].0.cols(),
+        })
+    }
+
+    /// Whole matrices, one part each.
+    pub fn whole(dev: &Device, ls: &[&Linear]) -> Result<Proj> {
+        let parts: Vec<_> = ls.iter().map(|l| (*l, 0, l.rows())).collect();
+        Proj::new(dev, &parts)
+    }
+
+    /// y[0..rows] = P x (one token).
+    pub fn run(&self, dev: &Device, x: u64, y: u64) -> Result<()> {
+        for (m, off) in &self.mats {
+            matvec(dev, &dev.compute, &m.m, x, y + (*off as u64) * 4)?;
+        }
+        Ok(())
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.mats.iter().map(|(m, _)| m.m.nbytes()).sum()
+    }
+}
+
+fn grid_rows(rows: usize) -> u32 {
+    // 8 warps per block, 2 rows per warp.
+    rows.div_ceil(16) as u32
+}
+
+/// y = W x for one token.
+pub fn matvec(dev: &Device, stream: &CudaStream, m: &DevMat, x: u64, y: u64) -> Result<()> {
+    matvec_batch(dev, stream, m, &[(m.w, m.s, m.b, x, y)], 1, m.cols, m.rows)
+}
+
+/// Several same-shape products in one launch: each problem is (w, s, b, x, y) with `ntok`
+/// inputs at stride `ldx` and outputs at stride `ldy` (floats).
+pub fn matvec_batch(
+    dev: &Device,
+    stream: &CudaStream,
+    m: &DevMat,
+    probs: &[(u64, u64, u64, u64, u64)],
+    ntok: usize,
+    ldx: usize,
+    ldy: usize,
+) -> Result<()> {
+    for chunk in probs.chunks(MAXP) {
+        let mut p = MvBatch::default();
+        for (i, &(w, s, b, x, y)) in chunk.iter().enumerate() {
+            p.w[i] = w;
+            p.s[i] = s;
+            p.b[i] = b;
+            p.x[i] = x;
+            p.y[i] = y;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid_rows(m.rows), chunk.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        dev.launch_on(
+            stream,
+            m.fmt.kernel(ntok == 1),
+            cfg,
+            &[
+                A::B(Box::new(p)),
+                A::I(m.rows as i32),
+                A::I(m.cols as i32),
+                A::I(m.fmt.lg()),
+                A::I(ntok as i32),
+                A::I(ldx as i32),
+                A::I(ldy as i32),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// out = row `row` of `m` as f32.
+pub fn embed_row(dev: &Device, m: &DevMat, row: usize, out: u64) -> Result<()> {
+    let (dense, bits, sdt) = match m.fmt {
+        Fmt::Dense(d) => (d as i32, 0, 0),
+        Fmt::Affine { bits, sdt, .. } => (-1, bits as i32, sdt as i32),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (m.cols.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "embed_row",
+        cfg,
+        &[
+            A::P(m.w),
+            A::P(m.s),
+            A::P(m.b),
+            A::I(dense),
+            A::I(bits),
+            A::I(sdt),
+            A::I(m.fmt.lg()),
+            A::L(row as i64),
+            A::I(m.cols as i32),
+            A::P(out),
+        ],
+    )
+}
+
+fn threads_for(n: usize) -> u32 {
+    (n.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+/// out[r] = rmsnorm(x[r]) * w for `rows` rows of `n` at strides ldx, ldo (floats).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_rows(
+    dev: &Device,
+    x: u64,
+    ldx: usize,
+    w: u64,
+    out: u64,
+    ldo: usize,
+    n: usize,
+    rows: usize,
+    eps: f32,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads_for(n).min(512), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "rmsnorm_rows",
+        cfg,
+        &[
+            A::P(x),
+            A::I(ldx as i32),
+            A::P(w),
+            A::P(out),
+            A::I(ldo as i32),
+            A::I(n as i32),
+            A::F(eps),
+        ],
+    )
+}
+
+/// x += d; out = rmsnorm(x) * w.
+pub fn add_rmsnorm(
+    dev: &Device,
+    x: u64,
+    d: u64,
+    w: u64,
+    out: u64,
+    n: usize,
+    eps: f32,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads_for(n), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "add_rmsnorm",
+        cfg,
+        &[
+            A::P(x),
+            A::P(d),
+            A::P(w),
+            A::P(out),
+            A::I(n as i32),
+            A::F(eps),
+        ],
+    )
+}
+
+/// h[j] = silu(gu[j, :I]) * gu[j, I:] for j < nexp.
+pub fn swiglu(dev: &Device, gu: u64, h: u64, i: usize, nexp: usize) -> Result<()> {
+    let n = i * nexp;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "swiglu_k",
+        cfg,
+        &[A::P(gu), A::P(h), A::I(i as i32), A::I(nexp as i32)],
+    )
+}
+
+/// x += Σ_j wts[j] ye[j] + sigmoid(sg) ys (+ add). Null pointers (0) drop a term.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_combine(
+    dev: &Device,
+    x: u64,
+    ye: u64,
+    wts: u64,
+    nexp: usize,
+    ys: u64,
+    sg: u64,
+    add: u64,
+    n: usize,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "moe_combine",
+        cfg,
+        &[
+            A::P(x),
+            A::P(ye),
+            A::P(wts),
+            A::I(nexp as i32),
+            A::P(ys),
+            A::P(sg),
+            A::P(add),
+            A::I(n as i32),
+        ],
+    )
+}
+
+/// ids[K], wts[K] = top-k of softmax(logits[E]) (renormalised when `norm`).
+pub fn router_topk(
+    dev: &Device,
+    logits: u64,
+    e: usize,
+    k: usize,
+    norm: bool,
+    ids: u64,
+    wts: u64,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads_for(e).min(1024), 1, 1),
+        shared_mem_bytes: (e * 4) as u32,
+    };
+    dev.launch(
+        "router_topk",
+        cfg,
+        &[
+            A::P(logits),
+            A::I(e as i32),
+            A::I(k as i32),
+            A::I(norm as i32),
+            A::P(ids),
+            A::P(wts),
+        ],
+    )
+}
+
+/// Shape of a full-attention layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    pub gated: bool,
+    pub rot: usize,
+    pub theta: f64,
+    pub eps: f32,
+}
+
+impl AttnShape {
+    pub fn qw(&self) -> usize {
+        if self.gated {
+            2 * self.hd
+        } else {
+            self.hd
+        }
+    }
+}
+
+/// q/k norm + RoPE at `pos`; writes q, and k/v into the caches at row `pos`.
+#[allow(clippy::too_many_arguments)]
+pub fn attn_prep(
+    dev: &Device,
+    a: &AttnShape,
+    qkv: u64,
+    qn: u64,
+    kn: u64,
+    pos: usize,
+    q: u64,
+    kc: u64,
+    vc: u64,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: ((a.nh + a.nkv) as u32, 1, 1),
+        block_dim: (threads_for(a.hd).min(256), 1, 1),
+        shared_mem_bytes: (a.hd * 4) as u32,
+    };
+    dev.launch(
+        "attn_prep",
+        cfg,
+        &[
+            A::P(qkv),
+            A::I(a.nh as i32),
+            A::I(a.nkv as i32),
+            A::I(a.hd as i32),
+            A::I(a.qw() as i32),
+            A::P(qn),
+            A::P(kn),
+            A::F(a.eps),
+            A::I(a.rot as i32),
+            A::D(a.theta),
+            A::L(pos as i64),
+            A::P(q),
+            A::P(kc),
+            A::P(vc),
+        ],
+    )
+}
+
+/// o = attention of q over cache rows 0..n (gated by qkv's gate half when `a.gated`).
+#[allow(clippy::too_many_arguments)]
+pub fn attn_decode(
+    dev: &Device,
+    a: &AttnShape,
+    q: u64,
+    kc: u64,
+    vc: u64,
+    qkv: u64,
+    n: usize,
+    o: u64,
+) -> Result<()> {
+    if a.hd > 256 {
+        return Err(CudaError::Unsupported(format!("head_dim {} > 256", a.hd)));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (a.nh as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "attn_decode",
+        cfg,
+        &[
+            A::P(q),
+            A::P(kc),
+            A::P(vc),
+            A::P(qkv),
+            A::I(a.gated as i32),
+            A::I(a.nh as i32),
+            A::I(a.nkv as i32),
+            A::I(a.hd as i32),
+            A::I(a.qw() as i32),
+            A::I(n as i32),
+            A::F(1.0 / (a.hd as f32).sqrt()),
+            A::P(o),
+        ],
+    )
+}
+
+/// Shape of a GatedDeltaNet layer.
+#[derive(Clone, Copy, Debug)]
+pub struct GdnShape {
+    pub nk: usize,
+    pub nv: usize,
+    pub dk: usize,
+    pub dv: usize,
+    pub kconv: usize,
+    pub eps: f32,
+}
+
+impl GdnShape {
+    pub fn conv_dim(&self) -> usize {
+        2 * self.nk * self.dk + self.nv * self.dv
+    }
+}
+
+pub fn gdn_conv(dev: &Device, g: &GdnShape, mixed: u64, state: u64, w: u64, u: u64) -> Result<()> {
+    let cd = g.conv_dim();
+    let cfg = LaunchConfig {
+        grid_dim: (cd.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "gdn_conv",
+        cfg,
+        &[
+            A::P(mixed),
+            A::P(state),
+            A::P(w),
+            A::I(cd as i32),
+            A::I(g.kconv as i32),
+            A::P(u),
+        ],
+    )
+}
+
+/// One recurrent step over every value head, then the gated RMSNorm: y [nv*dv].
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_step(
+    dev: &Device,
+    g: &GdnShape,
+    u: u64,
+    z: u64,
+    b: u64,
+    a: u64,
+    dt_bias: u64,
+    neg_a: u64,
+    norm_w: u64,
+    s: u64,
+    y: u64,
+) -> Result<()> {
+    if g.dk > 128 || g.dv > 1024 {
+        return Err(CudaError::Unsupported(format!(
+            "GatedDeltaNet dk {} (max 128), dv {} (max 1024)",
+            g.dk, g.dv
+        )));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (g.nv as u32, 1, 1),
+        block_dim: (threads_for(g.dv), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "gdn_step",
+        cfg,
+        &[
+            A::P(u),
+            A::P(z),
+            A::P(b),
+            A::P(a),
+            A::P(dt_bias),
+            A::P(neg_a),
+            A::P(norm_w),
+            A::P(s),
+            A::P(y),
+            A::I(g.nk as i32),
+            A::I(g.nv as i32),
+            A::I(g.dk as i32),
+            A::I(g.dv as i32),
+            A::F(g.eps),
+        ],
+    )
+}

@@ -1,0 +1,464 @@
+//! One test body per operation, run on every device (as candle's `test_device!`): the CPU
+//! kernels and the CUDA kernels, each against the plain reference twins of flashmoe_core
+//! (NMSE bound), and the tiny-a golden logits through the whole CUDA model.
+//! Without a GPU the CUDA cases print "skipped: no CUDA device (CI has no GPU)" and pass.
+use std::path::PathBuf;
+
+use flashmoe_core::buf::Buf;
+use flashmoe_core::kernels;
+use flashmoe_core::loader::{open_model, LoadOptions};
+use flashmoe_core::model::Logits;
+use flashmoe_core::store::DType;
+use flashmoe_core::weights::Linear;
+use flashmoe_cuda::device::Device;
+use flashmoe_cuda::{ops, CudaModel, CudaOptions};
+use half::{bf16, f16};
+
+/// The operations under test, as each device computes them.
+trait TestDev {
+    fn name(&self) -> &'static str;
+    /// y [n, rows] = W x for x [n, cols].
+    fn matmul(&self, w: &Linear, x: &[f32], n: usize) -> Vec<f32>;
+    fn rmsnorm(&self, x: &[f32], w: &[f32], rows: usize, eps: f32) -> Vec<f32>;
+    fn swiglu(&self, g: &[f32], u: &[f32]) -> Vec<f32>;
+    /// (ids, weights) of the renormalised top-k of softmax(logits).
+    fn topk(&self, logits: &[f32], k: usize) -> (Vec<usize>, Vec<f32>);
+}
+
+struct Cpu;
+impl TestDev for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn matmul(&self, w: &Linear, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * w.rows()];
+        kernels::matmul(&w.view(), x, n, &mut y);
+        y
+    }
+    fn rmsnorm(&self, x: &[f32], w: &[f32], _rows: usize, eps: f32) -> Vec<f32> {
+        let mut o = vec![0f32; x.len()];
+        for (xr, or) in x.chunks(w.len()).zip(o.chunks_mut(w.len())) {
+            kernels::rmsnorm(xr, w, eps, false, or);
+        }
+        o
+    }
+    fn swiglu(&self, g: &[f32], u: &[f32]) -> Vec<f32> {
+        let mut o = vec![0f32; g.len()];
+        kernels::swiglu(g, u, &mut o);
+        o
+    }
+    fn topk(&self, logits: &[f32], k: usize) -> (Vec<usize>, Vec<f32>) {
+        let mut p = logits.to_vec();
+        kernels::softmax_inplace(&mut p);
+        let sel = kernels::top_k(&p, k);
+        let s: f32 = sel.iter().map(|x| x.1).sum();
+        (
+            sel.iter().map(|x| x.0).collect(),
+            sel.iter().map(|x| x.1 / s).collect(),
+        )
+    }
+}
+
+struct Cuda(Device);
+impl Cuda {
+    fn read(&self, p: u64, n: usize) -> Vec<f32> {
+        let mut v = vec![0f32; n];
+        self.0.read_f32(p, &mut v).expect("read");
+        v
+    }
+}
+impl TestDev for Cuda {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn matmul(&self, w: &Linear, x: &[f32], n: usize) -> Vec<f32> {
+        let d = &self.0;
+        let m = ops::upload_rows(d, &[(w, 0, w.rows())]).expect("upload");
+        let xd = d.upload_f32(x).unwrap();
+        let yd = d.alloc(n * w.rows() * 4).unwrap();
+        // Poison the output so an unwritten element shows.
+        d.write(yd.ptr(), &vec![0xffu8; n * w.rows() * 4]).unwrap();
+        let p = [(m.m.w, m.m.s, m.m.b, xd.ptr(), yd.ptr())];
+        ops::matvec_batch(d, &d.compute, &m.m, &p, n, w.cols(), w.rows()).expect("matvec");
+        self.read(yd.ptr(), n * w.rows())
+    }
+    fn rmsnorm(&self, x: &[f32], w: &[f32], rows: usize, eps: f32) -> Vec<f32> {
+        let d = &self.0;
+        let n = w.len();
+        let (xd, wd, od) = (
+            d.upload_f32(x).unwrap(),
+            d.upload_f32(w).unwrap(),
+            d.alloc(x.len() * 4).unwrap(),
+        );
+        ops::rmsnorm_rows(d, xd.ptr(), n, wd.ptr(), od.ptr(), n, n, rows, eps).unwrap();
+        self.read(od.ptr(), x.len())
+    }
+    fn swiglu(&self, g: &[f32], u: &[f32]) -> Vec<f32> {
+        let d = &self.0;
+        let mut gu = g.to_vec();
+        gu.extend_from_slice(u);
+        let gd = d.upload_f32(&gu).unwrap();
+        let hd = d.alloc(g.len() * 4).unwrap();
+        ops::swiglu(d, gd.ptr(), hd.ptr(), g.len(), 1).unwrap();
+        self.read(hd.ptr(), g.len())
+    }
+    fn topk(&self, logits: &[f32], k: usize) -> (Vec<usize>, Vec<f32>) {
+        let d = &self.0;
+        let ld = d.upload_f32(logits).unwrap();
+        let ids = d.alloc(k * 4).unwrap();
+        let wts = d.alloc(k * 4).unwrap();
+        ops::router_topk(d, ld.ptr(), logits.len(), k, true, ids.ptr(), wts.ptr()).unwrap();
+        let idf = self.read(ids.ptr(), k);
+        let ids: Vec<usize> = idf.iter().map(|f| f.to_bits() as usize).collect();
+        (ids, self.read(wts.ptr(), k))
+    }
+}
+
+fn cuda() -> Option<Cuda> {
+    if !flashmoe_cuda::device_available() {
+        eprintln!("skipped: no CUDA device (CI has no GPU)");
+        return None;
+    }
+    Some(Cuda(
+        Device::new(0).expect("a CUDA device is present but could not be opened"),
+    ))
+}
+
+macro_rules! test_device {
+    ($body:ident, $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(&Cpu);
+        }
+        #[test]
+        fn $cuda() {
+            if let Some(d) = cuda() {
+                $body(&d);
+            }
+        }
+    };
+}
+
+struct Rng(u64);
+impl Rng {
+    fn u32(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 16) as u32
+    }
+    fn f(&mut self) -> f32 {
+        (self.u32() as f32 / u32::MAX as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "non-finite output {g}");
+        num += ((*g - *w) as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    num / den.max(1e-30)
+}
+
+fn affine(rng: &mut Rng, bits: u32, group: usize, rows: usize, cols: usize, sdt: DType) -> Linear {
+    let w: Vec<u32> = (0..rows * cols * bits as usize / 32)
+        .map(|_| rng.u32())
+        .collect();
+    let ng = rows * cols / group;
+    // Scales of both signs (MLX writes negative ones, arch-spec §11.3).
+    let s: Vec<f32> = (0..ng).map(|_| rng.f() * 0.05).collect();
+    let b: Vec<f32> = (0..ng).map(|_| rng.f() * 0.1).collect();
+    let (scales, biases) = match sdt {
+        DType::BF16 => (
+            Buf::from_vec(&s.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>()),
+            Buf::from_vec(&b.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>()),
+        ),
+        DType::F16 => (
+            Buf::from_vec(&s.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()),
+            Buf::from_vec(&b.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()),
+        ),
+        _ => (Buf::from_vec(&s), Buf::from_vec(&b)),
+    };
+    Linear::Affine {
+        bits,
+        group,
+        rows,
+        cols,
+        w: Buf::from_vec(&w),
+        scales,
+        biases,
+        sdtype: sdt,
+    }
+}
+
+fn dense(rng: &mut Rng, dt: DType, rows: usize, cols: usize) -> Linear {
+    let v = rng.vec(rows * cols);
+    let data = match dt {
+        DType::BF16 => Buf::from_vec(&v.iter().map(|x| bf16::from_f32(*x)).collect::<Vec<_>>()),
+        DType::F16 => Buf::from_vec(&v.iter().map(|x| f16::from_f32(*x)).collect::<Vec<_>>()),
+        _ => Buf::from_vec(&v),
+    };
+    Linear::Dense {
+        dtype: dt,
+        rows,
+        cols,
+        data,
+    }
+}
+
+fn check_product(dev: &dyn TestDev, w: &Linear, n: usize, rng: &mut Rng, what: &str) {
+    let x = rng.vec(n * w.cols());
+    let got = dev.matmul(w, &x, n);
+    let mut want = vec![0f32; n * w.rows()];
+    kernels::matmul_ref(&w.view(), &x, n, &mut want);
+    let e = nmse(&got, &want);
+    eprintln!("{}: {what} n={n}: nmse {e:.2e}", dev.name());
+    assert!(e < 1e-10, "{}: {what} n={n}: nmse {e:.3e}", dev.name());
+}
+
+fn matvec_body(dev: &dyn TestDev) {
+    let mut rng = Rng(0x1234_5678_9abc);
+    for (bits, group, rows, cols) in [
+        (4, 64, 300, 512),
+        (4, 32, 33, 4096),
+        (2, 64, 40, 256),
+        (2, 32, 17, 96),
+        (8, 64, 70, 320),
+        (8, 128, 9, 1024),
+    ] {
+        for sdt in [DType::BF16, DType::F16, DType::F32] {
+            let w = affine(&mut rng, bits, group, rows, cols, sdt);
+            check_product(
+                dev,
+                &w,
+                1,
+                &mut rng,
+                &format!("{bits}-bit g{group} {sdt:?} {rows}x{cols}"),
+            );
+        }
+    }
+    for dt in [DType::BF16, DType::F16, DType::F32] {
+        for (rows, cols) in [(129, 256), (20, 100)] {
+            let w = dense(&mut rng, dt, rows, cols);
+            check_product(dev, &w, 1, &mut rng, &format!("dense {dt:?} {rows}x{cols}"));
+        }
+    }
+}
+test_device!(matvec_body, matvec_cpu, matvec_cuda);
+
+fn matmul_body(dev: &dyn TestDev) {
+    let mut rng = Rng(0xfeed_beef);
+    let w = affine(&mut rng, 4, 64, 70, 512, DType::BF16);
+    for n in [2, 8, 11] {
+        check_product(dev, &w, n, &mut rng, "4-bit g64 bf16 70x512");
+    }
+    let w = dense(&mut rng, DType::BF16, 33, 264);
+    check_product(dev, &w, 11, &mut rng, "dense bf16 33x264");
+}
+test_device!(matmul_body, matmul_cpu, matmul_cuda);
+
+fn elementwise_body(dev: &dyn TestDev) {
+    let mut rng = Rng(42);
+    let (rows, n) = (3, 200);
+    let x: Vec<f32> = rng.vec(rows * n).iter().map(|v| v * 3.0).collect();
+    let w = rng.vec(n);
+    let got = dev.rmsnorm(&x, &w, rows, 1e-6);
+    let mut want = vec![0f32; rows * n];
+    for r in 0..rows {
+        // f64 twin of RMSNorm.
+        let xr = &x[r * n..(r + 1) * n];
+        let ms: f64 = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
+        let inv = 1.0 / (ms + 1e-6).sqrt();
+        for i in 0..n {
+            want[r * n + i] = (xr[i] as f64 * inv * w[i] as f64) as f32;
+        }
+    }
+    let e = nmse(&got, &want);
+    assert!(e < 1e-10, "{}: rmsnorm nmse {e:.3e}", dev.name());
+
+    let g: Vec<f32> = rng.vec(500).iter().map(|v| v * 8.0).collect();
+    let u = rng.vec(500);
+    let got = dev.swiglu(&g, &u);
+    let want: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(g, u)| ((*g as f64 / (1.0 + (-*g as f64).exp())) * *u as f64) as f32)
+        .collect();
+    let e = nmse(&got, &want);
+    assert!(e < 1e-10, "{}: swiglu nmse {e:.3e}", dev.name());
+
+    for (e_, k) in [(16, 4), (37, 5), (512, 10)] {
+        let logits: Vec<f32> = rng.vec(e_).iter().map(|v| v * 4.0).collect();
+        let (ids, wts) = dev.topk(&logits, k);
+        // f64 twin: softmax, stable sort by (-p, index), renormalise.
+        let m = logits.iter().fold(f64::MIN, |a, b| a.max(*b as f64));
+        let p: Vec<f64> = logits.iter().map(|v| (*v as f64 - m).exp()).collect();
+        let mut order: Vec<usize> = (0..e_).collect();
+        order.sort_by(|a, b| p[*b].partial_cmp(&p[*a]).unwrap().then(a.cmp(b)));
+        let sel = &order[..k];
+        let s: f64 = sel.iter().map(|i| p[*i]).sum();
+        assert_eq!(ids, sel, "{}: top-k ids", dev.name());
+        for (w, i) in wts.iter().zip(sel) {
+            assert!(
+                (*w as f64 - p[*i] / s).abs() < 1e-5,
+                "{}: top-k weight",
+                dev.name()
+            );
+        }
+    }
+}
+test_device!(elementwise_body, elementwise_cpu, elementwise_cuda);
+
+fn shared_dir() -> Option<PathBuf> {
+    let p = std::env::var_os("FLASHMOE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    if p.join("golden").is_dir() {
+        return Some(p);
+    }
+    eprintln!(
+        "skipped: shared reference data not found at {}",
+        p.display()
+    );
+    None
+}
+
+struct Golden {
+    f32s: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    i64s: std::collections::HashMap<String, Vec<i64>>,
+    meta: serde_json::Value,
+}
+
+fn golden(dir: &std::path::Path) -> Golden {
+    let bytes = std::fs::read(dir.join("golden.safetensors")).expect("golden.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden parse");
+    let mut f32s = std::collections::HashMap::new();
+    let mut i64s = std::collections::HashMap::new();
+    for (name, t) in st.tensors() {
+        let d = t.data();
+        match t.dtype() {
+            safetensors::Dtype::F32 => {
+                let v = d
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                f32s.insert(name, (t.shape().to_vec(), v));
+            }
+            safetensors::Dtype::I64 => {
+                let v = d
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                i64s.insert(name, v);
+            }
+            _ => {}
+        }
+    }
+    let meta =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    Golden { f32s, i64s, meta }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const GOLDEN_TOL: f32 = 2e-3;
+
+/// tiny-a logits on CUDA, one prompt and prefill + step by step; with the default expert
+/// cache and with the smallest (every layer evicts).
+fn golden_case(fixture: &str, variant: &str, prefix: &str, section: &str) {
+    let Some(_) = cuda() else { return };
+    let Some(shared) = shared_dir() else { return };
+    let gdir = shared.join("golden").join(fixture);
+    let g = golden(&gdir);
+    let model = open_model(&gdir.join(variant), &LoadOptions::default()).expect("load model");
+    let ids: Vec<u32> = g.i64s[&format!("{prefix}input_ids")]
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let (shape, want) = &g.f32s[&format!("{prefix}logits")];
+    let vocab = shape[1];
+    let p = g.meta[section]["prompt_len"].as_u64().expect("prompt_len") as usize;
+    let (_, dec) = &g.f32s[&format!("{prefix}decode_logits")];
+    for cache in [None, Some(1usize)] {
+        let opts = CudaOptions {
+            expert_cache_bytes: cache,
+            ..Default::default()
+        };
+        let mut cm = CudaModel::new(&model, &opts).expect("CUDA model");
+        let mut st = cm.new_state().unwrap();
+        let full = cm.forward(&ids, &mut st, Logits::All).expect("forward");
+        let err = max_abs(&full, want);
+        eprintln!("cuda {fixture}/{variant} cache {cache:?}: one prompt max abs err {err:.2e}");
+        assert!(err < GOLDEN_TOL, "{fixture}/{variant}: logits off by {err}");
+
+        let mut st = cm.new_state().unwrap();
+        let mut stepped = cm
+            .forward(&ids[..p], &mut st, Logits::All)
+            .expect("prefill");
+        for &id in &ids[p..] {
+            stepped.extend(cm.forward(&[id], &mut st, Logits::Last).expect("decode"));
+        }
+        let n = dec.len() / vocab;
+        let err = max_abs(&stepped[(p - 1) * vocab..(p - 1 + n) * vocab], dec);
+        eprintln!(
+            "cuda {fixture}/{variant} cache {cache:?}: prefill {p} + decode max abs err {err:.2e}"
+        );
+        assert!(
+            err < GOLDEN_TOL,
+            "{fixture}/{variant}: decode logits off by {err}"
+        );
+        let c = cm.counters;
+        eprintln!(
+            "  counters: tokens {} hits {} misses {} bytes {} copy {:.3} ms",
+            c.tokens, c.vram_hits, c.misses, c.bytes_copied, c.copy_ms
+        );
+        assert!(c.misses > 0);
+    }
+}
+
+#[test]
+fn golden_tiny_a_hf_bf16_cuda() {
+    golden_case("tiny-a", "hf-bf16", "", "bf16");
+}
+
+#[test]
+fn golden_tiny_a_hf_bf16_fused_cuda() {
+    golden_case("tiny-a", "hf-bf16-fused", "", "bf16");
+}
+
+#[test]
+fn golden_tiny_a_mlx_4bit_cuda() {
+    golden_case("tiny-a", "mlx-4bit", "mlx4_", "mlx4");
+}
+
+#[test]
+fn golden_tiny_next_a_cuda() {
+    golden_case("tiny-next-a", "hf-bf16", "", "bf16");
+}
+
+#[test]
+fn golden_tiny_qwen3moe_a_cuda() {
+    golden_case("tiny-qwen3moe-a", "hf-bf16", "", "bf16");
+}
+
+#[test]
+fn no_device_is_a_clear_error() {
+    if flashmoe_cuda::device_available() {
+        return;
+    }
+    let e = Device::new(0).err().expect("no device here");
+    assert!(e.to_string().starts_with("no CUDA device"), "{e}");
+}
