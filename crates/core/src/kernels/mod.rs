@@ -12,11 +12,13 @@
 //!   also the per-call preparation of `x` shared by every ISA.
 //! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`.
 //! - `quantize.rs`: MLX's affine rule and a min-max baseline.
+//! - `gemm.rs`: small register-blocked f32 products (the chunked gated delta rule).
 //! - `elementwise.rs`: rmsnorm, silu, swiglu, softmax, top-k, dot, axpy.
 //!
 //! Shapes: weights are row-major `W [rows, cols]` as in a PyTorch Linear, `y = W x`.
 
 mod elementwise;
+mod gemm;
 mod lanes;
 mod quantize;
 mod reference;
@@ -25,6 +27,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use gemm::{gemm_acc, gemm_acc_ref, Mat};
 pub use elementwise::{axpy, dot, rmsnorm, silu, softmax_inplace, swiglu, top_k};
 pub use quantize::{quantize_affine, quantize_minmax};
 pub use reference::{dequantize, dequantize_row, matmul_ref, matvec_ref};

@@ -1,11 +1,18 @@
 //! Gated DeltaNet (arch-spec §6): projections, causal depthwise conv1d with carried state,
-//! L2-normalised q/k, the gated delta rule (recurrent form, fp32 state), gated RMSNorm with
-//! silu(z), out_proj. Decoding one token at a time equals one pass over the sequence.
+//! L2-normalised q/k, the gated delta rule (recurrent form for one token, chunked form for a
+//! prompt: gdn_chunk.rs; fp32 state), gated RMSNorm with silu(z), out_proj. Decoding one token
+//! at a time equals one pass over the sequence (within float rounding).
+use rayon::prelude::*;
+
 use crate::config::ModelConfig;
 use crate::kernels;
 use crate::weights::Linear;
 
+use super::gdn_chunk::{delta_rule_chunked, delta_rule_recurrent};
 use super::linear;
+
+/// State elements (heads × dk × dv × tokens) from which the delta rule runs heads in parallel.
+const PAR_MIN_STATE: usize = 1 << 18;
 
 #[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 pub enum GdnProj {
@@ -134,17 +141,26 @@ impl GatedDeltaNet {
 
         let kd = nk * dk;
         let qscale = 1.0 / (dk as f32).sqrt();
-        let mut o = vec![0f32; t * nv * dv];
-        let mut qn = vec![0f32; kd];
-        let mut kn = vec![0f32; kd];
-        let mut kv_mem = vec![0f32; dv];
+        // l2norm with eps inside the rsqrt (HF-Q35 `l2norm`), q scaled by 1/sqrt(dk):
+        // qn, kn [t, nk, dk]; beta, g [t, nv].
+        let mut qn = vec![0f32; t * kd];
+        let mut kn = vec![0f32; t * kd];
+        let mut beta = vec![0f32; t * nv];
+        let mut gl = vec![0f32; t * nv];
         for ti in 0..t {
             let ut = &u[ti * cd..][..cd];
-            // l2norm with eps inside the rsqrt (HF-Q35 `l2norm`), q scaled by 1/sqrt(dk).
             for h in 0..nk {
                 for (src, dst, sc) in [
-                    (&ut[h * dk..][..dk], &mut qn[h * dk..][..dk], qscale),
-                    (&ut[kd + h * dk..][..dk], &mut kn[h * dk..][..dk], 1.0),
+                    (
+                        &ut[h * dk..][..dk],
+                        &mut qn[ti * kd + h * dk..][..dk],
+                        qscale,
+                    ),
+                    (
+                        &ut[kd + h * dk..][..dk],
+                        &mut kn[ti * kd + h * dk..][..dk],
+                        1.0,
+                    ),
                 ] {
                     let ss: f32 = src.iter().map(|v| v * v).sum();
                     let r = 1.0 / (ss + 1e-6).sqrt() * sc;
@@ -154,31 +170,47 @@ impl GatedDeltaNet {
                 }
             }
             for h in 0..nv {
-                let kh = h / rep;
-                let (q, k) = (&qn[kh * dk..][..dk], &kn[kh * dk..][..dk]);
-                let v = &ut[2 * kd + h * dv..][..dv];
-                let beta = sigmoid(b[ti * nv + h]);
-                let g = self.neg_a[h] * softplus(a[ti * nv + h] + self.dt_bias[h]);
-                let decay = g.exp();
-                let st = &mut s[h * dk * dv..][..dk * dv];
-                // S = S*decay; kv_mem = S^T k; delta = (v - kv_mem)*beta; S += k ⊗ delta; o = S^T q
-                kv_mem.fill(0.0);
-                for i in 0..dk {
-                    let row = &mut st[i * dv..][..dv];
-                    for x in row.iter_mut() {
-                        *x *= decay;
-                    }
-                    kernels::axpy(k[i], row, &mut kv_mem);
-                }
-                for (m, vv) in kv_mem.iter_mut().zip(v) {
-                    *m = (vv - *m) * beta;
-                }
-                let oh = &mut o[(ti * nv + h) * dv..][..dv];
-                for i in 0..dk {
-                    let row = &mut st[i * dv..][..dv];
-                    kernels::axpy(k[i], &kv_mem, row);
-                    kernels::axpy(q[i], row, oh);
-                }
+                beta[ti * nv + h] = sigmoid(b[ti * nv + h]);
+                gl[ti * nv + h] = self.neg_a[h] * softplus(a[ti * nv + h] + self.dt_bias[h]);
+            }
+        }
+
+        // The delta rule per value head (GQA: value head h reads key head h / rep), heads in
+        // parallel; recurrent for one token, chunked (§6.6) for a prompt. oh [nv, t, dv].
+        let mut oh = vec![0f32; nv * t * dv];
+        let head = |h: usize, st: &mut [f32], out: &mut [f32]| {
+            let kh = h / rep;
+            let gather = |src: &[f32], stride: usize, off: usize, n: usize| -> Vec<f32> {
+                (0..t)
+                    .flat_map(|ti| src[ti * stride + off..][..n].iter().copied())
+                    .collect()
+            };
+            let q = gather(&qn, kd, kh * dk, dk);
+            let k = gather(&kn, kd, kh * dk, dk);
+            let v = gather(&u, cd, 2 * kd + h * dv, dv);
+            let bh = gather(&beta, nv, h, 1);
+            let gh = gather(&gl, nv, h, 1);
+            if t == 1 {
+                delta_rule_recurrent(&q, &k, &v, &bh, &gh, dk, dv, st, out);
+            } else {
+                delta_rule_chunked(&q, &k, &v, &bh, &gh, dk, dv, st, out);
+            }
+        };
+        // One head of one token is ~50k FMAs: below a few heads' worth a fork-join costs more.
+        if nv * t * dk * dv >= PAR_MIN_STATE {
+            s.par_chunks_mut(dk * dv)
+                .zip(oh.par_chunks_mut(t * dv))
+                .enumerate()
+                .for_each(|(h, (st, out))| head(h, st, out));
+        } else {
+            for (h, (st, out)) in s.chunks_mut(dk * dv).zip(oh.chunks_mut(t * dv)).enumerate() {
+                head(h, st, out);
+            }
+        }
+        let mut o = vec![0f32; t * nv * dv];
+        for h in 0..nv {
+            for ti in 0..t {
+                o[(ti * nv + h) * dv..][..dv].copy_from_slice(&oh[(h * t + ti) * dv..][..dv]);
             }
         }
 

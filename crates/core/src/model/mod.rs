@@ -3,6 +3,7 @@
 //! small named blocks (GdnProj::Fused, attn_output_gate, dense-MLP layers), not copies.
 pub mod attention;
 pub mod gdn;
+pub mod gdn_chunk;
 pub mod moe;
 pub mod state;
 
