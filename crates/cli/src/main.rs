@@ -35,6 +35,8 @@ enum Command {
     Render(cmd::render::Args),
     /// Convert a Hugging Face or MLX checkpoint into a packed model that streams experts from disk.
     Pack(cmd::pack::Args),
+    /// Write a packed model of random weights at a real model's shapes (for benchmarks).
+    Synth(cmd::synth::Args),
 }
 
 fn main() {
@@ -48,6 +50,7 @@ fn main() {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Render(a) => cmd::render::run(a),
         Command::Pack(a) => cmd::pack::run(a),
+        Command::Synth(a) => cmd::synth::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -8,6 +8,7 @@ pub mod pack;
 pub mod progress;
 pub mod render;
 pub mod run;
+pub mod synth;
 pub mod sampling;
 pub mod tokenize;
 pub mod tools;

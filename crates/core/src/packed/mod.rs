@@ -21,6 +21,7 @@ mod writer;
 
 pub use pack::{pack, PackOptions, PackReport};
 pub use reader::PackedExperts;
+pub use synth::{synth, synth_config, SynthOptions, PRESETS};
 
 pub use writer::{NoProgress, Progress};
 
