@@ -114,6 +114,20 @@ impl GatedDeltaNet {
         conv: &mut [f32],
         s: &mut [f32],
     ) -> Vec<f32> {
+        self.forward_with(cfg, x, t, conv, s, true)
+    }
+
+    /// [`Self::forward`] with `chunked` picking the chunked delta rule for t > 1 (the
+    /// recurrent form otherwise).
+    pub fn forward_with(
+        &self,
+        cfg: &ModelConfig,
+        x: &[f32],
+        t: usize,
+        conv: &mut [f32],
+        s: &mut [f32],
+        chunked: bool,
+    ) -> Vec<f32> {
         let (nk, nv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads);
         let (dk, dv) = (cfg.linear_key_head_dim, cfg.linear_value_head_dim);
         let kk = cfg.linear_conv_kernel_dim;
@@ -190,7 +204,7 @@ impl GatedDeltaNet {
             let v = gather(&u, cd, 2 * kd + h * dv, dv);
             let bh = gather(&beta, nv, h, 1);
             let gh = gather(&gl, nv, h, 1);
-            if t == 1 {
+            if t == 1 || !chunked {
                 delta_rule_recurrent(&q, &k, &v, &bh, &gh, dk, dv, st, out);
             } else {
                 delta_rule_chunked(&q, &k, &v, &bh, &gh, dk, dv, st, out);

@@ -117,6 +117,30 @@ pub enum Logits {
     Last,
 }
 
+/// Switches for the forward pass's speed features, so `bench` can measure each against its
+/// baseline in the same run. None of them changes the result beyond float rounding.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardOptions {
+    /// Routed experts of one layer computed in parallel, each as its read completes.
+    pub parallel_experts: bool,
+    /// Chunked gated delta rule (arch-spec §6.6) for prompts; recurrent form when off.
+    pub chunked_gdn: bool,
+    /// While decoding, queue reads of the next MoE layer's likely experts (its router applied
+    /// to this layer's input) as soon as this layer's experts are done. Off unless measured
+    /// to win.
+    pub prefetch_next: bool,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        ForwardOptions {
+            parallel_experts: true,
+            chunked_gdn: true,
+            prefetch_next: false,
+        }
+    }
+}
+
 pub struct Model {
     pub cfg: ModelConfig,
     /// [vocab, H]
@@ -128,6 +152,7 @@ pub struct Model {
     pub experts: Box<dyn ExpertSource>,
     /// Routed experts per token (the config's unless overridden by `--k`).
     pub top_k: usize,
+    pub opts: ForwardOptions,
 }
 
 fn norm(store: &TensorStore, cfg: &ModelConfig, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -199,6 +224,7 @@ impl Model {
             layers,
             experts,
             top_k,
+            opts: ForwardOptions::default(),
         })
     }
 
@@ -275,7 +301,7 @@ impl Model {
                     a.forward(cfg, &xn, t, pos0, k, v)
                 }
                 (Mixer::DeltaNet(g), LayerState::Gdn { conv, s }) => {
-                    g.forward(cfg, &xn, t, conv, s)
+                    g.forward_with(cfg, &xn, t, conv, s, self.opts.chunked_gdn)
                 }
                 _ => {
                     return Err(Error::Invalid(format!(
@@ -291,13 +317,14 @@ impl Model {
             }
             lt.mixer += tm.elapsed();
             let ff = match &layer.ffn {
-                Ffn::Moe(m) => m.forward(
+                Ffn::Moe(m) => m.forward_with(
                     &xn,
                     t,
                     h,
                     self.top_k,
                     cfg.norm_topk_prob,
                     self.experts.as_ref(),
+                    self.opts.parallel_experts,
                     &mut lt,
                 )?,
                 Ffn::Dense(m) => {
@@ -307,6 +334,14 @@ impl Model {
                     y
                 }
             };
+            if self.opts.prefetch_next && t == 1 {
+                let tp = Instant::now();
+                if let Some(Ffn::Moe(next)) = self.layers.get(l + 1).map(|n| &n.ffn) {
+                    let guess = next.predict(&xn, self.top_k);
+                    self.experts.prefetch(l + 1, &guess);
+                }
+                lt.routing += tp.elapsed();
+            }
             for (a, b) in x.iter_mut().zip(&ff) {
                 *a += b;
             }

@@ -1,10 +1,12 @@
 //! Sparse MoE block (arch-spec §7): softmax router over all experts, top-k, renormalise,
 //! SwiGLU experts fetched from the ExpertSource, shared expert scaled by sigmoid(gate).
 //! Routing stays here; where expert bytes come from is the ExpertSource's business.
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::experts::{ExpertSource, ExpertWeights};
+use crate::experts::ExpertSource;
 use crate::kernels;
 use crate::weights::Linear;
 
@@ -55,6 +57,22 @@ impl Moe {
         experts: &dyn ExpertSource,
         times: &mut LayerTimes,
     ) -> Result<Vec<f32>> {
+        self.forward_with(x, t, hidden, top_k, norm_topk, experts, true, times)
+    }
+
+    /// [`Self::forward`] with `parallel` choosing whether one layer's experts run in parallel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with(
+        &self,
+        x: &[f32],
+        t: usize,
+        hidden: usize,
+        top_k: usize,
+        norm_topk: bool,
+        experts: &dyn ExpertSource,
+        parallel: bool,
+        times: &mut LayerTimes,
+    ) -> Result<Vec<f32>> {
         let t0 = Instant::now();
         let logits = linear(&self.router, x, t);
         let ne = self.router.rows();
@@ -96,31 +114,75 @@ impl Moe {
         }
         times.shared += t1.elapsed();
 
-        for (bi, batch) in used.chunks(FETCH_BATCH).enumerate() {
-            let tw = Instant::now();
-            let ws = experts.fetch(self.layer, batch)?;
-            times.expert_wait += tw.elapsed();
-            if let Some(next) = used.chunks(FETCH_BATCH).nth(bi + 1) {
+        // Experts of a batch run in parallel, each as soon as its own read completes; the
+        // next batch's reads are queued first so they land while this batch computes.
+        // Results are added in ascending expert id, the order of the sequential loop.
+        let batches: Vec<&[usize]> = used.chunks(FETCH_BATCH).collect();
+        for (bi, batch) in batches.iter().enumerate() {
+            if let Some(next) = batches.get(bi + 1) {
                 experts.prefetch(self.layer, next);
             }
-            for (&e, w) in batch.iter().zip(&ws) {
-                self.apply_expert(e, w, x, hidden, &routes, &mut out, times);
+            let tb = Instant::now();
+            let run = |&e: &usize| self.run_expert(e, x, hidden, &routes, experts);
+            let done: Vec<Result<ExpertOut>> = if parallel {
+                batch.par_iter().map(run).collect()
+            } else {
+                batch.iter().map(run).collect()
+            };
+            let wall = tb.elapsed();
+            let tm = Instant::now();
+            let (mut wait, mut compute) = (Duration::ZERO, Duration::ZERO);
+            for r in done {
+                let r = r?;
+                wait += r.wait;
+                compute += r.compute;
+                for (j, &(ti, wt)) in r.toks.iter().enumerate() {
+                    kernels::axpy(
+                        wt,
+                        &r.y[j * hidden..][..hidden],
+                        &mut out[ti * hidden..][..hidden],
+                    );
+                }
             }
+            times.combine += tm.elapsed();
+            // Wall time of the parallel section, split between waiting and computing in the
+            // proportion the tasks spent on each (summed task time exceeds wall time).
+            let busy = (wait + compute).as_secs_f64().max(1e-12);
+            times.expert_wait += wall.mul_f64(wait.as_secs_f64() / busy);
+            times.expert_compute += wall.mul_f64(compute.as_secs_f64() / busy);
         }
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn apply_expert(
+    /// The experts this layer's router picks for one token `x [H]` (a guess for prefetching
+    /// when `x` is an earlier layer's input).
+    pub fn predict(&self, x: &[f32], top_k: usize) -> Vec<usize> {
+        let mut p = linear(&self.router, &x[..self.router.cols()], 1);
+        kernels::softmax_inplace(&mut p);
+        kernels::top_k(&p, top_k).into_iter().map(|s| s.0).collect()
+    }
+
+    /// Fetches expert `e` (waiting only for its own read) and applies it to the tokens routed
+    /// to it.
+    fn run_expert(
         &self,
         e: usize,
-        w: &ExpertWeights,
         x: &[f32],
         hidden: usize,
         routes: &[Vec<(usize, f32)>],
-        out: &mut [f32],
-        times: &mut LayerTimes,
-    ) {
+        experts: &dyn ExpertSource,
+    ) -> Result<ExpertOut> {
+        let tw = Instant::now();
+        let w =
+            experts
+                .fetch(self.layer, &[e])?
+                .pop()
+                .ok_or_else(|| crate::error::Error::Expert {
+                    layer: self.layer,
+                    expert: e,
+                    msg: "expert source returned nothing".into(),
+                })?;
+        let wait = tw.elapsed();
         let tc = Instant::now();
         // Tokens routed to e and their weights.
         let toks: Vec<(usize, f32)> = routes
@@ -133,15 +195,19 @@ impl Moe {
             xe.extend_from_slice(&x[ti * hidden..][..hidden]);
         }
         let y = swiglu_mlp(&w.gate, &w.up, &w.down, &xe, toks.len());
-        times.expert_compute += tc.elapsed();
-        let tm = Instant::now();
-        for (j, &(ti, wt)) in toks.iter().enumerate() {
-            kernels::axpy(
-                wt,
-                &y[j * hidden..][..hidden],
-                &mut out[ti * hidden..][..hidden],
-            );
-        }
-        times.combine += tm.elapsed();
+        Ok(ExpertOut {
+            toks,
+            y,
+            wait,
+            compute: tc.elapsed(),
+        })
     }
+}
+
+/// One routed expert's output: the tokens it served (index, routing weight), `y [n, H]`.
+struct ExpertOut {
+    toks: Vec<(usize, f32)>,
+    y: Vec<f32>,
+    wait: Duration,
+    compute: Duration,
 }
