@@ -171,3 +171,10 @@ fn bad_inputs_give_one_line_errors() {
     );
     assert!(err.contains("expected") && err.contains("experts"), "{err}");
 }
+
+#[test]
+fn demo_runs_without_any_download() {
+    let out = run_ok(bin().args(["demo", "--tokens", "8"]));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("tok/s") && s.contains("experts read"), "{s}");
+}

@@ -2,13 +2,14 @@
 pub mod chat;
 pub mod common;
 pub mod demo;
+mod demo_vocab;
 pub mod generate;
 pub mod logits;
 pub mod pack;
 pub mod progress;
 pub mod render;
 pub mod run;
-pub mod synth;
 pub mod sampling;
+pub mod synth;
 pub mod tokenize;
 pub mod tools;
