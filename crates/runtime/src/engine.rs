@@ -1,10 +1,9 @@
 //! [`Engine`]: one loaded model with its tokenizer, chat template, default sampling settings,
 //! stop ids and the one [`Session`] whose snapshots give prefix reuse across requests.
 //!
-//! Owns the model for as long as the session borrows it (the only `unsafe` of this crate).
 //! Generations run one at a time (`&mut self`); a server serialises requests in front of it.
-use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use flashmoe_core::loader::{open_model, LoadOptions as CoreLoadOptions};
 use flashmoe_core::model::Model;
@@ -40,10 +39,8 @@ impl Default for LoadOptions {
 }
 
 pub struct Engine {
-    /// Borrows `*model`; dropped before it in `Drop`.
-    pub(crate) session: ManuallyDrop<Session<'static>>,
-    /// Owned (from `Box::into_raw`), freed in `Drop`; never mutated while the session lives.
-    model: *mut Model,
+    /// The live sequence state and the prefix-reuse snapshots; owns (an Arc of) the model.
+    pub(crate) session: Session,
     pub(crate) tokenizer: Tokenizer,
     pub(crate) template: Option<ChatTemplate>,
     pub(crate) defaults: SamplingParams,
@@ -52,30 +49,14 @@ pub struct Engine {
     dir: PathBuf,
 }
 
-// SAFETY: the raw pointer is the only non-Send part, and it is an owned Box in disguise: the
-// Model it points to is Sync (asserted below), so the `&'static Model` inside the session may
-// be used from whichever thread holds the Engine, and nothing else aliases it.
-unsafe impl Send for Engine {}
-
 #[allow(dead_code)]
 fn assert_thread_safety() {
     fn send<T: Send>() {}
     fn sync<T: Sync>() {}
     sync::<Model>();
-    send::<Session<'static>>();
+    send::<Session>();
     send::<Tokenizer>();
     send::<ChatTemplate>();
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        // SAFETY: the session is the only borrower of `*self.model`; it is dropped first and
-        // never touched again, then the Box made in `open` is rebuilt and freed exactly once.
-        unsafe {
-            ManuallyDrop::drop(&mut self.session);
-            drop(Box::from_raw(self.model));
-        }
-    }
 }
 
 impl Engine {
@@ -100,18 +81,13 @@ impl Engine {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into())
         });
-        let model = Box::into_raw(Box::new(model));
-        // SAFETY: `model` comes from Box::into_raw and is freed only in Drop, after the
-        // session; no `&mut Model` is ever made from it, so this shared borrow stays valid.
-        let model_ref: &'static Model = unsafe { &*model };
-        let mut session = Session::new(model_ref);
+        let mut session = Session::new(Arc::new(model));
         session.max_snapshots = opts.max_snapshots;
         if let Some(c) = opts.prefill_chunk {
             session.prefill_chunk = c.max(1);
         }
         Ok(Engine {
-            session: ManuallyDrop::new(session),
-            model,
+            session,
             tokenizer,
             template,
             defaults,
@@ -122,7 +98,12 @@ impl Engine {
     }
 
     pub fn model(&self) -> &Model {
-        self.session.model
+        &self.session.model
+    }
+
+    /// Time per layer and phase accumulated by every forward call so far.
+    pub fn forward_stats(&self) -> &flashmoe_core::model::ForwardStats {
+        &self.session.stats
     }
 
     /// The name the model answers to.

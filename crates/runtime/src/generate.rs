@@ -56,6 +56,22 @@ impl<F: FnMut(Event) -> ControlFlow<()>> Emitter<'_, F> {
     }
 }
 
+fn cancelled(prompt_tokens: usize, prepare_ms: f64, t0: Instant) -> Done {
+    Done {
+        finish_reason: FinishReason::Cancelled,
+        usage: Usage {
+            prompt_tokens,
+            ..Usage::default()
+        },
+        timings: Timings {
+            prepare_ms,
+            total_ms: ms(t0),
+            ..Timings::default()
+        },
+        expert_io: ExpertIo::default(),
+    }
+}
+
 fn call_id() -> String {
     let tail: String = rand::thread_rng()
         .sample_iter(&Alphanumeric)
@@ -88,6 +104,9 @@ impl Engine {
         let mut logits = Vec::new();
         let ends = prompt.boundaries.iter().copied().chain([prompt.ids.len()]);
         for end in ends {
+            if req.is_cancelled() {
+                return Ok(cancelled(prompt.ids.len(), prepare_ms, t0));
+            }
             let (l, reused) = self.session.set_prompt(&prompt.ids[..end])?;
             fed += end - reused.min(end);
             logits = l;
@@ -108,6 +127,14 @@ impl Engine {
         let mut stops = StopChecker::new(&req.stop);
         let mut parser =
             ToolCallParser::new(prompt.parser_tools.as_ref(), prompt.starts_in_thinking);
+        let raw = req.raw;
+        let parse = |parser: &mut ToolCallParser, text: &str| {
+            if raw {
+                vec![ToolEvent::Content(text.to_string())]
+            } else {
+                parser.push(text)
+            }
+        };
         let mut emitter = Emitter {
             on_event: &mut on_event,
             calls: 0,
@@ -121,6 +148,10 @@ impl Engine {
         let mut t_first = None;
         let mut finish = FinishReason::Length;
         while flow.is_continue() && completion < max_new {
+            if req.is_cancelled() {
+                flow = ControlFlow::Break(());
+                break;
+            }
             let tok = sampler.sample(&logits, &history);
             completion += 1;
             if t_first.is_none() {
@@ -134,13 +165,13 @@ impl Engine {
             history.push(tok);
             if let Some(piece) = decoder.push(tok)? {
                 let (text, hit) = stops.push(&piece);
-                flow = emitter.emit(parser.push(&text));
+                flow = emitter.emit(parse(&mut parser, &text));
                 if hit {
                     finish = FinishReason::Stop;
                     break;
                 }
             }
-            if flow.is_break() || completion >= max_new {
+            if flow.is_break() || completion >= max_new || req.is_cancelled() {
                 break;
             }
             logits = self.session.step(tok)?.to_vec();
@@ -157,11 +188,13 @@ impl Engine {
                 }
                 tail.push_str(&stops.finish());
             }
-            let mut events = parser.push(&tail);
-            events.extend(parser.finish());
+            let mut events = parse(&mut parser, &tail);
+            if !raw {
+                events.extend(parser.finish());
+            }
             flow = emitter.emit(events);
         }
-        if flow.is_break() {
+        if flow.is_break() || req.is_cancelled() {
             finish = FinishReason::Cancelled;
         } else if finish == FinishReason::Stop && emitter.calls > 0 {
             finish = FinishReason::ToolCalls;

@@ -1,5 +1,8 @@
 //! What a front end asks for ([`GenerationRequest`]) and what it gets back ([`Event`], [`Done`]).
 //! Plain data: no behaviour beyond merging sampling settings over the model's defaults.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use flashmoe_text::SamplingParams;
 use serde::Serialize;
 use serde_json::Value;
@@ -106,6 +109,12 @@ pub struct GenerationRequest {
     pub max_tokens: Option<usize>,
     /// Generation stops before any of these strings; they are not part of the output.
     pub stop: Vec<String>,
+    /// Emit all generated text as [`Event::Content`], with no reasoning or tool-call parsing
+    /// (plain completions).
+    pub raw: bool,
+    /// Set from another thread to stop the generation before its next forward pass (the
+    /// result then says [`FinishReason::Cancelled`]).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl GenerationRequest {
@@ -116,7 +125,18 @@ impl GenerationRequest {
             sampling: SamplingOverrides::default(),
             max_tokens: None,
             stop: Vec::new(),
+            raw: false,
+            cancel: None,
         }
+    }
+}
+
+impl GenerationRequest {
+    /// Whether [`cancel`](Self::cancel) has been set.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
     }
 }
 
