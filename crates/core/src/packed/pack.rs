@@ -234,7 +234,7 @@ fn pack_dense(
             Some(16) => Target::Bf16,
             Some(b) => {
                 let bits = if needs_8bit(name) { b.max(8) } else { b };
-                if cols % group == 0 {
+                if cols.is_multiple_of(group) {
                     Target::Affine(QuantSpec {
                         bits,
                         group_size: group,

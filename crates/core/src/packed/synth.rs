@@ -381,7 +381,7 @@ fn fill_affine(rng: &mut Rng, bits: u32, w: &mut [u8], scales: &mut [u8], biases
 fn tensor_bytes(shape: &[usize], kind: Kind, dense_bits: u32) -> u64 {
     let n: usize = shape.iter().product();
     match kind {
-        Kind::Matrix { hi } if dense_bits != 16 && shape[1] % GROUP == 0 => {
+        Kind::Matrix { hi } if dense_bits != 16 && shape[1].is_multiple_of(GROUP) => {
             let bits = if hi { dense_bits.max(8) } else { dense_bits } as usize;
             (n * bits / 8 + 2 * (n / GROUP) * 2) as u64
         }
@@ -400,7 +400,7 @@ fn write_dense(
         let mut rng = Rng::new(opts.seed, name.as_bytes());
         let n: usize = shape.iter().product();
         match kind {
-            Kind::Matrix { hi } if opts.dense_bits != 16 && shape[1] % GROUP == 0 => {
+            Kind::Matrix { hi } if opts.dense_bits != 16 && shape[1].is_multiple_of(GROUP) => {
                 let bits = if hi {
                     opts.dense_bits.max(8)
                 } else {
