@@ -1,6 +1,8 @@
 //! Session: one sequence's state over a model, with chunked prefill, single-token decode and
 //! a small cache of state snapshots for prefix reuse (same system prompt and tools, or a
 //! continuing conversation, prefills only the new tokens). Sampling lives with the caller.
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::model::{ForwardStats, Logits, Model, State};
 
@@ -12,8 +14,9 @@ struct Snapshot {
     logits: Vec<f32>,
 }
 
-pub struct Session<'m> {
-    pub model: &'m Model,
+pub struct Session {
+    /// Shared: a server's worker and its metrics, or a chat and its front end, hold it too.
+    pub model: Arc<Model>,
     state: State,
     tokens: Vec<u32>,
     last_logits: Vec<f32>,
@@ -29,11 +32,11 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-impl<'m> Session<'m> {
-    pub fn new(model: &'m Model) -> Self {
+impl Session {
+    pub fn new(model: Arc<Model>) -> Self {
         Session {
-            model,
             state: State::new(&model.cfg),
+            model,
             tokens: Vec::new(),
             last_logits: Vec::new(),
             snapshots: Vec::new(),

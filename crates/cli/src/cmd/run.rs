@@ -47,8 +47,8 @@ pub fn run(a: Args) -> Result<()> {
         anyhow::bail!("give --prompt TEXT or --ids 1,2,3");
     };
     let ids = parse_ids(ids)?;
-    let model = a.model.load()?;
-    run_ids(&model, &ids, a.tokens, a.timing)
+    let model = std::sync::Arc::new(a.model.load()?);
+    run_ids(model, &ids, a.tokens, a.timing)
 }
 
 fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
@@ -103,12 +103,23 @@ fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
             io.bytes_read as f64 / 1e9,
             if io.bytes_read > 0 { 100.0 * io.bytes_cached as f64 / io.bytes_read as f64 } else { 0.0 }
         );
+        eprintln!("per layer, ms per generated token (prefill included):");
+        print_layer_table(
+            engine.forward_stats(),
+            done.usage.completion_tokens.max(1) as f64,
+        );
     }
     Ok(())
 }
 
-pub fn run_ids(model: &Model, ids: &[u32], tokens: usize, timing: bool) -> Result<()> {
-    let mut sess = Session::new(model);
+pub fn run_ids(
+    model: std::sync::Arc<Model>,
+    ids: &[u32],
+    tokens: usize,
+    timing: bool,
+) -> Result<()> {
+    let mut sess = Session::new(model.clone());
+    let model = &*model;
     let t0 = Instant::now();
     let (mut logits, _) = sess.set_prompt(ids)?;
     let prefill = t0.elapsed();
@@ -173,6 +184,30 @@ fn print_timing(
         prompt as f64 / prefill.as_secs_f64()
     );
     eprintln!("decode, per layer, ms per token:");
+    print_layer_table(dstats, n);
+    let secs = decode.as_secs_f64();
+    let read_gb = io.bytes_read as f64 / 1e9;
+    eprintln!(
+        "decode: {} tokens in {:.1} ms = {:.2} tok/s; experts fetched {} ({:.3} GB, {:.2} MB/token), read bandwidth {:.2} GB/s while reading",
+        per_token.len(),
+        secs * 1e3,
+        per_token.len() as f64 / secs.max(1e-9),
+        io.fetched,
+        read_gb,
+        read_gb * 1e3 / n,
+        if io.read_ns > 0 { read_gb / (io.read_ns as f64 / 1e9) } else { 0.0 }
+    );
+    if io.bytes_read > 0 {
+        eprintln!(
+            "page cache served {:.1}% of expert bytes ({})",
+            100.0 * io.bytes_cached as f64 / io.bytes_read as f64,
+            model.experts.describe()
+        );
+    }
+}
+
+/// The per-layer phase table: each figure is total time divided by `n`.
+pub fn print_layer_table(dstats: &ForwardStats, n: f64) {
     eprintln!(
         "{:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "layer", "mixer", "routing", "shared", "io_wait", "experts", "combine", "total"
@@ -203,23 +238,4 @@ fn print_timing(
         ms(dstats.embed) / n,
         ms(dstats.head) / n
     );
-    let secs = decode.as_secs_f64();
-    let read_gb = io.bytes_read as f64 / 1e9;
-    eprintln!(
-        "decode: {} tokens in {:.1} ms = {:.2} tok/s; experts fetched {} ({:.3} GB, {:.2} MB/token), read bandwidth {:.2} GB/s while reading",
-        per_token.len(),
-        secs * 1e3,
-        per_token.len() as f64 / secs.max(1e-9),
-        io.fetched,
-        read_gb,
-        read_gb * 1e3 / n,
-        if io.read_ns > 0 { read_gb / (io.read_ns as f64 / 1e9) } else { 0.0 }
-    );
-    if io.bytes_read > 0 {
-        eprintln!(
-            "page cache served {:.1}% of expert bytes ({})",
-            100.0 * io.bytes_cached as f64 / io.bytes_read as f64,
-            model.experts.describe()
-        );
-    }
 }
