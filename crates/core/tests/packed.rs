@@ -471,3 +471,73 @@ fn expert_read_throughput() {
         Err(e) => eprintln!("probe: O_DIRECT unavailable: {e}"),
     }
 }
+
+#[test]
+fn synth_models_load_run_and_are_reproducible() {
+    use flashmoe_core::config::ModelConfig;
+    use flashmoe_core::packed::{synth, synth_config, ExpertLayout, SynthOptions, PRESETS};
+    let o = |bits, seed| SynthOptions {
+        preset: "tiny".into(),
+        layers: Some(2),
+        experts: None,
+        bits,
+        dense_bits: 4,
+        seed,
+        force: true,
+        tokenizer: None,
+    };
+    let ids = [1u32, 2, 3, 250, 258];
+    let mut first = Vec::new();
+    for (name, bits, seed) in [
+        ("a", 4, 7),
+        ("b", 4, 7),
+        ("c", 4, 8),
+        ("d", 2, 7),
+        ("e", 8, 7),
+    ] {
+        let dir = tmp(&format!("synth-{name}"));
+        let m = synth(&dir, &o(bits, seed), &NoProgress).expect("synth");
+        assert!(dir.join("tokenizer.json").exists() && dir.join("config.json").exists());
+        let model = open_model(&dir, &LoadOptions::default()).expect("load synth");
+        let l = logits(&model, &ids);
+        assert!(l.iter().all(|v| v.is_finite()), "{name}: non-finite logits");
+        let crcs: Vec<u32> = m
+            .experts
+            .layers
+            .iter()
+            .flat_map(|l| l.crc32.clone())
+            .collect();
+        match name {
+            "a" => first = crcs,
+            "b" => assert_eq!(first, crcs, "same seed, same experts"),
+            "c" => assert_ne!(first, crcs, "another seed, other experts"),
+            _ => {}
+        }
+    }
+    // The reference design's expert: 7,077,888 bytes at 4 bits, already 4096-aligned.
+    let l = ExpertLayout::build(4, 64, 1024, 4096, DType::BF16, 512);
+    assert_eq!((l.expert_bytes, l.stride), (7_077_888, 7_077_888));
+    let want = [
+        ("qwen3.5-397b-a17b", 4096, 60, 512, 10, 248320),
+        ("qwen3.5-35b-a3b", 2048, 40, 256, 8, 248320),
+        ("qwen3-next-80b-a3b", 2048, 48, 512, 10, 151936),
+        ("qwen3-30b-a3b", 2048, 48, 128, 8, 151936),
+        ("qwen3-235b-a22b", 4096, 94, 128, 8, 151936),
+    ];
+    for (p, h, layers, e, k, v) in want {
+        assert!(PRESETS.contains(&p));
+        let c = synth_config(p, None, None, None, &[]).expect("preset");
+        let c = ModelConfig::from_json(&c, Path::new(p)).expect("parses");
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_layers,
+                c.num_experts,
+                c.num_experts_per_tok,
+                c.vocab_size
+            ),
+            (h, layers, e, k, v),
+            "{p}"
+        );
+    }
+}
