@@ -10,6 +10,7 @@ pub mod progress;
 pub mod render;
 pub mod run;
 pub mod sampling;
+pub mod serve;
 pub mod synth;
 pub mod tokenize;
 pub mod tools;
