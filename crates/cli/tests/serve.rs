@@ -397,6 +397,20 @@ fn burst_with_small_queue_answers_or_refuses_every_request() {
         200
     );
     let idle = srv.rss_kib();
+    // Keep the model busy with a long stream so that the burst must queue; it is dropped
+    // (cancelled) once the queue has refused someone, letting the queued requests run.
+    let mut long = chat_body("Tell me a long story", 3000);
+    long["stream"] = json!(true);
+    let mut hold = connect(&srv.addr);
+    write_request(
+        &mut hold,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        long.to_string().as_bytes(),
+    );
+    let mut buf = [0u8; 256];
+    assert!(hold.read(&mut buf).expect("first bytes") > 0);
     let t = Instant::now();
     let handles: Vec<_> = (0..100)
         .map(|i| {
@@ -419,6 +433,8 @@ fn burst_with_small_queue_answers_or_refuses_every_request() {
             })
         })
         .collect();
+    wait_until(30, || srv.metric("flashmoe_requests_rejected_total") >= 1.0);
+    drop(hold);
     let (mut ok, mut refused) = (0, 0);
     for h in handles {
         let (i, r) = h.join().expect("client thread");

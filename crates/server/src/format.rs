@@ -163,3 +163,102 @@ pub fn full_response(
         "timings": timings(d),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashmoe_runtime::{ExpertIo, FinishReason, Timings, Usage};
+
+    fn done(finish: FinishReason) -> Done {
+        Done {
+            finish_reason: finish,
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 3,
+                cached_tokens: 7,
+            },
+            timings: Timings::default(),
+            expert_io: ExpertIo::default(),
+        }
+    }
+
+    fn call() -> ToolCall {
+        ToolCall {
+            index: 0,
+            id: "call_x".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city": "Paris"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn tool_call_response_has_null_content_string_arguments_and_usage() {
+        let c = Collected {
+            content: String::new(),
+            reasoning: "hmm".into(),
+            calls: vec![call()],
+        };
+        let v = full_response(
+            Kind::Chat,
+            "chatcmpl-1",
+            5,
+            "m",
+            &c,
+            &done(FinishReason::ToolCalls),
+        );
+        let msg = &v["choices"][0]["message"];
+        assert_eq!(msg["content"], Value::Null);
+        assert_eq!(msg["reasoning_content"], "hmm");
+        assert_eq!(
+            msg["tool_calls"],
+            json!([{"id": "call_x", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}])
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                   "prompt_tokens_details": {"cached_tokens": 7}})
+        );
+    }
+
+    #[test]
+    fn stream_chunks_follow_openai_shapes() {
+        let ch = Chunks {
+            kind: Kind::Chat,
+            id: "chatcmpl-1".into(),
+            created: 5,
+            model: "m".into(),
+            include_usage: true,
+        };
+        let open = ch.opening().expect("chat opens with the role");
+        assert_eq!(
+            open["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+        assert_eq!(open["usage"], Value::Null);
+        let tc = ch.tool_call(&call());
+        assert_eq!(tc["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
+        assert_eq!(tc["choices"][0]["delta"]["tool_calls"][0]["id"], "call_x");
+        assert_eq!(
+            ch.reasoning("r")["choices"][0]["delta"],
+            json!({"reasoning_content": "r"})
+        );
+        let end = ch.done(&done(FinishReason::Stop));
+        assert_eq!(end.len(), 2);
+        assert_eq!(end[0]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(end[0]["choices"][0]["delta"], json!({}));
+        assert_eq!(end[1]["choices"], json!([]));
+        assert_eq!(end[1]["usage"]["total_tokens"], 13);
+        let text = Chunks {
+            kind: Kind::Completion,
+            include_usage: false,
+            ..ch
+        };
+        assert!(text.opening().is_none());
+        let c = text.content("hi");
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["choices"][0]["text"], "hi");
+        assert!(c.get("usage").is_none());
+    }
+}
