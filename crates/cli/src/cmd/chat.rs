@@ -326,6 +326,8 @@ impl Chat {
                 });
                 req.max_tokens = Some(self.max_tokens);
                 req.sampling = self.sampling.overrides();
+                // Checked between forward passes, so Ctrl-C also stops a long prefill.
+                req.cancel = Some(self.interrupted.clone());
                 let flag = self.interrupted.clone();
                 let done = engine.generate(&req, |ev| {
                     match ev {
