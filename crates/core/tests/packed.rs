@@ -112,6 +112,62 @@ fn mlx4_packed_is_bit_identical() {
     assert!(c.bytes_read > 0 && c.fetched > 0, "{c:?}");
 }
 
+/// MLX checkpoints of every family (converted by tests/common/mlx_convert.rs) repack without
+/// touching a byte: the packed model's logits equal the unpacked MLX run's, one prompt and
+/// step by step; requantizing the MLX experts to 2 bits also runs.
+#[test]
+fn mlx_checkpoints_of_every_family_repack_bit_identically() {
+    let Some(shared) = shared_dir() else { return };
+    for fixture in ["tiny-a", "tiny-next-a", "tiny-qwen3moe-a"] {
+        let gdir = shared.join("golden").join(fixture);
+        let g = Golden::load(&gdir);
+        let c = common::mlx_convert::convert(
+            &gdir.join("hf-bf16"),
+            &tmp(&format!("{fixture}-mlx-src")),
+            4,
+            64,
+        );
+        let dst = pack_to(&c.mlx, &format!("{fixture}-mlx4"), PackOptions::default());
+        let man = Manifest::read(&dst).expect("manifest");
+        assert_eq!((man.experts.bits, man.experts.group_size), (4, 64));
+        let ids = g.ids("input_ids");
+        let unpacked = open_model(&c.mlx, &LoadOptions::default()).expect("load mlx");
+        let packed = open_model(&dst, &LoadOptions::default()).expect("load packed");
+        assert!(packed.experts.describe().contains("packed"));
+        let err = max_abs(&logits(&packed, &ids), &logits(&unpacked, &ids));
+        eprintln!("FIGURE {fixture} mlx-4bit packed vs unpacked, one prompt: max abs {err:.2e}");
+        assert!(err <= 1e-5, "{fixture}: packed vs unpacked {err}");
+        let p = g.prompt_len("bf16");
+        let stepped = |m: &Model| {
+            let mut st = State::new(&m.cfg);
+            let mut s = ForwardStats::default();
+            let mut out = m
+                .forward(&ids[..p], &mut st, Logits::Last, &mut s, None)
+                .unwrap();
+            for &id in &ids[p..] {
+                out.extend(
+                    m.forward(&[id], &mut st, Logits::Last, &mut s, None)
+                        .unwrap(),
+                );
+            }
+            out
+        };
+        let err = max_abs(&stepped(&packed), &stepped(&unpacked));
+        eprintln!(
+            "FIGURE {fixture} mlx-4bit packed vs unpacked, prefill {p} + decode: max abs {err:.2e}"
+        );
+        assert!(err <= 1e-5, "{fixture}: stepped packed vs unpacked {err}");
+
+        let q2 = pack_to(&c.mlx, &format!("{fixture}-mlx-q2"), opts(2));
+        let m = open_model(&q2, &LoadOptions::default()).expect("load 2-bit");
+        let l = logits(&m, &ids);
+        assert!(l.iter().all(|v| v.is_finite()), "{fixture}: 2-bit from MLX");
+        let d = max_abs(&l, &logits(&dequantized_model(&q2), &ids));
+        eprintln!("FIGURE {fixture} 2-bit requantized from MLX 4-bit vs its dequantized weights: max abs {d:.2e}");
+        assert!(d < 1e-3, "{fixture}: 2-bit from MLX vs dequantized {d}");
+    }
+}
+
 /// The packed model's experts dequantized to f32: the same weights without the quantized
 /// kernels, so any difference is the kernels', not the quantizer's.
 struct Dequantized(Box<dyn ExpertSource>);
@@ -153,7 +209,8 @@ fn dequantized_model(dir: &Path) -> Model {
     let man = Manifest::read(dir).expect("manifest");
     let cfg = man.model_config(dir).expect("config");
     let store = man.open_dense(dir).expect("dense");
-    let px = PackedExperts::open(dir, &man, cfg.num_layers, 4, IoMode::Cached, false, 2)
+    let k = cfg.num_experts_per_tok;
+    let px = PackedExperts::open(dir, &man, cfg.num_layers, k, IoMode::Cached, false, 2)
         .expect("experts");
     Model::load(cfg, &store, Box::new(Dequantized(Box::new(px)))).expect("model")
 }
@@ -161,25 +218,42 @@ fn dequantized_model(dir: &Path) -> Model {
 #[test]
 fn hf_bf16_quantized_agrees_with_its_dequantized_weights() {
     let Some(shared) = shared_dir() else { return };
+    for fixture in ["tiny-a", "tiny-next-a", "tiny-qwen3moe-a"] {
+        let gdir = shared.join("golden").join(fixture);
+        let g = Golden::load(&gdir);
+        let ids = g.ids("input_ids");
+        let (shape, bf16_logits) = &g.f32s["logits"];
+        let vocab = shape[1];
+        for bits in [4u32, 2] {
+            let dst = pack_to(
+                &gdir.join("hf-bf16"),
+                &format!("{fixture}-hf-q{bits}"),
+                opts(bits),
+            );
+            assert_eq!(Manifest::read(&dst).unwrap().experts.bits, bits);
+            let packed = open_model(&dst, &LoadOptions::default()).expect("load packed");
+            let a = logits(&packed, &ids);
+            let b = logits(&dequantized_model(&dst), &ids);
+            let err = max_abs(&a, &b);
+            eprintln!(
+                "FIGURE {fixture} hf-bf16 {bits}-bit: packed vs its dequantized weights max abs {err:.2e}"
+            );
+            assert!(
+                err < 1e-3,
+                "{fixture} {bits}-bit packed vs dequantized: {err}"
+            );
+            let (e, top1, kl) = compare(&a, bf16_logits, vocab);
+            eprintln!(
+                "FIGURE {fixture} {bits}-bit (quantized from bf16) vs bf16 golden: max abs {e:.3}, top-1 {:.1}%, KL {kl:.4}",
+                top1 * 100.0
+            );
+        }
+    }
     let gdir = shared.join("golden/tiny-a");
     let g = Golden::load(&gdir);
     let ids = g.ids("input_ids");
     let (shape, bf16_logits) = &g.f32s["logits"];
     let vocab = shape[1];
-    for bits in [4u32, 2] {
-        let dst = pack_to(&gdir.join("hf-bf16"), &format!("hf-q{bits}"), opts(bits));
-        let packed = open_model(&dst, &LoadOptions::default()).expect("load packed");
-        let a = logits(&packed, &ids);
-        let b = logits(&dequantized_model(&dst), &ids);
-        let err = max_abs(&a, &b);
-        eprintln!("tiny-a hf-bf16 {bits}-bit: packed vs its dequantized weights max abs {err:.2e}");
-        assert!(err < 1e-3, "{bits}-bit packed vs dequantized: {err}");
-        let (e, top1, kl) = compare(&a, bf16_logits, vocab);
-        eprintln!(
-            "FIGURE tiny-a {bits}-bit (quantized from bf16) vs bf16 golden: max abs {e:.3}, top-1 {:.1}%, KL {kl:.4}",
-            top1 * 100.0
-        );
-    }
     // 2 bits by requantizing the 4-bit MLX checkpoint (the reference design's route).
     let dst = pack_to(&gdir.join("mlx-4bit"), "mlx-q2", opts(2));
     let m = open_model(&dst, &LoadOptions::default()).expect("load");
