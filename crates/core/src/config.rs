@@ -251,10 +251,11 @@ impl ModelConfig {
         let norm_topk_prob = match arch {
             // HF Qwen3.5 always renormalises (no flag in the code).
             Arch::Qwen35Moe => true,
+            // Absent: transformers' defaults (Qwen3MoeConfig False, Qwen3NextConfig True).
             _ => t
                 .get("norm_topk_prob")
                 .and_then(Value::as_bool)
-                .unwrap_or(true),
+                .unwrap_or(arch == Arch::Qwen3Next),
         };
         let sparse_step = us_or("decoder_sparse_step", 1);
         let mlp_only: Vec<usize> = t
@@ -381,6 +382,14 @@ impl ModelConfig {
 }
 
 fn parse_quant(q: &Value) -> std::result::Result<QuantConfig, String> {
+    // Hugging Face quantized checkpoints (fp8, gptq, awq, bitsandbytes, ...) name their method;
+    // MLX blocks never do. Read as MLX affine they would load with the wrong norm convention.
+    if let Some(m) = q.get("quant_method") {
+        return Err(format!(
+            "quantization_config.quant_method {m} is not implemented (only MLX affine checkpoints \
+             and unquantized bf16/f16/f32 ones)"
+        ));
+    }
     let spec = |v: &Value| -> std::result::Result<QuantSpec, String> {
         let bits = v.get("bits").and_then(Value::as_u64).unwrap_or(4) as u32;
         let group_size = v.get("group_size").and_then(Value::as_u64).unwrap_or(64) as usize;
@@ -392,7 +401,9 @@ fn parse_quant(q: &Value) -> std::result::Result<QuantConfig, String> {
             }
         }
         if ![2, 4, 8].contains(&bits) {
-            return Err(format!("quantization bits {bits} not supported (2, 4, 8)"));
+            return Err(format!(
+                "quantization bits {bits} is not implemented (only 2, 4 and 8)"
+            ));
         }
         if ![32, 64, 128].contains(&group_size) {
             return Err(format!(
