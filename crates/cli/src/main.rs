@@ -37,6 +37,8 @@ enum Command {
     Pack(cmd::pack::Args),
     /// Write a packed model of random weights at a real model's shapes (for benchmarks).
     Synth(cmd::synth::Args),
+    /// Measure kernels, expert I/O, MoE, decode and prefill against this machine's limits.
+    Bench(cmd::bench::Args),
     /// OpenAI-compatible HTTP server (chat and text completions, streaming, tools, metrics).
     Serve(cmd::serve::Args),
 }
@@ -53,6 +55,7 @@ fn main() {
         Command::Render(a) => cmd::render::run(a),
         Command::Pack(a) => cmd::pack::run(a),
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = r {

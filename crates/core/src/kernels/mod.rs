@@ -27,8 +27,8 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use gemm::{gemm_acc, gemm_acc_ref, Mat};
 pub use elementwise::{axpy, dot, rmsnorm, silu, softmax_inplace, swiglu, top_k};
+pub use gemm::{gemm_acc, gemm_acc_ref, Mat};
 pub use quantize::{quantize_affine, quantize_minmax};
 pub use reference::{dequantize, dequantize_row, matmul_ref, matvec_ref};
 
@@ -221,6 +221,15 @@ pub(crate) fn isa() -> Isa {
         }
     }
     Isa::Portable
+}
+
+/// The instruction set products run with on this CPU, for reports.
+pub fn isa_name() -> &'static str {
+    match isa() {
+        Isa::Portable => "portable",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "avx2+fma",
+    }
 }
 
 /// Runs `f(first_row, y_chunk)` over `y` (one value per row, or `per_row` values per row),

@@ -26,11 +26,29 @@ impl Mlp {
 }
 
 pub fn swiglu_mlp(gate: &Linear, up: &Linear, down: &Linear, x: &[f32], t: usize) -> Vec<f32> {
-    let g = linear(gate, x, t);
-    let u = linear(up, x, t);
+    swiglu_mlp_with(gate, up, down, x, t, linear)
+}
+
+fn swiglu_mlp_with(
+    gate: &Linear,
+    up: &Linear,
+    down: &Linear,
+    x: &[f32],
+    t: usize,
+    lin: fn(&Linear, &[f32], usize) -> Vec<f32>,
+) -> Vec<f32> {
+    let g = lin(gate, x, t);
+    let u = lin(up, x, t);
     let mut h = vec![0f32; g.len()];
     kernels::swiglu(&g, &u, &mut h);
-    linear(down, &h, t)
+    lin(down, &h, t)
+}
+
+/// `linear` on the calling thread only (for products that already run one per thread).
+fn linear_one_thread(w: &Linear, x: &[f32], t: usize) -> Vec<f32> {
+    let mut y = vec![0f32; t * w.rows()];
+    kernels::matmul_with(kernels::isa(), usize::MAX, &w.view(), x, t, &mut y);
+    y
 }
 
 pub struct Moe {
@@ -41,6 +59,10 @@ pub struct Moe {
     pub shared_gate: Option<Linear>,
     pub layer: usize,
 }
+
+/// Experts run in parallel only when each is at least this much work (bytes × tokens): a rayon
+/// fork-join costs 10-25 us on the 2-core dev VM, more than a tiny expert's whole product.
+const PAR_MIN_EXPERT_BYTES: usize = 1 << 20;
 
 /// Most experts fetched at once during prefill: bounds the buffers a chunk holds.
 const FETCH_BATCH: usize = 16;
@@ -123,8 +145,11 @@ impl Moe {
                 experts.prefetch(self.layer, next);
             }
             let tb = Instant::now();
-            let run = |&e: &usize| self.run_expert(e, x, hidden, &routes, experts);
-            let done: Vec<Result<ExpertOut>> = if parallel {
+            let par = parallel && experts.expert_bytes() * t >= PAR_MIN_EXPERT_BYTES;
+            // In parallel, each expert's products run on its own thread (the experts are the
+            // parallelism); serially, each product is split over rows instead.
+            let run = |&e: &usize| self.run_expert(e, x, hidden, &routes, experts, par);
+            let done: Vec<Result<ExpertOut>> = if par {
                 batch.par_iter().map(run).collect()
             } else {
                 batch.iter().map(run).collect()
@@ -171,6 +196,7 @@ impl Moe {
         hidden: usize,
         routes: &[Vec<(usize, f32)>],
         experts: &dyn ExpertSource,
+        one_thread: bool,
     ) -> Result<ExpertOut> {
         let tw = Instant::now();
         let w =
@@ -194,7 +220,11 @@ impl Moe {
         for &(ti, _) in &toks {
             xe.extend_from_slice(&x[ti * hidden..][..hidden]);
         }
-        let y = swiglu_mlp(&w.gate, &w.up, &w.down, &xe, toks.len());
+        let y = if one_thread {
+            swiglu_mlp_with(&w.gate, &w.up, &w.down, &xe, toks.len(), linear_one_thread)
+        } else {
+            swiglu_mlp(&w.gate, &w.up, &w.down, &xe, toks.len())
+        };
         Ok(ExpertOut {
             toks,
             y,

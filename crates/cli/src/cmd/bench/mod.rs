@@ -1,0 +1,137 @@
+//! `flashmoe bench [kernels|io|moe|decode|prefill|all] --model DIR`: runs the benchmarks of
+//! `flashmoe_core::bench` and prints a readable report, or one JSON object (`--json`) in
+//! which every figure with a limit sits beside it and their ratio (`*_ratio`). `--record`
+//! appends one TSV row per run, `--plot` draws the TSV's history as a PNG.
+mod plot;
+mod record;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args as ClapArgs, ValueEnum};
+use flashmoe_core::bench::{run_bench, BenchOptions, Which};
+use serde_json::Value;
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum What {
+    /// Matvec GB/s per format beside memory read bandwidth
+    Kernels,
+    /// Expert-read GB/s at K in flight beside plain reads of the same size
+    Io,
+    /// Expert-only tokens/s
+    Moe,
+    /// Decode tok/s, warm and cold, with phases and the bound
+    Decode,
+    /// Prefill time to first token, warm and cold
+    Prefill,
+    /// Everything above
+    All,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Which benchmark
+    #[arg(value_enum, default_value_t = What::All)]
+    pub what: What,
+    /// Model directory (a packed model from `flashmoe synth`/`pack` for I/O and cold figures)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Print one JSON object instead of the readable report
+    #[arg(long)]
+    pub json: bool,
+    /// Append a row (commit, model, bits, K, tok/s, ttft, mem GB, notes) to this TSV file
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Draw the history of the --record TSV (or of this run's row alone) as a PNG
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Routed experts per token (default: the model's own)
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Decode steps per decode measurement (and tokens of the MoE-only benchmark)
+    #[arg(long, default_value_t = 8)]
+    pub tokens: usize,
+    /// Prompt length of the prefill benchmark
+    #[arg(long, default_value_t = 2000)]
+    pub prompt_tokens: usize,
+    /// MB of weights each kernel measurement streams per pass
+    #[arg(long, default_value_t = 256)]
+    pub kernel_mb: usize,
+    /// MB read per I/O measurement
+    #[arg(long, default_value_t = 1024)]
+    pub io_mb: usize,
+    /// Skip the cold (--io direct) variants
+    #[arg(long)]
+    pub no_cold: bool,
+    /// Skip the same-run baselines (serial experts, recurrent delta rule, next-layer prefetch)
+    #[arg(long)]
+    pub no_compare: bool,
+    /// Free text for the --record row's notes column
+    #[arg(long, default_value = "")]
+    pub notes: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let which: Vec<Which> = match a.what {
+        What::All => Which::ALL.to_vec(),
+        What::Kernels => vec![Which::Kernels],
+        What::Io => vec![Which::Io],
+        What::Moe => vec![Which::Moe],
+        What::Decode => vec![Which::Decode],
+        What::Prefill => vec![Which::Decode, Which::Prefill],
+    };
+    let mut opts = BenchOptions::new(a.model.clone());
+    opts.k = a.k;
+    opts.tokens = a.tokens.max(1);
+    opts.prompt_tokens = a.prompt_tokens.max(2);
+    opts.kernel_mb = a.kernel_mb.max(1);
+    opts.io_mb = a.io_mb.max(1);
+    opts.cold = !a.no_cold;
+    opts.compare = !a.no_compare;
+    let say = |m: &str| eprintln!("[bench] {m}");
+    let mut report = run_bench(&opts, &which, &say)
+        .with_context(|| format!("benchmarking {}", a.model.display()))?;
+    if let Some(path) = &a.record {
+        let row = record::row(&report, &a.model, &a.notes);
+        record::append(path, &row).with_context(|| format!("appending to {}", path.display()))?;
+    }
+    if let Some(png) = &a.plot {
+        let rows = match &a.record {
+            Some(tsv) => record::read(tsv)?,
+            None => vec![record::row(&report, &a.model, &a.notes)],
+        };
+        plot::draw(&rows, png).with_context(|| format!("drawing {}", png.display()))?;
+        if let Value::Object(m) = &mut report {
+            m.insert("plot".into(), Value::from(png.display().to_string()));
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+/// The report as indented `key: value` lines, a figure's ratio flagged with its limit.
+fn print_text(v: &Value) {
+    let Value::Object(root) = v else { return };
+    for (section, body) in root {
+        println!("{section}");
+        match body {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match v {
+                        Value::Object(inner) => {
+                            let parts: Vec<String> =
+                                inner.iter().map(|(a, b)| format!("{a} {b}")).collect();
+                            println!("  {k}: {}", parts.join(", "));
+                        }
+                        _ => println!("  {k}: {v}"),
+                    }
+                }
+            }
+            other => println!("  {other}"),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! `flashmoe bench all --json` runs end to end on a tiny synthetic packed model and on the
+//! golden checkpoint, and its JSON carries every section with figure/limit/ratio triples.
+//! No timing assertions: CI machines are shared and noisy.
+mod common;
+
+use common::{bin, run_ok, shared_dir, temp_dir};
+use serde_json::Value;
+
+/// `bench all --json` with small sizes; returns the parsed report.
+fn bench_all(model: &std::path::Path, dir: &std::path::Path) -> Value {
+    let tsv = dir.join("results.tsv");
+    let png = dir.join("results.png");
+    let out = run_ok(
+        bin()
+            .args(["bench", "all", "--json"])
+            .arg("--model")
+            .arg(model)
+            .args([
+                "--tokens",
+                "2",
+                "--prompt-tokens",
+                "70",
+                "--kernel-mb",
+                "4",
+                "--io-mb",
+                "4",
+            ])
+            .arg("--record")
+            .arg(&tsv)
+            .arg("--plot")
+            .arg(&png),
+    );
+    let v: Value =
+        serde_json::from_slice(&out.stdout).expect("bench --json prints one JSON object");
+    let tsv_text = std::fs::read_to_string(&tsv).expect("--record wrote the TSV");
+    assert!(tsv_text.starts_with("commit\tmodel\tbits\tk\ttok_s\tttft_ms\tmem_gb\tnotes\n"));
+    assert_eq!(tsv_text.lines().count(), 2, "header + one row");
+    let png_bytes = std::fs::read(&png).expect("--plot wrote the PNG");
+    assert_eq!(&png_bytes[1..4], b"PNG");
+    v
+}
+
+/// Every `X_ratio` sits beside `X_<unit>` and `X_limit_<unit>`, and is their quotient.
+fn ratios(v: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    for (sec, body) in v.as_object().expect("object") {
+        let Some(m) = body.as_object() else { continue };
+        for (k, r) in m {
+            let Some(base) = k.strip_suffix("_ratio") else {
+                continue;
+            };
+            let limit = m
+                .iter()
+                .find(|(kk, _)| kk.starts_with(&format!("{base}_limit_")))
+                .unwrap_or_else(|| panic!("{sec}.{k} has no {base}_limit_*"));
+            let unit = limit.0.rsplit('_').next().unwrap_or_default();
+            let val = m
+                .get(&format!("{base}_{unit}"))
+                .unwrap_or_else(|| panic!("{sec}.{k} has no {base}_{unit}"));
+            if let (Some(a), Some(b), Some(r)) = (val.as_f64(), limit.1.as_f64(), r.as_f64()) {
+                assert!(
+                    (a / b - r).abs() <= 1e-3 * r.abs().max(1e-9) + 1e-9,
+                    "{sec}.{k}: {a} / {b} != {r}"
+                );
+            }
+            found.push(format!("{sec}.{k}"));
+        }
+    }
+    found
+}
+
+#[test]
+fn bench_all_json_on_tiny_synth() {
+    let dir = temp_dir("bench-synth");
+    let model = dir.join("tiny");
+    run_ok(
+        bin()
+            .args(["synth", "--preset", "tiny", "--out"])
+            .arg(&model),
+    );
+    let v = bench_all(&model, &dir);
+    for s in [
+        "machine", "model", "kernels", "io", "moe", "decode", "prefill",
+    ] {
+        assert!(v.get(s).is_some(), "section {s} missing: {v}");
+    }
+    let r = ratios(&v);
+    for want in [
+        "kernels.q4_matvec_bw_ratio",
+        "kernels.q2_matvec_bw_ratio",
+        "kernels.q8_matvec_bw_ratio",
+        "kernels.bf16_matvec_bw_ratio",
+        "io.cached_expert_read_bw_ratio",
+        "moe.warm_moe_tok_ratio",
+        "decode.warm_tpt_ratio",
+        "decode.rss_ratio",
+        "prefill.warm_prefill_ttft_ratio",
+        "prefill.warm_prefill_speedup_ratio",
+    ] {
+        assert!(r.iter().any(|x| x == want), "{want} missing; have {r:?}");
+    }
+    // Cold figures need O_DIRECT, which some filesystems (tmpfs) refuse: then a note says so.
+    let d = &v["decode"];
+    assert!(d.get("cold_tpt_ratio").is_some() || d.get("cold_note").is_some());
+    assert!(d["warm_phase_ms_per_token"].get("expert_wait").is_some());
+}
+
+#[test]
+fn bench_all_json_on_golden_checkpoint() {
+    let Some(shared) = shared_dir() else { return };
+    let dir = temp_dir("bench-golden");
+    let v = bench_all(&shared.join("golden/tiny-a/hf-bf16"), &dir);
+    let r = ratios(&v);
+    assert!(r.iter().any(|x| x == "kernels.q4_matvec_bw_ratio"), "{r:?}");
+    assert!(r.iter().any(|x| x == "decode.warm_tpt_ratio"), "{r:?}");
+    assert!(
+        v["io"].get("note").is_some(),
+        "a checkpoint has no expert reads to time"
+    );
+}
