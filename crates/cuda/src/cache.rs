@@ -73,28 +73,51 @@ impl Layout {
         })
     }
 
-    /// Writes the expert's bytes into `dst` (one slot's worth) in slot layout.
-    pub fn stage(&self, e: &ExpertWeights, dst: &mut [u8]) -> Result<()> {
+    /// The expert's nine byte ranges and their offsets inside a slot.
+    pub fn parts<'a>(&self, e: &'a ExpertWeights) -> Result<[(usize, &'a [u8]); 9]> {
         let (gw, gs, gb) = linear_bytes(&e.gate);
         let (uw, us, ub) = linear_bytes(&e.up);
         let (dw, ds, db) = linear_bytes(&e.down);
-        let n = gw.len();
-        if n + uw.len() + dw.len() + ds.len() * 2 + gs.len() * 4 != self.bytes {
+        let n = gw.len()
+            + uw.len()
+            + dw.len()
+            + ds.len()
+            + db.len()
+            + gs.len()
+            + gb.len()
+            + us.len()
+            + ub.len();
+        if n != self.bytes || gw.len() != uw.len() || gs.len() != us.len() {
             return Err(CudaError::Invalid(
                 "expert size differs from the first expert's".into(),
             ));
         }
-        let mut put = |at: usize, b: &[u8]| dst[at..at + b.len()].copy_from_slice(b);
-        put(self.gu_w, gw);
-        put(self.gu_w + n, uw);
-        put(self.gu_s, gs);
-        put(self.gu_s + gs.len(), us);
-        put(self.gu_b, gb);
-        put(self.gu_b + gb.len(), ub);
-        put(self.d_w, dw);
-        put(self.d_s, ds);
-        put(self.d_b, db);
+        Ok([
+            (self.gu_w, gw),
+            (self.gu_w + gw.len(), uw),
+            (self.gu_s, gs),
+            (self.gu_s + gs.len(), us),
+            (self.gu_b, gb),
+            (self.gu_b + gb.len(), ub),
+            (self.d_w, dw),
+            (self.d_s, ds),
+            (self.d_b, db),
+        ])
+    }
+
+    /// Writes the expert's bytes into `dst` (one slot's worth) in slot layout.
+    pub fn stage(&self, e: &ExpertWeights, dst: &mut [u8]) -> Result<()> {
+        for (at, b) in self.parts(e)? {
+            dst[at..at + b.len()].copy_from_slice(b);
+        }
         Ok(())
+    }
+
+    /// Offsets inside a slot of gate‖up w, s, b and down w, s, b.
+    pub fn offsets(&self) -> [usize; 6] {
+        [
+            self.gu_w, self.gu_s, self.gu_b, self.d_w, self.d_s, self.d_b,
+        ]
     }
 
     /// (gate‖up [2I, H], down [H, I]) of the expert in the slot at `base`.
@@ -218,6 +241,11 @@ impl ExpertCache {
             missed.push(j);
         }
         Ok(Lookup { slots, missed })
+    }
+
+    /// The slot holding expert `e` of `layer`, if resident (does not count as a use).
+    pub fn slot_of(&self, layer: usize, e: usize) -> Option<usize> {
+        self.map.get(&(layer, e)).copied()
     }
 
     /// Forgets an entry whose copy failed, so it is fetched again next time.

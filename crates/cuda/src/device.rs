@@ -161,18 +161,19 @@ fn kernel_names() -> Vec<String> {
     let mut v = Vec::new();
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
-            for var in ["mv", "mm"] {
+            for var in ["mv", "mvg", "mvi", "mm"] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }
         }
     }
     for d in ["bf16", "f16", "f32"] {
-        for var in ["mv", "mm"] {
+        for var in ["mv", "mvi", "mm"] {
             v.push(format!("dmv_{d}_{var}"));
         }
     }
     for k in [
         "embed_row",
+        "expert_batch",
         "rmsnorm_rows",
         "add_rmsnorm",
         "swiglu_k",
@@ -364,6 +365,15 @@ impl Device {
         .map_err(|e| drv("htod", e))
     }
 
+    /// Async host-to-device copy of `src`, which must be pinned memory (e.g. a slice of a
+    /// [`Pinned`]) that stays alive and unmodified until the copy completes.
+    pub fn htod_async_bytes(&self, dst: u64, src: &[u8], stream: &CudaStream) -> Result<()> {
+        // SAFETY: dst points into a live allocation with room for src.len() bytes; the caller
+        // keeps src alive and unmodified until `stream` passes this copy (see above).
+        unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream()) }
+            .map_err(|e| drv("htod", e))
+    }
+
     /// Async device-to-host copy of `len` bytes into pinned memory.
     pub fn dtoh_async(
         &self,
@@ -387,6 +397,41 @@ impl Device {
         // SAFETY: both ranges are live device allocations of at least len bytes.
         unsafe { result::memcpy_dtod_async(dst, src, len, stream.cu_stream()) }
             .map_err(|e| drv("dtod", e))
+    }
+
+    /// Page-locks `len` bytes at `ptr` in place (cuMemHostRegister), so DMA copies read them
+    /// directly. Returns false (and registers nothing) when some of its pages are already
+    /// registered as part of another range: such a range must not be treated as pinned.
+    ///
+    /// # Safety
+    /// The range must stay allocated until [`Device::unregister_host`] is called on it.
+    pub unsafe fn register_host(&self, ptr: *const u8, len: usize) -> Result<bool> {
+        use cudarc::driver::sys;
+        // Read-only registration also accepts read-only mappings (mmap'd checkpoints); fall
+        // back to a plain one where the device does not support it.
+        let mut r = sys::cuMemHostRegister_v2(
+            ptr as *mut _,
+            len,
+            sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_READ_ONLY,
+        );
+        if r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED
+            || r == sys::CUresult::CUDA_ERROR_INVALID_VALUE
+        {
+            r = sys::cuMemHostRegister_v2(ptr as *mut _, len, sys::CU_MEMHOSTREGISTER_PORTABLE);
+        }
+        match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED => Ok(false),
+            e => Err(drv("register host memory", result::DriverError(e))),
+        }
+    }
+
+    /// Undoes [`Device::register_host`].
+    ///
+    /// # Safety
+    /// `ptr` must have been registered and no copy from it may be in flight.
+    pub unsafe fn unregister_host(&self, ptr: *const u8) {
+        let _ = cudarc::driver::sys::cuMemHostUnregister(ptr as *mut _);
     }
 
     pub fn event(&self) -> Result<Event> {

@@ -61,18 +61,33 @@ __device__ __forceinline__ float siluf_(float x) { return x / (1.f + expf(-x)); 
 // dequantised weight is ever formed). A warp owns R rows; each lane reads 16-byte chunks
 // (4 words) with the next chunk's loads issued before the current one is used.
 // ---------------------------------------------------------------------------------------------
-template <int BITS, int SDT, int R, int NT>
+// Exact code extraction without integer-to-float conversion (I2F runs at quarter rate and was
+// the bottleneck): a code masked in place at bit offset o < 16 of a 16-bit half, OR'ed into the
+// mantissa of 2^23, is the float 2^23 + q * 2^o exactly; subtracting 2^23 leaves q * 2^o. One
+// accumulator per in-half position p collects sum(q * 2^(p*BITS) * x) and is scaled back by
+// 2^-(p*BITS) (exact) when the group is flushed.
+template <int BITS> __device__ __forceinline__ float mag(u32 half16, int p) {
+    return __int_as_float(0x4B000000u | (half16 & (((1u << BITS) - 1u) << (p * BITS)))) - 8388608.f;
+}
+
+// Shared-memory copy of x, padded by 4 floats every 32 so that lanes reading 16 bytes at a
+// stride of 32 elements hit different banks.
+__device__ __forceinline__ int xpad(int e) { return e + ((e >> 5) << 2); }
+
+template <int BITS, int SDT, int R, int NT, bool XSM>
 __device__ __forceinline__ void qmv_chunk(const uint4* wv, int e0, int lg, const void* S, const void* B,
                                           const int* rowv, int gpr, const float* X, int ldx, int ntok,
                                           int t0, float (*acc)[NT]) {
-    const int EPW = 32 / BITS;
-    const u32 MASK = (1u << BITS) - 1u;
-    float d[R][NT], xs[NT];
+    const int EPW = 32 / BITS;  // elements per word
+    const int E16 = 16 / BITS;  // positions per 16-bit half
+    float d[R][NT][E16], xs[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         xs[t] = 0.f;
 #pragma unroll
-        for (int r = 0; r < R; r++) d[r][t] = 0.f;
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int p = 0; p < E16; p++) d[r][t][p] = 0.f;
     }
     int gcur = e0 >> lg;
 #pragma unroll
@@ -84,7 +99,15 @@ __device__ __forceinline__ void qmv_chunk(const uint4* wv, int e0, int lg, const
             for (int r = 0; r < R; r++) {
                 float s = ldsc<SDT>(S, (long)rowv[r] * gpr + gcur), b = ldsc<SDT>(B, (long)rowv[r] * gpr + gcur);
 #pragma unroll
-                for (int t = 0; t < NT; t++) { acc[r][t] += s * d[r][t] + b * xs[t]; d[r][t] = 0.f; }
+                for (int t = 0; t < NT; t++) {
+                    float dot = 0.f;
+#pragma unroll
+                    for (int p = 0; p < E16; p++) {
+                        dot += d[r][t][p] * __int_as_float((127 - p * BITS) << 23);
+                        d[r][t][p] = 0.f;
+                    }
+                    acc[r][t] += s * dot + b * xs[t];
+                }
             }
 #pragma unroll
             for (int t = 0; t < NT; t++) xs[t] = 0.f;
@@ -93,11 +116,12 @@ __device__ __forceinline__ void qmv_chunk(const uint4* wv, int e0, int lg, const
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t0 + t >= ntok) break;
-            const float4* xp = (const float4*)(X + (long)(t0 + t) * ldx + e);
             float xv[EPW];
 #pragma unroll
             for (int i = 0; i < EPW / 4; i++) {
-                float4 f = __ldg(xp + i);
+                float4 f;
+                if (XSM) f = *(const float4*)(X + xpad(e + 4 * i));
+                else f = __ldg((const float4*)(X + (long)(t0 + t) * ldx + e) + i);
                 xv[4 * i] = f.x; xv[4 * i + 1] = f.y; xv[4 * i + 2] = f.z; xv[4 * i + 3] = f.w;
             }
 #pragma unroll
@@ -105,8 +129,12 @@ __device__ __forceinline__ void qmv_chunk(const uint4* wv, int e0, int lg, const
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 u32 w = (k == 0) ? wv[r].x : (k == 1) ? wv[r].y : (k == 2) ? wv[r].z : wv[r].w;
+                u32 lo = w & 0xffffu, hi = w >> 16;
 #pragma unroll
-                for (int i = 0; i < EPW; i++) d[r][t] += (float)((w >> (i * BITS)) & MASK) * xv[i];
+                for (int p = 0; p < E16; p++) {
+                    d[r][t][p] += mag<BITS>(lo, p) * xv[p];
+                    d[r][t][p] += mag<BITS>(hi, p) * xv[E16 + p];
+                }
             }
         }
     }
@@ -114,25 +142,38 @@ __device__ __forceinline__ void qmv_chunk(const uint4* wv, int e0, int lg, const
     for (int r = 0; r < R; r++) {
         float s = ldsc<SDT>(S, (long)rowv[r] * gpr + gcur), b = ldsc<SDT>(B, (long)rowv[r] * gpr + gcur);
 #pragma unroll
-        for (int t = 0; t < NT; t++) acc[r][t] += s * d[r][t] + b * xs[t];
+        for (int t = 0; t < NT; t++) {
+            float dot = 0.f;
+#pragma unroll
+            for (int p = 0; p < E16; p++) dot += d[r][t][p] * __int_as_float((127 - p * BITS) << 23);
+            acc[r][t] += s * dot + b * xs[t];
+        }
     }
 }
 
-template <int BITS, int SDT, int R, int NT>
+template <int BITS, int SDT, int R, int NT, int D, bool XSM>
 __device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok, int ldx, int ldy) {
+    extern __shared__ float xsm[];
     const int EPW = 32 / BITS;
     const u32 MASK = (1u << BITS) - 1u;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int row0 = (blockIdx.x * nw + warp) * R;
-    if (row0 >= rows) return;
     const u32* W = (const u32*)p.w[blockIdx.y];
     const void* S = (const void*)p.s[blockIdx.y];
     const void* B = (const void*)p.b[blockIdx.y];
-    const float* X = (const float*)p.x[blockIdx.y];
+    const float* Xg = (const float*)p.x[blockIdx.y];
     float* Y = (float*)p.y[blockIdx.y];
+    if (XSM) {
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) xsm[xpad(i)] = __ldg(Xg + i);
+        __syncthreads();
+    }
+    const float* X = XSM ? xsm : Xg;
     const int wpr = cols / EPW, gpr = cols >> lg;
     const bool vec = (wpr & 3) == 0;
     const int nch = vec ? wpr / 4 : 0;
+    const int groups = (rows + nw * R - 1) / (nw * R);
+    for (int grp = blockIdx.x; grp < groups; grp += gridDim.x) {
+    const int row0 = (grp * nw + warp) * R;
+    if (row0 >= rows) continue;
     int rowv[R];
 #pragma unroll
     for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
@@ -142,23 +183,19 @@ __device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok,
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
-        int c = lane;
-        uint4 cur[R];
-        if (c < nch) {
+        // D chunks per lane in flight before any is used: one memory latency per D chunks.
+        for (int c0 = lane; c0 < nch; c0 += 32 * D) {
+            uint4 wv[D][R];
 #pragma unroll
-            for (int r = 0; r < R; r++) cur[r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + c);
-        }
-        while (c < nch) {
-            uint4 nxt[R];
-            const int cn = c + 32;
-            if (cn < nch) {
+            for (int d = 0; d < D; d++)
 #pragma unroll
-                for (int r = 0; r < R; r++) nxt[r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + cn);
-            }
-            qmv_chunk<BITS, SDT, R, NT>(cur, c * 4 * EPW, lg, S, B, rowv, gpr, X, ldx, ntok, t0, acc);
+                for (int r = 0; r < R; r++)
+                    if (c0 + 32 * d < nch) wv[d][r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + c0 + 32 * d);
 #pragma unroll
-            for (int r = 0; r < R; r++) cur[r] = nxt[r];
-            c = cn;
+            for (int d = 0; d < D; d++)
+                if (c0 + 32 * d < nch)
+                    qmv_chunk<BITS, SDT, R, NT, XSM>(wv[d], (c0 + 32 * d) * 4 * EPW, lg, S, B, rowv, gpr, X, ldx,
+                                                     ntok, t0, acc);
         }
         // Rows whose word count is not a multiple of 4: one word per lane, scalar.
         if (!vec) {
@@ -171,11 +208,11 @@ __device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok,
 #pragma unroll
                     for (int t = 0; t < NT; t++) {
                         if (t0 + t >= ntok) break;
-                        const float* x = X + (long)(t0 + t) * ldx + e;
                         float d = 0.f, xs = 0.f;
                         for (int i = 0; i < EPW; i++) {
-                            d += (float)((w >> (i * BITS)) & MASK) * x[i];
-                            xs += x[i];
+                            float xi = XSM ? X[xpad(e + i)] : X[(long)(t0 + t) * ldx + e + i];
+                            d += (float)((w >> (i * BITS)) & MASK) * xi;
+                            xs += xi;
                         }
                         acc[r][t] += s * d + b * xs;
                     }
@@ -189,6 +226,7 @@ __device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok,
                 float v = warp_sum(acc[r][t]);
                 if (lane == 0 && row0 + r < rows && t0 + t < ntok) Y[(long)(t0 + t) * ldy + row0 + r] = v;
             }
+    }
     }
 }
 
@@ -212,18 +250,20 @@ template <int DT> __device__ __forceinline__ float ld1(const void* W, long i) {
     return DT == 0 ? bf16f(h) : f16f(h);
 }
 
-template <int DT, int R, int NT>
+template <int DT, int R, int NT, int D>
 __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx, int ldy) {
     const int EPV = DT == 2 ? 4 : 8;  // elements per 16 bytes
     const int ES = DT == 2 ? 4 : 2;   // element size
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int row0 = (blockIdx.x * nw + warp) * R;
-    if (row0 >= rows) return;
     const char* W = (const char*)p.w[blockIdx.y];
     const float* X = (const float*)p.x[blockIdx.y];
     float* Y = (float*)p.y[blockIdx.y];
     const bool vec = (cols % EPV) == 0;
     const int nch = vec ? cols / EPV : 0;
+    const int groups = (rows + nw * R - 1) / (nw * R);
+    for (int grp = blockIdx.x; grp < groups; grp += gridDim.x) {
+    const int row0 = (grp * nw + warp) * R;
+    if (row0 >= rows) continue;
     int rowv[R];
 #pragma unroll
     for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
@@ -233,40 +273,36 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int t = 0; t < NT; t++) acc[r][t] = 0.f;
-        int c = lane;
-        uint4 cur[R];
-        if (c < nch) {
+        for (int c0 = lane; c0 < nch; c0 += 32 * D) {
+            uint4 wv[D][R];
 #pragma unroll
-            for (int r = 0; r < R; r++) cur[r] = __ldg((const uint4*)(W + (long)rowv[r] * cols * ES) + c);
-        }
-        while (c < nch) {
-            uint4 nxt[R];
-            const int cn = c + 32;
-            if (cn < nch) {
+            for (int d = 0; d < D; d++)
 #pragma unroll
-                for (int r = 0; r < R; r++) nxt[r] = __ldg((const uint4*)(W + (long)rowv[r] * cols * ES) + cn);
-            }
+                for (int r = 0; r < R; r++)
+                    if (c0 + 32 * d < nch) wv[d][r] = __ldg((const uint4*)(W + (long)rowv[r] * cols * ES) + c0 + 32 * d);
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                if (t0 + t >= ntok) break;
-                const float4* xp = (const float4*)(X + (long)(t0 + t) * ldx + c * EPV);
-                float xv[EPV];
+            for (int d = 0; d < D; d++) {
+                const int c = c0 + 32 * d;
+                if (c >= nch) break;
 #pragma unroll
-                for (int i = 0; i < EPV / 4; i++) {
-                    float4 f = __ldg(xp + i);
-                    xv[4 * i] = f.x; xv[4 * i + 1] = f.y; xv[4 * i + 2] = f.z; xv[4 * i + 3] = f.w;
+                for (int t = 0; t < NT; t++) {
+                    if (t0 + t >= ntok) break;
+                    const float4* xp = (const float4*)(X + (long)(t0 + t) * ldx + c * EPV);
+                    float xv[EPV];
+#pragma unroll
+                    for (int i = 0; i < EPV / 4; i++) {
+                        float4 f = __ldg(xp + i);
+                        xv[4 * i] = f.x; xv[4 * i + 1] = f.y; xv[4 * i + 2] = f.z; xv[4 * i + 3] = f.w;
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        float wf[8];
+                        unpack8<DT>(wv[d][r], wf);
+#pragma unroll
+                        for (int i = 0; i < EPV; i++) acc[r][t] += wf[i] * xv[i];
+                    }
                 }
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    float wf[8];
-                    unpack8<DT>(cur[r], wf);
-#pragma unroll
-                    for (int i = 0; i < EPV; i++) acc[r][t] += wf[i] * xv[i];
-                }
             }
-#pragma unroll
-            for (int r = 0; r < R; r++) cur[r] = nxt[r];
-            c = cn;
         }
         if (!vec) {
             for (int j = lane; j < cols; j += 32) {
@@ -288,17 +324,28 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
             }
     }
 }
+}
 
-// Kernel names: qmv{bits}_{sdt}_{variant}, dmv_{dt}_{variant}; variant mv = decode (2 rows per
-// warp, one token), mm = prefill tile (2 rows per warp, 8 tokens per pass).
+// Kernel names: qmv{bits}_{sdt}_{variant}, dmv_{dt}_{variant}; variant mv = decode (4 rows per
+// warp, one token, x in shared memory), mvg = decode with x read from global memory (long rows),
+// mm = prefill tile (1 row per warp, 8 tokens per pass).
 #define QK(BITS, SDT, SN)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { \
-        qmv_body<BITS, SDT, 2, 1>(p, rows, cols, lg, ntok, ldx, ldy);                                       \
+        qmv_body<BITS, SDT, 4, 1, 4, true>(p, rows, cols, lg, ntok, ldx, ldy);                                 \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mvg(MvBatch p, int rows, int cols, \
+                                                                            int lg, int ntok, int ldx, int ldy) { \
+        qmv_body<BITS, SDT, 4, 1, 4, false>(p, rows, cols, lg, ntok, ldx, ldy);                                \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mvi(const MvBatch* pd, int rows, \
+                                                                            int cols, int lg, int ntok, int ldx, \
+                                                                            int ldy) {                           \
+        qmv_body<BITS, SDT, 4, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { \
-        qmv_body<BITS, SDT, 2, 8>(p, rows, cols, lg, ntok, ldx, ldy);                                       \
+        qmv_body<BITS, SDT, 1, 8, 2, false>(p, rows, cols, lg, ntok, ldx, ldy);                                \
     }
 QK(4, 0, bf16) QK(4, 1, f16) QK(4, 2, f32)
 QK(2, 0, bf16) QK(2, 1, f16) QK(2, 2, f32)
@@ -307,11 +354,15 @@ QK(8, 0, bf16) QK(8, 1, f16) QK(8, 2, f32)
 #define DK(DT, DN)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mv(MvBatch p, int rows, int cols, int lg,  \
                                                                    int ntok, int ldx, int ldy) {            \
-        dmv_body<DT, 2, 1>(p, rows, cols, ntok, ldx, ldy);                                                  \
+        dmv_body<DT, 4, 1, 4>(p, rows, cols, ntok, ldx, ldy);                                                  \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mvi(const MvBatch* pd, int rows, int cols,  \
+                                                                    int lg, int ntok, int ldx, int ldy) {    \
+        dmv_body<DT, 4, 1, 4>(*pd, rows, cols, ntok, ldx, ldy);                                             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mm(MvBatch p, int rows, int cols, int lg,  \
                                                                    int ntok, int ldx, int ldy) {            \
-        dmv_body<DT, 2, 8>(p, rows, cols, ntok, ldx, ldy);                                                  \
+        dmv_body<DT, 1, 8, 2>(p, rows, cols, ntok, ldx, ldy);                                                  \
     }
 DK(0, bf16) DK(1, f16) DK(2, f32)
 
@@ -445,6 +496,21 @@ extern "C" __global__ void router_topk(const float* logits, int E, int K, int no
     }
     if (threadIdx.x == 0 && norm)
         for (int k = 0; k < K; k++) wts[k] /= tot;
+}
+
+// With every expert of the layer resident in VRAM: the router's ids and the layer's slot table
+// give the K gate/up and down problems, written to device memory for the `mvi` kernels (no host
+// round trip). off[0..6] = gate‖up w, s, b and down w, s, b offsets inside a slot.
+extern "C" __global__ void expert_batch(const int* ids, int K, const u64* tbl, long o0, long o1, long o2, long o3,
+                                        long o4, long o5, u64 xn, u64 gue, u64 he, u64 ye, int I, int H,
+                                        MvBatch* out) {
+    int j = threadIdx.x;
+    if (j >= K) return;
+    u64 base = tbl[ids[j]];
+    out[0].w[j] = base + o0; out[0].s[j] = base + o1; out[0].b[j] = base + o2;
+    out[0].x[j] = xn; out[0].y[j] = gue + (u64)j * 2 * I * 4;
+    out[1].w[j] = base + o3; out[1].s[j] = base + o4; out[1].b[j] = base + o5;
+    out[1].x[j] = he + (u64)j * I * 4; out[1].y[j] = ye + (u64)j * H * 4;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ pub struct CudaCounters {
     pub tokens: u64,
     pub vram_hits: u64,
     pub misses: u64,
+    /// Misses copied straight from registered (pinned) host memory, no staging.
+    pub direct: u64,
     pub bytes_copied: u64,
     /// Host time reading misses from the ExpertSource into pinned staging.
     pub fetch: Duration,
@@ -146,6 +148,13 @@ pub struct CudaModel<'m> {
     pub dense_bytes: usize,
     /// Bytes of dense weights one token reads (all but the embedding table).
     pub dense_touched_bytes: usize,
+    /// Host ranges registered as pinned (start, end), sorted; misses inside them skip staging.
+    pinned: Vec<(usize, usize)>,
+    /// When every expert is in VRAM: slot base per (layer, expert), [layers * E] u64; routed
+    /// experts are then found on the device, with no host round trip per layer.
+    resident: Option<DBuf>,
+    /// Two MvBatch (gate‖up, down) written by `expert_batch`.
+    batch: DBuf,
 }
 
 fn f32buf(dev: &Device, v: &[f32]) -> Result<DBuf> {
@@ -320,6 +329,7 @@ impl<'m> CudaModel<'m> {
             logits: dev.alloc(fbytes(cfg.vocab_size))?,
             ids_host: dev.pinned(fbytes(k))?,
         };
+        let batch = dev.alloc(2 * std::mem::size_of::<crate::device::MvBatch>())?;
         Ok(CudaModel {
             model,
             cfg,
@@ -338,8 +348,34 @@ impl<'m> CudaModel<'m> {
             counters: CudaCounters::default(),
             copy_pending: false,
             dense_touched_bytes: dense_bytes - embed_bytes,
+            pinned: Vec::new(),
+            resident: None,
+            batch,
             dense_bytes,
         })
+    }
+
+    /// Page-locks host memory that outlives this model (e.g. a RAM tier's expert buffers):
+    /// misses whose bytes lie inside one registered range are copied to VRAM directly, with no
+    /// staging copy. A range sharing pages with an earlier one is not registered (its misses
+    /// are staged).
+    pub fn pin_host(&mut self, bytes: &'m [u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.dev.bind()?;
+        // SAFETY: `bytes` is borrowed for 'm, which outlives self; Drop unregisters it.
+        if !unsafe { self.dev.register_host(bytes.as_ptr(), bytes.len())? } {
+            // Shares pages with an earlier registration: left to the staging path.
+            return Ok(());
+        }
+        let r = (
+            bytes.as_ptr() as usize,
+            bytes.as_ptr() as usize + bytes.len(),
+        );
+        let at = self.pinned.partition_point(|x| x.0 < r.0);
+        self.pinned.insert(at, r);
+        Ok(())
     }
 
     pub fn cfg(&self) -> &ModelConfig {
@@ -392,7 +428,40 @@ impl<'m> CudaModel<'m> {
                 self.collect_copy()?;
             }
         }
+        self.build_resident()
+    }
+
+    /// Switches to device-side expert lookup if every expert of every MoE layer is resident
+    /// and the shapes suit the indirect kernels.
+    fn build_resident(&mut self) -> Result<()> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        let (ne, nl) = (self.cfg.num_experts, self.layers.len());
+        let k = self.model.top_k;
+        if k > crate::device::MAXP || cache.layout.h > 10240 || cache.layout.i > 10240 {
+            return Ok(());
+        }
+        let mut tbl = vec![0u64; nl * ne];
+        for l in 0..nl {
+            if !matches!(self.layers[l].ffn, DFfn::Moe { .. }) {
+                continue;
+            }
+            for e in 0..ne {
+                match cache.slot_of(l, e) {
+                    Some(s) => tbl[l * ne + e] = cache.slot_ptr(s),
+                    None => return Ok(()),
+                }
+            }
+        }
+        self.dev.sync()?;
+        self.resident = Some(self.dev.upload(bytemuck::cast_slice(&tbl))?);
         Ok(())
+    }
+
+    /// Whether routed experts are looked up on the device (all resident).
+    pub fn all_resident(&self) -> bool {
+        self.resident.is_some()
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -656,25 +725,53 @@ impl<'m> CudaModel<'m> {
             }
         };
         let lay = cache.layout;
-        // Staging is a host memcpy per expert; spread it over cores (7 MB per 397B expert).
-        {
-            use rayon::prelude::*;
-            let n = ws.len();
-            cache.staging.as_mut_slice()[..n * lay.slot]
-                .par_chunks_mut(lay.slot)
-                .zip(ws.par_iter())
-                .try_for_each(|(dst, w)| lay.stage(w, dst))?;
-        }
         if self.copy_pending {
             // The previous copies are complete: the compute stream waited for them before
             // work that precedes this call's router result.
             self.counters.copy_ms += self.dev.elapsed_ms(&self.ev_copy0, &self.ev_copy1)? as f64;
         }
         self.dev.record(&self.ev_copy0, &self.dev.copy)?;
-        for (n, &j) in lk.missed.iter().enumerate() {
-            let off = n * lay.slot;
-            self.dev
-                .htod_async(ptrs[j], &cache.staging, off, lay.slot, &self.dev.copy)?;
+        // Misses whose bytes are already in page-locked memory are copied directly.
+        let mut staged = Vec::new();
+        for (n, w) in ws.iter().enumerate() {
+            let parts = lay.parts(w)?;
+            if self.pinned.is_empty()
+                || !parts
+                    .iter()
+                    .all(|(_, b)| b.is_empty() || is_pinned(&self.pinned, b))
+            {
+                staged.push(n);
+                continue;
+            }
+            let dst = ptrs[lk.missed[n]];
+            self.counters.direct += 1;
+            for (at, b) in parts {
+                if !b.is_empty() {
+                    self.dev
+                        .htod_async_bytes(dst + at as u64, b, &self.dev.copy)?;
+                }
+            }
+        }
+        // Otherwise staging is a host memcpy per expert (7 MB at 397B, 4-bit): stage the
+        // misses on several cores and start each one's copy as soon as it is staged, so the
+        // copies overlap the staging of the others.
+        if !staged.is_empty() {
+            use rayon::prelude::*;
+            let dev = &self.dev;
+            let dsts: Vec<u64> = staged.iter().map(|&n| ptrs[lk.missed[n]]).collect();
+            let wsel: Vec<&flashmoe_core::experts::ExpertWeights> =
+                staged.iter().map(|&n| &ws[n]).collect();
+            cache.staging.as_mut_slice()[..staged.len() * lay.slot]
+                .par_chunks_mut(lay.slot)
+                .zip(wsel.par_iter().zip(dsts.par_iter()))
+                .try_for_each(|(buf, (w, &dst))| -> Result<()> {
+                    lay.stage(w, buf)?;
+                    dev.bind()?;
+                    // The staging slot is not written again before the copy completes: the
+                    // next layer's staging starts after its router result, which the compute
+                    // stream produces only after waiting for these copies.
+                    dev.htod_async_bytes(dst, buf, &dev.copy)
+                })?;
         }
         self.dev.record(&self.ev_copy1, &self.dev.copy)?;
         self.copy_pending = true;
@@ -695,6 +792,59 @@ impl<'m> CudaModel<'m> {
                 ops::swiglu(&self.dev, s.gus.ptr(), s.hs.ptr(), *inter, 1)?;
                 down.run(&self.dev, s.hs.ptr(), s.ys.ptr())?;
                 ops::moe_combine(&self.dev, s.x.ptr(), 0, 0, 0, s.ys.ptr(), 0, 0, h)?;
+                return Ok(());
+            }
+            DFfn::Moe { router, shared } if self.resident.is_some() => {
+                // Every expert is in VRAM: ids stay on the device.
+                let s = &self.s;
+                let dev = &self.dev;
+                let ne = self.cfg.num_experts;
+                let lay = self.cache.as_ref().expect("cache").layout;
+                let tbl = self.resident.as_ref().expect("resident").ptr() + (l * ne * 8) as u64;
+                router.run(dev, s.xn.ptr(), s.rl.ptr())?;
+                ops::router_topk(
+                    dev,
+                    s.rl.ptr(),
+                    ne,
+                    k,
+                    self.cfg.norm_topk_prob,
+                    s.ids.ptr(),
+                    s.wts.ptr(),
+                )?;
+                let (ei, eh) = (lay.i, lay.h);
+                let pb = self.batch.ptr();
+                ops::expert_batch(
+                    dev,
+                    s.ids.ptr(),
+                    k,
+                    tbl,
+                    lay.offsets(),
+                    s.xn.ptr(),
+                    s.gue.ptr(),
+                    s.he.ptr(),
+                    s.ye.ptr(),
+                    ei,
+                    eh,
+                    pb,
+                )?;
+                let (mut ys, mut sg) = (0, 0);
+                if let Some((gu, down)) = shared {
+                    let si = gu.rows / 2;
+                    gu.run(dev, s.xn.ptr(), s.gus.ptr())?;
+                    ops::swiglu(dev, s.gus.ptr(), s.hs.ptr(), si, 1)?;
+                    down.run(dev, s.hs.ptr(), s.ys.ptr())?;
+                    ys = s.ys.ptr();
+                    if router.rows > ne {
+                        sg = s.rl.ptr() + (ne * 4) as u64;
+                    }
+                }
+                let (gu0, dn0) = lay.mats(0);
+                ops::matvec_indirect(dev, &gu0, pb, k)?;
+                ops::swiglu(dev, s.gue.ptr(), s.he.ptr(), ei, k)?;
+                let psz = std::mem::size_of::<crate::device::MvBatch>() as u64;
+                ops::matvec_indirect(dev, &dn0, pb + psz, k)?;
+                ops::moe_combine(dev, s.x.ptr(), s.ye.ptr(), s.wts.ptr(), k, ys, sg, 0, h)?;
+                self.counters.vram_hits += k as u64;
                 return Ok(());
             }
             DFfn::Moe { router, shared } => {
@@ -812,5 +962,26 @@ impl<'m> CudaModel<'m> {
             self.copy_pending = false;
         }
         Ok(())
+    }
+}
+
+/// Whether `b` lies inside one of the sorted `(start, end)` ranges.
+fn is_pinned(ranges: &[(usize, usize)], b: &[u8]) -> bool {
+    let (s, e) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
+    let at = ranges.partition_point(|x| x.0 <= s);
+    at > 0 && ranges[at - 1].1 >= e
+}
+
+impl Drop for CudaModel<'_> {
+    fn drop(&mut self) {
+        if self.pinned.is_empty() {
+            return;
+        }
+        let _ = self.dev.bind();
+        let _ = self.dev.copy.synchronize();
+        for &(p, _) in &self.pinned {
+            // SAFETY: registered by pin_host; the copy stream is idle.
+            unsafe { self.dev.unregister_host(p as *const u8) };
+        }
     }
 }

@@ -9,6 +9,10 @@ use flashmoe_core::weights::Linear;
 use crate::device::{DBuf, Device, MvBatch, A, MAXP};
 use crate::{CudaError, Result};
 
+const DT_NAMES: [&str; 3] = ["bf16", "f16", "f32"];
+/// Longest row whose input vector the decode kernel stages in shared memory (< 48 KiB).
+const XSM_MAX_COLS: usize = 10240;
+
 /// How a matrix's bytes are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fmt {
@@ -51,42 +55,26 @@ impl Fmt {
         })
     }
 
-    /// The kernel for this format: `decode` = one token, else the prefill tile.
-    pub fn kernel(&self, decode: bool) -> &'static str {
-        const Q: [[[&str; 2]; 3]; 3] = [
-            [
-                ["qmv2_bf16_mv", "qmv2_bf16_mm"],
-                ["qmv2_f16_mv", "qmv2_f16_mm"],
-                ["qmv2_f32_mv", "qmv2_f32_mm"],
-            ],
-            [
-                ["qmv4_bf16_mv", "qmv4_bf16_mm"],
-                ["qmv4_f16_mv", "qmv4_f16_mm"],
-                ["qmv4_f32_mv", "qmv4_f32_mm"],
-            ],
-            [
-                ["qmv8_bf16_mv", "qmv8_bf16_mm"],
-                ["qmv8_f16_mv", "qmv8_f16_mm"],
-                ["qmv8_f32_mv", "qmv8_f32_mm"],
-            ],
-        ];
-        const D: [[&str; 2]; 3] = [
-            ["dmv_bf16_mv", "dmv_bf16_mm"],
-            ["dmv_f16_mv", "dmv_f16_mm"],
-            ["dmv_f32_mv", "dmv_f32_mm"],
-        ];
-        let v = if decode { 0 } else { 1 };
-        match *self {
-            Fmt::Dense(d) => D[d as usize][v],
-            Fmt::Affine { bits, sdt, .. } => {
-                let bi = match bits {
-                    2 => 0,
-                    4 => 1,
-                    _ => 2,
-                };
-                Q[bi][sdt as usize][v]
-            }
-        }
+    /// The kernel for this format and its dynamic shared memory: decode (one token) with x in
+    /// shared memory when the row fits, else read from global memory; or the prefill tile.
+    pub fn kernel(&self, decode: bool, cols: usize) -> (String, u32) {
+        let v = match (decode, self) {
+            (false, _) => "mm",
+            (true, Fmt::Dense(_)) => "mv",
+            (true, _) if cols <= XSM_MAX_COLS => "mv",
+            (true, _) => "mvg",
+        };
+        let name = match *self {
+            Fmt::Dense(d) => format!("dmv_{}_{v}", DT_NAMES[d as usize]),
+            Fmt::Affine { bits, sdt, .. } => format!("qmv{bits}_{}_{v}", DT_NAMES[sdt as usize]),
+        };
+        let smem = if v == "mv" && matches!(self, Fmt::Affine { .. }) {
+            // xpad(cols) floats (4 of padding every 32).
+            ((cols + cols / 32 * 4 + 4) * 4) as u32
+        } else {
+            0
+        };
+        (name, smem)
     }
 
     fn lg(&self) -> i32 {
@@ -229,9 +217,9 @@ impl Proj {
     }
 }
 
-fn grid_rows(rows: usize) -> u32 {
-    // 8 warps per block, 2 rows per warp.
-    rows.div_ceil(16) as u32
+/// Blocks for `rows` rows: 8 warps per block, 4 rows per warp (decode) or 1 (prefill tile).
+fn grid_rows(rows: usize, decode: bool) -> u32 {
+    rows.div_ceil(if decode { 32 } else { 8 }) as u32
 }
 
 /// y = W x for one token.
@@ -259,14 +247,18 @@ pub fn matvec_batch(
             p.x[i] = x;
             p.y[i] = y;
         }
+        let (name, smem) = m.fmt.kernel(ntok == 1, m.cols);
+        // Row groups are strided over at most a few blocks per SM, so each block stages x once
+        // for several groups on tall matrices.
+        let blocks = grid_rows(m.rows, ntok == 1).min(dev.sms.max(1) as u32 * 4);
         let cfg = LaunchConfig {
-            grid_dim: (grid_rows(m.rows), chunk.len() as u32, 1),
+            grid_dim: (blocks, chunk.len() as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         dev.launch_on(
             stream,
-            m.fmt.kernel(ntok == 1),
+            &name,
             cfg,
             &[
                 A::B(Box::new(p)),
@@ -280,6 +272,71 @@ pub fn matvec_batch(
         )?;
     }
     Ok(())
+}
+
+/// `nprob` products of `m`'s shape and format whose (w, s, b, x, y) are read from an `MvBatch`
+/// in device memory at `pd` (written by [`expert_batch`]). One token.
+pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Result<()> {
+    let (name, smem) = m.fmt.kernel(true, m.cols);
+    if name.ends_with("mvg") || nprob > MAXP {
+        return Err(CudaError::Unsupported("indirect matvec shape".into()));
+    }
+    let name = format!("{name}i");
+    let blocks = grid_rows(m.rows, true).min(dev.sms.max(1) as u32 * 4);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, nprob as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    dev.launch(
+        &name,
+        cfg,
+        &[
+            A::P(pd),
+            A::I(m.rows as i32),
+            A::I(m.cols as i32),
+            A::I(m.fmt.lg()),
+            A::I(1),
+            A::I(m.cols as i32),
+            A::I(m.rows as i32),
+        ],
+    )
+}
+
+/// Writes the two `MvBatch` (gate‖up, down) of a layer's K resident experts to `out` from the
+/// router's `ids` and the layer's slot table `tbl` (one u64 base per expert).
+#[allow(clippy::too_many_arguments)]
+pub fn expert_batch(
+    dev: &Device,
+    ids: u64,
+    k: usize,
+    tbl: u64,
+    offs: [usize; 6],
+    xn: u64,
+    gue: u64,
+    he: u64,
+    ye: u64,
+    i: usize,
+    h: usize,
+    out: u64,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut args = vec![A::P(ids), A::I(k as i32), A::P(tbl)];
+    args.extend(offs.iter().map(|&o| A::L(o as i64)));
+    args.extend([
+        A::P(xn),
+        A::P(gue),
+        A::P(he),
+        A::P(ye),
+        A::I(i as i32),
+        A::I(h as i32),
+        A::P(out),
+    ]);
+    dev.launch("expert_batch", cfg, &args)
 }
 
 /// out = row `row` of `m` as f32.

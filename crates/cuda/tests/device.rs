@@ -392,12 +392,60 @@ fn golden_case(fixture: &str, variant: &str, prefix: &str, section: &str) {
     let vocab = shape[1];
     let p = g.meta[section]["prompt_len"].as_u64().expect("prompt_len") as usize;
     let (_, dec) = &g.f32s[&format!("{prefix}decode_logits")];
-    for cache in [None, Some(1usize)] {
+    // Every expert's bytes, kept alive for the pinned case.
+    let ne = model.cfg.num_experts;
+    let held: Vec<_> = (0..model.cfg.num_layers)
+        .filter(|&l| matches!(model.layers[l].ffn, flashmoe_core::model::Ffn::Moe(_)))
+        .map(|l| {
+            model
+                .experts
+                .fetch(l, &(0..ne).collect::<Vec<_>>())
+                .expect("fetch")
+        })
+        .collect();
+    // (cache bytes, pinned host experts, all experts preloaded: device-side lookup)
+    for (cache, pinned, preload) in [
+        (None, false, false),
+        (Some(1usize), false, false),
+        (Some(1), true, false),
+        (None, false, true),
+    ] {
         let opts = CudaOptions {
             expert_cache_bytes: cache,
             ..Default::default()
         };
         let mut cm = CudaModel::new(&model, &opts).expect("CUDA model");
+        if preload {
+            cm.preload_experts().expect("preload");
+            assert!(cm.all_resident(), "every expert resident after preload");
+        }
+        if pinned {
+            // Expert parts of a checkpoint share pages; pin merged spans so every part lies
+            // inside one registration.
+            let mut r: Vec<(usize, usize)> = Vec::new();
+            for e in held.iter().flatten() {
+                for l in [&e.gate, &e.up, &e.down] {
+                    let (a, b, c) = ops::linear_bytes(l);
+                    for x in [a, b, c].into_iter().filter(|x| !x.is_empty()) {
+                        r.push((x.as_ptr() as usize, x.as_ptr() as usize + x.len()));
+                    }
+                }
+            }
+            r.sort();
+            let mut spans: Vec<(usize, usize)> = Vec::new();
+            for (a, b) in r {
+                match spans.last_mut() {
+                    Some(last) if a <= last.1 + 4096 => last.1 = last.1.max(b),
+                    _ => spans.push((a, b)),
+                }
+            }
+            for (a, b) in spans {
+                // SAFETY: a span only joins parts less than a page apart, all inside the one
+                // mmap of the checkpoint file that `model` keeps alive for the test.
+                let bytes: &[u8] = unsafe { std::slice::from_raw_parts(a as *const u8, b - a) };
+                cm.pin_host(bytes).expect("pin host");
+            }
+        }
         let mut st = cm.new_state().unwrap();
         let full = cm.forward(&ids, &mut st, Logits::All).expect("forward");
         let err = max_abs(&full, want);
@@ -422,10 +470,11 @@ fn golden_case(fixture: &str, variant: &str, prefix: &str, section: &str) {
         );
         let c = cm.counters;
         eprintln!(
-            "  counters: tokens {} hits {} misses {} bytes {} copy {:.3} ms",
-            c.tokens, c.vram_hits, c.misses, c.bytes_copied, c.copy_ms
+            "  counters (pinned {pinned}, preload {preload}): tokens {} hits {} misses {} direct {} bytes {} copy {:.3} ms",
+            c.tokens, c.vram_hits, c.misses, c.direct, c.bytes_copied, c.copy_ms
         );
         assert!(c.misses > 0);
+        assert_eq!(c.direct > 0, pinned, "direct copies iff pinned");
     }
 }
 
