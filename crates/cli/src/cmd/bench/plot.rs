@@ -126,8 +126,8 @@ fn panel<DB: DrawingBackend>(
     let xmax = (rows.len().max(2) - 1) as f64;
     area.draw(&Rectangle::new([(M, M), (w - M, h - M)], BLACK))
         .map_err(err)?;
-    text(area, 4, M, &short(ymax), BLACK)?;
-    text(area, 4, h - M - 5 * S, "0", BLACK)?;
+    text(area, M + 6, M + 6, &format!("MAX {}", short(ymax)), BLACK)?;
+    text(area, M - 6 * S, h - M - 5 * S, "0", BLACK)?;
     if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
         text(area, M, h - M + 8, &first.commit, BLACK)?;
         let lx = w - M - last.commit.len() as i32 * 4 * S;
@@ -135,7 +135,7 @@ fn panel<DB: DrawingBackend>(
         let latest = values.last().copied().flatten().map_or("-".into(), short);
         text(
             area,
-            M + 200,
+            M + (title.len() as i32 + 3) * 4 * S,
             14,
             &format!("LATEST {latest}  RUNS {}", rows.len()),
             color,
