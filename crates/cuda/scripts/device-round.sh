@@ -14,6 +14,7 @@ if ! ldconfig -p | grep -q 'libnvrtc.so '; then
   mkdir -p /tmp/nvl && ln -sf "$lib" /tmp/nvl/libnvrtc.so && echo "nvrtc: $lib"
   export LD_LIBRARY_PATH=/tmp/nvl:$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 fi
-carry/device --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|err|skipped|counters|panicked"
+carry/device --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|skipped|panicked"
+echo "parallel:"; carry/device 2>&1 | tail -2
 carry/cuda_bench carry/shared/golden/tiny-a/mlx-4bit --layers ${LAYERS:-8} --tokens ${TOKENS:-32} >"$OUT/bench.json" 2>"$OUT/bench.err"
 echo "bench rc=$?"; tail -5 "$OUT/bench.err"; cat "$OUT/bench.json"

@@ -383,12 +383,19 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         (4096, 4096, 2),
     ] {
         let l = synth_affine(rows, cols, bits, rows as u64 ^ cols as u64);
-        let (gbps, bytes) = matvec_gbps(&dev, &l)?;
-        kernels.push(json!({
-            "kernel": format!("matvec affine {bits}-bit g64 bf16 scales"),
-            "rows": rows, "cols": cols, "bytes": bytes,
-            "gbps": gbps, "of_d2d_ratio": gbps / d2d,
-        }));
+        for (path, ap) in [
+            ("dp4a", ops::AffinePath::Dp4a),
+            ("float", ops::AffinePath::Float),
+        ] {
+            ops::set_affine_path(ap);
+            let (gbps, bytes) = matvec_gbps(&dev, &l)?;
+            kernels.push(json!({
+                "kernel": format!("matvec affine {bits}-bit g64 bf16 scales ({path})"),
+                "rows": rows, "cols": cols, "bytes": bytes,
+                "gbps": gbps, "of_d2d_ratio": gbps / d2d,
+            }));
+        }
+        ops::set_affine_path(ops::AffinePath::Auto);
     }
     {
         let w = rand_u32(4096 * 4096 / 2, 77);

@@ -161,7 +161,7 @@ fn kernel_names() -> Vec<String> {
     let mut v = Vec::new();
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
-            for var in ["mv", "mvg", "mvi", "mm"] {
+            for var in ["mv", "mvg", "mvi", "mq", "mqi", "mm"] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }
         }

@@ -10,6 +10,46 @@ use crate::device::{DBuf, Device, MvBatch, A, MAXP};
 use crate::{CudaError, Result};
 
 const DT_NAMES: [&str; 3] = ["bf16", "f16", "f32"];
+
+thread_local! {
+    /// Which decode kernel affine matrices launched from this thread use: 0 = by shape,
+    /// 1 = exact float, 2 = dp4a (per thread, so parallel tests do not see each other's choice).
+    static AFFINE_PATH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Decode kernel choice for affine matrices launched from the calling thread (bench and tests
+/// force one to compare).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AffinePath {
+    /// dp4a for matrices of at least [`DP4A_MIN_ROWS`] rows, exact float otherwise.
+    Auto,
+    Float,
+    Dp4a,
+}
+
+/// Rows from which `Auto` takes the dp4a kernel. Measured (H200, 4-bit, 4096 columns): dp4a
+/// lost to the float kernel at 4096 and 16384 rows (x quantisation per block is a fixed cost)
+/// and won 1.8x at 248320 rows (lm_head). Its x quantisation (about 16 bits) also moved a
+/// near-tied top-k choice of a tiny test model's router, so routers stay on the exact path.
+pub const DP4A_MIN_ROWS: usize = 65536;
+
+pub fn set_affine_path(p: AffinePath) {
+    let v = match p {
+        AffinePath::Auto => 0,
+        AffinePath::Float => 1,
+        AffinePath::Dp4a => 2,
+    };
+    AFFINE_PATH.with(|c| c.set(v));
+}
+
+fn use_dp4a(rows: usize) -> bool {
+    match AFFINE_PATH.with(|c| c.get()) {
+        1 => false,
+        2 => true,
+        _ => rows >= DP4A_MIN_ROWS,
+    }
+}
+
 /// Longest row whose input vector the decode kernel stages in shared memory (< 48 KiB).
 const XSM_MAX_COLS: usize = 10240;
 
@@ -55,12 +95,19 @@ impl Fmt {
         })
     }
 
-    /// The kernel for this format and its dynamic shared memory: decode (one token) with x in
-    /// shared memory when the row fits, else read from global memory; or the prefill tile.
-    pub fn kernel(&self, decode: bool, cols: usize) -> (String, u32) {
+    /// The kernel for this format and its dynamic shared memory. Decode (one token): affine
+    /// matrices use the dp4a kernel with x quantised in shared memory (`mq`, see
+    /// [`AffinePath`]) or the exact float kernel with x in shared memory (`mv`), or with x read
+    /// from global memory for rows too long for shared memory (`mvg`); prefill uses `mm`.
+    pub fn kernel(&self, decode: bool, rows: usize, cols: usize) -> (String, u32) {
+        let vec_ok = match *self {
+            Fmt::Affine { bits, .. } => (cols * bits as usize / 32).is_multiple_of(4),
+            Fmt::Dense(_) => true,
+        };
         let v = match (decode, self) {
             (false, _) => "mm",
             (true, Fmt::Dense(_)) => "mv",
+            (true, _) if cols <= XSM_MAX_COLS && vec_ok && use_dp4a(rows) => "mq",
             (true, _) if cols <= XSM_MAX_COLS => "mv",
             (true, _) => "mvg",
         };
@@ -68,11 +115,18 @@ impl Fmt {
             Fmt::Dense(d) => format!("dmv_{}_{v}", DT_NAMES[d as usize]),
             Fmt::Affine { bits, sdt, .. } => format!("qmv{bits}_{}_{v}", DT_NAMES[sdt as usize]),
         };
-        let smem = if v == "mv" && matches!(self, Fmt::Affine { .. }) {
+        let smem = match (v, *self) {
             // xpad(cols) floats (4 of padding every 32).
-            ((cols + cols / 32 * 4 + 4) * 4) as u32
-        } else {
-            0
+            ("mv", Fmt::Affine { .. }) => ((cols + cols / 32 * 4 + 4) * 4) as u32,
+            ("mq", Fmt::Affine { bits, .. }) => {
+                // Per chunk of 4 words: hi and lo bytes, 16 bytes of padding; then one scale
+                // and one sum per x block.
+                let epw = 32 / bits as usize;
+                let nch = cols / epw / 4;
+                let xb = (4 * epw).min(32);
+                (nch * (8 * epw + 16) + cols / xb * 8) as u32
+            }
+            _ => 0,
         };
         (name, smem)
     }
@@ -247,7 +301,7 @@ pub fn matvec_batch(
             p.x[i] = x;
             p.y[i] = y;
         }
-        let (name, smem) = m.fmt.kernel(ntok == 1, m.cols);
+        let (name, smem) = m.fmt.kernel(ntok == 1, m.rows, m.cols);
         // Row groups are strided over at most a few blocks per SM, so each block stages x once
         // for several groups on tall matrices.
         let blocks = grid_rows(m.rows, ntok == 1).min(dev.sms.max(1) as u32 * 4);
@@ -277,8 +331,8 @@ pub fn matvec_batch(
 /// `nprob` products of `m`'s shape and format whose (w, s, b, x, y) are read from an `MvBatch`
 /// in device memory at `pd` (written by [`expert_batch`]). One token.
 pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Result<()> {
-    let (name, smem) = m.fmt.kernel(true, m.cols);
-    if name.ends_with("mvg") || nprob > MAXP {
+    let (name, smem) = m.fmt.kernel(true, m.rows, m.cols);
+    if name.ends_with("mvg") || name.ends_with("mm") || nprob > MAXP {
         return Err(CudaError::Unsupported("indirect matvec shape".into()));
     }
     let name = format!("{name}i");
