@@ -92,14 +92,10 @@ pub fn test_tokenizer_json() -> String {
     )
 }
 
-/// The shared fixtures folder: `$FLASHMOE_SHARED`, else `<manifest_dir>/../../../shared`
-/// (a crate of this workspace, with shared/ beside the checkout). `None` when absent.
+/// The shared fixtures folder (see `flashmoe_testdata::shared_dir`): `None`, with a printed
+/// skip, when absent outside CI; a panic under CI.
 pub fn shared_dir(manifest_dir: &Path) -> Option<PathBuf> {
-    let dir = match std::env::var_os("FLASHMOE_SHARED") {
-        Some(d) => PathBuf::from(d),
-        None => manifest_dir.join("../../../shared"),
-    };
-    dir.join("golden").is_dir().then_some(dir)
+    flashmoe_testdata::shared_dir(&manifest_dir.to_string_lossy())
 }
 
 /// Fills `out` with a runnable test model: `shared/golden/tiny-a/hf-bf16` (config, weights,

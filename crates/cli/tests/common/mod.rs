@@ -7,25 +7,9 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_flashmoe"))
 }
 
-/// `FLASHMOE_SHARED` or `<repo>/../shared`. Missing: fail under CI, skip (with a note) otherwise.
+/// The shared reference directory (see `flashmoe_testdata::shared_dir`).
 pub fn shared_dir() -> Option<PathBuf> {
-    let p = std::env::var_os("FLASHMOE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    if p.join("golden").is_dir() {
-        return Some(p);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "CI is set but shared reference data is missing at {}",
-            p.display()
-        );
-    }
-    eprintln!(
-        "skipped: shared reference data not found at {}",
-        p.display()
-    );
-    None
+    flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// A fresh, empty directory under the target dir (removed at the start of the next run).

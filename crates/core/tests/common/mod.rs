@@ -3,26 +3,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// The shared reference directory (`FLASHMOE_SHARED`, else `<repo>/../shared`). Returns None
-/// (after printing why) when it is missing outside CI; with `CI` set a missing dir fails.
+/// The shared reference directory (see `flashmoe_testdata::shared_dir`).
 pub fn shared_dir() -> Option<PathBuf> {
-    let p = std::env::var_os("FLASHMOE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    if p.join("golden").is_dir() {
-        return Some(p);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "CI is set but the shared reference data is missing at {} (set FLASHMOE_SHARED)",
-            p.display()
-        );
-    }
-    eprintln!(
-        "skipped: shared reference data not found at {}",
-        p.display()
-    );
-    None
+    flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// float32 / int64 tensors of a golden safetensors file, as f32 / i64 vectors with shapes.

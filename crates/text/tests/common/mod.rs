@@ -2,29 +2,9 @@
 
 use std::path::PathBuf;
 
-/// The shared reference directory: `$FLASHMOE_SHARED`, else `<repo>/../shared`.
-///
-/// Returns `None` (after printing why) when it is absent on a developer machine; under CI
-/// (`CI` set) a missing directory is a failure, so a broken layout cannot pass silently.
+/// The shared reference directory (see `flashmoe_testdata::shared_dir`).
 pub fn shared_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("FLASHMOE_SHARED") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
-    };
-    if dir.join("tokenizer/qwen3.5").is_dir() {
-        return Some(dir);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "shared reference data not found at {} (set FLASHMOE_SHARED); required under CI",
-            dir.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: shared reference data not found at {} (set FLASHMOE_SHARED)",
-        dir.display()
-    );
-    None
+    flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// `shared/tokenizer/qwen3.5`, or `None` when skipped.
