@@ -29,6 +29,9 @@ pub struct ModelArgs {
     /// Verify every expert read against the packed manifest's checksums
     #[arg(long)]
     pub verify: bool,
+    /// Where the forward pass runs (`logits`, `generate`, `run --ids`; text front ends use the CPU)
+    #[arg(long, value_enum, default_value_t = super::backend::BackendKind::Auto)]
+    pub backend: super::backend::BackendKind,
 }
 
 impl ModelArgs {

@@ -1,7 +1,7 @@
 //! `flashmoe generate`: greedy continuation of a token sequence, printed as ids.
 use anyhow::Result;
 use clap::Args as ClapArgs;
-use flashmoe_core::model::{ForwardStats, Logits, State};
+use flashmoe_core::model::Logits;
 
 use super::common::{parse_ids, ModelArgs};
 
@@ -30,15 +30,14 @@ pub fn argmax(v: &[f32]) -> u32 {
 pub fn run(a: Args) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
     let model = a.model.load()?;
-    let mut state = State::new(&model.cfg);
-    let mut stats = ForwardStats::default();
-    let mut logits = model.forward(&ids, &mut state, Logits::Last, &mut stats, None)?;
+    let mut runner = super::backend::runner(&model, a.model.backend)?;
+    let mut logits = runner.forward(&ids, Logits::Last)?;
     let mut out = Vec::with_capacity(a.tokens);
     for i in 0..a.tokens {
         let next = argmax(&logits);
         out.push(next);
         if i + 1 < a.tokens {
-            logits = model.forward(&[next], &mut state, Logits::Last, &mut stats, None)?;
+            logits = runner.forward(&[next], Logits::Last)?;
         }
     }
     let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use flashmoe_core::model::{ForwardStats, Logits, State};
+use flashmoe_core::model::{Logits, State};
 
 use super::common::{parse_ids, ModelArgs};
 
@@ -34,12 +34,11 @@ pub fn run(a: Args) -> Result<()> {
             ids.len()
         );
     }
-    let mut state = State::new(&model.cfg);
-    let mut stats = ForwardStats::default();
-    model.check_tokens(&ids, &state)?;
-    let mut logits = model.forward(&ids[..n], &mut state, Logits::All, &mut stats, None)?;
+    model.check_tokens(&ids, &State::new(&model.cfg))?;
+    let mut runner = super::backend::runner(&model, a.model.backend)?;
+    let mut logits = runner.forward(&ids[..n], Logits::All)?;
     for &id in &ids[n..] {
-        logits.extend(model.forward(&[id], &mut state, Logits::Last, &mut stats, None)?);
+        logits.extend(runner.forward(&[id], Logits::Last)?);
     }
     let vocab = model.cfg.vocab_size;
     write_f32(&a.out, "logits", &logits, &[ids.len(), vocab])

@@ -1,4 +1,5 @@
 //! Subcommands, one file each, plus the options they share.
+pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod common;

@@ -8,6 +8,7 @@ use flashmoe_core::experts::ExpertStatsSnapshot;
 use flashmoe_core::model::{ForwardStats, Model};
 use flashmoe_core::session::Session;
 
+use super::backend::BackendKind;
 use super::common::{parse_ids, ModelArgs};
 use super::generate::argmax;
 use super::sampling::SamplingArgs;
@@ -48,7 +49,53 @@ pub fn run(a: Args) -> Result<()> {
     };
     let ids = parse_ids(ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
+    let cuda = match a.model.backend {
+        BackendKind::Cuda => true,
+        BackendKind::Cpu => false,
+        BackendKind::Auto => super::backend::cuda_available(),
+    };
+    if cuda {
+        return run_ids_on(&model, &ids, a.tokens, a.timing, a.model.backend);
+    }
     run_ids(model, &ids, a.tokens, a.timing)
+}
+
+/// Greedy generation through a backend runner (CUDA): ids out, and overall timing.
+fn run_ids_on(
+    model: &Model,
+    ids: &[u32],
+    tokens: usize,
+    timing: bool,
+    kind: BackendKind,
+) -> Result<()> {
+    use flashmoe_core::model::Logits;
+    let mut runner = super::backend::runner(model, kind)?;
+    let t0 = Instant::now();
+    let mut logits = runner.forward(ids, Logits::Last)?;
+    let prefill = t0.elapsed();
+    let mut out = Vec::new();
+    let td = Instant::now();
+    for _ in 0..tokens {
+        let next = argmax(&logits);
+        out.push(next);
+        if out.len() == tokens || model.cfg.eos_token_ids.contains(&next) {
+            break;
+        }
+        logits = runner.forward(&[next], Logits::Last)?;
+    }
+    let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();
+    println!("{}", s.join(","));
+    if timing {
+        let steps = out.len().saturating_sub(1).max(1);
+        eprintln!(
+            "--- timing ({} backend) ---\nprefill: {} tokens in {:.1} ms\ndecode: {:.2} tok/s",
+            runner.name(),
+            ids.len(),
+            ms(prefill),
+            steps as f64 / td.elapsed().as_secs_f64().max(1e-9)
+        );
+    }
+    Ok(())
 }
 
 fn run_prompt(a: &Args, prompt: &str) -> Result<()> {

@@ -69,6 +69,10 @@ pub struct Args {
     /// Free text for the --record row's notes column
     #[arg(long, default_value = "")]
     pub notes: String,
+    /// Also benchmark this backend: `cuda` adds GPU copy bandwidths, GPU kernel GB/s and
+    /// decode with experts in VRAM / pinned host RAM, each beside its bound
+    #[arg(long, value_enum, default_value_t = super::backend::BackendKind::Cpu)]
+    pub backend: super::backend::BackendKind,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -80,6 +84,12 @@ pub fn run(a: Args) -> Result<()> {
         What::Decode => vec![Which::Decode],
         What::Prefill => vec![Which::Decode, Which::Prefill],
     };
+    if a.backend == super::backend::BackendKind::Cuda && !cfg!(feature = "cuda") {
+        anyhow::bail!(
+            "--backend cuda: this flashmoe was built without CUDA support; rebuild with \
+             `cargo build --release -p flashmoe --features cuda`"
+        );
+    }
     let mut opts = BenchOptions::new(a.model.clone());
     opts.k = a.k;
     opts.tokens = a.tokens.max(1);
@@ -91,6 +101,23 @@ pub fn run(a: Args) -> Result<()> {
     let say = |m: &str| eprintln!("[bench] {m}");
     let mut report = run_bench(&opts, &which, &say)
         .with_context(|| format!("benchmarking {}", a.model.display()))?;
+    let cuda = match a.backend {
+        super::backend::BackendKind::Cuda => true,
+        super::backend::BackendKind::Cpu => false,
+        super::backend::BackendKind::Auto => super::backend::cuda_available(),
+    };
+    if cuda {
+        say("cuda: copy bandwidths, kernels, decode (VRAM / pinned host)");
+        let lo = flashmoe_core::loader::LoadOptions {
+            top_k: a.k,
+            ..Default::default()
+        };
+        let model = flashmoe_core::loader::open_model(&a.model, &lo)?;
+        let cuda = super::backend::cuda_bench(&model, a.tokens)?;
+        if let Value::Object(m) = &mut report {
+            m.insert("cuda".into(), cuda);
+        }
+    }
     if let Some(path) = &a.record {
         let row = record::row(&report, &a.model, &a.notes);
         record::append(path, &row).with_context(|| format!("appending to {}", path.display()))?;

@@ -1,0 +1,120 @@
+//! `--backend cpu|cuda|auto`: one forward-pass interface over the CPU model and, when built
+//! with the `cuda` feature, the CUDA model. Model code has no `cfg`; this file is the one place
+//! in the CLI that knows whether CUDA was compiled in.
+use anyhow::Result;
+use clap::ValueEnum;
+use flashmoe_core::model::{ForwardStats, Logits, Model, State};
+
+#[derive(Copy, Clone, Debug, ValueEnum, Default, PartialEq, Eq)]
+pub enum BackendKind {
+    /// CUDA when built with it and a device is present, else CPU
+    #[default]
+    Auto,
+    Cpu,
+    /// NVIDIA GPU: dense weights, state and an expert cache in VRAM
+    Cuda,
+}
+
+/// A sequence being run on some backend: tokens in, logits out, state kept inside.
+pub trait Runner {
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>>;
+    fn name(&self) -> &'static str;
+}
+
+struct CpuRunner<'m> {
+    model: &'m Model,
+    state: State,
+    stats: ForwardStats,
+}
+
+impl Runner for CpuRunner<'_> {
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
+        Ok(self
+            .model
+            .forward(tokens, &mut self.state, want, &mut self.stats, None)?)
+    }
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+}
+
+#[cfg(feature = "cuda")]
+struct CudaRunner<'m> {
+    model: flashmoe_cuda::CudaModel<'m>,
+    state: flashmoe_cuda::CudaState,
+}
+
+#[cfg(feature = "cuda")]
+impl Runner for CudaRunner<'_> {
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
+        Ok(self.model.forward(tokens, &mut self.state, want)?)
+    }
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+}
+
+/// Whether `auto` picks CUDA here.
+pub fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        flashmoe_cuda::device_available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// A runner for `model` on the chosen backend, with a fresh state.
+pub fn runner<'m>(model: &'m Model, kind: BackendKind) -> Result<Box<dyn Runner + 'm>> {
+    let use_cuda = match kind {
+        BackendKind::Cpu => false,
+        BackendKind::Cuda => true,
+        BackendKind::Auto => cuda_available(),
+    };
+    if !use_cuda {
+        return Ok(Box::new(CpuRunner {
+            model,
+            state: State::new(&model.cfg),
+            stats: ForwardStats::default(),
+        }));
+    }
+    cuda_runner(model)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_runner<'m>(model: &'m Model) -> Result<Box<dyn Runner + 'm>> {
+    let cm = flashmoe_cuda::CudaModel::new(model, &flashmoe_cuda::CudaOptions::default())?;
+    let state = cm.new_state()?;
+    Ok(Box::new(CudaRunner { model: cm, state }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner<'m>(_model: &'m Model) -> Result<Box<dyn Runner + 'm>> {
+    cuda_runner_unavailable()
+}
+
+/// The CUDA part of `flashmoe bench --backend cuda`: GPU copy bandwidths, kernel GB/s beside
+/// them and decode with experts in VRAM / pinned host RAM, each beside its bound.
+#[cfg(feature = "cuda")]
+pub fn cuda_bench(model: &Model, tokens: usize) -> Result<serde_json::Value> {
+    let opts = flashmoe_cuda::BenchOptions {
+        tokens: tokens.max(1),
+        ..Default::default()
+    };
+    Ok(flashmoe_cuda::bench_cuda(model, &opts)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_bench(_model: &Model, _tokens: usize) -> Result<serde_json::Value> {
+    cuda_runner_unavailable()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner_unavailable<T>() -> Result<T> {
+    anyhow::bail!(
+        "--backend cuda: this flashmoe was built without CUDA support; rebuild with \
+         `cargo build --release -p flashmoe --features cuda` (no CUDA toolkit needed to build)"
+    )
+}
