@@ -243,10 +243,7 @@ impl Chat {
             return Ok("error: the bash tool needs a `command` string parameter".into());
         };
         println!("\n{BOLD}The model wants to run:{RESET}\n  {cmd}");
-        let answer = match rl.readline("Run it? [y/N] ") {
-            Ok(a) => a,
-            Err(_) => String::new(),
-        };
+        let answer = rl.readline("Run it? [y/N] ").unwrap_or_default();
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
             println!("{DIM}[not run]{RESET}");
             return Ok("The user declined to run this command.".into());
@@ -256,11 +253,11 @@ impl Chat {
         Ok(out)
     }
 
-    /// One assistant message: (message JSON, tool calls (id, name, args), cancelled).
-    fn one_reply(&mut self) -> Result<(Value, Vec<(String, String, Value)>, bool)> {
+    /// One assistant message: (message JSON, tool calls, cancelled).
+    fn one_reply(&mut self) -> Result<(Value, Vec<PendingCall>, bool)> {
         let mut content = String::new();
         let mut reasoning = String::new();
-        let mut calls: Vec<(String, String, Value)> = Vec::new();
+        let mut calls: Vec<PendingCall> = Vec::new();
         let show = self.show_think;
         let mut out = std::io::stdout();
         let mut in_think = false;
@@ -270,7 +267,7 @@ impl Chat {
                     if in_think {
                         in_think = false;
                         if show {
-                            let _ = write!(out, "{RESET}\n");
+                            let _ = writeln!(out, "{RESET}");
                         }
                     }
                     content.push_str(t);
@@ -373,6 +370,9 @@ impl Chat {
         Ok((msg, calls, cancelled))
     }
 }
+
+/// A tool call the model made: (call id, function name, arguments).
+type PendingCall = (String, String, Value);
 
 /// The two kinds of streamed text the chat shows.
 enum ToolEventLike {
