@@ -3,7 +3,8 @@
 //! quantisation, and the elementwise ops of a forward pass.
 //!
 //! Owns arithmetic only. It never does I/O, never knows about models or tensors' names, and
-//! allocates only small per-call scratch (a permuted copy of `x`, per-row scale buffers).
+//! allocates only per-call scratch (a permuted or packed copy of `x`, per-row scale buffers; the
+//! blocked product keeps its packed inputs per thread between calls).
 //!
 //! Layout of the module:
 //! - `mod.rs`: the weight views, the public entry points and the choice of kernel (ISA, threads).
@@ -12,11 +13,15 @@
 //!   also the per-call preparation of `x` shared by every ISA.
 //! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`.
 //! - `quantize.rs`: MLX's affine rule and a min-max baseline.
+//! - `blocked.rs`: the AVX2 prefill product (many inputs): dequantised weight tiles against
+//!   packed input panels in a 6x16 register tile.
 //! - `gemm.rs`: small register-blocked f32 products (the chunked gated delta rule).
 //! - `elementwise.rs`: rmsnorm, silu, swiglu, softmax, top-k, dot, axpy.
 //!
 //! Shapes: weights are row-major `W [rows, cols]` as in a PyTorch Linear, `y = W x`.
 
+#[cfg(target_arch = "x86_64")]
+mod blocked;
 mod elementwise;
 mod gemm;
 mod lanes;
@@ -298,6 +303,19 @@ pub(crate) fn matmul_with(
     n: usize,
     y: &mut [f32],
 ) {
+    matmul_impl(isa, par_min, n >= BLOCKED_MIN_N, w, x, n, y)
+}
+
+/// `matmul_with`, with the choice of the blocked kernel (AVX2 only) made by the caller.
+pub(crate) fn matmul_impl(
+    isa: Isa,
+    par_min: usize,
+    use_blocked: bool,
+    w: &WeightView,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) {
     w.check();
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "matmul: x length vs n * cols");
@@ -310,6 +328,27 @@ pub(crate) fn matmul_with(
     }
     // Computed transposed, yt [rows, n], so that each parallel task owns a contiguous slice;
     // the transpose back costs n * rows, nothing next to n * rows * cols.
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && use_blocked {
+        let (mut xp, mut yt_buf) = blocked::take_scratch();
+        blocked::pack_inputs(x, n, cols, &mut xp);
+        yt_buf.resize(rows * n, 0.0);
+        let yt = &mut yt_buf[..rows * n];
+        // Row chunks in whole register tiles, so that only a chunk's last tile is partial.
+        let threads = rayon::current_num_threads();
+        let chunk = rows.div_ceil(threads * 4).next_multiple_of(blocked::MR);
+        let run = |r0: usize, ytc: &mut [f32]| blocked::rows_blocked(w, &xp, n, r0, ytc);
+        if rows * cols * n < par_min || threads <= 1 || rows <= chunk {
+            run(0, yt);
+        } else {
+            yt.par_chunks_mut(chunk * n)
+                .enumerate()
+                .for_each(|(i, ytc)| run(i * chunk, ytc));
+        }
+        transpose_into(yt, rows, n, y);
+        blocked::put_scratch((xp, yt_buf));
+        return;
+    }
     let mut yt = vec![0f32; rows * n];
     // Affine rows are dequantised in the lane-permuted order of `lanes::permute_x`, so the inputs
     // are permuted the same way once per call (a dot product does not care about the order).
@@ -328,6 +367,15 @@ pub(crate) fn matmul_with(
     for_row_chunks(par_min, rows * cols * n, rows, n, &mut yt, |r0, ytc| {
         matmul_rows(isa, w, xs, n, r0, ytc)
     });
+    transpose_into(&yt, rows, n, y);
+}
+
+/// From this many inputs up, AVX2 products use the blocked kernel of `blocked.rs`; below, the
+/// per-row kernel wastes less of its register tile (16 inputs wide).
+const BLOCKED_MIN_N: usize = 8;
+
+/// `y [n, rows]` from `yt [rows, n]`.
+fn transpose_into(yt: &[f32], rows: usize, n: usize, y: &mut [f32]) {
     for r in 0..rows {
         for i in 0..n {
             y[i * rows + r] = yt[r * n + i];

@@ -128,7 +128,8 @@ fn check_products(rng: &mut StdRng, what: &str, w: &WeightView) {
             assert_close(&tag, &dense, cols, &x, &got, &want);
         }
     }
-    for n in [2, 3, 6] {
+    // 2, 3, 6: the per-row kernel; 9, 17, 35: the blocked one with partial input panels.
+    for n in [2, 3, 6, 9, 17, 35] {
         let xs = gauss(rng, n * cols);
         let mut want = vec![0f32; n * rows];
         matmul_ref(w, &xs, n, &mut want);
@@ -160,6 +161,38 @@ fn affine_products_match_reference() {
                     let what = format!("affine b{bits} g{group} {rows}x{} s{k}", group * ngroups);
                     check_products(&mut rng, &what, &a.view(k));
                     k += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn blocked_matmul_several_row_blocks_and_column_slices() {
+    // 100 rows: two full 48-row blocks and a partial one of 4 (a partial 6-row tile);
+    // 640 columns: two 256-column slices and a 128 one.
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut k = 0;
+    for bits in [2u32, 4, 8] {
+        for group in [32usize, 64, 128] {
+            let a = Affine::random(&mut rng, bits, group, 100, 640);
+            let w = a.view(k);
+            k += 1;
+            let n = 21;
+            let xs = gauss(&mut rng, n * 640);
+            let mut want = vec![0f32; n * 100];
+            matmul_ref(&w, &xs, n, &mut want);
+            let dense = dequantize(&w);
+            for isa in isas() {
+                for par_min in [usize::MAX, 0] {
+                    let mut got = vec![f32::NAN; n * 100];
+                    matmul_with(isa, par_min, &w, &xs, n, &mut got);
+                    let tag = format!("b{bits} g{group} 100x640 n{n} {isa:?} par_min {par_min}");
+                    for i in 0..n {
+                        let xi = &xs[i * 640..(i + 1) * 640];
+                        let (g, r) = (i * 100, (i + 1) * 100);
+                        assert_close(&tag, &dense, 640, xi, &got[g..r], &want[g..r]);
+                    }
                 }
             }
         }
@@ -392,5 +425,62 @@ fn par_threshold() {
                 bytes / s / 1e9
             );
         }
+    }
+}
+
+/// Prints matmul GMAC/s by number of inputs (4-bit g64, 1024x4096, bf16 scales); run with
+/// `--ignored --nocapture`: the per-row kernel beside the blocked one, to place `BLOCKED_MIN_N`.
+#[test]
+#[ignore]
+fn matmul_throughput() {
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(9);
+    let (rows, cols) = (1024, 4096);
+    for bits in [4u32, 2, 8] {
+        let a = Affine::random(&mut rng, bits, 64, rows, cols);
+        let w = a.view(0);
+        for n in [4usize, 8, 16, 64, 512] {
+            let xs = gauss(&mut rng, n * cols);
+            let mut y = vec![0f32; n * rows];
+            for blocked in [false, true] {
+                let mut s = f64::INFINITY;
+                for _ in 0..(2048 / n).clamp(3, 50) {
+                    let t = Instant::now();
+                    matmul_impl(isa(), PAR_MIN_WEIGHTS, blocked, &w, &xs, n, &mut y);
+                    s = s.min(t.elapsed().as_secs_f64());
+                }
+                let gmac = (rows * cols * n) as f64 / s / 1e9;
+                let ms = s * 1e3;
+                eprintln!(
+                    "b{bits} {rows}x{cols} n{n} blocked {blocked}: {ms:.3} ms, {gmac:.1} GMAC/s"
+                );
+            }
+        }
+    }
+}
+
+/// Prints single-thread affine matvec Gelem/s on a cache-resident matrix (compute, not memory).
+#[test]
+#[ignore]
+fn matvec_compute_throughput() {
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(10);
+    let (rows, cols) = (128, 4096);
+    for bits in [4u32, 2, 8] {
+        let a = Affine::random(&mut rng, bits, 64, rows, cols);
+        let w = a.view(0);
+        let x = gauss(&mut rng, cols);
+        let mut y = vec![0f32; rows];
+        let mut s = f64::INFINITY;
+        for _ in 0..2000 {
+            let t = Instant::now();
+            matvec_with(isa(), usize::MAX, &w, &x, &mut y);
+            s = s.min(t.elapsed().as_secs_f64());
+        }
+        let ge = (rows * cols) as f64 / s / 1e9;
+        eprintln!(
+            "b{bits} {rows}x{cols} serial: {:.1} us, {ge:.2} Gelem/s",
+            s * 1e6
+        );
     }
 }

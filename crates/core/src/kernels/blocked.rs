@@ -1,0 +1,284 @@
+//! The blocked prefill product `y[i] = W x[i]` for many inputs (AVX2+FMA): the GotoBLAS
+//! scheme with the weight matrix as the broadcast operand.
+//!
+//! - `x [n, cols]` is packed once per call into panels of `NR` = 16 inputs, `xp[tb][p][16]`
+//!   (inputs past `n` are zero), so one column `p` of a panel is two aligned-size vector loads.
+//! - Each thread owns contiguous blocks of output rows. For a block of `MB` rows and a slice of
+//!   `KC` columns it dequantises the weights once, in natural order, into a small f32 buffer
+//!   (`[MB, KC]`, in L2), then runs a `MR` x `NR` = 6 x 16 register tile (12 accumulators) over
+//!   every input panel: per column, 6 broadcast weights times 2 vectors of inputs.
+//! - The result is accumulated transposed, `yt [rows, n]`, so that a thread's rows are one
+//!   contiguous slice; `mod.rs` transposes it back.
+//!
+//! The plain twin is `reference::matmul_ref`; `tests.rs` compares both on every format.
+
+use super::{AffineView, WeightView};
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+
+/// Rows of the register tile.
+pub(crate) const MR: usize = 6;
+/// Inputs of the register tile (two 8-lane vectors).
+pub(crate) const NR: usize = 16;
+/// Rows dequantised together: 8 register tiles share one pass over an input panel.
+const MB: usize = 8 * MR;
+/// Columns per slice: a multiple of every group size (32, 64, 128) and of 8. The slice's
+/// weights (48 KiB) stay in L2 and one input panel slice (16 KiB) in L1.
+const KC: usize = 256;
+/// Input panels per pass (128 inputs: their column slice is 128 KiB).
+const TG: usize = 8;
+
+thread_local! {
+    /// Packed inputs and the transposed result of the last product on this thread, kept so
+    /// that a prefill chunk does not page-fault megabytes of fresh memory for every product
+    /// (a fault costs microseconds on a VM). Taken out while in use, so a nested product on
+    /// the same thread simply starts with an empty buffer.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Borrows this thread's scratch buffers (see `SCRATCH`); give them back with `put_scratch`.
+pub(crate) fn take_scratch() -> (Vec<f32>, Vec<f32>) {
+    SCRATCH.with(|c| c.take())
+}
+
+pub(crate) fn put_scratch(bufs: (Vec<f32>, Vec<f32>)) {
+    SCRATCH.with(|c| c.set(bufs));
+}
+
+/// Packs `x [n, cols]` into `xp [n.div_ceil(NR)][cols][NR]`, zero past input `n`, reusing
+/// `xp`'s memory. Panels are packed in parallel when there are several.
+pub(crate) fn pack_inputs(x: &[f32], n: usize, cols: usize, xp: &mut Vec<f32>) {
+    let panels = n.div_ceil(NR);
+    xp.resize(panels * cols * NR, 0.0);
+    if cols == 0 {
+        return;
+    }
+    let pack = |tb: usize, panel: &mut [f32]| {
+        let nt = NR.min(n - tb * NR);
+        let src = &x[tb * NR * cols..(tb * NR + nt) * cols];
+        for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = if j < nt { src[j * cols + p] } else { 0.0 };
+            }
+        }
+    };
+    if panels > 1 && panels * cols * NR >= 1 << 16 {
+        xp.par_chunks_mut(cols * NR)
+            .enumerate()
+            .for_each(|(tb, panel)| pack(tb, panel));
+    } else {
+        for (tb, panel) in xp.chunks_mut(cols * NR).enumerate() {
+            pack(tb, panel);
+        }
+    }
+}
+
+/// Rows `r0 .. r0 + yt.len() / n` of the product, into `yt [rows, n]` (overwritten).
+/// `xp` comes from `pack_inputs`.
+pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: &mut [f32]) {
+    assert!(super::x86::available());
+    let cols = w.cols();
+    let nrows = yt.len() / n;
+    let panels = n.div_ceil(NR);
+    assert!(r0 + nrows <= w.rows() && yt.len() == nrows * n);
+    assert_eq!(
+        xp.len(),
+        panels * cols * NR,
+        "blocked: packed inputs length"
+    );
+    yt.fill(0.0);
+    // Rows past the block's end are never written back, so stale values there are harmless;
+    // zeroing once keeps them finite.
+    let mut wbuf = vec![0f32; MB * KC];
+    // Loop order: a group of input panels, then a column slice, then row blocks. The group's
+    // slice of inputs (TG * 16 KiB) then stays in L2 while every row block of this thread
+    // passes over it; the weights are dequantised once per group (n / 128 times in all).
+    for tg in (0..panels).step_by(TG) {
+        let tgn = TG.min(panels - tg);
+        let mut k0 = 0;
+        while k0 < cols {
+            let kc = KC.min(cols - k0);
+            let mut rb = 0;
+            while rb < nrows {
+                let mb = MB.min(nrows - rb);
+                for i in 0..mb {
+                    dequant_segment(w, r0 + rb + i, k0, &mut wbuf[i * KC..i * KC + kc]);
+                }
+                for tb in tg..tg + tgn {
+                    let nt = NR.min(n - tb * NR);
+                    let off = tb * cols * NR;
+                    let panel = &xp[off + k0 * NR..off + (k0 + kc) * NR];
+                    let mut i = 0;
+                    while i < mb {
+                        let mr = MR.min(mb - i);
+                        let c0 = (rb + i) * n + tb * NR;
+                        // SAFETY: AVX2+FMA checked above. `wbuf` holds MB >= i + MR rows of
+                        // KC >= kc floats, `panel` holds kc columns of NR, and the tile writes
+                        // only rows < mr and inputs < nt, i.e. inside `yt` (rows < nrows,
+                        // inputs < n).
+                        unsafe {
+                            tile_6x16(
+                                kc,
+                                wbuf[i * KC..].as_ptr(),
+                                KC,
+                                panel.as_ptr(),
+                                yt.as_mut_ptr().add(c0),
+                                n,
+                                mr,
+                                nt,
+                            )
+                        };
+                        i += MR;
+                    }
+                }
+                rb += mb;
+            }
+            k0 += kc;
+        }
+    }
+}
+
+/// `c[r * ldc + t] += Σ_p a[r * lda + p] * b[p * NR + t]` for `r < mr`, `t < nt`, `p < kc`.
+///
+/// # Safety
+/// AVX2 and FMA present; `a` readable for `MR` rows of `kc` at stride `lda`, `b` for `kc * NR`
+/// floats, `c` writable at `r * ldc + t` for `r < mr`, `t < nt`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_6x16(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nt: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    for p in 0..kc {
+        let b0 = _mm256_loadu_ps(b.add(p * NR));
+        let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+        for (r, ar) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*a.add(r * lda + p));
+            ar[0] = _mm256_fmadd_ps(av, b0, ar[0]);
+            ar[1] = _mm256_fmadd_ps(av, b1, ar[1]);
+        }
+    }
+    if nt == NR {
+        for (r, ar) in acc.iter().enumerate().take(mr) {
+            let cr = c.add(r * ldc);
+            _mm256_storeu_ps(cr, _mm256_add_ps(_mm256_loadu_ps(cr), ar[0]));
+            _mm256_storeu_ps(cr.add(8), _mm256_add_ps(_mm256_loadu_ps(cr.add(8)), ar[1]));
+        }
+    } else {
+        let mut tmp = [0f32; NR];
+        for (r, ar) in acc.iter().enumerate().take(mr) {
+            _mm256_storeu_ps(tmp.as_mut_ptr(), ar[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), ar[1]);
+            for (t, v) in tmp.iter().enumerate().take(nt) {
+                *c.add(r * ldc + t) += v;
+            }
+        }
+    }
+}
+
+/// Row `row`, columns `k0 .. k0 + out.len()`, as f32 in natural order. For affine weights `k0`
+/// and the length are multiples of the group.
+fn dequant_segment(w: &WeightView, row: usize, k0: usize, out: &mut [f32]) {
+    let cols = w.cols();
+    let range = row * cols + k0..row * cols + k0 + out.len();
+    match w {
+        WeightView::F32 { data, .. } => out.copy_from_slice(&data[range]),
+        WeightView::Bf16 { data, .. } => super::lanes::bf16_to_f32(&data[range], out),
+        WeightView::F16 { data, .. } => {
+            // SAFETY: F16C is part of `x86::available()`, checked by the caller.
+            unsafe { f16_to_f32_f16c(&data[range], out) }
+        }
+        WeightView::Affine(a) => {
+            assert!(k0.is_multiple_of(a.group) && out.len().is_multiple_of(a.group));
+            let ng = a.groups_per_row();
+            let bits = a.bits as usize;
+            let w0 = row * a.words_per_row() + k0 * bits / 32;
+            let words = &a.w[w0..w0 + out.len() * bits / 32];
+            let g0 = row * ng + k0 / a.group;
+            // SAFETY: AVX2 checked by the caller; `words` holds exactly the codes of `out`.
+            unsafe {
+                match a.bits {
+                    2 => dequant_affine::<2>(a, words, g0, out),
+                    4 => dequant_affine::<4>(a, words, g0, out),
+                    8 => dequant_affine::<8>(a, words, g0, out),
+                    b => unreachable!("bits {b} rejected by AffineView::check"),
+                }
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[half::f16], out: &mut [f32]) {
+    let n8 = out.len() / 8 * 8;
+    let sp = src.as_ptr() as *const u16;
+    for j in (0..n8).step_by(8) {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(j) as *const __m128i));
+        _mm256_storeu_ps(out.as_mut_ptr().add(j), v);
+    }
+    for j in n8..out.len() {
+        out[j] = src[j].to_f32();
+    }
+}
+
+/// `out[j] = scale * q_j + bias` for the codes in `words` (groups `g0 ..` of the view's scales),
+/// natural order: word `i` holds elements `i * 32 / BITS ..`, LSB first.
+///
+/// # Safety
+/// AVX2+FMA present; `words.len() == out.len() * BITS / 32`, `out.len()` a multiple of the group.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequant_affine<const BITS: u32>(
+    a: &AffineView,
+    words: &[u32],
+    g0: usize,
+    out: &mut [f32],
+) {
+    let mask = _mm256_set1_epi32((1 << BITS) - 1);
+    let wpg = a.group * BITS as usize / 32;
+    let op = out.as_mut_ptr();
+    let wp = words.as_ptr();
+    for g in 0..out.len() / a.group {
+        let s = _mm256_set1_ps(a.scales.get(g0 + g));
+        let z = _mm256_set1_ps(a.biases.get(g0 + g));
+        let o = op.add(g * a.group);
+        let wg = wp.add(g * wpg);
+        match BITS {
+            4 => {
+                let sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+                for i in 0..wpg {
+                    let v = _mm256_set1_epi32(*wg.add(i) as i32);
+                    let q = _mm256_and_si256(_mm256_srlv_epi32(v, sh), mask);
+                    _mm256_storeu_ps(o.add(i * 8), _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, z));
+                }
+            }
+            2 => {
+                let lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                let hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+                for i in 0..wpg {
+                    let v = _mm256_set1_epi32(*wg.add(i) as i32);
+                    let q0 = _mm256_and_si256(_mm256_srlv_epi32(v, lo), mask);
+                    let q1 = _mm256_and_si256(_mm256_srlv_epi32(v, hi), mask);
+                    let f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), s, z);
+                    let f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), s, z);
+                    _mm256_storeu_ps(o.add(i * 16), f0);
+                    _mm256_storeu_ps(o.add(i * 16 + 8), f1);
+                }
+            }
+            _ => {
+                // 8-bit: two words are 8 bytes, element order = byte order (little-endian).
+                for i in 0..wpg / 2 {
+                    let b = _mm_loadl_epi64(wg.add(2 * i) as *const __m128i);
+                    let q = _mm256_cvtepu8_epi32(b);
+                    _mm256_storeu_ps(o.add(i * 8), _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, z));
+                }
+            }
+        }
+    }
+}
