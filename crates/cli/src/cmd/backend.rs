@@ -38,10 +38,11 @@ impl Runner for CpuRunner<'_> {
     }
 }
 
+/// Fields drop in order: the state's device buffers go before the model (and its context).
 #[cfg(feature = "cuda")]
 struct CudaRunner<'m> {
-    model: flashmoe_cuda::CudaModel<'m>,
     state: flashmoe_cuda::CudaState,
+    model: flashmoe_cuda::CudaModel<'m>,
 }
 
 #[cfg(feature = "cuda")]
