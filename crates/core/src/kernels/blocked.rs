@@ -6,7 +6,10 @@
 //! - Each thread owns contiguous blocks of output rows. For a block of `MB` rows and a slice of
 //!   `KC` columns it dequantises the weights once, in natural order, into a small f32 buffer
 //!   (`[MB, KC]`, in L2), then runs a `MR` x `NR` = 6 x 16 register tile (12 accumulators) over
-//!   every input panel: per column, 6 broadcast weights times 2 vectors of inputs.
+//!   every input panel: per column, 6 broadcast weights times 2 vectors of inputs (a last
+//!   panel of at most 8 inputs uses a 6 x 8 tile, so few-token experts waste less).
+//! - Input panels are taken `TG` at a time, outermost, so their column slice stays in L2
+//!   while all of a thread's row blocks pass over it.
 //! - The result is accumulated transposed, `yt [rows, n]`, so that a thread's rows are one
 //!   contiguous slice; `mod.rs` transposes it back.
 //!
@@ -117,7 +120,9 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
                         // only rows < mr and inputs < nt, i.e. inside `yt` (rows < nrows,
                         // inputs < n).
                         unsafe {
-                            tile_6x16(
+                            // A panel of at most 8 inputs needs only its first vector.
+                            let tile = if nt <= 8 { tile::<1> } else { tile::<2> };
+                            tile(
                                 kc,
                                 wbuf[i * KC..].as_ptr(),
                                 KC,
@@ -138,14 +143,15 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
     }
 }
 
-/// `c[r * ldc + t] += Σ_p a[r * lda + p] * b[p * NR + t]` for `r < mr`, `t < nt`, `p < kc`.
+/// `c[r * ldc + t] += Σ_p a[r * lda + p] * b[p * NR + t]` for `r < mr`, `t < nt`, `p < kc`,
+/// over the first `NV` vectors (8 inputs each) of the panel: a `MR` x `8 NV` register tile.
 ///
 /// # Safety
-/// AVX2 and FMA present; `a` readable for `MR` rows of `kc` at stride `lda`, `b` for `kc * NR`
-/// floats, `c` writable at `r * ldc + t` for `r < mr`, `t < nt`.
+/// AVX2 and FMA present; `nt <= 8 NV`; `a` readable for `MR` rows of `kc` at stride `lda`, `b`
+/// for `kc * NR` floats, `c` writable at `r * ldc + t` for `r < mr`, `t < nt`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_6x16(
+unsafe fn tile<const NV: usize>(
     kc: usize,
     a: *const f32,
     lda: usize,
@@ -155,27 +161,32 @@ unsafe fn tile_6x16(
     mr: usize,
     nt: usize,
 ) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm256_setzero_ps(); NV]; MR];
     for p in 0..kc {
-        let b0 = _mm256_loadu_ps(b.add(p * NR));
-        let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+        let mut bv = [_mm256_setzero_ps(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = _mm256_loadu_ps(b.add(p * NR + 8 * v));
+        }
         for (r, ar) in acc.iter_mut().enumerate() {
             let av = _mm256_broadcast_ss(&*a.add(r * lda + p));
-            ar[0] = _mm256_fmadd_ps(av, b0, ar[0]);
-            ar[1] = _mm256_fmadd_ps(av, b1, ar[1]);
+            for (x, y) in ar.iter_mut().zip(&bv) {
+                *x = _mm256_fmadd_ps(av, *y, *x);
+            }
         }
     }
-    if nt == NR {
+    if nt == 8 * NV {
         for (r, ar) in acc.iter().enumerate().take(mr) {
-            let cr = c.add(r * ldc);
-            _mm256_storeu_ps(cr, _mm256_add_ps(_mm256_loadu_ps(cr), ar[0]));
-            _mm256_storeu_ps(cr.add(8), _mm256_add_ps(_mm256_loadu_ps(cr.add(8)), ar[1]));
+            for (v, x) in ar.iter().enumerate() {
+                let cr = c.add(r * ldc + 8 * v);
+                _mm256_storeu_ps(cr, _mm256_add_ps(_mm256_loadu_ps(cr), *x));
+            }
         }
     } else {
         let mut tmp = [0f32; NR];
         for (r, ar) in acc.iter().enumerate().take(mr) {
-            _mm256_storeu_ps(tmp.as_mut_ptr(), ar[0]);
-            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), ar[1]);
+            for (v, x) in ar.iter().enumerate() {
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * v), *x);
+            }
             for (t, v) in tmp.iter().enumerate().take(nt) {
                 *c.add(r * ldc + t) += v;
             }

@@ -178,7 +178,8 @@ fn blocked_matmul_several_row_blocks_and_column_slices() {
             let a = Affine::random(&mut rng, bits, group, 100, 640);
             let w = a.view(k);
             k += 1;
-            let n = 21;
+            // 16 + 8: a full 6x16 and a full 6x8 tile.
+            let n = 24;
             let xs = gauss(&mut rng, n * 640);
             let mut want = vec![0f32; n * 100];
             matmul_ref(&w, &xs, n, &mut want);
