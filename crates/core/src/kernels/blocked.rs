@@ -28,6 +28,8 @@ const MB: usize = 8 * MR;
 /// Columns per slice: a multiple of every group size (32, 64, 128) and of 8. The slice's
 /// weights (48 KiB) stay in L2 and one input panel slice (16 KiB) in L1.
 const KC: usize = 256;
+/// Up to this many input panels, weights are dequantised whole rows at a time.
+const WHOLE_ROW_PANELS: usize = 2;
 /// Input panels per pass (128 inputs: their column slice is 128 KiB).
 const TG: usize = 8;
 
@@ -92,7 +94,16 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
     yt.fill(0.0);
     // Rows past the block's end are never written back, so stale values there are harmless;
     // zeroing once keeps them finite.
-    let mut wbuf = vec![0f32; MB * KC];
+    // With one or two input panels (few-token experts) the product is close to memory-bound,
+    // and 48 rows x 256 columns would read the weights as 48 short streams that the hardware
+    // prefetcher cannot follow: take whole rows, one tile's worth at a time, instead (the
+    // panels, at most 2 x cols x 64 bytes, are re-read from L2 by every tile).
+    let (mbx, kcx) = if panels <= WHOLE_ROW_PANELS {
+        (MR, cols.max(1))
+    } else {
+        (MB, KC)
+    };
+    let mut wbuf = vec![0f32; mbx * kcx];
     // Loop order: a group of input panels, then a column slice, then row blocks. The group's
     // slice of inputs (TG * 16 KiB) then stays in L2 while every row block of this thread
     // passes over it; the weights are dequantised once per group (n / 128 times in all).
@@ -100,12 +111,12 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
         let tgn = TG.min(panels - tg);
         let mut k0 = 0;
         while k0 < cols {
-            let kc = KC.min(cols - k0);
+            let kc = kcx.min(cols - k0);
             let mut rb = 0;
             while rb < nrows {
-                let mb = MB.min(nrows - rb);
+                let mb = mbx.min(nrows - rb);
                 for i in 0..mb {
-                    dequant_segment(w, r0 + rb + i, k0, &mut wbuf[i * KC..i * KC + kc]);
+                    dequant_segment(w, r0 + rb + i, k0, &mut wbuf[i * kcx..i * kcx + kc]);
                 }
                 for tb in tg..tg + tgn {
                     let nt = NR.min(n - tb * NR);
@@ -115,8 +126,8 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
                     while i < mb {
                         let mr = MR.min(mb - i);
                         let c0 = (rb + i) * n + tb * NR;
-                        // SAFETY: AVX2+FMA checked above. `wbuf` holds MB >= i + MR rows of
-                        // KC >= kc floats, `panel` holds kc columns of NR, and the tile writes
+                        // SAFETY: AVX2+FMA checked above. `wbuf` holds mbx >= i + MR rows of
+                        // kcx >= kc floats, `panel` holds kc columns of NR, and the tile writes
                         // only rows < mr and inputs < nt, i.e. inside `yt` (rows < nrows,
                         // inputs < n).
                         unsafe {
@@ -124,8 +135,8 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
                             let tile = if nt <= 8 { tile::<1> } else { tile::<2> };
                             tile(
                                 kc,
-                                wbuf[i * KC..].as_ptr(),
-                                KC,
+                                wbuf[i * kcx..].as_ptr(),
+                                kcx,
                                 panel.as_ptr(),
                                 yt.as_mut_ptr().add(c0),
                                 n,

@@ -178,8 +178,8 @@ fn blocked_matmul_several_row_blocks_and_column_slices() {
             let a = Affine::random(&mut rng, bits, group, 100, 640);
             let w = a.view(k);
             k += 1;
-            // 16 + 8: a full 6x16 and a full 6x8 tile.
-            let n = 24;
+            // 16 + 16 + 8: three panels (column slices, not whole rows), the last a full 6x8 tile.
+            let n = 40;
             let xs = gauss(&mut rng, n * 640);
             let mut want = vec![0f32; n * 100];
             matmul_ref(&w, &xs, n, &mut want);
@@ -440,7 +440,7 @@ fn matmul_throughput() {
     for bits in [4u32, 2, 8] {
         let a = Affine::random(&mut rng, bits, 64, rows, cols);
         let w = a.view(0);
-        for n in [4usize, 8, 16, 64, 512] {
+        for n in [4usize, 8, 10, 12, 14, 16, 64, 512] {
             let xs = gauss(&mut rng, n * cols);
             let mut y = vec![0f32; n * rows];
             for blocked in [false, true] {
@@ -483,5 +483,38 @@ fn matvec_compute_throughput() {
             "b{bits} {rows}x{cols} serial: {:.1} us, {ge:.2} Gelem/s",
             s * 1e6
         );
+    }
+}
+
+/// Prints expert-style throughput: many distinct (cold) 4-bit 1024x4096 matrices, each product
+/// serial with few inputs, experts spread over the rayon pool as the MoE layer does.
+#[test]
+#[ignore]
+fn expert_matmul_throughput() {
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(11);
+    let (rows, cols, count) = (1024, 4096, 64);
+    let mats: Vec<Affine> = (0..count)
+        .map(|_| Affine::random(&mut rng, 4, 64, rows, cols))
+        .collect();
+    for n in [6usize, 10, 14, 20, 30, 40] {
+        let xs = gauss(&mut rng, n * cols);
+        for blocked in [false, true] {
+            let mut s = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                mats.par_iter().for_each(|a| {
+                    let mut y = vec![0f32; n * rows];
+                    matmul_impl(isa(), usize::MAX, blocked, &a.view(0), &xs, n, &mut y);
+                    std::hint::black_box(&y);
+                });
+                s = s.min(t.elapsed().as_secs_f64());
+            }
+            let gmac = (rows * cols * n * count) as f64 / s / 1e9;
+            eprintln!(
+                "experts n{n} blocked {blocked}: {:.2} ms, {gmac:.1} GMAC/s",
+                s * 1e3
+            );
+        }
     }
 }
