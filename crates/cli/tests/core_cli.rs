@@ -13,19 +13,6 @@ fn golden_ids(shared: &std::path::Path) -> Vec<i64> {
         .collect()
 }
 
-fn read_logits(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("logits").unwrap();
-    assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (t.shape().to_vec(), v)
-}
-
 #[test]
 fn logits_cli_matches_golden_with_and_without_prefill() {
     let Some(shared) = shared_dir() else { return };

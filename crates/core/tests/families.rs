@@ -8,9 +8,9 @@ mod common;
 use std::path::PathBuf;
 
 use common::mlx_convert::{convert, header, tensor_bytes, Converted, Family};
-use common::{max_abs, shared_dir, Golden};
+use common::{logits, max_abs, shared_dir, Golden};
 use flashmoe_core::loader::{open_model, LoadOptions};
-use flashmoe_core::model::{ForwardStats, Logits, Model, State};
+use flashmoe_core::model::Model;
 use flashmoe_core::packed::{pack, NoProgress, PackOptions};
 use flashmoe_core::weights::Linear;
 
@@ -18,23 +18,6 @@ const FIXTURES: [&str; 3] = ["tiny-a", "tiny-next-a", "tiny-qwen3moe-a"];
 
 fn tmp(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("families-{name}"))
-}
-
-/// Logits for every position: `prefill` tokens as one prompt, then one token at a time.
-fn logits(model: &Model, ids: &[u32], prefill: usize) -> Vec<f32> {
-    let mut st = State::new(&model.cfg);
-    let mut stats = ForwardStats::default();
-    let mut out = model
-        .forward(&ids[..prefill], &mut st, Logits::All, &mut stats, None)
-        .expect("prefill");
-    for &id in &ids[prefill..] {
-        out.extend(
-            model
-                .forward(&[id], &mut st, Logits::Last, &mut stats, None)
-                .expect("decode"),
-        );
-    }
-    out
 }
 
 fn load(dir: &std::path::Path, k: Option<usize>) -> Model {

@@ -3,28 +3,11 @@
 //! plus every layer's hidden state (which localises a mismatch to a layer).
 mod common;
 
-use common::{max_abs, shared_dir, Golden};
+use common::{logits, max_abs, shared_dir, Golden};
 use flashmoe_core::loader::{open_model, LoadOptions};
-use flashmoe_core::model::{ForwardStats, Logits, Model, State};
+use flashmoe_core::model::{ForwardStats, Logits, State};
 
 const TOL: f32 = 1e-3;
-
-/// Logits for every position: all as one prompt, or `prefill` tokens then one at a time.
-fn logits(model: &Model, ids: &[u32], prefill: usize) -> Vec<f32> {
-    let mut st = State::new(&model.cfg);
-    let mut stats = ForwardStats::default();
-    let mut out = model
-        .forward(&ids[..prefill], &mut st, Logits::All, &mut stats, None)
-        .expect("prefill");
-    for &id in &ids[prefill..] {
-        out.extend(
-            model
-                .forward(&[id], &mut st, Logits::Last, &mut stats, None)
-                .expect("decode"),
-        );
-    }
-    out
-}
 
 fn check(fixture: &str, variant: &str, prefix: &str, section: &str) {
     let Some(shared) = shared_dir() else { return };

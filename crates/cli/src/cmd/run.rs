@@ -259,29 +259,25 @@ pub fn print_layer_table(dstats: &ForwardStats, n: f64) {
         "{:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "layer", "mixer", "routing", "shared", "io_wait", "experts", "combine", "total"
     );
+    let row = |label: String, l: &flashmoe_core::model::LayerTimes| {
+        let f = [
+            l.mixer,
+            l.routing,
+            l.shared,
+            l.expert_wait,
+            l.expert_compute,
+            l.combine,
+            l.total(),
+        ];
+        let cells: Vec<String> = f.iter().map(|d| format!("{:>8.3}", ms(*d) / n)).collect();
+        format!("{label:>5} {}", cells.join(" "))
+    };
     for (i, l) in dstats.layers.iter().enumerate() {
-        eprintln!(
-            "{:>5} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
-            i,
-            ms(l.mixer) / n,
-            ms(l.routing) / n,
-            ms(l.shared) / n,
-            ms(l.expert_wait) / n,
-            ms(l.expert_compute) / n,
-            ms(l.combine) / n,
-            ms(l.total()) / n
-        );
+        eprintln!("{}", row(i.to_string(), l));
     }
-    let t = dstats.total_layers();
     eprintln!(
-        "  all {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}   (+ embed {:.3}, head {:.3})",
-        ms(t.mixer) / n,
-        ms(t.routing) / n,
-        ms(t.shared) / n,
-        ms(t.expert_wait) / n,
-        ms(t.expert_compute) / n,
-        ms(t.combine) / n,
-        ms(t.total()) / n,
+        "{}   (+ embed {:.3}, head {:.3})",
+        row("all".into(), &dstats.total_layers()),
         ms(dstats.embed) / n,
         ms(dstats.head) / n
     );

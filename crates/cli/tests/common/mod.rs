@@ -42,3 +42,17 @@ pub fn run_err(cmd: &mut Command) -> String {
 pub fn write(path: &Path, content: impl AsRef<[u8]>) {
     std::fs::write(path, content).expect("write test file");
 }
+
+/// The float32 `logits` tensor of a safetensors file written by `flashmoe logits`.
+pub fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).expect("read logits file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse logits file");
+    let t = st.tensor("logits").expect("tensor `logits`");
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), v)
+}

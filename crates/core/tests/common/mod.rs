@@ -66,3 +66,22 @@ pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 }
 
 pub mod mlx_convert;
+
+/// Logits for every position: `prefill` tokens as one prompt, then one token at a time
+/// through the cached state.
+pub fn logits(model: &flashmoe_core::model::Model, ids: &[u32], prefill: usize) -> Vec<f32> {
+    use flashmoe_core::model::{ForwardStats, Logits, State};
+    let mut st = State::new(&model.cfg);
+    let mut stats = ForwardStats::default();
+    let mut out = model
+        .forward(&ids[..prefill], &mut st, Logits::All, &mut stats, None)
+        .expect("prefill");
+    for &id in &ids[prefill..] {
+        out.extend(
+            model
+                .forward(&[id], &mut st, Logits::Last, &mut stats, None)
+                .expect("decode"),
+        );
+    }
+    out
+}
