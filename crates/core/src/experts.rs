@@ -205,6 +205,6 @@ impl ExpertSource for StoreExperts {
         self.expert_bytes
     }
     fn describe(&self) -> String {
-        "checkpoint (mmap)".into()
+        "checkpoint (mmap; no separate reads, so no read time or page-cache figures)".into()
     }
 }

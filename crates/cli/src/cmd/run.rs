@@ -244,7 +244,8 @@ fn print_timing(
         read_gb * 1e3 / n,
         if io.read_ns > 0 { read_gb / (io.read_ns as f64 / 1e9) } else { 0.0 }
     );
-    if io.bytes_read > 0 {
+    // An mmap'd checkpoint has no read step to time or check with mincore.
+    if io.bytes_read > 0 && io.read_ns > 0 {
         eprintln!(
             "page cache served {:.1}% of expert bytes ({})",
             100.0 * io.bytes_cached as f64 / io.bytes_read as f64,
