@@ -4,7 +4,8 @@
 //! - `x [n, cols]` is packed once per call into panels of `NR` = 16 inputs, `xp[tb][p][16]`
 //!   (inputs past `n` are zero), so one column `p` of a panel is two aligned-size vector loads.
 //! - Each thread owns contiguous blocks of output rows. For a block of `MB` rows and a slice of
-//!   `KC` columns it dequantises the weights once, in natural order, into a small f32 buffer
+//!   `KC` columns it dequantises the weights once (affine ones in the lane order of
+//!   `lanes::permute_x`, the inputs being packed in that order too) into a small f32 buffer
 //!   (`[MB, KC]`, in L2), then runs a `MR` x `NR` = 6 x 16 register tile (12 accumulators) over
 //!   every input panel: per column, 6 broadcast weights times 2 vectors of inputs (a last
 //!   panel of at most 8 inputs uses a 6 x 8 tile, so few-token experts waste less).
@@ -15,7 +16,7 @@
 //!
 //! The plain twin is `reference::matmul_ref`; `tests.rs` compares both on every format.
 
-use super::{AffineView, WeightView};
+use super::{AffineView, Scales, WeightView};
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
@@ -51,8 +52,16 @@ pub(crate) fn put_scratch(bufs: (Vec<f32>, Vec<f32>)) {
 }
 
 /// Packs `x [n, cols]` into `xp [n.div_ceil(NR)][cols][NR]`, zero past input `n`, reusing
-/// `xp`'s memory. Panels are packed in parallel when there are several.
-pub(crate) fn pack_inputs(x: &[f32], n: usize, cols: usize, xp: &mut Vec<f32>) {
+/// `xp`'s memory. For affine weights (`perm_bits`) each input is first put in the lane order of
+/// `lanes::permute_x`, the order `dequant_segment` gives the weights. Panels are packed in
+/// parallel when there are several.
+pub(crate) fn pack_inputs(
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    perm_bits: Option<u32>,
+    xp: &mut Vec<f32>,
+) {
     let panels = n.div_ceil(NR);
     xp.resize(panels * cols * NR, 0.0);
     if cols == 0 {
@@ -60,10 +69,23 @@ pub(crate) fn pack_inputs(x: &[f32], n: usize, cols: usize, xp: &mut Vec<f32>) {
     }
     let pack = |tb: usize, panel: &mut [f32]| {
         let nt = NR.min(n - tb * NR);
-        let src = &x[tb * NR * cols..(tb * NR + nt) * cols];
-        for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = if j < nt { src[j * cols + p] } else { 0.0 };
+        let mut row = vec![0f32; cols];
+        for j in 0..NR {
+            let src: &[f32] = if j >= nt {
+                row.fill(0.0);
+                &row
+            } else {
+                let xj = &x[(tb * NR + j) * cols..(tb * NR + j + 1) * cols];
+                match perm_bits {
+                    Some(bits) => {
+                        super::lanes::permute_x(bits, xj, &mut row);
+                        &row
+                    }
+                    None => xj,
+                }
+            };
+            for (p, v) in src.iter().enumerate() {
+                panel[p * NR + j] = *v;
             }
         }
     };
@@ -104,6 +126,7 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
         (MB, KC)
     };
     let mut wbuf = vec![0f32; mbx * kcx];
+    let (mut sbuf, mut bbuf) = (Vec::new(), Vec::new());
     // Loop order: a group of input panels, then a column slice, then row blocks. The group's
     // slice of inputs (TG * 16 KiB) then stays in L2 while every row block of this thread
     // passes over it; the weights are dequantised once per group (n / 128 times in all).
@@ -116,7 +139,8 @@ pub(crate) fn rows_blocked(w: &WeightView, xp: &[f32], n: usize, r0: usize, yt: 
             while rb < nrows {
                 let mb = mbx.min(nrows - rb);
                 for i in 0..mb {
-                    dequant_segment(w, r0 + rb + i, k0, &mut wbuf[i * kcx..i * kcx + kc]);
+                    let out = &mut wbuf[i * kcx..i * kcx + kc];
+                    dequant_segment(w, r0 + rb + i, k0, out, &mut sbuf, &mut bbuf);
                 }
                 for tb in tg..tg + tgn {
                     let nt = NR.min(n - tb * NR);
@@ -205,9 +229,20 @@ unsafe fn tile<const NV: usize>(
     }
 }
 
-/// Row `row`, columns `k0 .. k0 + out.len()`, as f32 in natural order. For affine weights `k0`
-/// and the length are multiples of the group.
-fn dequant_segment(w: &WeightView, row: usize, k0: usize, out: &mut [f32]) {
+/// Row `row`, columns `k0 .. k0 + out.len()`, as f32. Dense formats come out in natural
+/// order; affine ones in the lane-permuted order of `lanes::permute_x` (whole 8-word blocks
+/// counted from the row start, natural order past the row's last whole block), which is the
+/// order `pack_inputs` gives the inputs. For affine weights `k0` is a multiple of the block
+/// (KC is) and the length a multiple of the group. `sbuf`/`bbuf` are scratch for the
+/// segment's scales and biases as f32.
+fn dequant_segment(
+    w: &WeightView,
+    row: usize,
+    k0: usize,
+    out: &mut [f32],
+    sbuf: &mut Vec<f32>,
+    bbuf: &mut Vec<f32>,
+) {
     let cols = w.cols();
     let range = row * cols + k0..row * cols + k0 + out.len();
     match w {
@@ -218,21 +253,31 @@ fn dequant_segment(w: &WeightView, row: usize, k0: usize, out: &mut [f32]) {
             unsafe { f16_to_f32_f16c(&data[range], out) }
         }
         WeightView::Affine(a) => {
-            assert!(k0.is_multiple_of(a.group) && out.len().is_multiple_of(a.group));
-            let ng = a.groups_per_row();
+            let e = super::lanes::block_elems(a.bits);
+            assert!(k0.is_multiple_of(e) && out.len().is_multiple_of(a.group));
             let bits = a.bits as usize;
             let w0 = row * a.words_per_row() + k0 * bits / 32;
             let words = &a.w[w0..w0 + out.len() * bits / 32];
-            let g0 = row * ng + k0 / a.group;
-            // SAFETY: AVX2 checked by the caller; `words` holds exactly the codes of `out`.
-            unsafe {
-                match a.bits {
-                    2 => dequant_affine::<2>(a, words, g0, out),
-                    4 => dequant_affine::<4>(a, words, g0, out),
-                    8 => dequant_affine::<8>(a, words, g0, out),
-                    b => unreachable!("bits {b} rejected by AffineView::check"),
-                }
-            }
+            // The segment's scales, widened once (not per group in the hot loop), padded by 8
+            // as the permuted dequantiser wants.
+            let gn = out.len() / a.group;
+            let g0 = row * a.groups_per_row() + k0 / a.group;
+            sbuf.resize(gn + 8, 0.0);
+            bbuf.resize(gn + 8, 0.0);
+            a.scales.to_f32_into(g0, &mut sbuf[..gn]);
+            a.biases.to_f32_into(g0, &mut bbuf[..gn]);
+            // The segment as a one-row matrix of its own: its blocks start at the segment's
+            // start, a multiple of the block, so they are the row's blocks.
+            let seg = AffineView {
+                bits: a.bits,
+                group: a.group,
+                rows: 1,
+                cols: out.len(),
+                w: words,
+                scales: Scales::F32(&sbuf[..gn]),
+                biases: Scales::F32(&bbuf[..gn]),
+            };
+            super::x86::dequant_row_permuted(&seg, words, sbuf, bbuf, out);
         }
     }
 }
@@ -247,60 +292,5 @@ unsafe fn f16_to_f32_f16c(src: &[half::f16], out: &mut [f32]) {
     }
     for j in n8..out.len() {
         out[j] = src[j].to_f32();
-    }
-}
-
-/// `out[j] = scale * q_j + bias` for the codes in `words` (groups `g0 ..` of the view's scales),
-/// natural order: word `i` holds elements `i * 32 / BITS ..`, LSB first.
-///
-/// # Safety
-/// AVX2+FMA present; `words.len() == out.len() * BITS / 32`, `out.len()` a multiple of the group.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dequant_affine<const BITS: u32>(
-    a: &AffineView,
-    words: &[u32],
-    g0: usize,
-    out: &mut [f32],
-) {
-    let mask = _mm256_set1_epi32((1 << BITS) - 1);
-    let wpg = a.group * BITS as usize / 32;
-    let op = out.as_mut_ptr();
-    let wp = words.as_ptr();
-    for g in 0..out.len() / a.group {
-        let s = _mm256_set1_ps(a.scales.get(g0 + g));
-        let z = _mm256_set1_ps(a.biases.get(g0 + g));
-        let o = op.add(g * a.group);
-        let wg = wp.add(g * wpg);
-        match BITS {
-            4 => {
-                let sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-                for i in 0..wpg {
-                    let v = _mm256_set1_epi32(*wg.add(i) as i32);
-                    let q = _mm256_and_si256(_mm256_srlv_epi32(v, sh), mask);
-                    _mm256_storeu_ps(o.add(i * 8), _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, z));
-                }
-            }
-            2 => {
-                let lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-                let hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
-                for i in 0..wpg {
-                    let v = _mm256_set1_epi32(*wg.add(i) as i32);
-                    let q0 = _mm256_and_si256(_mm256_srlv_epi32(v, lo), mask);
-                    let q1 = _mm256_and_si256(_mm256_srlv_epi32(v, hi), mask);
-                    let f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), s, z);
-                    let f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), s, z);
-                    _mm256_storeu_ps(o.add(i * 16), f0);
-                    _mm256_storeu_ps(o.add(i * 16 + 8), f1);
-                }
-            }
-            _ => {
-                // 8-bit: two words are 8 bytes, element order = byte order (little-endian).
-                for i in 0..wpg / 2 {
-                    let b = _mm_loadl_epi64(wg.add(2 * i) as *const __m128i);
-                    let q = _mm256_cvtepu8_epi32(b);
-                    _mm256_storeu_ps(o.add(i * 8), _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, z));
-                }
-            }
-        }
     }
 }

@@ -331,7 +331,11 @@ pub(crate) fn matmul_impl(
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && use_blocked {
         let (mut xp, mut yt_buf) = blocked::take_scratch();
-        blocked::pack_inputs(x, n, cols, &mut xp);
+        let perm_bits = match w {
+            WeightView::Affine(a) => Some(a.bits),
+            _ => None,
+        };
+        blocked::pack_inputs(x, n, cols, perm_bits, &mut xp);
         yt_buf.resize(rows * n, 0.0);
         let yt = &mut yt_buf[..rows * n];
         // Row chunks in whole register tiles, so that only a chunk's last tile is partial.
