@@ -383,11 +383,15 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         (4096, 4096, 2),
     ] {
         let l = synth_affine(rows, cols, bits, rows as u64 ^ cols as u64);
-        for (path, ap) in [
-            ("dp4a", ops::AffinePath::Dp4a),
-            ("float", ops::AffinePath::Float),
+        for (path, ap, tile) in [
+            ("dp4a", ops::AffinePath::Dp4a, 0),
+            ("float", ops::AffinePath::Float, 0),
+            ("mma 16-row tiles", ops::AffinePath::Mma, 16),
+            ("mma 32-row tiles", ops::AffinePath::Mma, 32),
+            ("auto", ops::AffinePath::Auto, 0),
         ] {
             ops::set_affine_path(ap);
+            ops::set_mma_tile(tile);
             let (gbps, bytes) = matvec_gbps(&dev, &l)?;
             kernels.push(json!({
                 "kernel": format!("matvec affine {bits}-bit g64 bf16 scales ({path})"),
@@ -396,6 +400,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
             }));
         }
         ops::set_affine_path(ops::AffinePath::Auto);
+        ops::set_mma_tile(0);
     }
     {
         let w = rand_u32(4096 * 4096 / 2, 77);

@@ -161,7 +161,9 @@ fn kernel_names() -> Vec<String> {
     let mut v = Vec::new();
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
-            for var in ["mv", "mvg", "mvi", "mq", "mqi", "mm"] {
+            for var in [
+                "mv", "mvg", "mvi", "mq", "mqi", "mm", "mt1", "mt1i", "mt2", "mt2i",
+            ] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }
         }

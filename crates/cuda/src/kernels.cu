@@ -353,6 +353,198 @@ __device__ void qmv_dp4a(const MvBatch& p, int rows, int cols, int lg) {
     }
 }
 
+// Decode matvec on the tensor cores (mma.sync m16n8k16, f16 inputs, f32 accumulation).
+// Codes become exact f16 integers with two instructions per pair: a code masked in place at bit
+// offset o of each 16-bit half, OR'ed into 0x6400 (1024), is 1024 + q*2^o; one f16x2 FMA
+// (* 2^-o, - 1024*2^-o) leaves q exactly. x is staged per block as f16 hi + lo parts of x * 2^k
+// with one power-of-two k per 16-byte weight chunk (about 22 bits of x relative to the chunk's
+// largest element), so products and sums stay in f32 on the tensor core.
+// Layout: lane (g = lane/4, t = lane%4) holds rows g and g+8 of a 16-row tile, chunk t of each
+// 4-chunk step. The MMA's k-slots of lane t are the elements of lane t's own chunk, and B column
+// n carries x (hi for even n, lo for odd n) only on the k-slots of tig n/2, so C[row][2t..2t+1]
+// is exactly the dot of that row with lane t's chunk: each lane applies its own group's scale and
+// bias (group >= chunk). The 8 warps of a block split K (steps) and reduce through shared memory.
+__device__ __forceinline__ u32 hfma2_(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ u16 f2h_(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Half pair j (< 16/BITS) of word w: (code j, code 16/BITS + j) as exact f16 integers.
+template <int BITS> __device__ __forceinline__ u32 dq2(u32 w, int j) {
+    const int PB = 8 / BITS, s = j / PB, o = (j % PB) * BITS;
+    const u32 M = (1u << BITS) - 1u;
+    const u32 v = ((s ? (w >> 8) : w) & ((M << o) | (M << (16 + o)))) | 0x64006400u;
+    const u32 sc = (u32)(15 - o) << 10, nb = 0x8000u | ((u32)(25 - o) << 10);
+    return hfma2_(v, sc | (sc << 16), nb | (nb << 16));
+}
+
+template <int BITS, int SDT, int RT, int D>
+__device__ void qmv_mma(const MvBatch& p, int rows, int cols, int lg) {
+    extern __shared__ __align__(16) u32 xf[];
+    __shared__ float red[8][16 * RT];
+    const int EPW = 32 / BITS, HPW = 16 / BITS, HPC = 4 * HPW, CE = 4 * EPW, PS = HPC + 4;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u32* W = (const u32*)p.w[blockIdx.y];
+    const void* S = (const void*)p.s[blockIdx.y];
+    const void* B = (const void*)p.b[blockIdx.y];
+    const float* Xg = (const float*)p.x[blockIdx.y];
+    float* Y = (float*)p.y[blockIdx.y];
+    const int wpr = cols / EPW, nch = wpr / 4, gpr = cols >> lg, nst = (nch + 3) / 4;
+    u32* zero = xf + nch * 2 * PS;
+    float2* meta = (float2*)(zero + PS);
+    const int ntiles = (rows + 16 * RT - 1) / (16 * RT);
+    // Pull this warp's first weights toward L2 while x is staged.
+    if ((int)blockIdx.x < ntiles) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            int c = (warp + 8 * d) * 4 + t;
+            if (c < nch)
+#pragma unroll
+                for (int i = 0; i < 2 * RT; i++) {
+                    int r = min((int)blockIdx.x * 16 * RT + i * 8 + g, rows - 1);
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"(W + (long)r * wpr + c * 4));
+                }
+        }
+    }
+    // Stage x: per chunk, hi/lo f16 pairs in the order the codes unpack, its scale and sum.
+    for (int c = threadIdx.x; c < nch; c += blockDim.x) {
+        float xv[CE];
+        const float4* xp = (const float4*)(Xg + (long)c * CE);
+#pragma unroll
+        for (int i = 0; i < CE / 4; i++) {
+            float4 f = __ldg(xp + i);
+            xv[4 * i] = f.x; xv[4 * i + 1] = f.y; xv[4 * i + 2] = f.z; xv[4 * i + 3] = f.w;
+        }
+        float m = 0.f, sm = 0.f;
+#pragma unroll
+        for (int i = 0; i < CE; i++) { m = fmaxf(m, fabsf(xv[i])); sm += xv[i]; }
+        int k = 13 - (((__float_as_int(m) >> 23) & 0xff) - 127);
+        k = min(max(k, -100), 100);
+        const float sc = __int_as_float((127 + k) << 23), inv = __int_as_float((127 - k) << 23);
+        u32* hi = xf + c * 2 * PS;
+        u32* lo = hi + PS;
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+            for (int j = 0; j < HPW; j++) {
+                float a = xv[wi * EPW + j] * sc, b = xv[wi * EPW + HPW + j] * sc;
+                u16 ha = f2h_(a), hb = f2h_(b);
+                u16 la = f2h_(a - f16f(ha)), lb = f2h_(b - f16f(hb));
+                hi[wi * HPW + j] = (u32)ha | ((u32)hb << 16);
+                lo[wi * HPW + j] = (u32)la | ((u32)lb << 16);
+            }
+        { float2 mm; mm.x = inv; mm.y = sm; meta[c] = mm; }
+    }
+    for (int i = threadIdx.x; i < PS; i += blockDim.x) zero[i] = 0u;
+    __syncthreads();
+    const bool own = (g >> 1) == t;
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int r0 = tile * 16 * RT;
+        const u32* wr[RT][2];
+        long srow[RT][2];
+#pragma unroll
+        for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int r = min(r0 + rt * 16 + h * 8 + g, rows - 1);
+                wr[rt][h] = W + (long)r * wpr;
+                srow[rt][h] = (long)r * gpr;
+            }
+        float acc[RT][2];
+#pragma unroll
+        for (int rt = 0; rt < RT; rt++) acc[rt][0] = acc[rt][1] = 0.f;
+        for (int s0 = warp; s0 < nst; s0 += 8 * D) {
+            uint4 wv[D][RT][2];
+            float sv[D][RT][2], bv[D][RT][2];
+#pragma unroll
+            for (int d = 0; d < D; d++) {
+                const int c = (s0 + 8 * d) * 4 + t;
+                const bool ok = s0 + 8 * d < nst && c < nch;
+                const long gi = (long)((c * CE) >> lg);
+#pragma unroll
+                for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        if (ok) {
+                            wv[d][rt][h] = __ldg((const uint4*)wr[rt][h] + c);
+                            sv[d][rt][h] = ldsc<SDT>(S, srow[rt][h] + gi);
+                            bv[d][rt][h] = ldsc<SDT>(B, srow[rt][h] + gi);
+                        } else {
+                            { uint4 z; z.x = z.y = z.z = z.w = 0u; wv[d][rt][h] = z; }
+                            sv[d][rt][h] = 0.f;
+                            bv[d][rt][h] = 0.f;
+                        }
+                    }
+            }
+#pragma unroll
+            for (int d = 0; d < D; d++) {
+                if (s0 + 8 * d >= nst) break;
+                const int c = (s0 + 8 * d) * 4 + t;
+                const bool ok = c < nch;
+                const u32* xb = (own && ok) ? xf + (c * 2 + (g & 1)) * PS : zero;
+                float2 mt; mt.x = 0.f; mt.y = 0.f;
+                if (ok) mt = meta[c];
+                float cc[RT][4];
+#pragma unroll
+                for (int rt = 0; rt < RT; rt++) cc[rt][0] = cc[rt][1] = cc[rt][2] = cc[rt][3] = 0.f;
+#pragma unroll
+                for (int wi = 0; wi < 4; wi++) {
+                    u32 bx[HPW];
+#pragma unroll
+                    for (int j = 0; j < HPW; j += 2) {
+                        uint2 v2 = *(const uint2*)(xb + wi * HPW + j);
+                        bx[j] = v2.x;
+                        bx[j + 1] = v2.y;
+                    }
+#pragma unroll
+                    for (int rt = 0; rt < RT; rt++) {
+                        const uint4 q0 = wv[d][rt][0], q1 = wv[d][rt][1];
+                        const u32 w0 = wi == 0 ? q0.x : wi == 1 ? q0.y : wi == 2 ? q0.z : q0.w;
+                        const u32 w1 = wi == 0 ? q1.x : wi == 1 ? q1.y : wi == 2 ? q1.z : q1.w;
+#pragma unroll
+                        for (int j = 0; j < HPW; j += 2)
+                            mma16816(cc[rt], dq2<BITS>(w0, j), dq2<BITS>(w1, j), dq2<BITS>(w0, j + 1),
+                                     dq2<BITS>(w1, j + 1), bx[j], bx[j + 1]);
+                    }
+                }
+#pragma unroll
+                for (int rt = 0; rt < RT; rt++) {
+                    acc[rt][0] += sv[d][rt][0] * ((cc[rt][0] + cc[rt][1]) * mt.x) + bv[d][rt][0] * mt.y;
+                    acc[rt][1] += sv[d][rt][1] * ((cc[rt][2] + cc[rt][3]) * mt.x) + bv[d][rt][1] * mt.y;
+                }
+            }
+        }
+#pragma unroll
+        for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float v = acc[rt][h];
+                v += __shfl_xor_sync(0xffffffffu, v, 1);
+                v += __shfl_xor_sync(0xffffffffu, v, 2);
+                if (t == 0) red[warp][rt * 16 + h * 8 + g] = v;
+            }
+        __syncthreads();
+        if (threadIdx.x < 16 * RT) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < 8; w++) v += red[w][threadIdx.x];
+            if (r0 + (int)threadIdx.x < rows) Y[r0 + threadIdx.x] = v;
+        }
+        __syncthreads();
+    }
+}
+
 // Dense matvec / small matmul: W [rows, cols] in bf16, f16 or f32, 16-byte loads per lane.
 template <int DT> __device__ __forceinline__ void unpack8(uint4 v, float* o) {
     if (DT == 2) {
@@ -478,6 +670,24 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { \
         qmv_body<BITS, SDT, 1, 8, 2, false>(p, rows, cols, lg, ntok, ldx, ldy);                                \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt1(MvBatch p, int rows, int cols, \
+                                                                            int lg, int ntok, int ldx, int ldy) { \
+        qmv_mma<BITS, SDT, 1, 4>(p, rows, cols, lg);                                                        \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt1i(const MvBatch* pd, int rows, \
+                                                                             int cols, int lg, int ntok, int ldx, \
+                                                                             int ldy) {                           \
+        qmv_mma<BITS, SDT, 1, 4>(*pd, rows, cols, lg);                                                      \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt2(MvBatch p, int rows, int cols, \
+                                                                            int lg, int ntok, int ldx, int ldy) { \
+        qmv_mma<BITS, SDT, 2, 2>(p, rows, cols, lg);                                                        \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt2i(const MvBatch* pd, int rows, \
+                                                                             int cols, int lg, int ntok, int ldx, \
+                                                                             int ldy) {                           \
+        qmv_mma<BITS, SDT, 2, 2>(*pd, rows, cols, lg);                                                      \
     }
 QK(4, 0, bf16) QK(4, 1, f16) QK(4, 2, f32)
 QK(2, 0, bf16) QK(2, 1, f16) QK(2, 2, f32)

@@ -15,17 +15,26 @@ thread_local! {
     /// Which decode kernel affine matrices launched from this thread use: 0 = by shape,
     /// 1 = exact float, 2 = dp4a (per thread, so parallel tests do not see each other's choice).
     static AFFINE_PATH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    static MMA_TILE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Decode kernel choice for affine matrices launched from the calling thread (bench and tests
 /// force one to compare).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AffinePath {
-    /// dp4a for matrices of at least [`DP4A_MIN_ROWS`] rows, exact float otherwise.
+    /// The tensor-core kernel for 8-bit matrices of at least [`MMA_MIN_ROWS`] rows where its
+    /// layout fits, else dp4a for at least [`DP4A_MIN_ROWS`] rows, else exact float.
     Auto,
     Float,
     Dp4a,
+    /// The tensor-core kernel wherever its layout fits (else exact float).
+    Mma,
 }
+
+/// Rows from which `Auto` takes the tensor-core kernel (`mt`): x as f16 hi + lo parts per
+/// 16-byte chunk with a power-of-two scale (about 22 bits), f32 accumulation. Routers (a few
+/// hundred rows) stay on the exact float path.
+pub const MMA_MIN_ROWS: usize = 1024;
 
 /// Rows from which `Auto` takes the dp4a kernel. Measured (H200, 4-bit, 4096 columns): dp4a
 /// lost to the float kernel at 4096 and 16384 rows (x quantisation per block is a fixed cost)
@@ -38,15 +47,60 @@ pub fn set_affine_path(p: AffinePath) {
         AffinePath::Auto => 0,
         AffinePath::Float => 1,
         AffinePath::Dp4a => 2,
+        AffinePath::Mma => 3,
     };
     AFFINE_PATH.with(|c| c.set(v));
 }
 
+/// Rows per warp tile of the tensor-core kernel: 16 or 32 (0 = by shape). Bench only.
+pub fn set_mma_tile(rows: usize) {
+    MMA_TILE.with(|c| c.set(rows));
+}
+
+fn mma_tile(rows: usize) -> usize {
+    match MMA_TILE.with(|c| c.get()) {
+        16 => 16,
+        32 => 32,
+        _ if rows <= MMA_TILE32_MIN_ROWS => 16,
+        _ => 32,
+    }
+}
+
+/// Above this many rows the tensor-core kernel takes 32-row tiles (x staged once per 32 rows);
+/// below, 16-row tiles give more blocks to fill the SMs.
+const MMA_TILE32_MIN_ROWS: usize = 8192;
+
+/// Shared memory of the tensor-core kernel's x staging: per 16-byte chunk hi and lo pair
+/// fragments (each padded by 16 bytes), a zero fragment, and (scale, sum) per chunk.
+fn mma_smem(bits: u32, cols: usize) -> usize {
+    let ps = 4 * (16 / bits as usize) + 4;
+    let nch = cols * bits as usize / 128;
+    (nch * 2 * ps + ps) * 4 + nch * 8
+}
+
 fn use_dp4a(rows: usize) -> bool {
     match AFFINE_PATH.with(|c| c.get()) {
-        1 => false,
+        1 | 3 => false,
         2 => true,
         _ => rows >= DP4A_MIN_ROWS,
+    }
+}
+
+/// Whether the tensor-core kernel may run this matrix: its chunk (16 bytes of codes) lies in
+/// one group, rows are whole chunks, and the staged x fits 48 KiB of shared memory.
+fn mma_fits(bits: u32, lg: u32, cols: usize) -> bool {
+    let ce = 128 / bits as usize;
+    (1usize << lg) >= ce && cols.is_multiple_of(ce) && mma_smem(bits, cols) <= 48 * 1024
+}
+
+fn use_mma(bits: u32, rows: usize) -> bool {
+    match AFFINE_PATH.with(|c| c.get()) {
+        1 | 2 => false,
+        3 => true,
+        // Measured (H200, round 8): the tensor-core kernel beat the float kernel on 8-bit
+        // 4096x4096 (0.34 vs 0.25 of D2D) but not on 4-bit 16384x4096 or lm_head, and VRAM
+        // decode got slower with it on every 4-bit matrix; 4-bit and 2-bit stay on float/dp4a.
+        _ => bits == 8 && rows >= MMA_MIN_ROWS,
     }
 }
 
@@ -107,6 +161,15 @@ impl Fmt {
         let v = match (decode, self) {
             (false, _) => "mm",
             (true, Fmt::Dense(_)) => "mv",
+            (true, Fmt::Affine { bits, lg, .. })
+                if mma_fits(*bits, *lg, cols) && use_mma(*bits, rows) =>
+            {
+                if mma_tile(rows) == 16 {
+                    "mt1"
+                } else {
+                    "mt2"
+                }
+            }
             (true, _) if cols <= XSM_MAX_COLS && vec_ok && use_dp4a(rows) => "mq",
             (true, _) if cols <= XSM_MAX_COLS => "mv",
             (true, _) => "mvg",
@@ -118,6 +181,7 @@ impl Fmt {
         let smem = match (v, *self) {
             // xpad(cols) floats (4 of padding every 32).
             ("mv", Fmt::Affine { .. }) => ((cols + cols / 32 * 4 + 4) * 4) as u32,
+            ("mt1" | "mt2", Fmt::Affine { bits, .. }) => mma_smem(bits, cols) as u32,
             ("mq", Fmt::Affine { bits, .. }) => {
                 // Per chunk of 4 words: hi and lo bytes, 16 bytes of padding; then one scale
                 // and one sum per x block.
@@ -271,9 +335,17 @@ impl Proj {
     }
 }
 
-/// Blocks for `rows` rows: 8 warps per block, 4 rows per warp (decode) or 1 (prefill tile).
-fn grid_rows(rows: usize, decode: bool) -> u32 {
-    rows.div_ceil(if decode { 32 } else { 8 }) as u32
+/// Blocks for `rows` rows of kernel `name`: 8 warps per block; 4 rows per warp (decode), 1
+/// (prefill tile), or a block per 16 / 32-row tile (tensor-core decode).
+fn grid_rows(name: &str, rows: usize) -> u32 {
+    let per = if name.ends_with("mm") {
+        8
+    } else if name.contains("_mt1") {
+        16
+    } else {
+        32
+    };
+    rows.div_ceil(per) as u32
 }
 
 /// y = W x for one token.
@@ -304,7 +376,7 @@ pub fn matvec_batch(
         let (name, smem) = m.fmt.kernel(ntok == 1, m.rows, m.cols);
         // Row groups are strided over at most a few blocks per SM, so each block stages x once
         // for several groups on tall matrices.
-        let blocks = grid_rows(m.rows, ntok == 1).min(dev.sms.max(1) as u32 * 4);
+        let blocks = grid_rows(&name, m.rows).min(dev.sms.max(1) as u32 * 4);
         let cfg = LaunchConfig {
             grid_dim: (blocks, chunk.len() as u32, 1),
             block_dim: (256, 1, 1),
@@ -336,7 +408,7 @@ pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Resul
         return Err(CudaError::Unsupported("indirect matvec shape".into()));
     }
     let name = format!("{name}i");
-    let blocks = grid_rows(m.rows, true).min(dev.sms.max(1) as u32 * 4);
+    let blocks = grid_rows(&name, m.rows).min(dev.sms.max(1) as u32 * 4);
     let cfg = LaunchConfig {
         grid_dim: (blocks, nprob as u32, 1),
         block_dim: (256, 1, 1),

@@ -77,12 +77,13 @@ impl TestDev for Cuda {
         "cuda"
     }
     fn variants(&self) -> Vec<&'static str> {
-        vec!["auto", "dp4a", "float"]
+        vec!["auto", "dp4a", "float", "mma"]
     }
     fn set_variant(&self, v: &str) {
         ops::set_affine_path(match v {
             "dp4a" => ops::AffinePath::Dp4a,
             "float" => ops::AffinePath::Float,
+            "mma" => ops::AffinePath::Mma,
             _ => ops::AffinePath::Auto,
         });
     }
