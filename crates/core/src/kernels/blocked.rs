@@ -47,9 +47,21 @@ pub(crate) fn take_scratch() -> (Vec<f32>, Vec<f32>) {
     SCRATCH.with(|c| c.take())
 }
 
+/// Returns the scratch buffers to this thread, dropping any larger than `SCRATCH_KEEP` floats
+/// (a product with a huge output, such as logits for a whole prompt, must not pin its memory).
 pub(crate) fn put_scratch(bufs: (Vec<f32>, Vec<f32>)) {
-    SCRATCH.with(|c| c.set(bufs));
+    let keep = |v: Vec<f32>| {
+        if v.capacity() > SCRATCH_KEEP {
+            Vec::new()
+        } else {
+            v
+        }
+    };
+    SCRATCH.with(|c| c.set((keep(bufs.0), keep(bufs.1))));
 }
+
+/// 64 MiB of f32: a 512-token chunk of inputs up to 32k wide.
+const SCRATCH_KEEP: usize = 16 << 20;
 
 /// Packs `x [n, cols]` into `xp [n.div_ceil(NR)][cols][NR]`, zero past input `n`, reusing
 /// `xp`'s memory. For affine weights (`perm_bits`) each input is first put in the lane order of
