@@ -12,6 +12,7 @@ use flashmoe_core::store::DType;
 use flashmoe_core::weights::Linear;
 use flashmoe_cuda::device::Device;
 use flashmoe_cuda::{ops, CudaModel, CudaOptions};
+use flashmoe_testdata::{max_abs, Golden};
 use half::{bf16, f16};
 
 /// The operations under test, as each device computes them.
@@ -349,62 +350,13 @@ fn elementwise_body(dev: &dyn TestDev) {
 }
 test_device!(elementwise_body, elementwise_cpu, elementwise_cuda);
 
+/// The shared reference data (checked only after a device was found, so CI skips first).
 fn shared_dir() -> Option<PathBuf> {
-    let p = std::env::var_os("FLASHMOE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    if p.join("golden").is_dir() {
-        return Some(p);
-    }
-    eprintln!(
-        "skipped: shared reference data not found at {}",
-        p.display()
-    );
-    None
-}
-
-struct Golden {
-    f32s: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
-    i64s: std::collections::HashMap<String, Vec<i64>>,
-    meta: serde_json::Value,
+    flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn golden(dir: &std::path::Path) -> Golden {
-    let bytes = std::fs::read(dir.join("golden.safetensors")).expect("golden.safetensors");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden parse");
-    let mut f32s = std::collections::HashMap::new();
-    let mut i64s = std::collections::HashMap::new();
-    for (name, t) in st.tensors() {
-        let d = t.data();
-        match t.dtype() {
-            safetensors::Dtype::F32 => {
-                let v = d
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
-                f32s.insert(name, (t.shape().to_vec(), v));
-            }
-            safetensors::Dtype::I64 => {
-                let v = d
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
-                i64s.insert(name, v);
-            }
-            _ => {}
-        }
-    }
-    let meta =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    Golden { f32s, i64s, meta }
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    Golden::load(dir)
 }
 
 const GOLDEN_TOL: f32 = 2e-3;
