@@ -462,3 +462,24 @@ pub fn strip_quantization(cfg: &Value) -> Value {
     }
     v
 }
+
+/// Free bytes on the filesystem holding `dir`, if it can be asked.
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Bytes for messages: GB above one GB, else MB.
+pub(crate) fn human_bytes(b: u64) -> String {
+    if b >= 1_000_000_000 {
+        format!("{:.2} GB", b as f64 / 1e9)
+    } else {
+        format!("{:.2} MB", b as f64 / 1e6)
+    }
+}

@@ -395,6 +395,23 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
 
     let out = OutDir::create(dst, opts.force)?;
     let total: u64 = store.tensors.values().map(|t| t.buf.len() as u64).sum();
+    // Refuse up front rather than fail hours into a 200 GB conversion: experts at the output
+    // stride, dense tensors at most their source size.
+    let n_experts = moe_layers.len() as u64 * cfg.num_experts as u64;
+    let need =
+        n_experts * layout.stride + total.saturating_sub(n_experts * experts.expert_bytes() as u64);
+    if let Some(free) = super::free_bytes(out.path()) {
+        if need > free {
+            return Err(packed_err(
+                dst,
+                format!(
+                    "needs about {} but the filesystem has {} free",
+                    super::human_bytes(need),
+                    super::human_bytes(free)
+                ),
+            ));
+        }
+    }
     prog.begin(total, "packing");
 
     let mut dw = DenseWriter::create(out.path())?;

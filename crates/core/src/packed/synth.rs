@@ -585,18 +585,6 @@ fn tokenizer_vocab(dir: &Path) -> Result<(usize, Vec<u32>)> {
     Ok((max_id as usize + 1, eos))
 }
 
-/// Free bytes on the filesystem holding `dir`, if it can be asked.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs is plain old data; all-zero is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 /// Writes a random packed model to `out`; returns its manifest.
 pub fn synth(out: &Path, opts: &SynthOptions, prog: &dyn Progress) -> Result<Manifest> {
     if !matches!(opts.bits, 2 | 4 | 8 | 16) || !matches!(opts.dense_bits, 4 | 8 | 16) {
@@ -635,15 +623,15 @@ pub fn synth(out: &Path, opts: &SynthOptions, prog: &dyn Progress) -> Result<Man
     let expert_total = moe_layers.len() as u64 * layout.count as u64 * layout.stride;
 
     let dir = OutDir::create(out, opts.force)?;
-    if let Some(free) = free_bytes(dir.path()) {
+    if let Some(free) = super::free_bytes(dir.path()) {
         let need = dense_total + expert_total;
         if need > free {
             return Err(super::packed_err(
                 dir.path(),
                 format!(
-                    "needs {:.2} GB but the filesystem has {:.2} GB free; use --layers or --experts to cut it",
-                    need as f64 / 1e9,
-                    free as f64 / 1e9
+                    "needs {} but the filesystem has {} free; use --layers or --experts to cut it",
+                    super::human_bytes(need),
+                    super::human_bytes(free)
                 ),
             ));
         }
