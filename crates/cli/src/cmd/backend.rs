@@ -69,19 +69,24 @@ pub fn cuda_available() -> bool {
 
 /// A runner for `model` on the chosen backend, with a fresh state.
 pub fn runner<'m>(model: &'m Model, kind: BackendKind) -> Result<Box<dyn Runner + 'm>> {
-    let use_cuda = match kind {
-        BackendKind::Cpu => false,
-        BackendKind::Cuda => true,
-        BackendKind::Auto => cuda_available(),
-    };
-    if !use_cuda {
-        return Ok(Box::new(CpuRunner {
+    let cpu = || -> Box<dyn Runner + 'm> {
+        Box::new(CpuRunner {
             model,
             state: State::new(&model.cfg),
             stats: ForwardStats::default(),
-        }));
+        })
+    };
+    match kind {
+        BackendKind::Cpu => Ok(cpu()),
+        BackendKind::Cuda => cuda_runner(model),
+        // A device that is present but unusable (no NVRTC, too little VRAM) should not stop a
+        // run the CPU can do: say why and fall back.
+        BackendKind::Auto if cuda_available() => cuda_runner(model).or_else(|e| {
+            eprintln!("note: CUDA device found but not usable ({e:#}); running on the CPU");
+            Ok(cpu())
+        }),
+        BackendKind::Auto => Ok(cpu()),
     }
-    cuda_runner(model)
 }
 
 #[cfg(feature = "cuda")]
