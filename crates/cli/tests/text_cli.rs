@@ -4,13 +4,21 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
+/// The Qwen3.5 tokenizer dir and one of its reference case files, or None (skipped).
+fn reference_cases(file: &str) -> Option<(std::path::PathBuf, Value)> {
+    let tdir = shared_dir()?.join("tokenizer/qwen3.5");
+    let text = std::fs::read_to_string(tdir.join(file)).expect("reference cases");
+    Some((
+        tdir,
+        serde_json::from_str(&text).expect("reference cases JSON"),
+    ))
+}
+
 #[test]
 fn tokenize_matches_reference_cases() {
-    let Some(shared) = shared_dir() else { return };
-    let tdir = shared.join("tokenizer/qwen3.5");
-    let cases: Value =
-        serde_json::from_str(&std::fs::read_to_string(tdir.join("tokenizer_cases.json")).unwrap())
-            .unwrap();
+    let Some((tdir, cases)) = reference_cases("tokenizer_cases.json") else {
+        return;
+    };
     let tmp = temp_dir("tokenize_cases");
     for (i, c) in cases.as_array().unwrap().iter().enumerate() {
         let f = tmp.join(format!("case{i}.txt"));
@@ -29,11 +37,9 @@ fn tokenize_matches_reference_cases() {
 
 #[test]
 fn render_matches_reference_cases() {
-    let Some(shared) = shared_dir() else { return };
-    let tdir = shared.join("tokenizer/qwen3.5");
-    let cases: Value =
-        serde_json::from_str(&std::fs::read_to_string(tdir.join("chat_cases.json")).unwrap())
-            .unwrap();
+    let Some((tdir, cases)) = reference_cases("chat_cases.json") else {
+        return;
+    };
     let tmp = temp_dir("render_cases");
     for c in cases.as_array().unwrap() {
         let mut req = json!({ "messages": c["messages"] });
