@@ -268,12 +268,52 @@ pub fn matvec(w: &WeightView, x: &[f32], y: &mut [f32]) {
 
 /// `matvec` on a chosen ISA, parallel from `par_min` weights up (tests and threshold probes).
 pub(crate) fn matvec_with(isa: Isa, par_min: usize, w: &WeightView, x: &[f32], y: &mut [f32]) {
+    let int_dot = match w {
+        WeightView::Affine(a) => affine_int_dot(isa, a.bits),
+        _ => false,
+    };
+    matvec_impl(isa, par_min, int_dot, w, x, y)
+}
+
+/// Whether affine matvecs of `bits` take the integer-dot kernel (`x86::affine_rows_int`: `x`
+/// quantised to int16 per group, `_mm256_madd_epi16`) on `isa` by default. Off for every
+/// format: on the 2-core AVX2 EPYC dev VM it showed no clear win. `bench kernels --kernel-mb
+/// 128`, float vs int-dot binaries back to back, `_matvec_bw_ratio` (expert / dense shape):
+/// q4 0.54 / 0.52 vs 0.53 / 0.72, q2 0.41 / 0.51 vs 0.40 / 0.52, q8 0.73 / 0.54 vs 0.62 / 0.57
+/// (run-to-run noise there is +-0.2); the cache-resident `matvec_compute_throughput` test gave
+/// q4 12.2 vs 12.9, q2 16.1 vs 14.6, q8 15.6 vs 8.8 Gelem/s. Re-measure before turning it on.
+/// The float kernel stays the exact one; `matvec_impl(.., true, ..)` selects the integer one.
+pub(crate) fn affine_int_dot(isa: Isa, bits: u32) -> bool {
+    let _ = (isa, bits);
+    false
+}
+
+/// `matvec_with`, with the affine kernel (integer dot or float) chosen by the caller;
+/// `int_dot` only applies to affine weights on AVX2.
+pub(crate) fn matvec_impl(
+    isa: Isa,
+    par_min: usize,
+    int_dot: bool,
+    w: &WeightView,
+    x: &[f32],
+    y: &mut [f32],
+) {
     w.check();
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), cols, "matvec: x length vs cols");
     assert_eq!(y.len(), rows, "matvec: y length vs rows");
     match w {
         WeightView::Affine(a) => {
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2 && int_dot {
+                if let Some(prep) = x86::IntPrep::new(a.bits, a.group, x) {
+                    for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
+                        x86::affine_rows_int(a, &prep, r0, yc)
+                    });
+                    return;
+                }
+            }
+            let _ = int_dot;
             let prescaled = affine_prescaled(isa);
             let prep = lanes::AffinePrep::new(a.bits, a.group, x, prescaled);
             for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {

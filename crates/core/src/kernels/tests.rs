@@ -123,7 +123,8 @@ fn check_products(rng: &mut StdRng, what: &str, w: &WeightView) {
     for isa in isas() {
         for par_min in [usize::MAX, 0] {
             let mut got = vec![f32::NAN; rows];
-            matvec_with(isa, par_min, w, &x, &mut got);
+            // The float kernel: the integer-dot one has its own bound (`affine_int_dot_bound`).
+            matvec_impl(isa, par_min, false, w, &x, &mut got);
             let tag = format!("{what} matvec {isa:?} par_min {par_min}");
             assert_close(&tag, &dense, cols, &x, &got, &want);
         }
@@ -460,6 +461,78 @@ fn matmul_throughput() {
     }
 }
 
+/// The integer-dot affine matvec (`x` quantised to int16 per group) against the plain twin.
+/// Each element of `x` is off by at most `unit_g / 2 = sx_g / 32767 / 2`, so row `r` is off by
+/// `|err| <= Σ_g |scale_g| qmax group sx_g / 32767 / 2` plus f32 rounding, bounded here by the
+/// float kernels' `1e-5 |W_r| |x|` (+ floor).
+#[test]
+fn affine_int_dot_bound() {
+    if !isas().contains(&Isa::Avx2) {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(11);
+    for bits in [2u32, 4, 8] {
+        for group in [32usize, 64, 128] {
+            // 96/160 columns leave a tail past the last whole block for some formats.
+            for cols in [group, 96.max(group), 160.max(group) * 2, 1024] {
+                if cols % group != 0 {
+                    continue;
+                }
+                let rows = 37;
+                let a = Affine::random(&mut rng, bits, group, rows, cols);
+                for k in 0..3 {
+                    let w = a.view(k);
+                    let WeightView::Affine(av) = w else {
+                        unreachable!()
+                    };
+                    let dense = dequantize(&w);
+                    let mut x = gauss(&mut rng, cols);
+                    // One group of zeros and one of large values, to reach both ends of sx_g.
+                    x[..group].fill(0.0);
+                    if cols > group {
+                        for v in &mut x[group..2 * group] {
+                            *v *= 1e3;
+                        }
+                    }
+                    let mut want = vec![0f32; rows];
+                    matvec_ref(&w, &x, &mut want);
+                    let qmax = ((1u32 << bits) - 1) as f64;
+                    for par_min in [usize::MAX, 0] {
+                        let mut got = vec![f32::NAN; rows];
+                        matvec_impl(Isa::Avx2, par_min, true, &w, &x, &mut got);
+                        let xn = norm(&x);
+                        for r in 0..rows {
+                            let mut qb = 0f64;
+                            for g in 0..cols / group {
+                                let xg = &x[g * group..(g + 1) * group];
+                                let sx = xg.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                                let s = av.scales.get(r * cols / group + g).abs() as f64;
+                                qb += s * qmax * group as f64 * sx / 32767.0 / 2.0;
+                            }
+                            let wr = &dense[r * cols..(r + 1) * cols];
+                            let tol = qb + 1e-5 * norm(wr) * xn + 1e-6;
+                            let err = ((got[r] - want[r]) as f64).abs();
+                            assert!(
+                                err <= tol,
+                                "b{bits} g{group} c{cols} k{k} row {r}: {} vs {}, tol {tol}",
+                                got[r],
+                                want[r]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // A non-finite x falls back to the float kernel, which propagates it.
+    let a = Affine::random(&mut rng, 4, 64, 4, 128);
+    let mut x = gauss(&mut rng, 128);
+    x[5] = f32::NAN;
+    let mut got = vec![0f32; 4];
+    matvec_impl(Isa::Avx2, usize::MAX, true, &a.view(0), &x, &mut got);
+    assert!(got.iter().all(|v| v.is_nan()));
+}
+
 /// Prints single-thread affine matvec Gelem/s on a cache-resident matrix (compute, not memory).
 #[test]
 #[ignore]
@@ -472,17 +545,19 @@ fn matvec_compute_throughput() {
         let w = a.view(0);
         let x = gauss(&mut rng, cols);
         let mut y = vec![0f32; rows];
-        let mut s = f64::INFINITY;
-        for _ in 0..2000 {
-            let t = Instant::now();
-            matvec_with(isa(), usize::MAX, &w, &x, &mut y);
-            s = s.min(t.elapsed().as_secs_f64());
+        for int_dot in [false, true] {
+            let mut s = f64::INFINITY;
+            for _ in 0..2000 {
+                let t = Instant::now();
+                matvec_impl(isa(), usize::MAX, int_dot, &w, &x, &mut y);
+                s = s.min(t.elapsed().as_secs_f64());
+            }
+            let ge = (rows * cols) as f64 / s / 1e9;
+            eprintln!(
+                "b{bits} {rows}x{cols} serial int_dot {int_dot}: {:.1} us, {ge:.2} Gelem/s",
+                s * 1e6
+            );
         }
-        let ge = (rows * cols) as f64 / s / 1e9;
-        eprintln!(
-            "b{bits} {rows}x{cols} serial: {:.1} us, {ge:.2} Gelem/s",
-            s * 1e6
-        );
     }
 }
 

@@ -322,3 +322,156 @@ unsafe fn dot_f16_avx2(w: &[f16], x: &[f32]) -> f32 {
     }
     t
 }
+
+/// One unit of `x_q` is `sx_g / XQ_MAX`, where `sx_g = max |x|` over the group.
+const XQ_MAX: f32 = 32767.0;
+
+/// `x` quantised once per call for the integer-dot kernel `affine_rows_int`.
+///
+/// Per group `g`: `x_q = round(x / sx_g * 32767)` as i16, so `|x - x_q * unit_g| <= unit_g / 2`
+/// with `unit_g = sx_g / 32767`. Block `b` (8 words, `e = 8 * pw` elements, `pw = 32 / bits`)
+/// holds at `xq[b e + 16 k + 2 l + h]` the element `b e + l pw + h pw / 2 + k`: the code that
+/// step `k` of the kernel leaves in 16-bit lane `2 l + h` of the block's words, so that
+/// `_mm256_madd_epi16` sums the two halves of word `l` into i32 lane `l`.
+pub(crate) struct IntPrep {
+    /// `[cols / e * e]`, in the block order above.
+    pub xq: Vec<i16>,
+    /// `[cols / group]`: `sx_g / 32767`.
+    pub unit: Vec<f32>,
+    /// `[cols / group]`: `Σx` in f32, for the bias term.
+    pub xsum: Vec<f32>,
+    /// `[cols]`: `x` unchanged (elements past the last whole block are done in f32).
+    pub x: Vec<f32>,
+}
+
+impl IntPrep {
+    /// `None` when a group of `x` holds a non-finite value: the float kernel then propagates it.
+    pub fn new(bits: u32, group: usize, x: &[f32]) -> Option<Self> {
+        let pw = 32 / bits as usize;
+        let p16 = pw / 2;
+        let e = 8 * pw;
+        let nb = x.len() / e;
+        let mut unit = Vec::with_capacity(x.len() / group);
+        let mut xsum = Vec::with_capacity(x.len() / group);
+        let mut qn = vec![0i16; x.len()];
+        for (xg, qg) in x.chunks_exact(group).zip(qn.chunks_exact_mut(group)) {
+            let sx = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if !sx.is_finite() || xg.iter().any(|v| v.is_nan()) {
+                return None;
+            }
+            let inv = if sx > 0.0 { XQ_MAX / sx } else { 0.0 };
+            for (q, v) in qg.iter_mut().zip(xg) {
+                *q = (v * inv).round().clamp(-XQ_MAX, XQ_MAX) as i16;
+            }
+            unit.push(sx / XQ_MAX);
+            let mut acc = [0f32; 8];
+            for c in xg.chunks_exact(8) {
+                for l in 0..8 {
+                    acc[l] += c[l];
+                }
+            }
+            xsum.push(acc.iter().sum());
+        }
+        let mut xq = vec![0i16; nb * e];
+        for (s, d) in qn.chunks_exact(e).zip(xq.chunks_exact_mut(e)) {
+            for k in 0..p16 {
+                for l in 0..8 {
+                    for h in 0..2 {
+                        d[16 * k + 2 * l + h] = s[l * pw + h * p16 + k];
+                    }
+                }
+            }
+        }
+        Some(IntPrep {
+            xq,
+            unit,
+            xsum,
+            x: x.to_vec(),
+        })
+    }
+}
+
+/// `y[i] = row (r0 + i) · x` for an affine matrix by integer dot products: codes widened to
+/// i16 against `x_q`, `_mm256_madd_epi16` into i32 (at most `255 * 32767 * 2` per madd and
+/// `255 * 32767 * 16` per block lane, far below `i32::MAX`), one conversion to f32 per block,
+/// scaled by `scale_g * unit_g`. The bias term `bias_g * Σx_g` is exact f32 as in the float
+/// kernel. Error against exact arithmetic: `|err| <= Σ_g |scale_g| qmax group unit_g / 2` plus
+/// f32 rounding (arch-spec §11.3 affine; `qmax = 2^bits - 1`).
+pub(crate) fn affine_rows_int(a: &AffineView, prep: &IntPrep, r0: usize, y: &mut [f32]) {
+    assert!(available());
+    let e = 8 * (32 / a.bits as usize);
+    assert!((r0 + y.len()) <= a.rows && prep.x.len() == a.cols);
+    assert_eq!(prep.xq.len(), a.cols / e * e);
+    assert!(prep.xsum.len() == a.groups_per_row() && prep.unit.len() == a.groups_per_row());
+    // SAFETY: the CPU features were checked above, and the row range and prep lengths match
+    // the view that `AffineView::check` validated, which is what the body's loads rely on.
+    unsafe {
+        match a.bits {
+            2 => affine_rows_int_avx2::<2>(a, prep, r0, y),
+            4 => affine_rows_int_avx2::<4>(a, prep, r0, y),
+            8 => affine_rows_int_avx2::<8>(a, prep, r0, y),
+            b => unreachable!("bits {b} rejected by AffineView::check"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn affine_rows_int_avx2<const BITS: i32>(
+    a: &AffineView,
+    prep: &IntPrep,
+    r0: usize,
+    y: &mut [f32],
+) {
+    let ng = a.groups_per_row();
+    let wpr = a.words_per_row();
+    let pw = 32 / BITS as usize;
+    let p16 = pw / 2;
+    let e = 8 * pw;
+    let nb = a.cols / e;
+    let lpg = a.group / pw;
+    let idx = lane_group_index(lpg);
+    let mask = (1u32 << BITS) - 1;
+    let mask16 = std::hint::black_box(_mm256_set1_epi16(mask as i16));
+    let gshift = a.group.trailing_zeros();
+    // Per row: `scale_g * unit_g`, padded by 8 for `lane_values`.
+    let mut fbuf = vec![0f32; ng + 8];
+    let mut bbuf = vec![0f32; ng];
+    let xq = prep.xq.as_ptr();
+    for (i, yi) in y.iter_mut().enumerate() {
+        let row = r0 + i;
+        a.scales.to_f32_into(row * ng, &mut fbuf[..ng]);
+        let mut tail = 0f32;
+        let wrow = &a.w[row * wpr..(row + 1) * wpr];
+        for j in nb * e..a.cols {
+            let q = (wrow[j * BITS as usize / 32] >> ((j * BITS as usize) % 32)) & mask;
+            tail += q as f32 * prep.x[j] * fbuf[j / a.group];
+        }
+        for (f, u) in fbuf[..ng].iter_mut().zip(&prep.unit) {
+            *f *= u;
+        }
+        a.biases.to_f32_into(row * ng, &mut bbuf);
+        let wp = wrow.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for b in 0..nb {
+            // Block b reads words [8b, 8b + 8) < wpr and xq [b e, (b + 1) e) <= nb e.
+            let mut w = _mm256_loadu_si256(wp.add(b * 8) as *const __m256i);
+            let xb = xq.add(b * e);
+            let mut s = [_mm256_setzero_si256(); 2];
+            for k in 0..p16 {
+                // The last step's shift leaves only the top code of each 16-bit half.
+                let q = if k + 1 < p16 {
+                    _mm256_and_si256(w, mask16)
+                } else {
+                    w
+                };
+                w = _mm256_srli_epi16::<BITS>(w);
+                let xk = _mm256_loadu_si256(xb.add(k * 16) as *const __m256i);
+                s[k & 1] = _mm256_add_epi32(s[k & 1], _mm256_madd_epi16(q, xk));
+            }
+            let fv = lane_values(fbuf.as_ptr(), (b * e) >> gshift, lpg, idx);
+            let si = _mm256_cvtepi32_ps(_mm256_add_epi32(s[0], s[1]));
+            acc[b & 1] = _mm256_fmadd_ps(si, fv, acc[b & 1]);
+        }
+        *yi = hsum(_mm256_add_ps(acc[0], acc[1])) + tail + dot_f32_avx2(&bbuf, &prep.xsum);
+    }
+}
