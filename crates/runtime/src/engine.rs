@@ -71,7 +71,7 @@ impl Engine {
             Err(e) => return Err(e.into()),
         };
         let defaults = SamplingParams::from_generation_config(dir)?;
-        let stop_ids = stop_ids(dir, &model, &tokenizer);
+        let stop_ids = stop_ids(dir, &model, &tokenizer)?;
         let name = opts.model_name.clone().unwrap_or_else(|| {
             dir.canonicalize()
                 .ok()
@@ -190,25 +190,14 @@ impl Engine {
 
 /// Stop ids: the config's eos ids, `generation_config.json`'s `eos_token_id`, and the chat
 /// end markers the tokenizer knows, all within the model's vocabulary.
-fn stop_ids(dir: &Path, model: &Model, tok: &Tokenizer) -> Vec<u32> {
-    let mut ids = model.cfg.eos_token_ids.clone();
-    let gen = std::fs::read(dir.join("generation_config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    match gen.as_ref().and_then(|g| g.get("eos_token_id")) {
-        Some(serde_json::Value::Array(a)) => {
-            ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
-        }
-        Some(v) => ids.extend(v.as_u64().map(|v| v as u32)),
-        None => {}
-    }
-    ids.extend(
-        ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| tok.token_id(t)),
-    );
+/// Stop ids: the model directory's eos ids and chat stop tokens (the text crate's discovery)
+/// plus the config's eos ids the loader already parsed (a packed dir has no config.json),
+/// kept to ids the model can emit.
+fn stop_ids(dir: &Path, model: &Model, tok: &Tokenizer) -> Result<Vec<u32>> {
+    let mut ids = flashmoe_text::eos_token_ids(dir, Some(tok))?;
+    ids.extend(&model.cfg.eos_token_ids);
     ids.retain(|&id| (id as usize) < model.cfg.vocab_size);
     ids.sort_unstable();
     ids.dedup();
-    ids
+    Ok(ids)
 }
