@@ -4,7 +4,7 @@ use crate::config::ModelConfig;
 use crate::kernels;
 use crate::weights::Linear;
 
-use super::linear;
+use super::{linear, sigmoid};
 
 pub struct Attention {
     /// [n_heads * head_dim * (2 if gated else 1), H]; per head rows [q ‖ gate].
@@ -97,7 +97,7 @@ impl Attention {
         });
         if cfg.attn_output_gate {
             for (ov, g) in o.iter_mut().zip(&gate) {
-                *ov *= 1.0 / (1.0 + (-g).exp());
+                *ov *= sigmoid(*g);
             }
         }
         linear(&self.o_proj, &o, t)

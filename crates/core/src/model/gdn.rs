@@ -9,7 +9,7 @@ use crate::kernels;
 use crate::weights::Linear;
 
 use super::gdn_chunk::{delta_rule_chunked, delta_rule_recurrent};
-use super::linear;
+use super::{linear, sigmoid};
 
 /// State elements (heads × dk × dv × tokens) from which the delta rule runs heads in parallel.
 const PAR_MIN_STATE: usize = 1 << 18;
@@ -42,9 +42,6 @@ pub struct GatedDeltaNet {
     pub out_proj: Linear,
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
 fn softplus(x: f32) -> f32 {
     // torch softplus(beta=1, threshold=20)
     if x > 20.0 {
@@ -54,7 +51,7 @@ fn softplus(x: f32) -> f32 {
     }
 }
 fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x * sigmoid(x)
 }
 
 impl GatedDeltaNet {

@@ -21,6 +21,11 @@ use gdn::{GatedDeltaNet, GdnProj};
 use moe::{Mlp, Moe};
 pub use state::{LayerState, State};
 
+/// The logistic function (output gates, shared-expert gate, GatedDeltaNet beta).
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 /// y = W x for `t` row vectors x [t, cols] -> [t, rows].
 pub fn linear(w: &Linear, x: &[f32], t: usize) -> Vec<f32> {
     let mut y = vec![0f32; t * w.rows()];

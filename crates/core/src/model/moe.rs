@@ -10,7 +10,7 @@ use crate::experts::ExpertSource;
 use crate::kernels;
 use crate::weights::Linear;
 
-use super::{linear, LayerTimes};
+use super::{linear, sigmoid, LayerTimes};
 
 /// A SwiGLU MLP: down(silu(gate x) * up x). Used for the shared expert and dense-MLP layers.
 pub struct Mlp {
@@ -126,7 +126,7 @@ impl Moe {
             let s = sh.forward(x, t);
             let g = linear(sg, x, t);
             for ti in 0..t {
-                let w = 1.0 / (1.0 + (-g[ti]).exp());
+                let w = sigmoid(g[ti]);
                 kernels::axpy(
                     w,
                     &s[ti * hidden..][..hidden],
