@@ -9,7 +9,6 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::Instant;
 
@@ -175,37 +174,36 @@ pub fn page_cache_resident(file: &File, offset: u64, len: usize) -> io::Result<f
     if len == 0 {
         return Ok(1.0);
     }
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-    let start = offset / page * page;
-    let map_len = (offset + len as u64 - start) as usize;
-    let pages = map_len.div_ceil(page as usize);
-    let off = libc::off_t::try_from(start)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-    // SAFETY: a fresh read-only shared mapping chosen by the kernel (addr null); it is never
-    // dereferenced, only passed to mincore, and unmapped below.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            map_len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            off,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
+    // SAFETY: the file is opened for reading; the mapping is only passed to mincore, never
+    // read, so a concurrent truncation cannot fault us.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map(file)
+    }?;
+    resident_fraction(&map)
+}
+
+/// Fraction of the pages of `mapped` (a slice of a file mapping) held in the page cache.
+/// Callers that check often map the file once and pass slices, so each check is one syscall.
+pub fn resident_fraction(mapped: &[u8]) -> io::Result<f64> {
+    if mapped.is_empty() {
+        return Ok(1.0);
     }
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let addr = mapped.as_ptr() as usize;
+    let start = addr / page * page;
+    let len = addr + mapped.len() - start;
+    let pages = len.div_ceil(page);
     let mut vec = vec![0u8; pages];
-    // SAFETY: `addr` is page-aligned and maps `map_len` bytes; `vec` has one byte per page of
-    // that range, as mincore requires.
-    let rc = unsafe { libc::mincore(addr, map_len, vec.as_mut_ptr() as *mut _) };
-    let err = io::Error::last_os_error();
-    // SAFETY: unmaps exactly the mapping created above, which nothing else references.
-    unsafe { libc::munmap(addr, map_len) };
+    // SAFETY: a mapping starts on a page boundary, so rounding `addr` down to one stays inside
+    // the mapping that holds `mapped`; `vec` has one byte per page, as mincore requires. mincore
+    // only inspects page-table state and never touches the memory.
+    let rc = unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr() as *mut _) };
     if rc != 0 {
-        return Err(err);
+        return Err(io::Error::last_os_error());
     }
     let resident = vec.iter().filter(|&&v| v & 1 != 0).count();
     Ok(resident as f64 / pages as f64)

@@ -27,7 +27,7 @@ use crate::buf::{AlignedBuf, Buf};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
 use crate::loader::IoMode;
-use crate::probe::page_cache_resident;
+use crate::probe::resident_fraction;
 
 use super::{align_up, packed_err, ExpertLayout, Manifest, EXPERT_ALIGN};
 
@@ -45,6 +45,9 @@ struct LayerHandle {
     file: File,
     path: PathBuf,
     crc32: Vec<u32>,
+    /// The file mapped once (cached mode), only for mincore: checking residency then costs
+    /// one syscall per read instead of mmap + mincore + munmap.
+    map: Option<memmap2::Mmap>,
 }
 
 /// The result of one read, filled by a worker.
@@ -115,8 +118,12 @@ impl Shared {
             msg: "layer has no expert file".into(),
         })?;
         let off = expert as u64 * self.stride;
-        if self.io == IoMode::Cached {
-            if let Ok(frac) = page_cache_resident(&h.file, off, self.expert_bytes) {
+        let slice = h
+            .map
+            .as_ref()
+            .and_then(|m| m.get(off as usize..off as usize + self.expert_bytes));
+        if let Some(slice) = slice {
+            if let Ok(frac) = resident_fraction(slice) {
                 self.counters
                     .bytes_cached
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
@@ -242,10 +249,17 @@ impl PackedExperts {
                 o.custom_flags(libc::O_DIRECT);
             }
             let file = o.open(&path).map_err(|e| direct_err(&path, io, e))?;
+            let map = match io {
+                // SAFETY: read-only mapping, never dereferenced: only its page-table state is
+                // inspected with mincore.
+                IoMode::Cached => unsafe { memmap2::Mmap::map(&file) }.ok(),
+                IoMode::Direct => None,
+            };
             files[lf.layer] = Some(LayerHandle {
                 file,
                 path,
                 crc32: lf.crc32.clone(),
+                map,
             });
         }
         let expert_bytes = layout.expert_bytes as usize;
