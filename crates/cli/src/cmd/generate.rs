@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::Args as ClapArgs;
 use flashmoe_core::model::Logits;
+use flashmoe_text::sampling::argmax;
 
 use super::common::{parse_ids, ModelArgs};
 
@@ -15,16 +16,6 @@ pub struct Args {
     /// Number of tokens to generate
     #[arg(long, default_value_t = 16)]
     pub tokens: usize,
-}
-
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 pub fn run(a: Args) -> Result<()> {

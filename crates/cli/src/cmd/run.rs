@@ -10,8 +10,8 @@ use flashmoe_core::session::Session;
 
 use super::backend::BackendKind;
 use super::common::{parse_ids, ModelArgs};
-use super::generate::argmax;
 use super::sampling::SamplingArgs;
+use flashmoe_text::sampling::argmax;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
