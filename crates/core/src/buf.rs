@@ -120,6 +120,10 @@ impl Buf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Whether the bytes are a file mapping's (served in place) rather than a heap copy.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.backing, Backing::Map(_))
+    }
     pub fn slice(&self, off: usize, len: usize) -> Buf {
         assert!(off + len <= self.len, "Buf::slice out of range");
         Buf {

@@ -142,8 +142,11 @@ pub(crate) struct ModelInfo {
     pub packed: bool,
     /// A file of expert bytes for disk probes: a packed layer file or the largest checkpoint file.
     pub probe_file: PathBuf,
-    /// Layer files of a packed model (for warming the page cache).
+    /// Layer files of a packed model (for the I/O benchmark).
     pub expert_files: Vec<PathBuf>,
+    /// Every file a token reads (experts and dense weights: a decode touches a new embedding
+    /// row per token), read once before a warm measurement.
+    pub warm_files: Vec<PathBuf>,
     pub bits: u32,
     pub k: usize,
     pub expert_bytes: usize,
@@ -328,10 +331,13 @@ fn model_info(dir: &Path, model: &Model) -> Result<ModelInfo> {
                 dir.display()
             ))
         })?;
+        let mut warm_files = files.clone();
+        warm_files.push(dir.join(packed::DENSE_FILE));
         Ok(ModelInfo {
             packed: true,
             probe_file,
             expert_files: files,
+            warm_files,
             bits,
             k,
             expert_bytes,
@@ -339,6 +345,7 @@ fn model_info(dir: &Path, model: &Model) -> Result<ModelInfo> {
         })
     } else {
         let mut best: Option<(u64, PathBuf)> = None;
+        let mut warm_files = Vec::new();
         for e in std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .flatten()
@@ -346,6 +353,7 @@ fn model_info(dir: &Path, model: &Model) -> Result<ModelInfo> {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "safetensors") {
                 let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                warm_files.push(p.clone());
                 if best.as_ref().is_none_or(|b| len > b.0) {
                     best = Some((len, p));
                 }
@@ -358,6 +366,7 @@ fn model_info(dir: &Path, model: &Model) -> Result<ModelInfo> {
             packed: false,
             probe_file,
             expert_files: Vec::new(),
+            warm_files,
             bits,
             k,
             expert_bytes,

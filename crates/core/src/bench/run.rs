@@ -176,8 +176,8 @@ pub(crate) fn decode(
     s.num("mem_read_bw_gbs", limits.mem_gbs);
     s.num("disk_read_bw_gbs", limits.disk_gbs);
     if info.packed {
-        say("decode: warming the page cache with the expert files");
-        s.val("page_cache_warm", warm_page_cache(&info.expert_files)?);
+        say("decode: warming the page cache with the model files");
+        s.val("page_cache_warm", warm_page_cache(&info.warm_files)?);
     }
     say("decode: warm");
     // One untimed token first so every dense page is mapped in.
@@ -244,7 +244,7 @@ pub(crate) fn moe(
     let per_tok = moe_bytes_per_token(model, info.k, info.expert_bytes) as f64;
     s.num("moe_gb_per_token", per_tok / 1e9);
     if info.packed {
-        s.val("page_cache_warm", warm_page_cache(&info.expert_files)?);
+        s.val("page_cache_warm", warm_page_cache(&info.warm_files)?);
     }
     let tokens = opts.tokens.max(2);
     let run = |m: &Model, parallel: bool| -> Result<f64> {
@@ -335,7 +335,7 @@ pub(crate) fn prefill(
     s.val("prompt_tokens", n);
     s.val("chunk_tokens", chunk);
     if info.packed {
-        s.val("page_cache_warm", warm_page_cache(&info.expert_files)?);
+        s.val("page_cache_warm", warm_page_cache(&info.warm_files)?);
     }
     say(&format!("prefill: warm, {n} tokens"));
     let (warm, _) = session_run(model, &prompt, 0)?;

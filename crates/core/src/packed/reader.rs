@@ -5,7 +5,12 @@
 //! - `prefetch(layer, ids)` queues the reads and returns at once; `fetch` waits for them (and
 //!   queues any that were not prefetched).
 //! - `IoMode::Cached` reads through the page cache; before each read `mincore` measures how
-//!   much of the expert is resident, which is what `bytes_cached` counts. `IoMode::Direct`
+//!   much of the expert is resident, which is what `bytes_cached` counts. An expert that is
+//!   wholly resident is not read at all: the weights view the file's mapping in place, so a
+//!   warm token costs no copy (a pread would read the bytes once from the page cache, write
+//!   them to a buffer and have the kernels read them again: three passes over memory instead of
+//!   one). Linux maps resident pages around each minor fault (`fault_around_bytes`), and the
+//!   page-table entries stay for the next token. `IoMode::Direct`
 //!   opens the layer files `O_DIRECT`: offsets are multiples of the stride (4096-aligned) and
 //!   lengths are rounded up to 4096, inside the stride padding.
 //! - `verify` checks each read's crc32 against the manifest.
@@ -45,19 +50,19 @@ struct LayerHandle {
     file: File,
     path: PathBuf,
     crc32: Vec<u32>,
-    /// The file mapped once (cached mode), only for mincore: checking residency then costs
-    /// one syscall per read instead of mmap + mincore + munmap.
-    map: Option<memmap2::Mmap>,
+    /// The file mapped once (cached mode): mincore on it measures residency with one syscall
+    /// per read, and wholly resident experts are served from it without a copy.
+    map: Option<Arc<memmap2::Mmap>>,
 }
 
 /// The result of one read, filled by a worker.
 struct Slot {
-    done: Mutex<Option<Result<Arc<AlignedBuf>>>>,
+    done: Mutex<Option<Result<Buf>>>,
     cv: Condvar,
 }
 
 impl Slot {
-    fn wait(&self) -> Result<Arc<AlignedBuf>> {
+    fn wait(&self) -> Result<Buf> {
         let mut g = lock(&self.done);
         loop {
             if let Some(r) = g.take() {
@@ -111,27 +116,33 @@ impl Shared {
         }
     }
 
-    fn read(&self, layer: usize, expert: usize, buf: &mut Arc<AlignedBuf>) -> Result<()> {
+    /// Expert `expert` of `layer`: a view of the mapping when the page cache holds all of it,
+    /// else read into `buf` (which the returned view then holds).
+    fn read(&self, layer: usize, expert: usize, mut buf: Arc<AlignedBuf>) -> Result<Buf> {
         let h = self.files[layer].as_ref().ok_or_else(|| Error::Expert {
             layer,
             expert,
             msg: "layer has no expert file".into(),
         })?;
         let off = expert as u64 * self.stride;
-        let slice = h
-            .map
-            .as_ref()
-            .and_then(|m| m.get(off as usize..off as usize + self.expert_bytes));
-        if let Some(slice) = slice {
+        let t = Instant::now();
+        let range = off as usize..off as usize + self.expert_bytes;
+        if let Some((map, slice)) = h.map.as_ref().and_then(|m| Some((m, m.get(range)?))) {
             if let Ok(frac) = resident_fraction(slice) {
                 self.counters
                     .bytes_cached
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
+                if frac >= 1.0 {
+                    self.give_back(&buf);
+                    populate(slice);
+                    let view = Buf::from_map(map.clone(), off as usize, self.expert_bytes);
+                    self.served(h, layer, expert, view.bytes(), t)?;
+                    return Ok(view);
+                }
             }
         }
-        let b = Arc::get_mut(buf).expect("a queued buffer is referenced only by its job");
+        let b = Arc::get_mut(&mut buf).expect("a queued buffer is referenced only by its job");
         let dst = &mut b.as_mut_full()[..self.read_len];
-        let t = Instant::now();
         let mut got = 0;
         while got < dst.len() {
             match h.file.read_at(&mut dst[got..], off + got as u64) {
@@ -157,6 +168,21 @@ impl Shared {
                 }
             }
         }
+        self.served(h, layer, expert, &b.as_slice()[..self.expert_bytes], t)?;
+        self.give_back(&buf);
+        Ok(Buf::from_heap(buf, 0, self.expert_bytes))
+    }
+
+    /// Counts one expert served (its bytes now in `bytes`, since `t`), verifying its crc32 when
+    /// asked.
+    fn served(
+        &self,
+        h: &LayerHandle,
+        layer: usize,
+        expert: usize,
+        bytes: &[u8],
+        t: Instant,
+    ) -> Result<()> {
         self.counters
             .read_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -164,7 +190,8 @@ impl Shared {
             .bytes_read
             .fetch_add(self.expert_bytes as u64, Ordering::Relaxed);
         if self.verify {
-            let crc = crc32fast::hash(&b.as_slice()[..self.expert_bytes]);
+            let off = expert as u64 * self.stride;
+            let crc = crc32fast::hash(bytes);
             let want = h.crc32[expert];
             if crc != want {
                 return Err(Error::Expert {
@@ -197,13 +224,10 @@ impl Shared {
             let Job {
                 layer,
                 expert,
-                mut buf,
+                buf,
                 slot,
             } = job;
-            let r = self.read(layer, expert, &mut buf).map(|()| {
-                self.give_back(&buf);
-                buf
-            });
+            let r = self.read(layer, expert, buf);
             *lock(&slot.done) = Some(r);
             slot.cv.notify_all();
         }
@@ -250,9 +274,9 @@ impl PackedExperts {
             }
             let file = o.open(&path).map_err(|e| direct_err(&path, io, e))?;
             let map = match io {
-                // SAFETY: read-only mapping, never dereferenced: only its page-table state is
-                // inspected with mincore.
-                IoMode::Cached => unsafe { memmap2::Mmap::map(&file) }.ok(),
+                // SAFETY: a read-only mapping of a file flashmoe never writes; like the dense
+                // weights' mapping, it assumes nobody truncates the model while it runs.
+                IoMode::Cached => unsafe { memmap2::Mmap::map(&file) }.ok().map(Arc::new),
                 IoMode::Direct => None,
             };
             files[lf.layer] = Some(LayerHandle {
@@ -348,6 +372,30 @@ impl PackedExperts {
     }
 }
 
+/// Maps `bytes` (resident pages of a file mapping) into this process's page tables now, on the
+/// I/O thread, so that the kernels computing with them take no page faults: a fresh 7 MB expert
+/// is ~1700 pages, and faulting them in one by one on the compute thread cost more than the
+/// copy it replaces. `MADV_POPULATE_READ` (Linux 5.14) does it in one call; older kernels get a
+/// read of one byte per page instead.
+fn populate(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        let page = 4096;
+        let start = bytes.as_ptr() as usize & !(page - 1);
+        let len = bytes.as_ptr() as usize + bytes.len() - start;
+        // SAFETY: advice on a range of a live read-only mapping; it only pre-faults pages.
+        if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_READ) } == 0
+        {
+            return;
+        }
+    }
+    let mut sum = 0u8;
+    for p in bytes.iter().step_by(4096) {
+        sum = sum.wrapping_add(*p);
+    }
+    std::hint::black_box(sum);
+}
+
 fn direct_err(path: &Path, io: IoMode, e: std::io::Error) -> Error {
     if io == IoMode::Direct && e.raw_os_error() == Some(libc::EINVAL) {
         packed_err(
@@ -399,9 +447,7 @@ impl ExpertSource for PackedExperts {
         };
         let mut out = Vec::with_capacity(experts.len());
         for s in slots {
-            let buf = s.wait()?;
-            let view = Buf::from_heap(buf, 0, self.shared.expert_bytes);
-            out.push(self.layout.view(&view));
+            out.push(self.layout.view(&s.wait()?));
         }
         self.shared
             .counters

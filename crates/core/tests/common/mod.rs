@@ -7,6 +7,8 @@ pub fn shared_dir() -> Option<PathBuf> {
     flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
+// Not every test binary that includes this module uses both.
+#[allow(unused_imports)]
 pub use flashmoe_testdata::{max_abs, Golden};
 
 pub mod mlx_convert;
