@@ -108,7 +108,7 @@ pub(crate) fn sum8(v: &[f32]) -> f32 {
 }
 
 /// Per row: `f_g = scale_g * unit_g` into `fbuf[..ng]` (the factor of a group's integer dot),
-/// the row's scales into `sbuf[..ng]` (for the tail) and biases into `bbuf[..ng]`.
+/// the row's scales into `sbuf[..ng]` and biases into `bbuf[..ng]`.
 #[inline]
 pub(crate) fn row_factors(
     a: &AffineView,
@@ -126,16 +126,19 @@ pub(crate) fn row_factors(
     }
 }
 
-/// `Σ_{j >= nb E} q_j x_j scale_g(j)` in f32, for the columns past the last whole block.
+/// `Σ_{j >= nb E} q_j x_j scale_g(j)` in f32 for row `row`, the columns past the last whole
+/// block.
 #[inline]
-pub(crate) fn tail_dot(a: &AffineView, wrow: &[u32], prep: &Int8Prep, sbuf: &[f32]) -> f32 {
+pub(crate) fn tail_dot(a: &AffineView, row: usize, prep: &Int8Prep) -> f32 {
     let bits = a.bits as usize;
     let mask = (1u32 << bits) - 1;
     let start = a.cols - prep.tail.len();
+    let wrow = &a.w[row * a.words_per_row()..(row + 1) * a.words_per_row()];
+    let g0 = row * a.groups_per_row();
     let mut t = 0f32;
     for (j, xj) in (start..a.cols).zip(&prep.tail) {
         let q = (wrow[j * bits / 32] >> ((j * bits) % 32)) & mask;
-        t += q as f32 * xj * sbuf[j / a.group];
+        t += q as f32 * xj * a.scales.get(g0 + j / a.group);
     }
     t
 }
@@ -177,6 +180,6 @@ pub(crate) fn int8_rows(a: &AffineView, prep: &Int8Prep, r0: usize, y: &mut [f32
                 acc[l] += d as f32 * fbuf[g0 + l / lpg];
             }
         }
-        *yi = acc.iter().sum::<f32>() + tail_dot(a, wrow, prep, &sbuf) + dot8(&bbuf, &prep.xsum);
+        *yi = acc.iter().sum::<f32>() + tail_dot(a, row, prep) + dot8(&bbuf, &prep.xsum);
     }
 }

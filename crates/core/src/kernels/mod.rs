@@ -305,6 +305,12 @@ pub fn matvec(w: &WeightView, x: &[f32], y: &mut [f32]) {
     matvec_with(isa(), PAR_MIN_WEIGHTS, w, x, y)
 }
 
+/// `matvec` with the activation treatment given here instead of by the process-wide switch
+/// (benchmarks that measure both, tests that must not depend on global state).
+pub fn matvec_act(aq: ActQuant, w: &WeightView, x: &[f32], y: &mut [f32]) {
+    matvec_impl(isa(), PAR_MIN_WEIGHTS, aq, w, x, y)
+}
+
 /// `matvec` on a chosen ISA, parallel from `par_min` weights up (tests and threshold probes).
 pub(crate) fn matvec_with(isa: Isa, par_min: usize, w: &WeightView, x: &[f32], y: &mut [f32]) {
     matvec_impl(isa, par_min, act_quant(), w, x, y)

@@ -7,7 +7,7 @@
 
 use super::int8::{self, Int8Prep};
 use super::lanes::AffinePrep;
-use super::AffineView;
+use super::{AffineView, Scales};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -466,10 +466,73 @@ unsafe fn int8_rows_avx2<const BITS: i32>(
     r0: usize,
     y: &mut [f32],
 ) {
-    let cpb = 8 / BITS as usize;
-    let e = 32 * cpb;
-    let nb = a.cols / e;
     let ng = a.groups_per_row();
+    // Per row: `scale_g * unit_g`, padded by 8 for `lane_values`.
+    let mut fbuf = vec![0f32; 2 * (ng + 8)];
+    let (f0, f1) = fbuf.split_at_mut(ng + 8);
+    let mut pairs = y.chunks_exact_mut(2);
+    let mut row = r0;
+    for yp in &mut pairs {
+        let b0 = int8_row_factors(a, prep, row, f0);
+        let b1 = int8_row_factors(a, prep, row + 1, f1);
+        let d = int8_dots::<BITS, 2>(a, prep, row, [f0.as_ptr(), f1.as_ptr()]);
+        yp[0] = d[0] + b0 + int8::tail_dot(a, row, prep);
+        yp[1] = d[1] + b1 + int8::tail_dot(a, row + 1, prep);
+        row += 2;
+    }
+    if let [yl] = pairs.into_remainder() {
+        let b = int8_row_factors(a, prep, row, f0);
+        let d = int8_dots::<BITS, 1>(a, prep, row, [f0.as_ptr()]);
+        *yl = d[0] + b + int8::tail_dot(a, row, prep);
+    }
+}
+
+/// Eight values `s[i .. i + 8]` widened to f32.
+#[inline(always)]
+unsafe fn load8(s: &Scales, i: usize) -> __m256 {
+    match s {
+        Scales::Bf16(v) => {
+            let h = _mm_loadu_si128(v.as_ptr().add(i) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+        Scales::F16(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i)),
+        Scales::F32(v) => _mm256_loadu_ps(v.as_ptr().add(i)),
+    }
+}
+
+/// Row `row`'s factors `scale_g * unit_g` into `fbuf[..ng]`; returns the bias term
+/// `Σ_g bias_g Σx_g` (exact f32, 8 strided partial sums as `lanes::dot8`).
+#[inline(always)]
+unsafe fn int8_row_factors(a: &AffineView, prep: &Int8Prep, row: usize, fbuf: &mut [f32]) -> f32 {
+    let ng = a.groups_per_row();
+    let base = row * ng;
+    let (up, sp, fp) = (prep.unit.as_ptr(), prep.xsum.as_ptr(), fbuf.as_mut_ptr());
+    let mut bacc = _mm256_setzero_ps();
+    let n8 = ng / 8 * 8;
+    for g in (0..n8).step_by(8) {
+        // Groups [base + g, base + g + 8) < rows * ng: inside the scales and biases.
+        let f = _mm256_mul_ps(load8(&a.scales, base + g), _mm256_loadu_ps(up.add(g)));
+        _mm256_storeu_ps(fp.add(g), f);
+        bacc = _mm256_fmadd_ps(load8(&a.biases, base + g), _mm256_loadu_ps(sp.add(g)), bacc);
+    }
+    let mut bsum = hsum(bacc);
+    for g in n8..ng {
+        fbuf[g] = a.scales.get(base + g) * prep.unit[g];
+        bsum += a.biases.get(base + g) * prep.xsum[g];
+    }
+    bsum
+}
+
+/// The block part of `R` consecutive rows from `row`: `Σ_b Σ_l dot_l(b) f[g(b, l)]`, with the
+/// loads of `x_q` shared by the rows. `f[k]` points at row `row + k`'s factors (padded by 8).
+#[inline(always)]
+unsafe fn int8_dots<const BITS: i32, const R: usize>(
+    a: &AffineView,
+    prep: &Int8Prep,
+    row: usize,
+    f: [*const f32; R],
+) -> [f32; R] {
+    let nb = a.cols / (256 / BITS as usize);
     let wpr = a.words_per_row();
     let lpg = a.group / (32 / BITS as usize);
     let idx = lane_group_index(lpg);
@@ -477,32 +540,80 @@ unsafe fn int8_rows_avx2<const BITS: i32>(
     // Opaque, so that LLVM keeps them in registers (see `affine_rows_avx2`).
     let mask = std::hint::black_box(_mm256_set1_epi8(((1 << BITS) - 1) as i8));
     let ones = std::hint::black_box(_mm256_set1_epi16(1));
-    // `fbuf` padded by 8 for `lane_values`.
-    let (mut sbuf, mut fbuf, mut bbuf) = (vec![0f32; ng], vec![0f32; ng + 8], vec![0f32; ng]);
     let xq = prep.xq.as_ptr();
-    for (i, yi) in y.iter_mut().enumerate() {
-        let row = r0 + i;
-        int8::row_factors(a, prep, row, &mut sbuf, &mut fbuf, &mut bbuf);
-        let wrow = &a.w[row * wpr..(row + 1) * wpr];
-        let wp = wrow.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for b in 0..nb {
-            // Block b reads words [8b, 8b + 8) < wpr and xq [b e, (b + 1) e) <= nb e.
-            let mut w = _mm256_loadu_si256(wp.add(b * 8) as *const __m256i);
-            let xb = xq.add(b * e);
-            let mut s16 = _mm256_setzero_si256();
-            for s in 0..cpb {
-                let q = _mm256_and_si256(w, mask);
-                w = _mm256_srli_epi16::<BITS>(w);
-                let xs = _mm256_loadu_si256(xb.add(32 * s) as *const __m256i);
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(q, xs));
-            }
-            let s32 = _mm256_madd_epi16(s16, ones);
-            let fv = lane_values(fbuf.as_ptr(), (b * e) >> gshift, lpg, idx);
-            acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), fv, acc[b & 1]);
+    let wp = a.w.as_ptr().add(row * wpr);
+    // Two accumulators per row (even and odd blocks): one FMA chain per row would wait on the
+    // FMA latency every block.
+    let mut acc = [[_mm256_setzero_ps(); R]; 2];
+    let c = BlockConsts {
+        wp,
+        wpr,
+        xq,
+        mask,
+        ones,
+        idx,
+        lpg,
+        gshift,
+    };
+    let [acc0, acc1] = &mut acc;
+    for b in (0..nb / 2 * 2).step_by(2) {
+        int8_block::<BITS, R>(&c, &f, b, acc0);
+        int8_block::<BITS, R>(&c, &f, b + 1, acc1);
+    }
+    if nb % 2 == 1 {
+        int8_block::<BITS, R>(&c, &f, nb - 1, acc0);
+    }
+    let mut out = [0f32; R];
+    for k in 0..R {
+        out[k] = hsum(_mm256_add_ps(acc[0][k], acc[1][k]));
+    }
+    out
+}
+
+/// What `int8_block` needs besides the block index, computed once per call of `int8_dots`.
+struct BlockConsts {
+    /// Row `row`'s words; row `row + k` starts `k wpr` words further.
+    wp: *const u32,
+    wpr: usize,
+    xq: *const i8,
+    mask: __m256i,
+    ones: __m256i,
+    idx: __m256i,
+    lpg: usize,
+    gshift: u32,
+}
+
+/// Block `b` of `R` rows into `acc` (a function, not a closure: closures do not inherit the
+/// caller's target features, and their intrinsics would not be inlined).
+#[inline(always)]
+unsafe fn int8_block<const BITS: i32, const R: usize>(
+    c: &BlockConsts,
+    f: &[*const f32; R],
+    b: usize,
+    acc: &mut [__m256; R],
+) {
+    let cpb = 8 / BITS as usize;
+    let e = 32 * cpb;
+    // Block b of row row + k reads words [k wpr + 8b, k wpr + 8b + 8) of the rows checked by
+    // `int8_rows`, and xq [b e, (b + 1) e) <= nb e.
+    let mut w = [_mm256_setzero_si256(); R];
+    for (k, wk) in w.iter_mut().enumerate() {
+        *wk = _mm256_loadu_si256(c.wp.add(k * c.wpr + b * 8) as *const __m256i);
+    }
+    let xb = c.xq.add(b * e);
+    let mut s16 = [_mm256_setzero_si256(); R];
+    for s in 0..cpb {
+        let xs = _mm256_loadu_si256(xb.add(32 * s) as *const __m256i);
+        for k in 0..R {
+            let q = _mm256_and_si256(w[k], c.mask);
+            w[k] = _mm256_srli_epi16::<BITS>(w[k]);
+            s16[k] = _mm256_add_epi16(s16[k], _mm256_maddubs_epi16(q, xs));
         }
-        *yi = hsum(_mm256_add_ps(acc[0], acc[1]))
-            + int8::tail_dot(a, wrow, prep, &sbuf)
-            + dot_f32_avx2(&bbuf, &prep.xsum);
+    }
+    let g0 = (b * e) >> c.gshift;
+    for k in 0..R {
+        let s32 = _mm256_madd_epi16(s16[k], c.ones);
+        let fv = lane_values(f[k], g0, c.lpg, c.idx);
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), fv, acc[k]);
     }
 }
