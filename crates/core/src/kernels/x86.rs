@@ -516,8 +516,8 @@ unsafe fn int8_row_factors(a: &AffineView, prep: &Int8Prep, row: usize, fbuf: &m
         bacc = _mm256_fmadd_ps(load8(&a.biases, base + g), _mm256_loadu_ps(sp.add(g)), bacc);
     }
     let mut bsum = hsum(bacc);
-    for g in n8..ng {
-        fbuf[g] = a.scales.get(base + g) * prep.unit[g];
+    for (g, f) in fbuf.iter_mut().enumerate().take(ng).skip(n8) {
+        *f = a.scales.get(base + g) * prep.unit[g];
         bsum += a.biases.get(base + g) * prep.xsum[g];
     }
     bsum
