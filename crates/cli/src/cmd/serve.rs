@@ -36,6 +36,7 @@ pub fn run(a: Args) -> Result<()> {
     opts.api_key = a.api_key;
     opts.max_queue = a.max_queue;
     opts.max_body_bytes = a.max_body;
+    a.model.apply_kernel_switches();
     opts.load.core = a.model.options();
     opts.load.model_name = a.served_model_name;
     serve(opts)

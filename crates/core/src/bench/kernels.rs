@@ -2,13 +2,15 @@
 //! 64; bf16) on the model's own expert shape and a dense shape, beside the memory read
 //! bandwidth measured in the same run. Each measurement cycles over enough distinct random
 //! matrices (`kernel_mb`) that nothing is served from the CPU caches, as experts aren't.
+//! The 4- and 2-bit formats are measured twice: the exact f32 kernel (`q4_matvec_bw`) and
+//! the opt-in int8-activation one (`q4_int8_matvec_bw`, `--int8-activations`).
 use std::time::Instant;
 
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::kernels::{matvec, AffineView, Scales, WeightView};
+use crate::kernels::{matvec_act, ActQuant, AffineView, Scales, WeightView};
 use crate::model::Model;
 
 use super::{BenchOptions, Limits, Section};
@@ -75,8 +77,8 @@ impl Stored {
     }
 }
 
-/// Best-of-3 GB/s of `y = W x` over `copies` distinct matrices of one format and shape.
-fn measure(bits: u32, rows: usize, cols: usize, budget: usize, seed: u64) -> f64 {
+/// Best-of-4 GB/s of `y = W x` over `copies` distinct matrices of one format and shape.
+fn measure(bits: u32, rows: usize, cols: usize, budget: usize, seed: u64, aq: ActQuant) -> f64 {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let one = Stored::random(bits, rows, cols, &mut rng);
     let copies = (budget / one.nbytes().max(1)).clamp(2, 4096);
@@ -90,7 +92,7 @@ fn measure(bits: u32, rows: usize, cols: usize, budget: usize, seed: u64) -> f64
     for _ in 0..4 {
         let t = Instant::now();
         for m in &mats {
-            matvec(&m.view(rows, cols), &x, &mut y);
+            matvec_act(aq, &m.view(rows, cols), &x, &mut y);
         }
         std::hint::black_box(&y);
         best = best.min(t.elapsed().as_secs_f64());
@@ -119,13 +121,21 @@ pub(crate) fn bench(model: &Model, limits: &Limits, opts: &BenchOptions) -> Valu
     );
     s.val("dense_shape", format!("{dense_rows}x{h}"));
     s.num("stream_mb", opts.kernel_mb as f64);
-    for (name, bits) in [("q4", 4), ("q2", 2), ("q8", 8), ("bf16", 16)] {
+    let formats = [
+        ("q4", 4, ActQuant::Exact),
+        ("q4_int8", 4, ActQuant::Int8),
+        ("q2", 2, ActQuant::Exact),
+        ("q2_int8", 2, ActQuant::Int8),
+        ("q8", 8, ActQuant::Exact),
+        ("bf16", 16, ActQuant::Exact),
+    ];
+    for (name, bits, aq) in formats {
         if !cols_ok(h) {
             break;
         }
-        let e = measure(bits, inter, h, budget, bits as u64);
+        let e = measure(bits, inter, h, budget, bits as u64, aq);
         s.fig(&format!("{name}_matvec_bw"), "gbs", e, limits.mem_gbs);
-        let d = measure(bits, dense_rows, h, budget, 100 + bits as u64);
+        let d = measure(bits, dense_rows, h, budget, 100 + bits as u64, aq);
         s.fig(&format!("{name}_dense_matvec_bw"), "gbs", d, limits.mem_gbs);
     }
     s.into_value()

@@ -9,6 +9,8 @@
 //! Layout of the module:
 //! - `mod.rs`: the weight views, the public entry points and the choice of kernel (ISA, threads).
 //! - `reference.rs`: the plain twins. They document the formats and are what the tests trust.
+//! - `int8.rs`: the opt-in int8-activation affine matvec (`ActQuant::Int8`): preparation of
+//!   `x` and the portable twin of its AVX2 kernel.
 //! - `lanes.rs`: the portable fast kernels, written over 8-lane arrays so LLVM vectorises them;
 //!   also the per-call preparation of `x` shared by every ISA.
 //! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`.
@@ -24,6 +26,7 @@
 mod blocked;
 mod elementwise;
 mod gemm;
+mod int8;
 mod lanes;
 mod quantize;
 mod reference;
@@ -39,6 +42,7 @@ pub use reference::{dequantize, dequantize_row, matmul_ref, matvec_ref};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Per-group scales or biases of an affine-quantised matrix, `[rows, cols / group]`.
 /// MLX stores them in the dtype the model was converted from (bf16, f16 or f32).
@@ -202,12 +206,13 @@ impl WeightView<'_> {
     }
 }
 
-/// Below this many weights a product runs on the calling thread. Measured with the ignored
-/// `par_threshold` test (best of many, 4-bit g64) on the 2-core EPYC dev VM while other builds ran:
+/// Below this many weights a product runs on the calling thread. From earlier measurements
+/// (a since-removed timing probe, best of many, 4-bit g64) on the 2-core EPYC dev VM while
+/// other builds ran:
 /// a rayon fork-join costs 10-25 us there, so 2 threads lost at 512x512 (21 us serial vs 37 us)
 /// and only broke even from about 1M weights (1024x1024: 105 us vs 118 us; 4096x4096 tied,
 /// both ~1 ms, i.e. memory-bound). An idle machine with more cores would favour a lower
-/// threshold; re-run the test there before lowering it.
+/// threshold; measure there (`flashmoe bench kernels`/`decode`) before lowering it.
 const PAR_MIN_WEIGHTS: usize = 1 << 20;
 
 /// The instruction set a product runs with, detected at run time.
@@ -260,40 +265,67 @@ fn for_row_chunks(
         .for_each(|(i, yc)| f(i * chunk, yc));
 }
 
-/// `y = W x` with `x [cols]`, `y [rows]`, f32 accumulation. Picks the fastest kernel for this
-/// CPU and parallelises over output rows when the matrix is large.
+/// How `matvec` treats the activations of 2- and 4-bit affine products; process-wide, set once
+/// at start-up (`flashmoe --int8-activations`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ActQuant {
+    /// f32 arithmetic on the exact `x` (within 1e-5 relative of `matvec_ref`): what the golden
+    /// tests hold to 1e-3 of transformers.
+    #[default]
+    Exact,
+    /// `x` quantised to int8 per weight group (`max|x_g|` to 127), integer dot products with
+    /// the codes (as llama.cpp's q4_0 x q8_0 dot does), the bias term still exact. Faster when
+    /// the f32 kernel is compute-bound (AVX2 without VNNI: one i32 -> f32 conversion per code),
+    /// but each element of `x` moves by up to `max|x_g| / 254`: a row is off by up to
+    /// `Σ_g |scale_g| qmax group max|x_g| / 254`, about 1% relative in practice. On tiny-a
+    /// (MLX 4-bit, hidden 128, `tests/int8_activations.rs`) that moves the logits of the first
+    /// decode step by 0.28 and, compounding through the KV cache and recurrent state, by up to
+    /// 3 after 24 steps (logits up to ~3): golden tests cannot run with it. Only `matvec` (one
+    /// input: decode, and experts' single-token products) uses it; prefill products and 8-bit
+    /// weights stay exact.
+    Int8,
+}
+
+static ACT_QUANT: AtomicU8 = AtomicU8::new(0);
+
+/// Sets how every later `matvec` of 2- and 4-bit affine weights treats `x` (see `ActQuant`).
+pub fn set_act_quant(q: ActQuant) {
+    ACT_QUANT.store(q as u8, Ordering::Relaxed);
+}
+
+/// The current `ActQuant`; `Exact` unless `set_act_quant` changed it.
+pub fn act_quant() -> ActQuant {
+    match ACT_QUANT.load(Ordering::Relaxed) {
+        0 => ActQuant::Exact,
+        _ => ActQuant::Int8,
+    }
+}
+
+/// `y = W x` with `x [cols]`, `y [rows]`, f32 accumulation (activations quantised to int8 for
+/// 2/4-bit affine weights when `act_quant()` is `Int8`). Picks the fastest kernel for this CPU
+/// and parallelises over output rows when the matrix is large.
 pub fn matvec(w: &WeightView, x: &[f32], y: &mut [f32]) {
     matvec_with(isa(), PAR_MIN_WEIGHTS, w, x, y)
 }
 
+/// `matvec` with the activation treatment given here instead of by the process-wide switch
+/// (benchmarks that measure both, tests that must not depend on global state).
+pub fn matvec_act(aq: ActQuant, w: &WeightView, x: &[f32], y: &mut [f32]) {
+    matvec_impl(isa(), PAR_MIN_WEIGHTS, aq, w, x, y)
+}
+
 /// `matvec` on a chosen ISA, parallel from `par_min` weights up (tests and threshold probes).
 pub(crate) fn matvec_with(isa: Isa, par_min: usize, w: &WeightView, x: &[f32], y: &mut [f32]) {
-    let int_dot = match w {
-        WeightView::Affine(a) => affine_int_dot(isa, a.bits),
-        _ => false,
-    };
-    matvec_impl(isa, par_min, int_dot, w, x, y)
+    matvec_impl(isa, par_min, act_quant(), w, x, y)
 }
 
-/// Whether affine matvecs of `bits` take the integer-dot kernel (`x86::affine_rows_int`: `x`
-/// quantised to int16 per group, `_mm256_madd_epi16`) on `isa` by default. Off for every
-/// format: on the 2-core AVX2 EPYC dev VM it showed no clear win. `bench kernels --kernel-mb
-/// 128`, float vs int-dot binaries back to back, `_matvec_bw_ratio` (expert / dense shape):
-/// q4 0.54 / 0.52 vs 0.53 / 0.72, q2 0.41 / 0.51 vs 0.40 / 0.52, q8 0.73 / 0.54 vs 0.62 / 0.57
-/// (run-to-run noise there is +-0.2); the cache-resident `matvec_compute_throughput` test gave
-/// q4 12.2 vs 12.9, q2 16.1 vs 14.6, q8 15.6 vs 8.8 Gelem/s. Re-measure before turning it on.
-/// The float kernel stays the exact one; `matvec_impl(.., true, ..)` selects the integer one.
-pub(crate) fn affine_int_dot(isa: Isa, bits: u32) -> bool {
-    let _ = (isa, bits);
-    false
-}
-
-/// `matvec_with`, with the affine kernel (integer dot or float) chosen by the caller;
-/// `int_dot` only applies to affine weights on AVX2.
+/// `matvec_with` with the activation treatment chosen by the caller instead of the
+/// process-wide switch (tests, benchmarks). `Int8` applies to 2- and 4-bit affine weights with
+/// finite `x`; everything else takes the exact kernels.
 pub(crate) fn matvec_impl(
     isa: Isa,
     par_min: usize,
-    int_dot: bool,
+    aq: ActQuant,
     w: &WeightView,
     x: &[f32],
     y: &mut [f32],
@@ -304,16 +336,14 @@ pub(crate) fn matvec_impl(
     assert_eq!(y.len(), rows, "matvec: y length vs rows");
     match w {
         WeightView::Affine(a) => {
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 && int_dot {
-                if let Some(prep) = x86::IntPrep::new(a.bits, a.group, x) {
+            if aq == ActQuant::Int8 && matches!(a.bits, 2 | 4) {
+                if let Some(prep) = int8_prep(isa, a.bits, a.group, x) {
                     for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
-                        x86::affine_rows_int(a, &prep, r0, yc)
+                        int8_rows(isa, a, &prep, r0, yc)
                     });
                     return;
                 }
             }
-            let _ = int_dot;
             let prescaled = affine_prescaled(isa);
             let prep = lanes::AffinePrep::new(a.bits, a.group, x, prescaled);
             for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
@@ -325,6 +355,23 @@ pub(crate) fn matvec_impl(
                 *yi = dense_row_dot(isa, w, r0 + i, x);
             }
         }),
+    }
+}
+
+/// `x` prepared for the int8 kernel on `isa`; `None` when `x` is not finite.
+fn int8_prep(isa: Isa, bits: u32, group: usize, x: &[f32]) -> Option<int8::Int8Prep> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::int8_prep(bits, group, x),
+        Isa::Portable => int8::Int8Prep::new(bits, group, x),
+    }
+}
+
+fn int8_rows(isa: Isa, a: &AffineView, prep: &int8::Int8Prep, r0: usize, y: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::int8_rows(a, prep, r0, y),
+        Isa::Portable => int8::int8_rows(a, prep, r0, y),
     }
 }
 

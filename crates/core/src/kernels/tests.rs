@@ -123,8 +123,8 @@ fn check_products(rng: &mut StdRng, what: &str, w: &WeightView) {
     for isa in isas() {
         for par_min in [usize::MAX, 0] {
             let mut got = vec![f32::NAN; rows];
-            // The float kernel: the integer-dot one has its own bound (`affine_int_dot_bound`).
-            matvec_impl(isa, par_min, false, w, &x, &mut got);
+            // The exact kernel: the int8 one has its own bound (`int8_activations_bound`).
+            matvec_impl(isa, par_min, ActQuant::Exact, w, &x, &mut got);
             let tag = format!("{what} matvec {isa:?} par_min {par_min}");
             assert_close(&tag, &dense, cols, &x, &got, &want);
         }
@@ -391,90 +391,20 @@ fn elementwise_match_plain_twins() {
     assert!(e.iter().all(|v| v.is_finite()));
 }
 
-/// Prints serial vs parallel matvec time by size; run with `--ignored --nocapture` to re-derive
-/// `PAR_MIN_WEIGHTS` and the GB/s of the 4096x4096 4-bit g64 product.
+/// The int8-activation matvec (`ActQuant::Int8`) against the plain twin, on every ISA, and
+/// the AVX2 kernel against its portable twin. Each element of `x` is off by at most
+/// `unit_g / 2 = max|x_g| / 254`, so row `r` is off by at most
+/// `Σ_g |scale_g| qmax group unit_g / 2` plus f32 rounding, bounded here by the exact kernels'
+/// `1e-5 |W_r| |x|` (+ floor). Both ISAs prepare the same `x_q` and compute the same integers;
+/// only the order of their f32 sums differs.
 #[test]
-#[ignore]
-fn par_threshold() {
-    use std::time::Instant;
-    let mut rng = StdRng::seed_from_u64(7);
-    for (rows, cols) in [
-        (64, 256),
-        (128, 256),
-        (256, 256),
-        (256, 512),
-        (512, 512),
-        (1024, 1024),
-        (4096, 4096),
-    ] {
-        let a = Affine::random(&mut rng, 4, 64, rows, cols);
-        let w = a.view(0);
-        let x = gauss(&mut rng, cols);
-        let mut y = vec![0f32; rows];
-        let bytes = (a.w.len() * 4 + a.sb.len() * 4) as f64;
-        for (name, par_min) in [("serial", usize::MAX), ("parallel", 0)] {
-            // Best of many: other processes on a small machine make the mean meaningless.
-            let reps = (400_000_000 / (rows * cols)).clamp(20, 5_000);
-            let mut s = f64::INFINITY;
-            for _ in 0..reps {
-                let t = Instant::now();
-                matvec_with(isa(), par_min, &w, &x, &mut y);
-                s = s.min(t.elapsed().as_secs_f64());
-            }
-            eprintln!(
-                "{rows}x{cols} 4b g64 {name}: {:.2} us, {:.2} GB/s",
-                s * 1e6,
-                bytes / s / 1e9
-            );
-        }
-    }
-}
-
-/// Prints matmul GMAC/s by number of inputs (4-bit g64, 1024x4096, bf16 scales); run with
-/// `--ignored --nocapture`: the per-row kernel beside the blocked one, to place `BLOCKED_MIN_N`.
-#[test]
-#[ignore]
-fn matmul_throughput() {
-    use std::time::Instant;
-    let mut rng = StdRng::seed_from_u64(9);
-    let (rows, cols) = (1024, 4096);
-    for bits in [4u32, 2, 8] {
-        let a = Affine::random(&mut rng, bits, 64, rows, cols);
-        let w = a.view(0);
-        for n in [4usize, 8, 10, 12, 14, 16, 64, 512] {
-            let xs = gauss(&mut rng, n * cols);
-            let mut y = vec![0f32; n * rows];
-            for blocked in [false, true] {
-                let mut s = f64::INFINITY;
-                for _ in 0..(2048 / n).clamp(3, 50) {
-                    let t = Instant::now();
-                    matmul_impl(isa(), PAR_MIN_WEIGHTS, blocked, &w, &xs, n, &mut y);
-                    s = s.min(t.elapsed().as_secs_f64());
-                }
-                let gmac = (rows * cols * n) as f64 / s / 1e9;
-                let ms = s * 1e3;
-                eprintln!(
-                    "b{bits} {rows}x{cols} n{n} blocked {blocked}: {ms:.3} ms, {gmac:.1} GMAC/s"
-                );
-            }
-        }
-    }
-}
-
-/// The integer-dot affine matvec (`x` quantised to int16 per group) against the plain twin.
-/// Each element of `x` is off by at most `unit_g / 2 = sx_g / 32767 / 2`, so row `r` is off by
-/// `|err| <= Σ_g |scale_g| qmax group sx_g / 32767 / 2` plus f32 rounding, bounded here by the
-/// float kernels' `1e-5 |W_r| |x|` (+ floor).
-#[test]
-fn affine_int_dot_bound() {
-    if !isas().contains(&Isa::Avx2) {
-        return;
-    }
+fn int8_activations_bound() {
     let mut rng = StdRng::seed_from_u64(11);
-    for bits in [2u32, 4, 8] {
+    for bits in [2u32, 4] {
         for group in [32usize, 64, 128] {
-            // 96/160 columns leave a tail past the last whole block for some formats.
-            for cols in [group, 96.max(group), 160.max(group) * 2, 1024] {
+            // 96, 160, 320 leave a tail past the last whole block (64 or 128 elements) for some
+            // formats; 1024 is whole blocks only.
+            for cols in [group, 96.max(group), 160.max(group), 320.max(group), 1024] {
                 if cols % group != 0 {
                     continue;
                 }
@@ -494,102 +424,74 @@ fn affine_int_dot_bound() {
                             *v *= 1e3;
                         }
                     }
+                    let portable = int8::Int8Prep::new(bits, group, &x).expect("finite x");
+                    #[cfg(target_arch = "x86_64")]
+                    if x86::available() {
+                        let avx2 = x86::int8_prep(bits, group, &x).expect("finite x");
+                        assert!(avx2 == portable, "b{bits} g{group} c{cols}: preps differ");
+                    }
                     let mut want = vec![0f32; rows];
                     matvec_ref(&w, &x, &mut want);
                     let qmax = ((1u32 << bits) - 1) as f64;
-                    for par_min in [usize::MAX, 0] {
-                        let mut got = vec![f32::NAN; rows];
-                        matvec_impl(Isa::Avx2, par_min, true, &w, &x, &mut got);
-                        let xn = norm(&x);
-                        for r in 0..rows {
-                            let mut qb = 0f64;
-                            for g in 0..cols / group {
-                                let xg = &x[g * group..(g + 1) * group];
-                                let sx = xg.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-                                let s = av.scales.get(r * cols / group + g).abs() as f64;
-                                qb += s * qmax * group as f64 * sx / 32767.0 / 2.0;
+                    let xn = norm(&x);
+                    let mut first: Option<Vec<f32>> = None;
+                    for isa in isas() {
+                        for par_min in [usize::MAX, 0] {
+                            let mut got = vec![f32::NAN; rows];
+                            matvec_impl(isa, par_min, ActQuant::Int8, &w, &x, &mut got);
+                            let tag = format!("b{bits} g{group} c{cols} k{k} {isa:?} {par_min}");
+                            for r in 0..rows {
+                                let mut qb = 0f64;
+                                for g in 0..cols / group {
+                                    let s = av.scales.get(r * cols / group + g).abs() as f64;
+                                    let u = portable.unit[g] as f64;
+                                    qb += s * qmax * group as f64 * u / 2.0;
+                                }
+                                let wr = &dense[r * cols..(r + 1) * cols];
+                                let fl = 1e-5 * norm(wr) * xn + 1e-6;
+                                let err = ((got[r] - want[r]) as f64).abs();
+                                assert!(
+                                    err <= qb + fl,
+                                    "{tag} row {r}: {} vs {}, bound {qb} + {fl}",
+                                    got[r],
+                                    want[r]
+                                );
                             }
-                            let wr = &dense[r * cols..(r + 1) * cols];
-                            let tol = qb + 1e-5 * norm(wr) * xn + 1e-6;
-                            let err = ((got[r] - want[r]) as f64).abs();
-                            assert!(
-                                err <= tol,
-                                "b{bits} g{group} c{cols} k{k} row {r}: {} vs {}, tol {tol}",
-                                got[r],
-                                want[r]
-                            );
+                            // Same integers on every ISA: only f32 summation order differs.
+                            match &first {
+                                None => first = Some(got),
+                                Some(f) => {
+                                    for r in 0..rows {
+                                        let wr = &dense[r * cols..(r + 1) * cols];
+                                        let tol = 1e-6 * norm(wr) * xn + 1e-6;
+                                        let d = ((got[r] - f[r]) as f64).abs();
+                                        assert!(d <= tol, "{tag} row {r}: {} vs {}", got[r], f[r]);
+                                    }
+                                }
+                            }
                         }
                     }
                 }
             }
         }
     }
-    // A non-finite x falls back to the float kernel, which propagates it.
+    // A non-finite x falls back to the exact kernel, which propagates it; so do 8-bit weights.
     let a = Affine::random(&mut rng, 4, 64, 4, 128);
     let mut x = gauss(&mut rng, 128);
-    x[5] = f32::NAN;
-    let mut got = vec![0f32; 4];
-    matvec_impl(Isa::Avx2, usize::MAX, true, &a.view(0), &x, &mut got);
-    assert!(got.iter().all(|v| v.is_nan()));
-}
-
-/// Prints single-thread affine matvec Gelem/s on a cache-resident matrix (compute, not memory).
-#[test]
-#[ignore]
-fn matvec_compute_throughput() {
-    use std::time::Instant;
-    let mut rng = StdRng::seed_from_u64(10);
-    let (rows, cols) = (128, 4096);
-    for bits in [4u32, 2, 8] {
-        let a = Affine::random(&mut rng, bits, 64, rows, cols);
-        let w = a.view(0);
-        let x = gauss(&mut rng, cols);
-        let mut y = vec![0f32; rows];
-        for int_dot in [false, true] {
-            let mut s = f64::INFINITY;
-            for _ in 0..2000 {
-                let t = Instant::now();
-                matvec_impl(isa(), usize::MAX, int_dot, &w, &x, &mut y);
-                s = s.min(t.elapsed().as_secs_f64());
-            }
-            let ge = (rows * cols) as f64 / s / 1e9;
-            eprintln!(
-                "b{bits} {rows}x{cols} serial int_dot {int_dot}: {:.1} us, {ge:.2} Gelem/s",
-                s * 1e6
-            );
+    for bad in [f32::NAN, f32::INFINITY] {
+        x[5] = bad;
+        for isa in isas() {
+            let mut got = vec![0f32; 4];
+            matvec_impl(isa, usize::MAX, ActQuant::Int8, &a.view(0), &x, &mut got);
+            assert!(got.iter().all(|v| !v.is_finite()), "{isa:?} {bad}: {got:?}");
         }
     }
-}
-
-/// Prints expert-style throughput: many distinct (cold) 4-bit 1024x4096 matrices, each product
-/// serial with few inputs, experts spread over the rayon pool as the MoE layer does.
-#[test]
-#[ignore]
-fn expert_matmul_throughput() {
-    use std::time::Instant;
-    let mut rng = StdRng::seed_from_u64(11);
-    let (rows, cols, count) = (1024, 4096, 64);
-    let mats: Vec<Affine> = (0..count)
-        .map(|_| Affine::random(&mut rng, 4, 64, rows, cols))
-        .collect();
-    for n in [3usize, 4, 6, 8, 10, 14, 20] {
-        let xs = gauss(&mut rng, n * cols);
-        for blocked in [false, true] {
-            let mut s = f64::INFINITY;
-            for _ in 0..5 {
-                let t = Instant::now();
-                mats.par_iter().for_each(|a| {
-                    let mut y = vec![0f32; n * rows];
-                    matmul_impl(isa(), usize::MAX, blocked, &a.view(0), &xs, n, &mut y);
-                    std::hint::black_box(&y);
-                });
-                s = s.min(t.elapsed().as_secs_f64());
-            }
-            let gmac = (rows * cols * n * count) as f64 / s / 1e9;
-            eprintln!(
-                "experts n{n} blocked {blocked}: {:.2} ms, {gmac:.1} GMAC/s",
-                s * 1e3
-            );
-        }
+    let a = Affine::random(&mut rng, 8, 64, 5, 256);
+    let x = gauss(&mut rng, 256);
+    let (mut got, mut want) = (vec![0f32; 5], vec![0f32; 5]);
+    for isa in isas() {
+        matvec_impl(isa, usize::MAX, ActQuant::Int8, &a.view(1), &x, &mut got);
+        matvec_impl(isa, usize::MAX, ActQuant::Exact, &a.view(1), &x, &mut want);
+        assert_eq!(got, want, "8-bit weights stay on the exact kernel");
     }
 }

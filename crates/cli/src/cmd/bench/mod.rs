@@ -73,6 +73,12 @@ pub struct Args {
     /// decode with experts in VRAM / pinned host RAM, each beside its bound
     #[arg(long, value_enum, default_value_t = super::backend::BackendKind::Cpu)]
     pub backend: super::backend::BackendKind,
+    /// Quantise activations to int8 for 4- and 2-bit matrix-vector products (as llama.cpp
+    /// does): faster decode on CPUs, but each product is off by ~1% relative, so logits drift
+    /// from the exact f32 path (by up to 3 over 24 decode steps of the tiny test model).
+    /// `kernels` reports both paths either way (`q4_matvec_bw`, `q4_int8_matvec_bw`)
+    #[arg(long)]
+    pub int8_activations: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -98,9 +104,13 @@ pub fn run(a: Args) -> Result<()> {
     opts.io_mb = a.io_mb.max(1);
     opts.cold = !a.no_cold;
     opts.compare = !a.no_compare;
+    super::common::set_int8_activations(a.int8_activations);
     let say = |m: &str| eprintln!("[bench] {m}");
     let mut report = run_bench(&opts, &which, &say)
         .with_context(|| format!("benchmarking {}", a.model.display()))?;
+    if let Value::Object(m) = &mut report {
+        m.insert("int8_activations".into(), Value::Bool(a.int8_activations));
+    }
     let cuda = match a.backend {
         super::backend::BackendKind::Cuda => true,
         super::backend::BackendKind::Cpu => false,

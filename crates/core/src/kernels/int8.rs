@@ -1,0 +1,185 @@
+//! The int8-activation affine matvec (opt-in, `ActQuant::Int8`): `x` quantised to int8 per
+//! weight group once per call, then integer dot products of the unsigned 2- or 4-bit codes
+//! with the int8 activations, as llama.cpp's `ggml_vec_dot_q4_0_q8_0` does. This file holds
+//! the shared preparation of `x` and the portable twin of `x86::int8_rows`; both compute the
+//! same integers.
+//!
+//! Layout: a *block* is 8 u32 words = 32 bytes of codes, `E = 32 * cpb` elements with
+//! `cpb = 8 / bits` codes per byte. Byte `j` of a block (byte `j % 4` of word `j / 4`, LSB-first)
+//! holds elements `cpb * j + s` for `s` in `0..cpb` at bit offset `bits * s`. `Int8Prep` stores
+//! `x_q` so that `xq[b E + 32 s + j] = x_q[b E + cpb j + s]`: masking code `s` out of the 32
+//! bytes of a block meets one contiguous 32-byte slice of `xq`, so a kernel multiplies bytes
+//! with bytes (`_mm256_maddubs_epi16`) without moving either. The 4 bytes of word `l` then sum
+//! to elements `l pw .. (l + 1) pw` (`pw = 32 / bits`), the same lanes as the float kernel's.
+//!
+//! Accuracy: per group `g`, `unit_g = max|x| / 127` and `x_q = round(x / unit_g)`, so each
+//! element of `x` is off by at most `unit_g / 2` and row `r` by at most
+//! `Σ_g |scale_g| qmax group unit_g / 2` (`qmax = 2^bits - 1`) plus f32 rounding. The bias
+//! term `Σ_g bias_g Σx_g` stays exact f32 (arch-spec §11.3 "Kernel arithmetic").
+
+use super::lanes::dot8;
+use super::AffineView;
+
+/// `x_q` spans `[-XQ_MAX, XQ_MAX]`. A 4-bit code times this, two per `maddubs` pair, two pairs
+/// added: `4 * 15 * 127 = 7620`; 2-bit: `8 * 3 * 127 = 3048`; both far inside i16.
+pub(crate) const XQ_MAX: f32 = 127.0;
+
+/// Codes per byte.
+#[inline]
+pub(crate) fn codes_per_byte(bits: u32) -> usize {
+    8 / bits as usize
+}
+
+/// Elements per block of 8 words (32 bytes).
+#[inline]
+pub(crate) fn block_elems(bits: u32) -> usize {
+    32 * codes_per_byte(bits)
+}
+
+/// `x` prepared once per call, shared by all rows (layout in the module header).
+#[derive(Debug, PartialEq)]
+pub(crate) struct Int8Prep {
+    pub bits: u32,
+    /// `[cols / E * E]`, in the block order of the module header.
+    pub xq: Vec<i8>,
+    /// `[cols / group]`: `max|x_g| / 127`.
+    pub unit: Vec<f32>,
+    /// `[cols / group]`: `Σx_g` in f32 (8 strided partial sums, then summed in order).
+    pub xsum: Vec<f32>,
+    /// `x[cols / E * E ..]`, unchanged: columns past the last whole block are done in f32.
+    pub tail: Vec<f32>,
+}
+
+impl Int8Prep {
+    /// Portable preparation. `None` when `x` holds a non-finite value (or a group sums past
+    /// f32's range): the float kernel then propagates it.
+    pub fn new(bits: u32, group: usize, x: &[f32]) -> Option<Self> {
+        let e = block_elems(bits);
+        let cpb = codes_per_byte(bits);
+        let nb = x.len() / e;
+        let ng = x.len() / group;
+        let mut unit = Vec::with_capacity(ng);
+        let mut xsum = Vec::with_capacity(ng);
+        let mut natural = vec![0i8; x.len()];
+        for (xg, qg) in x.chunks_exact(group).zip(natural.chunks_exact_mut(group)) {
+            let sum = sum8(xg);
+            // A NaN or infinity anywhere in the group makes its sum non-finite.
+            if !sum.is_finite() {
+                return None;
+            }
+            let sx = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inv = if sx > 0.0 { XQ_MAX / sx } else { 0.0 };
+            for (q, v) in qg.iter_mut().zip(xg) {
+                // Ties to even, as `_mm256_cvtps_epi32` rounds, so both preps agree exactly.
+                *q = (v * inv).round_ties_even() as i8;
+            }
+            unit.push(sx / XQ_MAX);
+            xsum.push(sum);
+        }
+        let mut xq = vec![0i8; nb * e];
+        for (src, dst) in natural.chunks_exact(e).zip(xq.chunks_exact_mut(e)) {
+            for s in 0..cpb {
+                for j in 0..32 {
+                    dst[32 * s + j] = src[cpb * j + s];
+                }
+            }
+        }
+        Some(Int8Prep {
+            bits,
+            xq,
+            unit,
+            xsum,
+            tail: x[nb * e..].to_vec(),
+        })
+    }
+}
+
+/// `Σ v` as 8 strided partial sums added in order (what `x86::int8_prep` computes too).
+#[inline]
+pub(crate) fn sum8(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut it = v.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+}
+
+/// Per row: `f_g = scale_g * unit_g` into `fbuf[..ng]` (the factor of a group's integer dot),
+/// the row's scales into `sbuf[..ng]` and biases into `bbuf[..ng]`.
+#[inline]
+pub(crate) fn row_factors(
+    a: &AffineView,
+    prep: &Int8Prep,
+    row: usize,
+    sbuf: &mut [f32],
+    fbuf: &mut [f32],
+    bbuf: &mut [f32],
+) {
+    let ng = a.groups_per_row();
+    a.scales.to_f32_into(row * ng, &mut sbuf[..ng]);
+    a.biases.to_f32_into(row * ng, &mut bbuf[..ng]);
+    for ((f, s), u) in fbuf[..ng].iter_mut().zip(&sbuf[..ng]).zip(&prep.unit) {
+        *f = s * u;
+    }
+}
+
+/// `Σ_{j >= nb E} q_j x_j scale_g(j)` in f32 for row `row`, the columns past the last whole
+/// block.
+#[inline]
+pub(crate) fn tail_dot(a: &AffineView, row: usize, prep: &Int8Prep) -> f32 {
+    let bits = a.bits as usize;
+    let mask = (1u32 << bits) - 1;
+    let start = a.cols - prep.tail.len();
+    let wrow = &a.w[row * a.words_per_row()..(row + 1) * a.words_per_row()];
+    let g0 = row * a.groups_per_row();
+    let mut t = 0f32;
+    for (j, xj) in (start..a.cols).zip(&prep.tail) {
+        let q = (wrow[j * bits / 32] >> ((j * bits) % 32)) & mask;
+        t += q as f32 * xj * a.scales.get(g0 + j / a.group);
+    }
+    t
+}
+
+/// `y[i] = row (r0 + i) · x` for a 2- or 4-bit affine matrix with int8 activations, portable
+/// twin of `x86::int8_rows`: the same integer dot per word, f32 after that.
+pub(crate) fn int8_rows(a: &AffineView, prep: &Int8Prep, r0: usize, y: &mut [f32]) {
+    assert!(matches!(a.bits, 2 | 4) && prep.bits == a.bits);
+    let bits = a.bits as usize;
+    let cpb = codes_per_byte(a.bits);
+    let e = block_elems(a.bits);
+    let nb = a.cols / e;
+    assert!(r0 + y.len() <= a.rows && prep.xq.len() == nb * e);
+    assert_eq!(prep.tail.len(), a.cols - nb * e);
+    let ng = a.groups_per_row();
+    let wpr = a.words_per_row();
+    let mask = (1u8 << bits) - 1;
+    // Lanes (words) of a block that share one group; >= 8: the whole block is in one group.
+    let lpg = a.group / (32 / bits);
+    let (mut sbuf, mut fbuf, mut bbuf) = (vec![0f32; ng], vec![0f32; ng], vec![0f32; ng]);
+    for (i, yi) in y.iter_mut().enumerate() {
+        let row = r0 + i;
+        row_factors(a, prep, row, &mut sbuf, &mut fbuf, &mut bbuf);
+        let wrow = &a.w[row * wpr..(row + 1) * wpr];
+        let mut acc = [0f32; 8];
+        for b in 0..nb {
+            let xb = &prep.xq[b * e..(b + 1) * e];
+            let g0 = (b * e) / a.group;
+            for l in 0..8 {
+                let bytes = wrow[b * 8 + l].to_le_bytes();
+                let mut d = 0i32;
+                for (c, &byte) in bytes.iter().enumerate() {
+                    let j = 4 * l + c;
+                    for s in 0..cpb {
+                        let q = (byte >> (bits * s)) & mask;
+                        d += q as i32 * xb[32 * s + j] as i32;
+                    }
+                }
+                acc[l] += d as f32 * fbuf[g0 + l / lpg];
+            }
+        }
+        *yi = acc.iter().sum::<f32>() + tail_dot(a, row, prep) + dot8(&bbuf, &prep.xsum);
+    }
+}
