@@ -76,6 +76,49 @@ impl Drop for AlignedBuf {
 enum Backing {
     Map(Arc<Mmap>),
     Heap(Arc<AlignedBuf>),
+    Lease(Arc<MapLease>),
+}
+
+/// A page-aligned range of a read-only file mapping lent out for a while (an expert served from
+/// the page cache). When the last view of it drops, its page-table entries are dropped too
+/// (`MADV_DONTNEED`; the page cache keeps the pages), so the process's resident set holds only
+/// the experts in use, not every expert it ever mapped. A later use maps them again.
+pub struct MapLease {
+    map: Arc<Mmap>,
+    off: usize,
+    len: usize,
+}
+
+impl MapLease {
+    /// `off` must be page-aligned; the range is `[off, off + len)` of `map`.
+    pub fn new(map: Arc<Mmap>, off: usize, len: usize) -> Self {
+        assert!(
+            off.is_multiple_of(ALIGN),
+            "MapLease offset not page-aligned"
+        );
+        assert!(off + len <= map.len(), "MapLease range outside the map");
+        MapLease { map, off, len }
+    }
+}
+
+impl Drop for MapLease {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            // The last page may be partial: round the length up, staying inside the map.
+            let len = (self.len.div_ceil(ALIGN) * ALIGN).min(self.map.len() - self.off);
+            // SAFETY: advice on a range of a live read-only file mapping that no view references
+            // any more (this lease was the last); it only drops page-table entries, the file's
+            // pages stay in the page cache and a later access maps them again.
+            unsafe {
+                libc::madvise(
+                    self.map.as_ptr().add(self.off) as *mut libc::c_void,
+                    len,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+    }
 }
 
 /// A cheap-to-clone view of `len` bytes at `off` in shared storage.
@@ -103,6 +146,14 @@ impl Buf {
             len,
         }
     }
+    pub fn from_lease(lease: Arc<MapLease>) -> Self {
+        let len = lease.len;
+        Buf {
+            backing: Backing::Lease(lease),
+            off: 0,
+            len,
+        }
+    }
     pub fn from_vec<T: bytemuck::Pod>(v: &[T]) -> Self {
         let bytes: &[u8] = bytemuck::cast_slice(v);
         let len = bytes.len();
@@ -112,6 +163,7 @@ impl Buf {
         match &self.backing {
             Backing::Map(m) => &m[self.off..self.off + self.len],
             Backing::Heap(h) => &h.as_slice()[self.off..self.off + self.len],
+            Backing::Lease(l) => &l.map[l.off + self.off..l.off + self.off + self.len],
         }
     }
     pub fn len(&self) -> usize {
@@ -122,7 +174,7 @@ impl Buf {
     }
     /// Whether the bytes are a file mapping's (served in place) rather than a heap copy.
     pub fn is_mapped(&self) -> bool {
-        matches!(self.backing, Backing::Map(_))
+        matches!(self.backing, Backing::Map(_) | Backing::Lease(_))
     }
     pub fn slice(&self, off: usize, len: usize) -> Buf {
         assert!(off + len <= self.len, "Buf::slice out of range");

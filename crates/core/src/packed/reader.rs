@@ -9,8 +9,9 @@
 //!   wholly resident is not read at all: the weights view the file's mapping in place, so a
 //!   warm token costs no copy (a pread would read the bytes once from the page cache, write
 //!   them to a buffer and have the kernels read them again: three passes over memory instead of
-//!   one). Linux maps resident pages around each minor fault (`fault_around_bytes`), and the
-//!   page-table entries stay for the next token. `IoMode::Direct`
+//!   one). The I/O thread maps the pages in (`MADV_POPULATE_READ`) so the kernels take no
+//!   page faults, and they are unmapped again when the model drops the expert (`MapLease`), so
+//!   the resident set does not grow with the page cache. `IoMode::Direct`
 //!   opens the layer files `O_DIRECT`: offsets are multiples of the stride (4096-aligned) and
 //!   lengths are rounded up to 4096, inside the stride padding.
 //! - `verify` checks each read's crc32 against the manifest.
@@ -28,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::buf::{AlignedBuf, Buf};
+use crate::buf::{AlignedBuf, Buf, MapLease};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
 use crate::loader::IoMode;
@@ -135,7 +136,8 @@ impl Shared {
                 if frac >= 1.0 {
                     self.give_back(&buf);
                     populate(slice);
-                    let view = Buf::from_map(map.clone(), off as usize, self.expert_bytes);
+                    let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
+                    let view = Buf::from_lease(Arc::new(lease));
                     self.served(h, layer, expert, view.bytes(), t)?;
                     return Ok(view);
                 }
