@@ -5,7 +5,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export FLASHMOE_SHARED=$PWD/carry/shared FLASHMOE_CACHE=/tmp/flashmoe-cache
+# CI=true: a missing fixture fails the golden tests instead of skipping them.
+export FLASHMOE_SHARED=$PWD/carry/shared FLASHMOE_CACHE=/tmp/flashmoe-cache CI=true
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # cudarc dlopens libnvrtc.so / libnvrtc.so.12; CUDA 13 images ship libnvrtc.so.13.
 if ! ldconfig -p | grep -q 'libnvrtc.so '; then
