@@ -133,7 +133,7 @@ impl TestDev for Cuda {
 
 fn cuda() -> Option<Cuda> {
     if !flashmoe_cuda::device_available() {
-        eprintln!("skipped: no CUDA device (CI has no GPU)");
+        flashmoe_testdata::say_skipped("no CUDA device (CI has no GPU)");
         return None;
     }
     Some(Cuda(
