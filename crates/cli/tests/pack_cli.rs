@@ -74,7 +74,9 @@ fn pack_then_logits_cached_and_direct() {
     } else {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains("O_DIRECT is not supported"), "{e}");
-        eprintln!("NOTE: O_DIRECT unsupported here, direct comparison NOT run: {e}");
+        flashmoe_testdata::say_skipped(&format!(
+            "O_DIRECT unsupported here, direct comparison not run: {e}"
+        ));
     }
 }
 

@@ -495,7 +495,7 @@ fn openai_python_client() {
             .is_ok_and(|s| s.success());
         if !installed || !has_openai() {
             assert!(!ci, "the openai Python package could not be installed");
-            eprintln!("skipped: python3 with the openai package is not available");
+            flashmoe_testdata::say_skipped("python3 with the openai package is not available");
             return;
         }
     }

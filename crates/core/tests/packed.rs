@@ -393,10 +393,10 @@ fn cached_and_direct_reads_give_identical_logits() {
             eprintln!("direct: identical logits over {} experts", d.fetched);
         }
         Err(e) if e.to_string().contains("O_DIRECT is not supported") => {
-            eprintln!(
-                "NOTE: O_DIRECT unsupported on the filesystem of {}: direct-I/O comparison NOT run ({e})",
+            flashmoe_testdata::say_skipped(&format!(
+                "O_DIRECT unsupported on the filesystem of {}: direct-I/O comparison not run ({e})",
                 dst.display()
-            );
+            ));
         }
         Err(e) => panic!("direct open failed: {e}"),
     }
