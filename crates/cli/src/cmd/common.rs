@@ -8,7 +8,7 @@ use flashmoe_core::model::Model;
 
 #[derive(Copy, Clone, Debug, ValueEnum, Default)]
 pub enum Io {
-    /// pread through the page cache
+    /// through the page cache (resident experts used in place from the mapping, others pread)
     #[default]
     Cached,
     /// O_DIRECT reads (cold-disk behaviour)

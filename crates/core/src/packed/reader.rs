@@ -469,7 +469,7 @@ impl ExpertSource for PackedExperts {
     fn describe(&self) -> String {
         let io = match self.shared.io {
             IoMode::Cached => {
-                "pread through the page cache; cache hits measured with mincore before each read"
+                "through the page cache: experts mincore finds resident are used in place from the mapping, the others pread"
             }
             IoMode::Direct => "pread O_DIRECT (page cache bypassed; no cache hits)",
         };
