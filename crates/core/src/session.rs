@@ -1,26 +1,158 @@
 //! Session: one sequence's state over a model, with chunked prefill, single-token decode and
 //! a small cache of state snapshots for prefix reuse (same system prompt and tools, or a
 //! continuing conversation, prefills only the new tokens). Sampling lives with the caller.
+//!
+//! Where the forward pass runs is behind [`SeqBackend`]: [`CpuBackend`] (the CPU model, used by
+//! [`Session::new`]) or another one handed to [`Session::with_backend`] (the CUDA backend lives
+//! in flashmoe-cuda, which core does not depend on).
+use std::any::Any;
+use std::fmt;
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{ForwardStats, Logits, Model, State};
 
-/// A saved point: the tokens consumed, the state after them, and the logits they produced.
+/// A backend's copy of a sequence's state, for prefix reuse. Only the backend that saved it
+/// can restore it.
+pub trait SavedState: Send {
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// One sequence's forward pass with its state kept inside, on some backend.
+pub trait SeqBackend: Send {
+    /// Runs `tokens` from the current state (advancing it) and returns logits as
+    /// [`Model::forward`] does. The caller has checked the ids and the context length.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        want: Logits,
+        stats: &mut ForwardStats,
+    ) -> Result<Vec<f32>>;
+    /// Tokens the state has consumed.
+    fn pos(&self) -> usize;
+    /// Back to a fresh state.
+    fn reset(&mut self);
+    /// A copy of the current state.
+    fn save(&self) -> Result<Box<dyn SavedState>>;
+    /// Makes the current state a copy of `saved` (which this backend saved).
+    fn restore(&mut self, saved: &dyn SavedState) -> Result<()>;
+    /// Bytes the current state holds.
+    fn state_bytes(&self) -> usize;
+    /// "cpu", "cuda", ...
+    fn name(&self) -> &'static str;
+}
+
+/// The CPU forward pass: [`Model::forward`] over a host [`State`].
+pub struct CpuBackend {
+    model: Arc<Model>,
+    state: State,
+}
+
+struct CpuSaved(State);
+
+impl SavedState for CpuSaved {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl CpuBackend {
+    pub fn new(model: Arc<Model>) -> Self {
+        CpuBackend {
+            state: State::new(&model.cfg),
+            model,
+        }
+    }
+}
+
+impl SeqBackend for CpuBackend {
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        want: Logits,
+        stats: &mut ForwardStats,
+    ) -> Result<Vec<f32>> {
+        self.model
+            .forward(tokens, &mut self.state, want, stats, None)
+    }
+    fn pos(&self) -> usize {
+        self.state.pos
+    }
+    fn reset(&mut self) {
+        self.state = State::new(&self.model.cfg);
+    }
+    fn save(&self) -> Result<Box<dyn SavedState>> {
+        Ok(Box::new(CpuSaved(self.state.clone())))
+    }
+    fn restore(&mut self, saved: &dyn SavedState) -> Result<()> {
+        let s = saved
+            .as_any()
+            .downcast_ref::<CpuSaved>()
+            .ok_or_else(|| Error::Invalid("restoring a state saved by another backend".into()))?;
+        self.state = s.0.clone();
+        Ok(())
+    }
+    fn state_bytes(&self) -> usize {
+        self.state.nbytes()
+    }
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+}
+
+type MakeBackend = dyn Fn(Arc<Model>) -> Result<Box<dyn SeqBackend>> + Send + Sync;
+
+/// Builds a backend for a loaded model (what an engine is told to run on).
 #[derive(Clone)]
+pub struct BackendFactory {
+    name: &'static str,
+    make: Arc<MakeBackend>,
+}
+
+impl BackendFactory {
+    /// `name` is for messages only; `make` may fall back to another backend.
+    pub fn new(
+        name: &'static str,
+        make: impl Fn(Arc<Model>) -> Result<Box<dyn SeqBackend>> + Send + Sync + 'static,
+    ) -> Self {
+        BackendFactory {
+            name,
+            make: Arc::new(make),
+        }
+    }
+
+    /// The CPU backend.
+    pub fn cpu() -> Self {
+        Self::new("cpu", |m| Ok(Box::new(CpuBackend::new(m))))
+    }
+
+    pub fn build(&self, model: Arc<Model>) -> Result<Box<dyn SeqBackend>> {
+        (self.make)(model)
+    }
+}
+
+impl fmt::Debug for BackendFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BackendFactory({})", self.name)
+    }
+}
+
+/// A saved point: the tokens consumed, the state after them, and the logits they produced.
 struct Snapshot {
     tokens: Vec<u32>,
-    state: State,
+    state: Box<dyn SavedState>,
     logits: Vec<f32>,
 }
 
 pub struct Session {
     /// Shared: a server's worker and its metrics, or a chat and its front end, hold it too.
     pub model: Arc<Model>,
-    state: State,
+    /// Declared before `backend` so that saved states drop before the backend (a device
+    /// backend's context).
+    snapshots: Vec<Snapshot>,
+    backend: Box<dyn SeqBackend>,
     tokens: Vec<u32>,
     last_logits: Vec<f32>,
-    snapshots: Vec<Snapshot>,
     /// Most snapshots kept (oldest dropped first).
     pub max_snapshots: usize,
     /// Tokens per prefill forward call (bounds activation memory and expert batches).
@@ -33,9 +165,16 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 impl Session {
+    /// A session on the CPU.
     pub fn new(model: Arc<Model>) -> Self {
+        let backend = Box::new(CpuBackend::new(model.clone()));
+        Self::with_backend(model, backend)
+    }
+
+    /// A session running on `backend`, which must run `model`.
+    pub fn with_backend(model: Arc<Model>, backend: Box<dyn SeqBackend>) -> Self {
         Session {
-            state: State::new(&model.cfg),
+            backend,
             model,
             tokens: Vec::new(),
             last_logits: Vec::new(),
@@ -51,19 +190,22 @@ impl Session {
         &self.tokens
     }
 
+    /// Where the forward pass runs ("cpu", "cuda").
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
     pub fn reset(&mut self) {
-        self.state = State::new(&self.model.cfg);
+        self.backend.reset();
         self.tokens.clear();
         self.last_logits.clear();
     }
 
     /// Appends tokens (chunked prefill) and returns the logits after the last one.
     pub fn feed(&mut self, toks: &[u32]) -> Result<&[f32]> {
-        self.model.check_tokens(toks, &self.state)?;
+        self.model.check_tokens_at(toks, self.backend.pos())?;
         for chunk in toks.chunks(self.prefill_chunk.max(1)) {
-            self.last_logits =
-                self.model
-                    .forward(chunk, &mut self.state, Logits::Last, &mut self.stats, None)?;
+            self.last_logits = self.backend.forward(chunk, Logits::Last, &mut self.stats)?;
             self.tokens.extend_from_slice(chunk);
         }
         Ok(&self.last_logits)
@@ -73,8 +215,7 @@ impl Session {
     /// tokens are a prefix of it, and returns (logits after the prompt, tokens reused).
     /// Recurrent (GatedDeltaNet) state cannot be rewound, so only whole saved points count.
     pub fn set_prompt(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
-        self.model
-            .check_tokens(prompt, &State::new(&self.model.cfg))?;
+        self.model.check_tokens_at(prompt, 0)?;
         let live = if !self.tokens.is_empty()
             && common_prefix(&self.tokens, prompt) == self.tokens.len()
         {
@@ -91,10 +232,10 @@ impl Session {
             .map(|(i, s)| (i, s.tokens.len()));
         let reused = match best {
             Some((i, n)) if n > live => {
-                let s = self.snapshots[i].clone();
-                self.tokens = s.tokens;
-                self.state = s.state;
-                self.last_logits = s.logits;
+                let s = &self.snapshots[i];
+                self.backend.restore(&*s.state)?;
+                self.tokens.clone_from(&s.tokens);
+                self.last_logits.clone_from(&s.logits);
                 n
             }
             _ if live > 0 => live,
@@ -109,20 +250,28 @@ impl Session {
         Ok((self.last_logits.clone(), reused))
     }
 
-    /// Saves the current point for later prefix reuse.
+    /// Saves the current point for later prefix reuse. A save that fails (a device out of
+    /// memory) is skipped: reuse is an optimisation; [`Session::try_snapshot`] reports it.
     pub fn snapshot(&mut self) {
+        let _ = self.try_snapshot();
+    }
+
+    /// [`Session::snapshot`], with the backend's error when the state could not be saved.
+    pub fn try_snapshot(&mut self) -> Result<()> {
         if self.tokens.is_empty() || self.max_snapshots == 0 {
-            return;
+            return Ok(());
         }
+        let state = self.backend.save()?;
         self.snapshots.retain(|s| s.tokens != self.tokens);
         if self.snapshots.len() >= self.max_snapshots {
             self.snapshots.remove(0);
         }
         self.snapshots.push(Snapshot {
             tokens: self.tokens.clone(),
-            state: self.state.clone(),
+            state,
             logits: self.last_logits.clone(),
         });
+        Ok(())
     }
 
     /// Decodes one token: appends it and returns the next logits.
@@ -131,6 +280,6 @@ impl Session {
     }
 
     pub fn state_bytes(&self) -> usize {
-        self.state.nbytes()
+        self.backend.state_bytes()
     }
 }

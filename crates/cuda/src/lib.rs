@@ -11,10 +11,12 @@ mod cache;
 pub mod device;
 pub mod model;
 pub mod ops;
+pub mod seq;
 
 pub use bench::{bench_cuda, BenchOptions};
 pub use device::Device;
-pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState};
+pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState, ModelRef};
+pub use seq::CudaSeq;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {

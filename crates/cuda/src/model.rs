@@ -6,6 +6,8 @@
 //!
 //! Owns the GPU state layout and the order of launches. Never does arithmetic on the host
 //! beyond bookkeeping.
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flashmoe_core::config::ModelConfig;
@@ -99,6 +101,19 @@ pub struct CudaState {
     layers: Vec<DState>,
 }
 
+impl CudaState {
+    /// Device bytes the state holds (KV capacity included).
+    pub fn nbytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                DState::Attn { k, v, .. } => k.len() + v.len(),
+                DState::Gdn { conv, s } => conv.len() + s.len(),
+            })
+            .sum()
+    }
+}
+
 enum DState {
     Attn { k: DBuf, v: DBuf, cap: usize },
     Gdn { conv: DBuf, s: DBuf },
@@ -127,8 +142,26 @@ struct Scratch {
     ids_host: Pinned,
 }
 
+/// The CPU model a [`CudaModel`] was built from: borrowed (tools, tests, bench) or shared
+/// (an engine that owns its backend: [`CudaModel::new_shared`]).
+#[derive(Clone)]
+pub enum ModelRef<'m> {
+    Borrowed(&'m Model),
+    Shared(Arc<Model>),
+}
+
+impl Deref for ModelRef<'_> {
+    type Target = Model;
+    fn deref(&self) -> &Model {
+        match self {
+            ModelRef::Borrowed(m) => m,
+            ModelRef::Shared(m) => m,
+        }
+    }
+}
+
 pub struct CudaModel<'m> {
-    pub model: &'m Model,
+    pub model: ModelRef<'m>,
     pub dev: Device,
     cfg: ModelConfig,
     embed: Proj,
@@ -165,8 +198,21 @@ fn fbytes(n: usize) -> usize {
     n.max(1) * 4
 }
 
+impl CudaModel<'static> {
+    /// A CUDA model that holds (an Arc of) its CPU model, so it can be kept with no borrow.
+    pub fn new_shared(model: Arc<Model>, opts: &CudaOptions) -> Result<CudaModel<'static>> {
+        CudaModel::build(ModelRef::Shared(model), opts)
+    }
+}
+
 impl<'m> CudaModel<'m> {
     pub fn new(model: &'m Model, opts: &CudaOptions) -> Result<CudaModel<'m>> {
+        CudaModel::build(ModelRef::Borrowed(model), opts)
+    }
+
+    fn build(mref: ModelRef<'m>, opts: &CudaOptions) -> Result<CudaModel<'m>> {
+        let held = mref.clone();
+        let model: &Model = &held;
         let dev = Device::new(opts.device)?;
         dev.bind()?;
         let cfg = model.cfg.clone();
@@ -331,7 +377,7 @@ impl<'m> CudaModel<'m> {
         };
         let batch = dev.alloc(2 * std::mem::size_of::<crate::device::MvBatch>())?;
         Ok(CudaModel {
-            model,
+            model: mref,
             cfg,
             embed,
             lm_head,
@@ -413,6 +459,47 @@ impl<'m> CudaModel<'m> {
             });
         }
         Ok(CudaState { pos: 0, layers })
+    }
+
+    /// A copy of `st` in new device buffers (device-to-device), for prefix reuse. Attention
+    /// layers keep only the live rows (capacity = position; the next token grows them).
+    pub fn clone_state(&self, st: &CudaState) -> Result<CudaState> {
+        self.dev.bind()?;
+        let row = self.cfg.num_kv_heads * self.cfg.head_dim * 4;
+        let copy = |dst: &DBuf, src: &DBuf, n: usize| -> Result<()> {
+            if n > 0 {
+                self.dev
+                    .dtod_async(dst.ptr(), src.ptr(), n, &self.dev.compute)?;
+            }
+            Ok(())
+        };
+        let mut layers = Vec::with_capacity(st.layers.len());
+        for l in &st.layers {
+            layers.push(match l {
+                DState::Attn { k, v, cap } => {
+                    let rows = st.pos.min(*cap);
+                    let (nk, nv) = (self.dev.alloc(rows * row)?, self.dev.alloc(rows * row)?);
+                    copy(&nk, k, rows * row)?;
+                    copy(&nv, v, rows * row)?;
+                    DState::Attn {
+                        k: nk,
+                        v: nv,
+                        cap: rows,
+                    }
+                }
+                DState::Gdn { conv, s } => {
+                    let (nc, ns) = (self.dev.alloc(conv.len())?, self.dev.alloc(s.len())?);
+                    copy(&nc, conv, conv.len())?;
+                    copy(&ns, s, s.len())?;
+                    DState::Gdn { conv: nc, s: ns }
+                }
+            });
+        }
+        self.dev.sync()?;
+        Ok(CudaState {
+            pos: st.pos,
+            layers,
+        })
     }
 
     /// Loads every expert of every MoE layer into the cache (when it fits): "all in VRAM".

@@ -8,6 +8,7 @@ use flashmoe_core::buf::Buf;
 use flashmoe_core::kernels;
 use flashmoe_core::loader::{open_model, LoadOptions};
 use flashmoe_core::model::Logits;
+use flashmoe_core::session::SeqBackend;
 use flashmoe_core::store::DType;
 use flashmoe_core::weights::Linear;
 use flashmoe_cuda::device::Device;
@@ -495,4 +496,108 @@ fn no_device_is_a_clear_error() {
     }
     let e = Device::new(0).err().expect("no device here");
     assert!(e.to_string().starts_with("no CUDA device"), "{e}");
+}
+
+/// The engine's path: a `Session` on a backend (CUDA: `CudaSeq`) over tiny-a, against a CPU
+/// `Session` and the golden logits: one prompt, prefill then step by step, prefix reuse from a
+/// saved snapshot (device-to-device copies on CUDA), and the session's token checks. The CPU
+/// case checks the test itself where there is no GPU.
+fn session_case(
+    name: &str,
+    make: impl Fn(std::sync::Arc<flashmoe_core::model::Model>) -> Box<dyn SeqBackend>,
+) {
+    use flashmoe_core::session::Session;
+    use std::sync::Arc;
+    let Some(shared) = shared_dir() else { return };
+    let gdir = shared.join("golden").join("tiny-a");
+    let g = golden(&gdir);
+    let model =
+        Arc::new(open_model(&gdir.join("hf-bf16"), &LoadOptions::default()).expect("load model"));
+    let ids: Vec<u32> = g.i64s["input_ids"].iter().map(|&x| x as u32).collect();
+    let (shape, want) = &g.f32s["logits"];
+    let vocab = shape[1];
+    let p = g.meta["bf16"]["prompt_len"].as_u64().expect("prompt_len") as usize;
+    let (_, dec) = &g.f32s["decode_logits"];
+    let mut gpu = Session::with_backend(model.clone(), make(model.clone()));
+    let mut cpu = Session::new(model.clone());
+    assert_eq!((gpu.backend_name(), cpu.backend_name()), (name, "cpu"));
+    let check = |what: &str, got: &[f32], cpu: &[f32], gold: &[f32]| {
+        let (e_cpu, e_gold) = (max_abs(got, cpu), max_abs(got, gold));
+        eprintln!("{name} session {what}: vs cpu {e_cpu:.2e}, vs golden {e_gold:.2e}");
+        assert!(
+            e_cpu < GOLDEN_TOL && e_gold < GOLDEN_TOL,
+            "{what}: {e_cpu} {e_gold}"
+        );
+    };
+    // Golden logits after token `i`: the decode run's where it has them, else the prompt's.
+    let row = |i: usize| -> &[f32] {
+        match (i + 1).checked_sub(p) {
+            Some(j) if (j + 1) * vocab <= dec.len() => &dec[j * vocab..(j + 1) * vocab],
+            _ => &want[i * vocab..(i + 1) * vocab],
+        }
+    };
+    let last = row(ids.len() - 1);
+    // One prompt.
+    let (l, reused) = gpu.set_prompt(&ids).expect("prompt");
+    let (lc, _) = cpu.set_prompt(&ids).expect("prompt");
+    assert_eq!(reused, 0);
+    check("one prompt", &l, &lc, last);
+    assert!(gpu.state_bytes() > 0);
+
+    // Prefill p tokens, then step by step.
+    gpu.reset();
+    cpu.reset();
+    let l = gpu.feed(&ids[..p]).expect("prefill").to_vec();
+    let lc = cpu.feed(&ids[..p]).expect("prefill").to_vec();
+    check("prefill", &l, &lc, row(p - 1));
+    gpu.snapshot();
+    cpu.snapshot();
+    for (j, &id) in ids[p..].iter().enumerate() {
+        let l = gpu.step(id).expect("decode").to_vec();
+        let lc = cpu.step(id).expect("decode").to_vec();
+        check(&format!("step {j}"), &l, &lc, row(p + j));
+    }
+    assert_eq!(gpu.tokens(), &ids[..]);
+
+    // Diverge, then come back: the snapshot after `p` tokens is restored (twice: restoring
+    // copies, so the snapshot stays intact), and only the rest is prefilled.
+    for round in 0..2 {
+        let other = (ids[0] + 1) % vocab as u32;
+        gpu.set_prompt(&[other]).expect("diverge");
+        cpu.set_prompt(&[other]).expect("diverge");
+        let (l, reused) = gpu.set_prompt(&ids).expect("reuse");
+        let (lc, reused_cpu) = cpu.set_prompt(&ids).expect("reuse");
+        assert_eq!((reused, reused_cpu), (p, p), "round {round}");
+        check(&format!("prefix reuse {round}"), &l, &lc, last);
+    }
+
+    // The session's checks hold for every backend.
+    let e = gpu.feed(&[vocab as u32]).expect_err("out of vocabulary");
+    assert!(
+        matches!(e, flashmoe_core::Error::TokenOutOfRange { .. }),
+        "{e}"
+    );
+    let long = vec![ids[0]; model.cfg.max_position_embeddings + 1];
+    let e = gpu.set_prompt(&long).expect_err("too long");
+    assert!(
+        matches!(e, flashmoe_core::Error::ContextOverflow { .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn session_tiny_a_cpu() {
+    session_case("cpu", |m| {
+        Box::new(flashmoe_core::session::CpuBackend::new(m))
+    });
+}
+
+#[test]
+fn session_tiny_a_cuda() {
+    if cuda().is_none() {
+        return;
+    }
+    session_case("cuda", |m| {
+        Box::new(flashmoe_cuda::CudaSeq::new(m, &CudaOptions::default()).expect("CUDA backend"))
+    });
 }

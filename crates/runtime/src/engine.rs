@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use flashmoe_core::loader::{open_model, LoadOptions as CoreLoadOptions};
 use flashmoe_core::model::Model;
-use flashmoe_core::session::Session;
+use flashmoe_core::session::{BackendFactory, Session};
 use flashmoe_text::{ChatTemplate, SamplingParams, TextError, Tokenizer};
 
 use crate::error::{Result, RuntimeError};
@@ -25,6 +25,8 @@ pub struct LoadOptions {
     pub prefill_chunk: Option<usize>,
     /// The name the model answers to (OpenAI `model`); default: the directory's name.
     pub model_name: Option<String>,
+    /// Where the forward pass runs; `None` is the CPU.
+    pub backend: Option<BackendFactory>,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +36,7 @@ impl Default for LoadOptions {
             max_snapshots: 8,
             prefill_chunk: None,
             model_name: None,
+            backend: None,
         }
     }
 }
@@ -81,7 +84,11 @@ impl Engine {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into())
         });
-        let mut session = Session::new(Arc::new(model));
+        let model = Arc::new(model);
+        let mut session = match &opts.backend {
+            Some(f) => Session::with_backend(model.clone(), f.build(model)?),
+            None => Session::new(model),
+        };
         session.max_snapshots = opts.max_snapshots;
         if let Some(c) = opts.prefill_chunk {
             session.prefill_chunk = c.max(1);
@@ -99,6 +106,11 @@ impl Engine {
 
     pub fn model(&self) -> &Model {
         &self.session.model
+    }
+
+    /// Where the forward pass runs ("cpu", "cuda").
+    pub fn backend_name(&self) -> &'static str {
+        self.session.backend_name()
     }
 
     /// Time per layer and phase accumulated by every forward call so far.

@@ -14,6 +14,7 @@ pub mod testutil;
 
 pub use engine::{Engine, LoadOptions};
 pub use error::{Result, RuntimeError};
+pub use flashmoe_core::session::BackendFactory;
 pub use request::{
     Done, Event, ExpertIo, FinishReason, GenerationRequest, PromptInput, SamplingOverrides,
     Timings, ToolCall, ToolChoice, Usage,

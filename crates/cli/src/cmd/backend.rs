@@ -1,9 +1,11 @@
 //! `--backend cpu|cuda|auto`: one forward-pass interface over the CPU model and, when built
-//! with the `cuda` feature, the CUDA model. Model code has no `cfg`; this file is the one place
-//! in the CLI that knows whether CUDA was compiled in.
+//! with the `cuda` feature, the CUDA model, for the token-level commands ([`runner`]) and for
+//! the engine behind the text front ends ([`engine_backend`]). Model code has no `cfg`; this
+//! file is the one place in the CLI that knows whether CUDA was compiled in.
 use anyhow::Result;
 use clap::ValueEnum;
 use flashmoe_core::model::{ForwardStats, Logits, Model, State};
+use flashmoe_core::session::BackendFactory;
 
 #[derive(Copy, Clone, Debug, ValueEnum, Default, PartialEq, Eq)]
 pub enum BackendKind {
@@ -99,6 +101,57 @@ fn cuda_runner<'m>(model: &'m Model) -> Result<Box<dyn Runner + 'm>> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_runner<'m>(_model: &'m Model) -> Result<Box<dyn Runner + 'm>> {
     cuda_runner_unavailable()
+}
+
+/// What the engine of `run --prompt`, `chat` and `serve` runs on (`None`: the CPU), by the same
+/// rule as [`runner`]: `auto` takes CUDA when a device is present and usable, else the CPU (with
+/// a note when a device was found but could not be used); `cuda` without one is an error.
+pub fn engine_backend(kind: BackendKind) -> Result<Option<BackendFactory>> {
+    match kind {
+        BackendKind::Cpu => Ok(None),
+        BackendKind::Cuda if cuda_available() => Ok(Some(cuda_factory(false))),
+        BackendKind::Cuda => {
+            cuda_runner_check()?;
+            anyhow::bail!(
+                "--backend cuda: no CUDA device found (no NVIDIA driver or no GPU); \
+                 use --backend cpu or auto"
+            )
+        }
+        BackendKind::Auto if cuda_available() => Ok(Some(cuda_factory(true))),
+        BackendKind::Auto => Ok(None),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_runner_check() -> Result<()> {
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner_check() -> Result<()> {
+    cuda_runner_unavailable()
+}
+
+/// The CUDA engine backend; with `fallback`, a device that cannot be used (no NVRTC, too
+/// little VRAM) gives the CPU backend and a note instead of an error.
+#[cfg(feature = "cuda")]
+fn cuda_factory(fallback: bool) -> BackendFactory {
+    use flashmoe_core::session::{CpuBackend, SeqBackend};
+    BackendFactory::new("cuda", move |model| {
+        match flashmoe_cuda::CudaSeq::new(model.clone(), &flashmoe_cuda::CudaOptions::default()) {
+            Ok(s) => Ok(Box::new(s) as Box<dyn SeqBackend>),
+            Err(e) if fallback => {
+                eprintln!("note: CUDA device found but not usable ({e}); running on the CPU");
+                Ok(Box::new(CpuBackend::new(model)))
+            }
+            Err(e) => Err(flashmoe_cuda::seq::core_error(e)),
+        }
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_factory(_fallback: bool) -> BackendFactory {
+    BackendFactory::cpu()
 }
 
 /// The CUDA part of `flashmoe bench --backend cuda`: GPU copy bandwidths, kernel GB/s beside

@@ -29,7 +29,9 @@ pub struct ModelArgs {
     /// Verify every expert read against the packed manifest's checksums
     #[arg(long)]
     pub verify: bool,
-    /// Where the forward pass runs (`logits`, `generate`, `run --ids`; text front ends use the CPU)
+    /// Where the forward pass runs, for every command (`run`, `chat`, `serve`, `logits`,
+    /// `generate`, `bench`): auto = CUDA when built with it and a usable device is present
+    /// (else the CPU, with a note if a device was found but could not be used)
     #[arg(long, value_enum, default_value_t = super::backend::BackendKind::Auto)]
     pub backend: super::backend::BackendKind,
     /// Quantise activations to int8 for 4- and 2-bit matrix-vector products (as llama.cpp
@@ -68,6 +70,7 @@ impl ModelArgs {
         self.apply_kernel_switches();
         let opts = flashmoe_runtime::LoadOptions {
             core: self.options(),
+            backend: super::backend::engine_backend(self.backend)?,
             ..Default::default()
         };
         flashmoe_runtime::Engine::open(&self.model, opts)

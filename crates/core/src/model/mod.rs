@@ -246,6 +246,11 @@ impl Model {
     }
 
     pub fn check_tokens(&self, tokens: &[u32], state: &State) -> Result<()> {
+        self.check_tokens_at(tokens, state.pos)
+    }
+
+    /// [`Model::check_tokens`] for a state (on any backend) that has consumed `pos` tokens.
+    pub fn check_tokens_at(&self, tokens: &[u32], pos: usize) -> Result<()> {
         for &id in tokens {
             if id as usize >= self.cfg.vocab_size {
                 return Err(Error::TokenOutOfRange {
@@ -254,7 +259,7 @@ impl Model {
                 });
             }
         }
-        let len = state.pos + tokens.len();
+        let len = pos + tokens.len();
         if len > self.cfg.max_position_embeddings {
             return Err(Error::ContextOverflow {
                 len,
