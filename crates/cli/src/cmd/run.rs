@@ -150,11 +150,20 @@ fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
             io.bytes_read as f64 / 1e9,
             if io.bytes_read > 0 { 100.0 * io.bytes_cached as f64 / io.bytes_read as f64 } else { 0.0 }
         );
-        eprintln!("per layer, ms per generated token (prefill included):");
-        print_layer_table(
-            engine.forward_stats(),
-            done.usage.completion_tokens.max(1) as f64,
-        );
+        if engine.backend_name() == "cpu" {
+            eprintln!("per layer, ms per generated token (prefill included):");
+            print_layer_table(
+                engine.forward_stats(),
+                done.usage.completion_tokens.max(1) as f64,
+            );
+        } else {
+            // The GPU runs a layer's kernels asynchronously: host-side phase timers would
+            // measure launches, not work, so the CUDA backend records none.
+            eprintln!(
+                "per-layer phases: recorded by the CPU backend only (this ran on {})",
+                engine.backend_name()
+            );
+        }
     }
     Ok(())
 }
