@@ -162,7 +162,6 @@ impl Deref for ModelRef<'_> {
 
 pub struct CudaModel<'m> {
     pub model: ModelRef<'m>,
-    pub dev: Device,
     cfg: ModelConfig,
     embed: Proj,
     lm_head: Proj,
@@ -188,6 +187,10 @@ pub struct CudaModel<'m> {
     resident: Option<DBuf>,
     /// Two MvBatch (gate‖up, down) written by `expert_batch`.
     batch: DBuf,
+    /// Last: fields drop in order, and every buffer, event and pinned allocation above must be
+    /// freed while the context is alive (dropping the last `Device` of a process releases the
+    /// primary context; freeing into it afterwards crashed the driver).
+    pub dev: Device,
 }
 
 fn f32buf(dev: &Device, v: &[f32]) -> Result<DBuf> {
@@ -1061,10 +1064,12 @@ fn is_pinned(ranges: &[(usize, usize)], b: &[u8]) -> bool {
 
 impl Drop for CudaModel<'_> {
     fn drop(&mut self) {
+        // The fields' frees below need the context current on this thread (a server may drop
+        // the model on another thread than the one that ran it).
+        let _ = self.dev.bind();
         if self.pinned.is_empty() {
             return;
         }
-        let _ = self.dev.bind();
         let _ = self.dev.copy.synchronize();
         for &(p, _) in &self.pinned {
             // SAFETY: registered by pin_host; the copy stream is idle.
