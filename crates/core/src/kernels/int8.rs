@@ -62,7 +62,7 @@ impl Int8Prep {
         let mut xsum = Vec::with_capacity(ng);
         let mut natural = vec![0i8; x.len()];
         for (xg, qg) in x.chunks_exact(group).zip(natural.chunks_exact_mut(group)) {
-            let sum = sum8(xg);
+            let sum = super::lanes::sum8(xg);
             // A NaN or infinity anywhere in the group makes its sum non-finite.
             if !sum.is_finite() {
                 return None;
@@ -92,19 +92,6 @@ impl Int8Prep {
             tail: x[nb * e..].to_vec(),
         })
     }
-}
-
-/// `Σ v` as 8 strided partial sums added in order (what `x86::int8_prep` computes too).
-#[inline]
-pub(crate) fn sum8(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut it = v.chunks_exact(8);
-    for c in &mut it {
-        for l in 0..8 {
-            acc[l] += c[l];
-        }
-    }
-    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
 }
 
 /// Per row: `f_g = scale_g * unit_g` into `fbuf[..ng]` (the factor of a group's integer dot),

@@ -73,8 +73,9 @@ impl AffinePrep {
     }
 }
 
+/// `Σ v` as 8 strided partial sums added in order (what `x86::int8_prep` computes too).
 #[inline(always)]
-fn sum8(v: &[f32]) -> f32 {
+pub(crate) fn sum8(v: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut it = v.chunks_exact(8);
     for c in &mut it {

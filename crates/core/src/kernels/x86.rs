@@ -360,7 +360,7 @@ unsafe fn int8_prep_avx2(bits: u32, group: usize, x: &[f32]) -> Option<Int8Prep>
             acc = _mm256_add_ps(acc, v);
             mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
         }
-        // The order of `int8::sum8`: 8 strided partial sums, then summed in order.
+        // The order of `lanes::sum8`: 8 strided partial sums, then summed in order.
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         let sum = lanes.iter().sum::<f32>();
