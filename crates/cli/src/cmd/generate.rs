@@ -1,7 +1,7 @@
 //! `flashmoe generate`: greedy continuation of a token sequence, printed as ids.
 use anyhow::Result;
 use clap::Args as ClapArgs;
-use flashmoe_core::model::Logits;
+use flashmoe_core::model::{ForwardStats, Logits};
 use flashmoe_text::sampling::argmax;
 
 use super::common::{parse_ids, ModelArgs};
@@ -20,15 +20,16 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let model = a.model.load()?;
-    let mut runner = super::backend::runner(&model, a.model.backend)?;
-    let mut logits = runner.forward(&ids, Logits::Last)?;
+    let model = std::sync::Arc::new(a.model.load()?);
+    let mut runner = super::backend::runner(model, a.model.backend)?;
+    let mut stats = ForwardStats::default();
+    let mut logits = runner.forward(&ids, Logits::Last, &mut stats)?;
     let mut out = Vec::with_capacity(a.tokens);
     for i in 0..a.tokens {
         let next = argmax(&logits);
         out.push(next);
         if i + 1 < a.tokens {
-            logits = runner.forward(&[next], Logits::Last)?;
+            logits = runner.forward(&[next], Logits::Last, &mut stats)?;
         }
     }
     let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use flashmoe_core::model::{Logits, State};
+use flashmoe_core::model::{ForwardStats, Logits};
 
 use super::common::{parse_ids, ModelArgs};
 
@@ -26,7 +26,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let model = a.model.load()?;
+    let model = std::sync::Arc::new(a.model.load()?);
     let n = a.prefill.unwrap_or(ids.len());
     if n == 0 || n > ids.len() {
         bail!(
@@ -34,11 +34,12 @@ pub fn run(a: Args) -> Result<()> {
             ids.len()
         );
     }
-    model.check_tokens(&ids, &State::new(&model.cfg))?;
-    let mut runner = super::backend::runner(&model, a.model.backend)?;
-    let mut logits = runner.forward(&ids[..n], Logits::All)?;
+    model.check_tokens_at(&ids, 0)?;
+    let mut runner = super::backend::runner(model.clone(), a.model.backend)?;
+    let mut stats = ForwardStats::default();
+    let mut logits = runner.forward(&ids[..n], Logits::All, &mut stats)?;
     for &id in &ids[n..] {
-        logits.extend(runner.forward(&[id], Logits::Last)?);
+        logits.extend(runner.forward(&[id], Logits::Last, &mut stats)?);
     }
     let vocab = model.cfg.vocab_size;
     write_f32(&a.out, "logits", &logits, &[ids.len(), vocab])

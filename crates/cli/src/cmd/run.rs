@@ -55,33 +55,35 @@ pub fn run(a: Args) -> Result<()> {
         BackendKind::Auto => super::backend::cuda_available(),
     };
     if cuda {
-        return run_ids_on(&model, &ids, a.tokens, a.timing, a.model.backend);
+        return run_ids_on(model, &ids, a.tokens, a.timing, a.model.backend);
     }
     run_ids(model, &ids, a.tokens, a.timing)
 }
 
 /// Greedy generation through a backend runner (CUDA): ids out, and overall timing.
 fn run_ids_on(
-    model: &Model,
+    model: std::sync::Arc<Model>,
     ids: &[u32],
     tokens: usize,
     timing: bool,
     kind: BackendKind,
 ) -> Result<()> {
-    use flashmoe_core::model::Logits;
+    use flashmoe_core::model::{ForwardStats, Logits};
+    let eos = model.cfg.eos_token_ids.clone();
     let mut runner = super::backend::runner(model, kind)?;
+    let mut stats = ForwardStats::default();
     let t0 = Instant::now();
-    let mut logits = runner.forward(ids, Logits::Last)?;
+    let mut logits = runner.forward(ids, Logits::Last, &mut stats)?;
     let prefill = t0.elapsed();
     let mut out = Vec::new();
     let td = Instant::now();
     for _ in 0..tokens {
         let next = argmax(&logits);
         out.push(next);
-        if out.len() == tokens || model.cfg.eos_token_ids.contains(&next) {
+        if out.len() == tokens || eos.contains(&next) {
             break;
         }
-        logits = runner.forward(&[next], Logits::Last)?;
+        logits = runner.forward(&[next], Logits::Last, &mut stats)?;
     }
     let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();
     println!("{}", s.join(","));
