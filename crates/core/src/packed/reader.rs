@@ -77,7 +77,6 @@ impl Slot {
 struct Job {
     layer: usize,
     expert: usize,
-    buf: Arc<AlignedBuf>,
     slot: Arc<Slot>,
 }
 
@@ -118,8 +117,8 @@ impl Shared {
     }
 
     /// Expert `expert` of `layer`: a view of the mapping when the page cache holds all of it,
-    /// else read into `buf` (which the returned view then holds).
-    fn read(&self, layer: usize, expert: usize, mut buf: Arc<AlignedBuf>) -> Result<Buf> {
+    /// else read into a pool buffer (which the returned view then holds).
+    fn read(&self, layer: usize, expert: usize) -> Result<Buf> {
         let h = self.files[layer].as_ref().ok_or_else(|| Error::Expert {
             layer,
             expert,
@@ -134,7 +133,6 @@ impl Shared {
                     .bytes_cached
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
                 if frac >= 1.0 {
-                    self.give_back(&buf);
                     populate(slice);
                     let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
                     let view = Buf::from_lease(Arc::new(lease));
@@ -143,7 +141,8 @@ impl Shared {
                 }
             }
         }
-        let b = Arc::get_mut(&mut buf).expect("a queued buffer is referenced only by its job");
+        let mut buf = self.take_buf();
+        let b = Arc::get_mut(&mut buf).expect("a taken buffer is referenced only here");
         let dst = &mut b.as_mut_full()[..self.read_len];
         let mut got = 0;
         while got < dst.len() {
@@ -226,10 +225,9 @@ impl Shared {
             let Job {
                 layer,
                 expert,
-                buf,
                 slot,
             } = job;
-            let r = self.read(layer, expert, buf);
+            let r = self.read(layer, expert);
             *lock(&slot.done) = Some(r);
             slot.cv.notify_all();
         }
@@ -358,11 +356,9 @@ impl PackedExperts {
             done: Mutex::new(None),
             cv: Condvar::new(),
         });
-        let buf = self.shared.take_buf();
         lock(&self.shared.queue).jobs.push_back(Job {
             layer,
             expert,
-            buf,
             slot: slot.clone(),
         });
         self.shared.queue_cv.notify_one();
