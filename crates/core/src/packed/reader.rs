@@ -9,9 +9,9 @@
 //!   wholly resident is not read at all: the weights view the file's mapping in place, so a
 //!   warm token costs no copy (a pread would read the bytes once from the page cache, write
 //!   them to a buffer and have the kernels read them again: three passes over memory instead of
-//!   one). The I/O thread maps the pages in (`MADV_POPULATE_READ`) so the kernels take no
-//!   page faults, and they are unmapped again when the model drops the expert (`MapLease`), so
-//!   the resident set does not grow with the page cache. `IoMode::Direct`
+//!   one). The view is a `MapLease`, made on the I/O thread: it maps the pages in so the kernels
+//!   take no page faults, and unmaps them when the model drops the expert, so the resident set
+//!   does not grow with the page cache. `IoMode::Direct`
 //!   opens the layer files `O_DIRECT`: offsets are multiples of the stride (4096-aligned) and
 //!   lengths are rounded up to 4096, inside the stride padding.
 //! - `verify` checks each read's crc32 against the manifest.
@@ -133,7 +133,6 @@ impl Shared {
                     .bytes_cached
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
                 if frac >= 1.0 {
-                    populate(slice);
                     let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
                     let view = Buf::from_lease(Arc::new(lease));
                     self.served(h, layer, expert, view.bytes(), t)?;
@@ -368,30 +367,6 @@ impl PackedExperts {
     pub fn io_threads(&self) -> usize {
         self.workers.len()
     }
-}
-
-/// Maps `bytes` (resident pages of a file mapping) into this process's page tables now, on the
-/// I/O thread, so that the kernels computing with them take no page faults: a fresh 7 MB expert
-/// is ~1700 pages, and faulting them in one by one on the compute thread cost more than the
-/// copy it replaces. `MADV_POPULATE_READ` (Linux 5.14) does it in one call; older kernels get a
-/// read of one byte per page instead.
-fn populate(bytes: &[u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        let page = 4096;
-        let start = bytes.as_ptr() as usize & !(page - 1);
-        let len = bytes.as_ptr() as usize + bytes.len() - start;
-        // SAFETY: advice on a range of a live read-only mapping; it only pre-faults pages.
-        if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_READ) } == 0
-        {
-            return;
-        }
-    }
-    let mut sum = 0u8;
-    for p in bytes.iter().step_by(4096) {
-        sum = sum.wrapping_add(*p);
-    }
-    std::hint::black_box(sum);
 }
 
 fn direct_err(path: &Path, io: IoMode, e: std::io::Error) -> Error {
