@@ -12,9 +12,13 @@ use crate::store::TensorStore;
 /// How expert bytes are read from a packed model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoMode {
-    /// pread through the OS page cache.
+    /// Through the OS page cache: experts wholly resident are used in place from the file's
+    /// mapping, the others are read with pread.
     #[default]
     Cached,
+    /// pread through the page cache for every expert, resident or not (a copy per read): what
+    /// `Cached` did before it mapped resident experts, kept so `bench decode` can compare.
+    Pread,
     /// O_DIRECT: every read goes to the disk (cold-cache behaviour, no page-cache pollution).
     Direct,
 }

@@ -379,6 +379,18 @@ fn cached_and_direct_reads_give_identical_logits() {
         w.is_mapped(),
         "a resident expert was copied instead of mapped"
     );
+    // `--io pread` copies every expert, resident or not, and must compute the same.
+    let pread_opts = LoadOptions {
+        io: IoMode::Pread,
+        ..Default::default()
+    };
+    let pread = open_model(&dst, &pread_opts).expect("pread");
+    assert_eq!(logits(&pread, &ids), a, "mapped and pread logits differ");
+    let e = pread.experts.fetch(layer, &[0]).expect("fetch");
+    let Linear::Affine { w, .. } = &e[0].gate else {
+        panic!("4-bit pack gave a non-affine gate")
+    };
+    assert!(!w.is_mapped(), "--io pread mapped an expert");
     let direct_opts = LoadOptions {
         io: IoMode::Direct,
         verify: true,

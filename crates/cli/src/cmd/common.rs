@@ -11,6 +11,8 @@ pub enum Io {
     /// through the page cache (resident experts used in place from the mapping, others pread)
     #[default]
     Cached,
+    /// pread through the page cache for every expert, resident ones too (for comparison)
+    Pread,
     /// O_DIRECT reads (cold-disk behaviour)
     Direct,
 }
@@ -52,6 +54,7 @@ impl ModelArgs {
         LoadOptions {
             io: match self.io {
                 Io::Cached => IoMode::Cached,
+                Io::Pread => IoMode::Pread,
                 Io::Direct => IoMode::Direct,
             },
             verify: self.verify,

@@ -195,6 +195,18 @@ pub(crate) fn decode(
     s.num("rss_base_gb", limits.base_rss as f64 / 1e9);
     s.fig("rss", "gb", rss_bytes() as f64 / 1e9, bound / 1e9);
 
+    if opts.compare && info.packed {
+        // The same warm decode with every expert copied by pread instead of used in place
+        // from the mapping (`--io pread`): what the mapping buys.
+        say("decode: warm, resident experts copied (--io pread)");
+        let copied = load(IoMode::Pread)?;
+        session_run(&copied, &prompt[..1], 1)?;
+        let (_, c) = session_run(&copied, &prompt, opts.tokens)?;
+        let ctpt = ms(c.decode) / c.steps.max(1) as f64;
+        s.num("warm_pread_tpt_ms", ctpt);
+        s.num("warm_mapped_speedup_x", ctpt / warm_tpt);
+    }
+
     if opts.cold && info.packed {
         say("decode: cold (--io direct)");
         match load(IoMode::Direct) {

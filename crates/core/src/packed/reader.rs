@@ -132,7 +132,7 @@ impl Shared {
                 self.counters
                     .bytes_cached
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
-                if frac >= 1.0 {
+                if frac >= 1.0 && self.io == IoMode::Cached {
                     let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
                     let view = Buf::from_lease(Arc::new(lease));
                     self.served(h, layer, expert, view.bytes(), t)?;
@@ -275,7 +275,9 @@ impl PackedExperts {
             let map = match io {
                 // SAFETY: a read-only mapping of a file flashmoe never writes; like the dense
                 // weights' mapping, it assumes nobody truncates the model while it runs.
-                IoMode::Cached => unsafe { memmap2::Mmap::map(&file) }.ok().map(Arc::new),
+                IoMode::Cached | IoMode::Pread => {
+                    unsafe { memmap2::Mmap::map(&file) }.ok().map(Arc::new)
+                }
                 IoMode::Direct => None,
             };
             files[lf.layer] = Some(LayerHandle {
@@ -288,7 +290,7 @@ impl PackedExperts {
         let expert_bytes = layout.expert_bytes as usize;
         let read_len = match io {
             IoMode::Direct => align_up(layout.expert_bytes, EXPERT_ALIGN) as usize,
-            IoMode::Cached => expert_bytes,
+            IoMode::Cached | IoMode::Pread => expert_bytes,
         };
         // Some filesystems accept O_DIRECT at open and refuse the reads: try one now.
         if io == IoMode::Direct {
@@ -442,6 +444,7 @@ impl ExpertSource for PackedExperts {
             IoMode::Cached => {
                 "through the page cache: experts mincore finds resident are used in place from the mapping, the others pread"
             }
+            IoMode::Pread => "pread through the page cache for every expert (cache hits measured with mincore)",
             IoMode::Direct => "pread O_DIRECT (page cache bypassed; no cache hits)",
         };
         format!(
