@@ -1,5 +1,5 @@
 //! `cargo run --release -p flashmoe-cuda --example cuda_bench -- [MODEL_DIR] [--layers N]
-//! [--k K] [--tokens T] [--ptx-only]`: prints bench_cuda's JSON. With `--ptx-only`, compiles the
+//! [--k K] [--tokens T] [--no-kernels] [--vram-only] [--ptx-only]`: prints bench_cuda's JSON. With `--ptx-only`, compiles the
 //! kernels for sm_90 through NVRTC and exits (no GPU needed).
 use flashmoe_core::loader::{open_model, LoadOptions};
 use flashmoe_cuda::{bench_cuda, BenchOptions, Device};
@@ -37,6 +37,11 @@ fn main() {
             "--tokens" => {
                 opts.tokens = v(i);
                 i += 1;
+            }
+            "--no-kernels" => opts.kernels = false,
+            "--vram-only" => {
+                opts.host_modes = false;
+                opts.model_decode = false;
             }
             d => dir = Some(d.to_string()),
         }

@@ -36,6 +36,10 @@ pub struct BenchOptions {
     pub tokens: usize,
     /// Also time decode of `model` itself (experts through the default cache).
     pub model_decode: bool,
+    /// Time the matvec kernels (all paths, all shapes).
+    pub kernels: bool,
+    /// Also decode with experts in pinned and pageable host RAM (not only in VRAM).
+    pub host_modes: bool,
 }
 
 impl Default for BenchOptions {
@@ -46,6 +50,8 @@ impl Default for BenchOptions {
             synth_k: 10,
             tokens: 32,
             model_decode: true,
+            kernels: true,
+            host_modes: true,
         }
     }
 }
@@ -326,17 +332,29 @@ fn matvec_gbps(dev: &Device, l: &Linear) -> Result<(f64, usize)> {
     Ok((median(v), bytes))
 }
 
+/// Where greedy decoding picks the next token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// On the GPU (`forward_argmax`): 4 bytes come back per token.
+    Device,
+    /// On the host, from the whole logits vector read back (what sampling needs).
+    HostLogits,
+}
+
 /// Decode `n` tokens after a 1-token prompt; returns (ms per token, counters delta as JSON).
-fn time_decode(cm: &mut CudaModel, n: usize) -> Result<(f64, Value)> {
+fn time_decode(cm: &mut CudaModel, n: usize, pick: Pick) -> Result<(f64, Value)> {
     let mut st = cm.new_state()?;
-    let mut tok = 1u32;
-    let l = cm.forward(&[tok], &mut st, Logits::Last)?;
-    tok = argmax(&l);
+    let step = |cm: &mut CudaModel, st: &mut crate::model::CudaState, tok: u32| -> Result<u32> {
+        Ok(match pick {
+            Pick::Device => cm.forward_argmax(&[tok], st)?,
+            Pick::HostLogits => argmax(&cm.forward(&[tok], st, Logits::Last)?),
+        })
+    };
+    let mut tok = step(cm, &mut st, 1)?;
     let c0 = cm.counters;
     let t0 = Instant::now();
     for _ in 0..n {
-        let l = cm.forward(&[tok], &mut st, Logits::Last)?;
-        tok = argmax(&l);
+        tok = step(cm, &mut st, tok)?;
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
     let c = cm.counters;
@@ -374,24 +392,35 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
     let d2d = d2d_gbps(&dev)?;
     let h2d = h2d_gbps(&dev)?;
     let mut kernels = Vec::new();
-    for (rows, cols, bits) in [
-        (4096, 4096, 4),
-        (16384, 4096, 4),
-        (4096, 8192, 4),
-        (248320, 4096, 4),
-        (4096, 4096, 8),
-        (4096, 4096, 2),
-    ] {
+    let shapes: &[(usize, usize, u32)] = if opts.kernels {
+        &[
+            (513, 4096, 8),
+            (2048, 4096, 4),
+            (4096, 4096, 4),
+            (16384, 4096, 4),
+            (4096, 8192, 4),
+            (248320, 4096, 4),
+            (4096, 4096, 8),
+            (4096, 4096, 2),
+        ]
+    } else {
+        &[]
+    };
+    for &(rows, cols, bits) in shapes {
         let l = synth_affine(rows, cols, bits, rows as u64 ^ cols as u64);
-        for (path, ap, tile) in [
-            ("dp4a", ops::AffinePath::Dp4a, 0),
-            ("float", ops::AffinePath::Float, 0),
-            ("mma 16-row tiles", ops::AffinePath::Mma, 16),
-            ("mma 32-row tiles", ops::AffinePath::Mma, 32),
-            ("auto", ops::AffinePath::Auto, 0),
+        for (path, ap, tile, rpw) in [
+            ("dp4a", ops::AffinePath::Dp4a, 0, 0),
+            ("float", ops::AffinePath::Float, 0, 0),
+            ("float 1 row per warp", ops::AffinePath::Float, 0, 1),
+            ("float 2 rows per warp", ops::AffinePath::Float, 0, 2),
+            ("float 4 rows per warp", ops::AffinePath::Float, 0, 4),
+            ("mma 16-row tiles", ops::AffinePath::Mma, 16, 0),
+            ("mma 32-row tiles", ops::AffinePath::Mma, 32, 0),
+            ("auto", ops::AffinePath::Auto, 0, 0),
         ] {
             ops::set_affine_path(ap);
             ops::set_mma_tile(tile);
+            ops::set_rows_per_warp(rpw);
             let (gbps, bytes) = matvec_gbps(&dev, &l)?;
             kernels.push(json!({
                 "kernel": format!("matvec affine {bits}-bit g64 bf16 scales ({path})"),
@@ -401,8 +430,9 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         }
         ops::set_affine_path(ops::AffinePath::Auto);
         ops::set_mma_tile(0);
+        ops::set_rows_per_warp(0);
     }
-    {
+    if opts.kernels {
         let w = rand_u32(4096 * 4096 / 2, 77);
         let w: Vec<bf16> = w
             .iter()
@@ -440,8 +470,17 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let tp = Instant::now();
         cm.preload_experts()?;
         let preload_s = tp.elapsed().as_secs_f64();
-        let (ms, mut j) = time_decode(&mut cm, opts.tokens)?;
+        let (ms, mut j) = time_decode(&mut cm, opts.tokens, Pick::Device)?;
         vram_ms = ms;
+        // Same run, same model: the logits read back to the host each token (what sampling
+        // costs), and the float decode kernel held at 4 rows per warp (the previous tiling).
+        let (ms_logits, _) = time_decode(&mut cm, opts.tokens, Pick::HostLogits)?;
+        ops::set_rows_per_warp(4);
+        let r4 = time_decode(&mut cm, opts.tokens, Pick::Device);
+        ops::set_rows_per_warp(0);
+        j["next_token"] = json!("argmax on the GPU (greedy)");
+        j["ms_per_token_logits_to_host"] = json!(ms_logits);
+        j["ms_per_token_4_rows_per_warp"] = json!(r4?.0);
         let n_moe = synth.cfg.num_layers;
         let touched = cm.dense_touched_bytes + n_moe * synth.top_k * ebytes;
         let bound_ms = touched as f64 / (d2d * 1e9) * 1e3;
@@ -455,7 +494,8 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
     }
     // Experts in host RAM, VRAM cache of two layers' worth (every expert misses): (b) pinned
     // RAM, copied directly; then pageable RAM through the pinned staging buffer.
-    for pinned in [true, false] {
+    let host_modes: &[bool] = if opts.host_modes { &[true, false] } else { &[] };
+    for &pinned in host_modes {
         let k = synth.top_k;
         let ebytes = synth.experts.expert_bytes();
         let o = CudaOptions {
@@ -475,7 +515,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
                 }
             }
         }
-        let (ms, mut j) = time_decode(&mut cm, opts.tokens)?;
+        let (ms, mut j) = time_decode(&mut cm, opts.tokens, Pick::Device)?;
         let missed = j["bytes_copied_per_token"].as_f64().unwrap_or(0.0);
         let bound_ms = missed / (h2d * 1e9) * 1e3 + vram_ms;
         j["bound_ms"] = json!(bound_ms);
@@ -495,7 +535,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
 
     if opts.model_decode {
         let mut cm = CudaModel::new(model, &CudaOptions::default())?;
-        let (_, j) = time_decode(&mut cm, opts.tokens.min(16))?;
+        let (_, j) = time_decode(&mut cm, opts.tokens.min(16), Pick::HostLogits)?;
         out["model"] = j;
     }
     Ok(out)

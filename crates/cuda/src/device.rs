@@ -125,6 +125,26 @@ pub struct MvBatch {
 // SAFETY: plain-old-data of u64s with the same layout as the C struct.
 unsafe impl DeviceRepr for MvBatch {}
 
+/// Parameters of `router_experts` (mirrors `ExpertBatchArgs` in kernels.cu; passed by value):
+/// the layer's slot table, offsets inside a slot of gate‖up w, s, b and down w, s, b, the
+/// shared expert's six pointers (all 0 when it is not batched with the routed ones), and the
+/// activation buffers the problems read and write.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct ExpertBatchArgs {
+    pub tbl: u64,
+    pub off: [i64; 6],
+    pub sh: [u64; 6],
+    pub xn: u64,
+    pub gue: u64,
+    pub he: u64,
+    pub ye: u64,
+    pub i: i32,
+    pub h: i32,
+}
+// SAFETY: plain-old-data (u64, i64, i32) with the same layout as the C struct.
+unsafe impl DeviceRepr for ExpertBatchArgs {}
+
 pub struct Device {
     pub ctx: Arc<CudaContext>,
     /// Kernels run here, in order.
@@ -162,7 +182,8 @@ fn kernel_names() -> Vec<String> {
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
             for var in [
-                "mv", "mvg", "mvi", "mq", "mqi", "mm", "mt1", "mt1i", "mt2", "mt2i",
+                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mq", "mqi", "mm", "mt1", "mt1i",
+                "mt2", "mt2i",
             ] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }
@@ -175,7 +196,8 @@ fn kernel_names() -> Vec<String> {
     }
     for k in [
         "embed_row",
-        "expert_batch",
+        "router_experts",
+        "argmax_f32",
         "rmsnorm_rows",
         "add_rmsnorm",
         "swiglu_k",
@@ -500,6 +522,7 @@ impl Device {
                 A::F(v) => b.arg(v),
                 A::D(v) => b.arg(v),
                 A::B(v) => b.arg(v.as_ref()),
+                A::E(v) => b.arg(v.as_ref()),
             };
         }
         // SAFETY: every kernel's argument list is built by the typed wrappers in ops.rs to
@@ -524,4 +547,5 @@ pub enum A {
     F(f32),
     D(f64),
     B(Box<MvBatch>),
+    E(Box<ExpertBatchArgs>),
 }

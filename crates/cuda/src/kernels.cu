@@ -163,7 +163,16 @@ __device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok,
     const float* Xg = (const float*)p.x[blockIdx.y];
     float* Y = (float*)p.y[blockIdx.y];
     if (XSM) {
-        for (int i = threadIdx.x; i < cols; i += blockDim.x) xsm[xpad(i)] = __ldg(Xg + i);
+        // 16-byte loads, several in flight per thread: staging is one L2 round trip, not
+        // cols / blockDim of them. A float4 at e (a multiple of 4) stays inside its 32-float
+        // run of the padded layout.
+        if ((cols & 3) == 0) {
+#pragma unroll 4
+            for (int e = threadIdx.x * 4; e < cols; e += blockDim.x * 4)
+                *(float4*)(xsm + xpad(e)) = __ldg((const float4*)(Xg + e));
+        } else {
+            for (int i = threadIdx.x; i < cols; i += blockDim.x) xsm[xpad(i)] = __ldg(Xg + i);
+        }
         __syncthreads();
     }
     const float* X = XSM ? xsm : Xg;
@@ -642,12 +651,31 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
 }
 
 // Kernel names: qmv{bits}_{sdt}_{variant}, dmv_{dt}_{variant}; variant mv = decode (4 rows per
-// warp, one token, x in shared memory), mvg = decode with x read from global memory (long rows),
+// warp, one token, x in shared memory; mv2 / mv1: 2 / 1 rows per warp, for matrices too short
+// to give every SM a few blocks of 4-row warps), mvg = decode with x read from global memory (long rows),
 // mm = prefill tile (1 row per warp, 8 tokens per pass).
 #define QK(BITS, SDT, SN)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { \
         qmv_body<BITS, SDT, 4, 1, 4, true>(p, rows, cols, lg, ntok, ldx, ldy);                                 \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv1(MvBatch p, int rows, int cols, \
+                                                                            int lg, int ntok, int ldx, int ldy) { \
+        qmv_body<BITS, SDT, 1, 1, 4, true>(p, rows, cols, lg, ntok, ldx, ldy);                                 \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv2(MvBatch p, int rows, int cols, \
+                                                                            int lg, int ntok, int ldx, int ldy) { \
+        qmv_body<BITS, SDT, 2, 1, 4, true>(p, rows, cols, lg, ntok, ldx, ldy);                                 \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv1i(const MvBatch* pd, int rows, \
+                                                                             int cols, int lg, int ntok, int ldx, \
+                                                                             int ldy) {                           \
+        qmv_body<BITS, SDT, 1, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv2i(const MvBatch* pd, int rows, \
+                                                                             int cols, int lg, int ntok, int ldx, \
+                                                                             int ldy) {                           \
+        qmv_body<BITS, SDT, 2, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mvg(MvBatch p, int rows, int cols, \
                                                                             int lg, int ntok, int ldx, int ldy) { \
@@ -746,6 +774,33 @@ extern "C" __global__ void rmsnorm_rows(const float* x, int ldx, const float* w,
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
+// out[0] = index of the largest x[i] (first on ties; NaN never wins). One block: greedy
+// decoding reads 4 bytes back instead of the whole vocabulary's logits.
+extern "C" __global__ void argmax_f32(const float* x, int n, int* out) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = x[i];
+        if (v > best) { best = v; idx = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+    }
+    if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = best; bi[threadIdx.x >> 5] = idx; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int nw = (blockDim.x + 31) >> 5;
+        for (int w = 1; w < nw; w++)
+            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) { best = bv[w]; idx = bi[w]; }
+        out[0] = idx == 0x7fffffff ? 0 : idx;
+    }
+}
+
 // x += d; out = rmsnorm(x) * w. One block (the residual stream of one token).
 extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w, float* out, int n, float eps) {
     __shared__ float red[32];
@@ -783,11 +838,10 @@ extern "C" __global__ void moe_combine(float* x, const float* ye, const float* w
 
 // Router: softmax over E logits (fp32), top-k by probability (ties: lower index; NaN lowest),
 // optional renormalisation over the chosen. One block; dynamic shared memory holds E floats.
-extern "C" __global__ void router_topk(const float* logits, int E, int K, int norm, int* ids, float* wts) {
-    extern __shared__ float p[];
+// Each thread ranks its own experts against all E (count of larger, or equal with a lower
+// index): rank < K places it, so the K picks need no K rounds of block-wide argmax.
+__device__ void topk_body(const float* logits, int E, int K, int norm, int* ids, float* wts, float* p) {
     __shared__ float red[32];
-    __shared__ float bv[32];
-    __shared__ int bi[32];
     float m = -INFINITY;
     for (int i = threadIdx.x; i < E; i += blockDim.x) m = fmaxf(m, logits[i]);
     m = warp_max(m);
@@ -804,55 +858,73 @@ extern "C" __global__ void router_topk(const float* logits, int E, int K, int no
         s += e;
     }
     s = block_sum(s, red);
-    for (int i = threadIdx.x; i < E; i += blockDim.x) p[i] = p[i] / s;
-    __syncthreads();
-    float tot = 0.f;
-    for (int k = 0; k < K; k++) {
-        float best = -INFINITY;
-        int bidx = 0x7fffffff;
-        for (int i = threadIdx.x; i < E; i += blockDim.x) {
-            float v = p[i];
-            if (v != v) v = -INFINITY;
-            if (v > best || (v == best && i < bidx)) { best = v; bidx = i; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
-            if (ov > best || (ov == best && oi < bidx)) { best = ov; bidx = oi; }
-        }
-        if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = best; bi[threadIdx.x >> 5] = bidx; }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float b = bv[0];
-            int ix = bi[0];
-            for (int i = 1; i < nw; i++)
-                if (bv[i] > b || (bv[i] == b && bi[i] < ix)) { b = bv[i]; ix = bi[i]; }
-            if (ix == 0x7fffffff) ix = 0;
-            ids[k] = ix;
-            wts[k] = p[ix];
-            tot += p[ix];
-            p[ix] = -INFINITY;
-        }
-        __syncthreads();
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+        float v = p[i] / s;
+        p[i] = v != v ? -INFINITY : v;
     }
-    if (threadIdx.x == 0 && norm)
-        for (int k = 0; k < K; k++) wts[k] /= tot;
+    __syncthreads();
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+        float v = p[i];
+        int r = 0;
+        for (int j = 0; j < E && r < K; j++) {
+            float o = p[j];
+            r += (o > v) || (o == v && j < i);
+        }
+        if (r < K) {
+            ids[r] = i;
+            wts[r] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float tot = 0.f;
+        for (int k = 0; k < K; k++) {
+            float w = wts[k];
+            if (w == -INFINITY) wts[k] = w = 0.f;
+            tot += w;
+        }
+        if (norm)
+            for (int k = 0; k < K; k++) wts[k] /= tot;
+    }
 }
 
-// With every expert of the layer resident in VRAM: the router's ids and the layer's slot table
-// give the K gate/up and down problems, written to device memory for the `mvi` kernels (no host
-// round trip). off[0..6] = gate‖up w, s, b and down w, s, b offsets inside a slot.
-extern "C" __global__ void expert_batch(const int* ids, int K, const u64* tbl, long o0, long o1, long o2, long o3,
-                                        long o4, long o5, u64 xn, u64 gue, u64 he, u64 ye, int I, int H,
-                                        MvBatch* out) {
+extern "C" __global__ void router_topk(const float* logits, int E, int K, int norm, int* ids, float* wts) {
+    extern __shared__ float p[];
+    topk_body(logits, E, K, norm, ids, wts, p);
+}
+
+// With every expert of the layer resident in VRAM: top-k as above, then the router's ids and the
+// layer's slot table give the K gate/up and down problems, written to device memory for the
+// `mvi` kernels (no host round trip). off[0..6] = gate‖up w, s, b and down w, s, b offsets
+// inside a slot. When sh[0] != 0 the shared expert (same shape and format; sh = gate‖up w, s,
+// b, down w, s, b) is problem K.
+struct ExpertBatchArgs {
+    u64 tbl;
+    long off[6];
+    u64 sh[6];
+    u64 xn, gue, he, ye;
+    int I, H;
+};
+extern "C" __global__ void router_experts(const float* logits, int E, int K, int norm, int* ids, float* wts,
+                                          ExpertBatchArgs a, MvBatch* out) {
+    extern __shared__ float p[];
+    topk_body(logits, E, K, norm, ids, wts, p);
+    __syncthreads();
     int j = threadIdx.x;
-    if (j >= K) return;
-    u64 base = tbl[ids[j]];
-    out[0].w[j] = base + o0; out[0].s[j] = base + o1; out[0].b[j] = base + o2;
-    out[0].x[j] = xn; out[0].y[j] = gue + (u64)j * 2 * I * 4;
-    out[1].w[j] = base + o3; out[1].s[j] = base + o4; out[1].b[j] = base + o5;
-    out[1].x[j] = he + (u64)j * I * 4; out[1].y[j] = ye + (u64)j * H * 4;
+    int np = a.sh[0] ? K + 1 : K;
+    if (j >= np) return;
+    u64 g[3], d[3];
+    if (j < K) {
+        const u64* tbl = (const u64*)a.tbl;
+        u64 base = tbl[ids[j]];
+        for (int q = 0; q < 3; q++) { g[q] = base + a.off[q]; d[q] = base + a.off[3 + q]; }
+    } else {
+        for (int q = 0; q < 3; q++) { g[q] = a.sh[q]; d[q] = a.sh[3 + q]; }
+    }
+    out[0].w[j] = g[0]; out[0].s[j] = g[1]; out[0].b[j] = g[2];
+    out[0].x[j] = a.xn; out[0].y[j] = a.gue + (u64)j * 2 * a.I * 4;
+    out[1].w[j] = d[0]; out[1].s[j] = d[1]; out[1].b[j] = d[2];
+    out[1].x[j] = a.he + (u64)j * a.I * 4; out[1].y[j] = a.ye + (u64)j * a.H * 4;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -973,17 +1045,25 @@ extern "C" __global__ void gdn_conv(const float* mixed, float* state, const floa
     if (K > 1) state[(long)(K - 2) * cd + c] = xin;
 }
 
-// One block per value head h; thread v owns column v of S[h] [dk, dv] (kept in registers).
+// One block per value head h, blockDim = dv * P: thread (v = t % dv, part = t / dv) owns rows
+// [part*rp, part*rp + rp) of column v of S[h] [dk, dv] in registers (rp = ceil(dk / P) <=
+// GDN_RP), so P times more warps share the head's state traffic than one thread per column;
+// the two sums over rows (k.S and S^T q) are reduced across parts through shared memory.
 // l2norm(q, k) of key head h/rep, decay, delta rule, o = S^T q, then the gated RMSNorm with
 // silu(z). dk <= 128.
 #define GDN_MAXDK 128
+#define GDN_RP 32
 extern "C" __global__ void gdn_step(const float* u, const float* z, const float* bv, const float* av,
                                     const float* dt_bias, const float* neg_a, const float* norm_w, float* S,
-                                    float* y, int nk, int nv, int dk, int dv, float eps) {
+                                    float* y, int nk, int nv, int dk, int dv, float eps, int P) {
     __shared__ float qn[GDN_MAXDK], kn[GDN_MAXDK];
     __shared__ float red[32];
-    int h = blockIdx.x, v = threadIdx.x;
-    int rep = nv / nk, kh = h / rep, kd = nk * dk;
+    extern __shared__ float part_sum[];  // [P][dv]
+    const int h = blockIdx.x, v = threadIdx.x % dv, part = threadIdx.x / dv;
+    // Threads past P * dv (blockDim rounded up to whole warps) only join the reductions.
+    const bool act = part < P;
+    const int rp = (dk + P - 1) / P, i0 = part * rp;
+    const int rep = nv / nk, kh = h / rep, kd = nk * dk;
     const float* qs = u + (long)kh * dk;
     const float* ks = u + kd + (long)kh * dk;
     float sq = 0.f, sk = 0.f;
@@ -994,35 +1074,43 @@ extern "C" __global__ void gdn_step(const float* u, const float* z, const float*
     float rk = 1.f / sqrtf(sk + 1e-6f);
     for (int i = threadIdx.x; i < dk; i += blockDim.x) { qn[i] = qs[i] * rq; kn[i] = ks[i] * rk; }
     __syncthreads();
-    float beta = sigmoidf_(bv[h]);
-    float x = av[h] + dt_bias[h];
-    float sp = x > 20.f ? x : log1pf(expf(x));
-    float decay = expf(neg_a[h] * sp);
-    float o = 0.f;
-    bool act = v < dv;
-    if (act) {
-        float* col = S + (long)h * dk * dv + v;
-        float s[GDN_MAXDK];
-        float kvm = 0.f;
+    const float beta = sigmoidf_(bv[h]);
+    const float x = av[h] + dt_bias[h];
+    const float sp = x > 20.f ? x : log1pf(expf(x));
+    const float decay = expf(neg_a[h] * sp);
+    float* col = S + (long)h * dk * dv + v;
+    float s[GDN_RP];
+    float kvm = 0.f;
 #pragma unroll
-        for (int i = 0; i < GDN_MAXDK; i++) {
-            if (i < dk) {
-                s[i] = col[(long)i * dv] * decay;
-                kvm += s[i] * kn[i];
-            }
-        }
-        float delta = (u[2 * kd + (long)h * dv + v] - kvm) * beta;
-#pragma unroll
-        for (int i = 0; i < GDN_MAXDK; i++) {
-            if (i < dk) {
-                s[i] += kn[i] * delta;
-                o += s[i] * qn[i];
-                col[(long)i * dv] = s[i];
-            }
+    for (int r = 0; r < GDN_RP; r++) {
+        int i = i0 + r;
+        if (act && r < rp && i < dk) {
+            s[r] = col[(long)i * dv] * decay;
+            kvm += s[r] * kn[i];
         }
     }
-    float ss = block_sum(act ? o * o : 0.f, red);
-    if (act) {
+    if (act) part_sum[threadIdx.x] = kvm;
+    __syncthreads();
+    kvm = 0.f;
+    for (int q = 0; q < P; q++) kvm += part_sum[q * dv + v];
+    const float delta = (u[2 * kd + (long)h * dv + v] - kvm) * beta;
+    float o = 0.f;
+#pragma unroll
+    for (int r = 0; r < GDN_RP; r++) {
+        int i = i0 + r;
+        if (act && r < rp && i < dk) {
+            s[r] += kn[i] * delta;
+            o += s[r] * qn[i];
+            col[(long)i * dv] = s[r];
+        }
+    }
+    __syncthreads();
+    if (act) part_sum[threadIdx.x] = o;
+    __syncthreads();
+    o = 0.f;
+    for (int q = 0; q < P; q++) o += part_sum[q * dv + v];
+    float ss = block_sum(part == 0 ? o * o : 0.f, red);
+    if (part == 0) {
         float inv = 1.f / sqrtf(ss / dv + eps);
         float zz = z[(long)h * dv + v];
         y[(long)h * dv + v] = o * inv * norm_w[v] * siluf_(zz);

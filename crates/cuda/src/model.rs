@@ -15,7 +15,7 @@ use flashmoe_core::model::gdn::GdnProj;
 use flashmoe_core::model::{Ffn, Logits, Mixer, Model};
 
 use crate::cache::{ExpertCache, Layout};
-use crate::device::{DBuf, Device, Event, Pinned};
+use crate::device::{DBuf, Device, Event, ExpertBatchArgs, Pinned, MAXP};
 use crate::ops::{self, AttnShape, GdnShape, Proj};
 use crate::{CudaError, Result};
 
@@ -140,6 +140,11 @@ struct Scratch {
     ye: DBuf,
     logits: DBuf,
     ids_host: Pinned,
+    /// Logits read back through page-locked memory (one DMA, no driver staging).
+    logits_host: Pinned,
+    /// Greedy decoding: the argmax token, on the device and read back.
+    amax: DBuf,
+    amax_host: Pinned,
 }
 
 /// The CPU model a [`CudaModel`] was built from: borrowed (tools, tests, bench) or shared
@@ -185,7 +190,7 @@ pub struct CudaModel<'m> {
     /// When every expert is in VRAM: slot base per (layer, expert), [layers * E] u64; routed
     /// experts are then found on the device, with no host round trip per layer.
     resident: Option<DBuf>,
-    /// Two MvBatch (gate‖up, down) written by `expert_batch`.
+    /// Two MvBatch (gate‖up, down) written by `router_experts`.
     batch: DBuf,
     /// Last: fields drop in order, and every buffer, event and pinned allocation above must be
     /// freed while the context is alive (dropping the last `Device` of a process releases the
@@ -372,11 +377,14 @@ impl<'m> CudaModel<'m> {
             gus: dev.alloc(fbytes(2 * max_shared))?,
             hs: dev.alloc(fbytes(max_shared))?,
             ys: dev.alloc(fbytes(h))?,
-            gue: dev.alloc(fbytes(k * 2 * ei))?,
-            he: dev.alloc(fbytes(k * ei))?,
-            ye: dev.alloc(fbytes(k * eh))?,
+            gue: dev.alloc(fbytes((k + 1) * 2 * ei))?,
+            he: dev.alloc(fbytes((k + 1) * ei))?,
+            ye: dev.alloc(fbytes((k + 1) * eh))?,
             logits: dev.alloc(fbytes(cfg.vocab_size))?,
             ids_host: dev.pinned(fbytes(k))?,
+            logits_host: dev.pinned(fbytes(cfg.vocab_size))?,
+            amax: dev.alloc(4)?,
+            amax_host: dev.pinned(4)?,
         };
         let batch = dev.alloc(2 * std::mem::size_of::<crate::device::MvBatch>())?;
         Ok(CudaModel {
@@ -587,6 +595,58 @@ impl<'m> CudaModel<'m> {
         state: &mut CudaState,
         want: Logits,
     ) -> Result<Vec<f32>> {
+        self.check_tokens(tokens, state)?;
+        let vocab = self.cfg.vocab_size;
+        let mut out = Vec::new();
+        for (i, &id) in tokens.iter().enumerate() {
+            let last = i + 1 == tokens.len();
+            let need = want == Logits::All || last;
+            self.token(id, state, need)?;
+            if need {
+                let s = &self.s;
+                self.dev.dtoh_async(
+                    &s.logits_host,
+                    s.logits.ptr(),
+                    vocab * 4,
+                    &self.dev.compute,
+                )?;
+                self.dev.sync()?;
+                out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(
+                    &s.logits_host.as_slice()[..vocab * 4],
+                ));
+            } else {
+                self.dev.sync()?;
+            }
+            self.finish_token()?;
+        }
+        Ok(out)
+    }
+
+    /// Greedy decoding: runs `tokens` and returns the most likely next token (first index on
+    /// ties), found on the GPU, so only 4 bytes come back instead of the vocabulary's logits.
+    pub fn forward_argmax(&mut self, tokens: &[u32], state: &mut CudaState) -> Result<u32> {
+        self.check_tokens(tokens, state)?;
+        let mut next = 0;
+        for (i, &id) in tokens.iter().enumerate() {
+            let last = i + 1 == tokens.len();
+            self.token(id, state, last)?;
+            if last {
+                let s = &self.s;
+                ops::argmax(&self.dev, s.logits.ptr(), self.cfg.vocab_size, s.amax.ptr())?;
+                self.dev
+                    .dtoh_async(&s.amax_host, s.amax.ptr(), 4, &self.dev.compute)?;
+                self.dev.sync()?;
+                let b = s.amax_host.as_slice();
+                next = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32;
+            } else {
+                self.dev.sync()?;
+            }
+            self.finish_token()?;
+        }
+        Ok(next)
+    }
+
+    fn check_tokens(&self, tokens: &[u32], state: &CudaState) -> Result<()> {
         self.dev.bind()?;
         if tokens.is_empty() {
             return Err(CudaError::Invalid("forward called with no tokens".into()));
@@ -608,24 +668,14 @@ impl<'m> CudaModel<'m> {
             }
             .into());
         }
-        let vocab = self.cfg.vocab_size;
-        let mut out = Vec::new();
-        for (i, &id) in tokens.iter().enumerate() {
-            let last = i + 1 == tokens.len();
-            let need = want == Logits::All || last;
-            self.token(id, state, need)?;
-            if need {
-                let mut l = vec![0f32; vocab];
-                self.dev.read_f32(self.s.logits.ptr(), &mut l)?;
-                out.extend_from_slice(&l);
-            } else {
-                self.dev.sync()?;
-            }
-            self.counters.tokens += 1;
-            self.counters.compute_ms += self.dev.elapsed_ms(&self.ev_tok0, &self.ev_tok1)? as f64;
-            self.collect_copy()?;
-        }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Counters of a token whose launches have completed.
+    fn finish_token(&mut self) -> Result<()> {
+        self.counters.tokens += 1;
+        self.counters.compute_ms += self.dev.elapsed_ms(&self.ev_tok0, &self.ev_tok1)? as f64;
+        self.collect_copy()
     }
 
     fn grow_kv(&self, st: &mut DState, pos: usize) -> Result<()> {
@@ -885,14 +935,39 @@ impl<'m> CudaModel<'m> {
                 return Ok(());
             }
             DFfn::Moe { router, shared } if self.resident.is_some() => {
-                // Every expert is in VRAM: ids stay on the device.
+                // Every expert is in VRAM: ids stay on the device. The shared expert, when it
+                // has the routed experts' shape and format, is one more problem of the same
+                // two batched launches.
                 let s = &self.s;
                 let dev = &self.dev;
                 let ne = self.cfg.num_experts;
                 let lay = self.cache.as_ref().expect("cache").layout;
                 let tbl = self.resident.as_ref().expect("resident").ptr() + (l * ne * 8) as u64;
+                let (ei, eh) = (lay.i, lay.h);
                 router.run(dev, s.xn.ptr(), s.rl.ptr())?;
-                ops::router_topk(
+                let (gu0, dn0) = lay.mats(0);
+                let fused = shared
+                    .as_ref()
+                    .and_then(|(gu, down)| Some((gu.single()?, down.single()?)))
+                    .filter(|(g, d)| g.same_shape(&gu0) && d.same_shape(&dn0) && k < MAXP);
+                let mut a = ExpertBatchArgs {
+                    tbl,
+                    xn: s.xn.ptr(),
+                    gue: s.gue.ptr(),
+                    he: s.he.ptr(),
+                    ye: s.ye.ptr(),
+                    i: ei as i32,
+                    h: eh as i32,
+                    ..Default::default()
+                };
+                for (o, v) in a.off.iter_mut().zip(lay.offsets()) {
+                    *o = v as i64;
+                }
+                if let Some((g, d)) = fused {
+                    a.sh = [g.w, g.s, g.b, d.w, d.s, d.b];
+                }
+                let pb = self.batch.ptr();
+                ops::router_experts(
                     dev,
                     s.rl.ptr(),
                     ne,
@@ -900,39 +975,29 @@ impl<'m> CudaModel<'m> {
                     self.cfg.norm_topk_prob,
                     s.ids.ptr(),
                     s.wts.ptr(),
-                )?;
-                let (ei, eh) = (lay.i, lay.h);
-                let pb = self.batch.ptr();
-                ops::expert_batch(
-                    dev,
-                    s.ids.ptr(),
-                    k,
-                    tbl,
-                    lay.offsets(),
-                    s.xn.ptr(),
-                    s.gue.ptr(),
-                    s.he.ptr(),
-                    s.ye.ptr(),
-                    ei,
-                    eh,
+                    a,
                     pb,
                 )?;
-                let (mut ys, mut sg) = (0, 0);
-                if let Some((gu, down)) = shared {
+                let sg = if shared.is_some() && router.rows > ne {
+                    s.rl.ptr() + (ne * 4) as u64
+                } else {
+                    0
+                };
+                let np = k + fused.is_some() as usize;
+                let mut ys = 0;
+                if fused.is_some() {
+                    ys = s.ye.ptr() + (k * eh * 4) as u64;
+                } else if let Some((gu, down)) = shared {
                     let si = gu.rows / 2;
                     gu.run(dev, s.xn.ptr(), s.gus.ptr())?;
                     ops::swiglu(dev, s.gus.ptr(), s.hs.ptr(), si, 1)?;
                     down.run(dev, s.hs.ptr(), s.ys.ptr())?;
                     ys = s.ys.ptr();
-                    if router.rows > ne {
-                        sg = s.rl.ptr() + (ne * 4) as u64;
-                    }
                 }
-                let (gu0, dn0) = lay.mats(0);
-                ops::matvec_indirect(dev, &gu0, pb, k)?;
-                ops::swiglu(dev, s.gue.ptr(), s.he.ptr(), ei, k)?;
+                ops::matvec_indirect(dev, &gu0, pb, np)?;
+                ops::swiglu(dev, s.gue.ptr(), s.he.ptr(), ei, np)?;
                 let psz = std::mem::size_of::<crate::device::MvBatch>() as u64;
-                ops::matvec_indirect(dev, &dn0, pb + psz, k)?;
+                ops::matvec_indirect(dev, &dn0, pb + psz, np)?;
                 ops::moe_combine(dev, s.x.ptr(), s.ye.ptr(), s.wts.ptr(), k, ys, sg, 0, h)?;
                 self.counters.vram_hits += k as u64;
                 return Ok(());

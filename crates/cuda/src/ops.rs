@@ -16,6 +16,7 @@ thread_local! {
     /// 1 = exact float, 2 = dp4a (per thread, so parallel tests do not see each other's choice).
     static AFFINE_PATH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static MMA_TILE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static ROWS_PER_WARP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Decode kernel choice for affine matrices launched from the calling thread (bench and tests
@@ -226,6 +227,11 @@ pub struct DevMat {
 }
 
 impl DevMat {
+    /// Same format, rows and columns (the bytes may live anywhere).
+    pub fn same_shape(&self, o: &DevMat) -> bool {
+        self.fmt == o.fmt && self.rows == o.rows && self.cols == o.cols
+    }
+
     pub fn nbytes(&self) -> usize {
         let (a, b, c) = self.fmt.sizes(self.rows, self.cols);
         a + b + c
@@ -316,6 +322,14 @@ impl Proj {
         })
     }
 
+    /// The matrix, when the projection is one.
+    pub fn single(&self) -> Option<DevMat> {
+        match self.mats.as_slice() {
+            [(m, 0)] => Some(m.m),
+            _ => None,
+        }
+    }
+
     /// Whole matrices, one part each.
     pub fn whole(dev: &Device, ls: &[&Linear]) -> Result<Proj> {
         let parts: Vec<_> = ls.iter().map(|l| (*l, 0, l.rows())).collect();
@@ -335,17 +349,54 @@ impl Proj {
     }
 }
 
-/// Blocks for `rows` rows of kernel `name`: 8 warps per block; 4 rows per warp (decode), 1
-/// (prefill tile), or a block per 16 / 32-row tile (tensor-core decode).
-fn grid_rows(name: &str, rows: usize) -> u32 {
-    let per = if name.ends_with("mm") {
-        8
+/// Rows per warp of the exact float decode kernel: 0 = by shape, else 1, 2 or 4 (bench A/B).
+pub fn set_rows_per_warp(r: usize) {
+    ROWS_PER_WARP.with(|c| c.set(r));
+}
+
+/// Kernel name, blocks and threads per block for `rows` rows of each of `nprob` problems.
+/// Decode kernels give each warp 4 rows (`mv`, `mq`, `mt2` tiles of 32 rows per 8 warps), 1
+/// row (prefill `mm`, 8 tokens per pass) or a 16-row tile (`mt1`). The exact float decode
+/// kernel (`mv`) takes fewer rows per warp (`mv2`, `mv1`) and 4-warp blocks when 4-row warps
+/// would leave SMs without a couple of blocks: short matrices (routers, shared experts,
+/// 4096-row projections) are latency-bound, and more warps in flight is what shortens them.
+fn launch_shape(dev: &Device, name: &str, rows: usize, nprob: usize) -> (String, u32, u32) {
+    let sms = dev.sms.max(1) as usize;
+    let mut name = name.to_string();
+    let mut threads = 256usize;
+    let per_warp = if name.ends_with("mm") {
+        1
     } else if name.contains("_mt1") {
-        16
+        2
+    } else if name.starts_with("qmv") && name.ends_with("_mv") {
+        let r = match ROWS_PER_WARP.with(|c| c.get()) {
+            r @ (1 | 2 | 4) => r,
+            _ => {
+                let blocks_at = |r: usize| (rows * nprob).div_ceil(8 * r);
+                if blocks_at(4) >= 2 * sms {
+                    4
+                } else if blocks_at(2) >= 2 * sms {
+                    2
+                } else {
+                    if blocks_at(1) < 2 * sms {
+                        threads = 128;
+                    }
+                    1
+                }
+            }
+        };
+        if r != 4 {
+            name = format!("{name}{r}");
+        }
+        r
     } else {
-        32
+        4
     };
-    rows.div_ceil(per) as u32
+    let per_block = per_warp * threads / 32;
+    // Row groups are strided over at most a few blocks per SM, so each block stages x once for
+    // several groups on tall matrices.
+    let blocks = (rows.div_ceil(per_block) as u32).min(sms as u32 * 4 * (256 / threads as u32));
+    (name, blocks, threads as u32)
 }
 
 /// y = W x for one token.
@@ -374,12 +425,10 @@ pub fn matvec_batch(
             p.y[i] = y;
         }
         let (name, smem) = m.fmt.kernel(ntok == 1, m.rows, m.cols);
-        // Row groups are strided over at most a few blocks per SM, so each block stages x once
-        // for several groups on tall matrices.
-        let blocks = grid_rows(&name, m.rows).min(dev.sms.max(1) as u32 * 4);
+        let (name, blocks, threads) = launch_shape(dev, &name, m.rows, chunk.len());
         let cfg = LaunchConfig {
             grid_dim: (blocks, chunk.len() as u32, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
         dev.launch_on(
@@ -407,11 +456,11 @@ pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Resul
     if name.ends_with("mvg") || name.ends_with("mm") || nprob > MAXP {
         return Err(CudaError::Unsupported("indirect matvec shape".into()));
     }
+    let (name, blocks, threads) = launch_shape(dev, &name, m.rows, nprob);
     let name = format!("{name}i");
-    let blocks = grid_rows(&name, m.rows).min(dev.sms.max(1) as u32 * 4);
     let cfg = LaunchConfig {
         grid_dim: (blocks, nprob as u32, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
     dev.launch(
@@ -429,40 +478,45 @@ pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Resul
     )
 }
 
-/// Writes the two `MvBatch` (gate‖up, down) of a layer's K resident experts to `out` from the
-/// router's `ids` and the layer's slot table `tbl` (one u64 base per expert).
+/// Router top-k (as [`router_topk`]) fused with writing the two `MvBatch` (gate‖up, down) of
+/// the layer's K resident experts (and the shared expert as problem K when `a.sh[0] != 0`) to
+/// `out` from the slot table `a.tbl` (one u64 base per expert).
 #[allow(clippy::too_many_arguments)]
-pub fn expert_batch(
+pub fn router_experts(
     dev: &Device,
-    ids: u64,
+    logits: u64,
+    e: usize,
     k: usize,
-    tbl: u64,
-    offs: [usize; 6],
-    xn: u64,
-    gue: u64,
-    he: u64,
-    ye: u64,
-    i: usize,
-    h: usize,
+    norm: bool,
+    ids: u64,
+    wts: u64,
+    a: crate::device::ExpertBatchArgs,
     out: u64,
 ) -> Result<()> {
+    if k + (a.sh[0] != 0) as usize > MAXP {
+        return Err(CudaError::Unsupported(format!(
+            "{k} routed experts per token (at most {MAXP} per batched launch)"
+        )));
+    }
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (threads_for(e).min(1024), 1, 1),
+        shared_mem_bytes: (e * 4) as u32,
     };
-    let mut args = vec![A::P(ids), A::I(k as i32), A::P(tbl)];
-    args.extend(offs.iter().map(|&o| A::L(o as i64)));
-    args.extend([
-        A::P(xn),
-        A::P(gue),
-        A::P(he),
-        A::P(ye),
-        A::I(i as i32),
-        A::I(h as i32),
-        A::P(out),
-    ]);
-    dev.launch("expert_batch", cfg, &args)
+    dev.launch(
+        "router_experts",
+        cfg,
+        &[
+            A::P(logits),
+            A::I(e as i32),
+            A::I(k as i32),
+            A::I(norm as i32),
+            A::P(ids),
+            A::P(wts),
+            A::E(Box::new(a)),
+            A::P(out),
+        ],
+    )
 }
 
 /// out = row `row` of `m` as f32.
@@ -638,6 +692,16 @@ pub fn router_topk(
     )
 }
 
+/// out[0] = argmax of x[..n] (first index on ties).
+pub fn argmax(dev: &Device, x: u64, n: usize, out: u64) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch("argmax_f32", cfg, &[A::P(x), A::I(n as i32), A::P(out)])
+}
+
 /// Shape of a full-attention layer.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -793,16 +857,19 @@ pub fn gdn_step(
     s: u64,
     y: u64,
 ) -> Result<()> {
-    if g.dk > 128 || g.dv > 1024 {
+    // Parts per head: as many as fit 1024 threads (at most 8); each part keeps ceil(dk / P)
+    // <= 32 rows of its column in registers.
+    let parts = (1024 / g.dv.max(1)).clamp(1, 8);
+    if g.dk > 128 || g.dk.div_ceil(parts) > 32 {
         return Err(CudaError::Unsupported(format!(
-            "GatedDeltaNet dk {} (max 128), dv {} (max 1024)",
+            "GatedDeltaNet dk {} (max 128) with dv {} (dk / (1024 / dv) must be <= 32)",
             g.dk, g.dv
         )));
     }
     let cfg = LaunchConfig {
         grid_dim: (g.nv as u32, 1, 1),
-        block_dim: (threads_for(g.dv), 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (threads_for(g.dv * parts), 1, 1),
+        shared_mem_bytes: (g.dv * parts * 4) as u32,
     };
     dev.launch(
         "gdn_step",
@@ -822,6 +889,7 @@ pub fn gdn_step(
             A::I(g.dk as i32),
             A::I(g.dv as i32),
             A::F(g.eps),
+            A::I(parts as i32),
         ],
     )
 }

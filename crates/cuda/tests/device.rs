@@ -79,14 +79,21 @@ impl TestDev for Cuda {
         "cuda"
     }
     fn variants(&self) -> Vec<&'static str> {
-        vec!["auto", "dp4a", "float", "mma"]
+        vec!["auto", "dp4a", "float", "float1", "float2", "float4", "mma"]
     }
     fn set_variant(&self, v: &str) {
         ops::set_affine_path(match v {
             "dp4a" => ops::AffinePath::Dp4a,
-            "float" => ops::AffinePath::Float,
+            "float" | "float1" | "float2" | "float4" => ops::AffinePath::Float,
             "mma" => ops::AffinePath::Mma,
             _ => ops::AffinePath::Auto,
+        });
+        // The float decode kernel's rows per warp (1, 2, 4; 0 = by shape).
+        ops::set_rows_per_warp(match v {
+            "float1" => 1,
+            "float2" => 2,
+            "float4" => 4,
+            _ => 0,
         });
     }
     fn matmul(&self, w: &Linear, x: &[f32], n: usize) -> Vec<f32> {
@@ -329,8 +336,22 @@ fn elementwise_body(dev: &dyn TestDev) {
     let e = nmse(&got, &want);
     assert!(e < 1e-10, "{}: swiglu nmse {e:.3e}", dev.name());
 
-    for (e_, k) in [(16, 4), (37, 5), (512, 10)] {
-        let logits: Vec<f32> = rng.vec(e_).iter().map(|v| v * 4.0).collect();
+    for (e_, k, levels) in [
+        (16, 4, 0),
+        (37, 5, 0),
+        (512, 10, 0),
+        (64, 8, 3),
+        (1500, 10, 5),
+    ] {
+        // levels > 0: logits on a few values, so ties are decided by the lower index.
+        let logits: Vec<f32> = rng
+            .vec(e_)
+            .iter()
+            .map(|v| match levels {
+                0 => v * 4.0,
+                n => (v * n as f32).floor(),
+            })
+            .collect();
         let (ids, wts) = dev.topk(&logits, k);
         // f64 twin: softmax, stable sort by (-p, index), renormalise.
         let m = logits.iter().fold(f64::MIN, |a, b| a.max(*b as f64));
