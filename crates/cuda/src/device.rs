@@ -207,6 +207,7 @@ fn kernel_names() -> Vec<String> {
         "attn_decode",
         "gdn_conv",
         "gdn_step",
+        "gdn_step_wide",
     ] {
         v.push(k.to_string());
     }

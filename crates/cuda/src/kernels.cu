@@ -1052,10 +1052,11 @@ extern "C" __global__ void gdn_conv(const float* mixed, float* state, const floa
 // l2norm(q, k) of key head h/rep, decay, delta rule, o = S^T q, then the gated RMSNorm with
 // silu(z). dk <= 128.
 #define GDN_MAXDK 128
-#define GDN_RP 32
-extern "C" __global__ void gdn_step(const float* u, const float* z, const float* bv, const float* av,
-                                    const float* dt_bias, const float* neg_a, const float* norm_w, float* S,
-                                    float* y, int nk, int nv, int dk, int dv, float eps, int P) {
+template <int GDN_RP>
+__device__ __forceinline__ void gdn_step_body(const float* u, const float* z, const float* bv, const float* av,
+                                              const float* dt_bias, const float* neg_a, const float* norm_w,
+                                              float* S, float* y, int nk, int nv, int dk, int dv, float eps,
+                                              int P) {
     __shared__ float qn[GDN_MAXDK], kn[GDN_MAXDK];
     __shared__ float red[32];
     extern __shared__ float part_sum[];  // [P][dv]
@@ -1115,4 +1116,20 @@ extern "C" __global__ void gdn_step(const float* u, const float* z, const float*
         float zz = z[(long)h * dv + v];
         y[(long)h * dv + v] = o * inv * norm_w[v] * siluf_(zz);
     }
+}
+// Up to 16 rows per thread at up to 1024 threads (64 registers each), the usual dk = dv = 128
+// at 8 parts; `_wide`: one part of up to 128 rows at up to 256 threads, for wider heads.
+extern "C" __global__ void __launch_bounds__(1024) gdn_step(const float* u, const float* z, const float* bv,
+                                                            const float* av, const float* dt_bias,
+                                                            const float* neg_a, const float* norm_w, float* S,
+                                                            float* y, int nk, int nv, int dk, int dv, float eps,
+                                                            int P) {
+    gdn_step_body<16>(u, z, bv, av, dt_bias, neg_a, norm_w, S, y, nk, nv, dk, dv, eps, P);
+}
+extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, const float* z, const float* bv,
+                                                                const float* av, const float* dt_bias,
+                                                                const float* neg_a, const float* norm_w, float* S,
+                                                                float* y, int nk, int nv, int dk, int dv,
+                                                                float eps, int P) {
+    gdn_step_body<128>(u, z, bv, av, dt_bias, neg_a, norm_w, S, y, nk, nv, dk, dv, eps, P);
 }

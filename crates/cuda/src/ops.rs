@@ -857,22 +857,27 @@ pub fn gdn_step(
     s: u64,
     y: u64,
 ) -> Result<()> {
-    // Parts per head: as many as fit 1024 threads (at most 8); each part keeps ceil(dk / P)
-    // <= 32 rows of its column in registers.
+    // Parts per head: as many as fit 1024 threads (at most 8), each keeping ceil(dk / parts)
+    // <= 16 rows of its column in registers; else one part of up to 128 rows (`_wide`).
     let parts = (1024 / g.dv.max(1)).clamp(1, 8);
-    if g.dk > 128 || g.dk.div_ceil(parts) > 32 {
+    let (name, parts) = if g.dk.div_ceil(parts) <= 16 {
+        ("gdn_step", parts)
+    } else if g.dk <= 128 && g.dv <= 256 {
+        ("gdn_step_wide", 1)
+    } else {
         return Err(CudaError::Unsupported(format!(
-            "GatedDeltaNet dk {} (max 128) with dv {} (dk / (1024 / dv) must be <= 32)",
+            "GatedDeltaNet head dims dk {} dv {} (dk <= 16 * min(8, 1024 / dv), or dk <= 128 \
+             with dv <= 256)",
             g.dk, g.dv
         )));
-    }
+    };
     let cfg = LaunchConfig {
         grid_dim: (g.nv as u32, 1, 1),
         block_dim: (threads_for(g.dv * parts), 1, 1),
         shared_mem_bytes: (g.dv * parts * 4) as u32,
     };
     dev.launch(
-        "gdn_step",
+        name,
         cfg,
         &[
             A::P(u),
