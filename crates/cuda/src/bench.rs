@@ -335,7 +335,7 @@ fn matvec_gbps(dev: &Device, l: &Linear) -> Result<(f64, usize)> {
 /// Where greedy decoding picks the next token.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pick {
-    /// On the GPU (`forward_argmax`): 4 bytes come back per token.
+    /// On the GPU (`forward_argmax`): 8 bytes come back per token.
     Device,
     /// On the host, from the whole logits vector read back (what sampling needs).
     HostLogits,

@@ -418,6 +418,13 @@ impl Device {
         .map_err(|e| drv("dtoh", e))
     }
 
+    /// Zeroes `len` bytes at `dst`, in order on the compute stream.
+    pub fn memset_async(&self, dst: u64, len: usize) -> Result<()> {
+        // SAFETY: dst is a live device range of at least len bytes (callers' contract).
+        unsafe { result::memset_d8_async(dst, 0, len, self.compute.cu_stream()) }
+            .map_err(|e| drv("memset", e))
+    }
+
     pub fn dtod_async(&self, dst: u64, src: u64, len: usize, stream: &CudaStream) -> Result<()> {
         // SAFETY: both ranges are live device allocations of at least len bytes.
         unsafe { result::memcpy_dtod_async(dst, src, len, stream.cu_stream()) }

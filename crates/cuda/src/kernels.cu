@@ -774,30 +774,33 @@ extern "C" __global__ void rmsnorm_rows(const float* x, int ldx, const float* w,
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
-// out[0] = index of the largest x[i] (first on ties; NaN never wins). One block: greedy
-// decoding reads 4 bytes back instead of the whole vocabulary's logits.
-extern "C" __global__ void argmax_f32(const float* x, int n, int* out) {
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    float best = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = x[i];
-        if (v > best) { best = v; idx = i; }
+// Greedy decoding reads 4 bytes back instead of the vocabulary's logits: *key = max over i of
+// (order-preserving bits of x[i]) << 32 | ~i, so the largest value wins and, among equal
+// values, the lowest index; NaN never wins. Blocks reduce their slice and meet in one 64-bit
+// atomicMax; *key must be 0 before the launch. The index is ~(low 32 bits).
+__device__ __forceinline__ u64 amax_key(float v, int i) {
+    u32 b = __float_as_uint(v);
+    u32 o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    if (v != v) o = 0;
+    return ((u64)o << 32) | (u32)~(u32)i;
+}
+extern "C" __global__ void argmax_f32(const float* x, int n, u64* key) {
+    __shared__ u64 bk[32];
+    u64 best = 0;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        u64 k = amax_key(x[i], i);
+        best = k > best ? k : best;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+        u64 ok = __shfl_xor_sync(0xffffffffu, best, o);
+        best = ok > best ? ok : best;
     }
-    if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = best; bi[threadIdx.x >> 5] = idx; }
+    if ((threadIdx.x & 31) == 0) bk[threadIdx.x >> 5] = best;
     __syncthreads();
     if (threadIdx.x == 0) {
-        int nw = (blockDim.x + 31) >> 5;
-        for (int w = 1; w < nw; w++)
-            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) { best = bv[w]; idx = bi[w]; }
-        out[0] = idx == 0x7fffffff ? 0 : idx;
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) best = bk[w] > best ? bk[w] : best;
+        atomicMax(key, best);
     }
 }
 
@@ -837,18 +840,26 @@ extern "C" __global__ void moe_combine(float* x, const float* ye, const float* w
 }
 
 // Router: softmax over E logits (fp32), top-k by probability (ties: lower index; NaN lowest),
-// optional renormalisation over the chosen. One block; dynamic shared memory holds E floats.
-// Each thread ranks its own experts against all E (count of larger, or equal with a lower
-// index): rank < K places it, so the K picks need no K rounds of block-wide argmax.
+// optional renormalisation over the chosen. One block; dynamic shared memory holds 3E floats
+// (probabilities, then candidate values and indices).
+// Selection without K rounds of block-wide argmax: with at least K warps, the K-th largest warp
+// maximum T is a lower bound of the K-th largest probability (K warp maxima are >= T), so only
+// the elements >= T are candidates, and everything that outranks a candidate is a candidate
+// too: each candidate's rank among the candidates (count of larger, or equal with a lower index)
+// is its true rank, and rank < K places it.
 __device__ void topk_body(const float* logits, int E, int K, int norm, int* ids, float* wts, float* p) {
     __shared__ float red[32];
+    __shared__ float thr;
+    __shared__ int nc;
+    float* cv = p + E;
+    int* ci = (int*)(p + 2 * E);
+    const int lane = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
     float m = -INFINITY;
     for (int i = threadIdx.x; i < E; i += blockDim.x) m = fmaxf(m, logits[i]);
     m = warp_max(m);
     __syncthreads();
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+    if (lane == 0) red[threadIdx.x >> 5] = m;
     __syncthreads();
-    int nw = (blockDim.x + 31) >> 5;
     m = -INFINITY;
     for (int i = 0; i < nw; i++) m = fmaxf(m, red[i]);
     float s = 0.f;
@@ -858,17 +869,48 @@ __device__ void topk_body(const float* logits, int E, int K, int norm, int* ids,
         s += e;
     }
     s = block_sum(s, red);
+    float wm = -INFINITY;
     for (int i = threadIdx.x; i < E; i += blockDim.x) {
         float v = p[i] / s;
-        p[i] = v != v ? -INFINITY : v;
+        v = v != v ? -INFINITY : v;
+        p[i] = v;
+        wm = fmaxf(wm, v);
+    }
+    wm = warp_max(wm);
+    __syncthreads();
+    if (lane == 0) red[threadIdx.x >> 5] = wm;
+    if (threadIdx.x == 0) nc = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // K-th largest warp maximum (duplicates counted), or no bound with fewer warps than K.
+        float t = -INFINITY;
+        if (nw >= K) {
+            for (int w = 0; w < nw; w++) {
+                int above = 0;
+                for (int q = 0; q < nw; q++) above += red[q] > red[w] || (red[q] == red[w] && q < w);
+                if (above == K - 1) t = red[w];
+            }
+        }
+        thr = t;
     }
     __syncthreads();
+    const float t = thr;
     for (int i = threadIdx.x; i < E; i += blockDim.x) {
         float v = p[i];
-        int r = 0;
-        for (int j = 0; j < E && r < K; j++) {
-            float o = p[j];
-            r += (o > v) || (o == v && j < i);
+        if (v >= t) {
+            int c = atomicAdd(&nc, 1);
+            cv[c] = v;
+            ci[c] = i;
+        }
+    }
+    __syncthreads();
+    const int n = nc;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        float v = cv[c];
+        int i = ci[c], r = 0;
+        for (int j = 0; j < n; j++) {
+            float o = cv[j];
+            r += (o > v) || (o == v && ci[j] < i);
         }
         if (r < K) {
             ids[r] = i;

@@ -383,8 +383,8 @@ impl<'m> CudaModel<'m> {
             logits: dev.alloc(fbytes(cfg.vocab_size))?,
             ids_host: dev.pinned(fbytes(k))?,
             logits_host: dev.pinned(fbytes(cfg.vocab_size))?,
-            amax: dev.alloc(4)?,
-            amax_host: dev.pinned(4)?,
+            amax: dev.alloc(8)?,
+            amax_host: dev.pinned(8)?,
         };
         let batch = dev.alloc(2 * std::mem::size_of::<crate::device::MvBatch>())?;
         Ok(CudaModel {
@@ -623,7 +623,7 @@ impl<'m> CudaModel<'m> {
     }
 
     /// Greedy decoding: runs `tokens` and returns the most likely next token (first index on
-    /// ties), found on the GPU, so only 4 bytes come back instead of the vocabulary's logits.
+    /// ties), found on the GPU, so only 8 bytes come back instead of the vocabulary's logits.
     pub fn forward_argmax(&mut self, tokens: &[u32], state: &mut CudaState) -> Result<u32> {
         self.check_tokens(tokens, state)?;
         let mut next = 0;
@@ -634,10 +634,10 @@ impl<'m> CudaModel<'m> {
                 let s = &self.s;
                 ops::argmax(&self.dev, s.logits.ptr(), self.cfg.vocab_size, s.amax.ptr())?;
                 self.dev
-                    .dtoh_async(&s.amax_host, s.amax.ptr(), 4, &self.dev.compute)?;
+                    .dtoh_async(&s.amax_host, s.amax.ptr(), 8, &self.dev.compute)?;
                 self.dev.sync()?;
-                let b = s.amax_host.as_slice();
-                next = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32;
+                let b: [u8; 8] = s.amax_host.as_slice()[..8].try_into().expect("8 bytes");
+                next = ops::argmax_index(u64::from_le_bytes(b));
             } else {
                 self.dev.sync()?;
             }

@@ -501,7 +501,7 @@ pub fn router_experts(
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (threads_for(e).min(1024), 1, 1),
-        shared_mem_bytes: (e * 4) as u32,
+        shared_mem_bytes: (e * 12) as u32,
     };
     dev.launch(
         "router_experts",
@@ -676,7 +676,7 @@ pub fn router_topk(
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (threads_for(e).min(1024), 1, 1),
-        shared_mem_bytes: (e * 4) as u32,
+        shared_mem_bytes: (e * 12) as u32,
     };
     dev.launch(
         "router_topk",
@@ -692,14 +692,25 @@ pub fn router_topk(
     )
 }
 
-/// out[0] = argmax of x[..n] (first index on ties).
-pub fn argmax(dev: &Device, x: u64, n: usize, out: u64) -> Result<()> {
+/// Greedy pick: `key` (8 bytes) receives the argmax of x[..n] (first index on ties) encoded
+/// as in kernels.cu's `argmax_f32`; [`argmax_index`] decodes it.
+pub fn argmax(dev: &Device, x: u64, n: usize, key: u64) -> Result<()> {
+    dev.memset_async(key, 8)?;
     let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (1024, 1, 1),
+        grid_dim: (
+            n.div_ceil(4096).clamp(1, 2 * dev.sms.max(1) as usize) as u32,
+            1,
+            1,
+        ),
+        block_dim: (512, 1, 1),
         shared_mem_bytes: 0,
     };
-    dev.launch("argmax_f32", cfg, &[A::P(x), A::I(n as i32), A::P(out)])
+    dev.launch("argmax_f32", cfg, &[A::P(x), A::I(n as i32), A::P(key)])
+}
+
+/// The index in a key written by [`argmax`].
+pub fn argmax_index(key: u64) -> u32 {
+    !(key as u32)
 }
 
 /// Shape of a full-attention layer.

@@ -23,6 +23,8 @@ trait TestDev {
     fn matmul(&self, w: &Linear, x: &[f32], n: usize) -> Vec<f32>;
     fn rmsnorm(&self, x: &[f32], w: &[f32], rows: usize, eps: f32) -> Vec<f32>;
     fn swiglu(&self, g: &[f32], u: &[f32]) -> Vec<f32>;
+    /// Index of the largest value (first on ties; NaN never wins).
+    fn argmax(&self, x: &[f32]) -> usize;
     /// (ids, weights) of the renormalised top-k of softmax(logits).
     fn topk(&self, logits: &[f32], k: usize) -> (Vec<usize>, Vec<f32>);
     /// Kernel variants of one product to run in turn (CUDA: dp4a and exact float decode).
@@ -53,6 +55,16 @@ impl TestDev for Cpu {
         let mut o = vec![0f32; g.len()];
         kernels::swiglu(g, u, &mut o);
         o
+    }
+    fn argmax(&self, x: &[f32]) -> usize {
+        // First index of the largest value; NaN never wins.
+        let mut b = 0;
+        for (i, v) in x.iter().enumerate() {
+            if *v > x[b] || x[b].is_nan() && !v.is_nan() {
+                b = i;
+            }
+        }
+        b
     }
     fn topk(&self, logits: &[f32], k: usize) -> (Vec<usize>, Vec<f32>) {
         let mut p = logits.to_vec();
@@ -126,6 +138,15 @@ impl TestDev for Cuda {
         let hd = d.alloc(g.len() * 4).unwrap();
         ops::swiglu(d, gd.ptr(), hd.ptr(), g.len(), 1).unwrap();
         self.read(hd.ptr(), g.len())
+    }
+    fn argmax(&self, x: &[f32]) -> usize {
+        let d = &self.0;
+        let xd = d.upload_f32(x).unwrap();
+        let key = d.alloc(8).unwrap();
+        ops::argmax(d, xd.ptr(), x.len(), key.ptr()).unwrap();
+        let k = self.read(key.ptr(), 2);
+        let key = (k[1].to_bits() as u64) << 32 | k[0].to_bits() as u64;
+        ops::argmax_index(key) as usize
     }
     fn topk(&self, logits: &[f32], k: usize) -> (Vec<usize>, Vec<f32>) {
         let d = &self.0;
@@ -335,6 +356,24 @@ fn elementwise_body(dev: &dyn TestDev) {
         .collect();
     let e = nmse(&got, &want);
     assert!(e < 1e-10, "{}: swiglu nmse {e:.3e}", dev.name());
+
+    // Greedy pick: ties go to the first index, NaN never wins, negative values order right.
+    for (n, levels) in [(248_320, 7), (1000, 0), (5, 2)] {
+        let mut x: Vec<f32> = rng
+            .vec(n)
+            .iter()
+            .map(|v| match levels {
+                0 => v * 4.0 - 10.0,
+                l => (v * l as f32).floor(),
+            })
+            .collect();
+        x[n / 3] = f32::NAN;
+        let want = (0..n)
+            .filter(|&i| !x[i].is_nan())
+            .max_by(|&a, &b| x[a].partial_cmp(&x[b]).unwrap().then(b.cmp(&a)))
+            .unwrap();
+        assert_eq!(dev.argmax(&x), want, "{}: argmax of {n}", dev.name());
+    }
 
     for (e_, k, levels) in [
         (16, 4, 0),
