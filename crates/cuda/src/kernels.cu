@@ -70,22 +70,6 @@ template <int BITS> __device__ __forceinline__ float mag(u32 half16, int p) {
     return __int_as_float(0x4B000000u | (half16 & (((1u << BITS) - 1u) << (p * BITS)))) - 8388608.f;
 }
 
-// Pulls the R rows x D chunks this lane loads first toward L2, so their DRAM latency overlaps
-// the x staging that must precede any use of them.
-template <int R, int D>
-__device__ __forceinline__ void prefetch_first(const u32* W, int rows, int wpr, int row0, int lane) {
-    const int nch = wpr / 4;
-    if (row0 >= rows) return;
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            int c = lane + 32 * d;
-            if (c < nch)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(W + (long)min(row0 + r, rows - 1) * wpr + c * 4));
-        }
-}
-
 // Shared-memory copy of x, padded by 4 floats every 32 so that lanes reading 16 bytes at a
 // stride of 32 elements hit different banks.
 __device__ __forceinline__ int xpad(int e) { return e + ((e >> 5) << 2); }
@@ -178,7 +162,6 @@ __device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok,
     const void* B = (const void*)p.b[blockIdx.y];
     const float* Xg = (const float*)p.x[blockIdx.y];
     float* Y = (float*)p.y[blockIdx.y];
-    prefetch_first<R, D>(W, rows, cols / EPW, ((int)blockIdx.x * nw + warp) * R, lane);
     if (XSM) {
         // 16-byte loads, several in flight per thread: staging is one L2 round trip, not
         // cols / blockDim of them. A float4 at e (a multiple of 4) stays inside its 32-float
@@ -283,9 +266,7 @@ __device__ void qmv_dp4a(const MvBatch& p, int rows, int cols, int lg) {
     const int wpr = cols / EPW, nch = wpr / 4, gpr = cols >> lg, nxb = cols / XB;
     float* scx = (float*)(smem + nch * CS);
     float* xbs = scx + nxb;
-    prefetch_first<R, D>(W, rows, wpr, ((int)blockIdx.x * nw + warp) * R, lane);
     // Quantise x: each XB-lane segment of a warp handles one block of XB elements.
-#pragma unroll 4
     for (int base = warp * 32; base < cols; base += nw * 32) {
         int e = base + lane;
         float v = e < cols ? Xg[e] : 0.f;
