@@ -1,6 +1,8 @@
-//! The VRAM expert cache: fixed-size slots in one device slab, LRU by use. Each slot holds one
-//! expert laid out for the batched kernels: [gate w ‖ up w], [gate s ‖ up s], [gate b ‖ up b]
-//! (so gate and up are one [2I, H] matrix), then down w, s, b.
+//! The expert caches: VRAM slots in one device slab ([`ExpertCache`]) and, between VRAM and the
+//! ExpertSource, slots in page-locked host memory ([`HostTier`]), each LRU by use through one
+//! [`SlotLru`]. Every slot holds one expert laid out for the batched kernels: [gate w ‖ up w],
+//! [gate s ‖ up s], [gate b ‖ up b] (so gate and up are one [2I, H] matrix), then down w, s, b,
+//! so a host slot is copied to a VRAM slot in one DMA.
 //!
 //! Owns slot bookkeeping and the staging of expert bytes into pinned memory; never computes.
 use std::collections::{BTreeMap, HashMap};
@@ -144,9 +146,8 @@ impl Layout {
     }
 }
 
-pub struct ExpertCache {
-    pub layout: Layout,
-    slab: DBuf,
+/// LRU assignment of (layer, expert) keys to a fixed number of slots.
+pub struct SlotLru {
     pub slots: usize,
     map: HashMap<(usize, usize), usize>,
     owner: Vec<Option<(usize, usize)>>,
@@ -154,31 +155,19 @@ pub struct ExpertCache {
     lru: BTreeMap<u64, usize>,
     free: Vec<usize>,
     now: u64,
-    /// Pinned staging for one layer's misses.
-    pub staging: Pinned,
-    pub staging_slots: usize,
 }
 
 /// The outcome of looking up one layer's experts.
 pub struct Lookup {
     /// Slot of each requested expert, in request order.
     pub slots: Vec<usize>,
-    /// Indices (into the request) that missed and must be copied into their slot.
+    /// Indices (into the request) that missed and must be filled into their slot.
     pub missed: Vec<usize>,
 }
 
-impl ExpertCache {
-    pub fn new(
-        dev: &Device,
-        layout: Layout,
-        slots: usize,
-        staging_slots: usize,
-    ) -> Result<ExpertCache> {
-        let slab = dev.alloc(slots * layout.slot)?;
-        let staging = dev.pinned(staging_slots * layout.slot)?;
-        Ok(ExpertCache {
-            layout,
-            slab,
+impl SlotLru {
+    pub fn new(slots: usize) -> SlotLru {
+        SlotLru {
             slots,
             map: HashMap::new(),
             owner: vec![None; slots],
@@ -186,17 +175,7 @@ impl ExpertCache {
             lru: BTreeMap::new(),
             free: (0..slots).rev().collect(),
             now: 0,
-            staging,
-            staging_slots,
-        })
-    }
-
-    pub fn slot_ptr(&self, slot: usize) -> u64 {
-        self.slab.ptr() + (slot * self.layout.slot) as u64
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.slab.len()
+        }
     }
 
     fn touch(&mut self, slot: usize) {
@@ -207,8 +186,9 @@ impl ExpertCache {
     }
 
     /// Assigns a slot to every expert of `layer` in `experts`; none of them is evicted by
-    /// another of the same call.
-    pub fn lookup(&mut self, layer: usize, experts: &[usize]) -> Result<Lookup> {
+    /// another of the same call. `what` names the cache in the error when it has fewer slots
+    /// than one call's experts.
+    pub fn lookup(&mut self, layer: usize, experts: &[usize], what: &str) -> Result<Lookup> {
         let start = self.now + 1;
         let mut slots = Vec::with_capacity(experts.len());
         let mut missed = Vec::new();
@@ -221,13 +201,13 @@ impl ExpertCache {
             let s = match self.free.pop() {
                 Some(s) => s,
                 None => {
-                    let (&t, &s) = self.lru.iter().next().expect("cache has slots");
-                    if t >= start {
+                    let oldest = self.lru.iter().next().map(|(&t, &s)| (t, s));
+                    let Some((_, s)) = oldest.filter(|&(t, _)| t < start) else {
                         return Err(CudaError::Invalid(format!(
-                            "expert cache of {} slots is smaller than one layer's experts",
+                            "{what} of {} slots is smaller than one layer's experts",
                             self.slots
                         )));
-                    }
+                    };
                     if let Some(k) = self.owner[s].take() {
                         self.map.remove(&k);
                     }
@@ -243,17 +223,100 @@ impl ExpertCache {
         Ok(Lookup { slots, missed })
     }
 
-    /// The slot holding expert `e` of `layer`, if resident (does not count as a use).
+    /// The slot holding expert `e` of `layer`, if present (does not count as a use).
     pub fn slot_of(&self, layer: usize, e: usize) -> Option<usize> {
         self.map.get(&(layer, e)).copied()
     }
 
-    /// Forgets an entry whose copy failed, so it is fetched again next time.
+    /// Forgets an entry whose fill failed, so it is fetched again next time.
     pub fn invalidate(&mut self, layer: usize, e: usize) {
         if let Some(s) = self.map.remove(&(layer, e)) {
             self.owner[s] = None;
             self.lru.remove(&self.tick_of[s]);
             self.free.push(s);
         }
+    }
+}
+
+/// Expert slots in VRAM.
+pub struct ExpertCache {
+    pub layout: Layout,
+    slab: DBuf,
+    pub lru: SlotLru,
+}
+
+impl ExpertCache {
+    pub fn new(dev: &Device, layout: Layout, slots: usize) -> Result<ExpertCache> {
+        Ok(ExpertCache {
+            layout,
+            slab: dev.alloc(slots * layout.slot)?,
+            lru: SlotLru::new(slots),
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.lru.slots
+    }
+
+    pub fn slot_ptr(&self, slot: usize) -> u64 {
+        self.slab.ptr() + (slot * self.layout.slot) as u64
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn lookup(&mut self, layer: usize, experts: &[usize]) -> Result<Lookup> {
+        self.lru.lookup(layer, experts, "VRAM expert cache")
+    }
+}
+
+/// Expert slots in page-locked host memory: the ExpertSource's misses are staged here, and a
+/// later VRAM miss of an expert still here is one DMA with no read and no staging copy. With
+/// as many slots as one layer's experts it is only the staging buffer.
+pub struct HostTier {
+    slab: Pinned,
+    slot: usize,
+    pub lru: SlotLru,
+}
+
+impl HostTier {
+    pub fn new(dev: &Device, layout: &Layout, slots: usize) -> Result<HostTier> {
+        Ok(HostTier {
+            slab: dev.pinned(slots * layout.slot)?,
+            slot: layout.slot,
+            lru: SlotLru::new(slots),
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.lru.slots
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn lookup(&mut self, layer: usize, experts: &[usize]) -> Result<Lookup> {
+        self.lru.lookup(layer, experts, "pinned host expert cache")
+    }
+
+    /// Slot `i`'s bytes.
+    pub fn slot(&self, i: usize) -> &[u8] {
+        &self.slab.as_slice()[i * self.slot..(i + 1) * self.slot]
+    }
+
+    /// The slots `which` (distinct), mutably, in that order.
+    pub fn slots_mut(&mut self, which: &[usize]) -> Vec<&mut [u8]> {
+        let mut all: Vec<Option<&mut [u8]>> = self
+            .slab
+            .as_mut_slice()
+            .chunks_mut(self.slot)
+            .map(Some)
+            .collect();
+        which
+            .iter()
+            .map(|&i| all[i].take().expect("distinct host slots"))
+            .collect()
     }
 }

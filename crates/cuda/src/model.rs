@@ -1,8 +1,9 @@
 //! The forward pass on the GPU: the loop of arch-spec §3 over layers, one token at a time,
 //! with every weight of `flashmoe_core::model::Model` except the routed experts uploaded once.
 //! Routed experts go through the VRAM cache (cache.rs): the router's top-k ids are copied to
-//! the host, misses are fetched from the model's ExpertSource into pinned staging and copied on
-//! the copy stream while the shared expert runs on the compute stream.
+//! the host, misses come from the pinned host tier or are fetched from the model's ExpertSource
+//! into it, and are copied on the copy stream while the shared expert runs on the compute
+//! stream.
 //!
 //! Owns the GPU state layout and the order of launches. Never does arithmetic on the host
 //! beyond bookkeeping.
@@ -14,7 +15,7 @@ use flashmoe_core::config::ModelConfig;
 use flashmoe_core::model::gdn::GdnProj;
 use flashmoe_core::model::{Ffn, Logits, Mixer, Model};
 
-use crate::cache::{ExpertCache, Layout};
+use crate::cache::{ExpertCache, HostTier, Layout};
 use crate::device::{DBuf, Device, Event, ExpertBatchArgs, Pinned, MAXP};
 use crate::ops::{self, AttnShape, GdnShape, Proj};
 use crate::{CudaError, Result};
@@ -25,6 +26,9 @@ pub struct CudaOptions {
     /// VRAM for the expert cache; None = free VRAM after the dense weights, less `reserve`.
     pub expert_cache_bytes: Option<usize>,
     pub reserve_bytes: usize,
+    /// Page-locked host memory for experts between VRAM and the ExpertSource (LRU); at least
+    /// one layer's experts (the staging of its misses).
+    pub host_cache_bytes: usize,
 }
 
 impl Default for CudaOptions {
@@ -33,6 +37,7 @@ impl Default for CudaOptions {
             device: 0,
             expert_cache_bytes: None,
             reserve_bytes: 2 << 30,
+            host_cache_bytes: 0,
         }
     }
 }
@@ -45,6 +50,8 @@ pub struct CudaCounters {
     pub misses: u64,
     /// Misses copied straight from registered (pinned) host memory, no staging.
     pub direct: u64,
+    /// VRAM misses found in the pinned host tier (one DMA, no read).
+    pub ram_hits: u64,
     pub bytes_copied: u64,
     /// Host time reading misses from the ExpertSource into pinned staging.
     pub fetch: Duration,
@@ -190,6 +197,8 @@ pub struct CudaModel<'m> {
     /// When every expert is in VRAM: slot base per (layer, expert), [layers * E] u64; routed
     /// experts are then found on the device, with no host round trip per layer.
     resident: Option<DBuf>,
+    /// Pinned host slots between VRAM and the ExpertSource (with an expert cache).
+    host: Option<HostTier>,
     /// Two MvBatch (gate‖up, down) written by `router_experts`.
     batch: DBuf,
     /// Last: fields drop in order, and every buffer, event and pinned allocation above must be
@@ -354,7 +363,7 @@ impl<'m> CudaModel<'m> {
                     .expert_cache_bytes
                     .unwrap_or_else(|| free.saturating_sub(opts.reserve_bytes));
                 let slots = (want / layout.slot).clamp(2 * k, all.max(2 * k));
-                Some(ExpertCache::new(&dev, layout, slots, k)?)
+                Some(ExpertCache::new(&dev, layout, slots)?)
             }
             None => None,
         };
@@ -387,6 +396,13 @@ impl<'m> CudaModel<'m> {
             amax_host: dev.pinned(8)?,
         };
         let batch = dev.alloc(2 * std::mem::size_of::<crate::device::MvBatch>())?;
+        let host = match &cache {
+            Some(c) => {
+                let slots = (opts.host_cache_bytes / c.layout.slot).max(k);
+                Some(HostTier::new(&dev, &c.layout, slots)?)
+            }
+            None => None,
+        };
         Ok(CudaModel {
             model: mref,
             cfg,
@@ -407,6 +423,7 @@ impl<'m> CudaModel<'m> {
             dense_touched_bytes: dense_bytes - embed_bytes,
             pinned: Vec::new(),
             resident: None,
+            host,
             batch,
             dense_bytes,
         })
@@ -440,10 +457,15 @@ impl<'m> CudaModel<'m> {
     }
 
     /// Expert cache capacity (slots, bytes) and bytes copied per missed expert.
+    /// (slots, bytes) of the pinned host tier.
+    pub fn host_info(&self) -> Option<(usize, usize)> {
+        self.host.as_ref().map(|h| (h.slots(), h.bytes()))
+    }
+
     pub fn cache_info(&self) -> Option<(usize, usize, usize)> {
         self.cache
             .as_ref()
-            .map(|c| (c.slots, c.bytes(), c.layout.bytes))
+            .map(|c| (c.slots(), c.bytes(), c.layout.bytes))
     }
 
     pub fn new_state(&self) -> Result<CudaState> {
@@ -546,7 +568,7 @@ impl<'m> CudaModel<'m> {
                 continue;
             }
             for e in 0..ne {
-                match cache.slot_of(l, e) {
+                match cache.lru.slot_of(l, e) {
                     Some(s) => tbl[l * ne + e] = cache.slot_ptr(s),
                     None => return Ok(()),
                 }
@@ -844,82 +866,93 @@ impl<'m> CudaModel<'m> {
         if lk.missed.is_empty() {
             return Ok(ptrs);
         }
-        if lk.missed.len() > cache.staging_slots {
-            return Err(CudaError::Invalid(format!(
-                "{} misses in one layer, staging holds {}",
-                lk.missed.len(),
-                cache.staging_slots
-            )));
-        }
         let ids: Vec<usize> = lk.missed.iter().map(|&j| experts[j]).collect();
+        let dsts: Vec<u64> = lk.missed.iter().map(|&j| ptrs[j]).collect();
         let t0 = Instant::now();
-        let src = &self.model.experts;
-        src.prefetch(layer, &ids);
-        let ws = match src.fetch(layer, &ids) {
-            Ok(w) => w,
-            Err(e) => {
-                for &x in &ids {
-                    cache.invalidate(layer, x);
-                }
-                return Err(e.into());
-            }
-        };
-        let lay = cache.layout;
-        if self.copy_pending {
-            // The previous copies are complete: the compute stream waited for them before
-            // work that precedes this call's router result.
-            self.counters.copy_ms += self.dev.elapsed_ms(&self.ev_copy0, &self.ev_copy1)? as f64;
-        }
+        // Host slots are rewritten below: the previous copies out of them must be done (they
+        // are, in the forward pass: the compute stream waited for them before producing the
+        // router result that led here; the wait makes it local).
+        self.collect_copy()?;
         self.dev.record(&self.ev_copy0, &self.dev.copy)?;
-        // Misses whose bytes are already in page-locked memory are copied directly.
-        let mut staged = Vec::new();
-        for (n, w) in ws.iter().enumerate() {
-            let parts = lay.parts(w)?;
-            if self.pinned.is_empty()
-                || !parts
-                    .iter()
-                    .all(|(_, b)| b.is_empty() || is_pinned(&self.pinned, b))
-            {
-                staged.push(n);
-                continue;
+        if let Err(e) = self.copy_misses(layer, &ids, &dsts) {
+            let cache = self.cache.as_mut().expect("cache");
+            let host = self.host.as_mut().expect("host tier");
+            for &x in &ids {
+                cache.lru.invalidate(layer, x);
+                host.lru.invalidate(layer, x);
             }
-            let dst = ptrs[lk.missed[n]];
-            self.counters.direct += 1;
-            for (at, b) in parts {
-                if !b.is_empty() {
-                    self.dev
-                        .htod_async_bytes(dst + at as u64, b, &self.dev.copy)?;
-                }
-            }
-        }
-        // Otherwise staging is a host memcpy per expert (7 MB at 397B, 4-bit): stage the
-        // misses on several cores and start each one's copy as soon as it is staged, so the
-        // copies overlap the staging of the others.
-        if !staged.is_empty() {
-            use rayon::prelude::*;
-            let dev = &self.dev;
-            let dsts: Vec<u64> = staged.iter().map(|&n| ptrs[lk.missed[n]]).collect();
-            let wsel: Vec<&flashmoe_core::experts::ExpertWeights> =
-                staged.iter().map(|&n| &ws[n]).collect();
-            cache.staging.as_mut_slice()[..staged.len() * lay.slot]
-                .par_chunks_mut(lay.slot)
-                .zip(wsel.par_iter().zip(dsts.par_iter()))
-                .try_for_each(|(buf, (w, &dst))| -> Result<()> {
-                    lay.stage(w, buf)?;
-                    dev.bind()?;
-                    // The staging slot is not written again before the copy completes: the
-                    // next layer's staging starts after its router result, which the compute
-                    // stream produces only after waiting for these copies.
-                    dev.htod_async_bytes(dst, buf, &dev.copy)
-                })?;
+            return Err(e);
         }
         self.dev.record(&self.ev_copy1, &self.dev.copy)?;
         self.copy_pending = true;
         self.dev.wait(&self.dev.compute, &self.ev_copy1)?;
         self.counters.fetch += t0.elapsed();
         self.counters.misses += ids.len() as u64;
+        let lay = self.cache.as_ref().expect("cache").layout;
         self.counters.bytes_copied += (ids.len() * lay.bytes) as u64;
         Ok(ptrs)
+    }
+
+    /// Copies experts `ids` of `layer` into the VRAM slots `dsts` on the copy stream: from the
+    /// pinned host tier when there, straight from registered page-locked memory when the
+    /// source's bytes are in it, else read from the ExpertSource into host-tier slots (on
+    /// several cores, each slot's copy starting as soon as it is staged).
+    fn copy_misses(&mut self, layer: usize, ids: &[usize], dsts: &[u64]) -> Result<()> {
+        let lay = self.cache.as_ref().expect("cache").layout;
+        let host = self.host.as_mut().expect("host tier");
+        let hl = host.lookup(layer, ids)?;
+        let mut fill = vec![false; ids.len()];
+        for &n in &hl.missed {
+            fill[n] = true;
+        }
+        for n in (0..ids.len()).filter(|&n| !fill[n]) {
+            self.dev
+                .htod_async_bytes(dsts[n], host.slot(hl.slots[n]), &self.dev.copy)?;
+            self.counters.ram_hits += 1;
+        }
+        if hl.missed.is_empty() {
+            return Ok(());
+        }
+        let need: Vec<usize> = hl.missed.iter().map(|&n| ids[n]).collect();
+        let src = &self.model.experts;
+        src.prefetch(layer, &need);
+        let ws = src.fetch(layer, &need)?;
+        let mut staged = Vec::new();
+        for (m, w) in ws.iter().enumerate() {
+            let n = hl.missed[m];
+            let parts = lay.parts(w)?;
+            let pinned = !self.pinned.is_empty()
+                && parts
+                    .iter()
+                    .all(|(_, b)| b.is_empty() || is_pinned(&self.pinned, b));
+            if !pinned {
+                staged.push((hl.slots[n], w, dsts[n]));
+                continue;
+            }
+            // Already page-locked: no host slot needed.
+            host.lru.invalidate(layer, ids[n]);
+            self.counters.direct += 1;
+            for (at, b) in parts {
+                if !b.is_empty() {
+                    self.dev
+                        .htod_async_bytes(dsts[n] + at as u64, b, &self.dev.copy)?;
+                }
+            }
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        use rayon::prelude::*;
+        let dev = &self.dev;
+        let which: Vec<usize> = staged.iter().map(|x| x.0).collect();
+        host.slots_mut(&which)
+            .into_par_iter()
+            .zip(staged.par_iter())
+            .try_for_each(|(buf, &(_, w, dst))| -> Result<()> {
+                lay.stage(w, buf)?;
+                dev.bind()?;
+                dev.htod_async_bytes(dst, buf, &dev.copy)
+            })
     }
 
     fn ffn(&mut self, l: usize) -> Result<()> {

@@ -449,15 +449,19 @@ fn golden_case(fixture: &str, variant: &str, prefix: &str, section: &str) {
                 .expect("fetch")
         })
         .collect();
-    // (cache bytes, pinned host experts, all experts preloaded: device-side lookup)
-    for (cache, pinned, preload) in [
-        (None, false, false),
-        (Some(1usize), false, false),
-        (Some(1), true, false),
-        (None, false, true),
+    // (cache bytes, pinned host experts, all experts preloaded: device-side lookup, pinned
+    // host tier bytes: 0 = one layer's staging only; with room for every expert, the second
+    // pass over the prompt finds each VRAM miss in it)
+    for (cache, pinned, preload, host) in [
+        (None, false, false, 0),
+        (Some(1usize), false, false, 0),
+        (Some(1), true, false, 0),
+        (None, false, true, 0),
+        (Some(1), false, false, 256usize << 20),
     ] {
         let opts = CudaOptions {
             expert_cache_bytes: cache,
+            host_cache_bytes: host,
             ..Default::default()
         };
         let mut cm = CudaModel::new(&model, &opts).expect("CUDA model");
@@ -516,11 +520,14 @@ fn golden_case(fixture: &str, variant: &str, prefix: &str, section: &str) {
         );
         let c = cm.counters;
         eprintln!(
-            "  counters (pinned {pinned}, preload {preload}): tokens {} hits {} misses {} direct {} bytes {} copy {:.3} ms",
-            c.tokens, c.vram_hits, c.misses, c.direct, c.bytes_copied, c.copy_ms
+            "  counters (pinned {pinned}, preload {preload}, host tier {host}): tokens {} hits {} misses {} ram hits {} direct {} bytes {} copy {:.3} ms",
+            c.tokens, c.vram_hits, c.misses, c.ram_hits, c.direct, c.bytes_copied, c.copy_ms
         );
         assert!(c.misses > 0);
         assert_eq!(c.direct > 0, pinned, "direct copies iff pinned");
+        if host > 0 {
+            assert!(c.ram_hits > 0, "the host tier served the second pass");
+        }
     }
 }
 

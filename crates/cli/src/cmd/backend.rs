@@ -9,6 +9,8 @@ use std::sync::Arc;
 use flashmoe_core::model::Model;
 use flashmoe_core::session::{BackendFactory, CpuBackend, SeqBackend};
 
+use super::common::ModelArgs;
+
 #[derive(Copy, Clone, Debug, ValueEnum, Default, PartialEq, Eq)]
 pub enum BackendKind {
     /// CUDA when built with it and a device is present, else CPU
@@ -31,10 +33,19 @@ pub fn cuda_available() -> bool {
     }
 }
 
+/// Where experts live on a GPU (`--vram-cache-gb`, `--pinned-cache-gb`), in bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GpuOptions {
+    /// VRAM expert cache; `None`: all free VRAM after the dense weights, less a reserve.
+    pub vram_cache_bytes: Option<usize>,
+    /// Page-locked host RAM for experts between VRAM and the disk.
+    pub pinned_cache_bytes: usize,
+}
+
 /// A fresh sequence on the chosen backend, for the token-level commands (`logits`,
 /// `generate`, `run --ids`): the same backends, by the same rule, as the engine's.
-pub fn runner(model: Arc<Model>, kind: BackendKind) -> Result<Box<dyn SeqBackend>> {
-    Ok(match engine_backend(kind)? {
+pub fn runner(model: Arc<Model>, args: &ModelArgs) -> Result<Box<dyn SeqBackend>> {
+    Ok(match engine_backend(args)? {
         Some(f) => f.build(model)?,
         None => Box::new(CpuBackend::new(model)),
     })
@@ -43,25 +54,34 @@ pub fn runner(model: Arc<Model>, kind: BackendKind) -> Result<Box<dyn SeqBackend
 /// What a sequence runs on (`None`: the CPU). `auto` takes CUDA when a device is present and
 /// usable, else the CPU (with a note when a device was found but could not be used); `cuda`
 /// without one fails when the backend is built, with the device's reason.
-pub fn engine_backend(kind: BackendKind) -> Result<Option<BackendFactory>> {
-    match kind {
-        BackendKind::Cpu => Ok(None),
-        BackendKind::Cuda => cuda_factory(false).map(Some),
-        BackendKind::Auto if cuda_available() => cuda_factory(true).map(Some),
-        BackendKind::Auto => Ok(None),
+pub fn engine_backend(args: &ModelArgs) -> Result<Option<BackendFactory>> {
+    let gpu = args.gpu()?;
+    let f = match args.backend {
+        BackendKind::Cpu => None,
+        BackendKind::Cuda => Some(cuda_factory(false, gpu)?),
+        BackendKind::Auto if cuda_available() => Some(cuda_factory(true, gpu)?),
+        BackendKind::Auto => None,
+    };
+    if f.is_none() && (gpu.vram_cache_bytes.is_some() || gpu.pinned_cache_bytes > 0) {
+        eprintln!(
+            "note: --vram-cache-gb and --pinned-cache-gb apply to the GPU; running on the CPU"
+        );
     }
+    Ok(f)
 }
 
 /// The CUDA backend; with `fallback`, a device that cannot be used (no NVRTC, too little VRAM)
 /// gives the CPU backend and a note instead of an error.
 #[cfg(feature = "cuda")]
-fn cuda_factory(fallback: bool) -> Result<BackendFactory> {
+fn cuda_factory(fallback: bool, gpu: GpuOptions) -> Result<BackendFactory> {
+    let opts = flashmoe_cuda::CudaOptions {
+        expert_cache_bytes: gpu.vram_cache_bytes,
+        host_cache_bytes: gpu.pinned_cache_bytes,
+        ..Default::default()
+    };
     Ok(BackendFactory::new(
         "cuda",
-        move |model| match flashmoe_cuda::CudaSeq::new(
-            model.clone(),
-            &flashmoe_cuda::CudaOptions::default(),
-        ) {
+        move |model| match flashmoe_cuda::CudaSeq::new(model.clone(), &opts) {
             Ok(s) => Ok(Box::new(s) as Box<dyn SeqBackend>),
             Err(e) if fallback => {
                 eprintln!("note: CUDA device found but not usable ({e}); running on the CPU");
@@ -73,7 +93,7 @@ fn cuda_factory(fallback: bool) -> Result<BackendFactory> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_factory(_fallback: bool) -> Result<BackendFactory> {
+fn cuda_factory(_fallback: bool, _gpu: GpuOptions) -> Result<BackendFactory> {
     cuda_runner_unavailable()
 }
 

@@ -41,6 +41,14 @@ pub struct ModelArgs {
     /// from the exact f32 path (by up to 3 over 24 decode steps of the tiny test model)
     #[arg(long)]
     pub int8_activations: bool,
+    /// GPU: VRAM for the expert cache, in GB (default: all free VRAM after the dense weights,
+    /// less 2 GB)
+    #[arg(long, value_name = "GB")]
+    pub vram_cache_gb: Option<f64>,
+    /// GPU: page-locked host RAM for experts between VRAM and the disk, in GB (LRU; a VRAM miss
+    /// found there is one copy and no read). Default 0: only one layer's staging
+    #[arg(long, value_name = "GB", default_value_t = 0.0)]
+    pub pinned_cache_gb: f64,
 }
 
 impl ModelArgs {
@@ -48,6 +56,23 @@ impl ModelArgs {
     /// it; a subcommand that builds its own loader from `options` calls it itself.
     pub fn apply_kernel_switches(&self) {
         set_int8_activations(self.int8_activations);
+    }
+
+    /// `--vram-cache-gb` and `--pinned-cache-gb` in bytes.
+    pub fn gpu(&self) -> Result<super::backend::GpuOptions> {
+        let bytes = |flag: &str, gb: f64| -> Result<usize> {
+            if !gb.is_finite() || gb < 0.0 {
+                bail!("{flag}: `{gb}` is not a size in GB (a number >= 0)");
+            }
+            Ok((gb * 1e9) as usize)
+        };
+        Ok(super::backend::GpuOptions {
+            vram_cache_bytes: self
+                .vram_cache_gb
+                .map(|g| bytes("--vram-cache-gb", g))
+                .transpose()?,
+            pinned_cache_bytes: bytes("--pinned-cache-gb", self.pinned_cache_gb)?,
+        })
     }
 
     pub fn options(&self) -> LoadOptions {
@@ -73,7 +98,7 @@ impl ModelArgs {
         self.apply_kernel_switches();
         let opts = flashmoe_runtime::LoadOptions {
             core: self.options(),
-            backend: super::backend::engine_backend(self.backend)?,
+            backend: super::backend::engine_backend(self)?,
             ..Default::default()
         };
         flashmoe_runtime::Engine::open(&self.model, opts)

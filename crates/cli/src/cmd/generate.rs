@@ -21,7 +21,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
-    let mut runner = super::backend::runner(model, a.model.backend)?;
+    let mut runner = super::backend::runner(model, &a.model)?;
     let mut stats = ForwardStats::default();
     let mut logits = runner.forward(&ids, Logits::Last, &mut stats)?;
     let mut out = Vec::with_capacity(a.tokens);

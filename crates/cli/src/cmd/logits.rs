@@ -35,7 +35,7 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     model.check_tokens_at(&ids, 0)?;
-    let mut runner = super::backend::runner(model.clone(), a.model.backend)?;
+    let mut runner = super::backend::runner(model.clone(), &a.model)?;
     let mut stats = ForwardStats::default();
     let mut logits = runner.forward(&ids[..n], Logits::All, &mut stats)?;
     for &id in &ids[n..] {

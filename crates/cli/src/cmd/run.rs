@@ -55,7 +55,7 @@ pub fn run(a: Args) -> Result<()> {
         BackendKind::Auto => super::backend::cuda_available(),
     };
     if cuda {
-        return run_ids_on(model, &ids, a.tokens, a.timing, a.model.backend);
+        return run_ids_on(model, &ids, a.tokens, a.timing, &a.model);
     }
     run_ids(model, &ids, a.tokens, a.timing)
 }
@@ -66,11 +66,11 @@ fn run_ids_on(
     ids: &[u32],
     tokens: usize,
     timing: bool,
-    kind: BackendKind,
+    args: &super::common::ModelArgs,
 ) -> Result<()> {
     use flashmoe_core::model::{ForwardStats, Logits};
     let eos = model.cfg.eos_token_ids.clone();
-    let mut runner = super::backend::runner(model, kind)?;
+    let mut runner = super::backend::runner(model, args)?;
     let mut stats = ForwardStats::default();
     let t0 = Instant::now();
     let mut logits = runner.forward(ids, Logits::Last, &mut stats)?;

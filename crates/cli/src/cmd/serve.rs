@@ -38,7 +38,7 @@ pub fn run(a: Args) -> Result<()> {
     opts.max_body_bytes = a.max_body;
     a.model.apply_kernel_switches();
     opts.load.core = a.model.options();
-    opts.load.backend = super::backend::engine_backend(a.model.backend)?;
+    opts.load.backend = super::backend::engine_backend(&a.model)?;
     opts.load.model_name = a.served_model_name;
     serve(opts)
 }
