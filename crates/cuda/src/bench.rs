@@ -38,6 +38,8 @@ pub struct BenchOptions {
     pub model_decode: bool,
     /// Time the matvec kernels (all paths, all shapes).
     pub kernels: bool,
+    /// Prompt length of the prefill timing (chunked against token by token).
+    pub prefill_tokens: usize,
     /// Also decode with experts in pinned and pageable host RAM (not only in VRAM).
     pub host_modes: bool,
 }
@@ -51,6 +53,7 @@ impl Default for BenchOptions {
             tokens: 32,
             model_decode: true,
             kernels: true,
+            prefill_tokens: 128,
             host_modes: true,
         }
     }
@@ -332,6 +335,35 @@ fn matvec_gbps(dev: &Device, l: &Linear) -> Result<(f64, usize)> {
     Ok((median(v), bytes))
 }
 
+/// Prompt of `n` tokens: ms for the whole prompt through `forward` (chunked prefill), then
+/// token by token through the decode path, each from a fresh state.
+fn time_prefill(cm: &mut CudaModel, n: usize) -> Result<Value> {
+    let vocab = cm.cfg().vocab_size;
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let mut st = cm.new_state()?;
+    let c0 = cm.counters;
+    let t = Instant::now();
+    cm.forward(&ids, &mut st, Logits::Last)?;
+    let chunked = t.elapsed().as_secs_f64() * 1e3;
+    let c1 = cm.counters;
+    let mut st = cm.new_state()?;
+    let t = Instant::now();
+    for &id in &ids {
+        cm.forward(&[id], &mut st, Logits::Last)?;
+    }
+    let stepped = t.elapsed().as_secs_f64() * 1e3;
+    let c2 = cm.counters;
+    Ok(json!({
+        "prompt_tokens": n,
+        "chunked_ms": chunked,
+        "chunked_tok_per_s": n as f64 / chunked * 1e3,
+        "token_by_token_ms": stepped,
+        "chunked_speedup_x": stepped / chunked,
+        "chunked_bytes_copied": c1.bytes_copied - c0.bytes_copied,
+        "token_by_token_bytes_copied": c2.bytes_copied - c1.bytes_copied,
+    }))
+}
+
 /// Where greedy decoding picks the next token.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pick {
@@ -482,6 +514,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         j["next_token"] = json!("argmax on the GPU (greedy)");
         j["ms_per_token_logits_to_host"] = json!(ms_logits);
         j["ms_per_token_4_rows_per_warp"] = json!(r4?.0);
+        j["prefill"] = time_prefill(&mut cm, opts.prefill_tokens)?;
         let n_moe = synth.cfg.num_layers;
         let touched = cm.dense_touched_bytes + n_moe * synth.top_k * ebytes;
         let bound_ms = touched as f64 / (d2d * 1e9) * 1e3;
@@ -521,6 +554,9 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let bound_ms = missed / (h2d * 1e9) * 1e3 + vram_ms;
         j["bound_ms"] = json!(bound_ms);
         j["time_over_bound_ratio"] = json!(ms / bound_ms);
+        if !pinned {
+            j["prefill"] = time_prefill(&mut cm, opts.prefill_tokens)?;
+        }
         let name = if pinned {
             "experts_in_pinned_ram"
         } else {

@@ -804,6 +804,29 @@ extern "C" __global__ void argmax_f32(const float* x, int n, u64* key) {
     }
 }
 
+// Prefill (a chunk of tokens at once). dst[r, :n] = src[rows[r] * ld, :n] for r < nr.
+extern "C" __global__ void gather_rows(const float* src, int ld, const int* rows, int nr, int n, float* dst) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (i < n && r < nr) dst[(long)r * n + i] = src[(long)rows[r] * ld + i];
+}
+
+// x[rows[r] * ld + i] += w[r] * y[r, i] for r < nr, i < n: one routed expert's outputs added to
+// the residual rows of the tokens routed to it (distinct rows within a launch).
+extern "C" __global__ void scatter_add_rows(float* x, int ld, const int* rows, const float* w, int nr, int n,
+                                            const float* y) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (i < n && r < nr) x[(long)rows[r] * ld + i] += w[r] * y[(long)r * n + i];
+}
+
+// x[t, i] += g_t * y[t, i] for t < T, i < n, with g_t = sigmoid(sg[t * lds]) when sg (the shared
+// expert's gate), else 1 (a dense FFN).
+extern "C" __global__ void add_rows_gated(float* x, const float* y, const float* sg, int lds, int T, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (i >= n || t >= T) return;
+    float g = sg ? sigmoidf_(sg[(long)t * lds]) : 1.f;
+    x[(long)t * n + i] += g * y[(long)t * n + i];
+}
+
 // x += d; out = rmsnorm(x) * w. One block (the residual stream of one token).
 extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w, float* out, int n, float eps) {
     __shared__ float red[32];
@@ -930,9 +953,11 @@ __device__ void topk_body(const float* logits, int E, int K, int norm, int* ids,
     }
 }
 
-extern "C" __global__ void router_topk(const float* logits, int E, int K, int norm, int* ids, float* wts) {
+// One block per row: row b's logits at logits + b * ld, its picks at ids/wts + b * K.
+extern "C" __global__ void router_topk(const float* logits, int ld, int E, int K, int norm, int* ids, float* wts) {
     extern __shared__ float p[];
-    topk_body(logits, E, K, norm, ids, wts, p);
+    const long b = blockIdx.x;
+    topk_body(logits + b * ld, E, K, norm, ids + b * K, wts + b * K, p);
 }
 
 // With every expert of the layer resident in VRAM: top-k as above, then the router's ids and the

@@ -199,6 +199,8 @@ pub struct CudaModel<'m> {
     resident: Option<DBuf>,
     /// Pinned host slots between VRAM and the ExpertSource (with an expert cache).
     host: Option<HostTier>,
+    /// Buffers of a prefill chunk, allocated at the first prompt.
+    chunk: Option<prefill::ChunkBufs>,
     /// Two MvBatch (gate‖up, down) written by `router_experts`.
     batch: DBuf,
     /// Last: fields drop in order, and every buffer, event and pinned allocation above must be
@@ -424,6 +426,7 @@ impl<'m> CudaModel<'m> {
             pinned: Vec::new(),
             resident: None,
             host,
+            chunk: None,
             batch,
             dense_bytes,
         })
@@ -620,6 +623,32 @@ impl<'m> CudaModel<'m> {
         self.check_tokens(tokens, state)?;
         let vocab = self.cfg.vocab_size;
         let mut out = Vec::new();
+        if tokens.len() > 1 && self.cache.is_some() {
+            // A prompt: chunks of tokens, each expert read once per chunk (prefill.rs).
+            let nc = tokens.len().div_ceil(prefill::CHUNK);
+            for (i, chunk) in tokens.chunks(prefill::CHUNK).enumerate() {
+                let want_here = if want == Logits::All || i + 1 == nc {
+                    want
+                } else {
+                    Logits::Last
+                };
+                if chunk.len() == 1 {
+                    // A last chunk of one token: the decode path.
+                    let l = self.forward(chunk, state, Logits::Last)?;
+                    out.extend_from_slice(&l);
+                } else {
+                    let l = self.prefill_chunk(chunk, state, want_here)?;
+                    if want_here == Logits::All || i + 1 == nc {
+                        out.extend_from_slice(&l);
+                    }
+                }
+            }
+            if want == Logits::Last {
+                let keep = out.len() - vocab;
+                out.drain(..keep);
+            }
+            return Ok(out);
+        }
         for (i, &id) in tokens.iter().enumerate() {
             let last = i + 1 == tokens.len();
             let need = want == Logits::All || last;
@@ -726,6 +755,87 @@ impl<'m> CudaModel<'m> {
         Ok(())
     }
 
+    /// Layer `l`'s attention or GatedDeltaNet step for the token at `pos` on the residual row
+    /// `x` (in VRAM), then `x += mixer output` and `xn_out = post-norm(x)`, the FFN's input.
+    fn mixer(&self, l: usize, lst: &DState, pos: usize, x: u64, xn_out: u64) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let eps = self.cfg.rms_norm_eps;
+        let layer = &self.layers[l];
+        let s = &self.s;
+        let dev = &self.dev;
+        ops::rmsnorm_rows(dev, x, h, layer.in_norm.ptr(), s.xn.ptr(), h, h, 1, eps)?;
+        match (&layer.mixer, lst) {
+            (DMixer::Attn { qkv, o, qn, kn }, DState::Attn { k, v, .. }) => {
+                let a = self.attn_shape();
+                qkv.run(dev, s.xn.ptr(), s.proj.ptr())?;
+                ops::attn_prep(
+                    dev,
+                    &a,
+                    s.proj.ptr(),
+                    qn.ptr(),
+                    kn.ptr(),
+                    pos,
+                    s.q.ptr(),
+                    k.ptr(),
+                    v.ptr(),
+                )?;
+                ops::attn_decode(
+                    dev,
+                    &a,
+                    s.q.ptr(),
+                    k.ptr(),
+                    v.ptr(),
+                    s.proj.ptr(),
+                    pos + 1,
+                    s.o.ptr(),
+                )?;
+                o.run(dev, s.o.ptr(), s.mix.ptr())?;
+            }
+            (
+                DMixer::Gdn {
+                    proj,
+                    conv_w,
+                    dt_bias,
+                    neg_a,
+                    norm_w,
+                    out,
+                },
+                DState::Gdn { conv, s: st },
+            ) => {
+                let g = self.gdn_shape();
+                let cd = g.conv_dim();
+                let vd = g.nv * g.dv;
+                proj.run(dev, s.xn.ptr(), s.proj.ptr())?;
+                let p = s.proj.ptr();
+                ops::gdn_conv(dev, &g, p, conv.ptr(), conv_w.ptr(), s.u.ptr())?;
+                let z = p + (cd * 4) as u64;
+                let b = z + (vd * 4) as u64;
+                let a = b + (g.nv * 4) as u64;
+                ops::gdn_step(
+                    dev,
+                    &g,
+                    s.u.ptr(),
+                    z,
+                    b,
+                    a,
+                    dt_bias.ptr(),
+                    neg_a.ptr(),
+                    norm_w.ptr(),
+                    st.ptr(),
+                    s.y.ptr(),
+                )?;
+                out.run(dev, s.y.ptr(), s.mix.ptr())?;
+            }
+            _ => {
+                return Err(CudaError::Invalid(format!(
+                    "layer {l}: state does not match the layer kind"
+                )))
+            }
+        }
+        ops::add_rmsnorm(dev, x, s.mix.ptr(), layer.post_norm.ptr(), xn_out, h, eps)?;
+        Ok(())
+    }
+
     /// One token through every layer; logits into `s.logits` when `head`.
     fn token(&mut self, id: u32, state: &mut CudaState, head: bool) -> Result<()> {
         let h = self.cfg.hidden_size;
@@ -740,97 +850,7 @@ impl<'m> CudaModel<'m> {
         )?;
         for l in 0..self.layers.len() {
             self.grow_kv(&mut state.layers[l], pos)?;
-            let layer = &self.layers[l];
-            let s = &self.s;
-            let dev = &self.dev;
-            ops::rmsnorm_rows(
-                dev,
-                s.x.ptr(),
-                h,
-                layer.in_norm.ptr(),
-                s.xn.ptr(),
-                h,
-                h,
-                1,
-                eps,
-            )?;
-            match (&layer.mixer, &state.layers[l]) {
-                (DMixer::Attn { qkv, o, qn, kn }, DState::Attn { k, v, .. }) => {
-                    let a = self.attn_shape();
-                    qkv.run(dev, s.xn.ptr(), s.proj.ptr())?;
-                    ops::attn_prep(
-                        dev,
-                        &a,
-                        s.proj.ptr(),
-                        qn.ptr(),
-                        kn.ptr(),
-                        pos,
-                        s.q.ptr(),
-                        k.ptr(),
-                        v.ptr(),
-                    )?;
-                    ops::attn_decode(
-                        dev,
-                        &a,
-                        s.q.ptr(),
-                        k.ptr(),
-                        v.ptr(),
-                        s.proj.ptr(),
-                        pos + 1,
-                        s.o.ptr(),
-                    )?;
-                    o.run(dev, s.o.ptr(), s.mix.ptr())?;
-                }
-                (
-                    DMixer::Gdn {
-                        proj,
-                        conv_w,
-                        dt_bias,
-                        neg_a,
-                        norm_w,
-                        out,
-                    },
-                    DState::Gdn { conv, s: st },
-                ) => {
-                    let g = self.gdn_shape();
-                    let cd = g.conv_dim();
-                    let vd = g.nv * g.dv;
-                    proj.run(dev, s.xn.ptr(), s.proj.ptr())?;
-                    let p = s.proj.ptr();
-                    ops::gdn_conv(dev, &g, p, conv.ptr(), conv_w.ptr(), s.u.ptr())?;
-                    let z = p + (cd * 4) as u64;
-                    let b = z + (vd * 4) as u64;
-                    let a = b + (g.nv * 4) as u64;
-                    ops::gdn_step(
-                        dev,
-                        &g,
-                        s.u.ptr(),
-                        z,
-                        b,
-                        a,
-                        dt_bias.ptr(),
-                        neg_a.ptr(),
-                        norm_w.ptr(),
-                        st.ptr(),
-                        s.y.ptr(),
-                    )?;
-                    out.run(dev, s.y.ptr(), s.mix.ptr())?;
-                }
-                _ => {
-                    return Err(CudaError::Invalid(format!(
-                        "layer {l}: state does not match the layer kind"
-                    )))
-                }
-            }
-            ops::add_rmsnorm(
-                dev,
-                s.x.ptr(),
-                s.mix.ptr(),
-                layer.post_norm.ptr(),
-                s.xn.ptr(),
-                h,
-                eps,
-            )?;
+            self.mixer(l, &state.layers[l], pos, self.s.x.ptr(), self.s.xn.ptr())?;
             self.ffn(l)?;
         }
         state.pos += 1;
@@ -1175,3 +1195,6 @@ impl Drop for CudaModel<'_> {
         }
     }
 }
+
+#[path = "prefill.rs"]
+mod prefill;

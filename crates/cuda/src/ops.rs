@@ -336,6 +336,15 @@ impl Proj {
         Proj::new(dev, &parts)
     }
 
+    /// y[t, 0..rows] = P x[t] for `n` tokens: x rows `ldx` floats apart, y rows `self.rows`.
+    pub fn run_rows(&self, dev: &Device, x: u64, ldx: usize, y: u64, n: usize) -> Result<()> {
+        for (m, off) in &self.mats {
+            let p = [(m.m.w, m.m.s, m.m.b, x, y + (*off as u64) * 4)];
+            matvec_batch(dev, &dev.compute, &m.m, &p, n, ldx, self.rows)?;
+        }
+        Ok(())
+    }
+
     /// y[0..rows] = P x (one token).
     pub fn run(&self, dev: &Device, x: u64, y: u64) -> Result<()> {
         for (m, off) in &self.mats {
@@ -673,8 +682,24 @@ pub fn router_topk(
     ids: u64,
     wts: u64,
 ) -> Result<()> {
+    router_topk_rows(dev, logits, 0, e, k, norm, ids, wts, 1)
+}
+
+/// [`router_topk`] for `rows` rows of logits `ld` floats apart; picks at ids/wts + row * k.
+#[allow(clippy::too_many_arguments)]
+pub fn router_topk_rows(
+    dev: &Device,
+    logits: u64,
+    ld: usize,
+    e: usize,
+    k: usize,
+    norm: bool,
+    ids: u64,
+    wts: u64,
+    rows: usize,
+) -> Result<()> {
     let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
+        grid_dim: (rows as u32, 1, 1),
         block_dim: (threads_for(e).min(1024), 1, 1),
         shared_mem_bytes: (e * 12) as u32,
     };
@@ -683,11 +708,97 @@ pub fn router_topk(
         cfg,
         &[
             A::P(logits),
+            A::I(ld as i32),
             A::I(e as i32),
             A::I(k as i32),
             A::I(norm as i32),
             A::P(ids),
             A::P(wts),
+        ],
+    )
+}
+
+/// Launch shape of the row kernels: a block per 256 elements of a row, a grid row per row.
+fn rows_cfg(n: usize, rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256) as u32, rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// dst[r] = src[rows[r]] for `nr` rows of `n` floats (`src` rows `ld` floats apart).
+pub fn gather_rows(
+    dev: &Device,
+    src: u64,
+    ld: usize,
+    rows: u64,
+    nr: usize,
+    n: usize,
+    dst: u64,
+) -> Result<()> {
+    dev.launch(
+        "gather_rows",
+        rows_cfg(n, nr),
+        &[
+            A::P(src),
+            A::I(ld as i32),
+            A::P(rows),
+            A::I(nr as i32),
+            A::I(n as i32),
+            A::P(dst),
+        ],
+    )
+}
+
+/// x[rows[r]] += w[r] * y[r] for `nr` rows of `n` floats (`x` rows `ld` floats apart).
+#[allow(clippy::too_many_arguments)]
+pub fn scatter_add_rows(
+    dev: &Device,
+    x: u64,
+    ld: usize,
+    rows: u64,
+    w: u64,
+    nr: usize,
+    n: usize,
+    y: u64,
+) -> Result<()> {
+    dev.launch(
+        "scatter_add_rows",
+        rows_cfg(n, nr),
+        &[
+            A::P(x),
+            A::I(ld as i32),
+            A::P(rows),
+            A::P(w),
+            A::I(nr as i32),
+            A::I(n as i32),
+            A::P(y),
+        ],
+    )
+}
+
+/// x[t] += g_t y[t] for `t` < `rows` rows of `n` floats; g_t = sigmoid(sg[t * lds]), or 1 when
+/// `sg` is 0.
+pub fn add_rows_gated(
+    dev: &Device,
+    x: u64,
+    y: u64,
+    sg: u64,
+    lds: usize,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    dev.launch(
+        "add_rows_gated",
+        rows_cfg(n, rows),
+        &[
+            A::P(x),
+            A::P(y),
+            A::P(sg),
+            A::I(lds as i32),
+            A::I(rows as i32),
+            A::I(n as i32),
         ],
     )
 }
