@@ -623,8 +623,11 @@ impl<'m> CudaModel<'m> {
         self.check_tokens(tokens, state)?;
         let vocab = self.cfg.vocab_size;
         let mut out = Vec::new();
-        if tokens.len() > 1 && self.cache.is_some() {
-            // A prompt: chunks of tokens, each expert read once per chunk (prefill.rs).
+        if tokens.len() > 1 && self.cache.is_some() && self.resident.is_none() {
+            // A prompt with experts streamed in: chunks of tokens, each expert read once per
+            // chunk (prefill.rs). With every expert resident the token path is faster (its
+            // expert lookup and launches are on the device; measured 221 against 311 ms for 128
+            // tokens of the 8-layer 397B-shaped model on an H200).
             let nc = tokens.len().div_ceil(prefill::CHUNK);
             for (i, chunk) in tokens.chunks(prefill::CHUNK).enumerate() {
                 let want_here = if want == Logits::All || i + 1 == nc {
@@ -729,7 +732,9 @@ impl<'m> CudaModel<'m> {
         self.collect_copy()
     }
 
-    fn grow_kv(&self, st: &mut DState, pos: usize) -> Result<()> {
+    /// Makes room in an attention layer's KV cache for position `pos`, keeping the first
+    /// `live` rows (the positions already written).
+    fn grow_kv(&self, st: &mut DState, live: usize, pos: usize) -> Result<()> {
         if let DState::Attn { k, v, cap } = st {
             if pos < *cap {
                 return Ok(());
@@ -743,9 +748,9 @@ impl<'m> CudaModel<'m> {
             let nv = self.dev.alloc(ncap * row)?;
             if *cap > 0 {
                 self.dev
-                    .dtod_async(nk.ptr(), k.ptr(), pos * row, &self.dev.compute)?;
+                    .dtod_async(nk.ptr(), k.ptr(), live * row, &self.dev.compute)?;
                 self.dev
-                    .dtod_async(nv.ptr(), v.ptr(), pos * row, &self.dev.compute)?;
+                    .dtod_async(nv.ptr(), v.ptr(), live * row, &self.dev.compute)?;
                 self.dev.sync()?;
             }
             *k = nk;
@@ -849,7 +854,7 @@ impl<'m> CudaModel<'m> {
             self.s.x.ptr(),
         )?;
         for l in 0..self.layers.len() {
-            self.grow_kv(&mut state.layers[l], pos)?;
+            self.grow_kv(&mut state.layers[l], pos, pos)?;
             self.mixer(l, &state.layers[l], pos, self.s.x.ptr(), self.s.xn.ptr())?;
             self.ffn(l)?;
         }

@@ -112,7 +112,7 @@ impl CudaModel<'_> {
             )?;
         }
         for l in 0..self.layers.len() {
-            self.grow_kv(&mut state.layers[l], pos + n - 1)?;
+            self.grow_kv(&mut state.layers[l], pos, pos + n - 1)?;
             for t in 0..n {
                 let r = t as u64 * hb;
                 self.mixer(l, &state.layers[l], pos + t, x + r, xn + r)?;
