@@ -189,6 +189,15 @@ impl SlotLru {
     /// another of the same call. `what` names the cache in the error when it has fewer slots
     /// than one call's experts.
     pub fn lookup(&mut self, layer: usize, experts: &[usize], what: &str) -> Result<Lookup> {
+        // Refused before anything changes: with no more experts than slots, a slot untouched by
+        // this call is always there to evict.
+        if experts.len() > self.slots {
+            return Err(CudaError::Invalid(format!(
+                "{what} of {} slots is smaller than one layer's experts ({})",
+                self.slots,
+                experts.len()
+            )));
+        }
         let start = self.now + 1;
         let mut slots = Vec::with_capacity(experts.len());
         let mut missed = Vec::new();
@@ -201,13 +210,13 @@ impl SlotLru {
             let s = match self.free.pop() {
                 Some(s) => s,
                 None => {
-                    let oldest = self.lru.iter().next().map(|(&t, &s)| (t, s));
-                    let Some((_, s)) = oldest.filter(|&(t, _)| t < start) else {
-                        return Err(CudaError::Invalid(format!(
-                            "{what} of {} slots is smaller than one layer's experts",
-                            self.slots
-                        )));
-                    };
+                    let (t, s) = self
+                        .lru
+                        .iter()
+                        .next()
+                        .map(|(&t, &s)| (t, s))
+                        .expect("a full cache has a least recent slot");
+                    debug_assert!(t < start, "more experts than slots was refused above");
                     if let Some(k) = self.owner[s].take() {
                         self.map.remove(&k);
                     }
@@ -306,17 +315,62 @@ impl HostTier {
         &self.slab.as_slice()[i * self.slot..(i + 1) * self.slot]
     }
 
-    /// The slots `which` (distinct), mutably, in that order.
+    /// The slots `which` (distinct), mutably, in that order: split off the slab in slot order,
+    /// so the cost follows the slots asked for, not the tier's size.
     pub fn slots_mut(&mut self, which: &[usize]) -> Vec<&mut [u8]> {
-        let mut all: Vec<Option<&mut [u8]>> = self
-            .slab
-            .as_mut_slice()
-            .chunks_mut(self.slot)
-            .map(Some)
-            .collect();
-        which
-            .iter()
-            .map(|&i| all[i].take().expect("distinct host slots"))
+        let mut order: Vec<usize> = (0..which.len()).collect();
+        order.sort_by_key(|&j| which[j]);
+        let mut out: Vec<Option<&mut [u8]>> = which.iter().map(|_| None).collect();
+        let mut rest = self.slab.as_mut_slice();
+        let mut next = 0;
+        for j in order {
+            let i = which[j];
+            assert!(i >= next, "host slots asked for twice");
+            let tail = std::mem::take(&mut rest);
+            let (slot, tail) = tail[(i - next) * self.slot..].split_at_mut(self.slot);
+            out[j] = Some(slot);
+            rest = tail;
+            next = i + 1;
+        }
+        out.into_iter()
+            .map(|s| s.expect("every slot split off"))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlotLru;
+
+    #[test]
+    fn slot_lru_hits_evicts_least_recent_and_refuses_an_oversized_call() {
+        let mut c = SlotLru::new(3);
+        let a = c.lookup(0, &[5, 6], "cache").unwrap();
+        assert_eq!(a.missed, vec![0, 1]);
+        // 5 is used again, so 6 is now the least recent.
+        let b = c.lookup(0, &[5], "cache").unwrap();
+        assert!(b.missed.is_empty());
+        assert_eq!(b.slots, vec![a.slots[0]]);
+        let d = c.lookup(1, &[5, 7], "cache").unwrap();
+        assert_eq!(d.missed, vec![0, 1], "layer 1's expert 5 is another key");
+        // Three slots held by (0,5), (1,5), (1,7); (0,6) was evicted for one of them.
+        assert_eq!(c.slot_of(0, 6), None);
+        assert!(c.slot_of(0, 5).is_some());
+        // A call never evicts its own entries: four experts do not fit three slots, and the
+        // refusal leaves the cache as it was.
+        let e = c
+            .lookup(2, &[1, 2, 3, 4], "test cache")
+            .err()
+            .expect("too small");
+        assert!(e.to_string().contains("test cache of 3 slots"), "{e}");
+        assert!(c.slot_of(0, 5).is_some() && c.slot_of(1, 7).is_some());
+        assert_eq!(c.slot_of(2, 1), None);
+        // A forgotten entry misses again and its slot is reused first.
+        let mut c = SlotLru::new(2);
+        let s = c.lookup(0, &[1, 2], "cache").unwrap().slots;
+        c.invalidate(0, 1);
+        assert_eq!(c.slot_of(0, 1), None);
+        let again = c.lookup(0, &[1], "cache").unwrap();
+        assert_eq!((again.missed, again.slots), (vec![0], vec![s[0]]));
     }
 }

@@ -621,7 +621,6 @@ impl<'m> CudaModel<'m> {
         want: Logits,
     ) -> Result<Vec<f32>> {
         self.check_tokens(tokens, state)?;
-        let vocab = self.cfg.vocab_size;
         let mut out = Vec::new();
         if tokens.len() > 1 && self.cache.is_some() && self.resident.is_none() {
             // A prompt with experts streamed in: chunks of tokens, each expert read once per
@@ -630,25 +629,13 @@ impl<'m> CudaModel<'m> {
             // tokens of the 8-layer 397B-shaped model on an H200).
             let nc = tokens.len().div_ceil(prefill::CHUNK);
             for (i, chunk) in tokens.chunks(prefill::CHUNK).enumerate() {
-                let want_here = if want == Logits::All || i + 1 == nc {
-                    want
-                } else {
-                    Logits::Last
+                let l = match chunk.len() {
+                    1 => self.forward(chunk, state, want)?,
+                    _ => self.prefill_chunk(chunk, state, want)?,
                 };
-                if chunk.len() == 1 {
-                    // A last chunk of one token: the decode path.
-                    let l = self.forward(chunk, state, Logits::Last)?;
+                if want == Logits::All || i + 1 == nc {
                     out.extend_from_slice(&l);
-                } else {
-                    let l = self.prefill_chunk(chunk, state, want_here)?;
-                    if want_here == Logits::All || i + 1 == nc {
-                        out.extend_from_slice(&l);
-                    }
                 }
-            }
-            if want == Logits::Last {
-                let keep = out.len() - vocab;
-                out.drain(..keep);
             }
             return Ok(out);
         }
@@ -657,17 +644,7 @@ impl<'m> CudaModel<'m> {
             let need = want == Logits::All || last;
             self.token(id, state, need)?;
             if need {
-                let s = &self.s;
-                self.dev.dtoh_async(
-                    &s.logits_host,
-                    s.logits.ptr(),
-                    vocab * 4,
-                    &self.dev.compute,
-                )?;
-                self.dev.sync()?;
-                out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(
-                    &s.logits_host.as_slice()[..vocab * 4],
-                ));
+                self.read_logits(&mut out)?;
             } else {
                 self.dev.sync()?;
             }
@@ -698,6 +675,18 @@ impl<'m> CudaModel<'m> {
             self.finish_token()?;
         }
         Ok(next)
+    }
+
+    /// Appends `s.logits` (after the compute stream's work) to `out`, through pinned memory.
+    fn read_logits(&self, out: &mut Vec<f32>) -> Result<()> {
+        let (s, vocab) = (&self.s, self.cfg.vocab_size);
+        self.dev
+            .dtoh_async(&s.logits_host, s.logits.ptr(), vocab * 4, &self.dev.compute)?;
+        self.dev.sync()?;
+        out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(
+            &s.logits_host.as_slice()[..vocab * 4],
+        ));
+        Ok(())
     }
 
     fn check_tokens(&self, tokens: &[u32], state: &CudaState) -> Result<()> {

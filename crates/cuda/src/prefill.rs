@@ -143,12 +143,7 @@ impl CudaModel<'_> {
             if t + 1 == n {
                 self.dev.record(&self.ev_tok1, &self.dev.compute)?;
             }
-            self.dev
-                .dtoh_async(&s.logits_host, s.logits.ptr(), vocab * 4, &self.dev.compute)?;
-            self.dev.sync()?;
-            out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(
-                &s.logits_host.as_slice()[..vocab * 4],
-            ));
+            self.read_logits(&mut out)?;
         }
         self.counters.tokens += n as u64;
         self.counters.compute_ms += self.dev.elapsed_ms(&self.ev_tok0, &self.ev_tok1)? as f64;
