@@ -354,6 +354,9 @@ fn time_prefill(cm: &mut CudaModel, n: usize) -> Result<Value> {
     let stepped = t.elapsed().as_secs_f64() * 1e3;
     let c2 = cm.counters;
     Ok(json!({
+        // With every expert resident, `forward` keeps prompts on the token path too (measured
+        // faster there); the A/B then shows per-call overhead and per-token logits readback.
+        "prompt_path": if cm.all_resident() { "token by token (experts resident)" } else { "chunked" },
         "prompt_tokens": n,
         "chunked_ms": chunked,
         "chunked_tok_per_s": n as f64 / chunked * 1e3,
