@@ -495,3 +495,30 @@ fn int8_activations_bound() {
         assert_eq!(got, want, "8-bit weights stay on the exact kernel");
     }
 }
+
+/// The AVX2 widening of scales and biases (decode kernel) gives exactly `to_f32_into`'s values.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn widen_scales_matches_plain_twin() {
+    if !x86::available() {
+        flashmoe_testdata::say_skipped("no AVX2/FMA/F16C");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(9);
+    let v = gauss(&mut rng, 53);
+    let b: Vec<half::bf16> = v.iter().map(|x| half::bf16::from_f32(*x)).collect();
+    let h: Vec<half::f16> = v.iter().map(|x| half::f16::from_f32(*x)).collect();
+    for s in [Scales::Bf16(&b), Scales::F16(&h), Scales::F32(&v)] {
+        for (start, n) in [(0, 0), (0, 7), (0, 8), (3, 17), (5, 48), (0, 53)] {
+            let mut want = vec![0f32; n];
+            let mut got = vec![1f32; n];
+            s.to_f32_into(start, &mut want);
+            x86::widen_checked(&s, start, &mut got);
+            let same = want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "start {start} n {n}: {got:?} vs {want:?}");
+        }
+    }
+}
