@@ -105,27 +105,12 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
         widen(&a.biases, row * ng, &mut bbuf);
         let wrow = &a.w[row * wpr..(row + 1) * wpr];
         let wp = wrow.as_ptr();
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..nb {
-            // Block b reads words [8b, 8b + 8) < wpr and xt [b e, (b + 1) e) <= cols.
-            let w = _mm256_loadu_si256(wp.add(b * 8) as *const __m256i);
-            let xb = xp.add(b * e);
-            // Two accumulators halve the FMA dependency chain. Codes k < pw - 1 are masked in
-            // place (x is prescaled by 2^(-BITS k)), the last one is shifted down.
-            let mut acc2 = [_mm256_setzero_ps(); 2];
-            for k in 0..pw {
-                let q = if k + 1 < pw {
-                    _mm256_and_si256(w, masks[k])
-                } else {
-                    _mm256_srli_epi32::<LAST>(w)
-                };
-                let xk = _mm256_loadu_ps(xb.add(k * 8));
-                acc2[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xk, acc2[k & 1]);
-            }
-            let (a0, a1) = (acc2[0], acc2[1]);
-            let sv = lane_values(sbuf.as_ptr(), (b * e) >> gshift, lpg, idx);
-            acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), sv, acc);
-        }
+        // Whether every block lies inside one group is known per call, not per block.
+        let acc = if lpg >= 8 {
+            row_blocks::<BITS, LAST, true>(wp, xp, sbuf.as_ptr(), nb, &masks, gshift, idx)
+        } else {
+            row_blocks::<BITS, LAST, false>(wp, xp, sbuf.as_ptr(), nb, &masks, gshift, idx)
+        };
         let mut tail = 0f32;
         for j in nb * e..a.cols {
             // Past the last whole block `xt` is in natural order and not prescaled.
@@ -134,6 +119,50 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
         }
         *yi = hsum(acc) + tail + dot_f32_avx2(&bbuf, &prep.xsum);
     }
+}
+
+/// The whole blocks of one row of `affine_rows_avx2`: `Σ_b (codes_b · x_b) * scale lanes_b`.
+/// `BCAST`: each block lies inside one group, so its scale is one broadcast (else lanes take
+/// their group's scale through `idx`). Block b reads words `[8b, 8b + 8)` of `wp` and
+/// `xp[b e .. (b + 1) e]`; `sp` holds the row's scales as f32, padded by 8.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_blocks<const BITS: i32, const LAST: i32, const BCAST: bool>(
+    wp: *const u32,
+    xp: *const f32,
+    sp: *const f32,
+    nb: usize,
+    masks: &[__m256i; 16],
+    gshift: u32,
+    idx: __m256i,
+) -> __m256 {
+    let pw = 32 / BITS as usize;
+    let e = 8 * pw;
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let w = _mm256_loadu_si256(wp.add(b * 8) as *const __m256i);
+        let xb = xp.add(b * e);
+        // Two accumulators halve the FMA dependency chain. Codes k < pw - 1 are masked in
+        // place (x is prescaled by 2^(-BITS k)), the last one is shifted down.
+        let mut acc2 = [_mm256_setzero_ps(); 2];
+        for k in 0..pw {
+            let q = if k + 1 < pw {
+                _mm256_and_si256(w, masks[k])
+            } else {
+                _mm256_srli_epi32::<LAST>(w)
+            };
+            let xk = _mm256_loadu_ps(xb.add(k * 8));
+            acc2[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xk, acc2[k & 1]);
+        }
+        // A block inside one group: group = b >> log2(group / e) (a group is >= e then).
+        let sv = if BCAST {
+            _mm256_set1_ps(*sp.add(b >> (gshift - e.trailing_zeros())))
+        } else {
+            _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp.add((b * e) >> gshift)), idx)
+        };
+        acc = _mm256_fmadd_ps(_mm256_add_ps(acc2[0], acc2[1]), sv, acc);
+    }
+    acc
 }
 
 /// Dequantises one affine row into `out [cols]` in the lane-permuted order of
@@ -510,9 +539,24 @@ unsafe fn widen(s: &Scales, start: usize, out: &mut [f32]) {
     let n = out.len();
     let n8 = n / 8 * 8;
     let op = out.as_mut_ptr();
-    for j in (0..n8).step_by(8) {
-        // [start + j, start + j + 8) <= start + n: inside `s`.
-        _mm256_storeu_ps(op.add(j), load8(s, start + j));
+    // One match per call; [start + j, start + j + 8) <= start + n lies inside `s`.
+    match s {
+        Scales::Bf16(v) => {
+            let p = v.as_ptr().add(start) as *const __m128i;
+            for j in (0..n8).step_by(8) {
+                let h = _mm_loadu_si128((p as *const u16).add(j) as *const __m128i);
+                let f = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                _mm256_storeu_ps(op.add(j), _mm256_castsi256_ps(f));
+            }
+        }
+        Scales::F16(v) => {
+            let p = v.as_ptr().add(start) as *const u16;
+            for j in (0..n8).step_by(8) {
+                let h = _mm_loadu_si128(p.add(j) as *const __m128i);
+                _mm256_storeu_ps(op.add(j), _mm256_cvtph_ps(h));
+            }
+        }
+        Scales::F32(v) => out[..n8].copy_from_slice(&v[start..start + n8]),
     }
     for (j, o) in out.iter_mut().enumerate().skip(n8) {
         *o = s.get(start + j);
