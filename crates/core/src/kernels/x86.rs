@@ -302,17 +302,14 @@ pub(crate) fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32]) -> f32 {
     let n = w.len();
-    let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut acc = [_mm256_setzero_ps(); 4];
     let n32 = n / 32 * 32;
     let mut j = 0;
     while j < n32 {
         for (u, a) in acc.iter_mut().enumerate() {
             let o = j + u * 8;
-            // bf16 is the top half of an f32: widen to 32 bits and shift into place.
-            let h = _mm_loadu_si128(wp.add(o) as *const __m128i);
-            let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
-            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(o)), *a);
+            *a = _mm256_fmadd_ps(bf16x8(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
         }
         j += 32;
     }
@@ -333,15 +330,14 @@ pub(crate) fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f16_avx2(w: &[f16], x: &[f32]) -> f32 {
     let n = w.len();
-    let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut acc = [_mm256_setzero_ps(); 4];
     let n32 = n / 32 * 32;
     let mut j = 0;
     while j < n32 {
         for (u, a) in acc.iter_mut().enumerate() {
             let o = j + u * 8;
-            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(o) as *const __m128i));
-            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(o)), *a);
+            *a = _mm256_fmadd_ps(f16x8(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
         }
         j += 32;
     }
@@ -542,18 +538,15 @@ unsafe fn widen(s: &Scales, start: usize, out: &mut [f32]) {
     // One match per call; [start + j, start + j + 8) <= start + n lies inside `s`.
     match s {
         Scales::Bf16(v) => {
-            let p = v.as_ptr().add(start) as *const __m128i;
+            let p = v.as_ptr().add(start);
             for j in (0..n8).step_by(8) {
-                let h = _mm_loadu_si128((p as *const u16).add(j) as *const __m128i);
-                let f = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-                _mm256_storeu_ps(op.add(j), _mm256_castsi256_ps(f));
+                _mm256_storeu_ps(op.add(j), bf16x8(p.add(j)));
             }
         }
         Scales::F16(v) => {
-            let p = v.as_ptr().add(start) as *const u16;
+            let p = v.as_ptr().add(start);
             for j in (0..n8).step_by(8) {
-                let h = _mm_loadu_si128(p.add(j) as *const __m128i);
-                _mm256_storeu_ps(op.add(j), _mm256_cvtph_ps(h));
+                _mm256_storeu_ps(op.add(j), f16x8(p.add(j)));
             }
         }
         Scales::F32(v) => out[..n8].copy_from_slice(&v[start..start + n8]),
@@ -563,15 +556,25 @@ unsafe fn widen(s: &Scales, start: usize, out: &mut [f32]) {
     }
 }
 
+/// Eight bf16 at `p` as f32 (bf16 is the top half of an f32: widen, shift into place).
+#[inline(always)]
+unsafe fn bf16x8(p: *const bf16) -> __m256 {
+    let h = _mm_loadu_si128(p as *const __m128i);
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+/// Eight f16 at `p` as f32 (F16C).
+#[inline(always)]
+unsafe fn f16x8(p: *const f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
 /// Eight values `s[i .. i + 8]` widened to f32.
 #[inline(always)]
 unsafe fn load8(s: &Scales, i: usize) -> __m256 {
     match s {
-        Scales::Bf16(v) => {
-            let h = _mm_loadu_si128(v.as_ptr().add(i) as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-        }
-        Scales::F16(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i)),
+        Scales::Bf16(v) => bf16x8(v.as_ptr().add(i)),
+        Scales::F16(v) => f16x8(v.as_ptr().add(i)),
         Scales::F32(v) => _mm256_loadu_ps(v.as_ptr().add(i)),
     }
 }
