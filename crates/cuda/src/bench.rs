@@ -21,7 +21,7 @@ use flashmoe_core::store::DType;
 use flashmoe_core::weights::Linear;
 
 use crate::device::Device;
-use crate::model::{CudaModel, CudaOptions};
+use crate::model::{CudaModel, CudaOptions, PromptPath};
 use crate::ops::{self, linear_bytes, DevMat, Fmt};
 use crate::Result;
 
@@ -335,35 +335,49 @@ fn matvec_gbps(dev: &Device, l: &Linear) -> Result<(f64, usize)> {
     Ok((median(v), bytes))
 }
 
-/// Prompt of `n` tokens: ms for the whole prompt through `forward` (chunked prefill), then
-/// token by token through the decode path, each from a fresh state.
+/// Prompt of `n` tokens through `forward`, each path from a fresh state: chunked (each expert
+/// read once per chunk), the token path (one call, logits of the last token only), and one
+/// `forward` call per token (logits read back each time).
 fn time_prefill(cm: &mut CudaModel, n: usize) -> Result<Value> {
     let vocab = cm.cfg().vocab_size;
     let ids: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
-    let mut st = cm.new_state()?;
-    let c0 = cm.counters;
-    let t = Instant::now();
-    cm.forward(&ids, &mut st, Logits::Last)?;
-    let chunked = t.elapsed().as_secs_f64() * 1e3;
-    let c1 = cm.counters;
-    let mut st = cm.new_state()?;
-    let t = Instant::now();
-    for &id in &ids {
-        cm.forward(&[id], &mut st, Logits::Last)?;
-    }
-    let stepped = t.elapsed().as_secs_f64() * 1e3;
-    let c2 = cm.counters;
+    let auto = if cm.all_resident() {
+        "token path"
+    } else {
+        "chunked"
+    };
+    let run = |cm: &mut CudaModel, path: PromptPath| -> Result<(f64, u64)> {
+        cm.prompt_path = path;
+        let mut st = cm.new_state()?;
+        let c0 = cm.counters.bytes_copied;
+        let t = Instant::now();
+        let r = match path {
+            PromptPath::Auto => ids
+                .iter()
+                .try_for_each(|&id| cm.forward(&[id], &mut st, Logits::Last).map(|_| ())),
+            _ => cm.forward(&ids, &mut st, Logits::Last).map(|_| ()),
+        };
+        cm.prompt_path = PromptPath::Auto;
+        r?;
+        Ok((
+            t.elapsed().as_secs_f64() * 1e3,
+            cm.counters.bytes_copied - c0,
+        ))
+    };
+    let (chunked, chunked_bytes) = run(cm, PromptPath::Chunked)?;
+    let (token, token_bytes) = run(cm, PromptPath::TokenByToken)?;
+    // Auto with one token per call is the token path, one call per token.
+    let (stepped, _) = run(cm, PromptPath::Auto)?;
     Ok(json!({
-        // With every expert resident, `forward` keeps prompts on the token path too (measured
-        // faster there); the A/B then shows per-call overhead and per-token logits readback.
-        "prompt_path": if cm.all_resident() { "token by token (experts resident)" } else { "chunked" },
         "prompt_tokens": n,
+        "auto_takes": auto,
         "chunked_ms": chunked,
         "chunked_tok_per_s": n as f64 / chunked * 1e3,
-        "token_by_token_ms": stepped,
-        "chunked_speedup_x": stepped / chunked,
-        "chunked_bytes_copied": c1.bytes_copied - c0.bytes_copied,
-        "token_by_token_bytes_copied": c2.bytes_copied - c1.bytes_copied,
+        "token_path_ms": token,
+        "one_call_per_token_ms": stepped,
+        "chunked_speedup_x": token / chunked,
+        "chunked_bytes_copied": chunked_bytes,
+        "token_path_bytes_copied": token_bytes,
     }))
 }
 

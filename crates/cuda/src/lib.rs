@@ -15,7 +15,7 @@ pub mod seq;
 
 pub use bench::{bench_cuda, BenchOptions};
 pub use device::Device;
-pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState, ModelRef};
+pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState, ModelRef, PromptPath};
 pub use seq::CudaSeq;
 
 #[derive(Debug, thiserror::Error)]

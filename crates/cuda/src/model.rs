@@ -172,6 +172,19 @@ impl Deref for ModelRef<'_> {
     }
 }
 
+/// How `forward` runs a prompt (several tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptPath {
+    /// Chunked when experts stream in, token by token when every expert is resident in VRAM:
+    /// there the token path's device-side expert lookup beat the chunk path's per-expert
+    /// launches (`bench`'s prefill A/B, `prefill.chunked_ms` against `token_path_ms`: 311
+    /// against 221 ms for 128 tokens of the 8-layer 397B-shaped model on an H200).
+    #[default]
+    Auto,
+    Chunked,
+    TokenByToken,
+}
+
 pub struct CudaModel<'m> {
     pub model: ModelRef<'m>,
     cfg: ModelConfig,
@@ -201,6 +214,8 @@ pub struct CudaModel<'m> {
     host: Option<HostTier>,
     /// Buffers of a prefill chunk, allocated at the first prompt.
     chunk: Option<prefill::ChunkBufs>,
+    /// How prompts run (bench A/B; `Auto` elsewhere).
+    pub prompt_path: PromptPath,
     /// Two MvBatch (gate‖up, down) written by `router_experts`.
     batch: DBuf,
     /// Last: fields drop in order, and every buffer, event and pinned allocation above must be
@@ -427,6 +442,7 @@ impl<'m> CudaModel<'m> {
             resident: None,
             host,
             chunk: None,
+            prompt_path: PromptPath::Auto,
             batch,
             dense_bytes,
         })
@@ -622,11 +638,13 @@ impl<'m> CudaModel<'m> {
     ) -> Result<Vec<f32>> {
         self.check_tokens(tokens, state)?;
         let mut out = Vec::new();
-        if tokens.len() > 1 && self.cache.is_some() && self.resident.is_none() {
-            // A prompt with experts streamed in: chunks of tokens, each expert read once per
-            // chunk (prefill.rs). With every expert resident the token path is faster (its
-            // expert lookup and launches are on the device; measured 221 against 311 ms for 128
-            // tokens of the 8-layer 397B-shaped model on an H200).
+        let chunked = match self.prompt_path {
+            PromptPath::Auto => self.resident.is_none(),
+            PromptPath::Chunked => true,
+            PromptPath::TokenByToken => false,
+        };
+        if tokens.len() > 1 && self.cache.is_some() && chunked {
+            // A prompt: chunks of tokens, each expert read once per chunk (prefill.rs).
             let nc = tokens.len().div_ceil(prefill::CHUNK);
             for (i, chunk) in tokens.chunks(prefill::CHUNK).enumerate() {
                 let l = match chunk.len() {
