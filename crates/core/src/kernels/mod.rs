@@ -42,7 +42,7 @@ pub use reference::{dequantize, dequantize_row, matmul_ref, matvec_ref};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// Per-group scales or biases of an affine-quantised matrix, `[rows, cols / group]`.
 /// MLX stores them in the dtype the model was converted from (bf16, f16 or f32).
@@ -244,6 +244,14 @@ pub fn isa_name() -> &'static str {
 
 /// Runs `f(first_row, y_chunk)` over `y` (one value per row, or `per_row` values per row),
 /// in parallel on rayon's global pool when `work` weights are enough to pay for it.
+///
+/// The calling thread takes part: it and `threads - 1` helpers spawned on the pool claim
+/// chunks of rows from a shared counter until none is left. From a thread outside the pool
+/// (decode's main thread) a rayon `par_chunks` would instead block the caller and wake every
+/// worker, and a product of a few hundred microseconds (an expert's 1024x4096 4-bit matrix is
+/// ~2.3 MB, ~0.2 ms) lost a good part of its second core to those wake-ups (futex and
+/// `sched_yield` were ~15% of a profile of `bench kernels`). A helper that wakes late simply
+/// claims fewer chunks.
 fn for_row_chunks(
     par_min: usize,
     work: usize,
@@ -257,13 +265,48 @@ fn for_row_chunks(
         f(0, y);
         return;
     }
-    // A few chunks per thread so an uneven core (another process, a page fault) does not stall
-    // the whole product, but not so many that scheduling dominates.
-    let chunk = rows.div_ceil(threads * 4).max(1);
-    y.par_chunks_mut(chunk * per_row)
-        .enumerate()
-        .for_each(|(i, yc)| f(i * chunk, yc));
+    // Enough chunks per thread that a late or preempted helper costs little, few enough that
+    // claiming one is nothing next to computing it.
+    let chunk = rows.div_ceil(threads * CHUNKS_PER_THREAD);
+    let parts: Vec<std::sync::Mutex<&mut [f32]>> = y
+        .chunks_mut(chunk * per_row)
+        .map(std::sync::Mutex::new)
+        .collect();
+    let n = parts.len();
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let claim = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        // Each index is claimed once, so the lock is never contended.
+        let mut yc = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+        f(i * chunk, &mut yc);
+        done.fetch_add(1, Ordering::Release);
+    };
+    rayon::in_place_scope(|s| {
+        for _ in 1..threads.min(n) {
+            s.spawn(|_| claim());
+        }
+        claim();
+        // The helpers' last chunks are at most one chunk's time away: wait for them spinning
+        // rather than sleeping in the scope's latch, whose wake-up costs tens of microseconds
+        // on a VM. (A helper that never started claims nothing, so `done` reaches `n`.)
+        let mut spins = 0u32;
+        while done.load(Ordering::Acquire) < n {
+            spins += 1;
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    });
 }
+
+/// Chunks of rows per thread in `for_row_chunks`.
+const CHUNKS_PER_THREAD: usize = 8;
 
 /// How `matvec` treats the activations of 2- and 4-bit affine products; process-wide, set once
 /// at start-up (`flashmoe --int8-activations`).

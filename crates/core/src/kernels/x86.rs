@@ -16,6 +16,7 @@ pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("bmi2")
 }
 
 #[inline(always)]
@@ -484,31 +485,57 @@ pub(crate) fn int8_rows(a: &AffineView, prep: &Int8Prep, r0: usize, y: &mut [f32
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma,f16c,bmi2")]
 unsafe fn int8_rows_avx2<const BITS: i32>(
     a: &AffineView,
     prep: &Int8Prep,
     r0: usize,
     y: &mut [f32],
 ) {
-    let ng = a.groups_per_row();
-    // Per row: `scale_g * unit_g`, padded by 8 for `lane_values`.
-    let mut fbuf = vec![0f32; 2 * (ng + 8)];
-    let (f0, f1) = fbuf.split_at_mut(ng + 8);
-    let mut pairs = y.chunks_exact_mut(2);
-    let mut row = r0;
-    for yp in &mut pairs {
-        let b0 = int8_row_factors(a, prep, row, f0);
-        let b1 = int8_row_factors(a, prep, row + 1, f1);
-        let d = int8_dots::<BITS, 2>(a, prep, row, [f0.as_ptr(), f1.as_ptr()]);
-        yp[0] = d[0] + b0 + int8::tail_dot(a, row, prep);
-        yp[1] = d[1] + b1 + int8::tail_dot(a, row + 1, prep);
-        row += 2;
+    // Whether every block lies inside one group is known per call, not per block.
+    if a.group / (32 / BITS as usize) >= 8 {
+        int8_rows_g::<BITS, true>(a, prep, r0, y)
+    } else {
+        int8_rows_g::<BITS, false>(a, prep, r0, y)
     }
-    if let [yl] = pairs.into_remainder() {
-        let b = int8_row_factors(a, prep, row, f0);
-        let d = int8_dots::<BITS, 1>(a, prep, row, [f0.as_ptr()]);
-        *yl = d[0] + b + int8::tail_dot(a, row, prep);
+}
+
+/// `int8_rows_avx2`, one row after the other, `BCAST` as in `int8_block`.
+///
+/// One row at a time, so that a thread reads one ascending stream of bytes (its chunk of rows
+/// is contiguous) rather than two or four streams a row apart: with two rows interleaved, as
+/// earlier, the kernel read 15-17 GB/s from DRAM on the 2-core EPYC with both threads; one row
+/// at a time 19-22 GB/s (the memory probe: 20-26), though it loads `x_q` once per row instead
+/// of once per two rows (4-bit: 21 instead of 20 instructions per 64 weights).
+#[inline(always)]
+unsafe fn int8_rows_g<const BITS: i32, const BCAST: bool>(
+    a: &AffineView,
+    prep: &Int8Prep,
+    r0: usize,
+    y: &mut [f32],
+) {
+    let ng = a.groups_per_row();
+    let wpr = a.words_per_row();
+    let e = int8::block_elems(BITS as u32);
+    let c = DotConsts {
+        nb: a.cols / e,
+        xq: prep.xq.as_ptr(),
+        // A block inside one group: group = b >> fshift. Else a block spans 2^fshift groups
+        // and its lanes' factors start at b << fshift.
+        fshift: if BCAST {
+            a.group.trailing_zeros() - e.trailing_zeros()
+        } else {
+            e.trailing_zeros() - a.group.trailing_zeros()
+        },
+        idx: lane_group_index(a.group / (32 / BITS as usize)),
+    };
+    // The row's `scale_g * unit_g`, padded by 8 for the lane permutation.
+    let mut fbuf = vec![0f32; ng + 8];
+    for (i, yi) in y.iter_mut().enumerate() {
+        let row = r0 + i;
+        let bias = int8_row_factors(a, prep, row, &mut fbuf);
+        let d = int8_dots::<BITS, BCAST>(&c, a.w.as_ptr().add(row * wpr), fbuf.as_ptr());
+        *yi = d + bias + tail(a, row, prep);
     }
 }
 
@@ -602,108 +629,105 @@ unsafe fn int8_row_factors(a: &AffineView, prep: &Int8Prep, row: usize, fbuf: &m
     bsum
 }
 
-/// The block part of `R` consecutive rows from `row`: `Σ_b Σ_l dot_l(b) f[g(b, l)]`, with the
-/// loads of `x_q` shared by the rows. `f[k]` points at row `row + k`'s factors (padded by 8).
+/// `int8::tail_dot`, skipped when every column is in a whole block (the usual case: its
+/// per-row set-up was ~6% of the kernel's instructions on a 1024x4096 4-bit matrix).
 #[inline(always)]
-unsafe fn int8_dots<const BITS: i32, const R: usize>(
-    a: &AffineView,
-    prep: &Int8Prep,
-    row: usize,
-    f: [*const f32; R],
-) -> [f32; R] {
-    let nb = a.cols / (256 / BITS as usize);
-    let wpr = a.words_per_row();
-    let lpg = a.group / (32 / BITS as usize);
-    let idx = lane_group_index(lpg);
-    let gshift = a.group.trailing_zeros();
+fn tail(a: &AffineView, row: usize, prep: &Int8Prep) -> f32 {
+    if prep.tail.is_empty() {
+        0.0
+    } else {
+        int8::tail_dot(a, row, prep)
+    }
+}
+
+/// What `int8_dots` needs besides the row, the same for every row of a call.
+struct DotConsts {
+    /// Whole blocks per row.
+    nb: usize,
+    xq: *const i8,
+    /// See `int8_rows_g`.
+    fshift: u32,
+    idx: __m256i,
+}
+
+/// How far ahead of the current block `int8_dots` prefetches, in bytes. Without a software
+/// prefetch the int8 kernel read only ~7.5 GB/s from DRAM on one core of the 2-core EPYC dev
+/// VM (the same as the f32 kernel, though it computes twice as fast from cache); with it,
+/// 11-13 GB/s. With one row per pass (one ascending stream per thread), 2 and 4 KB ahead
+/// measured the same, no prefetch ~5% slower, and the T0, T1 and NTA hints the same within
+/// the noise (both threads, interleaved A/B runs).
+const PF_BYTES: usize = 2048;
+
+/// The block part of the row at `wp`: `Σ_b Σ_l dot_l(b) f[g(b, l)]`; `f` points at the row's
+/// factors (padded by 8).
+#[inline(always)]
+unsafe fn int8_dots<const BITS: i32, const BCAST: bool>(
+    c: &DotConsts,
+    wp: *const u32,
+    f: *const f32,
+) -> f32 {
     // Opaque, so that LLVM keeps them in registers (see `affine_rows_avx2`).
     let mask = std::hint::black_box(_mm256_set1_epi8(((1 << BITS) - 1) as i8));
     let ones = std::hint::black_box(_mm256_set1_epi16(1));
-    let xq = prep.xq.as_ptr();
-    let wp = a.w.as_ptr().add(row * wpr);
-    // Two accumulators per row (even and odd blocks): one FMA chain per row would wait on the
-    // FMA latency every block.
-    let mut acc = [[_mm256_setzero_ps(); R]; 2];
-    let c = BlockConsts {
-        wp,
-        wpr,
-        xq,
-        mask,
-        ones,
-        idx,
-        lpg,
-        gshift,
-    };
-    let [acc0, acc1] = &mut acc;
-    for b in (0..nb / 2 * 2).step_by(2) {
-        int8_block::<BITS, R>(&c, &f, b, acc0);
-        int8_block::<BITS, R>(&c, &f, b + 1, acc1);
+    let wp = wp as *const u8;
+    // Two accumulators (even and odd blocks): one FMA chain would wait on the FMA latency
+    // every block.
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let nb = c.nb;
+    let mut b = 0;
+    while b + 2 <= nb {
+        // One prefetch per 64 bytes (two blocks). A prefetch does not fault, so running past
+        // the matrix is harmless; the address is formed with wrapping arithmetic so that it is
+        // not an out-of-bounds `add`.
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(32 * b + PF_BYTES) as *const i8);
+        acc0 = int8_block::<BITS, BCAST>(c, wp, f, b, mask, ones, acc0);
+        acc1 = int8_block::<BITS, BCAST>(c, wp, f, b + 1, mask, ones, acc1);
+        b += 2;
     }
-    if nb % 2 == 1 {
-        int8_block::<BITS, R>(&c, &f, nb - 1, acc0);
+    if b < nb {
+        acc0 = int8_block::<BITS, BCAST>(c, wp, f, b, mask, ones, acc0);
     }
-    let mut out = [0f32; R];
-    for k in 0..R {
-        out[k] = hsum(_mm256_add_ps(acc[0][k], acc[1][k]));
-    }
-    out
+    hsum(_mm256_add_ps(acc0, acc1))
 }
 
-/// How far ahead of each row's current block `int8_block` prefetches: 2 KB. Without it the
-/// int8 kernel read only ~7.5 GB/s from DRAM on one core of the 2-core EPYC dev VM (the same as
-/// the f32 kernel, though it computes twice as fast from cache): two interleaved row streams
-/// plus the scale streams defeat the hardware prefetcher. With it, 11-13 GB/s; 1 KB ahead was
-/// no better (earlier measurements, noisy VM).
-const PF_WORDS: usize = 512;
-
-/// What `int8_block` needs besides the block index, computed once per call of `int8_dots`.
-struct BlockConsts {
-    /// Row `row`'s words; row `row + k` starts `k wpr` words further.
-    wp: *const u32,
-    wpr: usize,
-    xq: *const i8,
+/// `acc` plus block `b` of the row at `wp` (a function, not a closure: closures do not inherit
+/// the caller's target features, and their intrinsics would not be inlined). The codes are
+/// masked out of 32 bytes at a time (`srli_epi16` then a byte mask), `_mm256_maddubs_epi16`
+/// multiplies them with the matching 32 bytes of `x_q` (u8 x i8 -> i16 pairs), the products
+/// of all codes of a byte are added in i16, `_mm256_madd_epi16` with ones gives i32 lane `l` =
+/// word `l`, then one conversion to f32 and one FMA with the lanes' factors. `BCAST`: the
+/// block lies inside one group (one broadcast factor), else lanes take their group's factor
+/// through `c.idx`.
+#[inline(always)]
+unsafe fn int8_block<const BITS: i32, const BCAST: bool>(
+    c: &DotConsts,
+    wp: *const u8,
+    f: *const f32,
+    b: usize,
     mask: __m256i,
     ones: __m256i,
-    idx: __m256i,
-    lpg: usize,
-    gshift: u32,
-}
-
-/// Block `b` of `R` rows into `acc` (a function, not a closure: closures do not inherit the
-/// caller's target features, and their intrinsics would not be inlined).
-#[inline(always)]
-unsafe fn int8_block<const BITS: i32, const R: usize>(
-    c: &BlockConsts,
-    f: &[*const f32; R],
-    b: usize,
-    acc: &mut [__m256; R],
-) {
+    acc: __m256,
+) -> __m256 {
     let cpb = 8 / BITS as usize;
     let e = 32 * cpb;
-    // Block b of row row + k reads words [k wpr + 8b, k wpr + 8b + 8) of the rows checked by
-    // `int8_rows`, and xq [b e, (b + 1) e) <= nb e.
-    let mut w = [_mm256_setzero_si256(); R];
-    for (k, wk) in w.iter_mut().enumerate() {
-        *wk = _mm256_loadu_si256(c.wp.add(k * c.wpr + b * 8) as *const __m256i);
-        // A prefetch does not fault, so running past the matrix's end is harmless; the
-        // address is formed with wrapping arithmetic so that it is not an out-of-bounds `add`.
-        let ahead = c.wp.wrapping_add(k * c.wpr + b * 8 + PF_WORDS);
-        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-    }
+    // The row's bytes [32 b, 32 b + 32) < wpr * 4 and xq [b e, (b + 1) e) <= nb e: inside
+    // what `int8_rows` checked.
+    let mut w = _mm256_loadu_si256(wp.add(32 * b) as *const __m256i);
     let xb = c.xq.add(b * e);
-    let mut s16 = [_mm256_setzero_si256(); R];
+    let mut s16 = _mm256_setzero_si256();
     for s in 0..cpb {
         let xs = _mm256_loadu_si256(xb.add(32 * s) as *const __m256i);
-        for k in 0..R {
-            let q = _mm256_and_si256(w[k], c.mask);
-            w[k] = _mm256_srli_epi16::<BITS>(w[k]);
-            s16[k] = _mm256_add_epi16(s16[k], _mm256_maddubs_epi16(q, xs));
+        let p = _mm256_maddubs_epi16(_mm256_and_si256(w, mask), xs);
+        if s + 1 < cpb {
+            w = _mm256_srli_epi16::<BITS>(w);
         }
+        s16 = if s == 0 { p } else { _mm256_add_epi16(s16, p) };
     }
-    let g0 = (b * e) >> c.gshift;
-    for k in 0..R {
-        let s32 = _mm256_madd_epi16(s16[k], c.ones);
-        let fv = lane_values(f[k], g0, c.lpg, c.idx);
-        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), fv, acc[k]);
-    }
+    let s32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+    let fv = if BCAST {
+        _mm256_broadcast_ss(&*f.add(b >> c.fshift))
+    } else {
+        _mm256_permutevar8x32_ps(_mm256_loadu_ps(f.add(b << c.fshift)), c.idx)
+    };
+    _mm256_fmadd_ps(s32, fv, acc)
 }

@@ -1,0 +1,96 @@
+//! Kernel probe for tuning: GB/s of `matvec_act` per format and shape, median and best of many
+//! passes over distinct matrices, beside the memory read bandwidth of the same run.
+//!   cargo run --release -p flashmoe-core --example matvec_probe -- [MB] [PASSES] SPEC...
+//! SPEC: `q4i:1024x4096` (q4 | q2 | q8 exact, q4i | q2i int8 activations); group 64, bf16
+//! scales. Threads: RAYON_NUM_THREADS. NOPROBE=1 skips most of the memory probe (for
+//! callgrind: instructions per call = difference of two pass counts, e.g. `1 1` and `1 21`).
+use flashmoe_core::kernels::{matvec_act, ActQuant, AffineView, Scales, WeightView};
+use half::bf16;
+use std::time::Instant;
+
+fn rnd(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mb: usize = args[0].parse().unwrap();
+    let passes: usize = args[1].parse().unwrap();
+    let threads = rayon::current_num_threads();
+    let mem = flashmoe_core::probe::memory_read_bandwidth(
+        if std::env::var("NOPROBE").is_ok() {
+            1 << 16
+        } else {
+            256 << 20
+        },
+        threads,
+    );
+    println!("threads {threads} mem {mem:.2} GB/s");
+    for spec in &args[2..] {
+        let (f, shape) = spec.split_once(':').unwrap();
+        let (r, c) = shape.split_once('x').unwrap();
+        let (rows, cols): (usize, usize) = (r.parse().unwrap(), c.parse().unwrap());
+        let (bits, aq) = match f {
+            "q4" => (4, ActQuant::Exact),
+            "q2" => (2, ActQuant::Exact),
+            "q8" => (8, ActQuant::Exact),
+            "q4i" => (4, ActQuant::Int8),
+            "q2i" => (2, ActQuant::Int8),
+            _ => panic!("format {f}"),
+        };
+        let group = 64;
+        let mut s = 0x9e3779b97f4a7c15u64;
+        let nw = rows * cols * bits / 32;
+        let ng = rows * cols / group;
+        let one = nw * 4 + ng * 4;
+        let copies = ((mb << 20) / one).clamp(1, 4096);
+        let mats: Vec<(Vec<u32>, Vec<bf16>, Vec<bf16>)> = (0..copies)
+            .map(|_| {
+                (
+                    (0..nw).map(|_| rnd(&mut s) as u32).collect(),
+                    (0..ng)
+                        .map(|_| bf16::from_f32(0.001 + (rnd(&mut s) % 1000) as f32 * 1e-5))
+                        .collect(),
+                    (0..ng)
+                        .map(|_| bf16::from_f32(-((rnd(&mut s) % 1000) as f32) * 5e-5))
+                        .collect(),
+                )
+            })
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|_| (rnd(&mut s) % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
+        let mut y = vec![0f32; rows];
+        let mut t = Vec::new();
+        for _ in 0..passes {
+            let t0 = Instant::now();
+            for (w, sc, bi) in &mats {
+                let v = WeightView::Affine(AffineView {
+                    bits: bits as u32,
+                    group,
+                    rows,
+                    cols,
+                    w,
+                    scales: Scales::Bf16(sc),
+                    biases: Scales::Bf16(bi),
+                });
+                matvec_act(aq, &v, &x, &mut y);
+            }
+            std::hint::black_box(&y);
+            t.push(t0.elapsed().as_secs_f64());
+        }
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let bytes = (one * copies) as f64;
+        let med = bytes / t[t.len() / 2] / 1e9;
+        let best = bytes / t[0] / 1e9;
+        println!(
+            "{spec:18} copies {copies:4} med {med:6.2} GB/s ({:.3})  best {best:6.2} ({:.3})  us/call {:.1}",
+            med / mem,
+            best / mem,
+            t[t.len() / 2] / copies as f64 * 1e6
+        );
+    }
+}
