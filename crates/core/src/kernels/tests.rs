@@ -94,11 +94,13 @@ impl Affine {
         }
     }
 
-    /// The view with scales in dtype `k` (0 bf16, 1 f16, 2 f32).
+    /// The view with scales in dtype `k` (0 bf16, 1 f16, 2 f32; 3 bf16 scales with f32
+    /// biases, a mix no converter writes but the kernels accept).
     fn view(&self, k: usize) -> WeightView<'_> {
-        let (scales, biases) = match k % 3 {
+        let (scales, biases) = match k % 4 {
             0 => (Scales::Bf16(&self.sb), Scales::Bf16(&self.bb)),
             1 => (Scales::F16(&self.sh), Scales::F16(&self.bh)),
+            3 => (Scales::Bf16(&self.sb), Scales::F32(&self.b32)),
             _ => (Scales::F32(&self.s32), Scales::F32(&self.b32)),
         };
         WeightView::Affine(AffineView {
@@ -410,7 +412,7 @@ fn int8_activations_bound() {
                 }
                 let rows = 37;
                 let a = Affine::random(&mut rng, bits, group, rows, cols);
-                for k in 0..3 {
+                for k in 0..4 {
                     let w = a.view(k);
                     let WeightView::Affine(av) = w else {
                         unreachable!()

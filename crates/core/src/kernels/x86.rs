@@ -492,15 +492,25 @@ unsafe fn int8_rows_avx2<const BITS: i32>(
     r0: usize,
     y: &mut [f32],
 ) {
-    // Whether every block lies inside one group is known per call, not per block.
-    if a.group / (32 / BITS as usize) >= 8 {
-        int8_rows_g::<BITS, true>(a, prep, r0, y)
-    } else {
-        int8_rows_g::<BITS, false>(a, prep, r0, y)
+    // How blocks meet groups is known per call, not per block.
+    let e = int8::block_elems(BITS as u32);
+    match a.group.cmp(&e) {
+        std::cmp::Ordering::Equal => int8_rows_g::<BITS, ONE_GROUP>(a, prep, r0, y),
+        std::cmp::Ordering::Greater => int8_rows_g::<BITS, GROUP_SPANS_BLOCKS>(a, prep, r0, y),
+        std::cmp::Ordering::Less => int8_rows_g::<BITS, BLOCK_SPANS_GROUPS>(a, prep, r0, y),
     }
 }
 
-/// `int8_rows_avx2`, one row after the other, `BCAST` as in `int8_block`.
+/// How the blocks of the int8 kernel (`E` elements) meet the groups, `int8_rows_g`'s `FIT`.
+/// A block is one group: block `b`'s factor is `f[b]`.
+const ONE_GROUP: u8 = 0;
+/// A group spans `2^fshift` blocks: block `b`'s factor is `f[b >> fshift]`.
+const GROUP_SPANS_BLOCKS: u8 = 1;
+/// A block spans `2^fshift` groups: its lanes' factors start at `f[b << fshift]`, lane `l`
+/// takes its group's through `idx`.
+const BLOCK_SPANS_GROUPS: u8 = 2;
+
+/// `int8_rows_avx2`, one row after the other, blocks meeting groups as `FIT` says.
 ///
 /// One row at a time, so that a thread reads one ascending stream of bytes (its chunk of rows
 /// is contiguous) rather than two or four streams a row apart: with two rows interleaved, as
@@ -508,7 +518,7 @@ unsafe fn int8_rows_avx2<const BITS: i32>(
 /// at a time 19-22 GB/s (the memory probe: 20-26), though it loads `x_q` once per row instead
 /// of once per two rows (4-bit: 21 instead of 20 instructions per 64 weights).
 #[inline(always)]
-unsafe fn int8_rows_g<const BITS: i32, const BCAST: bool>(
+unsafe fn int8_rows_g<const BITS: i32, const FIT: u8>(
     a: &AffineView,
     prep: &Int8Prep,
     r0: usize,
@@ -520,13 +530,7 @@ unsafe fn int8_rows_g<const BITS: i32, const BCAST: bool>(
     let c = DotConsts {
         nb: a.cols / e,
         xq: prep.xq.as_ptr(),
-        // A block inside one group: group = b >> fshift. Else a block spans 2^fshift groups
-        // and its lanes' factors start at b << fshift.
-        fshift: if BCAST {
-            a.group.trailing_zeros() - e.trailing_zeros()
-        } else {
-            e.trailing_zeros() - a.group.trailing_zeros()
-        },
+        fshift: a.group.trailing_zeros().abs_diff(e.trailing_zeros()),
         idx: lane_group_index(a.group / (32 / BITS as usize)),
     };
     // The row's `scale_g * unit_g`, padded by 8 for the lane permutation.
@@ -534,7 +538,7 @@ unsafe fn int8_rows_g<const BITS: i32, const BCAST: bool>(
     for (i, yi) in y.iter_mut().enumerate() {
         let row = r0 + i;
         let bias = int8_row_factors(a, prep, row, &mut fbuf);
-        let d = int8_dots::<BITS, BCAST>(&c, a.w.as_ptr().add(row * wpr), fbuf.as_ptr());
+        let d = int8_dots::<BITS, FIT>(&c, a.w.as_ptr().add(row * wpr), fbuf.as_ptr());
         *yi = d + bias + tail(a, row, prep);
     }
 }
@@ -596,35 +600,89 @@ unsafe fn f16x8(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// Eight values `s[i .. i + 8]` widened to f32.
-#[inline(always)]
-unsafe fn load8(s: &Scales, i: usize) -> __m256 {
-    match s {
-        Scales::Bf16(v) => bf16x8(v.as_ptr().add(i)),
-        Scales::F16(v) => f16x8(v.as_ptr().add(i)),
-        Scales::F32(v) => _mm256_loadu_ps(v.as_ptr().add(i)),
+/// A stored scale or bias dtype, eight of which widen to f32 lanes.
+trait Lane8: Copy {
+    /// Eight values at `p` as f32; the caller guarantees `p[..8]` and the CPU features of
+    /// `available()`.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Lane8 for bf16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        bf16x8(p)
+    }
+}
+
+impl Lane8 for f16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        f16x8(p)
+    }
+}
+
+impl Lane8 for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_loadu_ps(p)
     }
 }
 
 /// Row `row`'s factors `scale_g * unit_g` into `fbuf[..ng]`; returns the bias term
-/// `Σ_g bias_g Σx_g` (exact f32, 8 strided partial sums as `lanes::dot8`).
+/// `Σ_g bias_g Σx_g` (exact f32, 8 strided partial sums as `lanes::dot8`). One match on the
+/// dtypes per row: matching per eight groups, as before, made this loop ~30 instructions per
+/// eight groups, ~20% of the kernel's instructions on a 2-bit 1024x4096 matrix.
 #[inline(always)]
 unsafe fn int8_row_factors(a: &AffineView, prep: &Int8Prep, row: usize, fbuf: &mut [f32]) -> f32 {
     let ng = a.groups_per_row();
     let base = row * ng;
-    let (up, sp, fp) = (prep.unit.as_ptr(), prep.xsum.as_ptr(), fbuf.as_mut_ptr());
+    // The view was checked: rows * ng scales and biases, so [base, base + ng) is inside both.
+    match (&a.scales, &a.biases) {
+        (Scales::Bf16(s), Scales::Bf16(b)) => row_factors_typed(s, b, base, prep, fbuf),
+        (Scales::F16(s), Scales::F16(b)) => row_factors_typed(s, b, base, prep, fbuf),
+        (Scales::F32(s), Scales::F32(b)) => row_factors_typed(s, b, base, prep, fbuf),
+        _ => {
+            let mut bsum = 0f32;
+            let mut bl = [0f32; 8];
+            for (g, f) in fbuf.iter_mut().enumerate().take(ng) {
+                *f = a.scales.get(base + g) * prep.unit[g];
+                bl[g % 8] += a.biases.get(base + g) * prep.xsum[g];
+            }
+            for v in bl {
+                bsum += v;
+            }
+            bsum
+        }
+    }
+}
+
+/// `int8_row_factors` for one pair of dtypes: groups `[base, base + ng)` of `s` and `b`.
+#[inline(always)]
+unsafe fn row_factors_typed<S: Lane8 + Into<f32>, B: Lane8 + Into<f32>>(
+    s: &[S],
+    b: &[B],
+    base: usize,
+    prep: &Int8Prep,
+    fbuf: &mut [f32],
+) -> f32 {
+    let ng = prep.unit.len();
+    let (up, xp, fp) = (prep.unit.as_ptr(), prep.xsum.as_ptr(), fbuf.as_mut_ptr());
+    let (s, b) = (&s[base..base + ng], &b[base..base + ng]);
     let mut bacc = _mm256_setzero_ps();
     let n8 = ng / 8 * 8;
     for g in (0..n8).step_by(8) {
-        // Groups [base + g, base + g + 8) < rows * ng: inside the scales and biases.
-        let f = _mm256_mul_ps(load8(&a.scales, base + g), _mm256_loadu_ps(up.add(g)));
+        let f = _mm256_mul_ps(S::load8(s.as_ptr().add(g)), _mm256_loadu_ps(up.add(g)));
         _mm256_storeu_ps(fp.add(g), f);
-        bacc = _mm256_fmadd_ps(load8(&a.biases, base + g), _mm256_loadu_ps(sp.add(g)), bacc);
+        bacc = _mm256_fmadd_ps(
+            B::load8(b.as_ptr().add(g)),
+            _mm256_loadu_ps(xp.add(g)),
+            bacc,
+        );
     }
     let mut bsum = hsum(bacc);
-    for (g, f) in fbuf.iter_mut().enumerate().take(ng).skip(n8) {
-        *f = a.scales.get(base + g) * prep.unit[g];
-        bsum += a.biases.get(base + g) * prep.xsum[g];
+    for g in n8..ng {
+        fbuf[g] = s[g].into() * prep.unit[g];
+        bsum += b[g].into() * prep.xsum[g];
     }
     bsum
 }
@@ -661,7 +719,7 @@ const PF_BYTES: usize = 2048;
 /// The block part of the row at `wp`: `Σ_b Σ_l dot_l(b) f[g(b, l)]`; `f` points at the row's
 /// factors (padded by 8).
 #[inline(always)]
-unsafe fn int8_dots<const BITS: i32, const BCAST: bool>(
+unsafe fn int8_dots<const BITS: i32, const FIT: u8>(
     c: &DotConsts,
     wp: *const u32,
     f: *const f32,
@@ -669,54 +727,83 @@ unsafe fn int8_dots<const BITS: i32, const BCAST: bool>(
     // Opaque, so that LLVM keeps them in registers (see `affine_rows_avx2`).
     let mask = std::hint::black_box(_mm256_set1_epi8(((1 << BITS) - 1) as i8));
     let ones = std::hint::black_box(_mm256_set1_epi16(1));
-    let wp = wp as *const u8;
+    let e = int8::block_elems(BITS as u32);
+    // Factors per block (0: shifted from the block index instead).
+    let fstep = match FIT {
+        ONE_GROUP => 1,
+        GROUP_SPANS_BLOCKS => 0,
+        _ => 1 << c.fshift,
+    };
+    let mut wq = wp as *const u8;
+    let (mut xq, mut fq) = (c.xq, f);
     // Two accumulators (even and odd blocks): one FMA chain would wait on the FMA latency
     // every block.
     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let nb = c.nb;
-    let mut b = 0;
-    while b + 2 <= nb {
+    // Block b: the row's bytes [32 b, 32 b + 32) < wpr * 4, xq [b e, (b + 1) e) <= nb e and
+    // factors below ng + 8: inside what `int8_rows` checked and `int8_rows_g` allocated.
+    for b in (0..nb / 2 * 2).step_by(2) {
         // One prefetch per 64 bytes (two blocks). A prefetch does not fault, so running past
         // the matrix is harmless; the address is formed with wrapping arithmetic so that it is
         // not an out-of-bounds `add`.
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(32 * b + PF_BYTES) as *const i8);
-        acc0 = int8_block::<BITS, BCAST>(c, wp, f, b, mask, ones, acc0);
-        acc1 = int8_block::<BITS, BCAST>(c, wp, f, b + 1, mask, ones, acc1);
-        b += 2;
+        _mm_prefetch::<_MM_HINT_T0>(wq.wrapping_add(PF_BYTES) as *const i8);
+        acc0 = int8_block::<BITS>(wq, xq, block_factors::<FIT>(c, f, fq, b), mask, ones, acc0);
+        let f1 = block_factors::<FIT>(c, f, fq.add(fstep), b + 1);
+        acc1 = int8_block::<BITS>(wq.add(32), xq.add(e), f1, mask, ones, acc1);
+        wq = wq.add(64);
+        xq = xq.add(2 * e);
+        fq = fq.add(2 * fstep);
     }
-    if b < nb {
-        acc0 = int8_block::<BITS, BCAST>(c, wp, f, b, mask, ones, acc0);
+    if nb % 2 == 1 {
+        acc0 = int8_block::<BITS>(
+            wq,
+            xq,
+            block_factors::<FIT>(c, f, fq, nb - 1),
+            mask,
+            ones,
+            acc0,
+        );
     }
     hsum(_mm256_add_ps(acc0, acc1))
 }
 
-/// `acc` plus block `b` of the row at `wp` (a function, not a closure: closures do not inherit
-/// the caller's target features, and their intrinsics would not be inlined). The codes are
-/// masked out of 32 bytes at a time (`srli_epi16` then a byte mask), `_mm256_maddubs_epi16`
-/// multiplies them with the matching 32 bytes of `x_q` (u8 x i8 -> i16 pairs), the products
-/// of all codes of a byte are added in i16, `_mm256_madd_epi16` with ones gives i32 lane `l` =
-/// word `l`, then one conversion to f32 and one FMA with the lanes' factors. `BCAST`: the
-/// block lies inside one group (one broadcast factor), else lanes take their group's factor
-/// through `c.idx`.
+/// Block `b`'s factors: `f[b]`, `f[b >> fshift]` or the lanes of `f[b << fshift ..]`, the
+/// first and last read at `fq` (= `f + b fstep`). A function, not a closure (see `int8_block`).
 #[inline(always)]
-unsafe fn int8_block<const BITS: i32, const BCAST: bool>(
+unsafe fn block_factors<const FIT: u8>(
     c: &DotConsts,
-    wp: *const u8,
     f: *const f32,
+    fq: *const f32,
     b: usize,
+) -> __m256 {
+    match FIT {
+        ONE_GROUP => _mm256_broadcast_ss(&*fq),
+        GROUP_SPANS_BLOCKS => _mm256_broadcast_ss(&*f.add(b >> c.fshift)),
+        _ => _mm256_permutevar8x32_ps(_mm256_loadu_ps(fq), c.idx),
+    }
+}
+
+/// `acc` plus the block of 32 bytes of codes at `wq` against `x_q` at `xq`, times the lanes'
+/// factors `fv` (a function, not a closure: closures do not inherit the caller's target
+/// features, and their intrinsics would not be inlined). The codes are masked out of 32 bytes
+/// at a time (`srli_epi16` then a byte mask), `_mm256_maddubs_epi16` multiplies them with the
+/// matching 32 bytes of `x_q` (u8 x i8 -> i16 pairs), the products of all codes of a byte are
+/// added in i16, `_mm256_madd_epi16` with ones gives i32 lane `l` = word `l`, then one
+/// conversion to f32 and one FMA with the factors.
+#[inline(always)]
+unsafe fn int8_block<const BITS: i32>(
+    wq: *const u8,
+    xq: *const i8,
+    fv: __m256,
     mask: __m256i,
     ones: __m256i,
     acc: __m256,
 ) -> __m256 {
     let cpb = 8 / BITS as usize;
-    let e = 32 * cpb;
-    // The row's bytes [32 b, 32 b + 32) < wpr * 4 and xq [b e, (b + 1) e) <= nb e: inside
-    // what `int8_rows` checked.
-    let mut w = _mm256_loadu_si256(wp.add(32 * b) as *const __m256i);
-    let xb = c.xq.add(b * e);
+    let mut w = _mm256_loadu_si256(wq as *const __m256i);
     let mut s16 = _mm256_setzero_si256();
     for s in 0..cpb {
-        let xs = _mm256_loadu_si256(xb.add(32 * s) as *const __m256i);
+        let xs = _mm256_loadu_si256(xq.add(32 * s) as *const __m256i);
         let p = _mm256_maddubs_epi16(_mm256_and_si256(w, mask), xs);
         if s + 1 < cpb {
             w = _mm256_srli_epi16::<BITS>(w);
@@ -724,10 +811,5 @@ unsafe fn int8_block<const BITS: i32, const BCAST: bool>(
         s16 = if s == 0 { p } else { _mm256_add_epi16(s16, p) };
     }
     let s32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-    let fv = if BCAST {
-        _mm256_broadcast_ss(&*f.add(b >> c.fshift))
-    } else {
-        _mm256_permutevar8x32_ps(_mm256_loadu_ps(f.add(b << c.fshift)), c.idx)
-    };
     _mm256_fmadd_ps(s32, fv, acc)
 }
