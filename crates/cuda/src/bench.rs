@@ -460,6 +460,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let l = synth_affine(rows, cols, bits, rows as u64 ^ cols as u64);
         for (path, ap, tile, rpw) in [
             ("dp4a", ops::AffinePath::Dp4a, 0, 0),
+            ("dp4a, x prepared once", ops::AffinePath::Prepared, 0, 0),
             ("float", ops::AffinePath::Float, 0, 0),
             ("float 1 row per warp", ops::AffinePath::Float, 0, 1),
             ("float 2 rows per warp", ops::AffinePath::Float, 0, 2),
@@ -528,6 +529,11 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         ops::set_rows_per_warp(4);
         let r4 = time_decode(&mut cm, opts.tokens, Pick::Device);
         ops::set_rows_per_warp(0);
+        // And every affine matrix on the prepared-x dp4a kernel.
+        ops::set_affine_path(ops::AffinePath::Prepared);
+        let prep = time_decode(&mut cm, opts.tokens, Pick::Device);
+        ops::set_affine_path(ops::AffinePath::Auto);
+        j["ms_per_token_prepared_x"] = json!(prep?.0);
         j["next_token"] = json!("argmax on the GPU (greedy)");
         j["ms_per_token_logits_to_host"] = json!(ms_logits);
         j["ms_per_token_4_rows_per_warp"] = json!(r4?.0);

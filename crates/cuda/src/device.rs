@@ -146,6 +146,10 @@ pub struct ExpertBatchArgs {
 unsafe impl DeviceRepr for ExpertBatchArgs {}
 
 pub struct Device {
+    /// Scratch for x prepared by `quant_x3_*` for the `mp` matvec kernels, used on the
+    /// compute stream only ([`crate::ops::QX_SCRATCH`] bytes). Declared before `ctx` so that it
+    /// is freed while the context is alive.
+    pub qx: DBuf,
     pub ctx: Arc<CudaContext>,
     /// Kernels run here, in order.
     pub compute: Arc<CudaStream>,
@@ -182,12 +186,14 @@ fn kernel_names() -> Vec<String> {
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
             for var in [
-                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mq", "mqi", "mm", "mt1", "mt1i",
-                "mt2", "mt2i",
+                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mq", "mqi", "mp", "mpi", "mm",
+                "mt1", "mt1i", "mt2", "mt2i",
             ] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }
         }
+        v.push(format!("quant_x3_{bits}"));
+        v.push(format!("quant_x3_{bits}i"));
     }
     for d in ["bf16", "f16", "f32"] {
         for var in ["mv", "mvi", "mm"] {
@@ -259,7 +265,21 @@ impl Device {
                 .map_err(|e| drv(&format!("kernel {n}"), e))?;
             funcs.insert(n, f);
         }
+        let qx = {
+            // SAFETY: plain allocation in the context just created (bound to this thread).
+            let ptr = unsafe { result::malloc_sync(crate::ops::QX_SCRATCH) }.map_err(|e| {
+                CudaError::Alloc {
+                    bytes: crate::ops::QX_SCRATCH,
+                    msg: format!("{e:?}"),
+                }
+            })?;
+            DBuf {
+                ptr,
+                len: crate::ops::QX_SCRATCH,
+            }
+        };
         Ok(Device {
+            qx,
             ctx,
             compute,
             copy,

@@ -362,6 +362,175 @@ __device__ void qmv_dp4a(const MvBatch& p, int rows, int cols, int lg) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode matvec on the integer dot-product unit with x quantised once per product (`mp`
+// kernels; `quant_x3_*` writes the prepared x). Three int8 levels per element,
+// x ~= sc * (q0 + (q1 + q2 / 254) / 254) per block of XB elements with sc = max|x| / 127: the
+// error is at most sc / (2 * 254^2), about 6e-8 of the block's largest element (f32 rounding
+// territory, unlike the two-level `mq`, whose 16 bits moved a near-tied router choice).
+// Layout of one prepared x (qx_size bytes): per chunk of 4 words, CS = 4 * WB + 16 bytes with
+// WB = 3 * EPW (word k's levels at k * WB + l * EPW, element i of the word at byte
+// (i % PER) * 4 + i / PER, the order a masked code word unpacks to); then nxb floats sc / 254
+// and nxb floats of block sums (the bias term).
+// ---------------------------------------------------------------------------------------------
+template <int BITS> __device__ __forceinline__ int qx_size(int cols) {
+    const int EPW = 32 / BITS, XB = 4 * EPW < 32 ? 4 * EPW : 32, CS = 12 * EPW + 16;
+    return ((cols / (4 * EPW)) * CS + (cols / XB) * 8 + 15) & ~15;
+}
+
+template <int BITS> __device__ void quant_x3_body(const float* X, int cols, unsigned char* out) {
+    const int EPW = 32 / BITS, PER = 8 / BITS;
+    const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
+    const int nch = cols / (4 * EPW), nxb = cols / XB;
+    float* scx = (float*)(out + nch * CS);
+    float* xbs = scx + nxb;
+    // blockDim is a multiple of 32 and XB divides 32: each XB-lane segment is one x block.
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    const float v = e < cols ? X[e] : 0.f;
+    float a = fabsf(v), sm = v;
+#pragma unroll
+    for (int o = XB / 2; o > 0; o >>= 1) {
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        sm += __shfl_xor_sync(0xffffffffu, sm, o);
+    }
+    if (e >= cols) return;
+    const float sc = a > 0.f ? a / 127.f : 1.f, u = sc * (1.f / 254.f), u2 = u * (1.f / 254.f);
+    const float q0 = fminf(fmaxf(rintf(v / sc), -127.f), 127.f);
+    float r = fmaf(-q0, sc, v);
+    const float q1 = fminf(fmaxf(rintf(r / u), -127.f), 127.f);
+    r = fmaf(-q1, u, r);
+    const float q2 = fminf(fmaxf(rintf(r / u2), -127.f), 127.f);
+    const int wi = e / EPW, k = e % EPW;
+    unsigned char* wb = out + (wi >> 2) * CS + (wi & 3) * WB + (k % PER) * 4 + k / PER;
+    wb[0] = (unsigned char)(signed char)(int)q0;
+    wb[EPW] = (unsigned char)(signed char)(int)q1;
+    wb[2 * EPW] = (unsigned char)(signed char)(int)q2;
+    if (e % XB == 0) {
+        scx[e / XB] = u;
+        xbs[e / XB] = sm;
+    }
+}
+
+// The PER u32 of one level of word k (x bytes in smem at `p`, aligned to 4 * PER bytes).
+template <int PER> __device__ __forceinline__ void ld_level(const unsigned char* p, u32* x) {
+    if (PER == 4) {
+        uint4 t = *(const uint4*)p;
+        x[0] = t.x; x[1 % PER] = t.y; x[2 % PER] = t.z; x[3 % PER] = t.w;
+    } else if (PER == 2) {
+        uint2 t = *(const uint2*)p;
+        x[0] = t.x; x[1 % PER] = t.y;
+    } else {
+        x[0] = *(const u32*)p;
+    }
+}
+
+template <int BITS, int R, int D>
+__device__ __forceinline__ void prep_load(uint4 (*wv)[R], const u32* W, const int* rowv, int wpr, int c0, int nch) {
+#pragma unroll
+    for (int d = 0; d < D; d++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (c0 + 32 * d < nch) wv[d][r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + c0 + 32 * d);
+}
+
+template <int BITS, int SDT, int R, int D>
+__device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int EPW = 32 / BITS, PER = 8 / BITS;
+    const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
+    const u32 M = ((1u << BITS) - 1u) * 0x01010101u;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const u32* W = (const u32*)p.w[blockIdx.y];
+    const void* S = (const void*)p.s[blockIdx.y];
+    const void* B = (const void*)p.b[blockIdx.y];
+    float* Y = (float*)p.y[blockIdx.y];
+    const int wpr = cols / EPW, nch = wpr / 4, gpr = cols >> lg, nxb = cols / XB;
+    const float* scx = (const float*)(smem + nch * CS);
+    const float* xbs = scx + nxb;
+    const int groups = (rows + nw * R - 1) / (nw * R);
+    int grp = blockIdx.x;  // < groups: the launch gives no block without rows
+    int row0 = (grp * nw + warp) * R;
+    int rowv[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
+    // The first weights are in flight while the prepared x is copied into shared memory.
+    uint4 wv[D][R];
+    prep_load<BITS, R, D>(wv, W, rowv, wpr, lane, nch);
+    {
+        const uint4* q = (const uint4*)(qx + (long)blockIdx.y * qb);
+        for (int i = threadIdx.x; i < qx_size<BITS>(cols) / 16; i += blockDim.x) ((uint4*)smem)[i] = __ldg(q + i);
+    }
+    __syncthreads();
+    while (true) {
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r] = 0.f;
+        for (int c0 = lane; c0 < nch; c0 += 32 * D) {
+            if (c0 != lane) prep_load<BITS, R, D>(wv, W, rowv, wpr, c0, nch);
+#pragma unroll
+            for (int d = 0; d < D; d++) {
+                const int c = c0 + 32 * d;
+                if (c >= nch) break;
+                // The chunk lies in one group (the launch checks group >= 4 * EPW).
+                const int g = (c * 4 * EPW) >> lg;
+                float s[R], b[R];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    s[r] = ldsc<SDT>(S, (long)rowv[r] * gpr + g);
+                    b[r] = ldsc<SDT>(B, (long)rowv[r] * gpr + g);
+                }
+                int i0[R], i1[R], i2[R];
+#pragma unroll
+                for (int r = 0; r < R; r++) { i0[r] = 0; i1[r] = 0; i2[r] = 0; }
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const unsigned char* xw = smem + c * CS + k * WB;
+                    u32 x0[PER], x1[PER], x2[PER];
+                    ld_level<PER>(xw, x0);
+                    ld_level<PER>(xw + EPW, x1);
+                    ld_level<PER>(xw + 2 * EPW, x2);
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        const u32 w = (k == 0) ? wv[d][r].x : (k == 1) ? wv[d][r].y : (k == 2) ? wv[d][r].z : wv[d][r].w;
+#pragma unroll
+                        for (int q = 0; q < PER; q++) {
+                            const u32 wq = PER == 1 ? w : (w >> (q * BITS)) & M;
+                            i0[r] = dp4a_us(wq, x0[q], i0[r]);
+                            i1[r] = dp4a_us(wq, x1[q], i1[r]);
+                            i2[r] = dp4a_us(wq, x2[q], i2[r]);
+                        }
+                    }
+                    if (((k + 1) * EPW) % XB == 0) {
+                        const int xb = (c * 4 * EPW + (k + 1) * EPW) / XB - 1;
+                        const float u = scx[xb], xs = xbs[xb];
+#pragma unroll
+                        for (int r = 0; r < R; r++) {
+                            // sum(q x) / u = 254^2 i0 + 254 i1 + i2. For 2/4-bit blocks of 32,
+                            // |254 i0 + i1| < 2^24 stays exact in one conversion.
+                            float t;
+                            if (BITS == 8) t = fmaf((float)i0[r], 254.f, fmaf((float)i2[r], 1.f / 254.f, (float)i1[r]));
+                            else t = fmaf((float)i2[r], 1.f / 254.f, (float)(i0[r] * 254 + i1[r]));
+                            acc[r] = fmaf(s[r] * u, t, fmaf(b[r], xs, acc[r]));
+                            i0[r] = 0; i1[r] = 0; i2[r] = 0;
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0 && row0 + r < rows) Y[row0 + r] = v;
+        }
+        grp += gridDim.x;
+        if (grp >= groups) break;
+        row0 = (grp * nw + warp) * R;
+#pragma unroll
+        for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
+        prep_load<BITS, R, D>(wv, W, rowv, wpr, lane, nch);
+    }
+}
+
 // Decode matvec on the tensor cores (mma.sync m16n8k16, f16 inputs, f32 accumulation).
 // Codes become exact f16 integers with two instructions per pair: a code masked in place at bit
 // offset o of each 16-bit half, OR'ed into 0x6400 (1024), is 1024 + q*2^o; one f16x2 FMA
@@ -652,7 +821,9 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
 
 // Kernel names: qmv{bits}_{sdt}_{variant}, dmv_{dt}_{variant}; variant mv = decode (4 rows per
 // warp, one token, x in shared memory; mv2 / mv1: 2 / 1 rows per warp, for matrices too short
-// to give every SM a few blocks of 4-row warps), mvg = decode with x read from global memory (long rows),
+// to give every SM a few blocks of 4-row warps), mp = decode on dp4a with x prepared by
+// quant_x3 (4 rows per warp), mq = dp4a with x quantised per block (two levels),
+// mvg = decode with x read from global memory (long rows),
 // mm = prefill tile (1 row per warp, 8 tokens per pass).
 #define QK(BITS, SDT, SN)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv(MvBatch p, int rows, int cols, \
@@ -695,6 +866,15 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
                                                                             int ldy) {                           \
         qmv_dp4a<BITS, SDT, 4, 4>(*pd, rows, cols, lg);                                                     \
     }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mp(MvBatch p, int rows, int cols, \
+                                                                           int lg, const unsigned char* qx, int qb) { \
+        qmv_prep<BITS, SDT, 4, 2>(p, rows, cols, lg, qx, qb);                                               \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mpi(const MvBatch* pd, int rows, \
+                                                                            int cols, int lg, const unsigned char* qx, \
+                                                                            int qb) {                                 \
+        qmv_prep<BITS, SDT, 4, 2>(*pd, rows, cols, lg, qx, qb);                                             \
+    }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { \
         qmv_body<BITS, SDT, 1, 8, 2, false>(p, rows, cols, lg, ntok, ldx, ldy);                                \
@@ -720,6 +900,18 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
 QK(4, 0, bf16) QK(4, 1, f16) QK(4, 2, f32)
 QK(2, 0, bf16) QK(2, 1, f16) QK(2, 2, f32)
 QK(8, 0, bf16) QK(8, 1, f16) QK(8, 2, f32)
+
+// x prepared for the `mp` kernels: grid (ceil(cols / 256), problems), one element per thread.
+#define QXK(BITS)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) quant_x3_##BITS(MvBatch p, int cols, unsigned char* out, \
+                                                                     int qb) {                              \
+        quant_x3_body<BITS>((const float*)p.x[blockIdx.y], cols, out + (long)blockIdx.y * qb);              \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) quant_x3_##BITS##i(const MvBatch* pd, int cols,       \
+                                                                        unsigned char* out, int qb) {       \
+        quant_x3_body<BITS>((const float*)pd->x[blockIdx.y], cols, out + (long)blockIdx.y * qb);            \
+    }
+QXK(2) QXK(4) QXK(8)
 
 #define DK(DT, DN)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mv(MvBatch p, int rows, int cols, int lg,  \

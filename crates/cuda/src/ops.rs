@@ -24,12 +24,15 @@ thread_local! {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AffinePath {
     /// The tensor-core kernel for 8-bit matrices of at least [`MMA_MIN_ROWS`] rows where its
-    /// layout fits, else dp4a for at least [`DP4A_MIN_ROWS`] rows, else exact float.
+    /// layout fits, else the prepared-x dp4a kernel where its layout fits, else exact float.
     Auto,
     Float,
     Dp4a,
     /// The tensor-core kernel wherever its layout fits (else exact float).
     Mma,
+    /// dp4a with x prepared once per product as three int8 levels (`mp`) wherever its layout
+    /// fits (else exact float).
+    Prepared,
 }
 
 /// Rows from which `Auto` takes the tensor-core kernel (`mt`): x as f16 hi + lo parts per
@@ -37,18 +40,13 @@ pub enum AffinePath {
 /// hundred rows) stay on the exact float path.
 pub const MMA_MIN_ROWS: usize = 1024;
 
-/// Rows from which `Auto` takes the dp4a kernel. Measured (H200, 4-bit, 4096 columns): dp4a
-/// lost to the float kernel at 4096 and 16384 rows (x quantisation per block is a fixed cost)
-/// and won 1.8x at 248320 rows (lm_head). Its x quantisation (about 16 bits) also moved a
-/// near-tied top-k choice of a tiny test model's router, so routers stay on the exact path.
-pub const DP4A_MIN_ROWS: usize = 65536;
-
 pub fn set_affine_path(p: AffinePath) {
     let v = match p {
         AffinePath::Auto => 0,
         AffinePath::Float => 1,
         AffinePath::Dp4a => 2,
         AffinePath::Mma => 3,
+        AffinePath::Prepared => 4,
     };
     AFFINE_PATH.with(|c| c.set(v));
 }
@@ -79,12 +77,12 @@ fn mma_smem(bits: u32, cols: usize) -> usize {
     (nch * 2 * ps + ps) * 4 + nch * 8
 }
 
-fn use_dp4a(rows: usize) -> bool {
-    match AFFINE_PATH.with(|c| c.get()) {
-        1 | 3 => false,
-        2 => true,
-        _ => rows >= DP4A_MIN_ROWS,
-    }
+/// The two-level dp4a kernel (`mq`, x quantised by every block to about 16 bits) runs only when
+/// forced (bench and tests): the prepared-x kernel beat it on every shape measured (H200,
+/// session 4: 0.92 vs 0.80 of D2D on lm_head, 0.49 vs 0.27 on 16384x4096), and its 16 bits
+/// moved a near-tied top-k choice of a tiny test model's router.
+fn use_dp4a() -> bool {
+    AFFINE_PATH.with(|c| c.get()) == 2
 }
 
 /// Whether the tensor-core kernel may run this matrix: its chunk (16 bytes of codes) lies in
@@ -96,7 +94,7 @@ fn mma_fits(bits: u32, lg: u32, cols: usize) -> bool {
 
 fn use_mma(bits: u32, rows: usize) -> bool {
     match AFFINE_PATH.with(|c| c.get()) {
-        1 | 2 => false,
+        1 | 2 | 4 => false,
         3 => true,
         // Measured (H200, round 8): the tensor-core kernel beat the float kernel on 8-bit
         // 4096x4096 (0.34 vs 0.25 of D2D) but not on 4-bit 16384x4096 or lm_head, and VRAM
@@ -107,6 +105,36 @@ fn use_mma(bits: u32, rows: usize) -> bool {
 
 /// Longest row whose input vector the decode kernel stages in shared memory (< 48 KiB).
 const XSM_MAX_COLS: usize = 10240;
+
+/// Bytes of one x prepared for the `mp` kernels (`qx_size` in kernels.cu): per chunk of 4 words
+/// three int8 levels of its elements plus 16 bytes of padding, then a scale and a sum per x
+/// block; rounded up to 16 bytes.
+pub fn qx_size(bits: u32, cols: usize) -> usize {
+    let epw = 32 / bits as usize;
+    let xb = (4 * epw).min(32);
+    ((cols / (4 * epw)) * (12 * epw + 16) + cols / xb * 8 + 15) & !15
+}
+
+/// The device's scratch for prepared x: [`MAXP`] problems of the longest row the `mp` kernels
+/// take (8-bit, the largest per element).
+pub const QX_SCRATCH: usize = MAXP * ((XSM_MAX_COLS / 16) * 64 + XSM_MAX_COLS / 16 * 8 + 16);
+
+/// Whether the `mp` kernel may run this matrix: whole 16-byte chunks that each lie in one
+/// group, and the prepared x fits 48 KiB of shared memory.
+fn prep_fits(bits: u32, lg: u32, cols: usize) -> bool {
+    let ce = 128 / bits as usize;
+    (1usize << lg) >= ce
+        && cols.is_multiple_of(ce)
+        && cols <= XSM_MAX_COLS
+        && qx_size(bits, cols) <= 48 * 1024
+}
+
+/// Measured (H200, session 4, same run, 4-bit): 16384x4096 0.49 of D2D against 0.33 for the
+/// float kernel, 4096x8192 0.31 against 0.23, lm_head 0.92 against 0.80 (`mq`); VRAM decode of
+/// the 8-layer 397B-shaped model 1.32 against 1.62 ms/token.
+fn use_prep() -> bool {
+    matches!(AFFINE_PATH.with(|c| c.get()), 0 | 4)
+}
 
 /// How a matrix's bytes are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +199,10 @@ impl Fmt {
                     "mt2"
                 }
             }
-            (true, _) if cols <= XSM_MAX_COLS && vec_ok && use_dp4a(rows) => "mq",
+            (true, Fmt::Affine { bits, lg, .. }) if prep_fits(*bits, *lg, cols) && use_prep() => {
+                "mp"
+            }
+            (true, _) if cols <= XSM_MAX_COLS && vec_ok && use_dp4a() => "mq",
             (true, _) if cols <= XSM_MAX_COLS => "mv",
             (true, _) => "mvg",
         };
@@ -183,6 +214,7 @@ impl Fmt {
             // xpad(cols) floats (4 of padding every 32).
             ("mv", Fmt::Affine { .. }) => ((cols + cols / 32 * 4 + 4) * 4) as u32,
             ("mt1" | "mt2", Fmt::Affine { bits, .. }) => mma_smem(bits, cols) as u32,
+            ("mp", Fmt::Affine { bits, .. }) => qx_size(bits, cols) as u32,
             ("mq", Fmt::Affine { bits, .. }) => {
                 // Per chunk of 4 words: hi and lo bytes, 16 bytes of padding; then one scale
                 // and one sum per x block.
@@ -440,6 +472,16 @@ pub fn matvec_batch(
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
+        if name.contains("_mp") {
+            if !std::ptr::eq(stream, &*dev.compute) {
+                return Err(CudaError::Invalid(
+                    "the prepared-x matvec runs on the compute stream only".into(),
+                ));
+            }
+            let p = Box::new(p);
+            launch_prepared(dev, m, &name, cfg, || A::B(p.clone()))?;
+            continue;
+        }
         dev.launch_on(
             stream,
             &name,
@@ -458,6 +500,51 @@ pub fn matvec_batch(
     Ok(())
 }
 
+/// The `mp` matvec (`name`, `cfg`): `quant_x3` prepares each problem's x into the device's
+/// scratch, then the matvec reads it. `batch` is the kernels' first argument (the `MvBatch` by
+/// value, or its device pointer for the `mpi` / `quant_x3_*i` pair).
+fn launch_prepared(
+    dev: &Device,
+    m: &DevMat,
+    name: &str,
+    cfg: LaunchConfig,
+    batch: impl Fn() -> A,
+) -> Result<()> {
+    let Fmt::Affine { bits, .. } = m.fmt else {
+        unreachable!("mp kernels are affine")
+    };
+    let qb = qx_size(bits, m.cols);
+    let nprob = cfg.grid_dim.1;
+    assert!(qb * nprob as usize <= dev.qx.len(), "prepared x scratch");
+    let suffix = if name.ends_with('i') { "i" } else { "" };
+    dev.launch(
+        &format!("quant_x3_{bits}{suffix}"),
+        LaunchConfig {
+            grid_dim: (m.cols.div_ceil(256) as u32, nprob, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        &[
+            batch(),
+            A::I(m.cols as i32),
+            A::P(dev.qx.ptr()),
+            A::I(qb as i32),
+        ],
+    )?;
+    dev.launch(
+        name,
+        cfg,
+        &[
+            batch(),
+            A::I(m.rows as i32),
+            A::I(m.cols as i32),
+            A::I(m.fmt.lg()),
+            A::P(dev.qx.ptr()),
+            A::I(qb as i32),
+        ],
+    )
+}
+
 /// `nprob` products of `m`'s shape and format whose (w, s, b, x, y) are read from an `MvBatch`
 /// in device memory at `pd` (written by [`expert_batch`]). One token.
 pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Result<()> {
@@ -472,6 +559,9 @@ pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Resul
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
+    if name.contains("_mp") {
+        return launch_prepared(dev, m, &name, cfg, || A::P(pd));
+    }
     dev.launch(
         &name,
         cfg,
