@@ -524,19 +524,15 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let (ms, mut j) = time_decode(&mut cm, opts.tokens, Pick::Device)?;
         vram_ms = ms;
         // Same run, same model: the logits read back to the host each token (what sampling
-        // costs), and the float decode kernel held at 4 rows per warp (the previous tiling).
+        // costs); and every affine matrix on the exact float kernel (the decode kernel before
+        // the prepared-x one).
         let (ms_logits, _) = time_decode(&mut cm, opts.tokens, Pick::HostLogits)?;
-        ops::set_rows_per_warp(4);
-        let r4 = time_decode(&mut cm, opts.tokens, Pick::Device);
-        ops::set_rows_per_warp(0);
-        // And every affine matrix on the prepared-x dp4a kernel.
-        ops::set_affine_path(ops::AffinePath::Prepared);
-        let prep = time_decode(&mut cm, opts.tokens, Pick::Device);
+        ops::set_affine_path(ops::AffinePath::Float);
+        let float = time_decode(&mut cm, opts.tokens, Pick::Device);
         ops::set_affine_path(ops::AffinePath::Auto);
-        j["ms_per_token_prepared_x"] = json!(prep?.0);
-        j["next_token"] = json!("argmax on the GPU (greedy)");
         j["ms_per_token_logits_to_host"] = json!(ms_logits);
-        j["ms_per_token_4_rows_per_warp"] = json!(r4?.0);
+        j["ms_per_token_float_kernels"] = json!(float?.0);
+        j["next_token"] = json!("argmax on the GPU (greedy)");
         j["prefill"] = time_prefill(&mut cm, opts.prefill_tokens)?;
         let n_moe = synth.cfg.num_layers;
         let touched = cm.dense_touched_bytes + n_moe * synth.top_k * ebytes;
