@@ -71,7 +71,7 @@ pub(crate) fn affine_rows(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut 
 
 /// `LAST` is `32 - BITS`, the shift that brings the top code down (a const expression of `BITS`
 /// cannot be a const argument on stable Rust).
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma,f16c,bmi2")]
 unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
     a: &AffineView,
     prep: &AffinePrep,
@@ -86,8 +86,8 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
     let lpg = a.group / pw;
     let idx = lane_group_index(lpg);
     let mask = (1u32 << BITS) - 1;
-    // Groups are powers of two: a shift, not a division per block.
-    let gshift = a.group.trailing_zeros();
+    // Groups are powers of two: a shift, not a division per block (see `ONE_GROUP`).
+    let fshift = a.group.trailing_zeros().abs_diff(e.trailing_zeros());
     // The in-place masks `mask << BITS k`. Built from an opaque value so LLVM keeps them in
     // registers instead of re-loading each from the constant pool every block (the loads, not
     // the arithmetic, were the bottleneck).
@@ -106,11 +106,18 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
         widen(&a.biases, row * ng, &mut bbuf);
         let wrow = &a.w[row * wpr..(row + 1) * wpr];
         let wp = wrow.as_ptr();
-        // Whether every block lies inside one group is known per call, not per block.
-        let acc = if lpg >= 8 {
-            row_blocks::<BITS, LAST, true>(wp, xp, sbuf.as_ptr(), nb, &masks, gshift, idx)
-        } else {
-            row_blocks::<BITS, LAST, false>(wp, xp, sbuf.as_ptr(), nb, &masks, gshift, idx)
+        // How blocks meet groups is known per call, not per block.
+        let sp = sbuf.as_ptr();
+        let acc = match a.group.cmp(&e) {
+            std::cmp::Ordering::Equal => {
+                row_blocks::<BITS, LAST, ONE_GROUP>(wp, xp, sp, nb, &masks, fshift, idx)
+            }
+            std::cmp::Ordering::Greater => {
+                row_blocks::<BITS, LAST, GROUP_SPANS_BLOCKS>(wp, xp, sp, nb, &masks, fshift, idx)
+            }
+            std::cmp::Ordering::Less => {
+                row_blocks::<BITS, LAST, BLOCK_SPANS_GROUPS>(wp, xp, sp, nb, &masks, fshift, idx)
+            }
         };
         let mut tail = 0f32;
         for j in nb * e..a.cols {
@@ -122,27 +129,34 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
     }
 }
 
-/// The whole blocks of one row of `affine_rows_avx2`: `Σ_b (codes_b · x_b) * scale lanes_b`.
-/// `BCAST`: each block lies inside one group, so its scale is one broadcast (else lanes take
-/// their group's scale through `idx`). Block b reads words `[8b, 8b + 8)` of `wp` and
-/// `xp[b e .. (b + 1) e]`; `sp` holds the row's scales as f32, padded by 8.
+/// The whole blocks of one row of `affine_rows_avx2`: `Σ_b (codes_b · x_b) * scale lanes_b`,
+/// blocks meeting groups as `FIT` says (`ONE_GROUP` and the others; a block's scales are at
+/// `sp` as a block's factors are in the int8 kernel). Block b reads words `[8b, 8b + 8)` of
+/// `wp` and `xp[b e .. (b + 1) e]`; `sp` holds the row's scales as f32, padded by 8. The
+/// pointers are walked, not indexed, and the shift is `shrx`: the loop's control and index
+/// arithmetic were 7 of its 36 instructions per 4-bit block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_blocks<const BITS: i32, const LAST: i32, const BCAST: bool>(
+unsafe fn row_blocks<const BITS: i32, const LAST: i32, const FIT: u8>(
     wp: *const u32,
     xp: *const f32,
     sp: *const f32,
     nb: usize,
     masks: &[__m256i; 16],
-    gshift: u32,
+    fshift: u32,
     idx: __m256i,
 ) -> __m256 {
     let pw = 32 / BITS as usize;
     let e = 8 * pw;
+    let sstep = match FIT {
+        ONE_GROUP => 1,
+        GROUP_SPANS_BLOCKS => 0,
+        _ => 1 << fshift,
+    };
+    let (mut wq, mut xb, mut sq) = (wp, xp, sp);
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
-        let w = _mm256_loadu_si256(wp.add(b * 8) as *const __m256i);
-        let xb = xp.add(b * e);
+        let w = _mm256_loadu_si256(wq as *const __m256i);
         // Two accumulators halve the FMA dependency chain. Codes k < pw - 1 are masked in
         // place (x is prescaled by 2^(-BITS k)), the last one is shifted down.
         let mut acc2 = [_mm256_setzero_ps(); 2];
@@ -155,13 +169,15 @@ unsafe fn row_blocks<const BITS: i32, const LAST: i32, const BCAST: bool>(
             let xk = _mm256_loadu_ps(xb.add(k * 8));
             acc2[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xk, acc2[k & 1]);
         }
-        // A block inside one group: group = b >> log2(group / e) (a group is >= e then).
-        let sv = if BCAST {
-            _mm256_set1_ps(*sp.add(b >> (gshift - e.trailing_zeros())))
-        } else {
-            _mm256_permutevar8x32_ps(_mm256_loadu_ps(sp.add((b * e) >> gshift)), idx)
+        let sv = match FIT {
+            ONE_GROUP => _mm256_broadcast_ss(&*sq),
+            GROUP_SPANS_BLOCKS => _mm256_broadcast_ss(&*sp.add(b >> fshift)),
+            _ => _mm256_permutevar8x32_ps(_mm256_loadu_ps(sq), idx),
         };
         acc = _mm256_fmadd_ps(_mm256_add_ps(acc2[0], acc2[1]), sv, acc);
+        wq = wq.add(8);
+        xb = xb.add(e);
+        sq = sq.add(sstep);
     }
     acc
 }
