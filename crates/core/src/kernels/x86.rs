@@ -741,8 +741,11 @@ unsafe fn int8_dots<const BITS: i32, const FIT: u8>(
     f: *const f32,
 ) -> f32 {
     // Opaque, so that LLVM keeps them in registers (see `affine_rows_avx2`).
-    let mask = std::hint::black_box(_mm256_set1_epi8(((1 << BITS) - 1) as i8));
-    let ones = std::hint::black_box(_mm256_set1_epi16(1));
+    let m = BlockMasks {
+        lo: std::hint::black_box(_mm256_set1_epi8(((1 << BITS) - 1) as i8)),
+        hi: std::hint::black_box(_mm256_set1_epi8((((1 << BITS) - 1) << BITS) as i8)),
+        ones: std::hint::black_box(_mm256_set1_epi16(1)),
+    };
     let e = int8::block_elems(BITS as u32);
     // Factors per block (0: shifted from the block index instead).
     let fstep = match FIT {
@@ -763,22 +766,15 @@ unsafe fn int8_dots<const BITS: i32, const FIT: u8>(
         // the matrix is harmless; the address is formed with wrapping arithmetic so that it is
         // not an out-of-bounds `add`.
         _mm_prefetch::<_MM_HINT_T0>(wq.wrapping_add(PF_BYTES) as *const i8);
-        acc0 = int8_block::<BITS>(wq, xq, block_factors::<FIT>(c, f, fq, b), mask, ones, acc0);
+        acc0 = int8_block::<BITS>(wq, xq, block_factors::<FIT>(c, f, fq, b), &m, acc0);
         let f1 = block_factors::<FIT>(c, f, fq.add(fstep), b + 1);
-        acc1 = int8_block::<BITS>(wq.add(32), xq.add(e), f1, mask, ones, acc1);
+        acc1 = int8_block::<BITS>(wq.add(32), xq.add(e), f1, &m, acc1);
         wq = wq.add(64);
         xq = xq.add(2 * e);
         fq = fq.add(2 * fstep);
     }
     if nb % 2 == 1 {
-        acc0 = int8_block::<BITS>(
-            wq,
-            xq,
-            block_factors::<FIT>(c, f, fq, nb - 1),
-            mask,
-            ones,
-            acc0,
-        );
+        acc0 = int8_block::<BITS>(wq, xq, block_factors::<FIT>(c, f, fq, nb - 1), &m, acc0);
     }
     hsum(_mm256_add_ps(acc0, acc1))
 }
@@ -799,6 +795,23 @@ unsafe fn block_factors<const FIT: u8>(
     }
 }
 
+/// The `s`-th 32 bytes of `x_q` at `xq`.
+#[inline(always)]
+unsafe fn xs32(xq: *const i8, s: usize) -> __m256i {
+    _mm256_loadu_si256(xq.add(32 * s) as *const __m256i)
+}
+
+/// The byte masks of `int8_block`, built once per row from opaque values so that LLVM keeps
+/// them in registers (see `affine_rows_avx2`).
+struct BlockMasks {
+    /// The low code of each byte: `2^bits - 1`.
+    lo: __m256i,
+    /// The second code of each byte in place: `(2^bits - 1) << bits`.
+    hi: __m256i,
+    /// i16 ones, for `madd_epi16`.
+    ones: __m256i,
+}
+
 /// `acc` plus the block of 32 bytes of codes at `wq` against `x_q` at `xq`, times the lanes'
 /// factors `fv` (a function, not a closure: closures do not inherit the caller's target
 /// features, and their intrinsics would not be inlined). The codes are masked out of 32 bytes
@@ -806,26 +819,40 @@ unsafe fn block_factors<const FIT: u8>(
 /// matching 32 bytes of `x_q` (u8 x i8 -> i16 pairs), the products of all codes of a byte are
 /// added in i16, `_mm256_madd_epi16` with ones gives i32 lane `l` = word `l`, then one
 /// conversion to f32 and one FMA with the factors.
+///
+/// 2-bit: codes 1 and 3 are masked in place (`hi`), so their products are 4x theirs and one
+/// shift serves two codes; the sum of those products is a multiple of 4 (at most
+/// `4 * 2 * 2 * 3 * 127 = 6096`, no saturation), so an arithmetic shift right by 2 gives back
+/// the same integer exactly. 13 vector instructions per block instead of 14.
 #[inline(always)]
 unsafe fn int8_block<const BITS: i32>(
     wq: *const u8,
     xq: *const i8,
     fv: __m256,
-    mask: __m256i,
-    ones: __m256i,
+    m: &BlockMasks,
     acc: __m256,
 ) -> __m256 {
     let cpb = 8 / BITS as usize;
     let mut w = _mm256_loadu_si256(wq as *const __m256i);
-    let mut s16 = _mm256_setzero_si256();
-    for s in 0..cpb {
-        let xs = _mm256_loadu_si256(xq.add(32 * s) as *const __m256i);
-        let p = _mm256_maddubs_epi16(_mm256_and_si256(w, mask), xs);
-        if s + 1 < cpb {
-            w = _mm256_srli_epi16::<BITS>(w);
+    let s16 = if BITS == 2 {
+        let w4 = _mm256_srli_epi16::<4>(w);
+        let p0 = _mm256_maddubs_epi16(_mm256_and_si256(w, m.lo), xs32(xq, 0));
+        let p1 = _mm256_maddubs_epi16(_mm256_and_si256(w, m.hi), xs32(xq, 1));
+        let p2 = _mm256_maddubs_epi16(_mm256_and_si256(w4, m.lo), xs32(xq, 2));
+        let p3 = _mm256_maddubs_epi16(_mm256_and_si256(w4, m.hi), xs32(xq, 3));
+        let odd = _mm256_srai_epi16::<2>(_mm256_add_epi16(p1, p3));
+        _mm256_add_epi16(_mm256_add_epi16(p0, p2), odd)
+    } else {
+        let mut s16 = _mm256_setzero_si256();
+        for s in 0..cpb {
+            let p = _mm256_maddubs_epi16(_mm256_and_si256(w, m.lo), xs32(xq, s));
+            if s + 1 < cpb {
+                w = _mm256_srli_epi16::<BITS>(w);
+            }
+            s16 = if s == 0 { p } else { _mm256_add_epi16(s16, p) };
         }
-        s16 = if s == 0 { p } else { _mm256_add_epi16(s16, p) };
-    }
-    let s32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+        s16
+    };
+    let s32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, m.ones));
     _mm256_fmadd_ps(s32, fv, acc)
 }
