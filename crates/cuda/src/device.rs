@@ -543,6 +543,11 @@ impl Device {
         cfg: LaunchConfig,
         args: &[A],
     ) -> Result<()> {
+        // Every kernel waits for its predecessor at its start (`pdl_wait` in kernels.cu), so
+        // on Hopper each launch on the compute stream may overlap the previous kernel's tail.
+        if self.arch.0 >= 9 && std::ptr::eq(stream, &*self.compute) {
+            return self.launch_dependent(name, cfg, args);
+        }
         let f = self.func(name);
         let mut b = stream.launch_builder(f);
         for a in args {
@@ -566,6 +571,60 @@ impl Device {
 
     pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
         self.launch_on(&self.compute, name, cfg, args)
+    }
+
+    /// Launches `name` on the compute stream as a programmatic dependent launch (Hopper and
+    /// later; a plain launch before): its blocks may start while the previous kernel runs, once
+    /// that kernel's blocks have executed `griddepcontrol.launch_dependents`, and must execute
+    /// `griddepcontrol.wait` before reading anything that kernel writes.
+    pub fn launch_dependent(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
+        if self.arch.0 < 9 {
+            return self.launch_on(&self.compute, name, cfg, args);
+        }
+        use cudarc::driver::sys;
+        use std::ffi::c_void;
+        let f = self.func(name);
+        let mut params: Vec<*mut c_void> = args
+            .iter()
+            .map(|a| match a {
+                A::P(v) => v as *const u64 as *mut c_void,
+                A::I(v) => v as *const i32 as *mut c_void,
+                A::L(v) => v as *const i64 as *mut c_void,
+                A::F(v) => v as *const f32 as *mut c_void,
+                A::D(v) => v as *const f64 as *mut c_void,
+                A::B(v) => &**v as *const MvBatch as *mut c_void,
+                A::E(v) => &**v as *const ExpertBatchArgs as *mut c_void,
+            })
+            .collect();
+        // SAFETY: a zeroed attribute is a valid plain-data value; id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let lc = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.compute.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as in `launch_on`, the typed wrappers in ops.rs build `args` to match the
+        // kernel's signature; `params` points into `args`, which outlives the call (the driver
+        // copies the values at launch), and the function belongs to this device's context.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &lc,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| drv(&format!("launch {name}"), e))
     }
 }
 

@@ -52,6 +52,20 @@ __device__ float block_sum(float v, float* red) {
     for (int i = 0; i < nw; i++) t += red[i];
     return t;
 }
+// Programmatic dependent launch (sm_90+; no-ops when the kernel was launched plainly): a
+// primary releases its dependent grid, which may then start and must wait before reading the
+// primary's output.
+__device__ __forceinline__ void pdl_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x / (1.f + expf(-x)); }
 
@@ -379,6 +393,8 @@ template <int BITS> __device__ __forceinline__ int qx_size(int cols) {
 }
 
 template <int BITS> __device__ void quant_x3_body(const float* X, int cols, unsigned char* out) {
+    // The `mp` matvec that follows may start now: it only reads weights before its pdl_wait.
+    pdl_release();
     const int EPW = 32 / BITS, PER = 8 / BITS;
     const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
     const int nch = cols / (4 * EPW), nxb = cols / XB;
@@ -456,6 +472,9 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
     // The first weights are in flight while the prepared x is copied into shared memory.
     uint4 wv[D][R];
     prep_load<BITS, R, D>(wv, W, rowv, wpr, lane, nch);
+    // Launched dependent on quant_x3: the weights (and, for `mpi`, the batch written two kernels
+    // earlier) are ready, the prepared x only after this.
+    pdl_wait();
     {
         const uint4* q = (const uint4*)(qx + (long)blockIdx.y * qb);
         for (int i = threadIdx.x; i < qx_size<BITS>(cols) / 16; i += blockDim.x) ((uint4*)smem)[i] = __ldg(q + i);
@@ -827,74 +846,74 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
 // mm = prefill tile (1 row per warp, 8 tokens per pass).
 #define QK(BITS, SDT, SN)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv(MvBatch p, int rows, int cols, \
-                                                                           int lg, int ntok, int ldx, int ldy) { \
+                                                                           int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_body<BITS, SDT, 4, 1, 4, true>(p, rows, cols, lg, ntok, ldx, ldy);                                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv1(MvBatch p, int rows, int cols, \
-                                                                            int lg, int ntok, int ldx, int ldy) { \
+                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_body<BITS, SDT, 1, 1, 4, true>(p, rows, cols, lg, ntok, ldx, ldy);                                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv2(MvBatch p, int rows, int cols, \
-                                                                            int lg, int ntok, int ldx, int ldy) { \
+                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_body<BITS, SDT, 2, 1, 4, true>(p, rows, cols, lg, ntok, ldx, ldy);                                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv1i(const MvBatch* pd, int rows, \
                                                                              int cols, int lg, int ntok, int ldx, \
-                                                                             int ldy) {                           \
+                                                                             int ldy) { pdl_wait(); pdl_release();                           \
         qmv_body<BITS, SDT, 1, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mv2i(const MvBatch* pd, int rows, \
                                                                              int cols, int lg, int ntok, int ldx, \
-                                                                             int ldy) {                           \
+                                                                             int ldy) { pdl_wait(); pdl_release();                           \
         qmv_body<BITS, SDT, 2, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mvg(MvBatch p, int rows, int cols, \
-                                                                            int lg, int ntok, int ldx, int ldy) { \
+                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_body<BITS, SDT, 4, 1, 4, false>(p, rows, cols, lg, ntok, ldx, ldy);                                \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mvi(const MvBatch* pd, int rows, \
                                                                             int cols, int lg, int ntok, int ldx, \
-                                                                            int ldy) {                           \
+                                                                            int ldy) { pdl_wait(); pdl_release();                           \
         qmv_body<BITS, SDT, 4, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mq(MvBatch p, int rows, int cols, \
-                                                                           int lg, int ntok, int ldx, int ldy) { \
+                                                                           int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_dp4a<BITS, SDT, 4, 4>(p, rows, cols, lg);                                                       \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mqi(const MvBatch* pd, int rows, \
                                                                             int cols, int lg, int ntok, int ldx, \
-                                                                            int ldy) {                           \
+                                                                            int ldy) { pdl_wait(); pdl_release();                           \
         qmv_dp4a<BITS, SDT, 4, 4>(*pd, rows, cols, lg);                                                     \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mp(MvBatch p, int rows, int cols, \
-                                                                           int lg, const unsigned char* qx, int qb) { \
+                                                                           int lg, const unsigned char* qx, int qb) { pdl_release(); \
         qmv_prep<BITS, SDT, 4, 2>(p, rows, cols, lg, qx, qb);                                               \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mpi(const MvBatch* pd, int rows, \
                                                                             int cols, int lg, const unsigned char* qx, \
-                                                                            int qb) {                                 \
+                                                                            int qb) { pdl_release();                                 \
         qmv_prep<BITS, SDT, 4, 2>(*pd, rows, cols, lg, qx, qb);                                             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
-                                                                           int lg, int ntok, int ldx, int ldy) { \
+                                                                           int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_body<BITS, SDT, 1, 8, 2, false>(p, rows, cols, lg, ntok, ldx, ldy);                                \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt1(MvBatch p, int rows, int cols, \
-                                                                            int lg, int ntok, int ldx, int ldy) { \
+                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_mma<BITS, SDT, 1, 4>(p, rows, cols, lg);                                                        \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt1i(const MvBatch* pd, int rows, \
                                                                              int cols, int lg, int ntok, int ldx, \
-                                                                             int ldy) {                           \
+                                                                             int ldy) { pdl_wait(); pdl_release();                           \
         qmv_mma<BITS, SDT, 1, 4>(*pd, rows, cols, lg);                                                      \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt2(MvBatch p, int rows, int cols, \
-                                                                            int lg, int ntok, int ldx, int ldy) { \
+                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_mma<BITS, SDT, 2, 2>(p, rows, cols, lg);                                                        \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mt2i(const MvBatch* pd, int rows, \
                                                                              int cols, int lg, int ntok, int ldx, \
-                                                                             int ldy) {                           \
+                                                                             int ldy) { pdl_wait(); pdl_release();                           \
         qmv_mma<BITS, SDT, 2, 2>(*pd, rows, cols, lg);                                                      \
     }
 QK(4, 0, bf16) QK(4, 1, f16) QK(4, 2, f32)
@@ -904,26 +923,26 @@ QK(8, 0, bf16) QK(8, 1, f16) QK(8, 2, f32)
 // x prepared for the `mp` kernels: grid (ceil(cols / 256), problems), one element per thread.
 #define QXK(BITS)                                                                                           \
     extern "C" __global__ void __launch_bounds__(256) quant_x3_##BITS(MvBatch p, int cols, unsigned char* out, \
-                                                                     int qb) {                              \
+                                                                     int qb) { pdl_wait();                              \
         quant_x3_body<BITS>((const float*)p.x[blockIdx.y], cols, out + (long)blockIdx.y * qb);              \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) quant_x3_##BITS##i(const MvBatch* pd, int cols,       \
-                                                                        unsigned char* out, int qb) {       \
+                                                                        unsigned char* out, int qb) { pdl_wait();       \
         quant_x3_body<BITS>((const float*)pd->x[blockIdx.y], cols, out + (long)blockIdx.y * qb);            \
     }
 QXK(2) QXK(4) QXK(8)
 
 #define DK(DT, DN)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mv(MvBatch p, int rows, int cols, int lg,  \
-                                                                   int ntok, int ldx, int ldy) {            \
+                                                                   int ntok, int ldx, int ldy) { pdl_wait(); pdl_release();            \
         dmv_body<DT, 4, 1, 4>(p, rows, cols, ntok, ldx, ldy);                                                  \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mvi(const MvBatch* pd, int rows, int cols,  \
-                                                                    int lg, int ntok, int ldx, int ldy) {    \
+                                                                    int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release();    \
         dmv_body<DT, 4, 1, 4>(*pd, rows, cols, ntok, ldx, ldy);                                             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) dmv_##DN##_mm(MvBatch p, int rows, int cols, int lg,  \
-                                                                   int ntok, int ldx, int ldy) {            \
+                                                                   int ntok, int ldx, int ldy) { pdl_wait(); pdl_release();            \
         dmv_body<DT, 1, 8, 2>(p, rows, cols, ntok, ldx, ldy);                                                  \
     }
 DK(0, bf16) DK(1, f16) DK(2, f32)
@@ -932,6 +951,8 @@ DK(0, bf16) DK(1, f16) DK(2, f32)
 // bits, sdt, lg.
 extern "C" __global__ void embed_row(const void* W, const void* S, const void* B, int dense_dt, int bits, int sdt,
                                      int lg, long row, int cols, float* out) {
+    pdl_wait();
+    pdl_release();
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x) {
         float v;
         if (dense_dt >= 0) {
@@ -956,6 +977,8 @@ extern "C" __global__ void embed_row(const void* W, const void* S, const void* B
 // out[r, :n] = x[r, :n] / sqrt(mean(x^2) + eps) * w; one block per row.
 extern "C" __global__ void rmsnorm_rows(const float* x, int ldx, const float* w, float* out, int ldo, int n,
                                         float eps) {
+    pdl_wait();
+    pdl_release();
     __shared__ float red[32];
     const float* xr = x + (long)blockIdx.x * ldx;
     float* o = out + (long)blockIdx.x * ldo;
@@ -977,6 +1000,8 @@ __device__ __forceinline__ u64 amax_key(float v, int i) {
     return ((u64)o << 32) | (u32)~(u32)i;
 }
 extern "C" __global__ void argmax_f32(const float* x, int n, u64* key) {
+    pdl_wait();
+    pdl_release();
     __shared__ u64 bk[32];
     u64 best = 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -998,6 +1023,8 @@ extern "C" __global__ void argmax_f32(const float* x, int n, u64* key) {
 
 // Prefill (a chunk of tokens at once). dst[r, :n] = src[rows[r] * ld, :n] for r < nr.
 extern "C" __global__ void gather_rows(const float* src, int ld, const int* rows, int nr, int n, float* dst) {
+    pdl_wait();
+    pdl_release();
     int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i < n && r < nr) dst[(long)r * n + i] = src[(long)rows[r] * ld + i];
 }
@@ -1006,6 +1033,8 @@ extern "C" __global__ void gather_rows(const float* src, int ld, const int* rows
 // the residual rows of the tokens routed to it (distinct rows within a launch).
 extern "C" __global__ void scatter_add_rows(float* x, int ld, const int* rows, const float* w, int nr, int n,
                                             const float* y) {
+    pdl_wait();
+    pdl_release();
     int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i < n && r < nr) x[(long)rows[r] * ld + i] += w[r] * y[(long)r * n + i];
 }
@@ -1013,6 +1042,8 @@ extern "C" __global__ void scatter_add_rows(float* x, int ld, const int* rows, c
 // x[t, i] += g_t * y[t, i] for t < T, i < n, with g_t = sigmoid(sg[t * lds]) when sg (the shared
 // expert's gate), else 1 (a dense FFN).
 extern "C" __global__ void add_rows_gated(float* x, const float* y, const float* sg, int lds, int T, int n) {
+    pdl_wait();
+    pdl_release();
     int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (i >= n || t >= T) return;
     float g = sg ? sigmoidf_(sg[(long)t * lds]) : 1.f;
@@ -1021,6 +1052,8 @@ extern "C" __global__ void add_rows_gated(float* x, const float* y, const float*
 
 // x += d; out = rmsnorm(x) * w. One block (the residual stream of one token).
 extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w, float* out, int n, float eps) {
+    pdl_wait();
+    pdl_release();
     __shared__ float red[32];
     float ss = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -1035,6 +1068,8 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w,
 
 // h[j, i] = silu(gu[j, i]) * gu[j, I + i] for j < nexp, i < I.
 extern "C" __global__ void swiglu_k(const float* gu, float* h, int I, int nexp) {
+    pdl_wait();
+    pdl_release();
     int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= I * nexp) return;
     int j = idx / I, i = idx - j * I;
@@ -1045,6 +1080,8 @@ extern "C" __global__ void swiglu_k(const float* gu, float* h, int I, int nexp) 
 // x[i] += sum_j wts[j] * ye[j, i] + (sg ? sigmoid(*sg) * ys[i] : 0) + (add ? add[i] : 0).
 extern "C" __global__ void moe_combine(float* x, const float* ye, const float* wts, int nexp, const float* ys,
                                        const float* sg, const float* add, int n) {
+    pdl_wait();
+    pdl_release();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float acc = 0.f;
@@ -1147,6 +1184,8 @@ __device__ void topk_body(const float* logits, int E, int K, int norm, int* ids,
 
 // One block per row: row b's logits at logits + b * ld, its picks at ids/wts + b * K.
 extern "C" __global__ void router_topk(const float* logits, int ld, int E, int K, int norm, int* ids, float* wts) {
+    pdl_wait();
+    pdl_release();
     extern __shared__ float p[];
     const long b = blockIdx.x;
     topk_body(logits + b * ld, E, K, norm, ids + b * K, wts + b * K, p);
@@ -1166,6 +1205,8 @@ struct ExpertBatchArgs {
 };
 extern "C" __global__ void router_experts(const float* logits, int E, int K, int norm, int* ids, float* wts,
                                           ExpertBatchArgs a, MvBatch* out) {
+    pdl_wait();
+    pdl_release();
     extern __shared__ float p[];
     topk_body(logits, E, K, norm, ids, wts, p);
     __syncthreads();
@@ -1194,6 +1235,8 @@ extern "C" __global__ void router_experts(const float* logits, int E, int K, int
 extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, int qw, const float* qn,
                                      const float* kn, float eps, int rot, double theta, long pos, float* q,
                                      float* kc, float* vc) {
+    pdl_wait();
+    pdl_release();
     extern __shared__ float y[];
     __shared__ float red[32];
     int b = blockIdx.x;
@@ -1233,6 +1276,8 @@ extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, 
 #define ATT_WARPS 4
 extern "C" __global__ void attn_decode(const float* q, const float* kc, const float* vc, const float* qkv, int gated,
                                        int nh, int nkv, int hd, int qw, int n, float scale, float* o) {
+    pdl_wait();
+    pdl_release();
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][256];
     int h = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -1293,6 +1338,8 @@ extern "C" __global__ void attn_decode(const float* q, const float* kc, const fl
 // ---------------------------------------------------------------------------------------------
 // Depthwise causal conv over [state (K-1 rows, oldest first); mixed], SiLU; shifts the state.
 extern "C" __global__ void gdn_conv(const float* mixed, float* state, const float* w, int cd, int K, float* u) {
+    pdl_wait();
+    pdl_release();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cd) return;
     float acc = 0.f;
@@ -1383,6 +1430,8 @@ extern "C" __global__ void __launch_bounds__(1024) gdn_step(const float* u, cons
                                                             const float* neg_a, const float* norm_w, float* S,
                                                             float* y, int nk, int nv, int dk, int dv, float eps,
                                                             int P) {
+    pdl_wait();
+    pdl_release();
     gdn_step_body<16>(u, z, bv, av, dt_bias, neg_a, norm_w, S, y, nk, nv, dk, dv, eps, P);
 }
 extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, const float* z, const float* bv,
@@ -1390,5 +1439,7 @@ extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, 
                                                                 const float* neg_a, const float* norm_w, float* S,
                                                                 float* y, int nk, int nv, int dk, int dv,
                                                                 float eps, int P) {
+    pdl_wait();
+    pdl_release();
     gdn_step_body<128>(u, z, bv, av, dt_bias, neg_a, norm_w, S, y, nk, nv, dk, dv, eps, P);
 }

@@ -533,6 +533,9 @@ fn launch_prepared(
             A::I(qb as i32),
         ],
     )?;
+    // The matvec's blocks start while `quant_x3` runs (it releases them at once) and load their
+    // first weights before waiting for the prepared x (every compute-stream launch is a
+    // dependent launch on Hopper, see `Device::launch_on`).
     dev.launch(
         name,
         cfg,
