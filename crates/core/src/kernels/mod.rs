@@ -282,8 +282,10 @@ fn for_row_chunks(
         }
         // Each index is claimed once, so the lock is never contended.
         let mut yc = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+        // Counted even if `f` panics, so that the caller's wait below ends and the scope
+        // passes the panic on instead of the caller spinning forever.
+        let _counted = CountOnDrop(&done);
         f(i * chunk, &mut yc);
-        done.fetch_add(1, Ordering::Release);
     };
     rayon::in_place_scope(|s| {
         for _ in 1..threads.min(n) {
@@ -303,6 +305,15 @@ fn for_row_chunks(
             }
         }
     });
+}
+
+/// Adds one to its counter when dropped (at the end of a chunk, or while unwinding from it).
+struct CountOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// Chunks of rows per thread in `for_row_chunks`.

@@ -524,3 +524,36 @@ fn widen_scales_matches_plain_twin() {
         }
     }
 }
+
+/// A panic in a chunk run by a pool helper reaches the caller of `for_row_chunks` (the caller
+/// waits for the helpers' chunks by spinning; a panicking chunk must still end that wait).
+#[test]
+fn row_chunks_pass_on_a_helpers_panic() {
+    if rayon::current_num_threads() < 2 {
+        flashmoe_testdata::say_skipped("one rayon thread: no helpers");
+        return;
+    }
+    let mut y = vec![0f32; 64];
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for_row_chunks(0, 1, 64, 1, &mut y, |r0, yc| {
+            // The caller (not a pool thread) is slow on its first chunk, so that a helper
+            // claims one; helpers panic.
+            if rayon::current_thread_index().is_some() {
+                panic!("helper chunk at row {r0}");
+            }
+            if r0 == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            yc.fill(1.0);
+        })
+    }));
+    assert!(r.is_err(), "the helper's panic was lost");
+    // Without a panic every row is written once.
+    let mut y = vec![0f32; 1000];
+    for_row_chunks(0, 1, 1000, 1, &mut y, |r0, yc| {
+        for (i, v) in yc.iter_mut().enumerate() {
+            *v += (r0 + i) as f32;
+        }
+    });
+    assert!(y.iter().enumerate().all(|(i, v)| *v == i as f32));
+}
