@@ -23,8 +23,7 @@ thread_local! {
 /// force one to compare).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AffinePath {
-    /// The tensor-core kernel for 8-bit matrices of at least [`MMA_MIN_ROWS`] rows where its
-    /// layout fits, else the prepared-x dp4a kernel where its layout fits, else exact float.
+    /// The prepared-x dp4a kernel where its layout fits, else exact float.
     Auto,
     Float,
     Dp4a,
@@ -34,11 +33,6 @@ pub enum AffinePath {
     /// fits (else exact float).
     Prepared,
 }
-
-/// Rows from which `Auto` takes the tensor-core kernel (`mt`): x as f16 hi + lo parts per
-/// 16-byte chunk with a power-of-two scale (about 22 bits), f32 accumulation. Routers (a few
-/// hundred rows) stay on the exact float path.
-pub const MMA_MIN_ROWS: usize = 1024;
 
 pub fn set_affine_path(p: AffinePath) {
     let v = match p {
@@ -92,15 +86,13 @@ fn mma_fits(bits: u32, lg: u32, cols: usize) -> bool {
     (1usize << lg) >= ce && cols.is_multiple_of(ce) && mma_smem(bits, cols) <= 48 * 1024
 }
 
-fn use_mma(bits: u32, rows: usize) -> bool {
-    match AFFINE_PATH.with(|c| c.get()) {
-        1 | 2 | 4 => false,
-        3 => true,
-        // Measured (H200, round 8): the tensor-core kernel beat the float kernel on 8-bit
-        // 4096x4096 (0.34 vs 0.25 of D2D) but not on 4-bit 16384x4096 or lm_head, and VRAM
-        // decode got slower with it on every 4-bit matrix; 4-bit and 2-bit stay on float/dp4a.
-        _ => bits == 8 && rows >= MMA_MIN_ROWS,
-    }
+/// The tensor-core kernel (`mt`: x as f16 hi + lo parts per 16-byte chunk with a power-of-two
+/// scale, about 22 bits, f32 accumulation).
+fn use_mma() -> bool {
+    // Measured (H200, round 8): it beat the float kernel on 8-bit 4096x4096 (0.34 vs 0.25 of
+    // D2D) but not on 4-bit. Session 4: the prepared-x dp4a kernel beat it on 8-bit too (0.418
+    // vs 0.391 and 0.353 vs 0.344 in two runs), so it runs only when forced.
+    AFFINE_PATH.with(|c| c.get()) == 3
 }
 
 /// Longest row whose input vector the decode kernel stages in shared memory (< 48 KiB).
@@ -190,9 +182,7 @@ impl Fmt {
         let v = match (decode, self) {
             (false, _) => "mm",
             (true, Fmt::Dense(_)) => "mv",
-            (true, Fmt::Affine { bits, lg, .. })
-                if mma_fits(*bits, *lg, cols) && use_mma(*bits, rows) =>
-            {
+            (true, Fmt::Affine { bits, lg, .. }) if mma_fits(*bits, *lg, cols) && use_mma() => {
                 if mma_tile(rows) == 16 {
                     "mt1"
                 } else {
