@@ -9,9 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdeviceptr, CUevent, CUevent_flags, CUstream};
-use cudarc::driver::{
-    result, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 
 use crate::{CudaError, Result};
 
@@ -46,6 +44,19 @@ impl DBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// `len` bytes of device memory in the context current on this thread (empty for 0).
+fn malloc(len: usize) -> Result<DBuf> {
+    if len == 0 {
+        return Ok(DBuf { ptr: 0, len: 0 });
+    }
+    // SAFETY: plain allocation; freed by DBuf's drop.
+    let ptr = unsafe { result::malloc_sync(len) }.map_err(|e| CudaError::Alloc {
+        bytes: len,
+        msg: format!("{e:?}"),
+    })?;
+    Ok(DBuf { ptr, len })
 }
 
 impl Drop for DBuf {
@@ -122,8 +133,6 @@ pub struct MvBatch {
     pub x: [u64; MAXP],
     pub y: [u64; MAXP],
 }
-// SAFETY: plain-old-data of u64s with the same layout as the C struct.
-unsafe impl DeviceRepr for MvBatch {}
 
 /// Parameters of `router_experts` (mirrors `ExpertBatchArgs` in kernels.cu; passed by value):
 /// the layer's slot table, offsets inside a slot of gate‖up w, s, b and down w, s, b, the
@@ -142,8 +151,6 @@ pub struct ExpertBatchArgs {
     pub i: i32,
     pub h: i32,
 }
-// SAFETY: plain-old-data (u64, i64, i32) with the same layout as the C struct.
-unsafe impl DeviceRepr for ExpertBatchArgs {}
 
 pub struct Device {
     /// Scratch for x prepared by `quant_x3_*` for the `mp` matvec kernels, used on the
@@ -265,19 +272,7 @@ impl Device {
                 .map_err(|e| drv(&format!("kernel {n}"), e))?;
             funcs.insert(n, f);
         }
-        let qx = {
-            // SAFETY: plain allocation in the context just created (bound to this thread).
-            let ptr = unsafe { result::malloc_sync(crate::ops::QX_SCRATCH) }.map_err(|e| {
-                CudaError::Alloc {
-                    bytes: crate::ops::QX_SCRATCH,
-                    msg: format!("{e:?}"),
-                }
-            })?;
-            DBuf {
-                ptr,
-                len: crate::ops::QX_SCRATCH,
-            }
-        };
+        let qx = malloc(crate::ops::QX_SCRATCH)?;
         Ok(Device {
             qx,
             ctx,
@@ -329,15 +324,7 @@ impl Device {
     }
 
     pub fn alloc(&self, len: usize) -> Result<DBuf> {
-        if len == 0 {
-            return Ok(DBuf { ptr: 0, len: 0 });
-        }
-        // SAFETY: plain allocation; freed by DBuf's drop.
-        let ptr = unsafe { result::malloc_sync(len) }.map_err(|e| CudaError::Alloc {
-            bytes: len,
-            msg: format!("{e:?}"),
-        })?;
-        Ok(DBuf { ptr, len })
+        malloc(len)
     }
 
     pub fn alloc_zeros(&self, len: usize) -> Result<DBuf> {
@@ -535,7 +522,11 @@ impl Device {
         self.ctx.mem_get_info().map_err(|e| drv("mem info", e))
     }
 
-    /// Launches kernel `name` on `stream` with `args` in order.
+    /// Launches kernel `name` on `stream` with `args` in order. On the compute stream of a
+    /// Hopper or later device it is a programmatic dependent launch: its blocks may start while
+    /// the previous kernel runs, once that kernel's blocks have executed
+    /// `griddepcontrol.launch_dependents`, and every kernel executes `griddepcontrol.wait`
+    /// before touching anything its predecessor reads or writes (`pdl_wait` in kernels.cu).
     pub fn launch_on(
         &self,
         stream: &CudaStream,
@@ -543,44 +534,6 @@ impl Device {
         cfg: LaunchConfig,
         args: &[A],
     ) -> Result<()> {
-        // Every kernel waits for its predecessor at its start (`pdl_wait` in kernels.cu), so
-        // on Hopper each launch on the compute stream may overlap the previous kernel's tail.
-        if self.arch.0 >= 9 && std::ptr::eq(stream, &*self.compute) {
-            return self.launch_dependent(name, cfg, args);
-        }
-        let f = self.func(name);
-        let mut b = stream.launch_builder(f);
-        for a in args {
-            match a {
-                A::P(v) => b.arg(v),
-                A::I(v) => b.arg(v),
-                A::L(v) => b.arg(v),
-                A::F(v) => b.arg(v),
-                A::D(v) => b.arg(v),
-                A::B(v) => b.arg(v.as_ref()),
-                A::E(v) => b.arg(v.as_ref()),
-            };
-        }
-        // SAFETY: every kernel's argument list is built by the typed wrappers in ops.rs to
-        // match its signature in kernels.cu, and every pointer passed is a live allocation
-        // sized for the launch; `args` outlives the launch call, which copies the values.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| drv(&format!("launch {name}"), e))
-    }
-
-    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
-        self.launch_on(&self.compute, name, cfg, args)
-    }
-
-    /// Launches `name` on the compute stream as a programmatic dependent launch (Hopper and
-    /// later; a plain launch before): its blocks may start while the previous kernel runs, once
-    /// that kernel's blocks have executed `griddepcontrol.launch_dependents`, and must execute
-    /// `griddepcontrol.wait` before reading anything that kernel writes.
-    pub fn launch_dependent(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
-        if self.arch.0 < 9 {
-            return self.launch_on(&self.compute, name, cfg, args);
-        }
         use cudarc::driver::sys;
         use std::ffi::c_void;
         let f = self.func(name);
@@ -596,6 +549,7 @@ impl Device {
                 A::E(v) => &**v as *const ExpertBatchArgs as *mut c_void,
             })
             .collect();
+        let dependent = self.arch.0 >= 9 && std::ptr::eq(stream, &*self.compute);
         // SAFETY: a zeroed attribute is a valid plain-data value; id and value are set below.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -608,13 +562,14 @@ impl Device {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.compute.cu_stream(),
+            hStream: stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: 1,
+            numAttrs: dependent as u32,
         };
-        // SAFETY: as in `launch_on`, the typed wrappers in ops.rs build `args` to match the
-        // kernel's signature; `params` points into `args`, which outlives the call (the driver
-        // copies the values at launch), and the function belongs to this device's context.
+        // SAFETY: every kernel's argument list is built by the typed wrappers in ops.rs to
+        // match its signature in kernels.cu, and every pointer passed is a live allocation
+        // sized for the launch; `params` points into `args`, which outlives the call (the
+        // driver copies the values at launch); the function belongs to this device's context.
         unsafe {
             sys::cuLaunchKernelEx(
                 &lc,
@@ -625,6 +580,10 @@ impl Device {
         }
         .result()
         .map_err(|e| drv(&format!("launch {name}"), e))
+    }
+
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
+        self.launch_on(&self.compute, name, cfg, args)
     }
 }
 
