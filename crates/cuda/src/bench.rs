@@ -459,7 +459,6 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
     for &(rows, cols, bits) in shapes {
         let l = synth_affine(rows, cols, bits, rows as u64 ^ cols as u64);
         for (path, ap, tile, rpw) in [
-            ("dp4a", ops::AffinePath::Dp4a, 0, 0),
             ("dp4a, x prepared once", ops::AffinePath::Prepared, 0, 0),
             ("float", ops::AffinePath::Float, 0, 0),
             ("float 1 row per warp", ops::AffinePath::Float, 0, 1),

@@ -193,8 +193,8 @@ fn kernel_names() -> Vec<String> {
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
             for var in [
-                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mq", "mqi", "mp", "mpi", "mm",
-                "mt1", "mt1i", "mt2", "mt2i",
+                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mp", "mpi", "mm", "mt1", "mt1i",
+                "mt2", "mt2i",
             ] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }

@@ -253,127 +253,11 @@ __device__ void qmv_body(const MvBatch& p, int rows, int cols, int lg, int ntok,
     }
 }
 
-// Decode matvec on the integer dot-product unit. x is quantised once per block into shared
-// memory as two int8 levels per element, x ~= sc * (hi + lo / 256) per block of XB elements
-// (about 16 bits of precision), laid out per weight word in the order the packed codes unpack
-// to: a 4-bit word's `w & 0x0F0F0F0F` holds elements 0,2,4,6 and `(w >> 4) & 0x0F0F0F0F`
-// elements 1,3,5,7. Per word and row: 1 shift, 2 masks and 4 dp4a for 8 elements.
+// dp4a with an unsigned first operand (packed codes) and a signed second (int8 x).
 __device__ __forceinline__ int dp4a_us(u32 a, u32 b, int c) {
     int d;
     asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
-}
-
-template <int BITS, int SDT, int R, int D>
-__device__ void qmv_dp4a(const MvBatch& p, int rows, int cols, int lg) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    const int EPW = 32 / BITS, PER = 8 / BITS;
-    const int XB = 4 * EPW < 32 ? 4 * EPW : 32;  // elements per x scale: within one lane's chunk
-    const int WB = 2 * EPW;                      // x bytes per word (hi then lo)
-    const int CS = 4 * WB + 16;                  // padded bytes per chunk (bank spread)
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const u32* W = (const u32*)p.w[blockIdx.y];
-    const void* S = (const void*)p.s[blockIdx.y];
-    const void* B = (const void*)p.b[blockIdx.y];
-    const float* Xg = (const float*)p.x[blockIdx.y];
-    float* Y = (float*)p.y[blockIdx.y];
-    const int wpr = cols / EPW, nch = wpr / 4, gpr = cols >> lg, nxb = cols / XB;
-    float* scx = (float*)(smem + nch * CS);
-    float* xbs = scx + nxb;
-    // Quantise x: each XB-lane segment of a warp handles one block of XB elements.
-    for (int base = warp * 32; base < cols; base += nw * 32) {
-        int e = base + lane;
-        float v = e < cols ? Xg[e] : 0.f;
-        float a = fabsf(v), sm = v;
-#pragma unroll
-        for (int o = XB / 2; o > 0; o >>= 1) {
-            a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-            sm += __shfl_xor_sync(0xffffffffu, sm, o);
-        }
-        if (e < cols) {
-            float sc = a > 0.f ? a / 127.f : 1.f;
-            float qh = rintf(v / sc);
-            float ql = fminf(fmaxf(rintf((v - qh * sc) * (256.f / sc)), -127.f), 127.f);
-            int wi = e / EPW, k = e % EPW;
-            int slot = (k % PER) * 4 + k / PER;
-            unsigned char* wb = smem + (wi >> 2) * CS + (wi & 3) * WB;
-            wb[slot] = (unsigned char)(signed char)(int)qh;
-            wb[EPW + slot] = (unsigned char)(signed char)(int)ql;
-            if (e % XB == 0) { scx[e / XB] = sc; xbs[e / XB] = sm; }
-        }
-    }
-    __syncthreads();
-    const int groups = (rows + nw * R - 1) / (nw * R);
-    for (int grp = blockIdx.x; grp < groups; grp += gridDim.x) {
-        const int row0 = (grp * nw + warp) * R;
-        if (row0 >= rows) continue;
-        int rowv[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
-        float acc[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[r] = 0.f;
-        for (int c0 = lane; c0 < nch; c0 += 32 * D) {
-            uint4 wv[D][R];
-#pragma unroll
-            for (int d = 0; d < D; d++)
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    if (c0 + 32 * d < nch) wv[d][r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + c0 + 32 * d);
-#pragma unroll
-            for (int d = 0; d < D; d++) {
-                const int c = c0 + 32 * d;
-                if (c >= nch) break;
-                int ih[R], il[R];
-#pragma unroll
-                for (int r = 0; r < R; r++) { ih[r] = 0; il[r] = 0; }
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const u32* xw = (const u32*)(smem + c * CS + k * WB);
-                    u32 xh[PER], xl[PER];
-                    if (PER == 2) {
-                        uint4 t = *(const uint4*)xw;
-                        xh[0] = t.x; xh[1 % PER] = t.y; xl[0] = t.z; xl[1 % PER] = t.w;
-                    } else if (PER == 1) {
-                        uint2 t = *(const uint2*)xw;
-                        xh[0] = t.x; xl[0] = t.y;
-                    } else {
-                        uint4 t0 = *(const uint4*)xw, t1 = *(const uint4*)(xw + 4);
-                        xh[0] = t0.x; xh[1 % PER] = t0.y; xh[2 % PER] = t0.z; xh[3 % PER] = t0.w;
-                        xl[0] = t1.x; xl[1 % PER] = t1.y; xl[2 % PER] = t1.z; xl[3 % PER] = t1.w;
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        u32 w = (k == 0) ? wv[d][r].x : (k == 1) ? wv[d][r].y : (k == 2) ? wv[d][r].z : wv[d][r].w;
-#pragma unroll
-                        for (int q = 0; q < PER; q++) {
-                            u32 wq = PER == 1 ? w : (w >> (q * BITS)) & (((1u << BITS) - 1u) * 0x01010101u);
-                            ih[r] = dp4a_us(wq, xh[q], ih[r]);
-                            il[r] = dp4a_us(wq, xl[q], il[r]);
-                        }
-                    }
-                    // Flush at the end of each x block (XB elements = XB / EPW words).
-                    if (((k + 1) * EPW) % XB == 0) {
-                        const int xb = (c * 4 * EPW + (k + 1) * EPW) / XB - 1;
-                        const int g = (xb * XB) >> lg;
-                        const float sc = scx[xb], xs = xbs[xb];
-#pragma unroll
-                        for (int r = 0; r < R; r++) {
-                            float s = ldsc<SDT>(S, (long)rowv[r] * gpr + g), b = ldsc<SDT>(B, (long)rowv[r] * gpr + g);
-                            acc[r] += s * sc * ((float)ih[r] + (float)il[r] * (1.f / 256.f)) + b * xs;
-                            ih[r] = 0;
-                            il[r] = 0;
-                        }
-                    }
-                }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            float v = warp_sum(acc[r]);
-            if (lane == 0 && row0 + r < rows) Y[row0 + r] = v;
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -841,7 +725,7 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
 // Kernel names: qmv{bits}_{sdt}_{variant}, dmv_{dt}_{variant}; variant mv = decode (4 rows per
 // warp, one token, x in shared memory; mv2 / mv1: 2 / 1 rows per warp, for matrices too short
 // to give every SM a few blocks of 4-row warps), mp = decode on dp4a with x prepared by
-// quant_x3 (4 rows per warp), mq = dp4a with x quantised per block (two levels),
+// quant_x3 (4 rows per warp),
 // mvg = decode with x read from global memory (long rows),
 // mm = prefill tile (1 row per warp, 8 tokens per pass).
 #define QK(BITS, SDT, SN)                                                                                   \
@@ -875,15 +759,6 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
                                                                             int cols, int lg, int ntok, int ldx, \
                                                                             int ldy) { pdl_wait(); pdl_release();                           \
         qmv_body<BITS, SDT, 4, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mq(MvBatch p, int rows, int cols, \
-                                                                           int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
-        qmv_dp4a<BITS, SDT, 4, 4>(p, rows, cols, lg);                                                       \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mqi(const MvBatch* pd, int rows, \
-                                                                            int cols, int lg, int ntok, int ldx, \
-                                                                            int ldy) { pdl_wait(); pdl_release();                           \
-        qmv_dp4a<BITS, SDT, 4, 4>(*pd, rows, cols, lg);                                                     \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mp(MvBatch p, int rows, int cols, \
                                                                            int lg, const unsigned char* qx, int qb) { pdl_release(); \

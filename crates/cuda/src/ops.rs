@@ -13,7 +13,8 @@ const DT_NAMES: [&str; 3] = ["bf16", "f16", "f32"];
 
 thread_local! {
     /// Which decode kernel affine matrices launched from this thread use: 0 = by shape,
-    /// 1 = exact float, 2 = dp4a (per thread, so parallel tests do not see each other's choice).
+    /// 1 = exact float, 3 = tensor cores, 4 = prepared-x dp4a (per thread, so parallel tests do
+    /// not see each other's choice).
     static AFFINE_PATH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static MMA_TILE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static ROWS_PER_WARP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -26,7 +27,6 @@ pub enum AffinePath {
     /// The prepared-x dp4a kernel where its layout fits, else exact float.
     Auto,
     Float,
-    Dp4a,
     /// The tensor-core kernel wherever its layout fits (else exact float).
     Mma,
     /// dp4a with x prepared once per product as three int8 levels (`mp`) wherever its layout
@@ -38,7 +38,6 @@ pub fn set_affine_path(p: AffinePath) {
     let v = match p {
         AffinePath::Auto => 0,
         AffinePath::Float => 1,
-        AffinePath::Dp4a => 2,
         AffinePath::Mma => 3,
         AffinePath::Prepared => 4,
     };
@@ -69,14 +68,6 @@ fn mma_smem(bits: u32, cols: usize) -> usize {
     let ps = 4 * (16 / bits as usize) + 4;
     let nch = cols * bits as usize / 128;
     (nch * 2 * ps + ps) * 4 + nch * 8
-}
-
-/// The two-level dp4a kernel (`mq`, x quantised by every block to about 16 bits) runs only when
-/// forced (bench and tests): the prepared-x kernel beat it on every shape measured (H200,
-/// session 4: 0.92 vs 0.80 of D2D on lm_head, 0.49 vs 0.27 on 16384x4096), and its 16 bits
-/// moved a near-tied top-k choice of a tiny test model's router.
-fn use_dp4a() -> bool {
-    AFFINE_PATH.with(|c| c.get()) == 2
 }
 
 /// Whether the tensor-core kernel may run this matrix: its chunk (16 bytes of codes) lies in
@@ -171,14 +162,10 @@ impl Fmt {
     }
 
     /// The kernel for this format and its dynamic shared memory. Decode (one token): affine
-    /// matrices use the dp4a kernel with x quantised in shared memory (`mq`, see
-    /// [`AffinePath`]) or the exact float kernel with x in shared memory (`mv`), or with x read
-    /// from global memory for rows too long for shared memory (`mvg`); prefill uses `mm`.
+    /// matrices use the dp4a kernel with x prepared by `quant_x3` (`mp`, see [`AffinePath`]),
+    /// or the exact float kernel with x in shared memory (`mv`), or with x read from global
+    /// memory for rows too long for shared memory (`mvg`); prefill uses `mm`.
     pub fn kernel(&self, decode: bool, rows: usize, cols: usize) -> (String, u32) {
-        let vec_ok = match *self {
-            Fmt::Affine { bits, .. } => (cols * bits as usize / 32).is_multiple_of(4),
-            Fmt::Dense(_) => true,
-        };
         let v = match (decode, self) {
             (false, _) => "mm",
             (true, Fmt::Dense(_)) => "mv",
@@ -192,7 +179,6 @@ impl Fmt {
             (true, Fmt::Affine { bits, lg, .. }) if prep_fits(*bits, *lg, cols) && use_prep() => {
                 "mp"
             }
-            (true, _) if cols <= XSM_MAX_COLS && vec_ok && use_dp4a() => "mq",
             (true, _) if cols <= XSM_MAX_COLS => "mv",
             (true, _) => "mvg",
         };
@@ -205,14 +191,6 @@ impl Fmt {
             ("mv", Fmt::Affine { .. }) => ((cols + cols / 32 * 4 + 4) * 4) as u32,
             ("mt1" | "mt2", Fmt::Affine { bits, .. }) => mma_smem(bits, cols) as u32,
             ("mp", Fmt::Affine { bits, .. }) => qx_size(bits, cols) as u32,
-            ("mq", Fmt::Affine { bits, .. }) => {
-                // Per chunk of 4 words: hi and lo bytes, 16 bytes of padding; then one scale
-                // and one sum per x block.
-                let epw = 32 / bits as usize;
-                let nch = cols / epw / 4;
-                let xb = (4 * epw).min(32);
-                (nch * (8 * epw + 16) + cols / xb * 8) as u32
-            }
             _ => 0,
         };
         (name, smem)

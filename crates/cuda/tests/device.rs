@@ -91,13 +91,10 @@ impl TestDev for Cuda {
         "cuda"
     }
     fn variants(&self) -> Vec<&'static str> {
-        vec![
-            "auto", "dp4a", "prep", "float", "float1", "float2", "float4", "mma",
-        ]
+        vec!["auto", "prep", "float", "float1", "float2", "float4", "mma"]
     }
     fn set_variant(&self, v: &str) {
         ops::set_affine_path(match v {
-            "dp4a" => ops::AffinePath::Dp4a,
             "float" | "float1" | "float2" | "float4" => ops::AffinePath::Float,
             "mma" => ops::AffinePath::Mma,
             "prep" => ops::AffinePath::Prepared,
