@@ -113,7 +113,7 @@ fn prep_fits(bits: u32, lg: u32, cols: usize) -> bool {
 }
 
 /// Measured (H200, session 4, same run, 4-bit): 16384x4096 0.49 of D2D against 0.33 for the
-/// float kernel, 4096x8192 0.31 against 0.23, lm_head 0.92 against 0.80 (`mq`); VRAM decode of
+/// float kernel, 4096x8192 0.31 against 0.23, lm_head 0.92 against 0.80 (the former two-level dp4a kernel); VRAM decode of
 /// the 8-layer 397B-shaped model 1.32 against 1.62 ms/token.
 fn use_prep() -> bool {
     matches!(AFFINE_PATH.with(|c| c.get()), 0 | 4)
@@ -364,7 +364,7 @@ pub fn set_rows_per_warp(r: usize) {
 }
 
 /// Kernel name, blocks and threads per block for `rows` rows of each of `nprob` problems.
-/// Decode kernels give each warp 4 rows (`mv`, `mq`, `mt2` tiles of 32 rows per 8 warps), 1
+/// Decode kernels give each warp 4 rows (`mv`, `mp`, `mt2` tiles of 32 rows per 8 warps), 1
 /// row (prefill `mm`, 8 tokens per pass) or a 16-row tile (`mt1`). The exact float decode
 /// kernel (`mv`) takes fewer rows per warp (`mv2`, `mv1`) and 4-warp blocks when 4-row warps
 /// would leave SMs without a couple of blocks: short matrices (routers, shared experts,
