@@ -425,6 +425,35 @@ fn time_decode(cm: &mut CudaModel, n: usize, pick: Pick) -> Result<(f64, Value)>
     ))
 }
 
+/// One greedy token with an event after every launch: where a VRAM-resident token's time goes.
+fn trace_token(cm: &mut CudaModel) -> Result<Value> {
+    let mut st = cm.new_state()?;
+    cm.forward_argmax(&[1], &mut st)?;
+    let start = cm.dev.trace_start()?;
+    let r = cm.forward_argmax(&[2], &mut st);
+    let t = cm.dev.trace_finish(&start)?;
+    r?;
+    let total: f64 = t.iter().map(|k| k.total_us).sum();
+    let rows: Vec<Value> = t
+        .iter()
+        .map(|k| {
+            json!({
+                "kernel": k.kernel,
+                "grid": [k.grid.0, k.grid.1, k.grid.2],
+                "launches": k.launches,
+                "total_us": k.total_us,
+                "per_launch_us": k.total_us / k.launches as f64,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "note": "one token, an event after each launch (serialised: no dependent-launch overlap)",
+        "total_us": total,
+        "launches": t.iter().map(|k| k.launches).sum::<usize>(),
+        "kernels": rows,
+    }))
+}
+
 fn argmax(v: &[f32]) -> u32 {
     let mut b = 0;
     for (i, x) in v.iter().enumerate() {
@@ -529,6 +558,8 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         ops::set_affine_path(ops::AffinePath::Float);
         let float = time_decode(&mut cm, opts.tokens, Pick::Device);
         ops::set_affine_path(ops::AffinePath::Auto);
+
+        j["kernel_trace"] = trace_token(&mut cm)?;
         j["ms_per_token_logits_to_host"] = json!(ms_logits);
         j["ms_per_token_float_kernels"] = json!(float?.0);
         j["next_token"] = json!("argmax on the GPU (greedy)");

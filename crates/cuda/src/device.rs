@@ -157,6 +157,9 @@ pub struct Device {
     /// compute stream only ([`crate::ops::QX_SCRATCH`] bytes). Declared before `ctx` so that it
     /// is freed while the context is alive.
     pub qx: DBuf,
+    /// Three more prepared-x slots ([`crate::ops::QX_SLOT`] bytes each) for x prepared by its
+    /// producer (norms) and read by later launches, so they never meet `qx`'s uses.
+    qxp: DBuf,
     pub ctx: Arc<CudaContext>,
     /// Kernels run here, in order.
     pub compute: Arc<CudaStream>,
@@ -166,6 +169,22 @@ pub struct Device {
     pub name: String,
     pub arch: (i32, i32),
     pub sms: i32,
+    /// When on (`trace_start`), an event after every compute-stream launch: the bench's
+    /// per-kernel breakdown of one token. Off in normal runs.
+    trace: std::sync::Mutex<Option<Vec<Traced>>>,
+}
+
+/// One traced launch: kernel name, grid, and the event recorded after it.
+struct Traced(String, (u32, u32, u32), Event);
+
+/// Per-kernel time of a traced stretch of work (each launch serialised behind an event, so
+/// the times include each launch's own latency and none of the dependent-launch overlap).
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub grid: (u32, u32, u32),
+    pub launches: usize,
+    pub total_us: f64,
 }
 
 fn cache_dir() -> PathBuf {
@@ -224,6 +243,7 @@ fn kernel_names() -> Vec<String> {
         "gdn_conv",
         "gdn_step",
         "gdn_step_wide",
+        "gdn_out_norm",
     ] {
         v.push(k.to_string());
     }
@@ -273,8 +293,10 @@ impl Device {
             funcs.insert(n, f);
         }
         let qx = malloc(crate::ops::QX_SCRATCH)?;
+        let qxp = malloc(3 * crate::ops::QX_SLOT)?;
         Ok(Device {
             qx,
+            qxp,
             ctx,
             compute,
             copy,
@@ -282,6 +304,7 @@ impl Device {
             name,
             arch,
             sms,
+            trace: std::sync::Mutex::new(None),
         })
     }
 
@@ -313,14 +336,22 @@ impl Device {
     }
 
     /// Makes this device's context current on the calling thread (every public entry does).
+    /// Prepared-x slot `i` (< 3), compute stream only.
+    pub fn qx_slot(&self, i: usize) -> u64 {
+        assert!(i < 3, "prepared-x slot {i}");
+        self.qxp.ptr() + (i * crate::ops::QX_SLOT) as u64
+    }
+
     pub fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| drv("bind context", e))
     }
 
-    pub fn func(&self, name: &str) -> &CudaFunction {
-        &self.funcs[name]
+    pub fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| CudaError::Invalid(format!("no kernel named {name} was compiled")))
     }
 
     pub fn alloc(&self, len: usize) -> Result<DBuf> {
@@ -536,7 +567,7 @@ impl Device {
     ) -> Result<()> {
         use cudarc::driver::sys;
         use std::ffi::c_void;
-        let f = self.func(name);
+        let f = self.func(name)?;
         let mut params: Vec<*mut c_void> = args
             .iter()
             .map(|a| match a {
@@ -579,7 +610,59 @@ impl Device {
             )
         }
         .result()
-        .map_err(|e| drv(&format!("launch {name}"), e))
+        .map_err(|e| drv(&format!("launch {name}"), e))?;
+        if std::ptr::eq(stream, &*self.compute) {
+            let mut t = self.trace.lock().expect("trace lock");
+            if let Some(v) = t.as_mut() {
+                let ev = self.event()?;
+                self.record(&ev, stream)?;
+                v.push(Traced(name.to_string(), cfg.grid_dim, ev));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts tracing compute-stream launches; returns the start event.
+    pub fn trace_start(&self) -> Result<Event> {
+        let ev = self.event()?;
+        self.record(&ev, &self.compute)?;
+        *self.trace.lock().expect("trace lock") = Some(Vec::new());
+        Ok(ev)
+    }
+
+    /// Stops tracing, waits for the traced work and sums the time between consecutive events
+    /// per (kernel, grid), longest first.
+    pub fn trace_finish(&self, start: &Event) -> Result<Vec<KernelTime>> {
+        let v = self
+            .trace
+            .lock()
+            .expect("trace lock")
+            .take()
+            .unwrap_or_default();
+        self.sync()?;
+        let mut out: Vec<KernelTime> = Vec::new();
+        let mut prev = start;
+        for Traced(name, grid, ev) in &v {
+            let us = self.elapsed_ms(prev, ev)? as f64 * 1e3;
+            prev = ev;
+            match out
+                .iter_mut()
+                .find(|k| &k.kernel == name && k.grid == *grid)
+            {
+                Some(k) => {
+                    k.launches += 1;
+                    k.total_us += us;
+                }
+                None => out.push(KernelTime {
+                    kernel: name.clone(),
+                    grid: *grid,
+                    launches: 1,
+                    total_us: us,
+                }),
+            }
+        }
+        out.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
+        Ok(out)
     }
 
     pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {

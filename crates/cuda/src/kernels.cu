@@ -276,17 +276,15 @@ template <int BITS> __device__ __forceinline__ int qx_size(int cols) {
     return ((cols / (4 * EPW)) * CS + (cols / XB) * 8 + 15) & ~15;
 }
 
-template <int BITS> __device__ void quant_x3_body(const float* X, int cols, unsigned char* out) {
-    // The `mp` matvec that follows may start now: it only reads weights before its pdl_wait.
-    pdl_release();
+// One element's share of preparing x: called by all 32 lanes of a warp with consecutive,
+// warp-aligned e (the XB-lane segments are x blocks); lanes with e >= cols pass v = 0 and write
+// nothing. Producers of a matvec's input (norms, SwiGLU) call it to prepare x as they write it.
+template <int BITS> __device__ __forceinline__ void quant_x3_elem(float v, int e, int cols, unsigned char* out) {
     const int EPW = 32 / BITS, PER = 8 / BITS;
     const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
     const int nch = cols / (4 * EPW), nxb = cols / XB;
     float* scx = (float*)(out + nch * CS);
     float* xbs = scx + nxb;
-    // blockDim is a multiple of 32 and XB divides 32: each XB-lane segment is one x block.
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    const float v = e < cols ? X[e] : 0.f;
     float a = fabsf(v), sm = v;
 #pragma unroll
     for (int o = XB / 2; o > 0; o >>= 1) {
@@ -311,6 +309,21 @@ template <int BITS> __device__ void quant_x3_body(const float* X, int cols, unsi
     }
 }
 
+// As quant_x3_elem for the code width `bits` (2, 4 or 8; anything else prepares nothing).
+__device__ __forceinline__ void quant_x3_any(int bits, float v, int e, int cols, unsigned char* out) {
+    if (bits == 4) quant_x3_elem<4>(v, e, cols, out);
+    else if (bits == 2) quant_x3_elem<2>(v, e, cols, out);
+    else if (bits == 8) quant_x3_elem<8>(v, e, cols, out);
+}
+
+template <int BITS> __device__ void quant_x3_body(const float* X, int cols, unsigned char* out) {
+    // The `mp` matvec that follows may start now: it only reads weights before its pdl_wait.
+    pdl_release();
+    // blockDim is a multiple of 32: each warp covers 32 consecutive elements.
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    quant_x3_elem<BITS>(e < cols ? X[e] : 0.f, e, cols, out);
+}
+
 // The PER u32 of one level of word k (x bytes in smem at `p`, aligned to 4 * PER bytes).
 template <int PER> __device__ __forceinline__ void ld_level(const unsigned char* p, u32* x) {
     if (PER == 4) {
@@ -333,9 +346,13 @@ __device__ __forceinline__ void prep_load(uint4 (*wv)[R], const u32* W, const in
             if (c0 + 32 * d < nch) wv[d][r] = __ldg((const uint4*)(W + (long)rowv[r] * wpr) + c0 + 32 * d);
 }
 
+// `early`: the weights (and, for `mpi`, the batch naming them) were complete before the previous
+// kernel started, so the first weight loads may precede the wait. Not so for an `mpi` launched
+// right after the `router_experts` that writes its batch.
 template <int BITS, int SDT, int R, int D>
-__device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb) {
+__device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early) {
     extern __shared__ __align__(16) unsigned char smem[];
+    if (!early) pdl_wait();
     const int EPW = 32 / BITS, PER = 8 / BITS;
     const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
     const u32 M = ((1u << BITS) - 1u) * 0x01010101u;
@@ -356,9 +373,9 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
     // The first weights are in flight while the prepared x is copied into shared memory.
     uint4 wv[D][R];
     prep_load<BITS, R, D>(wv, W, rowv, wpr, lane, nch);
-    // Launched dependent on quant_x3: the weights (and, for `mpi`, the batch written two kernels
-    // earlier) are ready, the prepared x only after this.
-    pdl_wait();
+    // Launched dependent on the producer of the prepared x (quant_x3, a norm, SwiGLU): with
+    // `early`, the weights and the batch are ready, the prepared x only after this.
+    if (early) pdl_wait();
     {
         const uint4* q = (const uint4*)(qx + (long)blockIdx.y * qb);
         for (int i = threadIdx.x; i < qx_size<BITS>(cols) / 16; i += blockDim.x) ((uint4*)smem)[i] = __ldg(q + i);
@@ -762,12 +779,12 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mp(MvBatch p, int rows, int cols, \
                                                                            int lg, const unsigned char* qx, int qb) { pdl_release(); \
-        qmv_prep<BITS, SDT, 4, 2>(p, rows, cols, lg, qx, qb);                                               \
+        qmv_prep<BITS, SDT, 4, 2>(p, rows, cols, lg, qx, qb, true);                                         \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mpi(const MvBatch* pd, int rows, \
                                                                             int cols, int lg, const unsigned char* qx, \
-                                                                            int qb) { pdl_release();                                 \
-        qmv_prep<BITS, SDT, 4, 2>(*pd, rows, cols, lg, qx, qb);                                             \
+                                                                            int qb, int early) { pdl_release();                      \
+        qmv_prep<BITS, SDT, 4, 2>(*pd, rows, cols, lg, qx, qb, early != 0);                                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
@@ -849,19 +866,34 @@ extern "C" __global__ void embed_row(const void* W, const void* S, const void* B
 // ---------------------------------------------------------------------------------------------
 // Norms and elementwise ops.
 // ---------------------------------------------------------------------------------------------
-// out[r, :n] = x[r, :n] / sqrt(mean(x^2) + eps) * w; one block per row.
+// Writes v = out[i] (every thread of the block calls it for the same base, blockDim a multiple
+// of 32) and prepares it for up to two `mp` matvecs (code widths b1, b2; 0 = none).
+__device__ __forceinline__ void put_prepared(float* o, int i, int n, float v, unsigned char* q1, int b1,
+                                             unsigned char* q2, int b2) {
+    if (i < n) o[i] = v;
+    quant_x3_any(b1, i < n ? v : 0.f, i, n, q1);
+    quant_x3_any(b2, i < n ? v : 0.f, i, n, q2);
+}
+
+// out[r, :n] = x[r, :n] / sqrt(mean(x^2) + eps) * w. Grid (split, rows): every block of a row
+// sums the whole row (from L2; a single block is latency-bound on one SM) and writes its
+// 1/split slice. With qbits (one row), out is also prepared at qx for the `mp` matvec reading it.
 extern "C" __global__ void rmsnorm_rows(const float* x, int ldx, const float* w, float* out, int ldo, int n,
-                                        float eps) {
+                                        float eps, unsigned char* qx, int qbits) {
     pdl_wait();
     pdl_release();
     __shared__ float red[32];
-    const float* xr = x + (long)blockIdx.x * ldx;
-    float* o = out + (long)blockIdx.x * ldo;
+    const float* xr = x + (long)blockIdx.y * ldx;
+    float* o = out + (long)blockIdx.y * ldo;
     float ss = 0.f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
     ss = block_sum(ss, red);
     float inv = 1.f / sqrtf(ss / n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+    for (int b = blockIdx.x * blockDim.x; b < n; b += gridDim.x * blockDim.x) {
+        const int i = b + threadIdx.x;
+        put_prepared(o, i, n, i < n ? xr[i] * inv * w[i] : 0.f, qx, qbits, nullptr, 0);
+    }
 }
 
 // Greedy decoding reads 4 bytes back instead of the vocabulary's logits: *key = max over i of
@@ -925,31 +957,48 @@ extern "C" __global__ void add_rows_gated(float* x, const float* y, const float*
     x[(long)t * n + i] += g * y[(long)t * n + i];
 }
 
-// x += d; out = rmsnorm(x) * w. One block (the residual stream of one token).
-extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w, float* out, int n, float eps) {
+// out = rmsnorm(x + d) * w for the residual stream of one token, also prepared for up to two
+// `mp` matvecs that read it (code widths b1, b2; 0 = none). With write_x (one block), x += d
+// here; else x is left alone (the caller adds d later, in moe_combine), so that several blocks,
+// each summing the whole row and writing its slice, never read an x another block wrote.
+extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w, float* out, int n, float eps,
+                                       unsigned char* q1, int b1, unsigned char* q2, int b2, int write_x) {
     pdl_wait();
     pdl_release();
     __shared__ float red[32];
     float ss = 0.f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = x[i] + d[i];
-        x[i] = v;
+        if (write_x) x[i] = v;
         ss += v * v;
     }
     ss = block_sum(ss, red);
     float inv = 1.f / sqrtf(ss / n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = x[i] * inv * w[i];
+    for (int b = blockIdx.x * blockDim.x; b < n; b += gridDim.x * blockDim.x) {
+        const int i = b + threadIdx.x;
+        const float v = i < n ? (write_x ? x[i] : x[i] + d[i]) : 0.f;
+        put_prepared(out, i, n, v * inv * (i < n ? w[i] : 0.f), q1, b1, q2, b2);
+    }
 }
 
-// h[j, i] = silu(gu[j, i]) * gu[j, I + i] for j < nexp, i < I.
-extern "C" __global__ void swiglu_k(const float* gu, float* h, int I, int nexp) {
+// h[j, i] = silu(gu[j, i]) * gu[j, I + i] for j < nexp, i < I. With qbits, h[j] is also prepared
+// for the `mp` matvec that reads it, at qx + j * qb (the launch checks I % 32 == 0, so no warp
+// straddles two problems).
+extern "C" __global__ void swiglu_k(const float* gu, float* h, int I, int nexp, unsigned char* qx, int qbits,
+                                    int qb) {
     pdl_wait();
     pdl_release();
     int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= I * nexp) return;
+    const bool in = idx < I * nexp;
     int j = idx / I, i = idx - j * I;
-    float g = gu[(long)j * 2 * I + i], u = gu[(long)j * 2 * I + I + i];
-    h[idx] = siluf_(g) * u;
+    float v = 0.f;
+    if (in) {
+        float g = gu[(long)j * 2 * I + i], u = gu[(long)j * 2 * I + I + i];
+        v = siluf_(g) * u;
+        h[idx] = v;
+    }
+    if (qbits) quant_x3_any(qbits, v, in ? i : I, I, qx + (long)j * qb);
 }
 
 // x[i] += sum_j wts[j] * ye[j, i] + (sg ? sigmoid(*sg) * ys[i] : 0) + (add ? add[i] : 0).
@@ -1006,19 +1055,18 @@ __device__ void topk_body(const float* logits, int E, int K, int norm, int* ids,
     wm = warp_max(wm);
     __syncthreads();
     if (lane == 0) red[threadIdx.x >> 5] = wm;
-    if (threadIdx.x == 0) nc = 0;
-    __syncthreads();
     if (threadIdx.x == 0) {
-        // K-th largest warp maximum (duplicates counted), or no bound with fewer warps than K.
-        float t = -INFINITY;
-        if (nw >= K) {
-            for (int w = 0; w < nw; w++) {
-                int above = 0;
-                for (int q = 0; q < nw; q++) above += red[q] > red[w] || (red[q] == red[w] && q < w);
-                if (above == K - 1) t = red[w];
-            }
-        }
-        thr = t;
+        nc = 0;
+        thr = -INFINITY;
+    }
+    __syncthreads();
+    // K-th largest warp maximum (duplicates counted, ties by warp index, so exactly one warp has
+    // rank K-1), or no bound with fewer warps than K. One thread per warp maximum ranks it.
+    if (nw >= K && threadIdx.x < nw) {
+        const int w = threadIdx.x;
+        int above = 0;
+        for (int q = 0; q < nw; q++) above += red[q] > red[w] || (red[q] == red[w] && q < w);
+        if (above == K - 1) thr = red[w];
     }
     __syncthreads();
     const float t = thr;
@@ -1233,17 +1281,20 @@ extern "C" __global__ void gdn_conv(const float* mixed, float* state, const floa
 // l2norm(q, k) of key head h/rep, decay, delta rule, o = S^T q, then the gated RMSNorm with
 // silu(z). dk <= 128.
 #define GDN_MAXDK 128
+// One step of the gated delta rule for value head h = blockIdx.x, columns blockIdx.y * nc ..
+// + nc of its state (every column of S is independent: kv_mem, delta, the update and the output
+// are per column), each column's dk rows split over P parts of ceil(dk / P) <= GDN_RP rows.
+// Writes the raw output o; the gated RMSNorm over the head (which spans blocks) is gdn_out_norm.
 template <int GDN_RP>
-__device__ __forceinline__ void gdn_step_body(const float* u, const float* z, const float* bv, const float* av,
-                                              const float* dt_bias, const float* neg_a, const float* norm_w,
-                                              float* S, float* y, int nk, int nv, int dk, int dv, float eps,
-                                              int P) {
+__device__ __forceinline__ void gdn_step_body(const float* u, const float* bv, const float* av,
+                                              const float* dt_bias, const float* neg_a, float* S, float* y,
+                                              int nk, int nv, int dk, int dv, int P, int nc) {
     __shared__ float qn[GDN_MAXDK], kn[GDN_MAXDK];
     __shared__ float red[32];
-    extern __shared__ float part_sum[];  // [P][dv]
-    const int h = blockIdx.x, v = threadIdx.x % dv, part = threadIdx.x / dv;
-    // Threads past P * dv (blockDim rounded up to whole warps) only join the reductions.
-    const bool act = part < P;
+    extern __shared__ float part_sum[];  // [P][nc]
+    const int h = blockIdx.x, c = threadIdx.x % nc, part = threadIdx.x / nc, v = blockIdx.y * nc + c;
+    // Threads past P * nc (blockDim rounded up to whole warps) only join the reductions.
+    const bool act = part < P && v < dv;
     const int rp = (dk + P - 1) / P, i0 = part * rp;
     const int rep = nv / nk, kh = h / rep, kd = nk * dk;
     const float* qs = u + (long)kh * dk;
@@ -1274,8 +1325,9 @@ __device__ __forceinline__ void gdn_step_body(const float* u, const float* z, co
     if (act) part_sum[threadIdx.x] = kvm;
     __syncthreads();
     kvm = 0.f;
-    for (int q = 0; q < P; q++) kvm += part_sum[q * dv + v];
-    const float delta = (u[2 * kd + (long)h * dv + v] - kvm) * beta;
+    if (act)
+        for (int q = 0; q < P; q++) kvm += part_sum[q * nc + c];
+    const float delta = act ? (u[2 * kd + (long)h * dv + v] - kvm) * beta : 0.f;
     float o = 0.f;
 #pragma unroll
     for (int r = 0; r < GDN_RP; r++) {
@@ -1289,32 +1341,41 @@ __device__ __forceinline__ void gdn_step_body(const float* u, const float* z, co
     __syncthreads();
     if (act) part_sum[threadIdx.x] = o;
     __syncthreads();
-    o = 0.f;
-    for (int q = 0; q < P; q++) o += part_sum[q * dv + v];
-    float ss = block_sum(part == 0 ? o * o : 0.f, red);
-    if (part == 0) {
-        float inv = 1.f / sqrtf(ss / dv + eps);
-        float zz = z[(long)h * dv + v];
-        y[(long)h * dv + v] = o * inv * norm_w[v] * siluf_(zz);
+    if (act && part == 0) {
+        o = 0.f;
+        for (int q = 0; q < P; q++) o += part_sum[q * nc + c];
+        y[(long)h * dv + v] = o;
     }
 }
-// Up to 16 rows per thread at up to 1024 threads (64 registers each), the usual dk = dv = 128
-// at 8 parts; `_wide`: one part of up to 128 rows at up to 256 threads, for wider heads.
-extern "C" __global__ void __launch_bounds__(1024) gdn_step(const float* u, const float* z, const float* bv,
-                                                            const float* av, const float* dt_bias,
-                                                            const float* neg_a, const float* norm_w, float* S,
-                                                            float* y, int nk, int nv, int dk, int dv, float eps,
-                                                            int P) {
+extern "C" __global__ void __launch_bounds__(1024) gdn_step(const float* u, const float* bv, const float* av,
+                                                            const float* dt_bias, const float* neg_a, float* S,
+                                                            float* y, int nk, int nv, int dk, int dv, int P, int nc) {
     pdl_wait();
     pdl_release();
-    gdn_step_body<16>(u, z, bv, av, dt_bias, neg_a, norm_w, S, y, nk, nv, dk, dv, eps, P);
+    gdn_step_body<16>(u, bv, av, dt_bias, neg_a, S, y, nk, nv, dk, dv, P, nc);
 }
-extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, const float* z, const float* bv,
-                                                                const float* av, const float* dt_bias,
-                                                                const float* neg_a, const float* norm_w, float* S,
-                                                                float* y, int nk, int nv, int dk, int dv,
-                                                                float eps, int P) {
+extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, const float* bv, const float* av,
+                                                                const float* dt_bias, const float* neg_a, float* S,
+                                                                float* y, int nk, int nv, int dk, int dv, int P,
+                                                                int nc) {
     pdl_wait();
     pdl_release();
-    gdn_step_body<128>(u, z, bv, av, dt_bias, neg_a, norm_w, S, y, nk, nv, dk, dv, eps, P);
+    gdn_step_body<128>(u, bv, av, dt_bias, neg_a, S, y, nk, nv, dk, dv, P, nc);
+}
+
+// y[h] = rmsnorm(y[h]) * w * silu(z[h]) per value head h = blockIdx.x (dv threads), in place; with
+// qbits (dv a multiple of 32), y is also prepared at qx for the out-projection's `mp` matvec.
+extern "C" __global__ void gdn_out_norm(float* y, const float* z, const float* w, int dv, float eps,
+                                        unsigned char* qx, int qbits, int cols) {
+    pdl_wait();
+    pdl_release();
+    __shared__ float red[32];
+    const int h = blockIdx.x, v = threadIdx.x;
+    const long e = (long)h * dv + v;
+    const float o = v < dv ? y[e] : 0.f;
+    const float ss = block_sum(o * o, red);
+    const float inv = 1.f / sqrtf(ss / dv + eps);
+    const float r = v < dv ? o * inv * w[v] * siluf_(z[e]) : 0.f;
+    if (v < dv) y[e] = r;
+    if (qbits) quant_x3_any(qbits, r, v < dv ? (int)e : cols, cols, qx);
 }

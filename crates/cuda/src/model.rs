@@ -17,7 +17,7 @@ use flashmoe_core::model::{Ffn, Logits, Mixer, Model};
 
 use crate::cache::{ExpertCache, HostTier, Layout};
 use crate::device::{DBuf, Device, Event, ExpertBatchArgs, Pinned, MAXP};
-use crate::ops::{self, AttnShape, GdnShape, Proj};
+use crate::ops::{self, AttnShape, GdnShape, Prepared, Proj};
 use crate::{CudaError, Result};
 
 #[derive(Clone, Debug)]
@@ -768,18 +768,46 @@ impl<'m> CudaModel<'m> {
     }
 
     /// Layer `l`'s attention or GatedDeltaNet step for the token at `pos` on the residual row
-    /// `x` (in VRAM), then `x += mixer output` and `xn_out = post-norm(x)`, the FFN's input.
-    fn mixer(&self, l: usize, lst: &DState, pos: usize, x: u64, xn_out: u64) -> Result<()> {
+    /// `x` (in VRAM) into `s.mix`, then `xn_out = post-norm(x + mix)`, the FFN's input, also
+    /// prepared at `post` for the FFN's first matvecs; `x += mix` here or, with
+    /// `Residual::Defer`, in the FFN's final `moe_combine`.
+    #[allow(clippy::too_many_arguments)]
+    fn mixer(
+        &self,
+        l: usize,
+        lst: &DState,
+        pos: usize,
+        x: u64,
+        xn_out: u64,
+        post: [Option<Prepared>; 2],
+        res: ops::Residual,
+    ) -> Result<()> {
         let h = self.cfg.hidden_size;
         let eps = self.cfg.rms_norm_eps;
         let layer = &self.layers[l];
         let s = &self.s;
         let dev = &self.dev;
-        ops::rmsnorm_rows(dev, x, h, layer.in_norm.ptr(), s.xn.ptr(), h, h, 1, eps)?;
+        let first = match &layer.mixer {
+            DMixer::Attn { qkv, .. } => qkv,
+            DMixer::Gdn { proj, .. } => proj,
+        };
+        let pre = prepared_in(dev, first, 0);
+        ops::rmsnorm_rows(
+            dev,
+            x,
+            h,
+            layer.in_norm.ptr(),
+            s.xn.ptr(),
+            h,
+            h,
+            1,
+            eps,
+            pre,
+        )?;
         match (&layer.mixer, lst) {
             (DMixer::Attn { qkv, o, qn, kn }, DState::Attn { k, v, .. }) => {
                 let a = self.attn_shape();
-                qkv.run(dev, s.xn.ptr(), s.proj.ptr())?;
+                qkv.run_prepared(dev, s.xn.ptr(), s.proj.ptr(), pre)?;
                 ops::attn_prep(
                     dev,
                     &a,
@@ -817,26 +845,18 @@ impl<'m> CudaModel<'m> {
                 let g = self.gdn_shape();
                 let cd = g.conv_dim();
                 let vd = g.nv * g.dv;
-                proj.run(dev, s.xn.ptr(), s.proj.ptr())?;
+                proj.run_prepared(dev, s.xn.ptr(), s.proj.ptr(), pre)?;
                 let p = s.proj.ptr();
                 ops::gdn_conv(dev, &g, p, conv.ptr(), conv_w.ptr(), s.u.ptr())?;
                 let z = p + (cd * 4) as u64;
                 let b = z + (vd * 4) as u64;
                 let a = b + (g.nv * 4) as u64;
-                ops::gdn_step(
-                    dev,
-                    &g,
-                    s.u.ptr(),
-                    z,
-                    b,
-                    a,
-                    dt_bias.ptr(),
-                    neg_a.ptr(),
-                    norm_w.ptr(),
-                    st.ptr(),
-                    s.y.ptr(),
-                )?;
-                out.run(dev, s.y.ptr(), s.mix.ptr())?;
+                let (u, y) = (s.u.ptr(), s.y.ptr());
+                ops::gdn_step(dev, &g, u, b, a, dt_bias.ptr(), neg_a.ptr(), st.ptr(), y)?;
+                // Slot 0 (the in-projection's x) is free again.
+                let pre = prepared_in(dev, out, 0).filter(|_| g.dv.is_multiple_of(32));
+                ops::gdn_out_norm(dev, &g, y, z, norm_w.ptr(), pre)?;
+                out.run_prepared(dev, y, s.mix.ptr(), pre)?;
             }
             _ => {
                 return Err(CudaError::Invalid(format!(
@@ -844,8 +864,40 @@ impl<'m> CudaModel<'m> {
                 )))
             }
         }
-        ops::add_rmsnorm(dev, x, s.mix.ptr(), layer.post_norm.ptr(), xn_out, h, eps)?;
+        let (mix, w) = (s.mix.ptr(), layer.post_norm.ptr());
+        ops::add_rmsnorm(dev, x, mix, w, xn_out, h, eps, post, res)?;
         Ok(())
+    }
+
+    /// Where the post-norm of layer `l` prepares x for its FFN's first matvecs: the router (or
+    /// the dense gate‖up) in slot 1, and with every expert resident the experts' gate‖up (one
+    /// x for all problems) in slot 2, or slot 1 when it has the router's code width.
+    fn ffn_prepared(&self, l: usize) -> [Option<Prepared>; 2] {
+        let dev = &self.dev;
+        match &self.layers[l].ffn {
+            DFfn::Dense { gu, .. } => [prepared_in(dev, gu, 1), None],
+            DFfn::Moe { router, .. } => {
+                let r = prepared_in(dev, router, 1);
+                if self.resident.is_none() {
+                    return [r, None];
+                }
+                let lay = self.cache.as_ref().expect("cache").layout;
+                let e = lay.mats(0).0.prepared_bits().map(|bits| Prepared {
+                    at: dev.qx_slot(2),
+                    bits,
+                    qb: 0,
+                });
+                match (r, e) {
+                    (Some(r), Some(e)) if r.bits == e.bits => [Some(r), None],
+                    _ => [r, e],
+                }
+            }
+        }
+    }
+
+    /// The prepared x the FFN's expert gate‖up launch reads (see `ffn_prepared`).
+    fn experts_prepared(post: [Option<Prepared>; 2], bits: Option<u32>) -> Option<Prepared> {
+        post.into_iter().flatten().find(|p| Some(p.bits) == bits)
     }
 
     /// One token through every layer; logits into `s.logits` when `head`.
@@ -862,12 +914,17 @@ impl<'m> CudaModel<'m> {
         )?;
         for l in 0..self.layers.len() {
             self.grow_kv(&mut state.layers[l], pos, pos)?;
-            self.mixer(l, &state.layers[l], pos, self.s.x.ptr(), self.s.xn.ptr())?;
-            self.ffn(l)?;
+            let post = self.ffn_prepared(l);
+            let (x, xn) = (self.s.x.ptr(), self.s.xn.ptr());
+            // The mixer's output joins the residual in the FFN's moe_combine.
+            let res = ops::Residual::Defer;
+            self.mixer(l, &state.layers[l], pos, x, xn, post, res)?;
+            self.ffn(l, post)?;
         }
         state.pos += 1;
         let s = &self.s;
         if head {
+            let pre = prepared_in(&self.dev, &self.lm_head, 0);
             ops::rmsnorm_rows(
                 &self.dev,
                 s.x.ptr(),
@@ -878,8 +935,10 @@ impl<'m> CudaModel<'m> {
                 h,
                 1,
                 eps,
+                pre,
             )?;
-            self.lm_head.run(&self.dev, s.xn.ptr(), s.logits.ptr())?;
+            self.lm_head
+                .run_prepared(&self.dev, s.xn.ptr(), s.logits.ptr(), pre)?;
         }
         self.dev.record(&self.ev_tok1, &self.dev.compute)?;
         Ok(())
@@ -987,16 +1046,19 @@ impl<'m> CudaModel<'m> {
             })
     }
 
-    fn ffn(&mut self, l: usize) -> Result<()> {
+    /// Layer `l`'s FFN on the post-norm `s.xn`, prepared at `post` (from `ffn_prepared`); adds
+    /// its output and the mixer's (`s.mix`, deferred by `mixer`) to the residual `s.x`.
+    fn ffn(&mut self, l: usize, post: [Option<Prepared>; 2]) -> Result<()> {
         let h = self.cfg.hidden_size;
         let k = self.model.top_k;
         match &self.layers[l].ffn {
             DFfn::Dense { gu, down, inter } => {
                 let s = &self.s;
-                gu.run(&self.dev, s.xn.ptr(), s.gus.ptr())?;
-                ops::swiglu(&self.dev, s.gus.ptr(), s.hs.ptr(), *inter, 1)?;
+                gu.run_prepared(&self.dev, s.xn.ptr(), s.gus.ptr(), post[0])?;
+                ops::swiglu(&self.dev, s.gus.ptr(), s.hs.ptr(), *inter, 1, None)?;
                 down.run(&self.dev, s.hs.ptr(), s.ys.ptr())?;
-                ops::moe_combine(&self.dev, s.x.ptr(), 0, 0, 0, s.ys.ptr(), 0, 0, h)?;
+                let mix = s.mix.ptr();
+                ops::moe_combine(&self.dev, s.x.ptr(), 0, 0, 0, s.ys.ptr(), 0, mix, h)?;
                 return Ok(());
             }
             DFfn::Moe { router, shared } if self.resident.is_some() => {
@@ -1009,7 +1071,7 @@ impl<'m> CudaModel<'m> {
                 let lay = self.cache.as_ref().expect("cache").layout;
                 let tbl = self.resident.as_ref().expect("resident").ptr() + (l * ne * 8) as u64;
                 let (ei, eh) = (lay.i, lay.h);
-                router.run(dev, s.xn.ptr(), s.rl.ptr())?;
+                router.run_prepared(dev, s.xn.ptr(), s.rl.ptr(), post[0])?;
                 let (gu0, dn0) = lay.mats(0);
                 let fused = shared
                     .as_ref()
@@ -1055,15 +1117,24 @@ impl<'m> CudaModel<'m> {
                 } else if let Some((gu, down)) = shared {
                     let si = gu.rows / 2;
                     gu.run(dev, s.xn.ptr(), s.gus.ptr())?;
-                    ops::swiglu(dev, s.gus.ptr(), s.hs.ptr(), si, 1)?;
+                    ops::swiglu(dev, s.gus.ptr(), s.hs.ptr(), si, 1, None)?;
                     down.run(dev, s.hs.ptr(), s.ys.ptr())?;
                     ys = s.ys.ptr();
                 }
-                ops::matvec_indirect(dev, &gu0, pb, np)?;
-                ops::swiglu(dev, s.gue.ptr(), s.he.ptr(), ei, np)?;
+                let pre_gu = Self::experts_prepared(post, gu0.prepared_bits());
+                // Right after router_experts, which wrote the batch it reads.
+                ops::matvec_indirect(dev, &gu0, pb, np, pre_gu, true)?;
+                // SwiGLU prepares each problem's h for the down launch in the main scratch.
+                let pre_dn = dn0.prepared_bits().map(|bits| Prepared {
+                    at: dev.qx.ptr(),
+                    bits,
+                    qb: ops::qx_size(bits, ei),
+                });
+                ops::swiglu(dev, s.gue.ptr(), s.he.ptr(), ei, np, pre_dn)?;
                 let psz = std::mem::size_of::<crate::device::MvBatch>() as u64;
-                ops::matvec_indirect(dev, &dn0, pb + psz, np)?;
-                ops::moe_combine(dev, s.x.ptr(), s.ye.ptr(), s.wts.ptr(), k, ys, sg, 0, h)?;
+                ops::matvec_indirect(dev, &dn0, pb + psz, np, pre_dn, false)?;
+                let mix = s.mix.ptr();
+                ops::moe_combine(dev, s.x.ptr(), s.ye.ptr(), s.wts.ptr(), k, ys, sg, mix, h)?;
                 self.counters.vram_hits += k as u64;
                 return Ok(());
             }
@@ -1071,7 +1142,7 @@ impl<'m> CudaModel<'m> {
                 let s = &self.s;
                 let dev = &self.dev;
                 let ne = self.cfg.num_experts;
-                router.run(dev, s.xn.ptr(), s.rl.ptr())?;
+                router.run_prepared(dev, s.xn.ptr(), s.rl.ptr(), post[0])?;
                 ops::router_topk(
                     dev,
                     s.rl.ptr(),
@@ -1088,7 +1159,7 @@ impl<'m> CudaModel<'m> {
                 if let Some((gu, down)) = shared {
                     let si = gu.rows / 2;
                     gu.run(dev, s.xn.ptr(), s.gus.ptr())?;
-                    ops::swiglu(dev, s.gus.ptr(), s.hs.ptr(), si, 1)?;
+                    ops::swiglu(dev, s.gus.ptr(), s.hs.ptr(), si, 1, None)?;
                     down.run(dev, s.hs.ptr(), s.ys.ptr())?;
                 }
             }
@@ -1138,7 +1209,7 @@ impl<'m> CudaModel<'m> {
             gu0.cols,
             gu0.rows,
         )?;
-        ops::swiglu(&self.dev, s.gue.ptr(), s.he.ptr(), ei, k)?;
+        ops::swiglu(&self.dev, s.gue.ptr(), s.he.ptr(), ei, k, None)?;
         ops::matvec_batch(
             &self.dev,
             &self.dev.compute,
@@ -1168,7 +1239,7 @@ impl<'m> CudaModel<'m> {
             k,
             ys,
             sg,
-            0,
+            s.mix.ptr(),
             h,
         )?;
         Ok(())
@@ -1186,6 +1257,16 @@ impl<'m> CudaModel<'m> {
 }
 
 /// Whether `b` lies inside one of the sorted `(start, end)` ranges.
+/// Where a norm prepares x for `p`'s matvecs: prepared-x slot `slot`, when every matrix of `p`
+/// runs the `mp` kernel with one code width.
+fn prepared_in(dev: &Device, p: &Proj, slot: usize) -> Option<Prepared> {
+    p.prepared_bits().map(|bits| Prepared {
+        at: dev.qx_slot(slot),
+        bits,
+        qb: 0,
+    })
+}
+
 fn is_pinned(ranges: &[(usize, usize)], b: &[u8]) -> bool {
     let (s, e) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
     let at = ranges.partition_point(|x| x.0 <= s);

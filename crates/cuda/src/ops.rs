@@ -102,6 +102,29 @@ pub fn qx_size(bits: u32, cols: usize) -> usize {
 /// take (8-bit, the largest per element).
 pub const QX_SCRATCH: usize = MAXP * ((XSM_MAX_COLS / 16) * 64 + XSM_MAX_COLS / 16 * 8 + 16);
 
+/// Bytes of one slot of [`Device::qx_slot`]: one prepared x of the longest row.
+pub const QX_SLOT: usize = (XSM_MAX_COLS / 16) * 64 + XSM_MAX_COLS / 16 * 8 + 16;
+
+/// Where a producer (a norm, SwiGLU) writes its output prepared for the `mp` matvec that reads
+/// it, so that matvec needs no `quant_x3` launch: `bits` is the matvec's code width, `qb` the
+/// bytes between problems' prepared x (0: one x shared by every problem).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    pub at: u64,
+    pub bits: u32,
+    pub qb: usize,
+}
+
+impl Prepared {
+    /// The kernel arguments (pointer, code width); (0, 0) prepares nothing.
+    fn args(p: Option<Prepared>) -> [A; 2] {
+        match p {
+            Some(p) => [A::P(p.at), A::I(p.bits as i32)],
+            None => [A::P(0), A::I(0)],
+        }
+    }
+}
+
 /// Whether the `mp` kernel may run this matrix: whole 16-byte chunks that each lie in one
 /// group, and the prepared x fits 48 KiB of shared memory.
 fn prep_fits(bits: u32, lg: u32, cols: usize) -> bool {
@@ -228,6 +251,22 @@ pub struct DevMat {
 
 impl DevMat {
     /// Same format, rows and columns (the bytes may live anywhere).
+    /// The code width of the prepared x its decode kernel reads, when that is the `mp` kernel.
+    pub fn prepared_bits(&self) -> Option<u32> {
+        match self.fmt {
+            Fmt::Affine { bits, .. }
+                if self
+                    .fmt
+                    .kernel(true, self.rows, self.cols)
+                    .0
+                    .ends_with("_mp") =>
+            {
+                Some(bits)
+            }
+            _ => None,
+        }
+    }
+
     pub fn same_shape(&self, o: &DevMat) -> bool {
         self.fmt == o.fmt && self.rows == o.rows && self.cols == o.cols
     }
@@ -347,10 +386,26 @@ impl Proj {
 
     /// y[0..rows] = P x (one token).
     pub fn run(&self, dev: &Device, x: u64, y: u64) -> Result<()> {
+        self.run_prepared(dev, x, y, None)
+    }
+
+    /// As `run`, with x already prepared at `pre` (from [`Proj::prepared_bits`]) by its producer.
+    pub fn run_prepared(&self, dev: &Device, x: u64, y: u64, pre: Option<Prepared>) -> Result<()> {
         for (m, off) in &self.mats {
-            matvec(dev, &dev.compute, &m.m, x, y + (*off as u64) * 4)?;
+            let p = [(m.m.w, m.m.s, m.m.b, x, y + (*off as u64) * 4)];
+            matvec_batch_prepared(dev, &dev.compute, &m.m, &p, 1, m.m.cols, m.m.rows, pre)?;
         }
         Ok(())
+    }
+
+    /// The code width of the prepared x every matrix of the projection reads, when all of them
+    /// run the `mp` kernel with one width (so one prepared x serves them all).
+    pub fn prepared_bits(&self) -> Option<u32> {
+        let b = self.mats.first()?.0.m.prepared_bits()?;
+        self.mats
+            .iter()
+            .all(|(m, _)| m.m.prepared_bits() == Some(b))
+            .then_some(b)
     }
 
     pub fn nbytes(&self) -> usize {
@@ -426,6 +481,27 @@ pub fn matvec_batch(
     ldx: usize,
     ldy: usize,
 ) -> Result<()> {
+    matvec_batch_prepared(dev, stream, m, probs, ntok, ldx, ldy, None)
+}
+
+/// As [`matvec_batch`]; when the `mp` kernel runs and `pre` is given, the problems' x were
+/// prepared there by their producer.
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_batch_prepared(
+    dev: &Device,
+    stream: &CudaStream,
+    m: &DevMat,
+    probs: &[(u64, u64, u64, u64, u64)],
+    ntok: usize,
+    ldx: usize,
+    ldy: usize,
+    pre: Option<Prepared>,
+) -> Result<()> {
+    if pre.is_some() && probs.len() > MAXP {
+        return Err(CudaError::Invalid(
+            "prepared x for more than one launch".into(),
+        ));
+    }
     for chunk in probs.chunks(MAXP) {
         let mut p = MvBatch::default();
         for (i, &(w, s, b, x, y)) in chunk.iter().enumerate() {
@@ -449,7 +525,7 @@ pub fn matvec_batch(
                 ));
             }
             let p = Box::new(p);
-            launch_prepared(dev, m, &name, cfg, || A::B(p.clone()))?;
+            launch_prepared(dev, m, &name, cfg, || A::B(p.clone()), pre, false)?;
             continue;
         }
         dev.launch_on(
@@ -471,18 +547,47 @@ pub fn matvec_batch(
 }
 
 /// The `mp` matvec (`name`, `cfg`): `quant_x3` prepares each problem's x into the device's
-/// scratch, then the matvec reads it. `batch` is the kernels' first argument (the `MvBatch` by
-/// value, or its device pointer for the `mpi` / `quant_x3_*i` pair).
+/// scratch, then the matvec reads it; or, with `pre`, the producer of x has prepared it. `batch`
+/// is the kernels' first argument (the `MvBatch` by value, or its device pointer for the `mpi` /
+/// `quant_x3_*i` pair). `batch_fresh`: that device batch was written by the launch just before,
+/// so the matvec reads it only after its dependent-launch wait.
 fn launch_prepared(
     dev: &Device,
     m: &DevMat,
     name: &str,
     cfg: LaunchConfig,
     batch: impl Fn() -> A,
+    pre: Option<Prepared>,
+    batch_fresh: bool,
 ) -> Result<()> {
     let Fmt::Affine { bits, .. } = m.fmt else {
         unreachable!("mp kernels are affine")
     };
+    // With `quant_x3` launched between, the batch is two launches old when the matvec starts.
+    let early = pre.is_none() || !batch_fresh;
+    let tail = |qx: u64, qb: usize| {
+        let mut v = vec![
+            batch(),
+            A::I(m.rows as i32),
+            A::I(m.cols as i32),
+            A::I(m.fmt.lg()),
+            A::P(qx),
+            A::I(qb as i32),
+        ];
+        if name.ends_with('i') {
+            v.push(A::I(early as i32));
+        }
+        v
+    };
+    if let Some(p) = pre {
+        if p.bits != bits {
+            return Err(CudaError::Invalid(format!(
+                "x prepared for {}-bit codes, matrix has {bits}",
+                p.bits
+            )));
+        }
+        return dev.launch(name, cfg, &tail(p.at, p.qb));
+    }
     let qb = qx_size(bits, m.cols);
     let nprob = cfg.grid_dim.1;
     assert!(qb * nprob as usize <= dev.qx.len(), "prepared x scratch");
@@ -504,23 +609,21 @@ fn launch_prepared(
     // The matvec's blocks start while `quant_x3` runs (it releases them at once) and load their
     // first weights before waiting for the prepared x (every compute-stream launch is a
     // dependent launch on Hopper, see `Device::launch_on`).
-    dev.launch(
-        name,
-        cfg,
-        &[
-            batch(),
-            A::I(m.rows as i32),
-            A::I(m.cols as i32),
-            A::I(m.fmt.lg()),
-            A::P(dev.qx.ptr()),
-            A::I(qb as i32),
-        ],
-    )
+    dev.launch(name, cfg, &tail(dev.qx.ptr(), qb))
 }
 
 /// `nprob` products of `m`'s shape and format whose (w, s, b, x, y) are read from an `MvBatch`
-/// in device memory at `pd` (written by [`expert_batch`]). One token.
-pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Result<()> {
+/// in device memory at `pd` (written by [`expert_batch`]). One token. With `pre` (and the `mp`
+/// kernel), the problems' x were prepared there by their producer; `batch_fresh` says the batch
+/// was written by the launch just before this one.
+pub fn matvec_indirect(
+    dev: &Device,
+    m: &DevMat,
+    pd: u64,
+    nprob: usize,
+    pre: Option<Prepared>,
+    batch_fresh: bool,
+) -> Result<()> {
     let (name, smem) = m.fmt.kernel(true, m.rows, m.cols);
     if name.ends_with("mvg") || name.ends_with("mm") || nprob > MAXP {
         return Err(CudaError::Unsupported("indirect matvec shape".into()));
@@ -533,7 +636,7 @@ pub fn matvec_indirect(dev: &Device, m: &DevMat, pd: u64, nprob: usize) -> Resul
         shared_mem_bytes: smem,
     };
     if name.contains("_mp") {
-        return launch_prepared(dev, m, &name, cfg, || A::P(pd));
+        return launch_prepared(dev, m, &name, cfg, || A::P(pd), pre, batch_fresh);
     }
     dev.launch(
         &name,
@@ -624,7 +727,18 @@ fn threads_for(n: usize) -> u32 {
     (n.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-/// out[r] = rmsnorm(x[r]) * w for `rows` rows of `n` at strides ldx, ldo (floats).
+/// Blocks per row of a norm over `n` elements: 256-element slices when one row is normalised
+/// (decode; every block sums the whole row), one block per row otherwise.
+fn norm_split(n: usize, rows: usize) -> (u32, u32) {
+    if rows == 1 && n >= 512 {
+        (n.div_ceil(256) as u32, 256)
+    } else {
+        (1, threads_for(n).min(512))
+    }
+}
+
+/// out[r] = rmsnorm(x[r]) * w for `rows` rows of `n` at strides ldx, ldo (floats); with `pre`
+/// (one row), out is also prepared there for the `mp` matvec that reads it.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_rows(
     dev: &Device,
@@ -636,10 +750,16 @@ pub fn rmsnorm_rows(
     n: usize,
     rows: usize,
     eps: f32,
+    pre: Option<Prepared>,
 ) -> Result<()> {
+    if pre.is_some() && rows != 1 {
+        return Err(CudaError::Invalid("prepared x of several rows".into()));
+    }
+    let [qa, qbits] = Prepared::args(pre);
+    let (split, threads) = norm_split(n, rows);
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads_for(n).min(512), 1, 1),
+        grid_dim: (split, rows as u32, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     dev.launch(
@@ -653,11 +773,25 @@ pub fn rmsnorm_rows(
             A::I(ldo as i32),
             A::I(n as i32),
             A::F(eps),
+            qa,
+            qbits,
         ],
     )
 }
 
-/// x += d; out = rmsnorm(x) * w.
+/// Where the residual sum of [`add_rmsnorm`] goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residual {
+    /// x += d in the kernel (one block).
+    Update,
+    /// x is left alone: the caller adds d later (the token path's `moe_combine`), so the norm
+    /// runs on several blocks.
+    Defer,
+}
+
+/// out = rmsnorm(x + d) * w, also prepared at `pre[0]` and `pre[1]` for the `mp` matvecs that
+/// read it; x += d here or later, as `res` says.
+#[allow(clippy::too_many_arguments)]
 pub fn add_rmsnorm(
     dev: &Device,
     x: u64,
@@ -666,10 +800,18 @@ pub fn add_rmsnorm(
     out: u64,
     n: usize,
     eps: f32,
+    pre: [Option<Prepared>; 2],
+    res: Residual,
 ) -> Result<()> {
+    let [q1, b1] = Prepared::args(pre[0]);
+    let [q2, b2] = Prepared::args(pre[1]);
+    let (split, threads) = match res {
+        Residual::Update => (1, threads_for(n)),
+        Residual::Defer => norm_split(n, 1),
+    };
     let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (threads_for(n), 1, 1),
+        grid_dim: (split, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     dev.launch(
@@ -682,12 +824,26 @@ pub fn add_rmsnorm(
             A::P(out),
             A::I(n as i32),
             A::F(eps),
+            q1,
+            b1,
+            q2,
+            b2,
+            A::I((res == Residual::Update) as i32),
         ],
     )
 }
 
-/// h[j] = silu(gu[j, :I]) * gu[j, I:] for j < nexp.
-pub fn swiglu(dev: &Device, gu: u64, h: u64, i: usize, nexp: usize) -> Result<()> {
+/// h[j] = silu(gu[j, :I]) * gu[j, I:] for j < nexp; with `pre`, h[j] is also prepared at
+/// `pre.at + j * pre.qb` for the `mp` matvec that reads it.
+pub fn swiglu(
+    dev: &Device,
+    gu: u64,
+    h: u64,
+    i: usize,
+    nexp: usize,
+    pre: Option<Prepared>,
+) -> Result<()> {
+    let [qa, qbits] = Prepared::args(pre);
     let n = i * nexp;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(256) as u32, 1, 1),
@@ -697,7 +853,15 @@ pub fn swiglu(dev: &Device, gu: u64, h: u64, i: usize, nexp: usize) -> Result<()
     dev.launch(
         "swiglu_k",
         cfg,
-        &[A::P(gu), A::P(h), A::I(i as i32), A::I(nexp as i32)],
+        &[
+            A::P(gu),
+            A::P(h),
+            A::I(i as i32),
+            A::I(nexp as i32),
+            qa,
+            qbits,
+            A::I(pre.map_or(0, |p| p.qb) as i32),
+        ],
     )
 }
 
@@ -1027,22 +1191,21 @@ pub fn gdn_conv(dev: &Device, g: &GdnShape, mixed: u64, state: u64, w: u64, u: u
     )
 }
 
-/// One recurrent step over every value head, then the gated RMSNorm: y [nv*dv].
+/// One GatedDeltaNet decode step (arch-spec §6) for every value head: updates the state `s`
+/// and writes the raw output to `y`; [`gdn_out_norm`] applies the gated RMSNorm.
 #[allow(clippy::too_many_arguments)]
 pub fn gdn_step(
     dev: &Device,
     g: &GdnShape,
     u: u64,
-    z: u64,
     b: u64,
     a: u64,
     dt_bias: u64,
     neg_a: u64,
-    norm_w: u64,
     s: u64,
     y: u64,
 ) -> Result<()> {
-    // Parts per head: as many as fit 1024 threads (at most 8), each keeping ceil(dk / parts)
+    // Parts per column: as many as fit 1024 threads (at most 8), each keeping ceil(dk / parts)
     // <= 16 rows of its column in registers; else one part of up to 128 rows (`_wide`).
     let parts = (1024 / g.dv.max(1)).clamp(1, 8);
     let (name, parts) = if g.dk.div_ceil(parts) <= 16 {
@@ -1056,30 +1219,77 @@ pub fn gdn_step(
             g.dk, g.dv
         )));
     };
+    // A head's columns are independent: split them over blocks of about 256 threads, so the 64
+    // heads of a 397B layer fill 256 blocks instead of 64 (one block per head took 16 us).
+    let mut splits = (g.dv * parts / 256).max(1);
+    while !g.dv.is_multiple_of(splits) {
+        splits -= 1;
+    }
+    let nc = g.dv / splits;
     let cfg = LaunchConfig {
-        grid_dim: (g.nv as u32, 1, 1),
-        block_dim: (threads_for(g.dv * parts), 1, 1),
-        shared_mem_bytes: (g.dv * parts * 4) as u32,
+        grid_dim: (g.nv as u32, splits as u32, 1),
+        block_dim: (threads_for(nc * parts), 1, 1),
+        shared_mem_bytes: (nc * parts * 4) as u32,
     };
     dev.launch(
         name,
         cfg,
         &[
             A::P(u),
-            A::P(z),
             A::P(b),
             A::P(a),
             A::P(dt_bias),
             A::P(neg_a),
-            A::P(norm_w),
             A::P(s),
             A::P(y),
             A::I(g.nk as i32),
             A::I(g.nv as i32),
             A::I(g.dk as i32),
             A::I(g.dv as i32),
-            A::F(g.eps),
             A::I(parts as i32),
+            A::I(nc as i32),
+        ],
+    )
+}
+
+/// y[h] = rmsnorm(y[h]) * norm_w * silu(z[h]) for every value head, in place (the GatedDeltaNet
+/// output's gated norm); with `pre`, y is also prepared there for the out-projection's `mp`
+/// matvec (only when dv is a multiple of 32: a warp must not straddle heads' x blocks).
+pub fn gdn_out_norm(
+    dev: &Device,
+    g: &GdnShape,
+    y: u64,
+    z: u64,
+    norm_w: u64,
+    pre: Option<Prepared>,
+) -> Result<()> {
+    if g.dv > 1024 {
+        return Err(CudaError::Unsupported(format!("GatedDeltaNet dv {}", g.dv)));
+    }
+    if pre.is_some() && !g.dv.is_multiple_of(32) {
+        return Err(CudaError::Invalid(format!(
+            "prepared x needs dv a multiple of 32, not {}",
+            g.dv
+        )));
+    }
+    let [qa, qbits] = Prepared::args(pre);
+    let cfg = LaunchConfig {
+        grid_dim: (g.nv as u32, 1, 1),
+        block_dim: (threads_for(g.dv), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "gdn_out_norm",
+        cfg,
+        &[
+            A::P(y),
+            A::P(z),
+            A::P(norm_w),
+            A::I(g.dv as i32),
+            A::F(g.eps),
+            qa,
+            qbits,
+            A::I((g.nv * g.dv) as i32),
         ],
     )
 }

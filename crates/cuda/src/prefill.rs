@@ -115,7 +115,16 @@ impl CudaModel<'_> {
             self.grow_kv(&mut state.layers[l], pos, pos + n - 1)?;
             for t in 0..n {
                 let r = t as u64 * hb;
-                self.mixer(l, &state.layers[l], pos + t, x + r, xn + r)?;
+                let res = ops::Residual::Update;
+                self.mixer(
+                    l,
+                    &state.layers[l],
+                    pos + t,
+                    x + r,
+                    xn + r,
+                    [None, None],
+                    res,
+                )?;
             }
             self.ffn_rows(l, n)?;
         }
@@ -138,6 +147,7 @@ impl CudaModel<'_> {
                 h,
                 1,
                 self.cfg.rms_norm_eps,
+                None,
             )?;
             self.lm_head.run(&self.dev, s.xn.ptr(), s.logits.ptr())?;
             if t + 1 == n {
@@ -160,7 +170,7 @@ impl CudaModel<'_> {
         let (router, shared) = match &self.layers[l].ffn {
             DFfn::Dense { gu, down, inter } => {
                 gu.run_rows(dev, xn, h, c.gus.ptr(), n)?;
-                ops::swiglu(dev, c.gus.ptr(), c.hs.ptr(), *inter, n)?;
+                ops::swiglu(dev, c.gus.ptr(), c.hs.ptr(), *inter, n, None)?;
                 down.run_rows(dev, c.hs.ptr(), *inter, c.ys.ptr(), n)?;
                 return ops::add_rows_gated(dev, x, c.ys.ptr(), 0, 0, n, h);
             }
@@ -184,7 +194,7 @@ impl CudaModel<'_> {
         if let Some((gu, down)) = shared {
             let si = gu.rows / 2;
             gu.run_rows(dev, xn, h, c.gus.ptr(), n)?;
-            ops::swiglu(dev, c.gus.ptr(), c.hs.ptr(), si, n)?;
+            ops::swiglu(dev, c.gus.ptr(), c.hs.ptr(), si, n, None)?;
             down.run_rows(dev, c.hs.ptr(), si, c.ys.ptr(), n)?;
             let sg = if router.rows > ne {
                 c.rl.ptr() + (ne * 4) as u64
@@ -237,7 +247,7 @@ impl CudaModel<'_> {
                 ops::gather_rows(dev, xn, h, c.rows.ptr() + o, nr, h, c.g.ptr())?;
                 let pg = [(gu.w, gu.s, gu.b, c.g.ptr(), c.gu.ptr())];
                 ops::matvec_batch(dev, &dev.compute, &gu, &pg, nr, h, gu.rows)?;
-                ops::swiglu(dev, c.gu.ptr(), c.hb.ptr(), lay.i, nr)?;
+                ops::swiglu(dev, c.gu.ptr(), c.hb.ptr(), lay.i, nr, None)?;
                 let pd = [(dn.w, dn.s, dn.b, c.hb.ptr(), c.ye.ptr())];
                 ops::matvec_batch(dev, &dev.compute, &dn, &pd, nr, lay.i, h)?;
                 ops::scatter_add_rows(

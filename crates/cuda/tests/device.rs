@@ -127,7 +127,7 @@ impl TestDev for Cuda {
             d.upload_f32(w).unwrap(),
             d.alloc(x.len() * 4).unwrap(),
         );
-        ops::rmsnorm_rows(d, xd.ptr(), n, wd.ptr(), od.ptr(), n, n, rows, eps).unwrap();
+        ops::rmsnorm_rows(d, xd.ptr(), n, wd.ptr(), od.ptr(), n, n, rows, eps, None).unwrap();
         self.read(od.ptr(), x.len())
     }
     fn swiglu(&self, g: &[f32], u: &[f32]) -> Vec<f32> {
@@ -136,7 +136,7 @@ impl TestDev for Cuda {
         gu.extend_from_slice(u);
         let gd = d.upload_f32(&gu).unwrap();
         let hd = d.alloc(g.len() * 4).unwrap();
-        ops::swiglu(d, gd.ptr(), hd.ptr(), g.len(), 1).unwrap();
+        ops::swiglu(d, gd.ptr(), hd.ptr(), g.len(), 1, None).unwrap();
         self.read(hd.ptr(), g.len())
     }
     fn argmax(&self, x: &[f32]) -> usize {
@@ -295,6 +295,8 @@ fn matvec_body(dev: &dyn TestDev) {
         (2, 32, 17, 96),
         (8, 64, 70, 320),
         (8, 128, 9, 1024),
+        // Tall enough for several row groups per block of the prepared-x kernel.
+        (4, 64, 4500, 256),
     ] {
         for sdt in [DType::BF16, DType::F16, DType::F32] {
             let w = affine(&mut rng, bits, group, rows, cols, sdt);
@@ -316,6 +318,191 @@ fn matvec_body(dev: &dyn TestDev) {
 }
 test_device!(matvec_body, matvec_cpu, matvec_cuda);
 
+/// x prepared by its producer (rmsnorm, add_rmsnorm, SwiGLU) for the `mp` matvec gives the same
+/// bits as `quant_x3` preparing it before the matvec: same output, same products, for 2-, 4- and
+/// 8-bit codes, one x shared by problems (qb = 0) and one per problem.
+#[test]
+fn prepared_by_producer_cuda() {
+    let Some(c) = cuda() else { return };
+    let d = &c.0;
+    ops::set_affine_path(ops::AffinePath::Prepared);
+    let mut rng = Rng(0x5eed_0001);
+    for (bits, group, rows, cols) in [(4, 64, 70, 4096), (2, 64, 40, 1024), (8, 64, 33, 512)] {
+        let w = affine(&mut rng, bits, group, rows, cols, DType::BF16);
+        let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
+        assert_eq!(
+            proj.prepared_bits(),
+            Some(bits),
+            "{bits}-bit takes the mp kernel"
+        );
+        let x = rng.vec(cols);
+        let nw: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + v * 0.5).collect();
+        let (xd, wd, od, yd) = (
+            d.upload_f32(&x).unwrap(),
+            d.upload_f32(&nw).unwrap(),
+            d.alloc(cols * 4).unwrap(),
+            d.alloc(rows * 4).unwrap(),
+        );
+        let pre = Some(ops::Prepared {
+            at: d.qx_slot(0),
+            bits,
+            qb: 0,
+        });
+        let what = format!("{bits}-bit {rows}x{cols}");
+        // rmsnorm_rows -> matvec.
+        ops::rmsnorm_rows(
+            d,
+            xd.ptr(),
+            cols,
+            wd.ptr(),
+            od.ptr(),
+            cols,
+            cols,
+            1,
+            1e-6,
+            None,
+        )
+        .unwrap();
+        proj.run(d, od.ptr(), yd.ptr()).unwrap();
+        let (n0, y0) = (c.read(od.ptr(), cols), c.read(yd.ptr(), rows));
+        ops::rmsnorm_rows(
+            d,
+            xd.ptr(),
+            cols,
+            wd.ptr(),
+            od.ptr(),
+            cols,
+            cols,
+            1,
+            1e-6,
+            pre,
+        )
+        .unwrap();
+        proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
+        assert_eq!(n0, c.read(od.ptr(), cols), "rmsnorm output, {what}");
+        assert_eq!(
+            y0,
+            c.read(yd.ptr(), rows),
+            "rmsnorm-prepared product, {what}"
+        );
+        // add_rmsnorm -> matvec, prepared in two slots (the second for another width), with
+        // the residual updated in the kernel; then deferred (several blocks, x left alone).
+        let dd = d.upload_f32(&rng.vec(cols)).unwrap();
+        let (w, u) = (wd.ptr(), ops::Residual::Update);
+        let x2 = d.upload_f32(&x).unwrap();
+        ops::add_rmsnorm(
+            d,
+            x2.ptr(),
+            dd.ptr(),
+            w,
+            od.ptr(),
+            cols,
+            1e-6,
+            [None, None],
+            u,
+        )
+        .unwrap();
+        proj.run(d, od.ptr(), yd.ptr()).unwrap();
+        let (n0, y0, sum) = (
+            c.read(od.ptr(), cols),
+            c.read(yd.ptr(), rows),
+            c.read(x2.ptr(), cols),
+        );
+        let other = Some(ops::Prepared {
+            at: d.qx_slot(1),
+            bits: if bits == 4 { 8 } else { 4 },
+            qb: 0,
+        });
+        let x2 = d.upload_f32(&x).unwrap();
+        ops::add_rmsnorm(
+            d,
+            x2.ptr(),
+            dd.ptr(),
+            w,
+            od.ptr(),
+            cols,
+            1e-6,
+            [other, pre],
+            u,
+        )
+        .unwrap();
+        proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
+        assert_eq!(n0, c.read(od.ptr(), cols), "add_rmsnorm output, {what}");
+        assert_eq!(sum, c.read(x2.ptr(), cols), "add_rmsnorm residual, {what}");
+        assert_eq!(
+            y0,
+            c.read(yd.ptr(), rows),
+            "add_rmsnorm-prepared product, {what}"
+        );
+        let x2 = d.upload_f32(&x).unwrap();
+        let def = ops::Residual::Defer;
+        ops::add_rmsnorm(
+            d,
+            x2.ptr(),
+            dd.ptr(),
+            w,
+            od.ptr(),
+            cols,
+            1e-6,
+            [pre, other],
+            def,
+        )
+        .unwrap();
+        let n1 = c.read(od.ptr(), cols);
+        assert_eq!(
+            x,
+            c.read(x2.ptr(), cols),
+            "deferred add_rmsnorm leaves x, {what}"
+        );
+        assert!(
+            max_abs(&n1, &n0) < 1e-5,
+            "deferred add_rmsnorm output, {what}"
+        );
+        proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
+        let y1 = c.read(yd.ptr(), rows);
+        proj.run(d, od.ptr(), yd.ptr()).unwrap();
+        assert_eq!(
+            y1,
+            c.read(yd.ptr(), rows),
+            "deferred-prepared product, {what}"
+        );
+        // SwiGLU -> three problems' products, each with its own prepared x.
+        let np = 3;
+        let gu = d.upload_f32(&rng.vec(2 * cols * np)).unwrap();
+        let hd = d.alloc(cols * np * 4).unwrap();
+        let ys = d.alloc(rows * np * 4).unwrap();
+        let m = proj.single().unwrap();
+        let probs: Vec<_> = (0..np as u64)
+            .map(|j| {
+                (
+                    m.w,
+                    m.s,
+                    m.b,
+                    hd.ptr() + j * cols as u64 * 4,
+                    ys.ptr() + j * rows as u64 * 4,
+                )
+            })
+            .collect();
+        ops::swiglu(d, gu.ptr(), hd.ptr(), cols, np, None).unwrap();
+        ops::matvec_batch(d, &d.compute, &m, &probs, 1, cols, rows).unwrap();
+        let (h0, y0) = (c.read(hd.ptr(), cols * np), c.read(ys.ptr(), rows * np));
+        let pre_h = Some(ops::Prepared {
+            at: d.qx.ptr(),
+            bits,
+            qb: ops::qx_size(bits, cols),
+        });
+        ops::swiglu(d, gu.ptr(), hd.ptr(), cols, np, pre_h).unwrap();
+        ops::matvec_batch_prepared(d, &d.compute, &m, &probs, 1, cols, rows, pre_h).unwrap();
+        assert_eq!(h0, c.read(hd.ptr(), cols * np), "SwiGLU output, {what}");
+        assert_eq!(
+            y0,
+            c.read(ys.ptr(), rows * np),
+            "SwiGLU-prepared products, {what}"
+        );
+    }
+    ops::set_affine_path(ops::AffinePath::Auto);
+}
+
 fn matmul_body(dev: &dyn TestDev) {
     let mut rng = Rng(0xfeed_beef);
     let w = affine(&mut rng, 4, 64, 70, 512, DType::BF16);
@@ -329,22 +516,24 @@ test_device!(matmul_body, matmul_cpu, matmul_cuda);
 
 fn elementwise_body(dev: &dyn TestDev) {
     let mut rng = Rng(42);
-    let (rows, n) = (3, 200);
-    let x: Vec<f32> = rng.vec(rows * n).iter().map(|v| v * 3.0).collect();
-    let w = rng.vec(n);
-    let got = dev.rmsnorm(&x, &w, rows, 1e-6);
-    let mut want = vec![0f32; rows * n];
-    for r in 0..rows {
-        // f64 twin of RMSNorm.
-        let xr = &x[r * n..(r + 1) * n];
-        let ms: f64 = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
-        let inv = 1.0 / (ms + 1e-6).sqrt();
-        for i in 0..n {
-            want[r * n + i] = (xr[i] as f64 * inv * w[i] as f64) as f32;
+    // Several rows (one block each), and one row split over blocks (a ragged last slice too).
+    for (rows, n) in [(3, 200), (1, 4096), (1, 1000)] {
+        let x: Vec<f32> = rng.vec(rows * n).iter().map(|v| v * 3.0).collect();
+        let w = rng.vec(n);
+        let got = dev.rmsnorm(&x, &w, rows, 1e-6);
+        let mut want = vec![0f32; rows * n];
+        for r in 0..rows {
+            // f64 twin of RMSNorm.
+            let xr = &x[r * n..(r + 1) * n];
+            let ms: f64 = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (ms + 1e-6).sqrt();
+            for i in 0..n {
+                want[r * n + i] = (xr[i] as f64 * inv * w[i] as f64) as f32;
+            }
         }
+        let e = nmse(&got, &want);
+        assert!(e < 1e-10, "{}: rmsnorm {rows}x{n} nmse {e:.3e}", dev.name());
     }
-    let e = nmse(&got, &want);
-    assert!(e < 1e-10, "{}: rmsnorm nmse {e:.3e}", dev.name());
 
     let g: Vec<f32> = rng.vec(500).iter().map(|v| v * 8.0).collect();
     let u = rng.vec(500);
