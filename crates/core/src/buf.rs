@@ -116,22 +116,33 @@ impl MapLease {
     }
 
     fn populate(&self) {
-        #[cfg(target_os = "linux")]
-        {
-            let (p, len) = self.page_range();
-            // SAFETY: advice on a range of a live read-only mapping; it only pre-faults pages.
-            if unsafe { libc::madvise(p, len, libc::MADV_POPULATE_READ) } == 0 {
-                return;
-            }
-        }
-        // Kernels before 5.14: touch one byte per page.
-        let bytes = &self.map[self.off..self.off + self.len];
-        let sum = bytes
-            .iter()
-            .step_by(ALIGN)
-            .fold(0u8, |s, b| s.wrapping_add(*b));
-        std::hint::black_box(sum);
+        populate(&self.map, self.off, self.len);
     }
+}
+
+/// Maps the pages of `[off, off + len)` of `map` (`off` page-aligned) into this process's page
+/// tables now, so later reads take no page faults.
+pub fn populate(map: &Mmap, off: usize, len: usize) {
+    assert!(
+        off.is_multiple_of(ALIGN),
+        "populate offset not page-aligned"
+    );
+    assert!(off + len <= map.len(), "populate range outside the map");
+    #[cfg(target_os = "linux")]
+    {
+        let plen = (len.div_ceil(ALIGN) * ALIGN).min(map.len() - off);
+        // SAFETY: advice on a range of a live read-only mapping; it only pre-faults pages.
+        let p = unsafe { map.as_ptr().add(off) } as *mut libc::c_void;
+        if unsafe { libc::madvise(p, plen, libc::MADV_POPULATE_READ) } == 0 {
+            return;
+        }
+    }
+    // Kernels before 5.14: touch one byte per page.
+    let sum = map[off..off + len]
+        .iter()
+        .step_by(ALIGN)
+        .fold(0u8, |s, b| s.wrapping_add(*b));
+    std::hint::black_box(sum);
 }
 
 impl Drop for MapLease {

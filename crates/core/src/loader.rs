@@ -21,6 +21,11 @@ pub enum IoMode {
     Pread,
     /// O_DIRECT: every read goes to the disk (cold-cache behaviour, no page-cache pollution).
     Direct,
+    /// As `Cached`, but a resident expert stays mapped after use (like llama.cpp's mmap): no
+    /// page-table work per token once an expert has been mapped, and a resident set that grows
+    /// with the experts touched (the page cache holds them either way; under memory pressure the
+    /// kernel unmaps and evicts them). For machines whose RAM holds the experts in use.
+    Mapped,
 }
 
 #[derive(Clone, Debug, Default)]

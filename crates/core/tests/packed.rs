@@ -391,6 +391,24 @@ fn cached_and_direct_reads_give_identical_logits() {
         panic!("4-bit pack gave a non-affine gate")
     };
     assert!(!w.is_mapped(), "--io pread mapped an expert");
+    // `--io mapped` keeps resident experts mapped and must compute the same, twice over (the
+    // second pass reuses the mappings of the first).
+    let kept_opts = LoadOptions {
+        io: IoMode::Mapped,
+        ..Default::default()
+    };
+    let kept = open_model(&dst, &kept_opts).expect("mapped");
+    assert_eq!(
+        logits(&kept, &ids),
+        a,
+        "cached and kept-mapped logits differ"
+    );
+    assert_eq!(logits(&kept, &ids), a, "kept-mapped logits differ on reuse");
+    let e = kept.experts.fetch(layer, &[0]).expect("fetch");
+    let Linear::Affine { w, .. } = &e[0].gate else {
+        panic!("4-bit pack gave a non-affine gate")
+    };
+    assert!(w.is_mapped(), "--io mapped copied a resident expert");
     let direct_opts = LoadOptions {
         io: IoMode::Direct,
         verify: true,

@@ -15,6 +15,9 @@ pub enum Io {
     Pread,
     /// O_DIRECT reads (cold-disk behaviour)
     Direct,
+    /// as cached, and resident experts stay mapped after use (no per-token page-table work; the
+    /// resident set grows with the experts touched, like llama.cpp's mmap)
+    Mapped,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -81,6 +84,7 @@ impl ModelArgs {
                 Io::Cached => IoMode::Cached,
                 Io::Pread => IoMode::Pread,
                 Io::Direct => IoMode::Direct,
+                Io::Mapped => IoMode::Mapped,
             },
             verify: self.verify,
             top_k: self.k,

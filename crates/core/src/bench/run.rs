@@ -205,6 +205,20 @@ pub(crate) fn decode(
         let ctpt = ms(c.decode) / c.steps.max(1) as f64;
         s.num("warm_pread_tpt_ms", ctpt);
         s.num("warm_mapped_speedup_x", ctpt / warm_tpt);
+        drop(copied);
+        // And with resident experts kept mapped (`--io mapped`): no page-table work per token,
+        // a resident set that grows with the experts touched.
+        say("decode: warm, resident experts kept mapped (--io mapped)");
+        let kept = load(IoMode::Mapped)?;
+        session_run(&kept, &prompt, opts.tokens)?;
+        let (_, k) = session_run(&kept, &prompt, opts.tokens)?;
+        report_decode(&mut s, "warm_kept_mapped", &k, dense, limits, true);
+        s.num("rss_kept_mapped_gb", rss_bytes() as f64 / 1e9);
+        s.val(
+            "warm_kept_mapped_note",
+            "timed on a second pass over the same tokens, after the first mapped their experts: \
+             the steady state of a long run whose experts fit in RAM",
+        );
     }
 
     if opts.cold && info.packed {

@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::buf::{AlignedBuf, Buf, MapLease};
+use crate::buf::{populate, AlignedBuf, Buf, MapLease};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
 use crate::loader::IoMode;
@@ -54,6 +54,8 @@ struct LayerHandle {
     /// The file mapped once (cached mode): mincore on it measures residency with one syscall
     /// per read, and wholly resident experts are served from it without a copy.
     map: Option<Arc<memmap2::Mmap>>,
+    /// `IoMode::Mapped`: experts whose pages this process has mapped (they stay mapped).
+    mapped: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// The result of one read, filled by a worker.
@@ -132,9 +134,26 @@ impl Shared {
                 self.counters
                     .bytes_cached
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
-                if frac >= 1.0 && self.io == IoMode::Cached {
-                    let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
-                    let view = Buf::from_lease(Arc::new(lease));
+                let view = match self.io {
+                    IoMode::Cached if frac >= 1.0 => {
+                        let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
+                        Some(Buf::from_lease(Arc::new(lease)))
+                    }
+                    IoMode::Mapped if frac >= 1.0 => {
+                        // Map its pages once, on this I/O thread; they stay mapped.
+                        if !h.mapped[expert].swap(true, Ordering::Relaxed) {
+                            populate(map, off as usize, self.expert_bytes);
+                        }
+                        Some(Buf::from_map(map.clone(), off as usize, self.expert_bytes))
+                    }
+                    IoMode::Mapped => {
+                        // Evicted (in part) since: map it again when it is back.
+                        h.mapped[expert].store(false, Ordering::Relaxed);
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(view) = view {
                     self.served(h, layer, expert, view.bytes(), t)?;
                     return Ok(view);
                 }
@@ -275,7 +294,7 @@ impl PackedExperts {
             let map = match io {
                 // SAFETY: a read-only mapping of a file flashmoe never writes; like the dense
                 // weights' mapping, it assumes nobody truncates the model while it runs.
-                IoMode::Cached | IoMode::Pread => {
+                IoMode::Cached | IoMode::Pread | IoMode::Mapped => {
                     unsafe { memmap2::Mmap::map(&file) }.ok().map(Arc::new)
                 }
                 IoMode::Direct => None,
@@ -285,12 +304,13 @@ impl PackedExperts {
                 path,
                 crc32: lf.crc32.clone(),
                 map,
+                mapped: (0..lf.crc32.len()).map(|_| Default::default()).collect(),
             });
         }
         let expert_bytes = layout.expert_bytes as usize;
         let read_len = match io {
             IoMode::Direct => align_up(layout.expert_bytes, EXPERT_ALIGN) as usize,
-            IoMode::Cached | IoMode::Pread => expert_bytes,
+            IoMode::Cached | IoMode::Pread | IoMode::Mapped => expert_bytes,
         };
         // Some filesystems accept O_DIRECT at open and refuse the reads: try one now.
         if io == IoMode::Direct {
@@ -446,6 +466,9 @@ impl ExpertSource for PackedExperts {
             }
             IoMode::Pread => "pread through the page cache for every expert (cache hits measured with mincore)",
             IoMode::Direct => "pread O_DIRECT (page cache bypassed; no cache hits)",
+            IoMode::Mapped => {
+                "through the page cache: experts mincore finds resident are used in place from the mapping and stay mapped, the others pread"
+            }
         };
         format!(
             "packed experts ({}-bit, {} bytes each, stride {}), {} I/O threads, {io}{}",
