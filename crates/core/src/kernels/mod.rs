@@ -398,8 +398,8 @@ pub(crate) fn matvec_impl(
                     return;
                 }
             }
-            let prescaled = affine_prescaled(isa);
-            let prep = lanes::AffinePrep::new(a.bits, a.group, x, prescaled);
+            let isa = affine_isa(isa);
+            let prep = affine_prep(isa, a.bits, a.group, x);
             for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
                 affine_rows(isa, a, &prep, r0, yc)
             });
@@ -583,12 +583,22 @@ fn matmul_rows(isa: Isa, w: &WeightView, xs: &[f32], n: usize, r0: usize, yt: &m
     }
 }
 
-/// Whether `isa`'s affine kernel wants `x` prescaled (see `lanes::AffinePrep`).
-fn affine_prescaled(isa: Isa) -> bool {
+/// The ISA for an affine product: `isa`, unless the AVX2 kernel cannot read its codes as
+/// denormal f32s (see `x86::denormal_inputs`).
+fn affine_isa(isa: Isa) -> Isa {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => true,
-        Isa::Portable => false,
+        Isa::Avx2 if !x86::denormal_inputs() => Isa::Portable,
+        _ => isa,
+    }
+}
+
+/// `x` prepared for `isa`'s affine kernel (see `lanes::AffinePrep`).
+fn affine_prep(isa: Isa, bits: u32, group: usize, x: &[f32]) -> lanes::AffinePrep {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::affine_prep(bits, group, x),
+        Isa::Portable => lanes::AffinePrep::new(bits, group, x, lanes::CodeRead::Converted),
     }
 }
 

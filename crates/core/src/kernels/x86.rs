@@ -6,7 +6,7 @@
 //! pointer loads whose bounds follow from those checks.
 
 use super::int8::{self, Int8Prep};
-use super::lanes::AffinePrep;
+use super::lanes::{self, AffinePrep, CodeRead};
 use super::{AffineView, Scales};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
@@ -48,31 +48,195 @@ unsafe fn lane_values(buf: *const f32, g0: usize, lpg: usize, idx: __m256i) -> _
     }
 }
 
+/// True while the MXCSR leaves denormal inputs alone (DAZ clear): `affine_rows` reads codes
+/// as denormal f32s (`CodeRead::F32Bits`), which DAZ would read as zero. Rust never sets DAZ;
+/// a library that did would send affine products to the portable kernel.
+pub(crate) fn code_read(bits: u32) -> CodeRead {
+    static M: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let m = M.get_or_init(|| std::env::var("FMK_MODE").unwrap_or_default());
+    match (m.as_str(), bits) {
+        ("cvt", _) => CodeRead::InPlace,
+        ("bits", _) => CodeRead::F32Bits,
+        (_, 4) | (_, 8) => CodeRead::F32Bits,
+        _ => CodeRead::InPlace,
+    }
+}
+
+pub(crate) fn denormal_inputs() -> bool {
+    let mut csr = 0u32;
+    // SAFETY: `stmxcsr` stores the 4-byte MXCSR at the address given, a live local.
+    unsafe {
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
+    }
+    csr & (1 << 6) == 0
+}
+
+/// `lanes::AffinePrep::new(bits, group, x, CodeRead::F32Bits)` vectorised: the same `xt`,
+/// `xsum` and `unscale` bit for bit (the tests compare them). Once per product, but serial
+/// before the rows are shared out: the scalar permutation took ~5 us for 4096 columns, a few
+/// percent of an expert's product on 2 threads.
+pub(crate) fn affine_prep(bits: u32, group: usize, x: &[f32]) -> AffinePrep {
+    let read = code_read(bits);
+    assert!(available());
+    assert!(matches!(bits, 2 | 4 | 8) && group.is_multiple_of(32) && x.len().is_multiple_of(group));
+    // SAFETY: features checked; every load and store below stays inside `x`, `xt` (both
+    // `x.len()`) and whole 8-float chunks of the groups, which `x.len()` is a multiple of.
+    unsafe { affine_prep_avx2(bits, group, x, read) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn affine_prep_avx2(bits: u32, group: usize, x: &[f32], read: CodeRead) -> AffinePrep {
+    let n = x.len();
+    let xp = x.as_ptr();
+    // Σx per group as `lanes::sum8` adds it: 8 strided sums, then lane by lane.
+    let mut xsum = Vec::with_capacity(n / group);
+    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut mx = _mm256_setzero_ps();
+    for g in 0..n / group {
+        let mut acc = _mm256_setzero_ps();
+        for j in (0..group).step_by(8) {
+            let v = _mm256_loadu_ps(xp.add(g * group + j));
+            acc = _mm256_add_ps(acc, v);
+            let a = _mm256_and_ps(v, absmask);
+            // NaN and infinities compare false: left out of the maximum.
+            let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(a, inf);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(a, finite));
+        }
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), acc);
+        xsum.push(l.iter().sum::<f32>());
+    }
+    let mut l = [0f32; 8];
+    _mm256_storeu_ps(l.as_mut_ptr(), mx);
+    let m = l.iter().fold(0f32, |a, &b| a.max(b));
+    let pw = 32 / bits as usize;
+    let (f64s, unscale) = lanes::read_factors(read, bits, lanes::read_exponent(read, m));
+    // Factors outside f32's normal range (x near the bottom of f32's range): the plain twin.
+    if !f64s
+        .iter()
+        .all(|&v| (f32::MIN_POSITIVE as f64..=2f64.powi(127)).contains(&v))
+    {
+        return AffinePrep::new(bits, group, x, read);
+    }
+    let mut f = [_mm256_setzero_ps(); 16];
+    for (fk, &v) in f.iter_mut().zip(&f64s) {
+        *fk = _mm256_set1_ps(v as f32);
+    }
+    let be = lanes::block_elems(bits);
+    let nb = n / be;
+    let mut xt = vec![0f32; n];
+    let op = xt.as_mut_ptr();
+    for b in 0..nb {
+        let (src, dst) = (xp.add(b * be), op.add(b * be));
+        // Block word `l` holds elements `l pw .. (l + 1) pw`: slice `k` is column `k` of the
+        // 8 x pw matrix whose row `l` starts at `src + l pw`.
+        match pw {
+            4 => {
+                let r: [__m256; 4] = std::array::from_fn(|l| {
+                    let lo = _mm_loadu_ps(src.add(l * 4));
+                    let hi = _mm_loadu_ps(src.add((l + 4) * 4));
+                    _mm256_set_m128(hi, lo)
+                });
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let cols = [
+                    _mm256_shuffle_ps::<0x44>(t0, t2),
+                    _mm256_shuffle_ps::<0xEE>(t0, t2),
+                    _mm256_shuffle_ps::<0x44>(t1, t3),
+                    _mm256_shuffle_ps::<0xEE>(t1, t3),
+                ];
+                for (k, c) in cols.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add(8 * k), _mm256_mul_ps(*c, f[k]));
+                }
+            }
+            _ => {
+                for h in 0..pw / 8 {
+                    let cols = transpose8(src.add(8 * h), pw);
+                    for (k, c) in cols.iter().enumerate() {
+                        let kk = 8 * h + k;
+                        _mm256_storeu_ps(dst.add(8 * kk), _mm256_mul_ps(*c, f[kk]));
+                    }
+                }
+            }
+        }
+    }
+    xt[nb * be..].copy_from_slice(&x[nb * be..]);
+    AffinePrep {
+        xt,
+        xsum,
+        read,
+        unscale,
+    }
+}
+
+/// Columns 0..8 of the 8 x 8 floats whose row `l` is `p[l stride .. l stride + 8]`.
+#[inline(always)]
+unsafe fn transpose8(p: *const f32, stride: usize) -> [__m256; 8] {
+    let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(p.add(l * stride)));
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, b) = (
+            r[i / 4 * 4 + (i % 4) / 2 * 2],
+            r[i / 4 * 4 + (i % 4) / 2 * 2 + 1],
+        );
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    // t[4q + 0] = lo(r0, r1), t[4q + 1] = hi(r0, r1), t[4q + 2] = lo(r2, r3), t[4q + 3] =
+    // hi(r2, r3) for rows 4q..4q + 4; tt[4q + c'] holds columns c' and c' + 4 of those rows.
+    let tt: [__m256; 8] = std::array::from_fn(|i| {
+        let q = i / 4 * 4;
+        match i % 4 {
+            0 => _mm256_shuffle_ps::<0x44>(t[q], t[q + 2]),
+            1 => _mm256_shuffle_ps::<0xEE>(t[q], t[q + 2]),
+            2 => _mm256_shuffle_ps::<0x44>(t[q + 1], t[q + 3]),
+            _ => _mm256_shuffle_ps::<0xEE>(t[q + 1], t[q + 3]),
+        }
+    });
+    std::array::from_fn(|k| {
+        if k < 4 {
+            _mm256_permute2f128_ps::<0x20>(tt[k], tt[k + 4])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(tt[k - 4], tt[k])
+        }
+    })
+}
+
 /// `y[i] = row (r0 + i) · x` for an affine matrix.
 pub(crate) fn affine_rows(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut [f32]) {
     assert!(available());
     assert!((r0 + y.len()) <= a.rows && prep.xt.len() == a.cols);
     assert_eq!(prep.xsum.len(), a.groups_per_row());
-    assert!(
-        prep.prescaled,
-        "the AVX2 kernel masks codes in place; x must be prescaled"
-    );
+    let f32_bits = match prep.read {
+        CodeRead::F32Bits => true,
+        CodeRead::InPlace => false,
+        CodeRead::Converted => panic!("the AVX2 kernel masks codes in place; x must be scaled"),
+    };
     // SAFETY: the CPU features were checked above, and the row range and `x` length match the
     // view that `AffineView::check` validated, which is what the body's loads rely on.
     unsafe {
-        match a.bits {
-            2 => affine_rows_avx2::<2, 30>(a, prep, r0, y),
-            4 => affine_rows_avx2::<4, 28>(a, prep, r0, y),
-            8 => affine_rows_avx2::<8, 24>(a, prep, r0, y),
-            b => unreachable!("bits {b} rejected by AffineView::check"),
+        match (a.bits, f32_bits) {
+            (2, false) => affine_rows_avx2::<2, 30, false>(a, prep, r0, y),
+            (2, true) => affine_rows_avx2::<2, 30, true>(a, prep, r0, y),
+            (4, false) => affine_rows_avx2::<4, 28, false>(a, prep, r0, y),
+            (4, true) => affine_rows_avx2::<4, 28, true>(a, prep, r0, y),
+            (8, false) => affine_rows_avx2::<8, 24, false>(a, prep, r0, y),
+            (8, true) => affine_rows_avx2::<8, 24, true>(a, prep, r0, y),
+            (b, _) => unreachable!("bits {b} rejected by AffineView::check"),
         }
     }
 }
 
 /// `LAST` is `32 - BITS`, the shift that brings the top code down (a const expression of `BITS`
-/// cannot be a const argument on stable Rust).
+/// cannot be a const argument on stable Rust). `F32B`: codes read as `CodeRead::F32Bits`, else
+/// `CodeRead::InPlace`.
 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
-unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
+unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32, const F32B: bool>(
     a: &AffineView,
     prep: &AffinePrep,
     r0: usize,
@@ -88,12 +252,13 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
     let mask = (1u32 << BITS) - 1;
     // Groups are powers of two: a shift, not a division per block (see `ONE_GROUP`).
     let fshift = a.group.trailing_zeros().abs_diff(e.trailing_zeros());
-    // The in-place masks `mask << BITS k`. Built from an opaque value so LLVM keeps them in
-    // registers instead of re-loading each from the constant pool every block (the loads, not
-    // the arithmetic, were the bottleneck).
+    // The in-place masks `mask << BITS k` (`lanes::read_pos`). Built from an opaque value so
+    // LLVM keeps them in registers instead of re-loading each from the constant pool every
+    // block (the loads, not the arithmetic, were the bottleneck).
     let mut masks = [_mm256_setzero_si256(); 16];
     let mut m = std::hint::black_box(_mm256_set1_epi32(mask as i32));
-    for mk in masks.iter_mut().take(pw) {
+    let in_place = if F32B { 24 / BITS as usize } else { pw - 1 };
+    for mk in masks.iter_mut().take(in_place) {
         *mk = m;
         m = _mm256_slli_epi32::<BITS>(m);
     }
@@ -106,38 +271,47 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
         widen(&a.biases, row * ng, &mut bbuf);
         let wrow = &a.w[row * wpr..(row + 1) * wpr];
         let wp = wrow.as_ptr();
-        // How blocks meet groups is known per call, not per block.
         let sp = sbuf.as_ptr();
+        // How blocks meet groups is known per call, not per block.
         let acc = match a.group.cmp(&e) {
             std::cmp::Ordering::Equal => {
-                row_blocks::<BITS, LAST, ONE_GROUP>(wp, xp, sp, nb, &masks, fshift, idx)
+                row_blocks::<BITS, LAST, ONE_GROUP, F32B>(wp, xp, sp, nb, &masks, fshift, idx)
             }
-            std::cmp::Ordering::Greater => {
-                row_blocks::<BITS, LAST, GROUP_SPANS_BLOCKS>(wp, xp, sp, nb, &masks, fshift, idx)
-            }
-            std::cmp::Ordering::Less => {
-                row_blocks::<BITS, LAST, BLOCK_SPANS_GROUPS>(wp, xp, sp, nb, &masks, fshift, idx)
-            }
+            std::cmp::Ordering::Greater => row_blocks::<BITS, LAST, GROUP_SPANS_BLOCKS, F32B>(
+                wp, xp, sp, nb, &masks, fshift, idx,
+            ),
+            std::cmp::Ordering::Less => row_blocks::<BITS, LAST, BLOCK_SPANS_GROUPS, F32B>(
+                wp, xp, sp, nb, &masks, fshift, idx,
+            ),
         };
         let mut tail = 0f32;
         for j in nb * e..a.cols {
-            // Past the last whole block `xt` is in natural order and not prescaled.
+            // Past the last whole block `xt` is in natural order and unscaled.
             let q = (wrow[j * BITS as usize / 32] >> ((j * BITS as usize) % 32)) & mask;
             tail += q as f32 * prep.xt[j] * sbuf[j / a.group];
         }
-        *yi = hsum(acc) + tail + dot_f32_avx2(&bbuf, &prep.xsum);
+        // A power of two: exact.
+        let blocks = if F32B {
+            (hsum(acc) as f64 * prep.unscale) as f32
+        } else {
+            hsum(acc)
+        };
+        *yi = blocks + tail + dot8_avx2(&bbuf, &prep.xsum);
     }
 }
 
-/// The whole blocks of one row of `affine_rows_avx2`: `Σ_b (codes_b · x_b) * scale lanes_b`,
+/// The whole blocks of one row of `affine_rows_avx2`: `Σ_b (codes_b · xt_b) * scale lanes_b`,
 /// blocks meeting groups as `FIT` says (`ONE_GROUP` and the others; a block's scales are at
 /// `sp` as a block's factors are in the int8 kernel). Block b reads words `[8b, 8b + 8)` of
-/// `wp` and `xp[b e .. (b + 1) e]`; `sp` holds the row's scales as f32, padded by 8. The
-/// pointers are walked, not indexed, and the shift is `shrx`: the loop's control and index
-/// arithmetic were 7 of its 36 instructions per 4-bit block.
+/// `wp` and `xp[b e .. (b + 1) e]`; `sp` holds the row's scales as f32, padded by 8.
+///
+/// Code `k` of the 8 words is masked into place (or shifted) and converted (`InPlace`) or its
+/// lanes' bits are used as f32 as they are (`F32B`, `CodeRead::F32Bits`). Four partial sums
+/// per block, not two: the block's sum then waits on two FMAs and two additions instead of
+/// four FMAs and one addition, which with one row per pass was the critical path.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_blocks<const BITS: i32, const LAST: i32, const FIT: u8>(
+unsafe fn row_blocks<const BITS: i32, const LAST: i32, const FIT: u8, const F32B: bool>(
     wp: *const u32,
     xp: *const f32,
     sp: *const f32,
@@ -147,6 +321,7 @@ unsafe fn row_blocks<const BITS: i32, const LAST: i32, const FIT: u8>(
     idx: __m256i,
 ) -> __m256 {
     let pw = 32 / BITS as usize;
+    let in_place = if F32B { 24 / BITS as usize } else { pw - 1 };
     let e = 8 * pw;
     let sstep = match FIT {
         ONE_GROUP => 1,
@@ -156,25 +331,38 @@ unsafe fn row_blocks<const BITS: i32, const LAST: i32, const FIT: u8>(
     let (mut wq, mut xb, mut sq) = (wp, xp, sp);
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
+        _mm_prefetch::<_MM_HINT_T0>((wq as *const i8).wrapping_add(PF_BYTES));
         let w = _mm256_loadu_si256(wq as *const __m256i);
-        // Two accumulators halve the FMA dependency chain. Codes k < pw - 1 are masked in
-        // place (x is prescaled by 2^(-BITS k)), the last one is shifted down.
-        let mut acc2 = [_mm256_setzero_ps(); 2];
+        // `F32B`: the codes from bit 24 up but the last (`lanes::read_pos`).
+        let hi = _mm256_srli_epi32::<24>(w);
+        let mut ch = [_mm256_setzero_ps(); 4];
         for k in 0..pw {
-            let q = if k + 1 < pw {
+            let q = if k + 1 == pw {
+                _mm256_srli_epi32::<LAST>(w)
+            } else if k < in_place {
                 _mm256_and_si256(w, masks[k])
             } else {
-                _mm256_srli_epi32::<LAST>(w)
+                _mm256_and_si256(hi, masks[k - in_place])
+            };
+            let qf = if F32B {
+                _mm256_castsi256_ps(q)
+            } else {
+                _mm256_cvtepi32_ps(q)
             };
             let xk = _mm256_loadu_ps(xb.add(k * 8));
-            acc2[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xk, acc2[k & 1]);
+            ch[k % 4] = if k < 4 {
+                _mm256_mul_ps(qf, xk)
+            } else {
+                _mm256_fmadd_ps(qf, xk, ch[k % 4])
+            };
         }
         let sv = match FIT {
             ONE_GROUP => _mm256_broadcast_ss(&*sq),
             GROUP_SPANS_BLOCKS => _mm256_broadcast_ss(&*sp.add(b >> fshift)),
             _ => _mm256_permutevar8x32_ps(_mm256_loadu_ps(sq), idx),
         };
-        acc = _mm256_fmadd_ps(_mm256_add_ps(acc2[0], acc2[1]), sv, acc);
+        let blk = _mm256_add_ps(_mm256_add_ps(ch[0], ch[1]), _mm256_add_ps(ch[2], ch[3]));
+        acc = _mm256_fmadd_ps(blk, sv, acc);
         wq = wq.add(8);
         xb = xb.add(e);
         sq = sq.add(sstep);
@@ -306,6 +494,26 @@ unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
     let mut t = hsum(s);
     for jj in n32..n {
         t += w[jj] * x[jj];
+    }
+    t
+}
+
+/// `a · b` eight lanes at a time in one accumulator (short vectors: a row's groups).
+#[inline(always)]
+unsafe fn dot8_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let n8 = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for j in (0..n8).step_by(8) {
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(j)),
+            _mm256_loadu_ps(b.as_ptr().add(j)),
+            acc,
+        );
+    }
+    let mut t = hsum(acc);
+    for j in n8..n {
+        t += a[j] * b[j];
     }
     t
 }
