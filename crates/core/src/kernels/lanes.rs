@@ -39,9 +39,10 @@ pub(crate) enum CodeRead {
     /// Code `k` shifted down and converted (`affine_rows` here): `xt` is `x` permuted.
     Converted,
     /// Code `k < pw - 1` masked in place, `w & (mask << bits k)`, and converted: its integer
-    /// is `q 2^(bits k)`, so slice `k` of `xt` is `x 2^(-bits k)` and the product is exactly
-    /// `q x` (powers of two scale exactly, short of underflow below |x| ~ 1e-30). The last
-    /// code is shifted down instead, because in place it would set the sign bit.
+    /// is `q 2^(bits k)`, so slice `k` of `xt` is `x 2^(e - bits k)` and the product is
+    /// exactly `q x 2^e` (powers of two scale exactly; `e` keeps them inside f32's range, see
+    /// `read_exponent`). The last code is shifted down instead, because in place it would set
+    /// the sign bit.
     InPlace,
     /// Code `k` masked (or shifted) to bit `read_pos(F32Bits, bits, k)` and the lane's bits
     /// taken as an f32, no conversion. Every pattern below `2^24` is the f32
@@ -75,28 +76,35 @@ pub(crate) fn read_pos(read: CodeRead, bits: u32, k: usize) -> i32 {
     (p * bits as usize) as i32
 }
 
-/// The `e` of `CodeRead::F32Bits` for `m = max |x|` over the finite elements: `max |x| 2^e`
-/// in `[2^100, 2^101)`; `149` (no scaling) when `m` is zero. `InPlace` and `Converted`: 0.
+/// The exponent `e` by which `AffinePrep` scales `x` for `read`, from `m = max |x|` over the
+/// finite elements. `F32Bits`: `max |x| 2^e` in `[2^100, 2^101)`, the products `q x 2^(e -
+/// 149)` then near `2^-49` (see `CodeRead::F32Bits`). `InPlace`: in `[2^40, 2^41)`, so that
+/// no element above `max |x| 2^-60` scaled by `2^(-bits k)` is denormal and no sum of
+/// products comes near overflow. 0 when `m` is zero and for `Converted`.
 pub(crate) fn read_exponent(read: CodeRead, m: f32) -> i32 {
-    match read {
-        CodeRead::F32Bits if m > 0.0 => 100 - (m as f64).log2().floor() as i32,
-        CodeRead::F32Bits => 149,
-        _ => 0,
+    let top = match read {
+        CodeRead::Converted => return 0,
+        CodeRead::InPlace => 40,
+        CodeRead::F32Bits => 100,
+    };
+    if m > 0.0 {
+        top - (m as f64).log2().floor() as i32
+    } else {
+        0
     }
 }
 
-/// `(factor of each slice k, unscale)` for `read` with exponent `e`: `2^(e - pos_k)` and
-/// `2^(149 - e)` for `F32Bits`, `2^(-pos_k)` and 1 otherwise. f64: the factors of a tiny `x`
-/// are beyond f32's range.
+/// `(factor of slice k, unscale)` for `read` with exponent `e`: `2^(e - pos_k)`, and what
+/// the kernel's sum is multiplied by, `2^(149 - e)` for `F32Bits` and `2^-e` for `InPlace`.
+/// f64: for `x` near either end of f32's range they are beyond it.
 pub(crate) fn read_factors(read: CodeRead, bits: u32, e: i32) -> (Vec<f64>, f64) {
     let pw = 32 / bits as usize;
     let f = (0..pw)
         .map(|k| 2f64.powi(e - read_pos(read, bits, k)))
         .collect();
-    let unscale = if read == CodeRead::F32Bits {
-        2f64.powi(149 - e)
-    } else {
-        1.0
+    let unscale = match read {
+        CodeRead::F32Bits => 2f64.powi(149 - e),
+        _ => 2f64.powi(-e),
     };
     (f, unscale)
 }
@@ -111,8 +119,8 @@ pub(crate) struct AffinePrep {
     /// `[cols / group]`.
     pub xsum: Vec<f32>,
     pub read: CodeRead,
-    /// What the whole blocks' `Σ scale q xt` is multiplied by to be `Σ scale q x`:
-    /// `2^(149 - e)` for `F32Bits` (f64: up to `2^250`, exact either way), else 1.
+    /// What the whole blocks' `Σ scale q xt` is multiplied by to be `Σ scale q x` (a power of
+    /// two, see `read_factors`; f64 because it can be beyond f32's range).
     pub unscale: f64,
 }
 

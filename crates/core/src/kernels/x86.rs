@@ -48,20 +48,23 @@ unsafe fn lane_values(buf: *const f32, g0: usize, lpg: usize, idx: __m256i) -> _
     }
 }
 
-/// True while the MXCSR leaves denormal inputs alone (DAZ clear): `affine_rows` reads codes
-/// as denormal f32s (`CodeRead::F32Bits`), which DAZ would read as zero. Rust never sets DAZ;
-/// a library that did would send affine products to the portable kernel.
+/// How `affine_rows` reads `bits`-bit codes. 4- and 8-bit: as f32 bits, which saves the
+/// 8 `cvtdq2ps` of every 64 weights (4-bit 128x4096 on one core of the 2-core EPYC, from
+/// L2: 2.9 ns per 64 weights against 4.4 converting them, same process). 2-bit: masked in
+/// place and converted. Read as f32 bits, 2-bit codes were slower (3.7 against 4.8 GB/s, one
+/// core, 256x4096): a denormal operand of `vmulps`/`vfmadd` costs this CPU time in some mixes
+/// (2x in a probe of 2-bit blocks), and a 2-bit block has twice the denormal operands per byte.
 pub(crate) fn code_read(bits: u32) -> CodeRead {
-    static M: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let m = M.get_or_init(|| std::env::var("FMK_MODE").unwrap_or_default());
-    match (m.as_str(), bits) {
-        ("cvt", _) => CodeRead::InPlace,
-        ("bits", _) => CodeRead::F32Bits,
-        (_, 4) | (_, 8) => CodeRead::F32Bits,
-        _ => CodeRead::InPlace,
+    if bits == 2 {
+        CodeRead::InPlace
+    } else {
+        CodeRead::F32Bits
     }
 }
 
+/// True while the MXCSR leaves denormal inputs alone (DAZ clear): `affine_rows` reads codes
+/// as denormal f32s (`CodeRead::F32Bits`), which DAZ would read as zero. Rust never sets DAZ;
+/// a library that did would send affine products to the portable kernel.
 pub(crate) fn denormal_inputs() -> bool {
     let mut csr = 0u32;
     // SAFETY: `stmxcsr` stores the 4-byte MXCSR at the address given, a live local.
@@ -71,7 +74,7 @@ pub(crate) fn denormal_inputs() -> bool {
     csr & (1 << 6) == 0
 }
 
-/// `lanes::AffinePrep::new(bits, group, x, CodeRead::F32Bits)` vectorised: the same `xt`,
+/// `lanes::AffinePrep::new(bits, group, x, code_read(bits))` vectorised: the same `xt`,
 /// `xsum` and `unscale` bit for bit (the tests compare them). Once per product, but serial
 /// before the rows are shared out: the scalar permutation took ~5 us for 4096 columns, a few
 /// percent of an expert's product on 2 threads.
@@ -291,11 +294,7 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32, const F32B: bool>(
             tail += q as f32 * prep.xt[j] * sbuf[j / a.group];
         }
         // A power of two: exact.
-        let blocks = if F32B {
-            (hsum(acc) as f64 * prep.unscale) as f32
-        } else {
-            hsum(acc)
-        };
+        let blocks = (hsum(acc) as f64 * prep.unscale) as f32;
         *yi = blocks + tail + dot8_avx2(&bbuf, &prep.xsum);
     }
 }
@@ -320,54 +319,93 @@ unsafe fn row_blocks<const BITS: i32, const LAST: i32, const FIT: u8, const F32B
     fshift: u32,
     idx: __m256i,
 ) -> __m256 {
-    let pw = 32 / BITS as usize;
-    let in_place = if F32B { 24 / BITS as usize } else { pw - 1 };
-    let e = 8 * pw;
+    let e = 8 * (32 / BITS as usize);
     let sstep = match FIT {
         ONE_GROUP => 1,
         GROUP_SPANS_BLOCKS => 0,
         _ => 1 << fshift,
     };
     let (mut wq, mut xb, mut sq) = (wp, xp, sp);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
+    // Two blocks per step, one prefetch per 64 bytes, and the loop's own instructions once.
+    // Not for 2-bit codes: their 15 masks and two blocks' partial sums do not fit in the 16
+    // registers, and the spills cost more than the loop saves.
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let pairs = if BITS == 2 { 0 } else { nb / 2 };
+    for b in (0..pairs * 2).step_by(2) {
         _mm_prefetch::<_MM_HINT_T0>((wq as *const i8).wrapping_add(PF_BYTES));
-        let w = _mm256_loadu_si256(wq as *const __m256i);
-        // `F32B`: the codes from bit 24 up but the last (`lanes::read_pos`).
-        let hi = _mm256_srli_epi32::<24>(w);
-        let mut ch = [_mm256_setzero_ps(); 4];
-        for k in 0..pw {
-            let q = if k + 1 == pw {
-                _mm256_srli_epi32::<LAST>(w)
-            } else if k < in_place {
-                _mm256_and_si256(w, masks[k])
-            } else {
-                _mm256_and_si256(hi, masks[k - in_place])
-            };
-            let qf = if F32B {
-                _mm256_castsi256_ps(q)
-            } else {
-                _mm256_cvtepi32_ps(q)
-            };
-            let xk = _mm256_loadu_ps(xb.add(k * 8));
-            ch[k % 4] = if k < 4 {
-                _mm256_mul_ps(qf, xk)
-            } else {
-                _mm256_fmadd_ps(qf, xk, ch[k % 4])
-            };
-        }
-        let sv = match FIT {
-            ONE_GROUP => _mm256_broadcast_ss(&*sq),
-            GROUP_SPANS_BLOCKS => _mm256_broadcast_ss(&*sp.add(b >> fshift)),
-            _ => _mm256_permutevar8x32_ps(_mm256_loadu_ps(sq), idx),
-        };
-        let blk = _mm256_add_ps(_mm256_add_ps(ch[0], ch[1]), _mm256_add_ps(ch[2], ch[3]));
-        acc = _mm256_fmadd_ps(blk, sv, acc);
+        let s0 = block_sum::<BITS, LAST, F32B>(wq, xb, masks);
+        acc0 = _mm256_fmadd_ps(s0, block_scales::<FIT>(sp, sq, b, fshift, idx), acc0);
+        let s1 = block_sum::<BITS, LAST, F32B>(wq.add(8), xb.add(e), masks);
+        let sv1 = block_scales::<FIT>(sp, sq.add(sstep), b + 1, fshift, idx);
+        acc1 = _mm256_fmadd_ps(s1, sv1, acc1);
+        wq = wq.add(16);
+        xb = xb.add(2 * e);
+        sq = sq.add(2 * sstep);
+    }
+    for b in pairs * 2..nb {
+        _mm_prefetch::<_MM_HINT_T0>((wq as *const i8).wrapping_add(PF_BYTES));
+        let s0 = block_sum::<BITS, LAST, F32B>(wq, xb, masks);
+        acc0 = _mm256_fmadd_ps(s0, block_scales::<FIT>(sp, sq, b, fshift, idx), acc0);
         wq = wq.add(8);
         xb = xb.add(e);
         sq = sq.add(sstep);
     }
-    acc
+    _mm256_add_ps(acc0, acc1)
+}
+
+/// Block `b`'s scale lanes: `sp[b]` (at `sq`), `sp[b >> fshift]` or the lanes of
+/// `sp[b << fshift ..]` (at `sq`) as `FIT` says. A function, not a closure: closures do not
+/// inherit the caller's target features, and their intrinsics would not be inlined.
+#[inline(always)]
+unsafe fn block_scales<const FIT: u8>(
+    sp: *const f32,
+    sq: *const f32,
+    b: usize,
+    fshift: u32,
+    idx: __m256i,
+) -> __m256 {
+    match FIT {
+        ONE_GROUP => _mm256_broadcast_ss(&*sq),
+        GROUP_SPANS_BLOCKS => _mm256_broadcast_ss(&*sp.add(b >> fshift)),
+        _ => _mm256_permutevar8x32_ps(_mm256_loadu_ps(sq), idx),
+    }
+}
+
+/// `Σ_k codes_k(w) ⊙ xt_k` of the block of 8 words at `wq` and its `e` elements of `xt` at
+/// `xb`, in four partial sums (see `row_blocks`).
+#[inline(always)]
+unsafe fn block_sum<const BITS: i32, const LAST: i32, const F32B: bool>(
+    wq: *const u32,
+    xb: *const f32,
+    masks: &[__m256i; 16],
+) -> __m256 {
+    let pw = 32 / BITS as usize;
+    let in_place = if F32B { 24 / BITS as usize } else { pw - 1 };
+    let w = _mm256_loadu_si256(wq as *const __m256i);
+    // `F32B`: the codes from bit 24 up but the last (`lanes::read_pos`).
+    let hi = _mm256_srli_epi32::<24>(w);
+    let mut ch = [_mm256_setzero_ps(); 4];
+    for k in 0..pw {
+        let q = if k + 1 == pw {
+            _mm256_srli_epi32::<LAST>(w)
+        } else if k < in_place {
+            _mm256_and_si256(w, masks[k])
+        } else {
+            _mm256_and_si256(hi, masks[k - in_place])
+        };
+        let qf = if F32B {
+            _mm256_castsi256_ps(q)
+        } else {
+            _mm256_cvtepi32_ps(q)
+        };
+        let xk = _mm256_loadu_ps(xb.add(k * 8));
+        ch[k % 4] = if k < 4 {
+            _mm256_mul_ps(qf, xk)
+        } else {
+            _mm256_fmadd_ps(qf, xk, ch[k % 4])
+        };
+    }
+    _mm256_add_ps(_mm256_add_ps(ch[0], ch[1]), _mm256_add_ps(ch[2], ch[3]))
 }
 
 /// Dequantises one affine row into `out [cols]` in the lane-permuted order of
