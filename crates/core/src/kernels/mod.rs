@@ -329,8 +329,8 @@ pub enum ActQuant {
     Exact,
     /// `x` quantised to int8 per weight group (`max|x_g|` to 127), integer dot products with
     /// the codes (as llama.cpp's q4_0 x q8_0 dot does), the bias term still exact. Faster when
-    /// the f32 kernel is compute-bound (AVX2 without VNNI: one i32 -> f32 conversion per code),
-    /// but each element of `x` moves by up to `max|x_g| / 254`: a row is off by up to
+    /// the f32 kernel is compute-bound (AVX2 without VNNI: one f32 FMA and one code extraction,
+    /// plus for 2-bit codes a conversion, per 8 weights), but each element of `x` moves by up to `max|x_g| / 254`: a row is off by up to
     /// `Σ_g |scale_g| qmax group max|x_g| / 254`, about 1% relative in practice. On tiny-a
     /// (MLX 4-bit, hidden 128, `tests/int8_activations.rs`) that moves the logits of the first
     /// decode step by 0.28 and, compounding through the KV cache and recurrent state, by up to

@@ -1,6 +1,8 @@
 //! AVX2 + FMA (+ F16C) kernels for x86-64, chosen at run time by `available()`.
 //! Same arithmetic and lane layout as `lanes.rs` (read its header first); every function here
-//! has its portable twin there and a test comparing both with `reference.rs`.
+//! has its portable twin there and a test comparing both with `reference.rs`. The exact affine
+//! kernel reads codes differently from its twin (`lanes::CodeRead`): `x` is scaled by powers of
+//! two to match, so the products are the same up to the order of the f32 sums.
 //!
 //! The safe wrappers check lengths, then call a `#[target_feature]` body. The bodies use raw
 //! pointer loads whose bounds follow from those checks.
@@ -136,11 +138,12 @@ unsafe fn affine_prep_avx2(bits: u32, group: usize, x: &[f32], read: CodeRead) -
         // 8 x pw matrix whose row `l` starts at `src + l pw`.
         match pw {
             4 => {
-                let r: [__m256; 4] = std::array::from_fn(|l| {
+                let mut r = [_mm256_setzero_ps(); 4];
+                for (l, rl) in r.iter_mut().enumerate() {
                     let lo = _mm_loadu_ps(src.add(l * 4));
                     let hi = _mm_loadu_ps(src.add((l + 4) * 4));
-                    _mm256_set_m128(hi, lo)
-                });
+                    *rl = _mm256_set_m128(hi, lo);
+                }
                 let t0 = _mm256_unpacklo_ps(r[0], r[1]);
                 let t1 = _mm256_unpackhi_ps(r[0], r[1]);
                 let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -175,39 +178,34 @@ unsafe fn affine_prep_avx2(bits: u32, group: usize, x: &[f32], read: CodeRead) -
     }
 }
 
-/// Columns 0..8 of the 8 x 8 floats whose row `l` is `p[l stride .. l stride + 8]`.
+/// Columns 0..8 of the 8 x 8 floats whose row `l` is `p[l stride .. l stride + 8]`. Loops,
+/// not `array::from_fn`: closures do not inherit the caller's target features.
 #[inline(always)]
 unsafe fn transpose8(p: *const f32, stride: usize) -> [__m256; 8] {
-    let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(p.add(l * stride)));
-    let t: [__m256; 8] = std::array::from_fn(|i| {
-        let (a, b) = (
-            r[i / 4 * 4 + (i % 4) / 2 * 2],
-            r[i / 4 * 4 + (i % 4) / 2 * 2 + 1],
-        );
-        if i % 2 == 0 {
-            _mm256_unpacklo_ps(a, b)
-        } else {
-            _mm256_unpackhi_ps(a, b)
-        }
-    });
-    // t[4q + 0] = lo(r0, r1), t[4q + 1] = hi(r0, r1), t[4q + 2] = lo(r2, r3), t[4q + 3] =
-    // hi(r2, r3) for rows 4q..4q + 4; tt[4q + c'] holds columns c' and c' + 4 of those rows.
-    let tt: [__m256; 8] = std::array::from_fn(|i| {
-        let q = i / 4 * 4;
-        match i % 4 {
-            0 => _mm256_shuffle_ps::<0x44>(t[q], t[q + 2]),
-            1 => _mm256_shuffle_ps::<0xEE>(t[q], t[q + 2]),
-            2 => _mm256_shuffle_ps::<0x44>(t[q + 1], t[q + 3]),
-            _ => _mm256_shuffle_ps::<0xEE>(t[q + 1], t[q + 3]),
-        }
-    });
-    std::array::from_fn(|k| {
-        if k < 4 {
-            _mm256_permute2f128_ps::<0x20>(tt[k], tt[k + 4])
-        } else {
-            _mm256_permute2f128_ps::<0x31>(tt[k - 4], tt[k])
-        }
-    })
+    let mut r = [_mm256_setzero_ps(); 8];
+    for (l, rl) in r.iter_mut().enumerate() {
+        *rl = _mm256_loadu_ps(p.add(l * stride));
+    }
+    // For rows 4q..4q + 4: t[4q] = lo(r0, r1), t[4q + 1] = hi(r0, r1), t[4q + 2] = lo(r2, r3),
+    // t[4q + 3] = hi(r2, r3); tt[4q + c] then holds columns c and c + 4 of those rows.
+    let mut t = [_mm256_setzero_ps(); 8];
+    let mut tt = [_mm256_setzero_ps(); 8];
+    for q in [0, 4] {
+        t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+        t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+        t[q + 2] = _mm256_unpacklo_ps(r[q + 2], r[q + 3]);
+        t[q + 3] = _mm256_unpackhi_ps(r[q + 2], r[q + 3]);
+        tt[q] = _mm256_shuffle_ps::<0x44>(t[q], t[q + 2]);
+        tt[q + 1] = _mm256_shuffle_ps::<0xEE>(t[q], t[q + 2]);
+        tt[q + 2] = _mm256_shuffle_ps::<0x44>(t[q + 1], t[q + 3]);
+        tt[q + 3] = _mm256_shuffle_ps::<0xEE>(t[q + 1], t[q + 3]);
+    }
+    let mut cols = [_mm256_setzero_ps(); 8];
+    for k in 0..4 {
+        cols[k] = _mm256_permute2f128_ps::<0x20>(tt[k], tt[k + 4]);
+        cols[k + 4] = _mm256_permute2f128_ps::<0x31>(tt[k], tt[k + 4]);
+    }
+    cols
 }
 
 /// `y[i] = row (r0 + i) · x` for an affine matrix.
