@@ -35,6 +35,7 @@ pub(crate) fn permute_x(bits: u32, src: &[f32], dst: &mut [f32]) {
 /// How an affine kernel turns the codes of a block into f32, and so how `AffinePrep` scales
 /// the slices of `xt`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // Only the AVX2 kernel scales `x`.
 pub(crate) enum CodeRead {
     /// Code `k` shifted down and converted (`affine_rows` here): `xt` is `x` permuted.
     Converted,
@@ -121,6 +122,7 @@ pub(crate) struct AffinePrep {
     pub read: CodeRead,
     /// What the whole blocks' `Σ scale q xt` is multiplied by to be `Σ scale q x` (a power of
     /// two, see `read_factors`; f64 because it can be beyond f32's range).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub unscale: f64,
 }
 
