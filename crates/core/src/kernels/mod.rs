@@ -13,7 +13,8 @@
 //!   `x` and the portable twin of its AVX2 kernel.
 //! - `lanes.rs`: the portable fast kernels, written over 8-lane arrays so LLVM vectorises them;
 //!   also the per-call preparation of `x` shared by every ISA.
-//! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`.
+//! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`;
+//!   `x86/affine.rs` the exact affine matvec (codes read as `lanes::CodeRead` says).
 //! - `quantize.rs`: MLX's affine rule and a min-max baseline.
 //! - `blocked.rs`: the AVX2 prefill product (many inputs): dequantised weight tiles against
 //!   packed input panels in a 6x16 register tile.
