@@ -32,35 +32,118 @@ pub(crate) fn permute_x(bits: u32, src: &[f32], dst: &mut [f32]) {
     dst[nb * e..].copy_from_slice(&src[nb * e..]);
 }
 
+/// How an affine kernel turns the codes of a block into f32, and so how `AffinePrep` scales
+/// the slices of `xt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // Only the AVX2 kernel scales `x`.
+pub(crate) enum CodeRead {
+    /// Code `k` shifted down and converted (`affine_rows` here): `xt` is `x` permuted.
+    Converted,
+    /// Code `k < pw - 1` masked in place, `w & (mask << bits k)`, and converted: its integer
+    /// is `q 2^(bits k)`, so slice `k` of `xt` is `x 2^(e - bits k)` and the product is
+    /// exactly `q x 2^e` (powers of two scale exactly; `e` keeps them inside f32's range, see
+    /// `read_exponent`). The last code is shifted down instead, because in place it would set
+    /// the sign bit.
+    InPlace,
+    /// Code `k` masked (or shifted) to bit `read_pos(F32Bits, bits, k)` and the lane's bits
+    /// taken as an f32, no conversion. Every pattern below `2^24` is the f32
+    /// `pattern * 2^-149` (denormals, then the lowest normal binade, whose implicit bit is bit
+    /// 23 of the pattern), so a code `q` at bit `p` (`p + bits <= 24`) reads as `q 2^(p - 149)`.
+    /// Slice `k` of `xt` is `x 2^(e - p_k)`, which makes each product `q x 2^(e - 149)`: the
+    /// products, sums and roundings of `Converted` scaled by one power of two, which
+    /// `AffinePrep::unscale` takes back off. `e` puts `max |x|` near `2^100`: no `x 2^(e - p)`
+    /// overflows and no product of an element above `max |x| 2^-75` is denormal.
+    F32Bits,
+}
+
+/// The bit at which a kernel reading as `read` takes code `k` of a word of `bits`-bit codes.
+/// `InPlace`: `bits k`, the last code 0. `F32Bits`: in place while the code ends at or below
+/// bit 24; the last code shifted down by `32 - bits`; the codes between (bits 24 and up, not
+/// the last) from the word shifted down by 24. `Converted`: 0.
+pub(crate) fn read_pos(read: CodeRead, bits: u32, k: usize) -> i32 {
+    let pw = 32 / bits as usize;
+    let in_place = match read {
+        CodeRead::Converted => 0,
+        CodeRead::InPlace => pw - 1,
+        CodeRead::F32Bits => 24 / bits as usize,
+    };
+    let p = if k + 1 == pw || read == CodeRead::Converted {
+        0
+    } else if k < in_place {
+        k
+    } else {
+        k - in_place
+    };
+    (p * bits as usize) as i32
+}
+
+/// The exponent `e` by which `AffinePrep` scales `x` for `read`, from `m = max |x|` over the
+/// finite elements. `F32Bits`: `max |x| 2^e` in `[2^100, 2^101)`, the products `q x 2^(e -
+/// 149)` then near `2^-49` (see `CodeRead::F32Bits`). `InPlace`: in `[2^40, 2^41)`, so that
+/// no element above `max |x| 2^-60` scaled by `2^(-bits k)` is denormal and no sum of
+/// products comes near overflow. 0 when `m` is zero and for `Converted`.
+pub(crate) fn read_exponent(read: CodeRead, m: f32) -> i32 {
+    let top = match read {
+        CodeRead::Converted => return 0,
+        CodeRead::InPlace => 40,
+        CodeRead::F32Bits => 100,
+    };
+    if m > 0.0 {
+        top - (m as f64).log2().floor() as i32
+    } else {
+        0
+    }
+}
+
+/// `(factor of slice k, unscale)` for `read` with exponent `e`: `2^(e - pos_k)`, and what
+/// the kernel's sum is multiplied by, `2^(149 - e)` for `F32Bits` and `2^-e` for `InPlace`.
+/// f64: for `x` near either end of f32's range they are beyond it.
+pub(crate) fn read_factors(read: CodeRead, bits: u32, e: i32) -> (Vec<f64>, f64) {
+    let pw = 32 / bits as usize;
+    let f = (0..pw)
+        .map(|k| 2f64.powi(e - read_pos(read, bits, k)))
+        .collect();
+    let unscale = match read {
+        CodeRead::F32Bits => 2f64.powi(149 - e),
+        _ => 2f64.powi(-e),
+    };
+    (f, unscale)
+}
+
 /// What an affine product needs from `x`, computed once per call and shared by all rows:
 /// the lane-permuted copy and the per-group sums `Σx` (the bias term of each group is
 /// `bias * Σx`, arch-spec §11.3 "Kernel arithmetic").
-///
-/// With `prescaled`, slice `k < pw - 1` of each block is multiplied by `2^(-bits * k)`. A kernel
-/// can then mask code `k` in place, `w & (mask << bits * k)`, whose integer value is
-/// `q * 2^(bits * k)`, and skip the shift: the product with the prescaled `x` is exactly `q x`
-/// (powers of two scale exactly, short of underflow below |x| ~ 1e-30). The last code is shifted
-/// down instead, because in place it would set the sign bit.
 pub(crate) struct AffinePrep {
-    /// `[cols]`, lane-permuted (and prescaled if `prescaled`).
+    /// `[cols]`, lane-permuted, each block's slices scaled as `read` says. Elements past the
+    /// last whole block are in natural order and unscaled.
     pub xt: Vec<f32>,
     /// `[cols / group]`.
     pub xsum: Vec<f32>,
-    pub prescaled: bool,
+    pub read: CodeRead,
+    /// What the whole blocks' `Σ scale q xt` is multiplied by to be `Σ scale q x` (a power of
+    /// two, see `read_factors`; f64 because it can be beyond f32's range).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub unscale: f64,
 }
 
 impl AffinePrep {
-    pub fn new(bits: u32, group: usize, x: &[f32], prescaled: bool) -> Self {
+    pub fn new(bits: u32, group: usize, x: &[f32], read: CodeRead) -> Self {
         let mut xt = vec![0f32; x.len()];
         permute_x(bits, x, &mut xt);
-        if prescaled {
-            let pw = 32 / bits as usize;
-            for blk in xt.chunks_exact_mut(block_elems(bits)) {
-                for k in 1..pw - 1 {
-                    let f = (-((bits as usize * k) as f32)).exp2();
-                    for v in &mut blk[k * 8..k * 8 + 8] {
-                        *v *= f;
-                    }
+        // Non-finite elements stay what they are scaled; zero `x` needs no scale.
+        let m = x
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let (f, unscale) = read_factors(read, bits, read_exponent(read, m));
+        for blk in xt.chunks_exact_mut(block_elems(bits)) {
+            if read == CodeRead::Converted {
+                break;
+            }
+            for (k, &fk) in f.iter().enumerate() {
+                for v in &mut blk[k * 8..k * 8 + 8] {
+                    // One rounding, the same as f32's when `fk` is an f32.
+                    *v = (*v as f64 * fk) as f32;
                 }
             }
         }
@@ -68,7 +151,8 @@ impl AffinePrep {
         AffinePrep {
             xt,
             xsum,
-            prescaled,
+            read,
+            unscale,
         }
     }
 }
@@ -116,9 +200,10 @@ pub(crate) fn affine_rows(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut 
 }
 
 fn affine_rows_b<const BITS: u32>(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut [f32]) {
-    assert!(
-        !prep.prescaled,
-        "the portable kernel shifts codes down; x must not be prescaled"
+    assert_eq!(
+        prep.read,
+        CodeRead::Converted,
+        "the portable kernel converts codes; x must not be scaled"
     );
     let ng = a.groups_per_row();
     let wpr = a.words_per_row();

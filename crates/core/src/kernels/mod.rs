@@ -13,7 +13,8 @@
 //!   `x` and the portable twin of its AVX2 kernel.
 //! - `lanes.rs`: the portable fast kernels, written over 8-lane arrays so LLVM vectorises them;
 //!   also the per-call preparation of `x` shared by every ISA.
-//! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`.
+//! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`;
+//!   `x86/affine.rs` the exact affine matvec (codes read as `lanes::CodeRead` says).
 //! - `quantize.rs`: MLX's affine rule and a min-max baseline.
 //! - `blocked.rs`: the AVX2 prefill product (many inputs): dequantised weight tiles against
 //!   packed input panels in a 6x16 register tile.
@@ -329,8 +330,8 @@ pub enum ActQuant {
     Exact,
     /// `x` quantised to int8 per weight group (`max|x_g|` to 127), integer dot products with
     /// the codes (as llama.cpp's q4_0 x q8_0 dot does), the bias term still exact. Faster when
-    /// the f32 kernel is compute-bound (AVX2 without VNNI: one i32 -> f32 conversion per code),
-    /// but each element of `x` moves by up to `max|x_g| / 254`: a row is off by up to
+    /// the f32 kernel is compute-bound (AVX2 without VNNI: one f32 FMA and one code extraction,
+    /// plus for 2-bit codes a conversion, per 8 weights), but each element of `x` moves by up to `max|x_g| / 254`: a row is off by up to
     /// `Σ_g |scale_g| qmax group max|x_g| / 254`, about 1% relative in practice. On tiny-a
     /// (MLX 4-bit, hidden 128, `tests/int8_activations.rs`) that moves the logits of the first
     /// decode step by 0.28 and, compounding through the KV cache and recurrent state, by up to
@@ -398,8 +399,8 @@ pub(crate) fn matvec_impl(
                     return;
                 }
             }
-            let prescaled = affine_prescaled(isa);
-            let prep = lanes::AffinePrep::new(a.bits, a.group, x, prescaled);
+            let isa = affine_isa(isa);
+            let prep = affine_prep(isa, a.bits, a.group, x);
             for_row_chunks(par_min, rows * cols, rows, 1, y, |r0, yc| {
                 affine_rows(isa, a, &prep, r0, yc)
             });
@@ -583,12 +584,22 @@ fn matmul_rows(isa: Isa, w: &WeightView, xs: &[f32], n: usize, r0: usize, yt: &m
     }
 }
 
-/// Whether `isa`'s affine kernel wants `x` prescaled (see `lanes::AffinePrep`).
-fn affine_prescaled(isa: Isa) -> bool {
+/// The ISA for an affine product: `isa`, unless the AVX2 kernel cannot read its codes as
+/// denormal f32s (see `x86::denormal_inputs`).
+fn affine_isa(isa: Isa) -> Isa {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => true,
-        Isa::Portable => false,
+        Isa::Avx2 if !x86::denormal_inputs() => Isa::Portable,
+        _ => isa,
+    }
+}
+
+/// `x` prepared for `isa`'s affine kernel (see `lanes::AffinePrep`).
+fn affine_prep(isa: Isa, bits: u32, group: usize, x: &[f32]) -> lanes::AffinePrep {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::affine_prep(bits, group, x),
+        Isa::Portable => lanes::AffinePrep::new(bits, group, x, lanes::CodeRead::Converted),
     }
 }
 

@@ -203,6 +203,84 @@ fn blocked_matmul_several_row_blocks_and_column_slices() {
     }
 }
 
+/// The exact affine matvec scales `x` by powers of two for the AVX2 kernel (`CodeRead`);
+/// products of `x` near either end of f32's range still match the plain twin, to the same
+/// relative bound (no floor), on every ISA.
+#[test]
+fn affine_matvec_x_across_f32_range() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for bits in [2u32, 4, 8] {
+        let a = Affine::random(&mut rng, bits, 64, 9, 640);
+        let w = a.view(0);
+        let dense = dequantize(&w);
+        for f in [
+            2f32.powi(-120),
+            2f32.powi(-60),
+            2f32.powi(40),
+            2f32.powi(100),
+        ] {
+            let x: Vec<f32> = gauss(&mut rng, 640).iter().map(|v| v * f).collect();
+            let mut want = vec![0f32; 9];
+            matvec_ref(&w, &x, &mut want);
+            let xn = norm(&x);
+            for isa in isas() {
+                let mut got = vec![f32::NAN; 9];
+                matvec_impl(isa, usize::MAX, ActQuant::Exact, &w, &x, &mut got);
+                for r in 0..9 {
+                    let tol = 1e-5 * norm(&dense[r * 640..(r + 1) * 640]) * xn;
+                    let d = (got[r] as f64 - want[r] as f64).abs();
+                    assert!(
+                        d <= tol,
+                        "b{bits} x*{f:e} {isa:?} y[{r}] = {}, reference {}, tol {tol}",
+                        got[r],
+                        want[r]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 preparation of `x` for the exact affine kernel gives exactly the plain twin's
+/// `xt`, `xsum` and `unscale`, including tails, zero, tiny (the f64 fallback) and non-finite `x`.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn affine_prep_matches_plain_twin() {
+    if !x86::available() {
+        flashmoe_testdata::say_skipped("no AVX2/FMA/F16C");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(13);
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+    for bits in [2u32, 4, 8] {
+        for group in [32usize, 64, 128] {
+            for cols in [group, 96.max(group), 320.max(group), 1024] {
+                if cols % group != 0 {
+                    continue;
+                }
+                let base = gauss(&mut rng, cols);
+                let mut variants: Vec<Vec<f32>> = [1.0, 0.0, 1e-38, 1e-30, 3e30]
+                    .iter()
+                    .map(|f| base.iter().map(|v| v * f).collect())
+                    .collect();
+                let mut nonfinite = base.clone();
+                nonfinite[3] = f32::INFINITY;
+                nonfinite[cols - 1] = f32::NAN;
+                variants.push(nonfinite);
+                for x in &variants {
+                    let want = lanes::AffinePrep::new(bits, group, x, x86::code_read(bits));
+                    let got = x86::affine_prep(bits, group, x);
+                    let tag = format!("b{bits} g{group} cols {cols} x[0] {}", x[0]);
+                    assert_eq!(got.read, want.read, "{tag}");
+                    assert!(same(&got.xt, &want.xt), "{tag}: xt");
+                    assert!(same(&got.xsum, &want.xsum), "{tag}: xsum");
+                    assert_eq!(got.unscale, want.unscale, "{tag}: unscale");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn dense_products_match_reference() {
     let mut rng = StdRng::seed_from_u64(2);

@@ -1,12 +1,21 @@
 //! AVX2 + FMA (+ F16C) kernels for x86-64, chosen at run time by `available()`.
 //! Same arithmetic and lane layout as `lanes.rs` (read its header first); every function here
-//! has its portable twin there and a test comparing both with `reference.rs`.
+//! has its portable twin there and a test comparing both with `reference.rs`. The exact affine
+//! kernel reads codes differently from its twin (`lanes::CodeRead`): `x` is scaled by powers of
+//! two to match, so the products are the same up to the order of the f32 sums.
+//!
+//! The exact affine matvec and its preparation of `x` are in `x86/affine.rs`.
 //!
 //! The safe wrappers check lengths, then call a `#[target_feature]` body. The bodies use raw
 //! pointer loads whose bounds follow from those checks.
 
+mod affine;
+
+#[cfg(test)]
+pub(crate) use affine::code_read;
+pub(crate) use affine::{affine_prep, affine_rows, denormal_inputs};
+
 use super::int8::{self, Int8Prep};
-use super::lanes::AffinePrep;
 use super::{AffineView, Scales};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
@@ -46,140 +55,6 @@ unsafe fn lane_values(buf: *const f32, g0: usize, lpg: usize, idx: __m256i) -> _
     } else {
         _mm256_permutevar8x32_ps(_mm256_loadu_ps(buf.add(g0)), idx)
     }
-}
-
-/// `y[i] = row (r0 + i) · x` for an affine matrix.
-pub(crate) fn affine_rows(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut [f32]) {
-    assert!(available());
-    assert!((r0 + y.len()) <= a.rows && prep.xt.len() == a.cols);
-    assert_eq!(prep.xsum.len(), a.groups_per_row());
-    assert!(
-        prep.prescaled,
-        "the AVX2 kernel masks codes in place; x must be prescaled"
-    );
-    // SAFETY: the CPU features were checked above, and the row range and `x` length match the
-    // view that `AffineView::check` validated, which is what the body's loads rely on.
-    unsafe {
-        match a.bits {
-            2 => affine_rows_avx2::<2, 30>(a, prep, r0, y),
-            4 => affine_rows_avx2::<4, 28>(a, prep, r0, y),
-            8 => affine_rows_avx2::<8, 24>(a, prep, r0, y),
-            b => unreachable!("bits {b} rejected by AffineView::check"),
-        }
-    }
-}
-
-/// `LAST` is `32 - BITS`, the shift that brings the top code down (a const expression of `BITS`
-/// cannot be a const argument on stable Rust).
-#[target_feature(enable = "avx2,fma,f16c,bmi2")]
-unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32>(
-    a: &AffineView,
-    prep: &AffinePrep,
-    r0: usize,
-    y: &mut [f32],
-) {
-    let ng = a.groups_per_row();
-    let wpr = a.words_per_row();
-    let pw = 32 / BITS as usize;
-    let e = 8 * pw;
-    let nb = a.cols / e;
-    let lpg = a.group / pw;
-    let idx = lane_group_index(lpg);
-    let mask = (1u32 << BITS) - 1;
-    // Groups are powers of two: a shift, not a division per block (see `ONE_GROUP`).
-    let fshift = a.group.trailing_zeros().abs_diff(e.trailing_zeros());
-    // The in-place masks `mask << BITS k`. Built from an opaque value so LLVM keeps them in
-    // registers instead of re-loading each from the constant pool every block (the loads, not
-    // the arithmetic, were the bottleneck).
-    let mut masks = [_mm256_setzero_si256(); 16];
-    let mut m = std::hint::black_box(_mm256_set1_epi32(mask as i32));
-    for mk in masks.iter_mut().take(pw) {
-        *mk = m;
-        m = _mm256_slli_epi32::<BITS>(m);
-    }
-    let mut sbuf = vec![0f32; ng + 8];
-    let mut bbuf = vec![0f32; ng];
-    let xp = prep.xt.as_ptr();
-    for (i, yi) in y.iter_mut().enumerate() {
-        let row = r0 + i;
-        widen(&a.scales, row * ng, &mut sbuf[..ng]);
-        widen(&a.biases, row * ng, &mut bbuf);
-        let wrow = &a.w[row * wpr..(row + 1) * wpr];
-        let wp = wrow.as_ptr();
-        // How blocks meet groups is known per call, not per block.
-        let sp = sbuf.as_ptr();
-        let acc = match a.group.cmp(&e) {
-            std::cmp::Ordering::Equal => {
-                row_blocks::<BITS, LAST, ONE_GROUP>(wp, xp, sp, nb, &masks, fshift, idx)
-            }
-            std::cmp::Ordering::Greater => {
-                row_blocks::<BITS, LAST, GROUP_SPANS_BLOCKS>(wp, xp, sp, nb, &masks, fshift, idx)
-            }
-            std::cmp::Ordering::Less => {
-                row_blocks::<BITS, LAST, BLOCK_SPANS_GROUPS>(wp, xp, sp, nb, &masks, fshift, idx)
-            }
-        };
-        let mut tail = 0f32;
-        for j in nb * e..a.cols {
-            // Past the last whole block `xt` is in natural order and not prescaled.
-            let q = (wrow[j * BITS as usize / 32] >> ((j * BITS as usize) % 32)) & mask;
-            tail += q as f32 * prep.xt[j] * sbuf[j / a.group];
-        }
-        *yi = hsum(acc) + tail + dot_f32_avx2(&bbuf, &prep.xsum);
-    }
-}
-
-/// The whole blocks of one row of `affine_rows_avx2`: `Σ_b (codes_b · x_b) * scale lanes_b`,
-/// blocks meeting groups as `FIT` says (`ONE_GROUP` and the others; a block's scales are at
-/// `sp` as a block's factors are in the int8 kernel). Block b reads words `[8b, 8b + 8)` of
-/// `wp` and `xp[b e .. (b + 1) e]`; `sp` holds the row's scales as f32, padded by 8. The
-/// pointers are walked, not indexed, and the shift is `shrx`: the loop's control and index
-/// arithmetic were 7 of its 36 instructions per 4-bit block.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn row_blocks<const BITS: i32, const LAST: i32, const FIT: u8>(
-    wp: *const u32,
-    xp: *const f32,
-    sp: *const f32,
-    nb: usize,
-    masks: &[__m256i; 16],
-    fshift: u32,
-    idx: __m256i,
-) -> __m256 {
-    let pw = 32 / BITS as usize;
-    let e = 8 * pw;
-    let sstep = match FIT {
-        ONE_GROUP => 1,
-        GROUP_SPANS_BLOCKS => 0,
-        _ => 1 << fshift,
-    };
-    let (mut wq, mut xb, mut sq) = (wp, xp, sp);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
-        let w = _mm256_loadu_si256(wq as *const __m256i);
-        // Two accumulators halve the FMA dependency chain. Codes k < pw - 1 are masked in
-        // place (x is prescaled by 2^(-BITS k)), the last one is shifted down.
-        let mut acc2 = [_mm256_setzero_ps(); 2];
-        for k in 0..pw {
-            let q = if k + 1 < pw {
-                _mm256_and_si256(w, masks[k])
-            } else {
-                _mm256_srli_epi32::<LAST>(w)
-            };
-            let xk = _mm256_loadu_ps(xb.add(k * 8));
-            acc2[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xk, acc2[k & 1]);
-        }
-        let sv = match FIT {
-            ONE_GROUP => _mm256_broadcast_ss(&*sq),
-            GROUP_SPANS_BLOCKS => _mm256_broadcast_ss(&*sp.add(b >> fshift)),
-            _ => _mm256_permutevar8x32_ps(_mm256_loadu_ps(sq), idx),
-        };
-        acc = _mm256_fmadd_ps(_mm256_add_ps(acc2[0], acc2[1]), sv, acc);
-        wq = wq.add(8);
-        xb = xb.add(e);
-        sq = sq.add(sstep);
-    }
-    acc
 }
 
 /// Dequantises one affine row into `out [cols]` in the lane-permuted order of
@@ -306,6 +181,26 @@ unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
     let mut t = hsum(s);
     for jj in n32..n {
         t += w[jj] * x[jj];
+    }
+    t
+}
+
+/// `a · b` eight lanes at a time in one accumulator (short vectors: a row's groups).
+#[inline(always)]
+unsafe fn dot8_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let n8 = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for j in (0..n8).step_by(8) {
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(j)),
+            _mm256_loadu_ps(b.as_ptr().add(j)),
+            acc,
+        );
+    }
+    let mut t = hsum(acc);
+    for j in n8..n {
+        t += a[j] * b[j];
     }
     t
 }
