@@ -297,6 +297,40 @@ fn dense_products_match_reference() {
     }
 }
 
+/// The AVX2 affine kernel with codes read both ways (as f32 bits, and masked in place and
+/// converted) for every width, whichever this CPU's `code_read` picks, against the reference.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_affine_both_code_readings() {
+    if !x86::available() {
+        flashmoe_testdata::say_skipped("no AVX2+FMA on this CPU");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(9);
+    for bits in [2u32, 4, 8] {
+        let a = Affine::random(&mut rng, bits, 64, 37, 512);
+        let w = a.view(0);
+        let WeightView::Affine(v) = &w else {
+            unreachable!()
+        };
+        let x = gauss(&mut rng, 512);
+        let mut want = vec![0f32; 37];
+        matvec_ref(&w, &x, &mut want);
+        for read in [lanes::CodeRead::F32Bits, lanes::CodeRead::InPlace] {
+            let prep = x86::affine_prep_read(bits, 64, &x, read);
+            assert_eq!(
+                prep.xt,
+                lanes::AffinePrep::new(bits, 64, &x, read).xt,
+                "b{bits} {read:?}: vectorised preparation"
+            );
+            let mut got = vec![0f32; 37];
+            x86::affine_rows(v, &prep, 0, &mut got);
+            let tag = format!("avx2 b{bits} {read:?}");
+            assert_close(&tag, &dequantize(&w), 512, &x, &got, &want);
+        }
+    }
+}
+
 #[test]
 fn large_affine_parallel_default_dispatch() {
     let mut rng = StdRng::seed_from_u64(3);

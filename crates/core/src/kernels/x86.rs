@@ -12,6 +12,8 @@
 mod affine;
 
 #[cfg(test)]
+pub(crate) use affine::affine_prep_read;
+#[cfg(test)]
 pub(crate) use affine::code_read;
 pub(crate) use affine::{affine_prep, affine_rows, denormal_inputs};
 

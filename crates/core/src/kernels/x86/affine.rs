@@ -14,18 +14,34 @@ use super::{
 };
 use std::arch::x86_64::*;
 
-/// How `affine_rows` reads `bits`-bit codes. 4- and 8-bit: as f32 bits, which saves the
-/// 8 `cvtdq2ps` of every 64 weights (4-bit 128x4096 on one core of the 2-core EPYC, from
-/// L2: 2.9 ns per 64 weights against 4.4 converting them, same process). 2-bit: masked in
-/// place and converted. Read as f32 bits, 2-bit codes were slower (3.7 against 4.8 GB/s, one
-/// core, 256x4096): a denormal operand of `vmulps`/`vfmadd` costs this CPU time in some mixes
-/// (2x in a probe of 2-bit blocks), and a 2-bit block has twice the denormal operands per byte.
+/// How `affine_rows` reads `bits`-bit codes. 4- and 8-bit on AMD: as f32 bits, which saves
+/// the 8 `cvtdq2ps` of every 64 weights (4-bit 128x4096 on one core of the 2-core EPYC, from
+/// L2: 2.9 ns per 64 weights against 4.4 converting them, same process). 2-bit, and every
+/// width elsewhere: masked in place and converted. Read as f32 bits, 2-bit codes were slower
+/// (3.7 against 4.8 GB/s, one core, 256x4096): a denormal operand of `vmulps`/`vfmadd` costs
+/// this CPU time in some mixes (2x in a probe of 2-bit blocks), and a 2-bit block has twice
+/// the denormal operands per byte. Intel cores may take a microcode assist on denormal
+/// operands (up to ~100x slower); none was at hand to measure, so they keep the conversion.
 pub(crate) fn code_read(bits: u32) -> CodeRead {
-    if bits == 2 {
-        CodeRead::InPlace
-    } else {
+    if bits != 2 && is_amd() {
         CodeRead::F32Bits
+    } else {
+        CodeRead::InPlace
     }
+}
+
+/// Whether the CPU's vendor is AMD (CPUID leaf 0).
+fn is_amd() -> bool {
+    static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMD.get_or_init(|| {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        let r = unsafe { __cpuid(0) };
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"AuthenticAMD"
+    })
 }
 
 /// True while the MXCSR leaves denormal inputs alone (DAZ clear): `affine_rows` reads codes
@@ -45,7 +61,15 @@ pub(crate) fn denormal_inputs() -> bool {
 /// before the rows are shared out: the scalar permutation took ~5 us for 4096 columns, a few
 /// percent of an expert's product on 2 threads.
 pub(crate) fn affine_prep(bits: u32, group: usize, x: &[f32]) -> AffinePrep {
-    let read = code_read(bits);
+    affine_prep_read(bits, group, x, code_read(bits))
+}
+
+/// As `affine_prep`, for codes read as `read` (tests run both readings on every machine).
+pub(crate) fn affine_prep_read(bits: u32, group: usize, x: &[f32], read: CodeRead) -> AffinePrep {
+    assert!(
+        read != CodeRead::Converted,
+        "the AVX2 kernel masks codes in place"
+    );
     assert!(available());
     assert!(matches!(bits, 2 | 4 | 8) && group.is_multiple_of(32) && x.len().is_multiple_of(group));
     // SAFETY: features checked; every load and store below stays inside `x`, `xt` (both
