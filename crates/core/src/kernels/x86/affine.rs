@@ -34,8 +34,8 @@ pub(crate) fn code_read(bits: u32) -> CodeRead {
 fn is_amd() -> bool {
     static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AMD.get_or_init(|| {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-        let r = unsafe { __cpuid(0) };
+        // CPUID leaf 0 (the vendor string) exists on every x86-64 CPU.
+        let r = __cpuid(0);
         let mut v = [0u8; 12];
         v[..4].copy_from_slice(&r.ebx.to_le_bytes());
         v[4..8].copy_from_slice(&r.edx.to_le_bytes());
