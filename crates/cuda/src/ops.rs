@@ -199,9 +199,7 @@ impl Fmt {
                     "mt2"
                 }
             }
-            (true, Fmt::Affine { bits, lg, .. }) if prep_fits(*bits, *lg, cols) && use_prep() => {
-                "mp"
-            }
+            (true, _) if self.prepared_bits(cols).is_some() => "mp",
             (true, _) if cols <= XSM_MAX_COLS => "mv",
             (true, _) => "mvg",
         };
@@ -217,6 +215,15 @@ impl Fmt {
             _ => 0,
         };
         (name, smem)
+    }
+
+    /// The code width of the prepared x the decode kernel reads, when it is the `mp` kernel
+    /// (rows of `cols` columns).
+    fn prepared_bits(&self, cols: usize) -> Option<u32> {
+        match *self {
+            Fmt::Affine { bits, lg, .. } if prep_fits(bits, lg, cols) && use_prep() => Some(bits),
+            _ => None,
+        }
     }
 
     fn lg(&self) -> i32 {
@@ -250,23 +257,12 @@ pub struct DevMat {
 }
 
 impl DevMat {
-    /// Same format, rows and columns (the bytes may live anywhere).
     /// The code width of the prepared x its decode kernel reads, when that is the `mp` kernel.
     pub fn prepared_bits(&self) -> Option<u32> {
-        match self.fmt {
-            Fmt::Affine { bits, .. }
-                if self
-                    .fmt
-                    .kernel(true, self.rows, self.cols)
-                    .0
-                    .ends_with("_mp") =>
-            {
-                Some(bits)
-            }
-            _ => None,
-        }
+        self.fmt.prepared_bits(self.cols)
     }
 
+    /// Same format, rows and columns (the bytes may live anywhere).
     pub fn same_shape(&self, o: &DevMat) -> bool {
         self.fmt == o.fmt && self.rows == o.rows && self.cols == o.cols
     }
