@@ -335,13 +335,13 @@ impl Device {
         Ok(src)
     }
 
-    /// Makes this device's context current on the calling thread (every public entry does).
     /// Prepared-x slot `i` (< 3), compute stream only.
     pub fn qx_slot(&self, i: usize) -> u64 {
         assert!(i < 3, "prepared-x slot {i}");
         self.qxp.ptr() + (i * crate::ops::QX_SLOT) as u64
     }
 
+    /// Makes this device's context current on the calling thread (every public entry does).
     pub fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
@@ -612,7 +612,7 @@ impl Device {
         .result()
         .map_err(|e| drv(&format!("launch {name}"), e))?;
         if std::ptr::eq(stream, &*self.compute) {
-            let mut t = self.trace.lock().expect("trace lock");
+            let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(v) = t.as_mut() {
                 let ev = self.event()?;
                 self.record(&ev, stream)?;
@@ -626,7 +626,7 @@ impl Device {
     pub fn trace_start(&self) -> Result<Event> {
         let ev = self.event()?;
         self.record(&ev, &self.compute)?;
-        *self.trace.lock().expect("trace lock") = Some(Vec::new());
+        *self.trace.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
         Ok(ev)
     }
 

@@ -141,14 +141,17 @@ impl Shared {
                     }
                     IoMode::Mapped if frac >= 1.0 => {
                         // Map its pages once, on this I/O thread; they stay mapped.
-                        if !h.mapped[expert].swap(true, Ordering::Relaxed) {
+                        let mapped = h.mapped.get(expert);
+                        if mapped.is_none_or(|m| !m.swap(true, Ordering::Relaxed)) {
                             populate(map, off as usize, self.expert_bytes);
                         }
                         Some(Buf::from_map(map.clone(), off as usize, self.expert_bytes))
                     }
                     IoMode::Mapped => {
                         // Evicted (in part) since: map it again when it is back.
-                        h.mapped[expert].store(false, Ordering::Relaxed);
+                        if let Some(m) = h.mapped.get(expert) {
+                            m.store(false, Ordering::Relaxed);
+                        }
                         None
                     }
                     _ => None,
