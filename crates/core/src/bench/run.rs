@@ -309,6 +309,8 @@ pub(crate) fn moe(
                 k,
                 limits.mem_gbs * 1e9 / per_tok,
             );
+            let ks = run(&kept, false)?;
+            s.num("warm_moe_kept_mapped_serial_tok_s", ks);
         }
     }
     if opts.cold && info.packed {
