@@ -350,34 +350,14 @@ fn prepared_by_producer_cuda() {
         });
         let what = format!("{bits}-bit {rows}x{cols}");
         // rmsnorm_rows -> matvec.
-        ops::rmsnorm_rows(
-            d,
-            xd.ptr(),
-            cols,
-            wd.ptr(),
-            od.ptr(),
-            cols,
-            cols,
-            1,
-            1e-6,
-            None,
-        )
-        .unwrap();
+        let norm = |pre| {
+            let (x, w, o) = (xd.ptr(), wd.ptr(), od.ptr());
+            ops::rmsnorm_rows(d, x, cols, w, o, cols, cols, 1, 1e-6, pre).unwrap()
+        };
+        norm(None);
         proj.run(d, od.ptr(), yd.ptr()).unwrap();
         let (n0, y0) = (c.read(od.ptr(), cols), c.read(yd.ptr(), rows));
-        ops::rmsnorm_rows(
-            d,
-            xd.ptr(),
-            cols,
-            wd.ptr(),
-            od.ptr(),
-            cols,
-            cols,
-            1,
-            1e-6,
-            pre,
-        )
-        .unwrap();
+        norm(pre);
         proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
         assert_eq!(n0, c.read(od.ptr(), cols), "rmsnorm output, {what}");
         assert_eq!(
@@ -388,20 +368,15 @@ fn prepared_by_producer_cuda() {
         // add_rmsnorm -> matvec, prepared in two slots (the second for another width), with
         // the residual updated in the kernel; then deferred (several blocks, x left alone).
         let dd = d.upload_f32(&rng.vec(cols)).unwrap();
-        let (w, u) = (wd.ptr(), ops::Residual::Update);
-        let x2 = d.upload_f32(&x).unwrap();
-        ops::add_rmsnorm(
-            d,
-            x2.ptr(),
-            dd.ptr(),
-            w,
-            od.ptr(),
-            cols,
-            1e-6,
-            [None, None],
-            u,
-        )
-        .unwrap();
+        // Each call on a fresh copy of x (the residual it may update).
+        let add_norm = |pre: [Option<ops::Prepared>; 2], res| {
+            let x2 = d.upload_f32(&x).unwrap();
+            let (dp, w, o) = (dd.ptr(), wd.ptr(), od.ptr());
+            ops::add_rmsnorm(d, x2.ptr(), dp, w, o, cols, 1e-6, pre, res).unwrap();
+            x2
+        };
+        let u = ops::Residual::Update;
+        let x2 = add_norm([None, None], u);
         proj.run(d, od.ptr(), yd.ptr()).unwrap();
         let (n0, y0, sum) = (
             c.read(od.ptr(), cols),
@@ -413,19 +388,7 @@ fn prepared_by_producer_cuda() {
             bits: if bits == 4 { 8 } else { 4 },
             qb: 0,
         });
-        let x2 = d.upload_f32(&x).unwrap();
-        ops::add_rmsnorm(
-            d,
-            x2.ptr(),
-            dd.ptr(),
-            w,
-            od.ptr(),
-            cols,
-            1e-6,
-            [other, pre],
-            u,
-        )
-        .unwrap();
+        let x2 = add_norm([other, pre], u);
         proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
         assert_eq!(n0, c.read(od.ptr(), cols), "add_rmsnorm output, {what}");
         assert_eq!(sum, c.read(x2.ptr(), cols), "add_rmsnorm residual, {what}");
@@ -434,20 +397,7 @@ fn prepared_by_producer_cuda() {
             c.read(yd.ptr(), rows),
             "add_rmsnorm-prepared product, {what}"
         );
-        let x2 = d.upload_f32(&x).unwrap();
-        let def = ops::Residual::Defer;
-        ops::add_rmsnorm(
-            d,
-            x2.ptr(),
-            dd.ptr(),
-            w,
-            od.ptr(),
-            cols,
-            1e-6,
-            [pre, other],
-            def,
-        )
-        .unwrap();
+        let x2 = add_norm([pre, other], ops::Residual::Defer);
         let n1 = c.read(od.ptr(), cols);
         assert_eq!(
             x,
