@@ -454,6 +454,48 @@ fn trace_token(cm: &mut CudaModel) -> Result<Value> {
     }))
 }
 
+/// One token's launches captured into a CUDA graph and replayed `n` times, against the same
+/// launches issued `n` times on the stream; no readback in either, so both are GPU time. The
+/// replays repeat one position (timing only: the state they leave is not a decode's).
+fn graph_replay(cm: &mut CudaModel, n: usize) -> Result<Value> {
+    use cudarc::driver::sys;
+    let mut st = cm.new_state()?;
+    cm.forward_argmax(&[1], &mut st)?;
+    let (e0, e1) = (cm.dev.event()?, cm.dev.event()?);
+    let timed = |cm: &mut CudaModel, f: &mut dyn FnMut(&mut CudaModel) -> Result<()>| {
+        f(cm)?;
+        cm.dev.sync()?;
+        cm.dev.record(&e0, &cm.dev.compute)?;
+        for _ in 0..n {
+            f(cm)?;
+        }
+        cm.dev.record(&e1, &cm.dev.compute)?;
+        cm.dev.sync()?;
+        Ok::<f64, crate::CudaError>(cm.dev.elapsed_ms(&e0, &e1)? as f64 / n as f64)
+    };
+    let stream_ms = timed(cm, &mut |cm| cm.launch_token(2, &mut st))?;
+    let compute = cm.dev.compute.clone();
+    let drv = |what: &str, e: cudarc::driver::DriverError| {
+        crate::CudaError::Invalid(format!("graph {what}: {e:?}"))
+    };
+    compute
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(|e| drv("begin capture", e))?;
+    let r = cm.launch_token(2, &mut st);
+    let g = compute
+        .end_capture(sys::CUgraphInstantiate_flags(0))
+        .map_err(|e| drv("end capture", e))?;
+    r?;
+    let g = g.ok_or_else(|| crate::CudaError::Invalid("graph: nothing captured".into()))?;
+    let graph_ms = timed(cm, &mut |_| g.launch().map_err(|e| drv("launch", e)))?;
+    Ok(json!({
+        "note": "one token's launches, no readback: on the stream vs one CUDA graph replayed",
+        "stream_ms_per_token": stream_ms,
+        "graph_ms_per_token": graph_ms,
+        "graph_speedup_x": stream_ms / graph_ms,
+    }))
+}
+
 fn argmax(v: &[f32]) -> u32 {
     let mut b = 0;
     for (i, x) in v.iter().enumerate() {
@@ -560,6 +602,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         ops::set_affine_path(ops::AffinePath::Auto);
 
         j["kernel_trace"] = trace_token(&mut cm)?;
+        j["graph"] = graph_replay(&mut cm, opts.tokens).unwrap_or_else(|e| json!(e.to_string()));
         j["ms_per_token_logits_to_host"] = json!(ms_logits);
         j["ms_per_token_float_kernels"] = json!(float?.0);
         j["next_token"] = json!("argmax on the GPU (greedy)");

@@ -695,6 +695,21 @@ impl<'m> CudaModel<'m> {
         Ok(next)
     }
 
+    /// One greedy token's launches on the compute stream, nothing read back or waited for
+    /// (bench: the same launches captured into a CUDA graph and replayed). Every expert must be
+    /// resident (the other paths wait for the router's ids on the host).
+    pub fn launch_token(&mut self, id: u32, state: &mut CudaState) -> Result<()> {
+        if self.resident.is_none() {
+            return Err(CudaError::Invalid(
+                "launch_token needs every expert resident".into(),
+            ));
+        }
+        self.check_tokens(&[id], state)?;
+        self.token(id, state, true)?;
+        let s = &self.s;
+        ops::argmax(&self.dev, s.logits.ptr(), self.cfg.vocab_size, s.amax.ptr())
+    }
+
     /// Appends `s.logits` (after the compute stream's work) to `out`, through pinned memory.
     fn read_logits(&self, out: &mut Vec<f32>) -> Result<()> {
         let (s, vocab) = (&self.s, self.cfg.vocab_size);
