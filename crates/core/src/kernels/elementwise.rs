@@ -3,7 +3,9 @@
 //! target and once inside an AVX2+FMA `#[target_feature]` wrapper picked at run time, so LLVM
 //! vectorises both. Plain twins live in the tests.
 
-use super::{isa, lanes, Isa};
+use super::lanes;
+#[cfg(target_arch = "x86_64")]
+use super::{isa, Isa};
 
 /// Runs `$body` (a call to an `#[inline(always)]` function) in an AVX2+FMA context when the CPU
 /// has it, so the inlined loop is vectorised 8 wide.
@@ -33,6 +35,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     if isa() == Isa::Avx2 {
         return super::x86::dot_f32(a, b);
     }
+    #[cfg(target_arch = "aarch64")]
+    return super::neon::dot_f32(a, b);
+    #[allow(unreachable_code)]
     lanes::dot8(a, b)
 }
 

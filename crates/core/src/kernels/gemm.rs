@@ -4,6 +4,7 @@
 //! accumulators while it walks the shared dimension, loading each B row segment once per
 //! four rows of A. The plain twin is `gemm_acc_ref`.
 
+#[cfg(target_arch = "x86_64")]
 use super::{isa, Isa};
 
 /// A row-major matrix view: element (i, j) at `data[i * stride + j]`.

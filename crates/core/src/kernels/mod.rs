@@ -29,6 +29,8 @@ mod elementwise;
 mod gemm;
 mod int8;
 mod lanes;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod quantize;
 mod reference;
 #[cfg(test)]
@@ -42,6 +44,7 @@ pub use quantize::{quantize_affine, quantize_minmax};
 pub use reference::{dequantize, dequantize_row, matmul_ref, matvec_ref};
 
 use half::{bf16, f16};
+#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
@@ -222,6 +225,8 @@ pub(crate) enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 pub(crate) fn isa() -> Isa {
@@ -231,6 +236,10 @@ pub(crate) fn isa() -> Isa {
             return Isa::Avx2;
         }
     }
+    // NEON is part of every aarch64 target Rust builds for Linux.
+    #[cfg(target_arch = "aarch64")]
+    return Isa::Neon;
+    #[allow(unreachable_code)]
     Isa::Portable
 }
 
@@ -240,6 +249,8 @@ pub fn isa_name() -> &'static str {
         Isa::Portable => "portable",
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => "avx2+fma",
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => "neon",
     }
 }
 
@@ -418,7 +429,7 @@ fn int8_prep(isa: Isa, bits: u32, group: usize, x: &[f32]) -> Option<int8::Int8P
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::int8_prep(bits, group, x),
-        Isa::Portable => int8::Int8Prep::new(bits, group, x),
+        _ => int8::Int8Prep::new(bits, group, x),
     }
 }
 
@@ -426,7 +437,7 @@ fn int8_rows(isa: Isa, a: &AffineView, prep: &int8::Int8Prep, r0: usize, y: &mut
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::int8_rows(a, prep, r0, y),
-        Isa::Portable => int8::int8_rows(a, prep, r0, y),
+        _ => int8::int8_rows(a, prep, r0, y),
     }
 }
 
@@ -449,6 +460,7 @@ pub(crate) fn matmul_with(
 }
 
 /// `matmul_with`, with the choice of the blocked kernel (AVX2 only) made by the caller.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn matmul_impl(
     isa: Isa,
     par_min: usize,
@@ -563,7 +575,7 @@ fn matmul_rows(isa: Isa, w: &WeightView, xs: &[f32], n: usize, r0: usize, yt: &m
                     match isa {
                         #[cfg(target_arch = "x86_64")]
                         Isa::Avx2 => x86::dequant_row_permuted(a, wrow, &sbuf, &bbuf, out),
-                        Isa::Portable => lanes::dequant_row_permuted(a, wrow, &sbuf, &bbuf, out),
+                        _ => lanes::dequant_row_permuted(a, wrow, &sbuf, &bbuf, out),
                     }
                 }
             }
@@ -574,6 +586,8 @@ fn matmul_rows(isa: Isa, w: &WeightView, xs: &[f32], n: usize, r0: usize, yt: &m
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => x86::dot_rows(&buf, cols, m, xi, &mut d),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => neon::dot_rows(&buf, cols, m, xi, &mut d),
                 Isa::Portable => lanes::dot_rows(&buf, cols, m, xi, &mut d),
             }
             for k in 0..m {
@@ -599,7 +613,7 @@ fn affine_prep(isa: Isa, bits: u32, group: usize, x: &[f32]) -> lanes::AffinePre
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::affine_prep(bits, group, x),
-        Isa::Portable => lanes::AffinePrep::new(bits, group, x, lanes::CodeRead::Converted),
+        _ => lanes::AffinePrep::new(bits, group, x, lanes::CodeRead::Converted),
     }
 }
 
@@ -607,6 +621,8 @@ fn affine_rows(isa: Isa, a: &AffineView, prep: &lanes::AffinePrep, r0: usize, y:
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::affine_rows(a, prep, r0, y),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::affine_rows(a, prep, r0, y),
         Isa::Portable => lanes::affine_rows(a, prep, r0, y),
     }
 }
@@ -621,6 +637,10 @@ fn dense_row_dot(isa: Isa, w: &WeightView, row: usize, x: &[f32]) -> f32 {
         (Isa::Avx2, WeightView::Bf16 { data, .. }) => x86::dot_bf16(&data[range], x),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, WeightView::F16 { data, .. }) => x86::dot_f16(&data[range], x),
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon, WeightView::F32 { data, .. }) => neon::dot_f32(&data[range], x),
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon, WeightView::Bf16 { data, .. }) => neon::dot_bf16(&data[range], x),
         (_, WeightView::F32 { data, .. }) => lanes::dot_f32(&data[range], x),
         (_, WeightView::Bf16 { data, .. }) => lanes::dot_bf16(&data[range], x),
         (_, WeightView::F16 { data, .. }) => lanes::dot_f16(&data[range], x),

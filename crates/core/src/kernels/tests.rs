@@ -10,6 +10,8 @@ fn isas() -> Vec<Isa> {
     if x86::available() {
         v.push(Isa::Avx2);
     }
+    #[cfg(target_arch = "aarch64")]
+    v.push(Isa::Neon);
     v
 }
 
