@@ -20,6 +20,12 @@ fn main() {
     let mb: usize = args[0].parse().unwrap();
     let passes: usize = args[1].parse().unwrap();
     let threads = rayon::current_num_threads();
+    // SPLIT=n: n plain threads, each running its share of the matrices (RAYON_NUM_THREADS=1
+    // makes each product serial), as decode runs one expert per thread.
+    let split: usize = std::env::var("SPLIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let mem = flashmoe_core::probe::memory_read_bandwidth(
         if std::env::var("NOPROBE").is_ok() {
             1 << 16
@@ -67,17 +73,30 @@ fn main() {
         let mut t = Vec::new();
         for _ in 0..passes {
             let t0 = Instant::now();
-            for (w, sc, bi) in &mats {
-                let v = WeightView::Affine(AffineView {
-                    bits: bits as u32,
-                    group,
-                    rows,
-                    cols,
-                    w,
-                    scales: Scales::Bf16(sc),
-                    biases: Scales::Bf16(bi),
+            let run = |mats: &[(Vec<u32>, Vec<bf16>, Vec<bf16>)], y: &mut [f32]| {
+                for (w, sc, bi) in mats {
+                    let v = WeightView::Affine(AffineView {
+                        bits: bits as u32,
+                        group,
+                        rows,
+                        cols,
+                        w,
+                        scales: Scales::Bf16(sc),
+                        biases: Scales::Bf16(bi),
+                    });
+                    matvec_act(aq, &v, &x, y);
+                }
+            };
+            if split > 1 {
+                let per = mats.len().div_ceil(split);
+                std::thread::scope(|s| {
+                    for part in mats.chunks(per) {
+                        let run = &run;
+                        s.spawn(move || run(part, &mut vec![0f32; rows]));
+                    }
                 });
-                matvec_act(aq, &v, &x, &mut y);
+            } else {
+                run(&mats, &mut y);
             }
             std::hint::black_box(&y);
             t.push(t0.elapsed().as_secs_f64());

@@ -110,13 +110,61 @@ pub(crate) fn read_factors(read: CodeRead, bits: u32, e: i32) -> (Vec<f64>, f64)
     (f, unscale)
 }
 
+/// `len` f32s starting on a 64-byte boundary (a cache line). The AVX2 kernels read `xt` in
+/// 32-byte loads; from a 16-byte-aligned buffer, which is what the allocator gives a `Vec<f32>`,
+/// every other load straddles two lines, and the exact 4-bit kernel ran at 11.2 against 12.6
+/// GB/s aligned (one core, 256x4096 from L2, three alternating runs each).
+#[derive(Clone, Default)]
+pub(crate) struct LineAligned {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Line([f32; 16]);
+
+impl LineAligned {
+    pub fn zeroed(len: usize) -> Self {
+        LineAligned {
+            lines: vec![Line([0.0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for LineAligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &bytemuck::cast_slice(&self.lines)[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for LineAligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
+    }
+}
+
+impl PartialEq for LineAligned {
+    fn eq(&self, o: &Self) -> bool {
+        **self == **o
+    }
+}
+
+impl std::fmt::Debug for LineAligned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// What an affine product needs from `x`, computed once per call and shared by all rows:
 /// the lane-permuted copy and the per-group sums `Σx` (the bias term of each group is
 /// `bias * Σx`, arch-spec §11.3 "Kernel arithmetic").
 pub(crate) struct AffinePrep {
     /// `[cols]`, lane-permuted, each block's slices scaled as `read` says. Elements past the
     /// last whole block are in natural order and unscaled.
-    pub xt: Vec<f32>,
+    pub xt: LineAligned,
     /// `[cols / group]`.
     pub xsum: Vec<f32>,
     pub read: CodeRead,
@@ -128,7 +176,7 @@ pub(crate) struct AffinePrep {
 
 impl AffinePrep {
     pub fn new(bits: u32, group: usize, x: &[f32], read: CodeRead) -> Self {
-        let mut xt = vec![0f32; x.len()];
+        let mut xt = LineAligned::zeroed(x.len());
         permute_x(bits, x, &mut xt);
         // Non-finite elements stay what they are scaled; zero `x` needs no scale.
         let m = x

@@ -6,10 +6,10 @@
 //!   queues any that were not prefetched).
 //! - `IoMode::Cached` reads through the page cache; before each read `mincore` measures how
 //!   much of the expert is resident, which is what `bytes_cached` counts. An expert that is
-//!   wholly resident is not read at all: the weights view the file's mapping in place, so a
-//!   warm token costs no copy (a pread would read the bytes once from the page cache, write
-//!   them to a buffer and have the kernels read them again: three passes over memory instead of
-//!   one). The view is a `MapLease`, made on the I/O thread: it maps the pages in so the kernels
+//!   resident (all but a few pages, `MAP_MIN_RESIDENT`) is not read at all: the weights view
+//!   the file's mapping in place, so a warm token costs no copy (a pread would read the bytes
+//!   once from the page cache, write them to a buffer and have the kernels read them again:
+//!   three passes over memory instead of one). The view is a `MapLease`, made on the I/O thread: it maps the pages in so the kernels
 //!   take no page faults, and unmaps them when the model drops the expert, so the resident set
 //!   does not grow with the page cache. `IoMode::Direct`
 //!   opens the layer files `O_DIRECT`: offsets are multiples of the stride (4096-aligned) and
@@ -39,6 +39,12 @@ use super::{align_up, packed_err, ExpertLayout, Manifest, EXPERT_ALIGN};
 
 /// Idle buffers kept for reuse.
 const MAX_POOL: usize = 64;
+/// The resident fraction (by `mincore`) from which an expert is served from the mapping, its
+/// missing pages faulted in on the I/O thread by `populate`, instead of copied whole by a
+/// pread. Not 1.0: on the dev VM the kernel's proactive reclaim (DAMON) keeps taking a few
+/// pages out of warm experts, and 12% of a warm run's experts (98.9-99.8% resident) then cost
+/// a 7 MB copy on the two cores the kernels use, for a few pages' worth of reading.
+const MAP_MIN_RESIDENT: f64 = 0.9;
 /// Prefetched reads not yet fetched; older ones are dropped beyond this.
 const MAX_PENDING: usize = 256;
 
@@ -135,14 +141,16 @@ impl Shared {
                     .bytes_cached
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
                 let view = match self.io {
-                    IoMode::Cached if frac >= 1.0 => {
+                    IoMode::Cached if frac >= MAP_MIN_RESIDENT => {
                         let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
                         Some(Buf::from_lease(Arc::new(lease)))
                     }
-                    IoMode::Mapped if frac >= 1.0 => {
-                        // Map its pages once, on this I/O thread; they stay mapped.
+                    IoMode::Mapped if frac >= MAP_MIN_RESIDENT => {
+                        // Map its pages once, on this I/O thread; they stay mapped. Pages
+                        // missing from the page cache are read in by the same call.
                         let mapped = h.mapped.get(expert);
-                        if mapped.is_none_or(|m| !m.swap(true, Ordering::Relaxed)) {
+                        let known = mapped.is_some_and(|m| m.swap(true, Ordering::Relaxed));
+                        if frac < 1.0 || !known {
                             populate(map, off as usize, self.expert_bytes);
                         }
                         Some(Buf::from_map(map.clone(), off as usize, self.expert_bytes))

@@ -118,7 +118,7 @@ unsafe fn affine_prep_avx2(bits: u32, group: usize, x: &[f32], read: CodeRead) -
     }
     let be = lanes::block_elems(bits);
     let nb = n / be;
-    let mut xt = vec![0f32; n];
+    let mut xt = lanes::LineAligned::zeroed(n);
     let op = xt.as_mut_ptr();
     for b in 0..nb {
         let (src, dst) = (xp.add(b * be), op.add(b * be));
