@@ -93,16 +93,17 @@ pub struct MapLease {
 }
 
 impl MapLease {
-    /// `off` must be page-aligned; the range is `[off, off + len)` of `map`.
-    pub fn new(map: Arc<Mmap>, off: usize, len: usize) -> Self {
+    /// `off` must be page-aligned; the range is `[off, off + len)` of `map`. `None` when its
+    /// pages could not be faulted in (see [`populate`]); `all_resident` says whether the page
+    /// cache held every one of them.
+    pub fn new(map: Arc<Mmap>, off: usize, len: usize, all_resident: bool) -> Option<Self> {
         assert!(
             off.is_multiple_of(ALIGN),
             "MapLease offset not page-aligned"
         );
         assert!(off + len <= map.len(), "MapLease range outside the map");
         let lease = MapLease { map, off, len };
-        lease.populate();
-        lease
+        populate(&lease.map, lease.off, lease.len, all_resident).then_some(lease)
     }
 
     /// The range rounded up to whole pages, staying inside the map.
@@ -114,15 +115,14 @@ impl MapLease {
             len,
         )
     }
-
-    fn populate(&self) {
-        populate(&self.map, self.off, self.len);
-    }
 }
 
 /// Maps the pages of `[off, off + len)` of `map` (`off` page-aligned) into this process's page
-/// tables now, so later reads take no page faults.
-pub fn populate(map: &Mmap, off: usize, len: usize) {
+/// tables now, so later reads take no page faults; pages the page cache lacks are read in.
+/// False when that failed (an I/O error, or a kernel without `MADV_POPULATE_READ` while not
+/// `all_resident`): the caller then reads the bytes with `pread`, which reports the error,
+/// instead of letting a kernel fault on the mapping (SIGBUS).
+pub fn populate(map: &Mmap, off: usize, len: usize, all_resident: bool) -> bool {
     assert!(
         off.is_multiple_of(ALIGN),
         "populate offset not page-aligned"
@@ -134,15 +134,24 @@ pub fn populate(map: &Mmap, off: usize, len: usize) {
         // SAFETY: advice on a range of a live read-only mapping; it only pre-faults pages.
         let p = unsafe { map.as_ptr().add(off) } as *mut libc::c_void;
         if unsafe { libc::madvise(p, plen, libc::MADV_POPULATE_READ) } == 0 {
-            return;
+            return true;
+        }
+        // EINVAL: a kernel before 5.14, without the advice. Anything else (EIO, ENOMEM,
+        // EFAULT): a page could not be read in, which the caller reports by reading instead.
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return false;
         }
     }
-    // Kernels before 5.14: touch one byte per page.
+    // Touching a page that must be read from disk would turn an I/O error into SIGBUS.
+    if !all_resident {
+        return false;
+    }
     let sum = map[off..off + len]
         .iter()
         .step_by(ALIGN)
         .fold(0u8, |s, b| s.wrapping_add(*b));
     std::hint::black_box(sum);
+    true
 }
 
 impl Drop for MapLease {

@@ -142,18 +142,25 @@ impl Shared {
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
                 let view = match self.io {
                     IoMode::Cached if frac >= MAP_MIN_RESIDENT => {
-                        let lease = MapLease::new(map.clone(), off as usize, self.expert_bytes);
-                        Some(Buf::from_lease(Arc::new(lease)))
+                        let all = frac >= 1.0;
+                        MapLease::new(map.clone(), off as usize, self.expert_bytes, all)
+                            .map(|lease| Buf::from_lease(Arc::new(lease)))
                     }
                     IoMode::Mapped if frac >= MAP_MIN_RESIDENT => {
                         // Map its pages once, on this I/O thread; they stay mapped. Pages
                         // missing from the page cache are read in by the same call.
                         let mapped = h.mapped.get(expert);
                         let known = mapped.is_some_and(|m| m.swap(true, Ordering::Relaxed));
-                        if frac < 1.0 || !known {
-                            populate(map, off as usize, self.expert_bytes);
+                        let (o, n) = (off as usize, self.expert_bytes);
+                        if (frac < 1.0 || !known) && !populate(map, o, n, frac >= 1.0) {
+                            // Not faulted in: read instead, which reports an I/O error.
+                            if let Some(m) = mapped {
+                                m.store(false, Ordering::Relaxed);
+                            }
+                            None
+                        } else {
+                            Some(Buf::from_map(map.clone(), o, n))
                         }
-                        Some(Buf::from_map(map.clone(), off as usize, self.expert_bytes))
                     }
                     IoMode::Mapped => {
                         // Evicted (in part) since: map it again when it is back.
