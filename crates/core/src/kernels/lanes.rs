@@ -284,13 +284,27 @@ fn affine_rows_b<const BITS: u32>(a: &AffineView, prep: &AffinePrep, r0: usize, 
                 acc[l] += blk[l] * sbuf[g0 + l / lpg];
             }
         }
-        let mut tail = 0f32;
-        for j in nb * e..a.cols {
-            let q = (wrow[j * BITS as usize / 32] >> ((j * BITS as usize) % 32)) & mask;
-            tail += q as f32 * prep.xt[j] * sbuf[j / a.group];
-        }
+        let tail = affine_tail::<BITS>(a, &prep.xt, wrow, &sbuf, nb * e);
         *yi = acc.iter().sum::<f32>() + tail + dot8(&bbuf, &prep.xsum);
     }
+}
+
+/// `Σ scale q x` over a row's elements from `from` on (those past its last whole block, which
+/// `xt` keeps in natural order and unscaled), for the kernels that convert codes.
+pub(crate) fn affine_tail<const BITS: u32>(
+    a: &AffineView,
+    xt: &[f32],
+    wrow: &[u32],
+    sbuf: &[f32],
+    from: usize,
+) -> f32 {
+    let mask = (1u32 << BITS) - 1;
+    let mut tail = 0f32;
+    for j in from..a.cols {
+        let q = (wrow[j * BITS as usize / 32] >> ((j * BITS as usize) % 32)) & mask;
+        tail += q as f32 * xt[j] * sbuf[j / a.group];
+    }
+    tail
 }
 
 /// Dequantises one affine row into `out [cols]` in the lane-permuted order of `permute_x`.

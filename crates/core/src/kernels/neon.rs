@@ -8,7 +8,7 @@
 //! each block's 8 lanes accumulate `q * xt` for every code position, then meet their group's
 //! scale; the bias term is `Σ bias_g Σx_g` from the shared preparation.
 
-use super::lanes::{dot8, AffinePrep, CodeRead};
+use super::lanes::{affine_tail, dot8, AffinePrep, CodeRead};
 use super::AffineView;
 use half::bf16;
 use std::arch::aarch64::*;
@@ -83,12 +83,7 @@ unsafe fn affine_rows_b<const BITS: u32>(
                 acc1 = vfmaq_f32(acc1, b1, vld1q_f32(s.as_ptr().add(4)));
             }
         }
-        let mut tail = 0f32;
-        for j in nb * e..a.cols {
-            let q =
-                (wrow[j * BITS as usize / 32] >> ((j * BITS as usize) % 32)) & ((1 << BITS) - 1);
-            tail += q as f32 * prep.xt[j] * sbuf[j / a.group];
-        }
+        let tail = affine_tail::<BITS>(a, &prep.xt, wrow, &sbuf, nb * e);
         *yi = vaddvq_f32(vaddq_f32(acc0, acc1)) + tail + dot8(&bbuf, &prep.xsum);
     }
 }
