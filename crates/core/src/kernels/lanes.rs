@@ -237,6 +237,38 @@ pub(crate) fn dot8(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A row's geometry in this module's block layout, which every affine kernel walks.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockGeom {
+    /// Scale groups and u32 words per row.
+    pub ng: usize,
+    pub wpr: usize,
+    /// Codes per word, elements per block of 8 words, whole blocks per row.
+    pub pw: usize,
+    pub e: usize,
+    pub nb: usize,
+    /// Lanes of a block that share one group; >= 8: the whole block is in one group.
+    pub lpg: usize,
+}
+
+impl BlockGeom {
+    /// For `bits`-bit codes; inlined, so a kernel's constant `bits` keeps `pw` and `e`
+    /// constants (its loops over code positions unroll).
+    #[inline(always)]
+    pub fn new(a: &AffineView, bits: usize) -> Self {
+        let pw = 32 / bits;
+        let e = 8 * pw;
+        BlockGeom {
+            ng: a.groups_per_row(),
+            wpr: a.words_per_row(),
+            pw,
+            e,
+            nb: a.cols / e,
+            lpg: a.group / pw,
+        }
+    }
+}
+
 /// `y[i] = row (r0 + i) · x` for an affine matrix, portable version.
 pub(crate) fn affine_rows(a: &AffineView, prep: &AffinePrep, r0: usize, y: &mut [f32]) {
     match a.bits {
@@ -253,14 +285,15 @@ fn affine_rows_b<const BITS: u32>(a: &AffineView, prep: &AffinePrep, r0: usize, 
         CodeRead::Converted,
         "the portable kernel converts codes; x must not be scaled"
     );
-    let ng = a.groups_per_row();
-    let wpr = a.words_per_row();
-    let pw = (32 / BITS) as usize;
-    let e = 8 * pw;
-    let nb = a.cols / e;
+    let BlockGeom {
+        ng,
+        wpr,
+        pw,
+        e,
+        nb,
+        lpg,
+    } = BlockGeom::new(a, BITS as usize);
     let mask = (1u32 << BITS) - 1;
-    // Lanes of a block that share one group; >= 8 means the whole block is in one group.
-    let lpg = a.group / pw;
     let mut sbuf = vec![0f32; ng];
     let mut bbuf = vec![0f32; ng];
     for (i, yi) in y.iter_mut().enumerate() {

@@ -8,7 +8,7 @@
 //! each block's 8 lanes accumulate `q * xt` for every code position, then meet their group's
 //! scale; the bias term is `Σ bias_g Σx_g` from the shared preparation.
 
-use super::lanes::{affine_tail, dot8, AffinePrep, CodeRead};
+use super::lanes::{affine_tail, dot8, AffinePrep, BlockGeom, CodeRead};
 use super::AffineView;
 use half::bf16;
 use std::arch::aarch64::*;
@@ -40,14 +40,15 @@ unsafe fn affine_rows_b<const BITS: u32>(
     r0: usize,
     y: &mut [f32],
 ) {
-    let ng = a.groups_per_row();
-    let wpr = a.words_per_row();
-    let pw = (32 / BITS) as usize;
-    let e = 8 * pw;
-    let nb = a.cols / e;
+    let BlockGeom {
+        ng,
+        wpr,
+        pw,
+        e,
+        nb,
+        lpg,
+    } = BlockGeom::new(a, BITS as usize);
     let mask = vdupq_n_u32((1u32 << BITS) - 1);
-    // Lanes of a block that share one group; >= 8: the whole block is in one group.
-    let lpg = a.group / pw;
     let gshift = a.group.trailing_zeros();
     let mut sbuf = vec![0f32; ng];
     let mut bbuf = vec![0f32; ng];

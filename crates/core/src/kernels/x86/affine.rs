@@ -231,12 +231,14 @@ unsafe fn affine_rows_avx2<const BITS: i32, const LAST: i32, const F32B: bool>(
     r0: usize,
     y: &mut [f32],
 ) {
-    let ng = a.groups_per_row();
-    let wpr = a.words_per_row();
-    let pw = 32 / BITS as usize;
-    let e = 8 * pw;
-    let nb = a.cols / e;
-    let lpg = a.group / pw;
+    let lanes::BlockGeom {
+        ng,
+        wpr,
+        pw,
+        e,
+        nb,
+        lpg,
+    } = lanes::BlockGeom::new(a, BITS as usize);
     let idx = lane_group_index(lpg);
     let mask = (1u32 << BITS) - 1;
     // Groups are powers of two: a shift, not a division per block (see `ONE_GROUP`).
