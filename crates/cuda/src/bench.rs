@@ -531,7 +531,6 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let l = synth_affine(rows, cols, bits, rows as u64 ^ cols as u64);
         for (path, ap, tile, rpw) in [
             ("dp4a, x prepared once", ops::AffinePath::Prepared, 0, 0),
-            ("dp4a, bulk-fed", ops::AffinePath::Bulk, 0, 0),
             ("float", ops::AffinePath::Float, 0, 0),
             ("float 1 row per warp", ops::AffinePath::Float, 0, 1),
             ("float 2 rows per warp", ops::AffinePath::Float, 0, 2),

@@ -169,9 +169,6 @@ pub struct Device {
     pub name: String,
     pub arch: (i32, i32),
     pub sms: i32,
-    /// Dynamic shared memory one block may opt into, and shared memory per SM (bytes).
-    pub smem_optin: usize,
-    pub smem_per_sm: usize,
     /// When on (`trace_start`), an event after every compute-stream launch: the bench's
     /// per-kernel breakdown of one token. Off in normal runs.
     trace: std::sync::Mutex<Option<Vec<Traced>>>,
@@ -215,8 +212,8 @@ fn kernel_names() -> Vec<String> {
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
             for var in [
-                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mp", "mpi", "mb", "mbi", "mm",
-                "mt1", "mt1i", "mt2", "mt2i",
+                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mp", "mpi", "mm", "mt1", "mt1i",
+                "mt2", "mt2i",
             ] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }
@@ -284,16 +281,6 @@ impl Device {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .unwrap_or(1);
-        let attr = |a, default: i32| ctx.attribute(a).unwrap_or(default).max(0) as usize;
-        use cudarc::driver::sys::CUdevice_attribute as Attr;
-        let smem_optin = attr(
-            Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            48 << 10,
-        );
-        let smem_per_sm = attr(
-            Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-            48 << 10,
-        );
         let ptx = Self::ptx_for(arch)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -303,14 +290,6 @@ impl Device {
             let f = module
                 .load_function(&n)
                 .map_err(|e| drv(&format!("kernel {n}"), e))?;
-            if n.ends_with("_mb") || n.ends_with("_mbi") {
-                // The bulk-fed matvec stages up to ~180 KB per block.
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem_optin as i32,
-                )
-                .map_err(|e| drv(&format!("kernel {n} shared memory"), e))?;
-            }
             funcs.insert(n, f);
         }
         let qx = malloc(crate::ops::QX_SCRATCH)?;
@@ -325,8 +304,6 @@ impl Device {
             name,
             arch,
             sms,
-            smem_optin,
-            smem_per_sm,
             trace: std::sync::Mutex::new(None),
         })
     }

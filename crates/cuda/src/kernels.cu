@@ -337,53 +337,6 @@ template <int PER> __device__ __forceinline__ void ld_level(const unsigned char*
     }
 }
 
-// One 16-byte chunk `c` (of every row: w[r], all in one group with scale s[r] and bias b[r]) of
-// the prepared-x product: six dp4a per word and row, then per x block of XB elements one
-// conversion and two FMAs into acc[r]. `xsm`, `scx`, `xbs`: the prepared x in shared memory.
-template <int BITS, int R>
-__device__ __forceinline__ void prep_chunk(const uint4* w, const float* s, const float* b, const unsigned char* xsm,
-                                           const float* scx, const float* xbs, int c, float* acc) {
-    const int EPW = 32 / BITS, PER = 8 / BITS;
-    const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
-    const u32 M = ((1u << BITS) - 1u) * 0x01010101u;
-    int i0[R], i1[R], i2[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) { i0[r] = 0; i1[r] = 0; i2[r] = 0; }
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const unsigned char* xw = xsm + c * CS + k * WB;
-        u32 x0[PER], x1[PER], x2[PER];
-        ld_level<PER>(xw, x0);
-        ld_level<PER>(xw + EPW, x1);
-        ld_level<PER>(xw + 2 * EPW, x2);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const u32 wd = (k == 0) ? w[r].x : (k == 1) ? w[r].y : (k == 2) ? w[r].z : w[r].w;
-#pragma unroll
-            for (int q = 0; q < PER; q++) {
-                const u32 wq = PER == 1 ? wd : (wd >> (q * BITS)) & M;
-                i0[r] = dp4a_us(wq, x0[q], i0[r]);
-                i1[r] = dp4a_us(wq, x1[q], i1[r]);
-                i2[r] = dp4a_us(wq, x2[q], i2[r]);
-            }
-        }
-        if (((k + 1) * EPW) % XB == 0) {
-            const int xb = (c * 4 * EPW + (k + 1) * EPW) / XB - 1;
-            const float u = scx[xb], xs = xbs[xb];
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                // sum(q x) / u = 254^2 i0 + 254 i1 + i2. For 2/4-bit blocks of 32,
-                // |254 i0 + i1| < 2^24 stays exact in one conversion.
-                float t;
-                if (BITS == 8) t = fmaf((float)i0[r], 254.f, fmaf((float)i2[r], 1.f / 254.f, (float)i1[r]));
-                else t = fmaf((float)i2[r], 1.f / 254.f, (float)(i0[r] * 254 + i1[r]));
-                acc[r] = fmaf(s[r] * u, t, fmaf(b[r], xs, acc[r]));
-                i0[r] = 0; i1[r] = 0; i2[r] = 0;
-            }
-        }
-    }
-}
-
 template <int BITS, int R, int D>
 __device__ __forceinline__ void prep_load(uint4 (*wv)[R], const u32* W, const int* rowv, int wpr, int c0, int nch) {
 #pragma unroll
@@ -400,8 +353,9 @@ template <int BITS, int SDT, int R, int D>
 __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early) {
     extern __shared__ __align__(16) unsigned char smem[];
     if (!early) pdl_wait();
-    const int EPW = 32 / BITS;
-    const int XB = 4 * EPW < 32 ? 4 * EPW : 32, CS = 12 * EPW + 16;
+    const int EPW = 32 / BITS, PER = 8 / BITS;
+    const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
+    const u32 M = ((1u << BITS) - 1u) * 0x01010101u;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const u32* W = (const u32*)p.w[blockIdx.y];
     const void* S = (const void*)p.s[blockIdx.y];
@@ -445,7 +399,42 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
                     s[r] = ldsc<SDT>(S, (long)rowv[r] * gpr + g);
                     b[r] = ldsc<SDT>(B, (long)rowv[r] * gpr + g);
                 }
-                prep_chunk<BITS, R>(wv[d], s, b, smem, scx, xbs, c, acc);
+                int i0[R], i1[R], i2[R];
+#pragma unroll
+                for (int r = 0; r < R; r++) { i0[r] = 0; i1[r] = 0; i2[r] = 0; }
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const unsigned char* xw = smem + c * CS + k * WB;
+                    u32 x0[PER], x1[PER], x2[PER];
+                    ld_level<PER>(xw, x0);
+                    ld_level<PER>(xw + EPW, x1);
+                    ld_level<PER>(xw + 2 * EPW, x2);
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        const u32 w = (k == 0) ? wv[d][r].x : (k == 1) ? wv[d][r].y : (k == 2) ? wv[d][r].z : wv[d][r].w;
+#pragma unroll
+                        for (int q = 0; q < PER; q++) {
+                            const u32 wq = PER == 1 ? w : (w >> (q * BITS)) & M;
+                            i0[r] = dp4a_us(wq, x0[q], i0[r]);
+                            i1[r] = dp4a_us(wq, x1[q], i1[r]);
+                            i2[r] = dp4a_us(wq, x2[q], i2[r]);
+                        }
+                    }
+                    if (((k + 1) * EPW) % XB == 0) {
+                        const int xb = (c * 4 * EPW + (k + 1) * EPW) / XB - 1;
+                        const float u = scx[xb], xs = xbs[xb];
+#pragma unroll
+                        for (int r = 0; r < R; r++) {
+                            // sum(q x) / u = 254^2 i0 + 254 i1 + i2. For 2/4-bit blocks of 32,
+                            // |254 i0 + i1| < 2^24 stays exact in one conversion.
+                            float t;
+                            if (BITS == 8) t = fmaf((float)i0[r], 254.f, fmaf((float)i2[r], 1.f / 254.f, (float)i1[r]));
+                            else t = fmaf((float)i2[r], 1.f / 254.f, (float)(i0[r] * 254 + i1[r]));
+                            acc[r] = fmaf(s[r] * u, t, fmaf(b[r], xs, acc[r]));
+                            i0[r] = 0; i1[r] = 0; i2[r] = 0;
+                        }
+                    }
+                }
             }
         }
 #pragma unroll
@@ -460,151 +449,6 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
         for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
         prep_load<BITS, R, D>(wv, W, rowv, wpr, lane, nch);
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The prepared-x product fed by bulk copies (`mb` kernels, sm_90+). Each warp owns a two-stage
-// ring in shared memory; a stage is R rows' segment of SEGC 16-byte chunks plus their scales and
-// biases, brought in by cp.async.bulk (one copy per row and array, issued by R * 3 lanes) and
-// signalled on the stage's mbarrier. The next stage is in flight while the warp computes the
-// current one, so a warp keeps ~9 KB of weights in flight without holding them in registers, and
-// the first two stages are requested before the dependent-launch wait (weights are static).
-// Warps walk (row group, segment) items; a row group's sums carry across its segments.
-// ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-template <int SDT> __device__ __forceinline__ float ldsc_s(const unsigned char* p, int i) {
-    if (SDT == 0) return bf16f(((const u16*)p)[i]);
-    if (SDT == 1) return f16f(((const u16*)p)[i]);
-    return ((const float*)p)[i];
-}
-
-struct BulkGeom {
-    int segc, nseg, segg, sgb, stage;
-};
-// Segment chunks (<= 128, dividing the row), groups per segment, bytes of one row's scales in a
-// stage (16-aligned) and bytes of a stage; the launch (ops::bulk_geom) computes the same.
-__device__ __forceinline__ BulkGeom bulk_geom(int nch, int cpg, int ssz, int R) {
-    BulkGeom g;
-    g.nseg = (nch + 127) / 128;
-    g.segc = nch / g.nseg;
-    g.segg = g.segc / cpg;
-    g.sgb = (g.segg * ssz + 15) & ~15;
-    g.stage = R * g.segc * 16 + 2 * R * g.sgb;
-    return g;
-}
-
-template <int BITS, int SDT, int R>
-__device__ void qmv_bulk(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    extern __shared__ __align__(128) unsigned char smem[];
-    // Not `early`: the batch itself (p = *pd) was written by the previous launch.
-    if (!early) pdl_wait();
-    const int EPW = 32 / BITS, SSZ = SDT == 2 ? 4 : 2;
-    const int XB = 4 * EPW < 32 ? 4 * EPW : 32, CS = 12 * EPW + 16;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const unsigned char* W = (const unsigned char*)p.w[blockIdx.y];
-    const unsigned char* S = (const unsigned char*)p.s[blockIdx.y];
-    const unsigned char* B = (const unsigned char*)p.b[blockIdx.y];
-    float* Y = (float*)p.y[blockIdx.y];
-    const int nch = cols / (4 * EPW), gpr = cols >> lg, nxb = cols / XB;
-    const BulkGeom G = bulk_geom(nch, (1 << lg) / (4 * EPW), SSZ, R);
-    const int xbytes = qx_size<BITS>(cols);
-    const float* scx = (const float*)(smem + nch * CS);
-    const float* xbs = scx + nxb;
-    u64* bars = (u64*)(smem + xbytes) + 2 * warp;
-    unsigned char* ring = smem + ((xbytes + 16 * nw + 127) & ~127) + warp * 2 * G.stage;
-    const int ngr = (rows + R - 1) / R, tw = gridDim.x * nw, gw = blockIdx.x * nw + warp;
-    const int nit = gw < ngr ? ((ngr - 1 - gw) / tw + 1) * G.nseg : 0;
-    if (lane < 2) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bars + lane)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    __syncwarp();
-    // Item `it` into stage it & 1: row group gw + (it / nseg) * tw, segment it % nseg.
-    auto issue = [&](int it) {
-        const int st = it & 1, seg = it % G.nseg, row0 = (gw + (it / G.nseg) * tw) * R;
-        const int nr = min(R, rows - row0);
-        const u32 bar = smem_u32(bars + st);
-        unsigned char* dst = ring + st * G.stage;
-        const u32 wb = G.segc * 16, sb = G.segg * SSZ;
-        if (lane == 0) {
-            // Generic-proxy reads of this stage (the previous item) come before the async writes.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(nr * (wb + 2 * sb))
-                         : "memory");
-        }
-        __syncwarp();
-        const int r = lane % R, kind = lane / R;
-        if (kind < 3 && r < nr) {
-            const long row = row0 + r;
-            const unsigned char* src;
-            u32 d, n;
-            if (kind == 0) {
-                src = W + row * (long)nch * 16 + (long)seg * wb;
-                d = r * wb;
-                n = wb;
-            } else {
-                src = (kind == 1 ? S : B) + (row * gpr + (long)seg * G.segg) * SSZ;
-                d = R * wb + ((kind - 1) * R + r) * G.sgb;
-                n = sb;
-            }
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                             smem_u32(dst + d)),
-                         "l"(src), "r"(n), "r"(bar)
-                         : "memory");
-        }
-    };
-    if (nit > 0) issue(0);
-    if (nit > 1) issue(1);
-    if (early) pdl_wait();
-    {
-        const uint4* q = (const uint4*)(qx + (long)blockIdx.y * qb);
-        for (int i = threadIdx.x; i < xbytes / 16; i += blockDim.x) ((uint4*)smem)[i] = __ldg(q + i);
-    }
-    __syncthreads();
-    float acc[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.f;
-    for (int it = 0; it < nit; it++) {
-        const int st = it & 1, seg = it % G.nseg;
-        const u32 bar = smem_u32(bars + st), par = (it >> 1) & 1;
-        u32 done = 0;
-        while (!done)
-            asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                         : "=r"(done)
-                         : "r"(bar), "r"(par)
-                         : "memory");
-        const unsigned char* sw = ring + st * G.stage;
-        const unsigned char* ss = sw + R * G.segc * 16;
-        const int cpg = (1 << lg) / (4 * EPW);
-        for (int c = lane; c < G.segc; c += 32) {
-            uint4 w[R];
-            float s[R], b[R];
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                w[r] = ((const uint4*)sw)[r * G.segc + c];
-                s[r] = ldsc_s<SDT>(ss + r * G.sgb, c / cpg);
-                b[r] = ldsc_s<SDT>(ss + (R + r) * G.sgb, c / cpg);
-            }
-            prep_chunk<BITS, R>(w, s, b, smem, scx, xbs, seg * G.segc + c, acc);
-        }
-        __syncwarp();
-        if (it + 2 < nit) issue(it + 2);
-        if (seg == G.nseg - 1) {
-            const int row0 = (gw + (it / G.nseg) * tw) * R;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                float v = warp_sum(acc[r]);
-                if (lane == 0 && row0 + r < rows) Y[row0 + r] = v;
-                acc[r] = 0.f;
-            }
-        }
-    }
-#else
-    __trap();
-#endif
 }
 
 // Decode matvec on the tensor cores (mma.sync m16n8k16, f16 inputs, f32 accumulation).
@@ -941,15 +785,6 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
                                                                             int cols, int lg, const unsigned char* qx, \
                                                                             int qb, int early) { pdl_release();                      \
         qmv_prep<BITS, SDT, 4, 2>(*pd, rows, cols, lg, qx, qb, early != 0);                                 \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mb(MvBatch p, int rows, int cols, \
-                                                                           int lg, const unsigned char* qx, int qb) { pdl_release(); \
-        qmv_bulk<BITS, SDT, 4>(p, rows, cols, lg, qx, qb, true);                                            \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mbi(const MvBatch* pd, int rows, \
-                                                                            int cols, int lg, const unsigned char* qx, \
-                                                                            int qb, int early) { pdl_release();                      \
-        qmv_bulk<BITS, SDT, 4>(*pd, rows, cols, lg, qx, qb, early != 0);                                    \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \

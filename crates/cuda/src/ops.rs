@@ -32,9 +32,6 @@ pub enum AffinePath {
     /// dp4a with x prepared once per product as three int8 levels (`mp`) wherever its layout
     /// fits (else exact float).
     Prepared,
-    /// The prepared-x kernel fed by bulk copies into shared memory (`mb`, sm_90+) wherever
-    /// its layout fits, else as `Prepared`.
-    Bulk,
 }
 
 pub fn set_affine_path(p: AffinePath) {
@@ -43,7 +40,6 @@ pub fn set_affine_path(p: AffinePath) {
         AffinePath::Float => 1,
         AffinePath::Mma => 3,
         AffinePath::Prepared => 4,
-        AffinePath::Bulk => 5,
     };
     AFFINE_PATH.with(|c| c.set(v));
 }
@@ -143,77 +139,7 @@ fn prep_fits(bits: u32, lg: u32, cols: usize) -> bool {
 /// float kernel, 4096x8192 0.31 against 0.23, lm_head 0.92 against 0.80 (the former two-level dp4a kernel); VRAM decode of
 /// the 8-layer 397B-shaped model 1.32 against 1.62 ms/token.
 fn use_prep() -> bool {
-    matches!(AFFINE_PATH.with(|c| c.get()), 0 | 4 | 5)
-}
-
-/// Whether prepared-x products take the bulk-fed kernel (`mb`) where it fits: on sm_90+, by
-/// default (`FLASHMOE_CUDA_BULK=0` turns it off, for A/B runs) or when forced.
-fn use_bulk(dev: &Device) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("FLASHMOE_CUDA_BULK").is_ok_and(|v| v == "0"));
-    dev.arch.0 >= 9
-        && match AFFINE_PATH.with(|c| c.get()) {
-            0 => !off,
-            5 => true,
-            _ => false,
-        }
-}
-
-/// Rows per warp of the bulk-fed kernel (`qmv_bulk<.., R>` in kernels.cu).
-const BULK_R: usize = 4;
-
-/// Dynamic shared memory of the bulk-fed kernel (`bulk_geom` in kernels.cu): the prepared x,
-/// two mbarriers per warp, and per warp two stages of `BULK_R` rows' segment (at most 128
-/// chunks of 16 bytes, an equal split of the row) with their scales and biases. None when the
-/// layout does not fit: a segment must hold whole groups, and every row's and segment's scales
-/// must start on 16 bytes (the bulk copies' alignment).
-fn bulk_smem(bits: u32, lg: u32, sdt: u8, cols: usize) -> Option<usize> {
-    let epw = 32 / bits as usize;
-    let nch = cols / (4 * epw);
-    let cpg = (1usize << lg) / (4 * epw);
-    let ssz = if sdt == 2 { 4 } else { 2 };
-    if cpg == 0 || nch == 0 {
-        return None;
-    }
-    let nseg = nch.div_ceil(128);
-    let segc = nch / nseg;
-    if !nch.is_multiple_of(nseg) || !segc.is_multiple_of(cpg) {
-        return None;
-    }
-    let segg = segc / cpg;
-    if !((cols >> lg) * ssz).is_multiple_of(16) || !(segg * ssz).is_multiple_of(16) {
-        return None;
-    }
-    let stage = BULK_R * segc * 16 + 2 * BULK_R * segg * ssz;
-    Some(((qx_size(bits, cols) + 16 * 8 + 127) & !127) + 8 * 2 * stage)
-}
-
-/// The bulk-fed kernel's name, grid width and shared memory for an `mp` launch `name` of
-/// `nprob` problems of `m`'s shape whose byte ranges start at `ptrs`, when it applies. Blocks
-/// are persistent: as many per problem as fill the SMs at the occupancy the shared memory
-/// allows (at most two of 256 threads), never more than the rows need.
-fn bulk_launch(
-    dev: &Device,
-    m: &DevMat,
-    name: &str,
-    nprob: usize,
-    ptrs: &[u64],
-) -> Option<(String, u32, u32)> {
-    let Fmt::Affine { bits, lg, sdt } = m.fmt else {
-        return None;
-    };
-    if !name.contains("_mp") || !use_bulk(dev) || ptrs.iter().any(|p| p % 16 != 0) {
-        return None;
-    }
-    let smem = bulk_smem(bits, lg, sdt, m.cols).filter(|&b| b <= dev.smem_optin)?;
-    let per_sm = (dev.smem_per_sm / (smem + 1024)).clamp(1, 2);
-    let need = m.rows.div_ceil(BULK_R * 8);
-    let fill = (dev.sms.max(1) as usize * per_sm / nprob).max(1);
-    Some((
-        name.replacen("_mp", "_mb", 1),
-        need.min(fill) as u32,
-        smem as u32,
-    ))
+    matches!(AFFINE_PATH.with(|c| c.get()), 0 | 4)
 }
 
 /// How a matrix's bytes are laid out.
@@ -583,15 +509,12 @@ pub fn matvec_batch_prepared(
         }
         let (name, smem) = m.fmt.kernel(ntok == 1, m.rows, m.cols);
         let (name, blocks, threads) = launch_shape(dev, &name, m.rows, chunk.len());
-        let ptrs: Vec<u64> = chunk.iter().flat_map(|&(w, s, b, ..)| [w, s, b]).collect();
-        let (name, blocks, smem) =
-            bulk_launch(dev, m, &name, chunk.len(), &ptrs).unwrap_or((name, blocks, smem));
         let cfg = LaunchConfig {
             grid_dim: (blocks, chunk.len() as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
-        if name.contains("_mp") || name.contains("_mb") {
+        if name.contains("_mp") {
             if !std::ptr::eq(stream, &*dev.compute) {
                 return Err(CudaError::Invalid(
                     "the prepared-x matvec runs on the compute stream only".into(),
@@ -702,17 +625,13 @@ pub fn matvec_indirect(
         return Err(CudaError::Unsupported("indirect matvec shape".into()));
     }
     let (name, blocks, threads) = launch_shape(dev, &name, m.rows, nprob);
-    // The problems' pointers are slot bases (256-byte aligned) plus the layout's offsets, which
-    // `m`'s own pointers share.
-    let (name, blocks, smem) =
-        bulk_launch(dev, m, &name, nprob, &[m.w, m.s, m.b]).unwrap_or((name, blocks, smem));
     let name = format!("{name}i");
     let cfg = LaunchConfig {
         grid_dim: (blocks, nprob as u32, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    if name.contains("_mp") || name.contains("_mb") {
+    if name.contains("_mp") {
         return launch_prepared(dev, m, &name, cfg, || A::P(pd), pre, batch_fresh);
     }
     dev.launch(

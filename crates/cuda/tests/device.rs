@@ -91,16 +91,13 @@ impl TestDev for Cuda {
         "cuda"
     }
     fn variants(&self) -> Vec<&'static str> {
-        vec![
-            "auto", "prep", "bulk", "float", "float1", "float2", "float4", "mma",
-        ]
+        vec!["auto", "prep", "float", "float1", "float2", "float4", "mma"]
     }
     fn set_variant(&self, v: &str) {
         ops::set_affine_path(match v {
             "float" | "float1" | "float2" | "float4" => ops::AffinePath::Float,
             "mma" => ops::AffinePath::Mma,
             "prep" => ops::AffinePath::Prepared,
-            "bulk" => ops::AffinePath::Bulk,
             _ => ops::AffinePath::Auto,
         });
         // The float decode kernel's rows per warp (1, 2, 4; 0 = by shape).
@@ -300,9 +297,6 @@ fn matvec_body(dev: &dyn TestDev) {
         (8, 128, 9, 1024),
         // Tall enough for several row groups per block of the prepared-x kernel.
         (4, 64, 4500, 256),
-        // Rows of two bulk-copy segments (the bulk-fed kernel carries sums across them).
-        (4, 64, 1001, 8192),
-        (8, 64, 102, 4096),
     ] {
         for sdt in [DType::BF16, DType::F16, DType::F32] {
             let w = affine(&mut rng, bits, group, rows, cols, sdt);
@@ -331,133 +325,130 @@ test_device!(matvec_body, matvec_cpu, matvec_cuda);
 fn prepared_by_producer_cuda() {
     let Some(c) = cuda() else { return };
     let d = &c.0;
-    // Both prepared-x kernels: registers fed by loads (`mp`), shared memory fed by bulk copies.
-    for path in [ops::AffinePath::Prepared, ops::AffinePath::Bulk] {
-        ops::set_affine_path(path);
-        let mut rng = Rng(0x5eed_0001);
-        for (bits, group, rows, cols) in [(4, 64, 70, 4096), (2, 64, 40, 1024), (8, 64, 33, 512)] {
-            let w = affine(&mut rng, bits, group, rows, cols, DType::BF16);
-            let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
-            assert_eq!(
-                proj.prepared_bits(),
-                Some(bits),
-                "{bits}-bit takes the mp kernel"
-            );
-            let x = rng.vec(cols);
-            let nw: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + v * 0.5).collect();
-            let (xd, wd, od, yd) = (
-                d.upload_f32(&x).unwrap(),
-                d.upload_f32(&nw).unwrap(),
-                d.alloc(cols * 4).unwrap(),
-                d.alloc(rows * 4).unwrap(),
-            );
-            let pre = Some(ops::Prepared {
-                at: d.qx_slot(0),
-                bits,
-                qb: 0,
-            });
-            let what = format!("{bits}-bit {rows}x{cols}");
-            // rmsnorm_rows -> matvec.
-            let norm = |pre| {
-                let (x, w, o) = (xd.ptr(), wd.ptr(), od.ptr());
-                ops::rmsnorm_rows(d, x, cols, w, o, cols, cols, 1, 1e-6, pre).unwrap()
-            };
-            norm(None);
-            proj.run(d, od.ptr(), yd.ptr()).unwrap();
-            let (n0, y0) = (c.read(od.ptr(), cols), c.read(yd.ptr(), rows));
-            norm(pre);
-            proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
-            assert_eq!(n0, c.read(od.ptr(), cols), "rmsnorm output, {what}");
-            assert_eq!(
-                y0,
-                c.read(yd.ptr(), rows),
-                "rmsnorm-prepared product, {what}"
-            );
-            // add_rmsnorm -> matvec, prepared in two slots (the second for another width), with
-            // the residual updated in the kernel; then deferred (several blocks, x left alone).
-            let dd = d.upload_f32(&rng.vec(cols)).unwrap();
-            // Each call on a fresh copy of x (the residual it may update).
-            let add_norm = |pre: [Option<ops::Prepared>; 2], res| {
-                let x2 = d.upload_f32(&x).unwrap();
-                let (dp, w, o) = (dd.ptr(), wd.ptr(), od.ptr());
-                ops::add_rmsnorm(d, x2.ptr(), dp, w, o, cols, 1e-6, pre, res).unwrap();
-                x2
-            };
-            let u = ops::Residual::Update;
-            let x2 = add_norm([None, None], u);
-            proj.run(d, od.ptr(), yd.ptr()).unwrap();
-            let (n0, y0, sum) = (
-                c.read(od.ptr(), cols),
-                c.read(yd.ptr(), rows),
-                c.read(x2.ptr(), cols),
-            );
-            let other = Some(ops::Prepared {
-                at: d.qx_slot(1),
-                bits: if bits == 4 { 8 } else { 4 },
-                qb: 0,
-            });
-            let x2 = add_norm([other, pre], u);
-            proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
-            assert_eq!(n0, c.read(od.ptr(), cols), "add_rmsnorm output, {what}");
-            assert_eq!(sum, c.read(x2.ptr(), cols), "add_rmsnorm residual, {what}");
-            assert_eq!(
-                y0,
-                c.read(yd.ptr(), rows),
-                "add_rmsnorm-prepared product, {what}"
-            );
-            let x2 = add_norm([pre, other], ops::Residual::Defer);
-            let n1 = c.read(od.ptr(), cols);
-            assert_eq!(
-                x,
-                c.read(x2.ptr(), cols),
-                "deferred add_rmsnorm leaves x, {what}"
-            );
-            assert!(
-                max_abs(&n1, &n0) < 1e-5,
-                "deferred add_rmsnorm output, {what}"
-            );
-            proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
-            let y1 = c.read(yd.ptr(), rows);
-            proj.run(d, od.ptr(), yd.ptr()).unwrap();
-            assert_eq!(
-                y1,
-                c.read(yd.ptr(), rows),
-                "deferred-prepared product, {what}"
-            );
-            // SwiGLU -> three problems' products, each with its own prepared x.
-            let np = 3;
-            let gu = d.upload_f32(&rng.vec(2 * cols * np)).unwrap();
-            let hd = d.alloc(cols * np * 4).unwrap();
-            let ys = d.alloc(rows * np * 4).unwrap();
-            let m = proj.single().unwrap();
-            let probs: Vec<_> = (0..np as u64)
-                .map(|j| {
-                    (
-                        m.w,
-                        m.s,
-                        m.b,
-                        hd.ptr() + j * cols as u64 * 4,
-                        ys.ptr() + j * rows as u64 * 4,
-                    )
-                })
-                .collect();
-            ops::swiglu(d, gu.ptr(), hd.ptr(), cols, np, None).unwrap();
-            ops::matvec_batch(d, &d.compute, &m, &probs, 1, cols, rows).unwrap();
-            let (h0, y0) = (c.read(hd.ptr(), cols * np), c.read(ys.ptr(), rows * np));
-            let pre_h = Some(ops::Prepared {
-                at: d.qx.ptr(),
-                bits,
-                qb: ops::qx_size(bits, cols),
-            });
-            ops::swiglu(d, gu.ptr(), hd.ptr(), cols, np, pre_h).unwrap();
-            ops::matvec_batch_prepared(d, &d.compute, &m, &probs, 1, cols, rows, pre_h).unwrap();
-            assert_eq!(h0, c.read(hd.ptr(), cols * np), "SwiGLU output, {what}");
-            assert_eq!(
-                y0,
-                c.read(ys.ptr(), rows * np),
-                "SwiGLU-prepared products, {what}"
-            );
-        }
+    ops::set_affine_path(ops::AffinePath::Prepared);
+    let mut rng = Rng(0x5eed_0001);
+    for (bits, group, rows, cols) in [(4, 64, 70, 4096), (2, 64, 40, 1024), (8, 64, 33, 512)] {
+        let w = affine(&mut rng, bits, group, rows, cols, DType::BF16);
+        let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
+        assert_eq!(
+            proj.prepared_bits(),
+            Some(bits),
+            "{bits}-bit takes the mp kernel"
+        );
+        let x = rng.vec(cols);
+        let nw: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + v * 0.5).collect();
+        let (xd, wd, od, yd) = (
+            d.upload_f32(&x).unwrap(),
+            d.upload_f32(&nw).unwrap(),
+            d.alloc(cols * 4).unwrap(),
+            d.alloc(rows * 4).unwrap(),
+        );
+        let pre = Some(ops::Prepared {
+            at: d.qx_slot(0),
+            bits,
+            qb: 0,
+        });
+        let what = format!("{bits}-bit {rows}x{cols}");
+        // rmsnorm_rows -> matvec.
+        let norm = |pre| {
+            let (x, w, o) = (xd.ptr(), wd.ptr(), od.ptr());
+            ops::rmsnorm_rows(d, x, cols, w, o, cols, cols, 1, 1e-6, pre).unwrap()
+        };
+        norm(None);
+        proj.run(d, od.ptr(), yd.ptr()).unwrap();
+        let (n0, y0) = (c.read(od.ptr(), cols), c.read(yd.ptr(), rows));
+        norm(pre);
+        proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
+        assert_eq!(n0, c.read(od.ptr(), cols), "rmsnorm output, {what}");
+        assert_eq!(
+            y0,
+            c.read(yd.ptr(), rows),
+            "rmsnorm-prepared product, {what}"
+        );
+        // add_rmsnorm -> matvec, prepared in two slots (the second for another width), with
+        // the residual updated in the kernel; then deferred (several blocks, x left alone).
+        let dd = d.upload_f32(&rng.vec(cols)).unwrap();
+        // Each call on a fresh copy of x (the residual it may update).
+        let add_norm = |pre: [Option<ops::Prepared>; 2], res| {
+            let x2 = d.upload_f32(&x).unwrap();
+            let (dp, w, o) = (dd.ptr(), wd.ptr(), od.ptr());
+            ops::add_rmsnorm(d, x2.ptr(), dp, w, o, cols, 1e-6, pre, res).unwrap();
+            x2
+        };
+        let u = ops::Residual::Update;
+        let x2 = add_norm([None, None], u);
+        proj.run(d, od.ptr(), yd.ptr()).unwrap();
+        let (n0, y0, sum) = (
+            c.read(od.ptr(), cols),
+            c.read(yd.ptr(), rows),
+            c.read(x2.ptr(), cols),
+        );
+        let other = Some(ops::Prepared {
+            at: d.qx_slot(1),
+            bits: if bits == 4 { 8 } else { 4 },
+            qb: 0,
+        });
+        let x2 = add_norm([other, pre], u);
+        proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
+        assert_eq!(n0, c.read(od.ptr(), cols), "add_rmsnorm output, {what}");
+        assert_eq!(sum, c.read(x2.ptr(), cols), "add_rmsnorm residual, {what}");
+        assert_eq!(
+            y0,
+            c.read(yd.ptr(), rows),
+            "add_rmsnorm-prepared product, {what}"
+        );
+        let x2 = add_norm([pre, other], ops::Residual::Defer);
+        let n1 = c.read(od.ptr(), cols);
+        assert_eq!(
+            x,
+            c.read(x2.ptr(), cols),
+            "deferred add_rmsnorm leaves x, {what}"
+        );
+        assert!(
+            max_abs(&n1, &n0) < 1e-5,
+            "deferred add_rmsnorm output, {what}"
+        );
+        proj.run_prepared(d, od.ptr(), yd.ptr(), pre).unwrap();
+        let y1 = c.read(yd.ptr(), rows);
+        proj.run(d, od.ptr(), yd.ptr()).unwrap();
+        assert_eq!(
+            y1,
+            c.read(yd.ptr(), rows),
+            "deferred-prepared product, {what}"
+        );
+        // SwiGLU -> three problems' products, each with its own prepared x.
+        let np = 3;
+        let gu = d.upload_f32(&rng.vec(2 * cols * np)).unwrap();
+        let hd = d.alloc(cols * np * 4).unwrap();
+        let ys = d.alloc(rows * np * 4).unwrap();
+        let m = proj.single().unwrap();
+        let probs: Vec<_> = (0..np as u64)
+            .map(|j| {
+                (
+                    m.w,
+                    m.s,
+                    m.b,
+                    hd.ptr() + j * cols as u64 * 4,
+                    ys.ptr() + j * rows as u64 * 4,
+                )
+            })
+            .collect();
+        ops::swiglu(d, gu.ptr(), hd.ptr(), cols, np, None).unwrap();
+        ops::matvec_batch(d, &d.compute, &m, &probs, 1, cols, rows).unwrap();
+        let (h0, y0) = (c.read(hd.ptr(), cols * np), c.read(ys.ptr(), rows * np));
+        let pre_h = Some(ops::Prepared {
+            at: d.qx.ptr(),
+            bits,
+            qb: ops::qx_size(bits, cols),
+        });
+        ops::swiglu(d, gu.ptr(), hd.ptr(), cols, np, pre_h).unwrap();
+        ops::matvec_batch_prepared(d, &d.compute, &m, &probs, 1, cols, rows, pre_h).unwrap();
+        assert_eq!(h0, c.read(hd.ptr(), cols * np), "SwiGLU output, {what}");
+        assert_eq!(
+            y0,
+            c.read(ys.ptr(), rows * np),
+            "SwiGLU-prepared products, {what}"
+        );
     }
     ops::set_affine_path(ops::AffinePath::Auto);
 }
