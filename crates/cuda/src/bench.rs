@@ -709,3 +709,56 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
     }
     Ok(out)
 }
+
+/// Where the experts of [`bench_cuda_disk`]'s model come from, and the disk's limit measured
+/// in the same run.
+pub struct DiskSource<'a> {
+    /// The same model opened with `--io direct` (page cache bypassed).
+    pub direct: &'a Model,
+    /// GB/s of O_DIRECT reads of one expert's size, K in flight, on the model's expert file.
+    pub disk_gbps: f64,
+}
+
+/// (c) Decode of a packed model on disk with its experts read from the SSD for every token:
+/// the VRAM cache holds two layers' worth, so (nearly) every routed expert misses, and the
+/// model is opened with `--io direct`. Beside it the bound: missed bytes at the disk's
+/// bandwidth plus the same model's decode time with every expert resident in VRAM (measured
+/// here when its experts fit; the disk term alone otherwise).
+pub fn bench_cuda_disk(model: &Model, disk: &DiskSource, tokens: usize) -> Result<Value> {
+    let k = model.top_k;
+    let ebytes = model.experts.expert_bytes();
+    let n_moe = (0..model.cfg.num_layers)
+        .filter(|&l| model.cfg.is_moe_layer(l))
+        .count();
+    if n_moe == 0 || ebytes == 0 {
+        return Ok(json!({ "skipped": "the model has no routed experts" }));
+    }
+    let mut resident = CudaModel::new(model, &CudaOptions::default())?;
+    let vram_ms = match resident.preload_experts() {
+        Ok(()) if resident.all_resident() => {
+            Some(time_decode(&mut resident, tokens, Pick::Device)?.0)
+        }
+        _ => None,
+    };
+    drop(resident);
+    let mut cm = CudaModel::new(
+        disk.direct,
+        &CudaOptions {
+            expert_cache_bytes: Some(2 * k * (ebytes + 4096)),
+            ..Default::default()
+        },
+    )?;
+    let (ms, mut j) = time_decode(&mut cm, tokens, Pick::Device)?;
+    let misses = j["misses_per_token"].as_f64().unwrap_or(0.0);
+    let read = flashmoe_core::packed::align_up(ebytes as u64, flashmoe_core::packed::EXPERT_ALIGN);
+    let disk_ms = misses * read as f64 / (disk.disk_gbps * 1e9) * 1e3;
+    let bound_ms = disk_ms + vram_ms.unwrap_or(0.0);
+    j["disk_read_bw_gbs"] = json!(disk.disk_gbps);
+    j["expert_read_bytes"] = json!(read);
+    j["disk_ms_per_token_at_probe"] = json!(disk_ms);
+    j["vram_resident_ms_per_token"] = json!(vram_ms);
+    j["bound_ms"] = json!(bound_ms);
+    j["time_over_bound_ratio"] = json!(ms / bound_ms);
+    j["experts_source"] = json!(disk.direct.experts.describe());
+    Ok(j)
+}

@@ -13,7 +13,7 @@ pub mod model;
 pub mod ops;
 pub mod seq;
 
-pub use bench::{bench_cuda, BenchOptions};
+pub use bench::{bench_cuda, bench_cuda_disk, BenchOptions, DiskSource};
 pub use device::Device;
 pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState, ModelRef, PromptPath};
 pub use seq::CudaSeq;

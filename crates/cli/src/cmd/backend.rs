@@ -108,8 +108,32 @@ pub fn cuda_bench(model: &Model, tokens: usize) -> Result<serde_json::Value> {
     Ok(flashmoe_cuda::bench_cuda(model, &opts)?)
 }
 
+/// (c) of `bench --backend cuda`: the model's own decode with every routed expert read from
+/// the disk (`direct`: the model opened with `--io direct`), beside missed bytes at the disk
+/// bandwidth `disk_gbps` (measured in this run) plus its VRAM-resident decode time.
+#[cfg(feature = "cuda")]
+pub fn cuda_bench_disk(
+    model: &Model,
+    direct: &Model,
+    disk_gbps: f64,
+    tokens: usize,
+) -> Result<serde_json::Value> {
+    let src = flashmoe_cuda::DiskSource { direct, disk_gbps };
+    Ok(flashmoe_cuda::bench_cuda_disk(model, &src, tokens.max(1))?)
+}
+
 #[cfg(not(feature = "cuda"))]
 pub fn cuda_bench(_model: &Model, _tokens: usize) -> Result<serde_json::Value> {
+    cuda_runner_unavailable()
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_bench_disk(
+    _model: &Model,
+    _direct: &Model,
+    _disk_gbps: f64,
+    _tokens: usize,
+) -> Result<serde_json::Value> {
     cuda_runner_unavailable()
 }
 

@@ -244,6 +244,13 @@ pub fn run_bench(opts: &BenchOptions, which: &[Which], say: &dyn Fn(&str)) -> Re
     Ok(Value::Object(root))
 }
 
+/// GB/s of O_DIRECT reads of one expert's size at K in flight on the expert file of the model
+/// in `dir` (reading `total_bytes`), and whether O_DIRECT was accepted (buffered reads
+/// otherwise): the disk limit the benchmarks put beside expert streaming, for other backends.
+pub fn expert_disk_bandwidth(dir: &Path, model: &Model, total_bytes: usize) -> Result<(f64, bool)> {
+    Ok(io::disk_probe(&model_info(dir, model)?, total_bytes))
+}
+
 /// Bytes of dense weights one decoded token reads: every layer's mixer, router, shared
 /// expert (or dense MLP), and the head. The embedding contributes one row, ignored.
 pub fn dense_bytes_per_token(model: &Model) -> usize {

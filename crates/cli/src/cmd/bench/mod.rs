@@ -69,8 +69,10 @@ pub struct Args {
     /// Free text for the --record row's notes column
     #[arg(long, default_value = "")]
     pub notes: String,
-    /// Also benchmark this backend: `cuda` adds GPU copy bandwidths, GPU kernel GB/s and
-    /// decode with experts in VRAM / pinned host RAM, each beside its bound
+    /// Also benchmark this backend: `cuda` adds GPU copy bandwidths, GPU kernel GB/s,
+    /// synthetic decode with experts in VRAM / pinned host RAM, and (packed models, unless
+    /// --no-cold) this model's decode with every routed expert read from disk, each beside
+    /// its bound
     #[arg(long, value_enum, default_value_t = super::backend::BackendKind::Cpu)]
     pub backend: super::backend::BackendKind,
     /// Quantise activations to int8 for 4- and 2-bit matrix-vector products (as llama.cpp
@@ -123,7 +125,24 @@ pub fn run(a: Args) -> Result<()> {
             ..Default::default()
         };
         let model = flashmoe_core::loader::open_model(&a.model, &lo)?;
-        let cuda = super::backend::cuda_bench(&model, a.tokens)?;
+        let mut cuda = super::backend::cuda_bench(&model, a.tokens)?;
+        if !a.no_cold && flashmoe_core::packed::is_packed_dir(&a.model) {
+            say("cuda: decode with every routed expert read from disk (--io direct)");
+            let (disk_gbps, _) = flashmoe_core::bench::expert_disk_bandwidth(
+                &a.model,
+                &model,
+                a.io_mb.clamp(1, 1024) << 20,
+            )?;
+            let direct = flashmoe_core::loader::open_model(
+                &a.model,
+                &flashmoe_core::loader::LoadOptions {
+                    io: flashmoe_core::loader::IoMode::Direct,
+                    ..lo
+                },
+            )?;
+            let disk = super::backend::cuda_bench_disk(&model, &direct, disk_gbps, a.tokens)?;
+            cuda["model_experts_from_disk"] = disk;
+        }
         if let Value::Object(m) = &mut report {
             m.insert("cuda".into(), cuda);
         }
