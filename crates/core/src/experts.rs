@@ -31,6 +31,8 @@ pub struct ExpertCounters {
     /// Bytes served without touching the disk (page cache as measured, or a RAM/VRAM cache).
     pub bytes_cached: AtomicU64,
     pub read_ns: AtomicU64,
+    /// Experts served as views of the file's mapping (resident pages, no read or copy).
+    pub mapped: AtomicU64,
 }
 
 #[derive(Clone, Copy, Default, Debug)]
@@ -39,6 +41,7 @@ pub struct ExpertStatsSnapshot {
     pub bytes_read: u64,
     pub bytes_cached: u64,
     pub read_ns: u64,
+    pub mapped: u64,
 }
 
 impl ExpertCounters {
@@ -48,6 +51,7 @@ impl ExpertCounters {
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_cached: self.bytes_cached.load(Ordering::Relaxed),
             read_ns: self.read_ns.load(Ordering::Relaxed),
+            mapped: self.mapped.load(Ordering::Relaxed),
         }
     }
 }
@@ -59,6 +63,7 @@ impl ExpertStatsSnapshot {
             bytes_read: self.bytes_read - earlier.bytes_read,
             bytes_cached: self.bytes_cached - earlier.bytes_cached,
             read_ns: self.read_ns - earlier.read_ns,
+            mapped: self.mapped - earlier.mapped,
         }
     }
 }

@@ -172,6 +172,7 @@ impl Shared {
                     _ => None,
                 };
                 if let Some(view) = view {
+                    self.counters.mapped.fetch_add(1, Ordering::Relaxed);
                     self.served(h, layer, expert, view.bytes(), t)?;
                     return Ok(view);
                 }
