@@ -160,6 +160,13 @@ pub struct Session {
     pub stats: ForwardStats,
 }
 
+/// Tokens per prefill forward call unless set: each routed expert is read once per call for
+/// all its tokens, so a longer call reads less when experts stream from disk, at the cost of
+/// activation memory. 2048 (llama.cpp's default batch): a 2,000-token prompt of the 2-layer
+/// 397B-shaped model reads 7.2 GB of experts instead of 29 GB in 512-token calls, with the
+/// same peak RSS (2.40 against 2.38 GB).
+pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -180,7 +187,7 @@ impl Session {
             last_logits: Vec::new(),
             snapshots: Vec::new(),
             max_snapshots: 4,
-            prefill_chunk: 512,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             stats: ForwardStats::default(),
         }
     }

@@ -110,3 +110,30 @@ fn k_override_changes_routing_and_renormalises() {
     };
     assert!(open_model(&dir, &bad).is_err());
 }
+
+/// A session's prefill split into steps of a few tokens (as `--prefill-chunk` does for long
+/// prompts) gives the golden logits after the prompt, as one step does.
+#[test]
+fn session_prefill_steps_match_golden() {
+    let Some(shared) = shared_dir() else { return };
+    let gdir = shared.join("golden/tiny-a");
+    let g = Golden::load(&gdir);
+    let model = std::sync::Arc::new(
+        open_model(&gdir.join("hf-bf16"), &LoadOptions::default()).expect("load model"),
+    );
+    let ids = g.ids("input_ids");
+    let (shape, want) = &g.f32s["logits"];
+    let vocab = shape[1];
+    let last = &want[(ids.len() - 1) * vocab..ids.len() * vocab];
+    for chunk in [1, 3, ids.len()] {
+        let mut s = flashmoe_core::session::Session::new(model.clone());
+        s.prefill_chunk = chunk;
+        let got = s.feed(&ids).expect("feed").to_vec();
+        let err = max_abs(&got, last);
+        assert!(
+            err < TOL,
+            "prefill in steps of {chunk}: logits off by {err}"
+        );
+        assert_eq!(s.tokens(), &ids[..], "tokens held after steps of {chunk}");
+    }
+}

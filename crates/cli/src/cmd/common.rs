@@ -52,6 +52,12 @@ pub struct ModelArgs {
     /// found there is one copy and no read). Default 0: only one layer's staging
     #[arg(long, value_name = "GB", default_value_t = 0.0)]
     pub pinned_cache_gb: f64,
+    /// Prompt tokens per prefill step (default 2048). Each routed expert is read once per step
+    /// for all of the step's tokens, so when experts stream from disk a longer step reads the
+    /// model fewer times (faster time to first token on long prompts) for more activation
+    /// memory
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefill_chunk: Option<u32>,
 }
 
 impl ModelArgs {
@@ -103,6 +109,7 @@ impl ModelArgs {
         let opts = flashmoe_runtime::LoadOptions {
             core: self.options(),
             backend: super::backend::engine_backend(self)?,
+            prefill_chunk: self.prefill_chunk.map(|c| c as usize),
             ..Default::default()
         };
         flashmoe_runtime::Engine::open(&self.model, opts)

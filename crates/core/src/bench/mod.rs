@@ -73,6 +73,8 @@ pub struct BenchOptions {
     pub cold: bool,
     /// Run the same-run baselines (serial experts, recurrent GDN, next-layer prefetch).
     pub compare: bool,
+    /// Tokens per prefill forward call (as a session's `prefill_chunk`).
+    pub prefill_chunk: usize,
 }
 
 impl BenchOptions {
@@ -86,6 +88,7 @@ impl BenchOptions {
             io_mb: 1024,
             cold: true,
             compare: true,
+            prefill_chunk: crate::session::DEFAULT_PREFILL_CHUNK,
         }
     }
 }
