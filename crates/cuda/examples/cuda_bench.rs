@@ -1,5 +1,5 @@
 //! `cargo run --release -p flashmoe-cuda --example cuda_bench -- [MODEL_DIR] [--layers N]
-//! [--k K] [--tokens T] [--no-kernels] [--vram-only] [--ptx-only]`: prints bench_cuda's JSON. With `--ptx-only`, compiles the
+//! [--k K] [--tokens T] [--prefill-tokens N] [--no-kernels] [--vram-only] [--ptx-only]`: prints bench_cuda's JSON. With `--ptx-only`, compiles the
 //! kernels for sm_90 through NVRTC and exits (no GPU needed).
 use flashmoe_core::loader::{open_model, LoadOptions};
 use flashmoe_cuda::{bench_cuda, BenchOptions, Device};
@@ -36,6 +36,10 @@ fn main() {
             }
             "--tokens" => {
                 opts.tokens = v(i);
+                i += 1;
+            }
+            "--prefill-tokens" => {
+                opts.prefill_tokens = v(i);
                 i += 1;
             }
             "--no-kernels" => opts.kernels = false,
