@@ -160,3 +160,32 @@ fn synth_tiny_runs() {
     let err = run_err(bin().args(["synth", "--preset", "nope", "--out"]).arg(&dst));
     assert!(err.contains("tiny"), "{err}");
 }
+
+#[test]
+fn synth_takes_a_gzipped_tokenizer() {
+    // The shared Qwen3.5 tokenizer is stored as tokenizer.json.gz only: synth must size its
+    // vocabulary from it and copy it, so the model takes text.
+    let Some(shared) = shared_dir() else { return };
+    let tmp = temp_dir("synth-cli-gz-tokenizer");
+    let dst = tmp.join("tiny");
+    run_ok(
+        bin()
+            .args(["synth", "--preset", "tiny", "--layers", "1", "--tokenizer"])
+            .arg(shared.join("tokenizer/qwen3.5"))
+            .arg("--out")
+            .arg(&dst),
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("config.json")).unwrap()).unwrap();
+    let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap();
+    assert!(
+        vocab >= 248_077,
+        "vocab {vocab} smaller than the tokenizer's"
+    );
+    let out = run_ok(
+        bin()
+            .args(["run", "--prompt", "Hello", "--tokens", "2", "--model"])
+            .arg(&dst),
+    );
+    assert!(out.status.success());
+}

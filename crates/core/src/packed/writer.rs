@@ -32,9 +32,12 @@ impl Progress for NoProgress {
     fn finish(&self) {}
 }
 
-/// Files a text front end needs, copied from the source model directory when present.
-pub const TEXT_FILES: [&str; 11] = [
+/// Files a text front end needs, copied from the source model directory when present. The
+/// tokenizer loader reads `tokenizer.json.gz` when there is no plain `tokenizer.json` (the
+/// shared reference tokenizer is stored that way), so the gzip travels too.
+pub const TEXT_FILES: [&str; 12] = [
     "tokenizer.json",
+    "tokenizer.json.gz",
     "tokenizer_config.json",
     "chat_template.jinja",
     "chat_template.json",
