@@ -189,3 +189,39 @@ fn synth_takes_a_gzipped_tokenizer() {
     );
     assert!(out.status.success());
 }
+
+#[test]
+fn pack_never_replaces_its_own_source() {
+    // `--force` replaces the output once the new model is complete; pointed at the source (or
+    // a directory holding it) it used to delete the checkpoint it had just read.
+    let Some(shared) = shared_dir() else { return };
+    let tmp = temp_dir("pack-cli-own-source");
+    let src = tmp.join("ckpt");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(shared.join("golden/tiny-a/hf-bf16").join(f), src.join(f)).unwrap();
+    }
+    for out in [src.clone(), tmp.clone(), src.join(".")] {
+        let err = run_err(
+            bin()
+                .args(["pack", "--force", "--from"])
+                .arg(&src)
+                .arg("--out")
+                .arg(&out),
+        );
+        assert!(err.contains("source checkpoint"), "{err}");
+        assert!(
+            src.join("model.safetensors").is_file() && src.join("config.json").is_file(),
+            "pack --out {} destroyed its source",
+            out.display()
+        );
+    }
+    // A fresh directory beside the source is fine.
+    run_ok(
+        bin()
+            .args(["pack", "--force", "--from"])
+            .arg(&src)
+            .arg("--out")
+            .arg(tmp.join("packed")),
+    );
+}
