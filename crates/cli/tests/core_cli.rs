@@ -93,7 +93,18 @@ fn bad_inputs_give_one_line_errors() {
     assert!(err.contains("`x`"), "{err}");
     // missing directory
     let err = run_err(bin().args(["generate", "--model", "/nonexistent/model", "--ids", "1"]));
-    assert!(err.contains("/nonexistent/model"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("model directory not found"),
+        "{err}"
+    );
+    // An I/O error's reason is said once, not repeated by the error chain.
+    let err = run_err(
+        bin()
+            .args(["logits", "--ids", "1", "--model"])
+            .arg(&model)
+            .args(["--out", "/nonexistent/dir/x.safetensors"]),
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 
     // truncated weights file
     let bad = tmp.join("truncated");
