@@ -93,7 +93,33 @@ fn bad_inputs_give_one_line_errors() {
     assert!(err.contains("`x`"), "{err}");
     // missing directory
     let err = run_err(bin().args(["generate", "--model", "/nonexistent/model", "--ids", "1"]));
-    assert!(err.contains("/nonexistent/model"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("model directory not found"),
+        "{err}"
+    );
+    // More tokens than the context holds: refused before any work (it used to compute every
+    // token that fit, then fail and print none of them).
+    for cmd in ["generate", "run"] {
+        let t = std::time::Instant::now();
+        let err = run_err(
+            bin()
+                .args([cmd, "--ids", "1,2,3", "--tokens", "100000", "--model"])
+                .arg(&model),
+        );
+        assert!(
+            err.contains("--tokens 100000") && err.contains("4096"),
+            "{err}"
+        );
+        assert!(t.elapsed().as_secs() < 20, "{cmd} computed before refusing");
+    }
+    // An I/O error's reason is said once, not repeated by the error chain.
+    let err = run_err(
+        bin()
+            .args(["logits", "--ids", "1", "--model"])
+            .arg(&model)
+            .args(["--out", "/nonexistent/dir/x.safetensors"]),
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 
     // truncated weights file
     let bad = tmp.join("truncated");

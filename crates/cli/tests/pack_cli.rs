@@ -80,13 +80,20 @@ fn pack_then_logits_cached_and_direct() {
     }
 }
 
+/// tiny-a's bf16 checkpoint, a fresh temp dir, an output `m` in it and that output's
+/// `m.partial`; None (skipped) without the shared data.
+fn tiny_pack_paths(name: &str) -> Option<[std::path::PathBuf; 4]> {
+    let src = shared_dir()?.join("golden/tiny-a/hf-bf16");
+    let tmp = temp_dir(name);
+    let (dst, partial) = (tmp.join("m"), tmp.join("m.partial"));
+    Some([src, tmp, dst, partial])
+}
+
 #[test]
 fn failed_or_killed_pack_leaves_nothing_complete() {
-    let Some(shared) = shared_dir() else { return };
-    let src = shared.join("golden/tiny-a/hf-bf16");
-    let tmp = temp_dir("pack-cli-fail");
-    let dst = tmp.join("m");
-    let partial = tmp.join("m.partial");
+    let Some([src, tmp, dst, partial]) = tiny_pack_paths("pack-cli-fail") else {
+        return;
+    };
     let script = |trap: &str| {
         format!(
             "{trap} ulimit -f 1000; exec '{}' pack --from '{}' --out '{}'",
@@ -159,4 +166,117 @@ fn synth_tiny_runs() {
     );
     let err = run_err(bin().args(["synth", "--preset", "nope", "--out"]).arg(&dst));
     assert!(err.contains("tiny"), "{err}");
+}
+
+#[test]
+fn synth_takes_a_gzipped_tokenizer() {
+    // The shared Qwen3.5 tokenizer is stored as tokenizer.json.gz only: synth must size its
+    // vocabulary from it and copy it, so the model takes text.
+    let Some(shared) = shared_dir() else { return };
+    let tmp = temp_dir("synth-cli-gz-tokenizer");
+    let dst = tmp.join("tiny");
+    run_ok(
+        bin()
+            .args(["synth", "--preset", "tiny", "--layers", "1", "--tokenizer"])
+            .arg(shared.join("tokenizer/qwen3.5"))
+            .arg("--out")
+            .arg(&dst),
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("config.json")).unwrap()).unwrap();
+    let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap();
+    assert!(
+        vocab >= 248_077,
+        "vocab {vocab} smaller than the tokenizer's"
+    );
+    let out = run_ok(
+        bin()
+            .args(["run", "--prompt", "Hello", "--tokens", "2", "--model"])
+            .arg(&dst),
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn pack_never_replaces_its_own_source() {
+    // `--force` replaces the output once the new model is complete; pointed at the source (or
+    // a directory holding it) it used to delete the checkpoint it had just read.
+    let Some(shared) = shared_dir() else { return };
+    let tmp = temp_dir("pack-cli-own-source");
+    let src = tmp.join("ckpt");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(shared.join("golden/tiny-a/hf-bf16").join(f), src.join(f)).unwrap();
+    }
+    for out in [src.clone(), tmp.clone(), src.join(".")] {
+        let err = run_err(
+            bin()
+                .args(["pack", "--force", "--from"])
+                .arg(&src)
+                .arg("--out")
+                .arg(&out),
+        );
+        assert!(err.contains("source checkpoint"), "{err}");
+        assert!(
+            src.join("model.safetensors").is_file() && src.join("config.json").is_file(),
+            "pack --out {} destroyed its source",
+            out.display()
+        );
+    }
+    // A fresh directory beside the source is fine.
+    run_ok(
+        bin()
+            .args(["pack", "--force", "--from"])
+            .arg(&src)
+            .arg("--out")
+            .arg(tmp.join("packed")),
+    );
+}
+
+#[test]
+fn ctrl_c_during_pack_removes_the_partial_and_keeps_the_old_output() {
+    // SIGINT used to end pack with OUT.partial left on disk (as large as what had been
+    // written); now the handler removes it, and the previous output stays as it was.
+    let Some([src, _, dst, partial]) = tiny_pack_paths("pack-cli-ctrl-c") else {
+        return;
+    };
+    run_ok(
+        bin()
+            .args(["pack", "--from"])
+            .arg(&src)
+            .arg("--out")
+            .arg(&dst),
+    );
+    let old = std::fs::read(dst.join("manifest.json")).unwrap();
+    let mut child = bin()
+        .args(["pack", "--force", "--bits", "2", "--from"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&dst)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt as soon as the conversion has started writing.
+    let t0 = std::time::Instant::now();
+    while !partial.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "pack ended before it could be interrupted"
+        );
+        assert!(t0.elapsed().as_secs() < 60, "pack never started writing");
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let pid = child.id().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!partial.exists(), "{} left behind", partial.display());
+    assert_eq!(std::fs::read(dst.join("manifest.json")).unwrap(), old);
 }

@@ -108,3 +108,43 @@ fn bad_text_input_gives_clear_errors() {
     );
     assert!(!err.is_empty(), "{err}");
 }
+
+#[test]
+fn sampling_flags_out_of_range_are_refused() {
+    // NaN or negative temperatures, a zero repetition penalty and the like used to reach the
+    // sampler, which then emitted arbitrary tokens (or nothing) and exited 0. Flags are parsed
+    // before the model is opened, so no model is needed to see the refusal.
+    let tmp = temp_dir("sampling_flags");
+    let model = tmp.join("no-model-here");
+    for cmd in [&["run", "--prompt", "x"][..], &["chat"]] {
+        for (flag, value) in [
+            ("--temperature", "nan"),
+            ("--temperature", "-1"),
+            ("--temperature", "inf"),
+            ("--top-p", "1.5"),
+            ("--top-p", "-0.1"),
+            ("--min-p", "2"),
+            ("--repetition-penalty", "0"),
+            ("--repetition-penalty", "-1"),
+            ("--presence-penalty", "nan"),
+            ("--frequency-penalty", "inf"),
+        ] {
+            let err = run_err(bin().args(cmd).args([flag, value, "--model"]).arg(&model));
+            assert!(
+                err.contains(flag)
+                    && (err.contains("out of range") || err.contains("not a number")),
+                "{cmd:?} {flag} {value}: {err}"
+            );
+        }
+        // In-range values, negative penalties included, get past the flags to the model.
+        let err = run_err(
+            bin()
+                .args(cmd)
+                .args(["--temperature", "0.7", "--top-p", "0.9"])
+                .args(["--presence-penalty", "-0.5", "--repetition-penalty", "1.1"])
+                .arg("--model")
+                .arg(&model),
+        );
+        assert!(err.contains("no-model-here"), "{cmd:?}: {err}");
+    }
+}

@@ -121,28 +121,62 @@ impl ModelConfig {
                 .map(|x| x as usize)
                 .ok_or_else(|| err(format!("missing or non-integer field `{k}`")))
         };
-        let us_or = |k: &str, d: usize| -> usize {
-            t.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .unwrap_or(d)
+        // An optional field that is present (not null) must have the right type: read as its
+        // default instead, a quoted `"rms_norm_eps": "1e-5"` or `"head_dim": 128.0` would run
+        // the model with the wrong value and no warning.
+        let present = |k: &str| t.get(k).filter(|v| !v.is_null());
+        let us_or = |k: &str, d: usize| -> Result<usize> {
+            match present(k) {
+                None => Ok(d),
+                Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                    err(format!(
+                        "field `{k}` must be a non-negative integer, found {v}"
+                    ))
+                }),
+            }
+        };
+        let typed_or = |v: Option<&Value>, k: &str, d: f64| -> Result<f64> {
+            match v.filter(|v| !v.is_null()) {
+                None => Ok(d),
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| err(format!("field `{k}` must be a number, found {v}"))),
+            }
+        };
+        let bool_of = |v: Option<&Value>, k: &str| -> Result<Option<bool>> {
+            match v.filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_bool()
+                    .map(Some)
+                    .ok_or_else(|| err(format!("field `{k}` must be true or false, found {v}"))),
+            }
         };
         let hidden_size = us("hidden_size")?;
         let num_layers = us("num_hidden_layers")?;
         let num_heads = us("num_attention_heads")?;
-        let num_kv_heads = us_or("num_key_value_heads", num_heads);
-        let head_dim = us_or("head_dim", hidden_size / num_heads.max(1));
+        let num_kv_heads = us_or("num_key_value_heads", num_heads)?;
+        let head_dim = us_or("head_dim", hidden_size / num_heads.max(1))?;
+        for (k, v) in [
+            ("hidden_size", hidden_size),
+            ("num_attention_heads", num_heads),
+            ("head_dim", head_dim),
+        ] {
+            if v == 0 {
+                return Err(err(format!("field `{k}` must be at least 1")));
+            }
+        }
 
         // RoPE: `rope_parameters` (transformers v5) or legacy top-level fields + `rope_scaling`.
         let rp = t.get("rope_parameters").filter(|v| v.is_object());
         let get_rope = |k: &str| rp.and_then(|r| r.get(k)).or_else(|| t.get(k));
-        let rope_theta = get_rope("rope_theta")
-            .and_then(Value::as_f64)
-            .unwrap_or(10000.0);
+        let rope_theta = typed_or(get_rope("rope_theta"), "rope_theta", 10000.0)?;
         let default_prf = if arch == Arch::Qwen3Moe { 1.0 } else { 0.25 };
-        let prf = get_rope("partial_rotary_factor")
-            .and_then(Value::as_f64)
-            .unwrap_or(default_prf);
+        let prf = typed_or(
+            get_rope("partial_rotary_factor"),
+            "partial_rotary_factor",
+            default_prf,
+        )?;
         let rope_type = rp
             .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
             .and_then(Value::as_str)
@@ -197,7 +231,7 @@ impl ModelConfig {
                 .collect::<Result<Vec<_>>>()?,
             None if arch == Arch::Qwen3Moe => vec![LayerKind::FullAttention; num_layers],
             None => {
-                let interval = us_or("full_attention_interval", 4).max(1);
+                let interval = us_or("full_attention_interval", 4)?.max(1);
                 (0..num_layers)
                     .map(|i| {
                         if (i + 1) % interval == 0 {
@@ -218,7 +252,7 @@ impl ModelConfig {
         if arch == Arch::Qwen3Moe && layer_types.contains(&LayerKind::LinearAttention) {
             return Err(err("qwen3_moe has no linear-attention layers".into()));
         }
-        if t.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+        if bool_of(t.get("use_sliding_window"), "use_sliding_window")? == Some(true) {
             return Err(err("use_sliding_window=true is not implemented".into()));
         }
         if let Some(act) = t.get("hidden_act").and_then(Value::as_str) {
@@ -228,7 +262,7 @@ impl ModelConfig {
                 )));
             }
         }
-        if t.get("attention_bias").and_then(Value::as_bool) == Some(true) {
+        if bool_of(t.get("attention_bias"), "attention_bias")? == Some(true) {
             return Err(err("attention_bias=true is not implemented".into()));
         }
 
@@ -252,12 +286,10 @@ impl ModelConfig {
             // HF Qwen3.5 always renormalises (no flag in the code).
             Arch::Qwen35Moe => true,
             // Absent: transformers' defaults (Qwen3MoeConfig False, Qwen3NextConfig True).
-            _ => t
-                .get("norm_topk_prob")
-                .and_then(Value::as_bool)
+            _ => bool_of(t.get("norm_topk_prob"), "norm_topk_prob")?
                 .unwrap_or(arch == Arch::Qwen3Next),
         };
-        let sparse_step = us_or("decoder_sparse_step", 1);
+        let sparse_step = us_or("decoder_sparse_step", 1)?;
         let mlp_only: Vec<usize> = t
             .get("mlp_only_layers")
             .and_then(Value::as_array)
@@ -271,7 +303,7 @@ impl ModelConfig {
         let dense_mlp_layers: Vec<usize> = (0..num_layers)
             .filter(|&i| mlp_only.contains(&i) || sparse_step == 0 || (i + 1) % sparse_step != 0)
             .collect();
-        let intermediate_size = us_or("intermediate_size", 0);
+        let intermediate_size = us_or("intermediate_size", 0)?;
         if !dense_mlp_layers.is_empty() && intermediate_size == 0 {
             return Err(err(
                 "dense MLP layers configured but intermediate_size is missing".into(),
@@ -307,16 +339,13 @@ impl ModelConfig {
             hidden_size,
             num_layers,
             layer_types,
-            rms_norm_eps: t
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6) as f32,
-            tie_word_embeddings: t
-                .get("tie_word_embeddings")
-                .or_else(|| root.get("tie_word_embeddings"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            max_position_embeddings: us_or("max_position_embeddings", 32768),
+            rms_norm_eps: typed_or(t.get("rms_norm_eps"), "rms_norm_eps", 1e-6)? as f32,
+            tie_word_embeddings: bool_of(
+                present("tie_word_embeddings").or_else(|| root.get("tie_word_embeddings")),
+                "tie_word_embeddings",
+            )?
+            .unwrap_or(false),
+            max_position_embeddings: us_or("max_position_embeddings", 32768)?,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -324,11 +353,11 @@ impl ModelConfig {
             rope_theta,
             attn_output_gate: arch != Arch::Qwen3Moe,
             norm_zero_centered: arch != Arch::Qwen3Moe,
-            linear_num_key_heads: us_or("linear_num_key_heads", 0),
-            linear_num_value_heads: us_or("linear_num_value_heads", 0),
-            linear_key_head_dim: us_or("linear_key_head_dim", 0),
-            linear_value_head_dim: us_or("linear_value_head_dim", 0),
-            linear_conv_kernel_dim: us_or("linear_conv_kernel_dim", 4),
+            linear_num_key_heads: us_or("linear_num_key_heads", 0)?,
+            linear_num_value_heads: us_or("linear_num_value_heads", 0)?,
+            linear_key_head_dim: us_or("linear_key_head_dim", 0)?,
+            linear_value_head_dim: us_or("linear_value_head_dim", 0)?,
+            linear_conv_kernel_dim: us_or("linear_conv_kernel_dim", 4)?,
             num_experts,
             num_experts_per_tok,
             moe_intermediate_size,

@@ -38,6 +38,16 @@ pub struct LoadOptions {
 }
 
 pub fn open_model(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+    if !dir.is_dir() {
+        return Err(Error::config(
+            dir,
+            if dir.exists() {
+                "not a directory (--model takes a model directory)"
+            } else {
+                "model directory not found"
+            },
+        ));
+    }
     let mut model = if packed::is_packed_dir(dir) {
         open_packed(dir, opts)?
     } else if packed::is_incomplete_packed_dir(dir) {

@@ -165,7 +165,13 @@ impl TensorStore {
             .iter()
             .any(|(k, t)| k.ends_with("conv1d.weight") && t.shape.len() == 3 && t.shape[2] == 1);
         let has_packed = tensors.values().any(|t| t.dtype == DType::U32);
-        let layout = if mlx_conv || has_packed || cfg.quantization.is_some() {
+        // mlx-lm and mlx-vlm name Qwen3.5 tensors `language_model.model.…`, transformers
+        // `model.language_model.…`: this tells an unquantized MLX conversion without
+        // GatedDeltaNet layers (no conv1d to look at) from a Hugging Face one.
+        let mlx_names = tensors
+            .values()
+            .any(|t| t.orig_name.starts_with("language_model.model."));
+        let layout = if mlx_conv || has_packed || mlx_names || cfg.quantization.is_some() {
             SourceLayout::Mlx
         } else {
             SourceLayout::HuggingFace
@@ -307,4 +313,49 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-layer full-attention Qwen3.5 config: no GatedDeltaNet, so no conv1d.
+    fn attention_only() -> ModelConfig {
+        let v = serde_json::json!({
+            "model_type": "qwen3_5_moe", "text_config": {
+                "model_type": "qwen3_5_moe_text", "vocab_size": 8, "hidden_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 1, "head_dim": 8,
+                "layer_types": ["full_attention"], "num_experts": 2, "num_experts_per_tok": 1,
+                "moe_intermediate_size": 8, "shared_expert_intermediate_size": 8}});
+        ModelConfig::from_json(&v, Path::new("config.json")).unwrap()
+    }
+
+    fn layout_of(name: &str, tensor: &str) -> SourceLayout {
+        let dir =
+            std::env::temp_dir().join(format!("flashmoe-layout-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = vec![0u8; 16];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![8], &data).unwrap();
+        safetensors::serialize_to_file([(tensor, view)], None, &dir.join("model.safetensors"))
+            .unwrap();
+        let layout = TensorStore::open_checkpoint(&dir, &attention_only())
+            .unwrap()
+            .layout;
+        std::fs::remove_dir_all(&dir).unwrap();
+        layout
+    }
+
+    #[test]
+    fn unquantized_mlx_names_without_conv_are_mlx_layout() {
+        // Read as Hugging Face, its norms (stored 1+w by the MLX converters) got a second +1.
+        assert_eq!(
+            layout_of("mlx", "language_model.model.norm.weight"),
+            SourceLayout::Mlx
+        );
+        assert_eq!(
+            layout_of("hf", "model.language_model.norm.weight"),
+            SourceLayout::HuggingFace
+        );
+    }
 }

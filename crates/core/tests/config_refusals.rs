@@ -128,6 +128,39 @@ fn sliding_window_attention_bias_and_activation_are_refused() {
     parse(&v).expect("use_sliding_window=false ignores sliding_window");
 }
 
+#[test]
+fn fields_of_the_wrong_type_are_refused_not_defaulted() {
+    // Each of these used to be read as its default (rms_norm_eps 1e-6, rope_theta 10000, the
+    // kv heads equal to the heads, ...), so the model ran with values the file does not hold.
+    for (field, value) in [
+        ("rms_norm_eps", json!("1e-5")),
+        ("rope_theta", json!("1000000")),
+        ("partial_rotary_factor", json!("0.5")),
+        ("num_key_value_heads", json!(2.5)),
+        ("head_dim", json!("32")),
+        ("max_position_embeddings", json!(-1)),
+        ("decoder_sparse_step", json!("1")),
+        ("tie_word_embeddings", json!("false")),
+        ("attention_bias", json!(0)),
+    ] {
+        refused(
+            |v| {
+                if let Some(rp) = v.get_mut("rope_parameters") {
+                    rp.as_object_mut().unwrap().remove(field);
+                }
+                v[field] = value.clone();
+            },
+            &[field],
+        );
+    }
+    refused(|v| v["head_dim"] = 0.into(), &["head_dim"]);
+    // null stands for "not set" in transformers' configs and keeps the default.
+    let mut v = qwen3_moe();
+    v["rms_norm_eps"] = Value::Null;
+    v["head_dim"] = Value::Null;
+    assert_eq!(parse(&v).expect("nulls are defaults").head_dim, 32);
+}
+
 fn with_quant(q: Value) -> Result<ModelConfig, String> {
     let mut v = qwen3_next();
     v["quantization"] = q.clone();

@@ -41,7 +41,7 @@ pub enum TextError {
     #[error("tokenizer {op} failed: {msg}")]
     Tokenize { op: &'static str, msg: String },
     /// No chat template in the model directory.
-    #[error("no chat template in {0} (looked for chat_template.jinja and tokenizer_config.json `chat_template`)")]
+    #[error("no chat template in {0} (looked for chat_template.jinja, tokenizer_config.json `chat_template` and chat_template.json)")]
     TemplateMissing(PathBuf),
     /// The chat template failed to compile or render, or raised an exception itself.
     #[error("chat template: {0}")]

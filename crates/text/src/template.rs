@@ -45,7 +45,8 @@ pub struct RenderOptions {
 
 impl ChatTemplate {
     /// Loads `dir/chat_template.jinja`, else `chat_template` from `dir/tokenizer_config.json`
-    /// (a string, or a list of `{name, template}` from which "default" is taken). BOS/EOS strings
+    /// (a string, or a list of `{name, template}` from which "default" is taken), else from
+    /// `dir/chat_template.json` (the processor's file). BOS/EOS strings
     /// come from `tokenizer_config.json` when present.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
@@ -56,8 +57,20 @@ impl ChatTemplate {
                 .map_err(|e| TextError::io("reading", &jinja_path, e))?
         } else {
             let field = config.as_ref().and_then(|c| c.get("chat_template"));
-            template_from_config_field(field, &config_path)?
-                .ok_or_else(|| TextError::TemplateMissing(dir.to_path_buf()))?
+            match template_from_config_field(field, &config_path)? {
+                Some(t) => t,
+                // Multimodal releases (processor layout) may keep the template only in
+                // `chat_template.json` as `{"chat_template": ...}`; pack copies that file too.
+                None => {
+                    let json_path = dir.join("chat_template.json");
+                    let j = read_json_opt(&json_path)?;
+                    template_from_config_field(
+                        j.as_ref().and_then(|c| c.get("chat_template")),
+                        &json_path,
+                    )?
+                    .ok_or_else(|| TextError::TemplateMissing(dir.to_path_buf()))?
+                }
+            }
         };
         let mut tpl = Self::from_source(source)?;
         if let Some(c) = &config {
@@ -393,5 +406,40 @@ mod tests {
             Some("y")
         );
         assert!(template_from_config_field(Some(&json!(3)), p).is_err());
+    }
+
+    #[test]
+    fn template_from_processor_chat_template_json() {
+        // A directory whose only template is the processor's chat_template.json used to be
+        // refused as having no template at all.
+        let dir = std::env::temp_dir().join(format!("flashmoe-tpl-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("chat_template.json");
+        std::fs::write(&f, r#"{"chat_template": "{{ messages[0].content }}!"}"#).unwrap();
+        let t = ChatTemplate::from_dir(&dir).expect("template from chat_template.json");
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        assert_eq!(
+            t.render(&msgs, None, &RenderOptions::default()).unwrap(),
+            "hi!"
+        );
+        // tokenizer_config.json's template, when there is one, comes first (as for HF tokenizers).
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"chat_template": "{{ 1 }}"}"#,
+        )
+        .unwrap();
+        let t = ChatTemplate::from_dir(&dir).unwrap();
+        assert_eq!(
+            t.render(&msgs, None, &RenderOptions::default()).unwrap(),
+            "1"
+        );
+        std::fs::write(&f, r#"{"chat_template": 7}"#).unwrap();
+        std::fs::remove_file(dir.join("tokenizer_config.json")).unwrap();
+        let Err(e) = ChatTemplate::from_dir(&dir) else {
+            panic!("a non-string chat_template was accepted")
+        };
+        let e = e.to_string();
+        assert!(e.contains("chat_template.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -139,3 +139,18 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
     }
     Ok(ids)
 }
+
+/// Refuses `--tokens` that cannot fit after `prompt` ids in the model's context, before any
+/// work: otherwise the limit is hit only after every token that fits has been computed, and
+/// the ones generated so far are lost with the error. Same rule as the engine's `max_tokens`.
+pub fn check_tokens_fit(model: &Model, prompt: usize, tokens: usize) -> Result<()> {
+    let context = model.cfg.max_position_embeddings;
+    if prompt + tokens > context {
+        bail!(
+            "--tokens {tokens} plus the {prompt} prompt ids exceed the model's context of \
+             {context} tokens (at most {} can be generated)",
+            context.saturating_sub(prompt)
+        );
+    }
+    Ok(())
+}

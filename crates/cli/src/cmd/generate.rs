@@ -4,7 +4,7 @@ use clap::Args as ClapArgs;
 use flashmoe_core::model::{ForwardStats, Logits};
 use flashmoe_text::sampling::argmax;
 
-use super::common::{parse_ids, ModelArgs};
+use super::common::{check_tokens_fit, parse_ids, ModelArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -21,6 +21,8 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
+    model.check_tokens_at(&ids, 0)?;
+    check_tokens_fit(&model, ids.len(), a.tokens)?;
     let mut runner = super::backend::runner(model, &a.model)?;
     let mut stats = ForwardStats::default();
     let mut logits = runner.forward(&ids, Logits::Last, &mut stats)?;

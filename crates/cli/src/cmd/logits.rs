@@ -55,8 +55,10 @@ pub fn write_f32(path: &std::path::Path, name: &str, data: &[f32], shape: &[usiz
     let mut m = HashMap::new();
     m.insert(name.to_string(), view);
     let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(&m, None, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    // Serialised in memory and written with std: safetensors' own file error repeats the OS
+    // reason in its message and again as its source.
+    let bytes = safetensors::serialize(&m, None).context("serialising the logits")?;
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

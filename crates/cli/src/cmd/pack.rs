@@ -40,6 +40,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let t = Instant::now();
     let bar = Bar::new();
+    super::progress::clean_up_on_ctrl_c(&a.out);
     let r = pack(&a.from, &a.out, &opts, &bar)
         .with_context(|| format!("packing {} into {}", a.from.display(), a.out.display()))?;
     let secs = t.elapsed().as_secs_f64();

@@ -1,5 +1,8 @@
-//! The progress bar of long conversions (pack, synth): bytes, rate and ETA on stderr.
-use flashmoe_core::packed::Progress;
+//! The progress bar of long conversions (pack, synth): bytes, rate and ETA on stderr, and what
+//! Ctrl-C does to them.
+use std::path::Path;
+
+use flashmoe_core::packed::{abandon_partial, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub struct Bar {
@@ -34,4 +37,25 @@ impl Progress for Bar {
     fn finish(&self) {
         self.bar.finish();
     }
+}
+
+/// Makes Ctrl-C during a conversion into `out` remove `OUT.partial` before exiting. Without it
+/// the default SIGINT ended the process with the partial directory left behind: it never loads
+/// as a model and the next conversion clears it, but until then it holds as much disk as was
+/// written (hundreds of GB for a large model). An existing `OUT` is never touched.
+pub fn clean_up_on_ctrl_c(out: &Path) {
+    let out = out.to_path_buf();
+    // A handler that cannot be installed (one already is) leaves the default behaviour.
+    let _ = ctrlc::set_handler(move || {
+        let (_no_commit_after_this, found) = abandon_partial(&out);
+        if found {
+            eprintln!(
+                "\ninterrupted: removed the unfinished {}.partial",
+                out.display()
+            );
+        } else {
+            eprintln!("\ninterrupted after {} was complete", out.display());
+        }
+        std::process::exit(130);
+    });
 }

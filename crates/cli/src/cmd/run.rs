@@ -9,7 +9,7 @@ use flashmoe_core::model::{ForwardStats, Model};
 use flashmoe_core::session::Session;
 
 use super::backend::BackendKind;
-use super::common::{parse_ids, ModelArgs};
+use super::common::{check_tokens_fit, parse_ids, ModelArgs};
 use super::sampling::SamplingArgs;
 use flashmoe_text::sampling::argmax;
 
@@ -49,6 +49,8 @@ pub fn run(a: Args) -> Result<()> {
     };
     let ids = parse_ids(ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
+    model.check_tokens_at(&ids, 0)?;
+    check_tokens_fit(&model, ids.len(), a.tokens)?;
     let cuda = match a.model.backend {
         BackendKind::Cuda => true,
         BackendKind::Cpu => false,

@@ -54,6 +54,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let t = Instant::now();
     let bar = Bar::new();
+    super::progress::clean_up_on_ctrl_c(&a.out);
     let m = synth(&a.out, &opts, &bar)
         .with_context(|| format!("writing synthetic {} to {}", a.preset, a.out.display()))?;
     let experts: u64 = m.experts.layers.iter().map(|l| l.nbytes).sum();

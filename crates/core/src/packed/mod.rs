@@ -23,7 +23,7 @@ pub use pack::{pack, PackOptions, PackReport};
 pub use reader::PackedExperts;
 pub use synth::{synth, synth_config, SynthOptions, PRESETS};
 
-pub use writer::{NoProgress, Progress};
+pub use writer::{abandon_partial, NoProgress, Progress};
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -332,6 +332,19 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
     if is_packed_dir(src) {
         return Err(packed_err(src, "is already a packed model"));
     }
+    // With --force the finished model replaces DST wholesale: a DST that is the source or one of
+    // its ancestors would take the checkpoint being packed (and whatever sits beside it) with it.
+    if let (Ok(s), Ok(d)) = (src.canonicalize(), dst.canonicalize()) {
+        if s.starts_with(&d) {
+            return Err(packed_err(
+                dst,
+                format!(
+                    "is or contains the source checkpoint {}; choose an output directory outside it",
+                    src.display()
+                ),
+            ));
+        }
+    }
     let cfg_path = src.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let raw: Value = serde_json::from_str(&text).map_err(|e| Error::Json {

@@ -562,10 +562,21 @@ fn own_tokenizer() -> (Vec<(&'static str, String)>, Vec<u32>) {
     )
 }
 
-/// Vocabulary size and eos ids of a `tokenizer.json` in `dir`.
+/// Vocabulary size and eos ids of the `tokenizer.json` in `dir`, or of its gzip
+/// `tokenizer.json.gz` when there is no plain file (as the tokenizer loader accepts both).
 fn tokenizer_vocab(dir: &Path) -> Result<(usize, Vec<u32>)> {
-    let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let plain = dir.join("tokenizer.json");
+    let gz = dir.join("tokenizer.json.gz");
+    let (path, text) = if !plain.is_file() && gz.is_file() {
+        let f = std::fs::File::open(&gz).map_err(|e| Error::io(&gz, e))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(f), &mut text)
+            .map_err(|e| Error::io(&gz, e))?;
+        (gz, text)
+    } else {
+        let text = std::fs::read_to_string(&plain).map_err(|e| Error::io(&plain, e))?;
+        (plain, text)
+    };
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.clone(),
         msg: e.to_string(),

@@ -32,9 +32,12 @@ impl Progress for NoProgress {
     fn finish(&self) {}
 }
 
-/// Files a text front end needs, copied from the source model directory when present.
-pub const TEXT_FILES: [&str; 11] = [
+/// Files a text front end needs, copied from the source model directory when present. The
+/// tokenizer loader reads `tokenizer.json.gz` when there is no plain `tokenizer.json` (the
+/// shared reference tokenizer is stored that way), so the gzip travels too.
+pub const TEXT_FILES: [&str; 12] = [
     "tokenizer.json",
+    "tokenizer.json.gz",
     "tokenizer_config.json",
     "chat_template.jinja",
     "chat_template.json",
@@ -54,6 +57,30 @@ fn write_err(path: &Path, e: std::io::Error) -> Error {
         ""
     };
     packed_err(path, format!("write failed: {e}{hint}"))
+}
+
+/// Held while a finished `DST.partial` replaces `DST` (manifest in, old output out, new one
+/// renamed in). An interrupt handler takes it before it removes `DST.partial`, so that it never
+/// deletes a directory half-way through replacing the old output, and no commit starts after.
+static COMMIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// For an interrupt handler: waits out a commit in progress, then removes `DST.partial`.
+/// Returns the guard (hold it until the process exits, so no commit starts) and whether a
+/// partial directory was there: none means the output was complete before the interrupt.
+pub fn abandon_partial(dst: &Path) -> (std::sync::MutexGuard<'static, ()>, bool) {
+    let guard = COMMIT_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let partial = partial_path(dst);
+    let found = partial.exists();
+    // The writer keeps creating files until the process exits, so one pass may meet a
+    // directory that is no longer empty.
+    for _ in 0..5 {
+        if std::fs::remove_dir_all(&partial).is_ok() || !partial.exists() {
+            break;
+        }
+    }
+    (guard, found)
 }
 
 /// The directory being written: `DST.partial`, renamed to `DST` by [`OutDir::commit`].
@@ -121,6 +148,9 @@ impl OutDir {
     /// Writes the manifest (temp file + fsync + rename: last, so it marks completeness) and
     /// renames the directory to its final name, replacing an old `dst` (checked in `create`).
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
+        let _commit = COMMIT_LOCK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let text = serde_json::to_string_pretty(manifest)
             .map_err(|e| Error::Invalid(format!("serialising the manifest: {e}")))?;
         let tmp = self.partial.join(format!("{MANIFEST}.tmp"));
