@@ -123,21 +123,27 @@ pub fn set_int8_activations(on: bool) {
     set_act_quant(if on { ActQuant::Int8 } else { ActQuant::Exact });
 }
 
-/// Parses `1,2,3` (spaces allowed) into token ids.
+/// Parses `1,2,3` (spaces allowed, one trailing comma tolerated) into token ids. An empty
+/// entry inside the list (`1,,2`) is refused: it is more likely a lost id than a separator.
 pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
-    let ids: Vec<u32> = s
-        .split(',')
+    if s.trim().is_empty() {
+        bail!("--ids is empty: give at least one token id, e.g. --ids 1,2,3");
+    }
+    let body = s.trim().strip_suffix(',').unwrap_or(s.trim());
+    body.split(',')
         .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
+            if p.is_empty() {
+                bail!(
+                    "--ids: entry {} is empty (`{s}`): give comma-separated token ids",
+                    i + 1
+                );
+            }
             p.parse::<u32>()
                 .with_context(|| format!("--ids: `{p}` is not a token id (non-negative integer)"))
         })
-        .collect::<Result<_>>()?;
-    if ids.is_empty() {
-        bail!("--ids is empty: give at least one token id, e.g. --ids 1,2,3");
-    }
-    Ok(ids)
+        .collect()
 }
 
 /// Refuses `--tokens` that cannot fit after `prompt` ids in the model's context, before any
@@ -153,4 +159,22 @@ pub fn check_tokens_fit(model: &Model, prompt: usize, tokens: usize) -> Result<(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ids;
+
+    #[test]
+    fn ids_parse_and_refuse_empty_entries() {
+        assert_eq!(parse_ids("1, 2,3").unwrap(), vec![1, 2, 3]);
+        assert_eq!(parse_ids("7,").unwrap(), vec![7]);
+        assert!(parse_ids("1,,2")
+            .unwrap_err()
+            .to_string()
+            .contains("entry 2 is empty"));
+        assert!(parse_ids(" ").is_err());
+        assert!(parse_ids(",").is_err());
+        assert!(parse_ids("1,x").is_err());
+    }
 }

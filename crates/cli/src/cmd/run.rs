@@ -118,6 +118,12 @@ fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
     req.stop = a.stop.clone();
     req.sampling = a.sampling.overrides();
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    // Thinking is dimmed only for a terminal: a log file gets the plain text.
+    let (dim, undim) = if std::io::IsTerminal::is_terminal(&err) {
+        ("\x1b[2m", "\x1b[0m")
+    } else {
+        ("", "")
+    };
     let done = engine.generate(&req, |ev| {
         match ev {
             Event::Content(t) => {
@@ -125,7 +131,7 @@ fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
                 let _ = out.flush();
             }
             Event::Reasoning(t) => {
-                let _ = write!(err, "\x1b[2m{t}\x1b[0m");
+                let _ = write!(err, "{dim}{t}{undim}");
                 let _ = err.flush();
             }
             Event::ToolCall(c) => {

@@ -393,10 +393,16 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
         }
     }
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
-    if bits != 16 && (h % group != 0 || i % group != 0) {
-        return Err(Error::Invalid(format!(
-            "group size {group} does not divide hidden_size {h} and moe_intermediate_size {i}"
-        )));
+    if bits != 16 {
+        // Quantised rows must be whole groups: name the dimension that is not.
+        for (name, n) in [("hidden_size", h), ("moe_intermediate_size", i)] {
+            if n % group != 0 {
+                return Err(Error::Invalid(format!(
+                    "group size {group} does not divide {name} {n}: choose a --group-size that \
+                     divides both hidden_size {h} and moe_intermediate_size {i}"
+                )));
+            }
+        }
     }
     let same_format = src_bits == Some(bits) && src_group == Some(group);
     let sdtype = if (bits == 16 && src_bits.is_none()) || same_format {
