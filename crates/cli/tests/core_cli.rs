@@ -28,8 +28,13 @@ fn logits_cli_matches_golden_with_and_without_prefill() {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
     let tmp = temp_dir("logits_cli");
-    for (variant, prefill) in [("hf-bf16", None), ("hf-bf16-fused", Some(40))] {
-        let out = tmp.join(format!("{variant}.safetensors"));
+    // The prompt in one step, in steps of 7 tokens (--prefill-chunk), then stepped after 40.
+    for (variant, prefill, step) in [
+        ("hf-bf16", None, None),
+        ("hf-bf16", None, Some(7)),
+        ("hf-bf16-fused", Some(40), None),
+    ] {
+        let out = tmp.join(format!("{variant}-{step:?}.safetensors"));
         let mut cmd = bin();
         cmd.args(["logits", "--model"])
             .arg(shared.join("golden/tiny-a").join(variant))
@@ -39,6 +44,9 @@ fn logits_cli_matches_golden_with_and_without_prefill() {
         if let Some(p) = prefill {
             cmd.args(["--prefill", &p.to_string()]);
         }
+        if let Some(c) = step {
+            cmd.args(["--prefill-chunk", &c.to_string()]);
+        }
         run_ok(&mut cmd);
         let (shape, got) = read_logits(&out);
         assert_eq!(shape, vec![ids.len(), 1000]);
@@ -47,7 +55,7 @@ fn logits_cli_matches_golden_with_and_without_prefill() {
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(err < 1e-3, "{variant}: max abs err {err}");
+        assert!(err < 1e-3, "{variant} steps {step:?}: max abs err {err}");
     }
 }
 
@@ -65,6 +73,24 @@ fn generate_prints_greedy_ids() {
     let got = String::from_utf8(out.stdout).unwrap();
     let want: Vec<String> = ids[40..48].iter().map(|x| x.to_string()).collect();
     assert_eq!(got.trim(), want.join(","));
+    // The same prompt prefilled in steps of 16 tokens.
+    let out = run_ok(
+        bin()
+            .args(["generate", "--model"])
+            .arg(shared.join("golden/tiny-a/hf-bf16"))
+            .args([
+                "--ids",
+                &prompt.join(","),
+                "--tokens",
+                "8",
+                "--prefill-chunk",
+                "16",
+            ]),
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        want.join(",")
+    );
 }
 
 #[test]

@@ -61,6 +61,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// Prompt tokens per prefill step: `--prefill-chunk`, else the session's default.
+    pub fn prefill_step(&self) -> usize {
+        self.prefill_chunk
+            .map_or(flashmoe_core::session::DEFAULT_PREFILL_CHUNK, |c| {
+                c as usize
+            })
+    }
+
     /// Sets the process-wide kernel switches these arguments choose. `load` and `engine` call
     /// it; a subcommand that builds its own loader from `options` calls it itself.
     pub fn apply_kernel_switches(&self) {
@@ -121,6 +129,27 @@ impl ModelArgs {
 pub fn set_int8_activations(on: bool) {
     use flashmoe_core::kernels::{set_act_quant, ActQuant};
     set_act_quant(if on { ActQuant::Int8 } else { ActQuant::Exact });
+}
+
+/// Feeds `ids` to `runner` in steps of `step` tokens (as a session prefills) and returns the
+/// logits `want` asks for: every position's, or the last one's.
+pub fn prefill(
+    runner: &mut dyn flashmoe_core::session::SeqBackend,
+    ids: &[u32],
+    step: usize,
+    want: flashmoe_core::model::Logits,
+    stats: &mut flashmoe_core::model::ForwardStats,
+) -> Result<Vec<f32>> {
+    use flashmoe_core::model::Logits;
+    let mut out = Vec::new();
+    for part in ids.chunks(step.max(1)) {
+        let l = runner.forward(part, want, stats)?;
+        match want {
+            Logits::All => out.extend_from_slice(&l),
+            Logits::Last => out = l,
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `1,2,3` (spaces allowed, one trailing comma tolerated) into token ids. An empty

@@ -4,7 +4,7 @@ use clap::Args as ClapArgs;
 use flashmoe_core::model::{ForwardStats, Logits};
 use flashmoe_text::sampling::argmax;
 
-use super::common::{check_tokens_fit, parse_ids, ModelArgs};
+use super::common::{check_tokens_fit, parse_ids, prefill, ModelArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -25,7 +25,8 @@ pub fn run(a: Args) -> Result<()> {
     check_tokens_fit(&model, ids.len(), a.tokens)?;
     let mut runner = super::backend::runner(model, &a.model)?;
     let mut stats = ForwardStats::default();
-    let mut logits = runner.forward(&ids, Logits::Last, &mut stats)?;
+    let step = a.model.prefill_step();
+    let mut logits = prefill(runner.as_mut(), &ids, step, Logits::Last, &mut stats)?;
     let mut out = Vec::with_capacity(a.tokens);
     for i in 0..a.tokens {
         let next = argmax(&logits);

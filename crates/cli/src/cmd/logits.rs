@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use flashmoe_core::model::{ForwardStats, Logits};
 
-use super::common::{parse_ids, ModelArgs};
+use super::common::{parse_ids, prefill, ModelArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -37,7 +37,8 @@ pub fn run(a: Args) -> Result<()> {
     model.check_tokens_at(&ids, 0)?;
     let mut runner = super::backend::runner(model.clone(), &a.model)?;
     let mut stats = ForwardStats::default();
-    let mut logits = runner.forward(&ids[..n], Logits::All, &mut stats)?;
+    let step = a.model.prefill_step();
+    let mut logits = prefill(runner.as_mut(), &ids[..n], step, Logits::All, &mut stats)?;
     for &id in &ids[n..] {
         logits.extend(runner.forward(&[id], Logits::Last, &mut stats)?);
     }

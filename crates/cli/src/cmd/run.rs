@@ -59,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
     if cuda {
         return run_ids_on(model, &ids, a.tokens, a.timing, &a.model);
     }
-    run_ids(model, &ids, a.tokens, a.timing)
+    run_ids(model, &ids, a.tokens, a.timing, a.model.prefill_step())
 }
 
 /// Greedy generation through a backend runner (CUDA): ids out, and overall timing.
@@ -75,7 +75,8 @@ fn run_ids_on(
     let mut runner = super::backend::runner(model, args)?;
     let mut stats = ForwardStats::default();
     let t0 = Instant::now();
-    let mut logits = runner.forward(ids, Logits::Last, &mut stats)?;
+    let step = args.prefill_step();
+    let mut logits = super::common::prefill(runner.as_mut(), ids, step, Logits::Last, &mut stats)?;
     let prefill = t0.elapsed();
     let mut out = Vec::new();
     let td = Instant::now();
@@ -183,8 +184,10 @@ pub fn run_ids(
     ids: &[u32],
     tokens: usize,
     timing: bool,
+    prefill_step: usize,
 ) -> Result<()> {
     let mut sess = Session::new(model.clone());
+    sess.prefill_chunk = prefill_step;
     let model = &*model;
     let t0 = Instant::now();
     let (mut logits, _) = sess.set_prompt(ids)?;
