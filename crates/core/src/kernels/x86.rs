@@ -10,12 +10,14 @@
 //! pointer loads whose bounds follow from those checks.
 
 mod affine;
+mod few;
 
 #[cfg(test)]
 pub(crate) use affine::affine_prep_read;
 #[cfg(test)]
 pub(crate) use affine::code_read;
 pub(crate) use affine::{affine_prep, affine_rows, denormal_inputs};
+pub(crate) use few::{affine_few, pack as few_pack, FEW_MAX};
 
 use super::int8::{self, Int8Prep};
 use super::{AffineView, Scales};
