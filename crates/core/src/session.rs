@@ -144,6 +144,9 @@ struct Snapshot {
     logits: Vec<f32>,
 }
 
+/// Tokens per prefill forward call unless a session is told otherwise (`Session::prefill_chunk`).
+pub const PREFILL_CHUNK: usize = 512;
+
 pub struct Session {
     /// Shared: a server's worker and its metrics, or a chat and its front end, hold it too.
     pub model: Arc<Model>,
@@ -180,7 +183,7 @@ impl Session {
             last_logits: Vec::new(),
             snapshots: Vec::new(),
             max_snapshots: 4,
-            prefill_chunk: 512,
+            prefill_chunk: PREFILL_CHUNK,
             stats: ForwardStats::default(),
         }
     }

@@ -65,6 +65,8 @@ pub struct BenchOptions {
     pub tokens: usize,
     /// Prompt length of the prefill benchmark (the figure is 2,000).
     pub prompt_tokens: usize,
+    /// Tokens per prefill forward call (a session's default unless told otherwise).
+    pub prefill_chunk: usize,
     /// Weight bytes each kernel measurement streams per pass (beyond every cache).
     pub kernel_mb: usize,
     /// Bytes read per I/O measurement.
@@ -82,6 +84,7 @@ impl BenchOptions {
             k: None,
             tokens: 8,
             prompt_tokens: 2000,
+            prefill_chunk: crate::session::PREFILL_CHUNK,
             kernel_mb: 256,
             io_mb: 1024,
             cold: true,

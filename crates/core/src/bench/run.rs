@@ -88,19 +88,16 @@ struct Run {
     io: ExpertStatsSnapshot,
 }
 
-/// Tokens per prefill forward call (the Session's default chunk).
-const PREFILL_CHUNK: usize = 512;
-
-/// Prefills `prompt` in chunks (timed: time to first token), then decodes `steps` greedy
-/// tokens, driving `Model::forward` exactly as a session does.
-fn session_run(model: &Model, prompt: &[u32], steps: usize) -> Result<(Run, Run)> {
+/// Prefills `prompt` in chunks of `chunk` tokens (timed: time to first token), then decodes
+/// `steps` greedy tokens, driving `Model::forward` exactly as a session does.
+fn session_run(model: &Model, prompt: &[u32], steps: usize, chunk: usize) -> Result<(Run, Run)> {
     let mut state = State::new(&model.cfg);
     let c = || model.experts.counters().snapshot();
     let io0 = c();
     let mut stats = ForwardStats::default();
     let t0 = Instant::now();
     let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
+    for chunk in prompt.chunks(chunk) {
         logits = model.forward(chunk, &mut state, Logits::Last, &mut stats, None)?;
     }
     let ttft = t0.elapsed();
@@ -181,8 +178,8 @@ pub(crate) fn decode(
     }
     say("decode: warm");
     // One untimed token first so every dense page is mapped in.
-    session_run(model, &prompt[..1], 1)?;
-    let (_, warm) = session_run(model, &prompt, opts.tokens)?;
+    session_run(model, &prompt[..1], 1, opts.prefill_chunk)?;
+    let (_, warm) = session_run(model, &prompt, opts.tokens, opts.prefill_chunk)?;
     let (warm_tpt, _, _) = report_decode(&mut s, "warm", &warm, dense, limits, info.packed);
 
     // Resident memory: the process before the model was loaded, plus dense weights + state +
@@ -200,8 +197,8 @@ pub(crate) fn decode(
         // from the mapping (`--io pread`): what the mapping buys.
         say("decode: warm, resident experts copied (--io pread)");
         let copied = load(IoMode::Pread)?;
-        session_run(&copied, &prompt[..1], 1)?;
-        let (_, c) = session_run(&copied, &prompt, opts.tokens)?;
+        session_run(&copied, &prompt[..1], 1, opts.prefill_chunk)?;
+        let (_, c) = session_run(&copied, &prompt, opts.tokens, opts.prefill_chunk)?;
         let ctpt = ms(c.decode) / c.steps.max(1) as f64;
         s.num("warm_pread_tpt_ms", ctpt);
         s.num("warm_mapped_speedup_x", ctpt / warm_tpt);
@@ -210,8 +207,8 @@ pub(crate) fn decode(
         // a resident set that grows with the experts touched.
         say("decode: warm, resident experts kept mapped (--io mapped)");
         let kept = load(IoMode::Mapped)?;
-        session_run(&kept, &prompt, opts.tokens)?;
-        let (_, k) = session_run(&kept, &prompt, opts.tokens)?;
+        session_run(&kept, &prompt, opts.tokens, opts.prefill_chunk)?;
+        let (_, k) = session_run(&kept, &prompt, opts.tokens, opts.prefill_chunk)?;
         report_decode(&mut s, "warm_kept_mapped", &k, dense, limits, true);
         s.num("rss_kept_mapped_gb", rss_bytes() as f64 / 1e9);
         s.val(
@@ -225,8 +222,8 @@ pub(crate) fn decode(
         say("decode: cold (--io direct)");
         match load(IoMode::Direct) {
             Ok(mut cold) => {
-                session_run(&cold, &prompt[..1], 1)?;
-                let (_, r) = session_run(&cold, &prompt, opts.tokens)?;
+                session_run(&cold, &prompt[..1], 1, opts.prefill_chunk)?;
+                let (_, r) = session_run(&cold, &prompt, opts.tokens, opts.prefill_chunk)?;
                 let (tpt, io_ms, compute) = report_decode(&mut s, "cold", &r, dense, limits, true);
                 // I/O and compute overlapped: a token should take about the longer of the two,
                 // where compute is what a token takes with nothing to wait for (warm).
@@ -235,7 +232,7 @@ pub(crate) fn decode(
                 if opts.compare {
                     say("decode: cold with next-layer prefetch");
                     cold.opts.prefetch_next = true;
-                    let (_, p) = session_run(&cold, &prompt, opts.tokens)?;
+                    let (_, p) = session_run(&cold, &prompt, opts.tokens, opts.prefill_chunk)?;
                     let ptpt = ms(p.decode) / p.steps.max(1) as f64;
                     s.num("cold_prefetch_next_tpt_ms", ptpt);
                     s.num("prefetch_next_speedup_x", tpt / ptpt);
@@ -371,7 +368,7 @@ pub(crate) fn prefill(
         .max(2);
     let prompt = random_prompt(model, n, 23);
     let dense = dense_bytes_per_token(model) as f64;
-    let chunk = PREFILL_CHUNK;
+    let chunk = opts.prefill_chunk;
     let chunks = n.div_ceil(chunk);
     s.val("prompt_tokens", n);
     s.val("chunk_tokens", chunk);
@@ -379,7 +376,7 @@ pub(crate) fn prefill(
         s.val("page_cache_warm", warm_page_cache(&info.warm_files)?);
     }
     say(&format!("prefill: warm, {n} tokens"));
-    let (warm, _) = session_run(model, &prompt, 0)?;
+    let (warm, _) = session_run(model, &prompt, 0, opts.prefill_chunk)?;
     report_prefill(
         &mut s,
         "warm_prefill",
@@ -400,7 +397,7 @@ pub(crate) fn prefill(
         ));
         let p = &prompt[..m];
         let mixer = |model: &Model| -> Result<f64> {
-            let (r, _) = session_run(model, p, 0)?;
+            let (r, _) = session_run(model, p, 0, opts.prefill_chunk)?;
             Ok(ms(r.stats.total_layers().mixer))
         };
         model.opts.chunked_gdn = false;
@@ -415,7 +412,7 @@ pub(crate) fn prefill(
         say(&format!("prefill: cold (--io direct), {n} tokens"));
         match load(IoMode::Direct) {
             Ok(cold) => {
-                let (r, _) = session_run(&cold, &prompt, 0)?;
+                let (r, _) = session_run(&cold, &prompt, 0, opts.prefill_chunk)?;
                 report_prefill(&mut s, "cold_prefill", &r, dense, chunks, limits, true);
             }
             Err(e) => s.val("cold_note", format!("--io direct unavailable: {e}")),

@@ -582,14 +582,22 @@ fn matmul_few(par_min: usize, a: &AffineView, x: &[f32], n: usize, y: &mut [f32]
 /// per-row kernel wastes less of its register tile (16 inputs wide).
 const BLOCKED_MIN_N: usize = 8;
 
-/// `y [n, rows]` from `yt [rows, n]`.
+/// `y [n, rows]` from `yt [rows, n]`, in tiles of `TR` x `TR`: row by row, a prefill
+/// chunk's product (512 x 12288) wrote each float to a different cache line and page.
 fn transpose_into(yt: &[f32], rows: usize, n: usize, y: &mut [f32]) {
-    for r in 0..rows {
-        for i in 0..n {
-            y[i * rows + r] = yt[r * n + i];
+    for r0 in (0..rows).step_by(TR) {
+        for i0 in (0..n).step_by(TR) {
+            for r in r0..rows.min(r0 + TR) {
+                for i in i0..n.min(i0 + TR) {
+                    y[i * rows + r] = yt[r * n + i];
+                }
+            }
         }
     }
 }
+
+/// Side of `transpose_into`'s tiles: 16 floats are a cache line.
+const TR: usize = 16;
 
 /// Rows per step of `matmul_rows`: each loaded input element is used against this many rows.
 const MM_ROWS: usize = 4;

@@ -54,6 +54,9 @@ pub struct Args {
     /// Prompt length of the prefill benchmark
     #[arg(long, default_value_t = 2000)]
     pub prompt_tokens: usize,
+    /// Tokens per prefill forward call in the prefill benchmark (default: a session's)
+    #[arg(long, default_value_t = flashmoe_core::session::PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
     /// MB of weights each kernel measurement streams per pass
     #[arg(long, default_value_t = 256)]
     pub kernel_mb: usize,
@@ -100,6 +103,7 @@ pub fn run(a: Args) -> Result<()> {
     opts.k = a.k;
     opts.tokens = a.tokens.max(1);
     opts.prompt_tokens = a.prompt_tokens.max(2);
+    opts.prefill_chunk = a.prefill_chunk.max(1);
     opts.kernel_mb = a.kernel_mb.max(1);
     opts.io_mb = a.io_mb.max(1);
     opts.cold = !a.no_cold;
