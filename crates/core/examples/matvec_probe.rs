@@ -2,9 +2,10 @@
 //! passes over distinct matrices, beside the memory read bandwidth of the same run.
 //!   cargo run --release -p flashmoe-core --example matvec_probe -- [MB] [PASSES] SPEC...
 //! SPEC: `q4i:1024x4096` (q4 | q2 | q8 exact, q4i | q2i int8 activations); group 64, bf16
-//! scales. Threads: RAYON_NUM_THREADS. NOPROBE=1 skips most of the memory probe (for
+//! scales. `q4:1024x4096@10`: `matmul` with 10 inputs instead (prefill's few-token experts;
+//! the figure is then also GMAC/s). Threads: RAYON_NUM_THREADS. NOPROBE=1 skips most of the memory probe (for
 //! callgrind: instructions per call = difference of two pass counts, e.g. `1 1` and `1 21`).
-use flashmoe_core::kernels::{matvec_act, ActQuant, AffineView, Scales, WeightView};
+use flashmoe_core::kernels::{matmul, matvec_act, ActQuant, AffineView, Scales, WeightView};
 use half::bf16;
 use std::time::Instant;
 
@@ -15,11 +16,27 @@ fn rnd(s: &mut u64) -> u64 {
     *s
 }
 
+/// Seconds of CPU time this process has used (all threads): on a machine shared with other
+/// work, a time slice lost to another process is not counted against the kernel.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live timespec that clock_gettime fills in.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mb: usize = args[0].parse().unwrap();
     let passes: usize = args[1].parse().unwrap();
     let threads = rayon::current_num_threads();
+    // CPUTIME=1: time passes by the CPU time they used (then GB/s and GMAC/s are per CPU
+    // second: with SPLIT=2, per core).
+    let cpu = std::env::var("CPUTIME").is_ok();
+    let now = || if cpu { cpu_seconds() } else { 0.0 };
     // SPLIT=n: n plain threads, each running its share of the matrices (RAYON_NUM_THREADS=1
     // makes each product serial), as decode runs one expert per thread.
     let split: usize = std::env::var("SPLIT")
@@ -37,6 +54,8 @@ fn main() {
     println!("threads {threads} mem {mem:.2} GB/s");
     for spec in &args[2..] {
         let (f, shape) = spec.split_once(':').unwrap();
+        let (shape, n) = shape.split_once('@').unwrap_or((shape, "1"));
+        let n: usize = n.parse().unwrap();
         let (r, c) = shape.split_once('x').unwrap();
         let (rows, cols): (usize, usize) = (r.parse().unwrap(), c.parse().unwrap());
         let (bits, aq) = match f {
@@ -66,13 +85,13 @@ fn main() {
                 )
             })
             .collect();
-        let x: Vec<f32> = (0..cols)
+        let x: Vec<f32> = (0..cols * n)
             .map(|_| (rnd(&mut s) % 2000) as f32 / 1000.0 - 1.0)
             .collect();
-        let mut y = vec![0f32; rows];
+        let mut y = vec![0f32; rows * n];
         let mut t = Vec::new();
         for _ in 0..passes {
-            let t0 = Instant::now();
+            let (t0, c0) = (Instant::now(), now());
             let run = |mats: &[(Vec<u32>, Vec<bf16>, Vec<bf16>)], y: &mut [f32]| {
                 for (w, sc, bi) in mats {
                     let v = WeightView::Affine(AffineView {
@@ -84,7 +103,11 @@ fn main() {
                         scales: Scales::Bf16(sc),
                         biases: Scales::Bf16(bi),
                     });
-                    matvec_act(aq, &v, &x, y);
+                    if n == 1 {
+                        matvec_act(aq, &v, &x, y);
+                    } else {
+                        matmul(&v, &x, n, y);
+                    }
                 }
             };
             if split > 1 {
@@ -92,21 +115,27 @@ fn main() {
                 std::thread::scope(|s| {
                     for part in mats.chunks(per) {
                         let run = &run;
-                        s.spawn(move || run(part, &mut vec![0f32; rows]));
+                        s.spawn(move || run(part, &mut vec![0f32; rows * n]));
                     }
                 });
             } else {
                 run(&mats, &mut y);
             }
             std::hint::black_box(&y);
-            t.push(t0.elapsed().as_secs_f64());
+            t.push(if cpu {
+                now() - c0
+            } else {
+                t0.elapsed().as_secs_f64()
+            });
         }
         t.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let bytes = (one * copies) as f64;
         let med = bytes / t[t.len() / 2] / 1e9;
         let best = bytes / t[0] / 1e9;
+        let macs = (rows * cols * n * copies) as f64;
+        let (gmac, gmac_best) = (macs / t[t.len() / 2] / 1e9, macs / t[0] / 1e9);
         println!(
-            "{spec:18} copies {copies:4} med {med:6.2} GB/s ({:.3})  best {best:6.2} ({:.3})  us/call {:.1}",
+            "{spec:18} copies {copies:4} med {med:6.2} GB/s ({:.3})  best {best:6.2} ({:.3})  us/call {:.1}  GMAC/s {gmac:.2} best {gmac_best:.2}",
             med / mem,
             best / mem,
             t[t.len() / 2] / copies as f64 * 1e6

@@ -52,7 +52,7 @@ pub struct ModelArgs {
     /// found there is one copy and no read). Default 0: only one layer's staging
     #[arg(long, value_name = "GB", default_value_t = 0.0)]
     pub pinned_cache_gb: f64,
-    /// Prompt tokens per prefill step (default 2048). Each routed expert is read once per step
+    /// Prompt tokens per prefill step (default 1024). Each routed expert is read once per step
     /// for all of the step's tokens, so when experts stream from disk a longer step reads the
     /// model fewer times (faster time to first token on long prompts) for more activation
     /// memory

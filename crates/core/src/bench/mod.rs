@@ -65,6 +65,8 @@ pub struct BenchOptions {
     pub tokens: usize,
     /// Prompt length of the prefill benchmark (the figure is 2,000).
     pub prompt_tokens: usize,
+    /// Tokens per prefill forward call (a session's default unless told otherwise).
+    pub prefill_chunk: usize,
     /// Weight bytes each kernel measurement streams per pass (beyond every cache).
     pub kernel_mb: usize,
     /// Bytes read per I/O measurement.
@@ -73,8 +75,6 @@ pub struct BenchOptions {
     pub cold: bool,
     /// Run the same-run baselines (serial experts, recurrent GDN, next-layer prefetch).
     pub compare: bool,
-    /// Tokens per prefill forward call (as a session's `prefill_chunk`).
-    pub prefill_chunk: usize,
 }
 
 impl BenchOptions {
@@ -84,11 +84,11 @@ impl BenchOptions {
             k: None,
             tokens: 8,
             prompt_tokens: 2000,
+            prefill_chunk: crate::session::DEFAULT_PREFILL_CHUNK,
             kernel_mb: 256,
             io_mb: 1024,
             cold: true,
             compare: true,
-            prefill_chunk: crate::session::DEFAULT_PREFILL_CHUNK,
         }
     }
 }

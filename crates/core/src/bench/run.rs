@@ -88,8 +88,8 @@ struct Run {
     io: ExpertStatsSnapshot,
 }
 
-/// Prefills `prompt` in chunks of `chunk` tokens (timed: time to first token), then decodes `steps` greedy
-/// tokens, driving `Model::forward` exactly as a session does.
+/// Prefills `prompt` in chunks of `chunk` tokens (timed: time to first token), then decodes
+/// `steps` greedy tokens, driving `Model::forward` exactly as a session does.
 fn session_run(model: &Model, prompt: &[u32], steps: usize, chunk: usize) -> Result<(Run, Run)> {
     let mut state = State::new(&model.cfg);
     let c = || model.experts.counters().snapshot();

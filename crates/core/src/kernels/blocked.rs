@@ -276,8 +276,8 @@ fn dequant_segment(
             let g0 = row * a.groups_per_row() + k0 / a.group;
             sbuf.resize(gn + 8, 0.0);
             bbuf.resize(gn + 8, 0.0);
-            a.scales.to_f32_into(g0, &mut sbuf[..gn]);
-            a.biases.to_f32_into(g0, &mut bbuf[..gn]);
+            super::x86::widen_checked(&a.scales, g0, &mut sbuf[..gn]);
+            super::x86::widen_checked(&a.biases, g0, &mut bbuf[..gn]);
             // The segment as a one-row matrix of its own: its blocks start at the segment's
             // start, a multiple of the block, so they are the row's blocks.
             let seg = AffineView {

@@ -14,7 +14,8 @@
 //! - `lanes.rs`: the portable fast kernels, written over 8-lane arrays so LLVM vectorises them;
 //!   also the per-call preparation of `x` shared by every ISA.
 //! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`;
-//!   `x86/affine.rs` the exact affine matvec (codes read as `lanes::CodeRead` says).
+//!   `x86/affine.rs` the exact affine matvec (codes read as `lanes::CodeRead` says);
+//!   `x86/few.rs` the affine product of a few inputs (prefill's routed experts).
 //! - `quantize.rs`: MLX's affine rule and a min-max baseline.
 //! - `blocked.rs`: the AVX2 prefill product (many inputs): dequantised weight tiles against
 //!   packed input panels in a 6x16 register tile.
@@ -456,15 +457,44 @@ pub(crate) fn matmul_with(
     n: usize,
     y: &mut [f32],
 ) {
-    matmul_impl(isa, par_min, n >= BLOCKED_MIN_N, w, x, n, y)
+    matmul_impl(isa, par_min, Many::pick(isa, w, n), w, x, n, y)
 }
 
-/// `matmul_with`, with the choice of the blocked kernel (AVX2 only) made by the caller.
+/// The kernel of a product of several inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Many {
+    /// Rows dequantised a few at a time, one dot product per row and input (`matmul_rows`).
+    Rows,
+    /// AVX2: `blocked.rs`, for many inputs.
+    Blocked,
+    /// AVX2, affine weights: `x86/few.rs`, for a few inputs.
+    Few,
+}
+
+impl Many {
+    /// The fastest kernel for `n` inputs on `isa`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn pick(isa: Isa, w: &WeightView, n: usize) -> Many {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            if matches!(w, WeightView::Affine(_)) && n <= x86::FEW_MAX {
+                return Many::Few;
+            }
+            if n >= BLOCKED_MIN_N {
+                return Many::Blocked;
+            }
+        }
+        Many::Rows
+    }
+}
+
+/// `matmul_with`, with the kernel chosen by the caller (`Blocked` and `Few` are AVX2 only,
+/// `Few` affine only).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn matmul_impl(
     isa: Isa,
     par_min: usize,
-    use_blocked: bool,
+    kernel: Many,
     w: &WeightView,
     x: &[f32],
     n: usize,
@@ -483,7 +513,11 @@ pub(crate) fn matmul_impl(
     // Computed transposed, yt [rows, n], so that each parallel task owns a contiguous slice;
     // the transpose back costs n * rows, nothing next to n * rows * cols.
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && use_blocked {
+    if let (Isa::Avx2, Many::Few, WeightView::Affine(a)) = (isa, kernel, w) {
+        return matmul_few(par_min, a, x, n, y);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && kernel == Many::Blocked {
         let (mut xp, mut yt_buf) = blocked::take_scratch();
         let perm_bits = match w {
             WeightView::Affine(a) => Some(a.bits),
@@ -528,18 +562,42 @@ pub(crate) fn matmul_impl(
     transpose_into(&yt, rows, n, y);
 }
 
+/// `matmul_impl` by `x86/few.rs`.
+#[cfg(target_arch = "x86_64")]
+fn matmul_few(par_min: usize, a: &AffineView, x: &[f32], n: usize, y: &mut [f32]) {
+    let (rows, cols) = (a.rows, a.cols);
+    let (mut xp, mut yt_buf) = blocked::take_scratch();
+    let off = x86::few_pack(a.bits, x, n, cols, &mut xp);
+    let xg = &xp[off..off + n * cols];
+    yt_buf.resize(rows * n, 0.0);
+    let yt = &mut yt_buf[..rows * n];
+    for_row_chunks(par_min, rows * cols * n, rows, n, yt, |r0, ytc| {
+        x86::affine_few(a, xg, n, r0, ytc)
+    });
+    transpose_into(yt, rows, n, y);
+    blocked::put_scratch((xp, yt_buf));
+}
+
 /// From this many inputs up, AVX2 products use the blocked kernel of `blocked.rs`; below, the
 /// per-row kernel wastes less of its register tile (16 inputs wide).
 const BLOCKED_MIN_N: usize = 8;
 
-/// `y [n, rows]` from `yt [rows, n]`.
+/// `y [n, rows]` from `yt [rows, n]`, in tiles of `TR` x `TR`: row by row, a prefill
+/// chunk's product (512 x 12288) wrote each float to a different cache line and page.
 fn transpose_into(yt: &[f32], rows: usize, n: usize, y: &mut [f32]) {
-    for r in 0..rows {
-        for i in 0..n {
-            y[i * rows + r] = yt[r * n + i];
+    for r0 in (0..rows).step_by(TR) {
+        for i0 in (0..n).step_by(TR) {
+            for r in r0..rows.min(r0 + TR) {
+                for i in i0..n.min(i0 + TR) {
+                    y[i * rows + r] = yt[r * n + i];
+                }
+            }
         }
     }
 }
+
+/// Side of `transpose_into`'s tiles: 16 floats are a cache line.
+const TR: usize = 16;
 
 /// Rows per step of `matmul_rows`: each loaded input element is used against this many rows.
 const MM_ROWS: usize = 4;

@@ -133,7 +133,8 @@ fn check_products(rng: &mut StdRng, what: &str, w: &WeightView) {
             assert_close(&tag, &dense, cols, &x, &got, &want);
         }
     }
-    // 2, 3, 6: the per-row kernel; 9, 17, 35: the blocked one with partial input panels.
+    // 2, 3, 6: the per-row kernel (affine on AVX2: the few-input one, as 9); 9, 17, 35: the
+    // blocked one with partial input panels.
     for n in [2, 3, 6, 9, 17, 35] {
         let xs = gauss(rng, n * cols);
         let mut want = vec![0f32; n * rows];
@@ -198,6 +199,44 @@ fn blocked_matmul_several_row_blocks_and_column_slices() {
                         let xi = &xs[i * 640..(i + 1) * 640];
                         let (g, r) = (i * 100, (i + 1) * 100);
                         assert_close(&tag, &dense, 640, xi, &got[g..r], &want[g..r]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn few_input_matmul_every_count_slices_and_row_blocks() {
+    if !x86::available() {
+        return;
+    }
+    // 37 rows: two full 16-row blocks and a partial one. 800 or 832 columns: several column
+    // slices for every input count and width (each 16 KiB of inputs), and a tail past the last
+    // whole block for 4-bit codes at group 32 (800 = 12.5 blocks of 64) and 2-bit ones (6.25
+    // and 6.5 blocks of 128).
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut k = 0;
+    for bits in [2u32, 4, 8] {
+        for group in [32usize, 64] {
+            let (rows, cols) = (37, if group == 32 { 800 } else { 832 });
+            let a = Affine::random(&mut rng, bits, group, rows, cols);
+            let w = a.view(k);
+            k += 1;
+            let dense = dequantize(&w);
+            for n in 2..=x86::FEW_MAX {
+                let xs = gauss(&mut rng, n * cols);
+                let mut want = vec![0f32; n * rows];
+                matmul_ref(&w, &xs, n, &mut want);
+                for par_min in [usize::MAX, 0] {
+                    let mut got = vec![f32::NAN; n * rows];
+                    matmul_impl(Isa::Avx2, par_min, Many::Few, &w, &xs, n, &mut got);
+                    let tag = format!("few b{bits} g{group} n{n} par_min {par_min}");
+                    for i in 0..n {
+                        let xi = &xs[i * cols..(i + 1) * cols];
+                        let (g, r) = (i * rows, (i + 1) * rows);
+                        assert_close(&tag, &dense, cols, xi, &got[g..r], &want[g..r]);
                     }
                 }
             }
