@@ -734,11 +734,18 @@ pub fn bench_cuda_disk(model: &Model, disk: &DiskSource, tokens: usize) -> Resul
         return Ok(json!({ "skipped": "the model has no routed experts" }));
     }
     let mut resident = CudaModel::new(model, &CudaOptions::default())?;
-    let vram_ms = match resident.preload_experts() {
-        Ok(()) if resident.all_resident() => {
-            Some(time_decode(&mut resident, tokens, Pick::Device)?.0)
-        }
-        _ => None,
+    // Preload only when every expert fits: for a model larger than VRAM it would read the
+    // whole expert set from disk for nothing.
+    let fits = resident
+        .cache_info()
+        .is_some_and(|(slots, _, _)| slots >= n_moe * model.cfg.num_experts);
+    if fits {
+        resident.preload_experts()?;
+    }
+    let vram_ms = if resident.all_resident() {
+        Some(time_decode(&mut resident, tokens, Pick::Device)?.0)
+    } else {
+        None
     };
     drop(resident);
     let mut cm = CudaModel::new(
