@@ -506,6 +506,13 @@ fn argmax(v: &[f32]) -> u32 {
     b as u32
 }
 
+/// VRAM expert cache bytes that hold two layers' worth of `k` experts of `ebytes` (with slot
+/// padding): every layer's picks evict the layer before's, so (nearly) every routed expert of
+/// a token misses and is copied in. The host and disk modes' cache.
+fn all_miss_cache(k: usize, ebytes: usize) -> usize {
+    2 * k * (ebytes + 4096)
+}
+
 /// Runs the whole CUDA benchmark; `model` (when `opts.model_decode`) is also decoded.
 pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
     let dev = Device::new(opts.device)?;
@@ -625,7 +632,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let k = synth.top_k;
         let ebytes = synth.experts.expert_bytes();
         let o = CudaOptions {
-            expert_cache_bytes: Some(2 * k * (ebytes + 4096)),
+            expert_cache_bytes: Some(all_miss_cache(k, ebytes)),
             ..Default::default()
         };
         let all: Vec<usize> = (0..POOL).collect();
@@ -668,7 +675,7 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let built = CudaModel::new(
             &synth,
             &CudaOptions {
-                expert_cache_bytes: Some(2 * k * (ebytes + 4096)),
+                expert_cache_bytes: Some(all_miss_cache(k, ebytes)),
                 host_cache_bytes: tier_bytes,
                 ..Default::default()
             },
@@ -751,7 +758,7 @@ pub fn bench_cuda_disk(model: &Model, disk: &DiskSource, tokens: usize) -> Resul
     let mut cm = CudaModel::new(
         disk.direct,
         &CudaOptions {
-            expert_cache_bytes: Some(2 * k * (ebytes + 4096)),
+            expert_cache_bytes: Some(all_miss_cache(k, ebytes)),
             ..Default::default()
         },
     )?;

@@ -376,7 +376,7 @@ pub(crate) fn prefill(
         s.val("page_cache_warm", warm_page_cache(&info.warm_files)?);
     }
     say(&format!("prefill: warm, {n} tokens"));
-    let (warm, _) = session_run(model, &prompt, 0, opts.prefill_chunk)?;
+    let (warm, _) = session_run(model, &prompt, 0, chunk)?;
     report_prefill(
         &mut s,
         "warm_prefill",
@@ -412,7 +412,7 @@ pub(crate) fn prefill(
         say(&format!("prefill: cold (--io direct), {n} tokens"));
         match load(IoMode::Direct) {
             Ok(cold) => {
-                let (r, _) = session_run(&cold, &prompt, 0, opts.prefill_chunk)?;
+                let (r, _) = session_run(&cold, &prompt, 0, chunk)?;
                 report_prefill(&mut s, "cold_prefill", &r, dense, chunks, limits, true);
             }
             Err(e) => s.val("cold_note", format!("--io direct unavailable: {e}")),

@@ -518,28 +518,25 @@ pub(crate) fn matmul_impl(
     }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && kernel == Many::Blocked {
-        let (mut xp, mut yt_buf) = blocked::take_scratch();
-        let perm_bits = match w {
-            WeightView::Affine(a) => Some(a.bits),
-            _ => None,
-        };
-        blocked::pack_inputs(x, n, cols, perm_bits, &mut xp);
-        yt_buf.resize(rows * n, 0.0);
-        let yt = &mut yt_buf[..rows * n];
-        // Row chunks in whole register tiles, so that only a chunk's last tile is partial.
-        let threads = rayon::current_num_threads();
-        let chunk = rows.div_ceil(threads * 4).next_multiple_of(blocked::MR);
-        let run = |r0: usize, ytc: &mut [f32]| blocked::rows_blocked(w, &xp, n, r0, ytc);
-        if rows * cols * n < par_min || threads <= 1 || rows <= chunk {
-            run(0, yt);
-        } else {
-            yt.par_chunks_mut(chunk * n)
-                .enumerate()
-                .for_each(|(i, ytc)| run(i * chunk, ytc));
-        }
-        transpose_into(yt, rows, n, y);
-        blocked::put_scratch((xp, yt_buf));
-        return;
+        return with_scratch(rows, n, y, |xp, yt| {
+            let perm_bits = match w {
+                WeightView::Affine(a) => Some(a.bits),
+                _ => None,
+            };
+            blocked::pack_inputs(x, n, cols, perm_bits, xp);
+            let xp: &[f32] = xp;
+            // Row chunks in whole register tiles, so that only a chunk's last tile is partial.
+            let threads = rayon::current_num_threads();
+            let chunk = rows.div_ceil(threads * 4).next_multiple_of(blocked::MR);
+            let run = |r0: usize, ytc: &mut [f32]| blocked::rows_blocked(w, xp, n, r0, ytc);
+            if rows * cols * n < par_min || threads <= 1 || rows <= chunk {
+                run(0, yt);
+            } else {
+                yt.par_chunks_mut(chunk * n)
+                    .enumerate()
+                    .for_each(|(i, ytc)| run(i * chunk, ytc));
+            }
+        });
     }
     let mut yt = vec![0f32; rows * n];
     // Affine rows are dequantised in the lane-permuted order of `lanes::permute_x`, so the inputs
@@ -566,15 +563,23 @@ pub(crate) fn matmul_impl(
 #[cfg(target_arch = "x86_64")]
 fn matmul_few(par_min: usize, a: &AffineView, x: &[f32], n: usize, y: &mut [f32]) {
     let (rows, cols) = (a.rows, a.cols);
-    let (mut xp, mut yt_buf) = blocked::take_scratch();
-    let off = x86::few_pack(a.bits, x, n, cols, &mut xp);
-    let xg = &xp[off..off + n * cols];
-    yt_buf.resize(rows * n, 0.0);
-    let yt = &mut yt_buf[..rows * n];
-    for_row_chunks(par_min, rows * cols * n, rows, n, yt, |r0, ytc| {
-        x86::affine_few(a, xg, n, r0, ytc)
+    with_scratch(rows, n, y, |xp, yt| {
+        let off = x86::few_pack(a.bits, x, n, cols, xp);
+        let xg = &xp[off..off + n * cols];
+        for_row_chunks(par_min, rows * cols * n, rows, n, yt, |r0, ytc| {
+            x86::affine_few(a, xg, n, r0, ytc)
+        });
     });
-    transpose_into(yt, rows, n, y);
+}
+
+/// Runs `f(xp, yt)` on this thread's kept scratch (`blocked::take_scratch`): `xp` for the
+/// packed inputs, `yt [rows, n]` for the transposed result, which is then written to `y`.
+#[cfg(target_arch = "x86_64")]
+fn with_scratch(rows: usize, n: usize, y: &mut [f32], f: impl FnOnce(&mut Vec<f32>, &mut [f32])) {
+    let (mut xp, mut yt_buf) = blocked::take_scratch();
+    yt_buf.resize(rows * n, 0.0);
+    f(&mut xp, &mut yt_buf[..rows * n]);
+    transpose_into(&yt_buf[..rows * n], rows, n, y);
     blocked::put_scratch((xp, yt_buf));
 }
 
