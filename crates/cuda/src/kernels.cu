@@ -349,10 +349,13 @@ __device__ __forceinline__ void prep_load(uint4 (*wv)[R], const u32* W, const in
 // `early`: the weights (and, for `mpi`, the batch naming them) were complete before the previous
 // kernel started, so the first weight loads may precede the wait. Not so for an `mpi` launched
 // right after the `router_experts` that writes its batch.
+// Dependents are released at the start, or after the wait when the batch is fresh, so a
+// dependent may read the batch before its own wait.
 template <int BITS, int SDT, int R, int D>
 __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early) {
     extern __shared__ __align__(16) unsigned char smem[];
     if (!early) pdl_wait();
+    pdl_release();
     const int EPW = 32 / BITS, PER = 8 / BITS;
     const int XB = 4 * EPW < 32 ? 4 * EPW : 32, WB = 3 * EPW, CS = 4 * WB + 16;
     const u32 M = ((1u << BITS) - 1u) * 0x01010101u;
@@ -778,12 +781,12 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
         qmv_body<BITS, SDT, 4, 1, 4, true>(*pd, rows, cols, lg, ntok, ldx, ldy);                            \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mp(MvBatch p, int rows, int cols, \
-                                                                           int lg, const unsigned char* qx, int qb) { pdl_release(); \
+                                                                           int lg, const unsigned char* qx, int qb) { \
         qmv_prep<BITS, SDT, 4, 2>(p, rows, cols, lg, qx, qb, true);                                         \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mpi(const MvBatch* pd, int rows, \
                                                                             int cols, int lg, const unsigned char* qx, \
-                                                                            int qb, int early) { pdl_release();                      \
+                                                                            int qb, int early) {                      \
         qmv_prep<BITS, SDT, 4, 2>(*pd, rows, cols, lg, qx, qb, early != 0);                                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
@@ -885,14 +888,19 @@ extern "C" __global__ void rmsnorm_rows(const float* x, int ldx, const float* w,
     __shared__ float red[32];
     const float* xr = x + (long)blockIdx.y * ldx;
     float* o = out + (long)blockIdx.y * ldo;
+    // This thread's first output element is fetched with the row, and the row's loads are all
+    // in flight together (16 per thread for 4096 over 256): one L2 round trip, not four.
+    const int i0 = blockIdx.x * blockDim.x + threadIdx.x;
+    const float x0 = i0 < n ? xr[i0] : 0.f, w0 = i0 < n ? w[i0] : 0.f;
     float ss = 0.f;
-#pragma unroll 4
+#pragma unroll 16
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
     ss = block_sum(ss, red);
     float inv = 1.f / sqrtf(ss / n + eps);
     for (int b = blockIdx.x * blockDim.x; b < n; b += gridDim.x * blockDim.x) {
         const int i = b + threadIdx.x;
-        put_prepared(o, i, n, i < n ? xr[i] * inv * w[i] : 0.f, qx, qbits, nullptr, 0);
+        const float xv = i == i0 ? x0 : (i < n ? xr[i] : 0.f), wv = i == i0 ? w0 : (i < n ? w[i] : 0.f);
+        put_prepared(o, i, n, i < n ? xv * inv * wv : 0.f, qx, qbits, nullptr, 0);
     }
 }
 
@@ -966,8 +974,12 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w,
     pdl_wait();
     pdl_release();
     __shared__ float red[32];
+    // As in rmsnorm_rows: the first output element's inputs fetched up front, every load of
+    // the sum in flight together. x + d is the same float whether or not x was updated.
+    const int i0 = blockIdx.x * blockDim.x + threadIdx.x;
+    const float v0 = i0 < n ? x[i0] + d[i0] : 0.f, w0 = i0 < n ? w[i0] : 0.f;
     float ss = 0.f;
-#pragma unroll 4
+#pragma unroll 16
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = x[i] + d[i];
         if (write_x) x[i] = v;
@@ -977,8 +989,9 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w,
     float inv = 1.f / sqrtf(ss / n + eps);
     for (int b = blockIdx.x * blockDim.x; b < n; b += gridDim.x * blockDim.x) {
         const int i = b + threadIdx.x;
-        const float v = i < n ? (write_x ? x[i] : x[i] + d[i]) : 0.f;
-        put_prepared(out, i, n, v * inv * (i < n ? w[i] : 0.f), q1, b1, q2, b2);
+        const float v = i == i0 ? v0 : (i < n ? (write_x ? x[i] : x[i] + d[i]) : 0.f);
+        const float wv = i == i0 ? w0 : (i < n ? w[i] : 0.f);
+        put_prepared(out, i, n, v * inv * wv, q1, b1, q2, b2);
     }
 }
 
@@ -1010,19 +1023,23 @@ extern "C" __global__ void moe_combine(float* x, const float* ye, const float* w
     if (i >= n) return;
     float acc = 0.f;
     if (ys) acc = (sg ? sigmoidf_(*sg) : 1.f) * ys[i];
-    for (int j = 0; j < nexp; j++) acc += wts[j] * ye[(long)j * n + i];
+    // Fixed trip count, so every expert's load is in flight at once (same order of adds).
+#pragma unroll
+    for (int j = 0; j < MAXP; j++)
+        if (j < nexp) acc += wts[j] * ye[(long)j * n + i];
+    for (int j = MAXP; j < nexp; j++) acc += wts[j] * ye[(long)j * n + i];
     if (add) acc += add[i];
     x[i] += acc;
 }
 
 // Router: softmax over E logits (fp32), top-k by probability (ties: lower index; NaN lowest),
-// optional renormalisation over the chosen. One block; dynamic shared memory holds 3E floats
+// optional renormalisation over the chosen. One block of any size; `p` holds 3E floats
 // (probabilities, then candidate values and indices).
-// Selection without K rounds of block-wide argmax: with at least K warps, the K-th largest warp
-// maximum T is a lower bound of the K-th largest probability (K warp maxima are >= T), so only
-// the elements >= T are candidates, and everything that outranks a candidate is a candidate
-// too: each candidate's rank among the candidates (count of larger, or equal with a lower index)
-// is its true rank, and rank < K places it.
+// Selection without K rounds of block-wide argmax: with at least K segments of 32 elements, the
+// K-th largest segment maximum T is a lower bound of the K-th largest probability (K segment
+// maxima are >= T), so only the elements >= T are candidates, and everything that outranks a
+// candidate is a candidate too: each candidate's rank among the candidates (count of larger, or
+// equal with a lower index) is its true rank, and rank < K places it.
 __device__ void topk_body(const float* logits, int E, int K, int norm, int* ids, float* wts, float* p) {
     __shared__ float red[32];
     __shared__ float thr;
@@ -1045,28 +1062,28 @@ __device__ void topk_body(const float* logits, int E, int K, int norm, int* ids,
         s += e;
     }
     s = block_sum(s, red);
-    float wm = -INFINITY;
     for (int i = threadIdx.x; i < E; i += blockDim.x) {
         float v = p[i] / s;
-        v = v != v ? -INFINITY : v;
-        p[i] = v;
-        wm = fmaxf(wm, v);
+        p[i] = v != v ? -INFINITY : v;
     }
-    wm = warp_max(wm);
-    __syncthreads();
-    if (lane == 0) red[threadIdx.x >> 5] = wm;
+    // Segment maxima into cv (each lane reads the element it wrote just above).
+    const int ns = (E + 31) / 32;
+    for (int b = (threadIdx.x >> 5) * 32; b < E; b += blockDim.x) {
+        float v = warp_max(b + lane < E ? p[b + lane] : -INFINITY);
+        if (lane == 0) cv[b / 32] = v;
+    }
     if (threadIdx.x == 0) {
         nc = 0;
         thr = -INFINITY;
     }
     __syncthreads();
-    // K-th largest warp maximum (duplicates counted, ties by warp index, so exactly one warp has
-    // rank K-1), or no bound with fewer warps than K. One thread per warp maximum ranks it.
-    if (nw >= K && threadIdx.x < nw) {
-        const int w = threadIdx.x;
+    // K-th largest segment maximum (duplicates counted, ties by segment index, so exactly one
+    // segment has rank K-1), or no bound with fewer segments than K.
+    for (int g = threadIdx.x; ns >= K && g < ns; g += blockDim.x) {
+        const float v = cv[g];
         int above = 0;
-        for (int q = 0; q < nw; q++) above += red[q] > red[w] || (red[q] == red[w] && q < w);
-        if (above == K - 1) thr = red[w];
+        for (int q = 0; q < ns; q++) above += cv[q] > v || (cv[q] == v && q < g);
+        if (above == K - 1) thr = v;
     }
     __syncthreads();
     const float t = thr;
@@ -1260,13 +1277,27 @@ extern "C" __global__ void attn_decode(const float* q, const float* kc, const fl
 // Gated DeltaNet (arch-spec §6), one token.
 // ---------------------------------------------------------------------------------------------
 // Depthwise causal conv over [state (K-1 rows, oldest first); mixed], SiLU; shifts the state.
+#define GDN_MAXK 8
 extern "C" __global__ void gdn_conv(const float* mixed, float* state, const float* w, int cd, int K, float* u) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    // The weights and this layer's own state are fetched before the wait for the
+    // in-projection's output. The state's writer (this kernel, a token ago) is complete: the
+    // gdn_step after it released its dependents only after waiting for it.
+    float acc = 0.f;
+    if (c < cd && K <= GDN_MAXK) {
+        float wv[GDN_MAXK], sv[GDN_MAXK];
+#pragma unroll
+        for (int j = 0; j < GDN_MAXK - 1; j++)
+            if (j < K - 1) { wv[j] = w[(long)c * K + j]; sv[j] = state[(long)j * cd + c]; }
+#pragma unroll
+        for (int j = 0; j < GDN_MAXK - 1; j++)
+            if (j < K - 1) acc += wv[j] * sv[j];
+    }
     pdl_wait();
     pdl_release();
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cd) return;
-    float acc = 0.f;
-    for (int j = 0; j < K - 1; j++) acc += w[(long)c * K + j] * state[(long)j * cd + c];
+    if (K > GDN_MAXK)
+        for (int j = 0; j < K - 1; j++) acc += w[(long)c * K + j] * state[(long)j * cd + c];
     float xin = mixed[c];
     acc += w[(long)c * K + K - 1] * xin;
     u[c] = siluf_(acc);
@@ -1297,6 +1328,19 @@ __device__ __forceinline__ void gdn_step_body(const float* u, const float* bv, c
     const bool act = part < P && v < dv;
     const int rp = (dk + P - 1) / P, i0 = part * rp;
     const int rep = nv / nk, kh = h / rep, kd = nk * dk;
+    // The state (this kernel's own output a token ago; gdn_conv, launched before this one,
+    // released it only after its wait) and the head's constants are read before waiting for
+    // the inputs.
+    float* col = S + (long)h * dk * dv + v;
+    float s[GDN_RP];
+#pragma unroll
+    for (int r = 0; r < GDN_RP; r++) {
+        int i = i0 + r;
+        if (act && r < rp && i < dk) s[r] = col[(long)i * dv];
+    }
+    const float dtb = dt_bias[h], na = neg_a[h];
+    pdl_wait();
+    pdl_release();
     const float* qs = u + (long)kh * dk;
     const float* ks = u + kd + (long)kh * dk;
     float sq = 0.f, sk = 0.f;
@@ -1308,17 +1352,15 @@ __device__ __forceinline__ void gdn_step_body(const float* u, const float* bv, c
     for (int i = threadIdx.x; i < dk; i += blockDim.x) { qn[i] = qs[i] * rq; kn[i] = ks[i] * rk; }
     __syncthreads();
     const float beta = sigmoidf_(bv[h]);
-    const float x = av[h] + dt_bias[h];
+    const float x = av[h] + dtb;
     const float sp = x > 20.f ? x : log1pf(expf(x));
-    const float decay = expf(neg_a[h] * sp);
-    float* col = S + (long)h * dk * dv + v;
-    float s[GDN_RP];
+    const float decay = expf(na * sp);
     float kvm = 0.f;
 #pragma unroll
     for (int r = 0; r < GDN_RP; r++) {
         int i = i0 + r;
         if (act && r < rp && i < dk) {
-            s[r] = col[(long)i * dv] * decay;
+            s[r] *= decay;
             kvm += s[r] * kn[i];
         }
     }
@@ -1350,16 +1392,12 @@ __device__ __forceinline__ void gdn_step_body(const float* u, const float* bv, c
 extern "C" __global__ void __launch_bounds__(1024) gdn_step(const float* u, const float* bv, const float* av,
                                                             const float* dt_bias, const float* neg_a, float* S,
                                                             float* y, int nk, int nv, int dk, int dv, int P, int nc) {
-    pdl_wait();
-    pdl_release();
     gdn_step_body<16>(u, bv, av, dt_bias, neg_a, S, y, nk, nv, dk, dv, P, nc);
 }
 extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, const float* bv, const float* av,
                                                                 const float* dt_bias, const float* neg_a, float* S,
                                                                 float* y, int nk, int nv, int dk, int dv, int P,
                                                                 int nc) {
-    pdl_wait();
-    pdl_release();
     gdn_step_body<128>(u, bv, av, dt_bias, neg_a, S, y, nk, nv, dk, dv, P, nc);
 }
 
@@ -1367,15 +1405,19 @@ extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, 
 // qbits (dv a multiple of 32), y is also prepared at qx for the out-projection's `mp` matvec.
 extern "C" __global__ void gdn_out_norm(float* y, const float* z, const float* w, int dv, float eps,
                                         unsigned char* qx, int qbits, int cols) {
-    pdl_wait();
-    pdl_release();
     __shared__ float red[32];
     const int h = blockIdx.x, v = threadIdx.x;
     const long e = (long)h * dv + v;
+    // The norm weight, and z (the in-projection's output, two launches back: gdn_step
+    // released this launch only after waiting for gdn_conv, which waited for it), before the
+    // wait for y.
+    const float wv = v < dv ? w[v] : 0.f, zv = v < dv ? z[e] : 0.f;
+    pdl_wait();
+    pdl_release();
     const float o = v < dv ? y[e] : 0.f;
     const float ss = block_sum(o * o, red);
     const float inv = 1.f / sqrtf(ss / dv + eps);
-    const float r = v < dv ? o * inv * w[v] * siluf_(z[e]) : 0.f;
+    const float r = v < dv ? o * inv * wv * siluf_(zv) : 0.f;
     if (v < dv) y[e] = r;
     if (qbits) quant_x3_any(qbits, r, v < dv ? (int)e : cols, cols, qx);
 }
