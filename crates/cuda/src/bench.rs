@@ -425,14 +425,43 @@ fn time_decode(cm: &mut CudaModel, n: usize, pick: Pick) -> Result<(f64, Value)>
     ))
 }
 
+/// Microseconds per launch of a chain of dependent minimal steps (`ops::chain_step`, each
+/// reading the vector the one before wrote), launched as the token's kernels are: the least a
+/// dependent launch costs on this device, whatever it computes. Best of 5 chains of 100.
+fn chain_step_us(dev: &Device) -> Result<f64> {
+    let n = 4096;
+    let a = dev.upload_f32(&vec![1.0; n])?;
+    let b = dev.upload_f32(&vec![1.0; n])?;
+    let (e0, e1) = (dev.event()?, dev.event()?);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        dev.record(&e0, &dev.compute)?;
+        for i in 0..100 {
+            let (x, y) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            ops::chain_step(dev, x.ptr(), y.ptr(), n)?;
+        }
+        dev.record(&e1, &dev.compute)?;
+        dev.sync()?;
+        best = best.min(dev.elapsed_ms(&e0, &e1)? as f64 * 1e3 / 100.0);
+    }
+    Ok(best)
+}
+
 /// One greedy token with an event after every launch: where a VRAM-resident token's time goes.
-fn trace_token(cm: &mut CudaModel) -> Result<Value> {
+/// With the same run's D2D bandwidth and dependent-step cost, also the token's chain floor:
+/// each launch costs at least one dependent step or its weight bytes at D2D, whichever is more.
+fn trace_token(cm: &mut CudaModel, d2d: f64) -> Result<Value> {
+    let step_us = chain_step_us(&cm.dev)?;
     let mut st = cm.new_state()?;
     cm.forward_argmax(&[1], &mut st)?;
     let start = cm.dev.trace_start()?;
     let r = cm.forward_argmax(&[2], &mut st);
-    let t = cm.dev.trace_finish(&start)?;
+    let (t, per_launch) = cm.dev.trace_finish(&start)?;
     r?;
+    let floor_us: f64 = per_launch
+        .iter()
+        .map(|&b| step_us.max(b as f64 / (d2d * 1e3)))
+        .sum();
     let total: f64 = t.iter().map(|k| k.total_us).sum();
     let rows: Vec<Value> = t
         .iter()
@@ -443,14 +472,20 @@ fn trace_token(cm: &mut CudaModel) -> Result<Value> {
                 "launches": k.launches,
                 "total_us": k.total_us,
                 "per_launch_us": k.total_us / k.launches as f64,
+                "weight_bytes": k.bytes,
             })
         })
         .collect();
     Ok(json!({
         "note": "one token, an event after each launch (serialised: no dependent-launch overlap)",
         "total_us": total,
-        "launches": t.iter().map(|k| k.launches).sum::<usize>(),
+        "launches": per_launch.len(),
         "kernels": rows,
+        "chain_floor": {
+            "note": "sum over the token's launches of max(one dependent step, the launch's weight bytes / D2D): the least a token of these launches costs, each step measured in the same run as a chain of minimal dependent kernels",
+            "step_us": step_us,
+            "floor_ms": floor_us * 1e-3,
+        },
     }))
 }
 
@@ -608,7 +643,13 @@ pub fn bench_cuda(model: &Model, opts: &BenchOptions) -> Result<Value> {
         let float = time_decode(&mut cm, opts.tokens, Pick::Device);
         ops::set_affine_path(ops::AffinePath::Auto);
 
-        j["kernel_trace"] = trace_token(&mut cm)?;
+        let trace = trace_token(&mut cm, d2d)?;
+        let floor_ms = trace["chain_floor"]["floor_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        j["kernel_trace"] = trace;
+        j["chain_floor_ms"] = json!(floor_ms);
+        j["time_over_chain_floor_ratio"] = json!(ms / floor_ms);
         j["graph"] = graph_replay(&mut cm, opts.tokens).unwrap_or_else(|e| json!(e.to_string()));
         j["ms_per_token_logits_to_host"] = json!(ms_logits);
         j["ms_per_token_float_kernels"] = json!(float?.0);

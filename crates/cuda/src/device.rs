@@ -172,10 +172,12 @@ pub struct Device {
     /// When on (`trace_start`), an event after every compute-stream launch: the bench's
     /// per-kernel breakdown of one token. Off in normal runs.
     trace: std::sync::Mutex<Option<Vec<Traced>>>,
+    /// Weight bytes the next launch reads, noted by the matvec wrappers for the trace.
+    pending_bytes: std::sync::atomic::AtomicUsize,
 }
 
-/// One traced launch: kernel name, grid, and the event recorded after it.
-struct Traced(String, (u32, u32, u32), Event);
+/// One traced launch: kernel name, grid, weight bytes read, and the event recorded after it.
+struct Traced(String, (u32, u32, u32), usize, Event);
 
 /// Per-kernel time of a traced stretch of work (each launch serialised behind an event, so
 /// the times include each launch's own latency and none of the dependent-launch overlap).
@@ -185,6 +187,8 @@ pub struct KernelTime {
     pub grid: (u32, u32, u32),
     pub launches: usize,
     pub total_us: f64,
+    /// Weight bytes the launches read (matvecs; 0 for the rest).
+    pub bytes: usize,
 }
 
 fn cache_dir() -> PathBuf {
@@ -244,6 +248,7 @@ fn kernel_names() -> Vec<String> {
         "gdn_step",
         "gdn_step_wide",
         "gdn_out_norm",
+        "chain_step",
     ] {
         v.push(k.to_string());
     }
@@ -305,6 +310,7 @@ impl Device {
             arch,
             sms,
             trace: std::sync::Mutex::new(None),
+            pending_bytes: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -613,10 +619,13 @@ impl Device {
         .map_err(|e| drv(&format!("launch {name}"), e))?;
         if std::ptr::eq(stream, &*self.compute) {
             let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes = self
+                .pending_bytes
+                .swap(0, std::sync::atomic::Ordering::Relaxed);
             if let Some(v) = t.as_mut() {
                 let ev = self.event()?;
                 self.record(&ev, stream)?;
-                v.push(Traced(name.to_string(), cfg.grid_dim, ev));
+                v.push(Traced(name.to_string(), cfg.grid_dim, bytes, ev));
             }
         }
         Ok(())
@@ -630,9 +639,15 @@ impl Device {
         Ok(ev)
     }
 
+    /// Notes the weight bytes the next compute-stream launch reads (for the trace).
+    pub fn note_bytes(&self, n: usize) {
+        self.pending_bytes
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Stops tracing, waits for the traced work and sums the time between consecutive events
-    /// per (kernel, grid), longest first.
-    pub fn trace_finish(&self, start: &Event) -> Result<Vec<KernelTime>> {
+    /// per (kernel, grid), longest first; also each launch's weight bytes, in launch order.
+    pub fn trace_finish(&self, start: &Event) -> Result<(Vec<KernelTime>, Vec<usize>)> {
         let v = self
             .trace
             .lock()
@@ -642,7 +657,7 @@ impl Device {
         self.sync()?;
         let mut out: Vec<KernelTime> = Vec::new();
         let mut prev = start;
-        for Traced(name, grid, ev) in &v {
+        for Traced(name, grid, bytes, ev) in &v {
             let us = self.elapsed_ms(prev, ev)? as f64 * 1e3;
             prev = ev;
             match out
@@ -652,17 +667,19 @@ impl Device {
                 Some(k) => {
                     k.launches += 1;
                     k.total_us += us;
+                    k.bytes += bytes;
                 }
                 None => out.push(KernelTime {
                     kernel: name.clone(),
                     grid: *grid,
                     launches: 1,
                     total_us: us,
+                    bytes: *bytes,
                 }),
             }
         }
         out.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
-        Ok(out)
+        Ok((out, v.iter().map(|t| t.2).collect()))
     }
 
     pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {

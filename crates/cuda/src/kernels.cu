@@ -904,6 +904,21 @@ extern "C" __global__ void rmsnorm_rows(const float* x, int ldx, const float* w,
     }
 }
 
+// The bench's dependent-step probe: the least a decode step does after its predecessor (wait,
+// read the n-float vector it wrote, reduce over the block, write a slice). A chain of these
+// launched like the token's kernels measures what one dependent launch costs on this device.
+extern "C" __global__ void chain_step(const float* x, float* y, int n) {
+    pdl_wait();
+    pdl_release();
+    __shared__ float red[32];
+    float ss = 0.f;
+#pragma unroll 16
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += x[i] * x[i];
+    ss = block_sum(ss, red);
+    const float r = 1.f / sqrtf(ss / n + 1e-6f);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = x[i] * r;
+}
+
 // Greedy decoding reads 4 bytes back instead of the vocabulary's logits: *key = max over i of
 // (order-preserving bits of x[i]) << 32 | ~i, so the largest value wins and, among equal
 // values, the lowest index; NaN never wins. Blocks reduce their slice and meet in one 64-bit

@@ -524,6 +524,7 @@ pub fn matvec_batch_prepared(
             launch_prepared(dev, m, &name, cfg, || A::B(p.clone()), pre, false)?;
             continue;
         }
+        dev.note_bytes(m.nbytes() * chunk.len());
         dev.launch_on(
             stream,
             &name,
@@ -582,6 +583,7 @@ fn launch_prepared(
                 p.bits
             )));
         }
+        dev.note_bytes(m.nbytes() * cfg.grid_dim.1 as usize);
         return dev.launch(name, cfg, &tail(p.at, p.qb));
     }
     let qb = qx_size(bits, m.cols);
@@ -605,6 +607,7 @@ fn launch_prepared(
     // The matvec's blocks start while `quant_x3` runs (it releases them at once) and load their
     // first weights before waiting for the prepared x (every compute-stream launch is a
     // dependent launch on Hopper, see `Device::launch_on`).
+    dev.note_bytes(m.nbytes() * nprob as usize);
     dev.launch(name, cfg, &tail(dev.qx.ptr(), qb))
 }
 
@@ -634,6 +637,7 @@ pub fn matvec_indirect(
     if name.contains("_mp") {
         return launch_prepared(dev, m, &name, cfg, || A::P(pd), pre, batch_fresh);
     }
+    dev.note_bytes(m.nbytes() * nprob);
     dev.launch(
         &name,
         cfg,
@@ -859,6 +863,17 @@ pub fn swiglu(
             A::I(pre.map_or(0, |p| p.qb) as i32),
         ],
     )
+}
+
+/// The bench's dependent-step probe (`chain_step` in kernels.cu): y = x / rms(x) over `n`
+/// floats, 16 blocks each reading all of x and writing its slice, like the token's norms.
+pub fn chain_step(dev: &Device, x: u64, y: u64, n: usize) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (16, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch("chain_step", cfg, &[A::P(x), A::P(y), A::I(n as i32)])
 }
 
 /// x += Σ_j wts[j] ye[j] + sigmoid(sg) ys (+ add). Null pointers (0) drop a term.
