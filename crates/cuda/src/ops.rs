@@ -524,7 +524,9 @@ pub fn matvec_batch_prepared(
             launch_prepared(dev, m, &name, cfg, || A::B(p.clone()), pre, false)?;
             continue;
         }
-        dev.note_bytes(m.nbytes() * chunk.len());
+        if std::ptr::eq(stream, &*dev.compute) {
+            dev.note_bytes(m.nbytes() * chunk.len());
+        }
         dev.launch_on(
             stream,
             &name,
