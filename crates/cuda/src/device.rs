@@ -152,6 +152,20 @@ pub struct ExpertBatchArgs {
     pub h: i32,
 }
 
+/// What an `mpc` / `mpa` matvec does besides writing its outputs (mirrors `Epi` in
+/// kernels.cu, passed by value): the GatedDeltaNet conv of rows < cd (state, weights, output,
+/// kernel size) or the argmax key.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Epi {
+    pub state: u64,
+    pub w: u64,
+    pub u: u64,
+    pub cd: i32,
+    pub k: i32,
+    pub key: u64,
+}
+
 pub struct Device {
     /// Scratch for x prepared by `quant_x3_*` for the `mp` matvec kernels, used on the
     /// compute stream only ([`crate::ops::QX_SCRATCH`] bytes). Declared before `ctx` so that it
@@ -216,8 +230,8 @@ fn kernel_names() -> Vec<String> {
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
             for var in [
-                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mp", "mpi", "mm", "mt1", "mt1i",
-                "mt2", "mt2i",
+                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mp", "mpi", "mpc", "mpa", "mm",
+                "mt1", "mt1i", "mt2", "mt2i",
             ] {
                 v.push(format!("qmv{bits}_{s}_{var}"));
             }
@@ -584,6 +598,7 @@ impl Device {
                 A::D(v) => v as *const f64 as *mut c_void,
                 A::B(v) => &**v as *const MvBatch as *mut c_void,
                 A::E(v) => &**v as *const ExpertBatchArgs as *mut c_void,
+                A::X(v) => &**v as *const Epi as *mut c_void,
             })
             .collect();
         let dependent = self.arch.0 >= 9 && std::ptr::eq(stream, &*self.compute);
@@ -697,4 +712,5 @@ pub enum A {
     D(f64),
     B(Box<MvBatch>),
     E(Box<ExpertBatchArgs>),
+    X(Box<Epi>),
 }

@@ -66,6 +66,13 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// Greedy decoding's order-preserving key of (value, index): see argmax_f32.
+__device__ __forceinline__ u64 amax_key(float v, int i) {
+    u32 b = __float_as_uint(v);
+    u32 o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    if (v != v) o = 0;
+    return ((u64)o << 32) | (u32)~(u32)i;
+}
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x / (1.f + expf(-x)); }
 
@@ -351,8 +358,24 @@ __device__ __forceinline__ void prep_load(uint4 (*wv)[R], const u32* W, const in
 // right after the `router_experts` that writes its batch.
 // Dependents are released at the start, or after the wait when the batch is fresh, so a
 // dependent may read the batch before its own wait.
-template <int BITS, int SDT, int R, int D>
-__device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early) {
+// What an `mp` launch does with its outputs besides writing them (EPI):
+// 1 (`mpc`): the GatedDeltaNet causal conv of output rows < cd (one channel per row: the
+//   in-projection's q, k, v), as `gdn_conv` does: u[row] = silu(sum_j w[row, j] state[j, row] +
+//   w[row, K-1] y[row]) and the conv state shifted, by the lane that owns the row. Its inputs
+//   are read when the row group starts (the state's writer is this kernel a token ago).
+// 2 (`mpa`): greedy decoding's argmax: each block's largest amax_key over its rows, one
+//   atomicMax per block into *key (zero before the launch), as `argmax_f32` does.
+#define EPI_MAXK 8
+struct Epi {
+    float* state;
+    const float* w;
+    float* u;
+    int cd, K;
+    u64* key;
+};
+template <int BITS, int SDT, int R, int D, int EPI = 0>
+__device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early,
+                         Epi ep = Epi{}) {
     extern __shared__ __align__(16) unsigned char smem[];
     if (!early) pdl_wait();
     pdl_release();
@@ -373,6 +396,20 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
     int rowv[R];
 #pragma unroll
     for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
+    // EPI 1: lane r < R holds row row0 + r's conv weights and state.
+    float cw[EPI_MAXK], cs[EPI_MAXK];
+    auto conv_load = [&]() {
+        const int row = row0 + lane;
+        if (EPI == 1 && lane < R && row < rows && row < ep.cd)
+#pragma unroll
+            for (int j = 0; j < EPI_MAXK; j++)
+                if (j < ep.K) {
+                    cw[j] = ep.w[(long)row * ep.K + j];
+                    if (j < ep.K - 1) cs[j] = ep.state[(long)j * ep.cd + row];
+                }
+    };
+    conv_load();
+    u64 best = 0;
     // The first weights are in flight while the prepared x is copied into shared memory.
     uint4 wv[D][R];
     prep_load<BITS, R, D>(wv, W, rowv, wpr, lane, nch);
@@ -440,17 +477,50 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
                 }
             }
         }
+        float mine = 0.f;  // EPI 1: lane r's row value
 #pragma unroll
         for (int r = 0; r < R; r++) {
             float v = warp_sum(acc[r]);
             if (lane == 0 && row0 + r < rows) Y[row0 + r] = v;
+            if (EPI == 1 && lane == r) mine = v;
+            if (EPI == 2 && row0 + r < rows) {
+                const u64 k = amax_key(v, row0 + r);
+                best = k > best ? k : best;
+            }
+        }
+        if (EPI == 1) {
+            const int row = row0 + lane;
+            if (lane < R && row < rows && row < ep.cd) {
+                float a = 0.f, wl = 0.f;
+#pragma unroll
+                for (int j = 0; j < EPI_MAXK; j++) {
+                    if (j < ep.K - 1) a += cw[j] * cs[j];
+                    if (j == ep.K - 1) wl = cw[j];
+                }
+                a += wl * mine;
+                ep.u[row] = siluf_(a);
+#pragma unroll
+                for (int j = 0; j + 1 < EPI_MAXK - 1; j++)
+                    if (j + 1 < ep.K - 1) ep.state[(long)j * ep.cd + row] = cs[j + 1];
+                if (ep.K > 1) ep.state[(long)(ep.K - 2) * ep.cd + row] = mine;
+            }
         }
         grp += gridDim.x;
         if (grp >= groups) break;
         row0 = (grp * nw + warp) * R;
 #pragma unroll
         for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
+        conv_load();
         prep_load<BITS, R, D>(wv, W, rowv, wpr, lane, nch);
+    }
+    if (EPI == 2) {
+        __shared__ u64 bk[32];
+        if (lane == 0) bk[warp] = best;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < nw; w++) best = bk[w] > best ? bk[w] : best;
+            atomicMax((unsigned long long*)ep.key, (unsigned long long)best);
+        }
     }
 }
 
@@ -789,6 +859,16 @@ __device__ void dmv_body(const MvBatch& p, int rows, int cols, int ntok, int ldx
                                                                             int qb, int early) {                      \
         qmv_prep<BITS, SDT, 4, 2>(*pd, rows, cols, lg, qx, qb, early != 0);                                 \
     }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mpc(MvBatch p, int rows, int cols, \
+                                                                            int lg, const unsigned char* qx, int qb, \
+                                                                            Epi ep) {                             \
+        qmv_prep<BITS, SDT, 4, 2, 1>(p, rows, cols, lg, qx, qb, true, ep);                                  \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 2) qmv##BITS##_##SN##_mpa(MvBatch p, int rows, int cols, \
+                                                                            int lg, const unsigned char* qx, int qb, \
+                                                                            Epi ep) {                             \
+        qmv_prep<BITS, SDT, 4, 2, 2>(p, rows, cols, lg, qx, qb, true, ep);                                  \
+    }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) qmv##BITS##_##SN##_mm(MvBatch p, int rows, int cols, \
                                                                            int lg, int ntok, int ldx, int ldy) { pdl_wait(); pdl_release(); \
         qmv_body<BITS, SDT, 1, 8, 2, false>(p, rows, cols, lg, ntok, ldx, ldy);                                \
@@ -923,12 +1003,6 @@ extern "C" __global__ void chain_step(const float* x, float* y, int n) {
 // (order-preserving bits of x[i]) << 32 | ~i, so the largest value wins and, among equal
 // values, the lowest index; NaN never wins. Blocks reduce their slice and meet in one 64-bit
 // atomicMax; *key must be 0 before the launch. The index is ~(low 32 bits).
-__device__ __forceinline__ u64 amax_key(float v, int i) {
-    u32 b = __float_as_uint(v);
-    u32 o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-    if (v != v) o = 0;
-    return ((u64)o << 32) | (u32)~(u32)i;
-}
 extern "C" __global__ void argmax_f32(const float* x, int n, u64* key) {
     pdl_wait();
     pdl_release();

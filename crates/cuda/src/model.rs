@@ -154,6 +154,16 @@ struct Scratch {
     amax_host: Pinned,
 }
 
+/// What a token computes after its last layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    None,
+    /// The logits, into `s.logits`.
+    Logits,
+    /// The logits and their argmax key, into `s.amax`.
+    Argmax,
+}
+
 /// The CPU model a [`CudaModel`] was built from: borrowed (tools, tests, bench) or shared
 /// (an engine that owns its backend: [`CudaModel::new_shared`]).
 #[derive(Clone)]
@@ -660,7 +670,7 @@ impl<'m> CudaModel<'m> {
         for (i, &id) in tokens.iter().enumerate() {
             let last = i + 1 == tokens.len();
             let need = want == Logits::All || last;
-            self.token(id, state, need)?;
+            self.token(id, state, if need { Head::Logits } else { Head::None })?;
             if need {
                 self.read_logits(&mut out)?;
             } else {
@@ -678,10 +688,9 @@ impl<'m> CudaModel<'m> {
         let mut next = 0;
         for (i, &id) in tokens.iter().enumerate() {
             let last = i + 1 == tokens.len();
-            self.token(id, state, last)?;
+            self.token(id, state, if last { Head::Argmax } else { Head::None })?;
             if last {
                 let s = &self.s;
-                ops::argmax(&self.dev, s.logits.ptr(), self.cfg.vocab_size, s.amax.ptr())?;
                 self.dev
                     .dtoh_async(&s.amax_host, s.amax.ptr(), 8, &self.dev.compute)?;
                 self.dev.sync()?;
@@ -705,9 +714,7 @@ impl<'m> CudaModel<'m> {
             ));
         }
         self.check_tokens(&[id], state)?;
-        self.token(id, state, true)?;
-        let s = &self.s;
-        ops::argmax(&self.dev, s.logits.ptr(), self.cfg.vocab_size, s.amax.ptr())
+        self.token(id, state, Head::Argmax)
     }
 
     /// Appends `s.logits` (after the compute stream's work) to `out`, through pinned memory.
@@ -860,9 +867,24 @@ impl<'m> CudaModel<'m> {
                 let g = self.gdn_shape();
                 let cd = g.conv_dim();
                 let vd = g.nv * g.dv;
-                proj.run_prepared(dev, s.xn.ptr(), s.proj.ptr(), pre)?;
                 let p = s.proj.ptr();
-                ops::gdn_conv(dev, &g, p, conv.ptr(), conv_w.ptr(), s.u.ptr())?;
+                let conv_epi = ops::Epilogue::Conv {
+                    state: conv.ptr(),
+                    w: conv_w.ptr(),
+                    u: s.u.ptr(),
+                    cd,
+                    k: g.kconv,
+                };
+                match (proj.single(), pre) {
+                    // The in-projection's blocks run the conv of the channels they produce.
+                    (Some(m), Some(pr)) if ops::epilogue_fits(&m, pre, &conv_epi) => {
+                        ops::matvec_epilogue(dev, &m, s.xn.ptr(), p, pr, conv_epi)?;
+                    }
+                    _ => {
+                        proj.run_prepared(dev, s.xn.ptr(), p, pre)?;
+                        ops::gdn_conv(dev, &g, p, conv.ptr(), conv_w.ptr(), s.u.ptr())?;
+                    }
+                }
                 let z = p + (cd * 4) as u64;
                 let b = z + (vd * 4) as u64;
                 let a = b + (g.nv * 4) as u64;
@@ -915,11 +937,16 @@ impl<'m> CudaModel<'m> {
         post.into_iter().flatten().find(|p| Some(p.bits) == bits)
     }
 
-    /// One token through every layer; logits into `s.logits` when `head`.
-    fn token(&mut self, id: u32, state: &mut CudaState, head: bool) -> Result<()> {
+    /// One token through every layer; with `head`, logits into `s.logits`, and with
+    /// `Head::Argmax` also their argmax key into `s.amax`.
+    fn token(&mut self, id: u32, state: &mut CudaState, head: Head) -> Result<()> {
         let h = self.cfg.hidden_size;
         let eps = self.cfg.rms_norm_eps;
         let pos = state.pos;
+        if head == Head::Argmax {
+            // Zeroed first, so nothing but kernels runs between the head and its argmax.
+            self.dev.memset_async(self.s.amax.ptr(), 8)?;
+        }
         self.dev.record(&self.ev_tok0, &self.dev.compute)?;
         ops::embed_row(
             &self.dev,
@@ -938,7 +965,7 @@ impl<'m> CudaModel<'m> {
         }
         state.pos += 1;
         let s = &self.s;
-        if head {
+        if head != Head::None {
             let pre = prepared_in(&self.dev, &self.lm_head, 0);
             ops::rmsnorm_rows(
                 &self.dev,
@@ -952,8 +979,20 @@ impl<'m> CudaModel<'m> {
                 eps,
                 pre,
             )?;
-            self.lm_head
-                .run_prepared(&self.dev, s.xn.ptr(), s.logits.ptr(), pre)?;
+            let (dev, logits, key) = (&self.dev, s.logits.ptr(), s.amax.ptr());
+            let epi = ops::Epilogue::Argmax { key };
+            match (head, self.lm_head.single(), pre) {
+                // The head's blocks reduce their rows' argmax as they write them.
+                (Head::Argmax, Some(m), Some(p)) if ops::epilogue_fits(&m, pre, &epi) => {
+                    ops::matvec_epilogue(dev, &m, s.xn.ptr(), logits, p, epi)?;
+                }
+                _ => {
+                    self.lm_head.run_prepared(dev, s.xn.ptr(), logits, pre)?;
+                    if head == Head::Argmax {
+                        ops::argmax_zeroed(dev, logits, self.cfg.vocab_size, key)?;
+                    }
+                }
+            }
         }
         self.dev.record(&self.ev_tok1, &self.dev.compute)?;
         Ok(())

@@ -6,7 +6,7 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 use flashmoe_core::store::DType;
 use flashmoe_core::weights::Linear;
 
-use crate::device::{DBuf, Device, MvBatch, A, MAXP};
+use crate::device::{DBuf, Device, Epi, MvBatch, A, MAXP};
 use crate::{CudaError, Result};
 
 const DT_NAMES: [&str; 3] = ["bf16", "f16", "f32"];
@@ -18,6 +18,113 @@ thread_local! {
     static AFFINE_PATH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static MMA_TILE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static ROWS_PER_WARP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// 0 = from `FLASHMOE_CUDA_EPILOGUES` (on unless "0"), 1 = on, 2 = off.
+    static EPILOGUES: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the token path folds work into a matvec's epilogue ([`Epilogue`]) for launches from
+/// this thread, or runs the plain twins (`gdn_conv`, `argmax`); tests compare the two, and
+/// `FLASHMOE_CUDA_EPILOGUES=0` turns them off for a bench A/B.
+pub fn set_epilogues(on: bool) {
+    EPILOGUES.with(|c| c.set(if on { 1 } else { 2 }));
+}
+
+fn epilogues() -> bool {
+    match EPILOGUES.with(|c| c.get()) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("FLASHMOE_CUDA_EPILOGUES").map_or(true, |v| v != "0"),
+    }
+}
+
+/// Work a decode matvec does with its outputs besides writing them, one launch fewer.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue {
+    /// The GatedDeltaNet causal conv (as [`gdn_conv`]) of output rows `< g.conv_dim()`: the
+    /// in-projection's q, k and v channels.
+    Conv {
+        state: u64,
+        w: u64,
+        u: u64,
+        cd: usize,
+        k: usize,
+    },
+    /// Greedy decoding's argmax key (as [`argmax`]), which must be zero before the launch.
+    Argmax { key: u64 },
+}
+
+/// Longest conv kernel the `mpc` epilogue takes (`EPI_MAXK` in kernels.cu).
+const EPI_MAXK: usize = 8;
+
+/// Whether [`matvec_epilogue`] runs `m` with x prepared at `pre`: the `mp` kernel reading x
+/// prepared for its width, and (for the conv) a kernel of at most `EPI_MAXK` taps.
+pub fn epilogue_fits(m: &DevMat, pre: Option<Prepared>, e: &Epilogue) -> bool {
+    let (name, _) = m.fmt.kernel(true, m.rows, m.cols);
+    let taps = match e {
+        Epilogue::Conv { k, cd, .. } => (1..=EPI_MAXK).contains(k) && *cd <= m.rows,
+        Epilogue::Argmax { .. } => true,
+    };
+    epilogues()
+        && taps
+        && name.ends_with("_mp")
+        && pre.is_some_and(|p| Some(p.bits) == m.prepared_bits())
+}
+
+/// y = m x (one token, x prepared at `pre`) with the epilogue `e` (see [`epilogue_fits`]).
+pub fn matvec_epilogue(
+    dev: &Device,
+    m: &DevMat,
+    x: u64,
+    y: u64,
+    pre: Prepared,
+    e: Epilogue,
+) -> Result<()> {
+    if !epilogue_fits(m, Some(pre), &e) {
+        return Err(CudaError::Unsupported("matvec epilogue shape".into()));
+    }
+    let (name, smem) = m.fmt.kernel(true, m.rows, m.cols);
+    let (name, blocks, threads) = launch_shape(dev, &name, m.rows, 1);
+    let (suffix, epi) = match e {
+        Epilogue::Conv { state, w, u, cd, k } => (
+            "c",
+            Epi {
+                state,
+                w,
+                u,
+                cd: cd as i32,
+                k: k as i32,
+                key: 0,
+            },
+        ),
+        Epilogue::Argmax { key } => (
+            "a",
+            Epi {
+                key,
+                ..Default::default()
+            },
+        ),
+    };
+    let mut p = MvBatch::default();
+    (p.w[0], p.s[0], p.b[0], p.x[0], p.y[0]) = (m.w, m.s, m.b, x, y);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    dev.note_bytes(m.nbytes());
+    dev.launch(
+        &format!("{name}{suffix}"),
+        cfg,
+        &[
+            A::B(Box::new(p)),
+            A::I(m.rows as i32),
+            A::I(m.cols as i32),
+            A::I(m.fmt.lg()),
+            A::P(pre.at),
+            A::I(pre.qb as i32),
+            A::X(Box::new(epi)),
+        ],
+    )
 }
 
 /// Decode kernel choice for affine matrices launched from the calling thread (bench and tests
@@ -1047,6 +1154,12 @@ pub fn add_rows_gated(
 /// as in kernels.cu's `argmax_f32`; [`argmax_index`] decodes it.
 pub fn argmax(dev: &Device, x: u64, n: usize, key: u64) -> Result<()> {
     dev.memset_async(key, 8)?;
+    argmax_zeroed(dev, x, n, key)
+}
+
+/// [`argmax`] into a key the caller zeroed earlier on the compute stream (so no copy-engine
+/// work sits between this launch and the one before, which would end their overlap).
+pub fn argmax_zeroed(dev: &Device, x: u64, n: usize, key: u64) -> Result<()> {
     let cfg = LaunchConfig {
         grid_dim: (
             n.div_ceil(4096).clamp(1, 2 * dev.sms.max(1) as usize) as u32,

@@ -453,6 +453,150 @@ fn prepared_by_producer_cuda() {
     ops::set_affine_path(ops::AffinePath::Auto);
 }
 
+/// The matvec epilogues against their plain twins, bit for bit: the in-projection with the
+/// GatedDeltaNet conv of its first `cd` rows (`mpc`) against the product then `gdn_conv` (the
+/// outputs, the conv outputs and the shifted state, two steps so the state feeds back), and
+/// the head with the argmax (`mpa`) against the product then `argmax` (same key).
+#[test]
+fn matvec_epilogues_match_plain_twins_cuda() {
+    let Some(c) = cuda() else { return };
+    let d = &c.0;
+    ops::set_affine_path(ops::AffinePath::Prepared);
+    ops::set_epilogues(true);
+    let mut rng = Rng(0x5eed_0003);
+    for (bits, nk, dk, nv, dv, extra, cols, kconv) in [
+        (4, 2, 32, 4, 32, 70, 512, 4),
+        (8, 1, 64, 2, 64, 33, 256, 3),
+        (2, 1, 32, 1, 32, 0, 256, 8),
+    ] {
+        let g = ops::GdnShape {
+            nk,
+            nv,
+            dk,
+            dv,
+            kconv,
+            eps: 1e-6,
+        };
+        let cd = g.conv_dim();
+        let rows = cd + extra;
+        let what = format!("{bits}-bit {rows}x{cols}, conv {cd} channels, {kconv} taps");
+        let w = affine(&mut rng, bits, 64, rows, cols, DType::BF16);
+        let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
+        let m = proj.single().unwrap();
+        let pre = ops::Prepared {
+            at: d.qx_slot(0),
+            bits,
+            qb: 0,
+        };
+        let cw = d.upload_f32(&rng.vec(cd * kconv)).unwrap();
+        let st0 = rng.vec(cd * (kconv - 1));
+        let (sa, sb) = (d.upload_f32(&st0).unwrap(), d.upload_f32(&st0).unwrap());
+        let (ua, ub) = (d.alloc(cd * 4).unwrap(), d.alloc(cd * 4).unwrap());
+        let (ya, yb) = (d.alloc(rows * 4).unwrap(), d.alloc(rows * 4).unwrap());
+        let nw = d.upload_f32(&vec![1.0; cols]).unwrap();
+        let xn = d.alloc(cols * 4).unwrap();
+        let epi = ops::Epilogue::Conv {
+            state: sb.ptr(),
+            w: cw.ptr(),
+            u: ub.ptr(),
+            cd,
+            k: kconv,
+        };
+        assert!(
+            ops::epilogue_fits(&m, Some(pre), &epi),
+            "{what} takes the epilogue"
+        );
+        for step in 0..2 {
+            let xd = d.upload_f32(&rng.vec(cols)).unwrap();
+            ops::rmsnorm_rows(
+                d,
+                xd.ptr(),
+                cols,
+                nw.ptr(),
+                xn.ptr(),
+                cols,
+                cols,
+                1,
+                1e-6,
+                Some(pre),
+            )
+            .unwrap();
+            proj.run_prepared(d, xn.ptr(), ya.ptr(), Some(pre)).unwrap();
+            ops::gdn_conv(d, &g, ya.ptr(), sa.ptr(), cw.ptr(), ua.ptr()).unwrap();
+            ops::matvec_epilogue(d, &m, xn.ptr(), yb.ptr(), pre, epi).unwrap();
+            let bits_of =
+                |p: u64, n: usize| c.read(p, n).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits_of(ya.ptr(), rows),
+                bits_of(yb.ptr(), rows),
+                "outputs, {what}, step {step}"
+            );
+            assert_eq!(
+                bits_of(ua.ptr(), cd),
+                bits_of(ub.ptr(), cd),
+                "conv outputs, {what}, step {step}"
+            );
+            let n = cd * (kconv - 1);
+            assert_eq!(
+                bits_of(sa.ptr(), n),
+                bits_of(sb.ptr(), n),
+                "conv state, {what}, step {step}"
+            );
+        }
+    }
+    // Argmax: heads of rows spread over several blocks and row groups.
+    for (bits, rows, cols) in [(4, 5000, 512), (8, 700, 256), (4, 40000, 256)] {
+        let w = affine(&mut rng, bits, 64, rows, cols, DType::BF16);
+        let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
+        let m = proj.single().unwrap();
+        let pre = ops::Prepared {
+            at: d.qx_slot(0),
+            bits,
+            qb: 0,
+        };
+        let xd = d.upload_f32(&rng.vec(cols)).unwrap();
+        let nw = d.upload_f32(&vec![1.0; cols]).unwrap();
+        let xn = d.alloc(cols * 4).unwrap();
+        ops::rmsnorm_rows(
+            d,
+            xd.ptr(),
+            cols,
+            nw.ptr(),
+            xn.ptr(),
+            cols,
+            cols,
+            1,
+            1e-6,
+            Some(pre),
+        )
+        .unwrap();
+        let (y, ka, kb) = (
+            d.alloc(rows * 4).unwrap(),
+            d.alloc(8).unwrap(),
+            d.alloc_zeros(8).unwrap(),
+        );
+        proj.run_prepared(d, xn.ptr(), y.ptr(), Some(pre)).unwrap();
+        ops::argmax(d, y.ptr(), rows, ka.ptr()).unwrap();
+        let want = c.read(ka.ptr(), 2);
+        let epi = ops::Epilogue::Argmax { key: kb.ptr() };
+        ops::matvec_epilogue(d, &m, xn.ptr(), y.ptr(), pre, epi).unwrap();
+        let got = c.read(kb.ptr(), 2);
+        let idx =
+            |k: &[f32]| ops::argmax_index((k[1].to_bits() as u64) << 32 | k[0].to_bits() as u64);
+        assert_eq!(
+            idx(&got),
+            idx(&want),
+            "argmax index, {bits}-bit {rows} rows"
+        );
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "argmax key, {bits}-bit {rows} rows"
+        );
+    }
+    ops::set_affine_path(ops::AffinePath::Auto);
+}
+
 fn matmul_body(dev: &dyn TestDev) {
     let mut rng = Rng(0xfeed_beef);
     let w = affine(&mut rng, 4, 64, 70, 512, DType::BF16);
