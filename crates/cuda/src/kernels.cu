@@ -1303,8 +1303,11 @@ extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, 
 // One block (4 warps) per query head over keys 0..n-1; online softmax per warp, merged at the
 // end. o[h] = softmax(q k^T * scale) V, times sigmoid(gate) when gated. hd <= 256.
 #define ATT_WARPS 4
+// With qbits, o is also prepared at qx for the o-projection's `mp` matvec (hd % 32 == 0, so
+// each warp's 32 outputs are consecutive), which then needs no `quant_x3` launch.
 extern "C" __global__ void attn_decode(const float* q, const float* kc, const float* vc, const float* qkv, int gated,
-                                       int nh, int nkv, int hd, int qw, int n, float scale, float* o) {
+                                       int nh, int nkv, int hd, int qw, int n, float scale, float* o,
+                                       unsigned char* qx, int qbits) {
     pdl_wait();
     pdl_release();
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
@@ -1359,6 +1362,7 @@ extern "C" __global__ void attn_decode(const float* q, const float* kc, const fl
         v /= L;
         if (gated) v *= sigmoidf_(qkv[(long)h * qw + hd + d]);
         o[(long)h * hd + d] = v;
+        if (qbits) quant_x3_any(qbits, v, h * hd + d, nh * hd, qx);
     }
 }
 

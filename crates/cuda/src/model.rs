@@ -829,6 +829,10 @@ impl<'m> CudaModel<'m> {
         match (&layer.mixer, lst) {
             (DMixer::Attn { qkv, o, qn, kn }, DState::Attn { k, v, .. }) => {
                 let a = self.attn_shape();
+                // attn_decode prepares its output for the o-projection (slot 0 is free once
+                // the qkv projection has read it).
+                let pre_o =
+                    prepared_in(dev, o, 0).filter(|_| a.hd.is_multiple_of(32) && ops::epilogues());
                 qkv.run_prepared(dev, s.xn.ptr(), s.proj.ptr(), pre)?;
                 ops::attn_prep(
                     dev,
@@ -850,8 +854,9 @@ impl<'m> CudaModel<'m> {
                     s.proj.ptr(),
                     pos + 1,
                     s.o.ptr(),
+                    pre_o,
                 )?;
-                o.run(dev, s.o.ptr(), s.mix.ptr())?;
+                o.run_prepared(dev, s.o.ptr(), s.mix.ptr(), pre_o)?;
             }
             (
                 DMixer::Gdn {

@@ -22,14 +22,15 @@ thread_local! {
     static EPILOGUES: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
-/// Whether the token path folds work into a matvec's epilogue ([`Epilogue`]) for launches from
-/// this thread, or runs the plain twins (`gdn_conv`, `argmax`); tests compare the two, and
+/// Whether the token path folds work into a matvec's epilogue ([`Epilogue`]) and has the
+/// attention output prepared by `attn_decode`, for launches from this thread, or runs the plain
+/// twins (`gdn_conv`, `argmax`, `quant_x3`); tests compare the two, and
 /// `FLASHMOE_CUDA_EPILOGUES=0` turns them off for a bench A/B.
 pub fn set_epilogues(on: bool) {
     EPILOGUES.with(|c| c.set(if on { 1 } else { 2 }));
 }
 
-fn epilogues() -> bool {
+pub fn epilogues() -> bool {
     match EPILOGUES.with(|c| c.get()) {
         1 => true,
         2 => false,
@@ -1250,10 +1251,17 @@ pub fn attn_decode(
     qkv: u64,
     n: usize,
     o: u64,
+    pre: Option<Prepared>,
 ) -> Result<()> {
     if a.hd > 256 {
         return Err(CudaError::Unsupported(format!("head_dim {} > 256", a.hd)));
     }
+    if pre.is_some() && !a.hd.is_multiple_of(32) {
+        return Err(CudaError::Invalid(
+            "attention output prepared with head_dim not a multiple of 32".into(),
+        ));
+    }
+    let [qx, qbits] = Prepared::args(pre);
     let cfg = LaunchConfig {
         grid_dim: (a.nh as u32, 1, 1),
         block_dim: (128, 1, 1),
@@ -1275,6 +1283,8 @@ pub fn attn_decode(
             A::I(n as i32),
             A::F(1.0 / (a.hd as f32).sqrt()),
             A::P(o),
+            qx,
+            qbits,
         ],
     )
 }

@@ -597,6 +597,69 @@ fn matvec_epilogues_match_plain_twins_cuda() {
     ops::set_affine_path(ops::AffinePath::Auto);
 }
 
+/// The whole token with and without the epilogues (conv in the in-projection, argmax in the
+/// head, attention output prepared by attn_decode): the same logits bit for bit on tiny-a
+/// MLX 4-bit with every expert resident, the same greedy tokens, and the fused launches seen
+/// in the trace.
+#[test]
+fn epilogues_leave_the_token_unchanged_cuda() {
+    let Some(_) = cuda() else { return };
+    let Some(shared) = shared_dir() else { return };
+    let gdir = shared.join("golden").join("tiny-a");
+    let model = open_model(&gdir.join("mlx-4bit"), &LoadOptions::default()).expect("load model");
+    let ids: Vec<u32> = golden(&gdir).i64s["mlx4_input_ids"]
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let run = |on: bool| {
+        ops::set_epilogues(on);
+        let mut cm = CudaModel::new(&model, &CudaOptions::default()).expect("CUDA model");
+        cm.preload_experts().expect("preload");
+        let mut st = cm.new_state().unwrap();
+        let mut logits = cm
+            .forward(&ids[..ids.len() - 1], &mut st, Logits::All)
+            .unwrap();
+        logits.extend(
+            cm.forward(&ids[ids.len() - 1..], &mut st, Logits::Last)
+                .unwrap(),
+        );
+        let mut st = cm.new_state().unwrap();
+        let mut greedy = vec![cm.forward_argmax(&ids, &mut st).unwrap()];
+        let start = cm.dev.trace_start().unwrap();
+        greedy.push(cm.forward_argmax(&[greedy[0]], &mut st).unwrap());
+        let (trace, _) = cm.dev.trace_finish(&start).unwrap();
+        greedy.push(cm.forward_argmax(&[greedy[1]], &mut st).unwrap());
+        let names: Vec<String> = trace.iter().map(|k| k.kernel.clone()).collect();
+        (logits, greedy, names)
+    };
+    let (l0, g0, n0) = run(false);
+    let (l1, g1, n1) = run(true);
+    ops::set_epilogues(true);
+    eprintln!("plain launches {n0:?}\nwith epilogues {n1:?}");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&l0),
+        bits(&l1),
+        "logits with and without the epilogues"
+    );
+    assert_eq!(g0, g1, "greedy tokens with and without the epilogues");
+    let has = |n: &[String], s: &str| n.iter().any(|k| k.ends_with(s));
+    assert!(
+        has(&n1, "_mpa") && !has(&n0, "_mpa"),
+        "the head's argmax epilogue ran"
+    );
+    assert!(
+        has(&n0, "argmax_f32") && !has(&n1, "argmax_f32"),
+        "no argmax launch with it"
+    );
+    if has(&n0, "gdn_conv") {
+        assert!(
+            has(&n1, "_mpc") && !has(&n1, "gdn_conv"),
+            "the conv epilogue ran"
+        );
+    }
+}
+
 fn matmul_body(dev: &dyn TestDev) {
     let mut rng = Rng(0xfeed_beef);
     let w = affine(&mut rng, 4, 64, 70, 512, DType::BF16);
