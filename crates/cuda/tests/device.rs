@@ -453,6 +453,39 @@ fn prepared_by_producer_cuda() {
     ops::set_affine_path(ops::AffinePath::Auto);
 }
 
+/// A random affine matrix (group 64) in VRAM and where its `mp` kernel's prepared x goes.
+fn mp_matrix(
+    d: &Device,
+    rng: &mut Rng,
+    bits: u32,
+    rows: usize,
+    cols: usize,
+) -> (ops::Proj, ops::Prepared) {
+    let w = affine(rng, bits, 64, rows, cols, DType::BF16);
+    let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
+    let pre = ops::Prepared {
+        at: d.qx_slot(0),
+        bits,
+        qb: 0,
+    };
+    (proj, pre)
+}
+
+/// A random x, RMS-normalised (unit weights) and prepared at `pre` for the `mp` matvec.
+fn normed_x(
+    d: &Device,
+    rng: &mut Rng,
+    cols: usize,
+    pre: ops::Prepared,
+) -> flashmoe_cuda::device::DBuf {
+    let xd = d.upload_f32(&rng.vec(cols)).unwrap();
+    let nw = d.upload_f32(&vec![1.0; cols]).unwrap();
+    let xn = d.alloc(cols * 4).unwrap();
+    let (x, w, o) = (xd.ptr(), nw.ptr(), xn.ptr());
+    ops::rmsnorm_rows(d, x, cols, w, o, cols, cols, 1, 1e-6, Some(pre)).unwrap();
+    xn
+}
+
 /// The matvec epilogues against their plain twins, bit for bit: the in-projection with the
 /// GatedDeltaNet conv of its first `cd` rows (`mpc`) against the product then `gdn_conv` (the
 /// outputs, the conv outputs and the shifted state, two steps so the state feeds back), and
@@ -480,21 +513,13 @@ fn matvec_epilogues_match_plain_twins_cuda() {
         let cd = g.conv_dim();
         let rows = cd + extra;
         let what = format!("{bits}-bit {rows}x{cols}, conv {cd} channels, {kconv} taps");
-        let w = affine(&mut rng, bits, 64, rows, cols, DType::BF16);
-        let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
+        let (proj, pre) = mp_matrix(d, &mut rng, bits, rows, cols);
         let m = proj.single().unwrap();
-        let pre = ops::Prepared {
-            at: d.qx_slot(0),
-            bits,
-            qb: 0,
-        };
         let cw = d.upload_f32(&rng.vec(cd * kconv)).unwrap();
         let st0 = rng.vec(cd * (kconv - 1));
         let (sa, sb) = (d.upload_f32(&st0).unwrap(), d.upload_f32(&st0).unwrap());
         let (ua, ub) = (d.alloc(cd * 4).unwrap(), d.alloc(cd * 4).unwrap());
         let (ya, yb) = (d.alloc(rows * 4).unwrap(), d.alloc(rows * 4).unwrap());
-        let nw = d.upload_f32(&vec![1.0; cols]).unwrap();
-        let xn = d.alloc(cols * 4).unwrap();
         let epi = ops::Epilogue::Conv {
             state: sb.ptr(),
             w: cw.ptr(),
@@ -507,20 +532,7 @@ fn matvec_epilogues_match_plain_twins_cuda() {
             "{what} takes the epilogue"
         );
         for step in 0..2 {
-            let xd = d.upload_f32(&rng.vec(cols)).unwrap();
-            ops::rmsnorm_rows(
-                d,
-                xd.ptr(),
-                cols,
-                nw.ptr(),
-                xn.ptr(),
-                cols,
-                cols,
-                1,
-                1e-6,
-                Some(pre),
-            )
-            .unwrap();
+            let xn = normed_x(d, &mut rng, cols, pre);
             proj.run_prepared(d, xn.ptr(), ya.ptr(), Some(pre)).unwrap();
             ops::gdn_conv(d, &g, ya.ptr(), sa.ptr(), cw.ptr(), ua.ptr()).unwrap();
             ops::matvec_epilogue(d, &m, xn.ptr(), yb.ptr(), pre, epi).unwrap();
@@ -546,30 +558,9 @@ fn matvec_epilogues_match_plain_twins_cuda() {
     }
     // Argmax: heads of rows spread over several blocks and row groups.
     for (bits, rows, cols) in [(4, 5000, 512), (8, 700, 256), (4, 40000, 256)] {
-        let w = affine(&mut rng, bits, 64, rows, cols, DType::BF16);
-        let proj = ops::Proj::new(d, &[(&w, 0, rows)]).unwrap();
+        let (proj, pre) = mp_matrix(d, &mut rng, bits, rows, cols);
         let m = proj.single().unwrap();
-        let pre = ops::Prepared {
-            at: d.qx_slot(0),
-            bits,
-            qb: 0,
-        };
-        let xd = d.upload_f32(&rng.vec(cols)).unwrap();
-        let nw = d.upload_f32(&vec![1.0; cols]).unwrap();
-        let xn = d.alloc(cols * 4).unwrap();
-        ops::rmsnorm_rows(
-            d,
-            xd.ptr(),
-            cols,
-            nw.ptr(),
-            xn.ptr(),
-            cols,
-            cols,
-            1,
-            1e-6,
-            Some(pre),
-        )
-        .unwrap();
+        let xn = normed_x(d, &mut rng, cols, pre);
         let (y, ka, kb) = (
             d.alloc(rows * 4).unwrap(),
             d.alloc(8).unwrap(),
