@@ -34,7 +34,11 @@ pub fn epilogues() -> bool {
     match EPILOGUES.with(|c| c.get()) {
         1 => true,
         2 => false,
-        _ => std::env::var("FLASHMOE_CUDA_EPILOGUES").map_or(true, |v| v != "0"),
+        _ => {
+            // Read once: this is asked on every token.
+            static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *ENV.get_or_init(|| std::env::var("FLASHMOE_CUDA_EPILOGUES").map_or(true, |v| v != "0"))
+        }
     }
 }
 
