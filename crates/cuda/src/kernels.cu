@@ -365,7 +365,36 @@ __device__ __forceinline__ void prep_load(uint4 (*wv)[R], const u32* W, const in
 //   are read when the row group starts (the state's writer is this kernel a token ago).
 // 2 (`mpa`): greedy decoding's argmax: each block's largest amax_key over its rows, one
 //   atomicMax per block into *key (zero before the launch), as `argmax_f32` does.
-#define EPI_MAXK 8
+// The GatedDeltaNet causal conv of one channel c (arch-spec §6), as gdn_conv and the
+// in-projection's `mpc` epilogue both run it: the channel's K weights w[c*K ..] and its K-1
+// previous inputs state[j*cd + c] (oldest first) fetched into registers (K <= CONV_MAXK), then
+// silu(sum_j cw[j] cs[j] + cw[K-1] x), with the state shifted so that x is the newest input.
+#define CONV_MAXK 8
+__device__ __forceinline__ void conv_fetch(const float* w, const float* state, int cd, int K, int c, float* cw,
+                                           float* cs) {
+#pragma unroll
+    for (int j = 0; j < CONV_MAXK; j++)
+        if (j < K) {
+            cw[j] = w[(long)c * K + j];
+            if (j < K - 1) cs[j] = state[(long)j * cd + c];
+        }
+}
+__device__ __forceinline__ float conv_apply(const float* cw, const float* cs, float x, int K, float* state, int cd,
+                                            int c) {
+    float a = 0.f, wl = 0.f;
+#pragma unroll
+    for (int j = 0; j < CONV_MAXK; j++) {
+        if (j < K - 1) a += cw[j] * cs[j];
+        if (j == K - 1) wl = cw[j];
+    }
+    a += wl * x;
+#pragma unroll
+    for (int j = 0; j + 1 < CONV_MAXK - 1; j++)
+        if (j + 1 < K - 1) state[(long)j * cd + c] = cs[j + 1];
+    if (K > 1) state[(long)(K - 2) * cd + c] = x;
+    return siluf_(a);
+}
+
 struct Epi {
     float* state;
     const float* w;
@@ -397,16 +426,10 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
 #pragma unroll
     for (int r = 0; r < R; r++) rowv[r] = min(row0 + r, rows - 1);
     // EPI 1: lane r < R holds row row0 + r's conv weights and state.
-    float cw[EPI_MAXK], cs[EPI_MAXK];
+    float cw[CONV_MAXK], cs[CONV_MAXK];
     auto conv_load = [&]() {
         const int row = row0 + lane;
-        if (EPI == 1 && lane < R && row < rows && row < ep.cd)
-#pragma unroll
-            for (int j = 0; j < EPI_MAXK; j++)
-                if (j < ep.K) {
-                    cw[j] = ep.w[(long)row * ep.K + j];
-                    if (j < ep.K - 1) cs[j] = ep.state[(long)j * ep.cd + row];
-                }
+        if (EPI == 1 && lane < R && row < rows && row < ep.cd) conv_fetch(ep.w, ep.state, ep.cd, ep.K, row, cw, cs);
     };
     conv_load();
     u64 best = 0;
@@ -490,20 +513,7 @@ __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const uns
         }
         if (EPI == 1) {
             const int row = row0 + lane;
-            if (lane < R && row < rows && row < ep.cd) {
-                float a = 0.f, wl = 0.f;
-#pragma unroll
-                for (int j = 0; j < EPI_MAXK; j++) {
-                    if (j < ep.K - 1) a += cw[j] * cs[j];
-                    if (j == ep.K - 1) wl = cw[j];
-                }
-                a += wl * mine;
-                ep.u[row] = siluf_(a);
-#pragma unroll
-                for (int j = 0; j + 1 < EPI_MAXK - 1; j++)
-                    if (j + 1 < ep.K - 1) ep.state[(long)j * ep.cd + row] = cs[j + 1];
-                if (ep.K > 1) ep.state[(long)(ep.K - 2) * ep.cd + row] = mine;
-            }
+            if (lane < R && row < rows && row < ep.cd) ep.u[row] = conv_apply(cw, cs, mine, ep.K, ep.state, ep.cd, row);
         }
         grp += gridDim.x;
         if (grp >= groups) break;
@@ -1370,28 +1380,25 @@ extern "C" __global__ void attn_decode(const float* q, const float* kc, const fl
 // Gated DeltaNet (arch-spec §6), one token.
 // ---------------------------------------------------------------------------------------------
 // Depthwise causal conv over [state (K-1 rows, oldest first); mixed], SiLU; shifts the state.
-#define GDN_MAXK 8
 extern "C" __global__ void gdn_conv(const float* mixed, float* state, const float* w, int cd, int K, float* u) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     // The weights and this layer's own state are fetched before the wait for the
     // in-projection's output. The state's writer (this kernel, a token ago) is complete: the
     // gdn_step after it released its dependents only after waiting for it.
-    float acc = 0.f;
-    if (c < cd && K <= GDN_MAXK) {
-        float wv[GDN_MAXK], sv[GDN_MAXK];
-#pragma unroll
-        for (int j = 0; j < GDN_MAXK - 1; j++)
-            if (j < K - 1) { wv[j] = w[(long)c * K + j]; sv[j] = state[(long)j * cd + c]; }
-#pragma unroll
-        for (int j = 0; j < GDN_MAXK - 1; j++)
-            if (j < K - 1) acc += wv[j] * sv[j];
-    }
+    float cw[CONV_MAXK], cs[CONV_MAXK];
+    const bool regs = c < cd && K <= CONV_MAXK;
+    if (regs) conv_fetch(w, state, cd, K, c, cw, cs);
     pdl_wait();
     pdl_release();
     if (c >= cd) return;
-    if (K > GDN_MAXK)
-        for (int j = 0; j < K - 1; j++) acc += w[(long)c * K + j] * state[(long)j * cd + c];
     float xin = mixed[c];
+    if (regs) {
+        u[c] = conv_apply(cw, cs, xin, K, state, cd, c);
+        return;
+    }
+    // Longer kernels, straight from memory (same order of operations).
+    float acc = 0.f;
+    for (int j = 0; j < K - 1; j++) acc += w[(long)c * K + j] * state[(long)j * cd + c];
     acc += w[(long)c * K + K - 1] * xin;
     u[c] = siluf_(acc);
     for (int j = 0; j + 1 < K - 1; j++) state[(long)j * cd + c] = state[(long)(j + 1) * cd + c];

@@ -58,15 +58,15 @@ pub enum Epilogue {
     Argmax { key: u64 },
 }
 
-/// Longest conv kernel the `mpc` epilogue takes (`EPI_MAXK` in kernels.cu).
-const EPI_MAXK: usize = 8;
+/// Longest conv kernel the `mpc` epilogue takes (`CONV_MAXK` in kernels.cu).
+const CONV_MAXK: usize = 8;
 
 /// Whether [`matvec_epilogue`] runs `m` with x prepared at `pre`: the `mp` kernel reading x
-/// prepared for its width, and (for the conv) a kernel of at most `EPI_MAXK` taps.
+/// prepared for its width, and (for the conv) a kernel of at most `CONV_MAXK` taps.
 pub fn epilogue_fits(m: &DevMat, pre: Option<Prepared>, e: &Epilogue) -> bool {
     let (name, _) = m.fmt.kernel(true, m.rows, m.cols);
     let taps = match e {
-        Epilogue::Conv { k, cd, .. } => (1..=EPI_MAXK).contains(k) && *cd <= m.rows,
+        Epilogue::Conv { k, cd, .. } => (1..=CONV_MAXK).contains(k) && *cd <= m.rows,
         Epilogue::Argmax { .. } => true,
     };
     epilogues()
@@ -116,19 +116,16 @@ pub fn matvec_epilogue(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    dev.note_bytes(m.nbytes());
-    dev.launch(
-        &format!("{name}{suffix}"),
+    let name = format!("{name}{suffix}");
+    launch_prepared(
+        dev,
+        m,
+        &name,
         cfg,
-        &[
-            A::B(Box::new(p)),
-            A::I(m.rows as i32),
-            A::I(m.cols as i32),
-            A::I(m.fmt.lg()),
-            A::P(pre.at),
-            A::I(pre.qb as i32),
-            A::X(Box::new(epi)),
-        ],
+        || A::B(Box::new(p)),
+        Some(pre),
+        false,
+        Some(epi),
     )
 }
 
@@ -633,7 +630,7 @@ pub fn matvec_batch_prepared(
                 ));
             }
             let p = Box::new(p);
-            launch_prepared(dev, m, &name, cfg, || A::B(p.clone()), pre, false)?;
+            launch_prepared(dev, m, &name, cfg, || A::B(p.clone()), pre, false, None)?;
             continue;
         }
         if std::ptr::eq(stream, &*dev.compute) {
@@ -661,7 +658,9 @@ pub fn matvec_batch_prepared(
 /// scratch, then the matvec reads it; or, with `pre`, the producer of x has prepared it. `batch`
 /// is the kernels' first argument (the `MvBatch` by value, or its device pointer for the `mpi` /
 /// `quant_x3_*i` pair). `batch_fresh`: that device batch was written by the launch just before,
-/// so the matvec reads it only after its dependent-launch wait.
+/// so the matvec reads it only after its dependent-launch wait. `epi`: the last argument of the
+/// `mpc` / `mpa` kernels (see [`matvec_epilogue`]).
+#[allow(clippy::too_many_arguments)]
 fn launch_prepared(
     dev: &Device,
     m: &DevMat,
@@ -670,6 +669,7 @@ fn launch_prepared(
     batch: impl Fn() -> A,
     pre: Option<Prepared>,
     batch_fresh: bool,
+    epi: Option<Epi>,
 ) -> Result<()> {
     let Fmt::Affine { bits, .. } = m.fmt else {
         unreachable!("mp kernels are affine")
@@ -687,6 +687,9 @@ fn launch_prepared(
         ];
         if name.ends_with('i') {
             v.push(A::I(early as i32));
+        }
+        if let Some(e) = epi {
+            v.push(A::X(Box::new(e)));
         }
         v
     };
@@ -749,7 +752,7 @@ pub fn matvec_indirect(
         shared_mem_bytes: smem,
     };
     if name.contains("_mp") {
-        return launch_prepared(dev, m, &name, cfg, || A::P(pd), pre, batch_fresh);
+        return launch_prepared(dev, m, &name, cfg, || A::P(pd), pre, batch_fresh, None);
     }
     dev.note_bytes(m.nbytes() * nprob);
     dev.launch(
