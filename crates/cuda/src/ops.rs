@@ -189,8 +189,8 @@ fn mma_fits(bits: u32, lg: u32, cols: usize) -> bool {
 /// The tensor-core kernel (`mt`: x as f16 hi + lo parts per 16-byte chunk with a power-of-two
 /// scale, about 22 bits, f32 accumulation).
 fn use_mma() -> bool {
-    // Measured (H200, round 8): it beat the float kernel on 8-bit 4096x4096 (0.34 vs 0.25 of
-    // D2D) but not on 4-bit. Session 4: the prepared-x dp4a kernel beat it on 8-bit too (0.418
+    // Measured (H200, f23a34d): it beat the float kernel on 8-bit 4096x4096 (0.34 vs 0.25 of
+    // D2D) but not on 4-bit. At d5a6068 the prepared-x dp4a kernel beat it on 8-bit too (0.418
     // vs 0.391 and 0.353 vs 0.344 in two runs), so it runs only when forced.
     AFFINE_PATH.with(|c| c.get()) == 3
 }
@@ -244,7 +244,7 @@ fn prep_fits(bits: u32, lg: u32, cols: usize) -> bool {
         && qx_size(bits, cols) <= 48 * 1024
 }
 
-/// Measured (H200, session 4, same run, 4-bit): 16384x4096 0.49 of D2D against 0.33 for the
+/// Measured (H200, d5a6068, same run, 4-bit): 16384x4096 0.49 of D2D against 0.33 for the
 /// float kernel, 4096x8192 0.31 against 0.23, lm_head 0.92 against 0.80 (the former two-level dp4a kernel); VRAM decode of
 /// the 8-layer 397B-shaped model 1.32 against 1.62 ms/token.
 fn use_prep() -> bool {
@@ -565,7 +565,7 @@ fn launch_shape(dev: &Device, name: &str, rows: usize, nprob: usize) -> (String,
     // Row groups are strided over at most a few blocks per SM, so each block stages x once for
     // several groups on tall matrices.
     // (Capping the prepared-x kernel at its two resident blocks per SM measured the same as this
-    // cap: H200, session 4, 16384x4096 0.494 vs 0.485 of D2D, VRAM decode 1.335 vs 1.319 ms.)
+    // cap: H200, d5a6068, 16384x4096 0.494 vs 0.485 of D2D, VRAM decode 1.335 vs 1.319 ms.)
     let blocks = (rows.div_ceil(per_block) as u32).min(sms as u32 * 4 * (256 / threads as u32));
     (name, blocks, threads as u32)
 }
