@@ -156,7 +156,8 @@ pub fn populate(map: &Mmap, off: usize, len: usize, all_resident: bool) -> bool 
 
 impl Drop for MapLease {
     fn drop(&mut self) {
-        #[cfg(target_os = "linux")]
+        // macOS has the same advice with the same meaning for a file mapping.
+        #[cfg(any(target_os = "linux", target_os = "macos"))]
         {
             let (p, len) = self.page_range();
             // SAFETY: advice on a range of a live read-only file mapping that no view references

@@ -8,6 +8,7 @@ pub mod experts;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod os;
 pub mod packed;
 pub mod probe;
 pub mod session;

@@ -6,9 +6,9 @@
 //! and is not used on the inference path. Unix only (positional reads, mmap, mincore).
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -116,12 +116,7 @@ pub fn disk_read_bandwidth(
             "request_bytes must be non-zero (and 4096-aligned for O_DIRECT)",
         ));
     }
-    let mut opts = OpenOptions::new();
-    opts.read(true);
-    if direct {
-        opts.custom_flags(libc::O_DIRECT);
-    }
-    let file = opts.open(path)?;
+    let file = crate::os::open_for_read(path, direct)?;
     let len = file.metadata()?.len() as usize;
     if len < request_bytes {
         return Err(invalid("file shorter than one request"));

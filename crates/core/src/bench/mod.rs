@@ -385,27 +385,14 @@ fn model_info(dir: &Path, model: &Model) -> Result<ModelInfo> {
     }
 }
 
-/// A field of /proc/self/status or /proc/meminfo in bytes (their values are in kB).
-fn proc_kb(path: &str, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(path).ok()?;
-    let line = s.lines().find(|l| l.starts_with(key))?;
-    let kb: u64 = line[key.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-/// Resident set size of this process now, bytes (0 where /proc is missing).
+/// Resident set size of this process now, bytes (0 where the OS does not say).
 pub fn rss_bytes() -> u64 {
-    proc_kb("/proc/self/status", "VmRSS:").unwrap_or(0)
+    crate::os::rss_bytes().unwrap_or(0)
 }
 
-/// MemAvailable, bytes (0 where /proc is missing).
+/// Memory available to this process, bytes (0 where unknown; see [`crate::os::mem_available`]).
 pub fn mem_available() -> u64 {
-    proc_kb("/proc/meminfo", "MemAvailable:").unwrap_or(0)
+    crate::os::mem_available().unwrap_or(0)
 }
 
 /// Reads `files` once, sequentially, so their pages are in the page cache. Returns false (and

@@ -466,8 +466,10 @@ pub(crate) enum Many {
     /// Rows dequantised a few at a time, one dot product per row and input (`matmul_rows`).
     Rows,
     /// AVX2: `blocked.rs`, for many inputs.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Blocked,
     /// AVX2, affine weights: `x86/few.rs`, for a few inputs.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Few,
 }
 
@@ -585,6 +587,7 @@ fn with_scratch(rows: usize, n: usize, y: &mut [f32], f: impl FnOnce(&mut Vec<f3
 
 /// From this many inputs up, AVX2 products use the blocked kernel of `blocked.rs`; below, the
 /// per-row kernel wastes less of its register tile (16 inputs wide).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const BLOCKED_MIN_N: usize = 8;
 
 /// `y [n, rows]` from `yt [rows, n]`, in tiles of `TR` x `TR`: row by row, a prefill

@@ -21,8 +21,8 @@
 //! once (K experts in flight plus those the model still holds) and keeps at most
 //! [`MAX_POOL`] idle buffers.
 use std::collections::{HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -304,12 +304,8 @@ impl PackedExperts {
                     format!("expert file for layer {} of {num_layers}", lf.layer),
                 ));
             }
-            let mut o = OpenOptions::new();
-            o.read(true);
-            if io == IoMode::Direct {
-                o.custom_flags(libc::O_DIRECT);
-            }
-            let file = o.open(&path).map_err(|e| direct_err(&path, io, e))?;
+            let file = crate::os::open_for_read(&path, io == IoMode::Direct)
+                .map_err(|e| direct_err(&path, io, e))?;
             let map = match io {
                 // SAFETY: a read-only mapping of a file flashmoe never writes; like the dense
                 // weights' mapping, it assumes nobody truncates the model while it runs.
