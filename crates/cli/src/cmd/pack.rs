@@ -26,7 +26,9 @@ pub struct Args {
     /// Default: keep the source's format (bf16 from Hugging Face)
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8", "16"]))]
     pub dense_bits: Option<String>,
-    /// Replace an existing output directory
+    /// Replace an existing packed model at OUT once the new one is complete. A directory that
+    /// is not empty and holds no flashmoe packed model (manifest.json) is never replaced, even
+    /// with --force
     #[arg(long)]
     pub force: bool,
 }
