@@ -13,7 +13,10 @@ pub struct Args {
     /// Source checkpoint directory (Hugging Face safetensors or MLX quantized)
     #[arg(long)]
     pub from: PathBuf,
-    /// Output directory (written as OUT.partial, renamed when complete)
+    /// Output directory (written as OUT.partial, renamed when complete). The checkpoint is
+    /// checked as loading checks it (config numbers, every tensor's shape) before anything is
+    /// written. Ctrl-C removes OUT.partial; a kill (SIGTERM) leaves it, never loadable as a
+    /// model, and the next pack clears it. A write error (disk full) removes it
     #[arg(long)]
     pub out: PathBuf,
     /// Expert bits: 4, 2, 8, or 16 (bf16). Default: an MLX source's own bits, else 4
