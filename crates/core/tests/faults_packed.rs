@@ -601,3 +601,27 @@ fn bad_checkpoint_headers_and_configs_are_named() {
         "config experts",
     );
 }
+
+#[test]
+fn the_logits_check_finds_nan_and_both_infinities_in_any_row() {
+    use flashmoe_core::session::check_logits;
+    let ok = [1.0, f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 0.0, -0.0];
+    check_logits(&ok, 3, 0).expect("finite values pass");
+    for (bad, nan, inf) in [
+        (f32::NAN, 1, 0),
+        (f32::INFINITY, 0, 1),
+        (f32::NEG_INFINITY, 0, 1),
+    ] {
+        let mut l = ok;
+        l[4] = bad;
+        match check_logits(&l, 3, 10) {
+            Err(Error::NonFiniteLogits {
+                pos,
+                nan: n,
+                inf: i,
+                vocab,
+            }) => assert_eq!((pos, n, i, vocab), (11, nan, inf, 3), "{bad}"),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+}
