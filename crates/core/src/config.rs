@@ -120,6 +120,7 @@ impl ModelConfig {
                 .and_then(Value::as_u64)
                 .map(|x| x as usize)
                 .ok_or_else(|| err(format!("missing or non-integer field `{k}`")))
+                .and_then(|x| within_limit(k, x).map_err(err))
         };
         // An optional field that is present (not null) must have the right type: read as its
         // default instead, a quoted `"rms_norm_eps": "1e-5"` or `"head_dim": 128.0` would run
@@ -128,11 +129,15 @@ impl ModelConfig {
         let us_or = |k: &str, d: usize| -> Result<usize> {
             match present(k) {
                 None => Ok(d),
-                Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                    err(format!(
-                        "field `{k}` must be a non-negative integer, found {v}"
-                    ))
-                }),
+                Some(v) => v
+                    .as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "field `{k}` must be a non-negative integer, found {v}"
+                        ))
+                    })
+                    .and_then(|x| within_limit(k, x).map_err(err)),
             }
         };
         let typed_or = |v: Option<&Value>, k: &str, d: f64| -> Result<f64> {
@@ -140,7 +145,8 @@ impl ModelConfig {
                 None => Ok(d),
                 Some(v) => v
                     .as_f64()
-                    .ok_or_else(|| err(format!("field `{k}` must be a number, found {v}"))),
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| err(format!("field `{k}` must be a finite number, found {v}"))),
             }
         };
         let bool_of = |v: Option<&Value>, k: &str| -> Result<Option<bool>> {
@@ -153,12 +159,14 @@ impl ModelConfig {
             }
         };
         let hidden_size = us("hidden_size")?;
+        // Bounded (LIMITS) before the per-layer tables below are built from it.
         let num_layers = us("num_hidden_layers")?;
         let num_heads = us("num_attention_heads")?;
         let num_kv_heads = us_or("num_key_value_heads", num_heads)?;
         let head_dim = us_or("head_dim", hidden_size / num_heads.max(1))?;
         for (k, v) in [
             ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_layers),
             ("num_attention_heads", num_heads),
             ("head_dim", head_dim),
         ] {
@@ -171,12 +179,20 @@ impl ModelConfig {
         let rp = t.get("rope_parameters").filter(|v| v.is_object());
         let get_rope = |k: &str| rp.and_then(|r| r.get(k)).or_else(|| t.get(k));
         let rope_theta = typed_or(get_rope("rope_theta"), "rope_theta", 10000.0)?;
+        if rope_theta <= 0.0 {
+            return Err(err(format!("rope_theta {rope_theta} must be positive")));
+        }
         let default_prf = if arch == Arch::Qwen3Moe { 1.0 } else { 0.25 };
         let prf = typed_or(
             get_rope("partial_rotary_factor"),
             "partial_rotary_factor",
             default_prf,
         )?;
+        if !(0.0..=1.0).contains(&prf) {
+            return Err(err(format!(
+                "partial_rotary_factor {prf} must be between 0 and 1"
+            )));
+        }
         let rope_type = rp
             .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
             .and_then(Value::as_str)
@@ -203,10 +219,14 @@ impl ModelConfig {
             // (arch-spec §5.1). Its sections must still fit the rotary frequencies.
             let sum: u64 = ms
                 .as_array()
-                .map(|a| a.iter().filter_map(Value::as_u64).sum())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_u64)
+                        .fold(0u64, u64::saturating_add)
+                })
                 .unwrap_or(0);
             let rot = (head_dim as f64 * prf) as u64;
-            if sum * 2 > rot {
+            if sum.saturating_mul(2) > rot {
                 return Err(err(format!(
                     "mrope_section sums to {sum}, more than rotary_dim/2 = {}",
                     rot / 2
@@ -271,6 +291,7 @@ impl ModelConfig {
                 .or_else(|| t.get("num_local_experts"))
                 .and_then(Value::as_u64)
                 .ok_or_else(|| err("missing field `num_experts`".into()))? as usize;
+        within_limit("num_experts", num_experts).map_err(err)?;
         let num_experts_per_tok = us("num_experts_per_tok")?;
         if num_experts_per_tok == 0 || num_experts_per_tok > num_experts {
             return Err(err(format!(
@@ -299,6 +320,11 @@ impl ModelConfig {
                     .collect()
             })
             .unwrap_or_default();
+        if let Some(&l) = mlp_only.iter().find(|&&l| l >= num_layers) {
+            return Err(err(format!(
+                "mlp_only_layers names layer {l}, but num_hidden_layers is {num_layers}"
+            )));
+        }
         // HF: a layer is sparse iff not in mlp_only_layers and (i+1) % decoder_sparse_step == 0.
         let dense_mlp_layers: Vec<usize> = (0..num_layers)
             .filter(|&i| mlp_only.contains(&i) || sparse_step == 0 || (i + 1) % sparse_step != 0)
@@ -316,14 +342,20 @@ impl ModelConfig {
             .flatten()
         {
             match src {
-                Value::Number(n) => eos.extend(n.as_u64().map(|x| x as u32)),
-                Value::Array(a) => {
-                    eos.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-                }
+                Value::Number(n) => eos.extend(n.as_u64()),
+                Value::Array(a) => eos.extend(a.iter().filter_map(Value::as_u64)),
                 _ => {}
             }
         }
         eos.dedup();
+        let vocab_size = us("vocab_size")?;
+        // An id past the vocabulary can never be sampled (and one past u32 would wrap).
+        if let Some(id) = eos.iter().find(|&&id| id >= vocab_size as u64) {
+            return Err(err(format!(
+                "eos_token_id {id} is outside the vocabulary (vocab_size {vocab_size})"
+            )));
+        }
+        let eos: Vec<u32> = eos.into_iter().map(|id| id as u32).collect();
 
         let quantization = match root
             .get("quantization")
@@ -335,11 +367,14 @@ impl ModelConfig {
 
         let cfg = ModelConfig {
             arch,
-            vocab_size: us("vocab_size")?,
+            vocab_size,
             hidden_size,
             num_layers,
             layer_types,
-            rms_norm_eps: typed_or(t.get("rms_norm_eps"), "rms_norm_eps", 1e-6)? as f32,
+            rms_norm_eps: match typed_or(t.get("rms_norm_eps"), "rms_norm_eps", 1e-6)? {
+                e if (0.0..1.0).contains(&e) => e as f32,
+                e => return Err(err(format!("rms_norm_eps {e} must be in [0, 1)"))),
+            },
             tie_word_embeddings: bool_of(
                 present("tie_word_embeddings").or_else(|| root.get("tie_word_embeddings")),
                 "tie_word_embeddings",
@@ -373,6 +408,18 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
+        if self.max_position_embeddings == 0 {
+            return Err("max_position_embeddings must be at least 1".into());
+        }
+        if self.num_kv_heads > self.num_heads {
+            return Err(format!(
+                "num_key_value_heads {} is more than num_attention_heads {}",
+                self.num_kv_heads, self.num_heads
+            ));
+        }
+        if (0..self.num_layers).any(|l| self.is_moe_layer(l)) && self.moe_intermediate_size == 0 {
+            return Err("moe_intermediate_size must be at least 1".into());
+        }
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -407,6 +454,42 @@ impl ModelConfig {
     }
     pub fn gdn_conv_dim(&self) -> usize {
         2 * self.gdn_key_dim() + self.gdn_value_dim()
+    }
+}
+
+/// Upper bounds on config.json's integers, far above every released model (Qwen3.5-397B:
+/// hidden 4096, 60 layers, 512 experts, vocabulary 248,320, 262,144 positions) and far below
+/// what would exhaust memory or overflow a size computation: a typo or a corrupt file is
+/// refused by name before anything is allocated from it. Tensor shapes are checked against
+/// these numbers when the weights load (and before `pack` writes anything).
+pub const LIMITS: [(&str, usize); 18] = [
+    ("vocab_size", 1 << 22),
+    ("hidden_size", 1 << 16),
+    ("num_hidden_layers", 1024),
+    ("num_attention_heads", 1024),
+    ("num_key_value_heads", 1024),
+    ("head_dim", 1024),
+    ("linear_num_key_heads", 1024),
+    ("linear_num_value_heads", 1024),
+    ("linear_key_head_dim", 1024),
+    ("linear_value_head_dim", 1024),
+    ("linear_conv_kernel_dim", 64),
+    ("num_experts", 1 << 14),
+    ("moe_intermediate_size", 1 << 17),
+    ("shared_expert_intermediate_size", 1 << 17),
+    ("intermediate_size", 1 << 18),
+    ("max_position_embeddings", 1 << 24),
+    ("decoder_sparse_step", 1024),
+    ("full_attention_interval", 1024),
+];
+
+/// `value` of integer field `key` against [`LIMITS`] (fields without a limit pass).
+fn within_limit(key: &str, value: usize) -> std::result::Result<usize, String> {
+    match LIMITS.iter().find(|(k, _)| *k == key) {
+        Some(&(_, max)) if value > max => Err(format!(
+            "field `{key}` is {value}, beyond this engine's limit of {max} (corrupt config.json?)"
+        )),
+        _ => Ok(value),
     }
 }
 

@@ -35,6 +35,20 @@ pub enum Error {
         expert: usize,
         msg: String,
     },
+    /// NaN or infinity in the logits the head produced for sequence position `pos`: the
+    /// weights (or the activations they produce) are not finite, so every token sampled from
+    /// here on would be garbage. Checked on every forward pass's output, which is cheap.
+    #[error(
+        "non-finite logits at sequence position {pos} ({nan} NaN and {inf} infinite of {vocab}): \
+         the model's weights or activations are not finite (damaged or badly converted model?); \
+         generation stopped"
+    )]
+    NonFiniteLogits {
+        pos: usize,
+        nan: usize,
+        inf: usize,
+        vocab: usize,
+    },
     #[error("{0}")]
     Invalid(String),
 }

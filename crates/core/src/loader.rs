@@ -31,7 +31,8 @@ pub enum IoMode {
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub io: IoMode,
-    /// Verify each expert read against the manifest's checksum.
+    /// Verify each expert read against the manifest's checksum, and every dense tensor once
+    /// at load (packed format version 2 on; see [`packed::verify_note`] for older models).
     pub verify: bool,
     /// Routed experts per token; None keeps the config's.
     pub top_k: Option<usize>,
@@ -84,6 +85,9 @@ fn open_packed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let cfg = man.model_config(dir)?;
     man.validate(dir, &cfg)?;
     let store = man.open_dense(dir)?;
+    if opts.verify {
+        man.verify_dense(dir, &store)?;
+    }
     let k = opts.top_k.unwrap_or(cfg.num_experts_per_tok);
     let experts = PackedExperts::open(dir, &man, cfg.num_layers, k, opts.io, opts.verify, 0)?;
     Model::load(cfg, &store, Box::new(experts))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaContext;
 use flashmoe_core::model::{ForwardStats, Logits, Model};
-use flashmoe_core::session::{SavedState, SeqBackend};
+use flashmoe_core::session::{self, SavedState, SeqBackend};
 
 use crate::model::{CudaModel, CudaOptions, CudaState};
 use crate::{CudaError, Result};
@@ -87,9 +87,13 @@ impl SeqBackend for CudaSeq {
         _stats: &mut ForwardStats,
     ) -> flashmoe_core::Result<Vec<f32>> {
         self.live().map_err(core_error)?;
-        self.model
+        let first = session::first_logits_pos(self.state.pos, tokens.len(), want);
+        let logits = self
+            .model
             .forward(tokens, &mut self.state, want)
-            .map_err(core_error)
+            .map_err(core_error)?;
+        session::check_logits(&logits, self.model.cfg().vocab_size, first)?;
+        Ok(logits)
     }
 
     fn pos(&self) -> usize {

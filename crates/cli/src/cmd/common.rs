@@ -31,7 +31,10 @@ pub struct ModelArgs {
     /// How expert bytes are read from a packed model
     #[arg(long, value_enum, default_value_t = Io::Cached)]
     pub io: Io,
-    /// Verify every expert read against the packed manifest's checksums
+    /// Verify a packed model against its manifest's checksums: every dense tensor once at load
+    /// and every expert as it is read (a mismatch is an error naming the tensor or expert).
+    /// Models packed before dense checksums (format version 1) get their experts checked only,
+    /// with a note saying so
     #[arg(long)]
     pub verify: bool,
     /// Where the forward pass runs, for every command (`run`, `chat`, `serve`, `logits`,
@@ -105,8 +108,18 @@ impl ModelArgs {
         }
     }
 
+    /// Says on stderr what `--verify` cannot check in this model, if anything.
+    fn note_unverifiable(&self) {
+        if self.verify {
+            if let Some(note) = flashmoe_core::packed::verify_note(&self.model) {
+                eprintln!("note: {note}");
+            }
+        }
+    }
+
     pub fn load(&self) -> Result<Model> {
         self.apply_kernel_switches();
+        self.note_unverifiable();
         open_model(&self.model, &self.options())
             .with_context(|| format!("loading model from {}", self.model.display()))
     }
@@ -114,6 +127,7 @@ impl ModelArgs {
     /// The generation engine (model + tokenizer + chat template) for text front ends.
     pub fn engine(&self) -> Result<flashmoe_runtime::Engine> {
         self.apply_kernel_switches();
+        self.note_unverifiable();
         let opts = flashmoe_runtime::LoadOptions {
             core: self.options(),
             backend: super::backend::engine_backend(self)?,

@@ -13,7 +13,10 @@ pub struct Args {
     /// Source checkpoint directory (Hugging Face safetensors or MLX quantized)
     #[arg(long)]
     pub from: PathBuf,
-    /// Output directory (written as OUT.partial, renamed when complete)
+    /// Output directory (written as OUT.partial, renamed when complete). The checkpoint is
+    /// checked as loading checks it (config numbers, every tensor's shape) before anything is
+    /// written. Ctrl-C removes OUT.partial; a kill (SIGTERM) leaves it, never loadable as a
+    /// model, and the next pack clears it. A write error (disk full) removes it
     #[arg(long)]
     pub out: PathBuf,
     /// Expert bits: 4, 2, 8, or 16 (bf16). Default: an MLX source's own bits, else 4
@@ -26,7 +29,9 @@ pub struct Args {
     /// Default: keep the source's format (bf16 from Hugging Face)
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8", "16"]))]
     pub dense_bits: Option<String>,
-    /// Replace an existing output directory
+    /// Replace an existing packed model at OUT once the new one is complete. A directory that
+    /// is not empty and holds no flashmoe packed model (manifest.json) is never replaced, even
+    /// with --force
     #[arg(long)]
     pub force: bool,
 }

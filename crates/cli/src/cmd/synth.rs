@@ -36,7 +36,8 @@ pub struct Args {
     /// Copy this directory's tokenizer and chat template (default: a small byte-level one)
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Replace an existing output directory
+    /// Replace an existing packed model at OUT (never a non-empty directory that holds
+    /// anything else)
     #[arg(long)]
     pub force: bool,
 }

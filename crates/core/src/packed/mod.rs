@@ -42,7 +42,10 @@ use crate::store::{DType, SourceLayout, TensorEntry, TensorStore};
 use crate::weights::Linear;
 
 pub const FORMAT: &str = "flashmoe-packed";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added a crc32 per dense tensor; version 1 models still load (without them).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 pub const DENSE_FILE: &str = "dense.bin";
 /// Alignment of every tensor in `dense.bin` and of every part inside one expert.
@@ -66,6 +69,9 @@ pub struct TensorInfo {
     /// Set on a packed `*.weight` (u32); its `.scales` and `.biases` are separate entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quant: Option<QuantSpec>,
+    /// crc32 (IEEE) of the tensor's bytes; absent in format version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -194,6 +200,61 @@ impl ExpertLayout {
         }
     }
 
+    /// Checks bits, group size, scale dtype, count, parts, expert size and stride against the
+    /// config and returns the size every layer file must have (`count * stride`).
+    fn check(&self, cfg: &ModelConfig) -> std::result::Result<u64, String> {
+        let (i, h) = (cfg.moe_intermediate_size, cfg.hidden_size);
+        if self.count != cfg.num_experts {
+            return Err(format!(
+                "count {} but the config has {} experts",
+                self.count, cfg.num_experts
+            ));
+        }
+        if !matches!(self.bits, 2 | 4 | 8 | 16) {
+            return Err(format!("bits {} (2, 4, 8 or 16)", self.bits));
+        }
+        if self.bits != 16
+            && (!matches!(self.group_size, 32 | 64 | 128)
+                || !h.is_multiple_of(self.group_size)
+                || !i.is_multiple_of(self.group_size))
+        {
+            return Err(format!(
+                "group_size {} must be 32, 64 or 128 and divide hidden_size {h} and moe_intermediate_size {i}",
+                self.group_size
+            ));
+        }
+        let role = if self.bits == 16 {
+            Role::Weight
+        } else {
+            Role::Scales
+        };
+        match self.part(Proj::Gate, role).map(|p| p.dtype) {
+            Some(DType::BF16 | DType::F16 | DType::F32) => {}
+            other => return Err(format!("gate {role:?} dtype {other:?} (bf16, f16 or f32)")),
+        }
+        let want = ExpertLayout::build(self.bits, self.group_size, i, h, self.sdtype(), self.count);
+        let same = want.parts.len() == self.parts.len()
+            && want.parts.iter().zip(&self.parts).all(|(a, b)| {
+                (a.proj, a.role, a.dtype, &a.shape, a.offset, a.nbytes)
+                    == (b.proj, b.role, b.dtype, &b.shape, b.offset, b.nbytes)
+            });
+        if !same || self.expert_bytes != want.expert_bytes {
+            return Err(format!(
+                "parts do not match the config (moe_intermediate_size {i}, hidden_size {h}, {} bits)",
+                self.bits
+            ));
+        }
+        if self.stride < self.expert_bytes || !self.stride.is_multiple_of(EXPERT_ALIGN) {
+            return Err(format!(
+                "stride {} must be a multiple of {EXPERT_ALIGN} and at least expert_bytes {}",
+                self.stride, self.expert_bytes
+            ));
+        }
+        self.stride
+            .checked_mul(self.count as u64)
+            .ok_or_else(|| format!("{} experts x stride {} overflows", self.count, self.stride))
+    }
+
     pub fn part(&self, proj: Proj, role: Role) -> Option<&ExpertPart> {
         self.parts.iter().find(|p| p.proj == proj && p.role == role)
     }
@@ -272,11 +333,11 @@ impl Manifest {
                 format!("format is `{}`, not `{FORMAT}`", m.format),
             ));
         }
-        if m.format_version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
             return Err(packed_err(
                 &path,
                 format!(
-                    "format_version {} is not supported (this build reads {FORMAT_VERSION}); repack the model",
+                    "format_version {} is not supported (this build reads {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); repack the model",
                     m.format_version
                 ),
             ));
@@ -288,11 +349,25 @@ impl Manifest {
         ModelConfig::from_json(&self.config, &dir.join(MANIFEST))
     }
 
-    /// Checks the manifest against the config and the files on disk (sizes, shapes, offsets),
-    /// so that a mismatch is reported at load time with the file's name.
+    /// Whether `dense.bin` carries a crc32 per tensor (format version 2 on).
+    pub fn has_dense_checksums(&self) -> bool {
+        self.format_version >= 2
+    }
+
+    /// Checks every number of the manifest against the others, the config and the files on
+    /// disk (names, sizes, shapes, offsets, alignment, counts), so that a damaged or
+    /// hand-edited manifest is reported at load time with the field and file, and nothing
+    /// later divides by, allocates from or indexes with an unchecked value.
     pub fn validate(&self, dir: &Path, cfg: &ModelConfig) -> Result<()> {
         let mpath = dir.join(MANIFEST);
-        let dpath = dir.join(&self.dense.file);
+        let bad = |msg: String| packed_err(&mpath, msg);
+        if self.dense.file != DENSE_FILE {
+            return Err(bad(format!(
+                "dense.file is `{}`, not `{DENSE_FILE}`",
+                self.dense.file
+            )));
+        }
+        let dpath = dir.join(DENSE_FILE);
         let dlen = file_len(&dpath)?;
         if dlen < self.dense.nbytes {
             return Err(packed_err(
@@ -304,90 +379,105 @@ impl Manifest {
             ));
         }
         for t in &self.dense.tensors {
-            let n = (t.shape.iter().product::<usize>() * t.dtype.size()) as u64;
-            if n != t.nbytes || t.offset + t.nbytes > self.dense.nbytes {
-                return Err(packed_err(
-                    &mpath,
-                    format!(
-                        "tensor `{}`: {:?} {:?} at {}+{} does not fit the table",
-                        t.name, t.dtype, t.shape, t.offset, t.nbytes
-                    ),
-                ));
-            }
+            self.validate_tensor(t).map_err(|m| {
+                bad(format!(
+                    "tensor `{}` ({:?} {:?} at offset {}, {} bytes): {m}",
+                    t.name, t.dtype, t.shape, t.offset, t.nbytes
+                ))
+            })?;
         }
-        let x = &self.experts;
-        let (i, h) = (cfg.moe_intermediate_size, cfg.hidden_size);
         let moe_layers: Vec<usize> = (0..cfg.num_layers)
             .filter(|&l| cfg.is_moe_layer(l))
             .collect();
         if moe_layers.is_empty() {
             return Ok(());
         }
-        if x.count != cfg.num_experts {
-            return Err(packed_err(
-                &mpath,
-                format!(
-                    "expert count {} but config has {}",
-                    x.count, cfg.num_experts
-                ),
-            ));
-        }
-        if !matches!(x.bits, 2 | 4 | 8 | 16) || !x.stride.is_multiple_of(EXPERT_ALIGN) {
-            return Err(packed_err(
-                &mpath,
-                format!("bad expert layout: bits {} stride {}", x.bits, x.stride),
-            ));
-        }
-        let want = ExpertLayout::build(x.bits, x.group_size, i, h, x.sdtype(), x.count);
-        let same = want.parts.len() == x.parts.len()
-            && want.parts.iter().zip(&x.parts).all(|(a, b)| {
-                a.proj == b.proj
-                    && a.role == b.role
-                    && a.dtype == b.dtype
-                    && a.shape == b.shape
-                    && b.offset + b.nbytes <= x.expert_bytes
-            });
-        if !same || x.expert_bytes > x.stride {
-            return Err(packed_err(
-                &mpath,
-                format!(
-                    "expert layout does not match the config (moe_intermediate_size {i}, hidden_size {h}, {} bits)",
-                    x.bits
-                ),
-            ));
+        let x = &self.experts;
+        let file_bytes = x.check(cfg).map_err(|m| bad(format!("experts: {m}")))?;
+        let mut seen = vec![false; cfg.num_layers];
+        for lf in &x.layers {
+            if !moe_layers.contains(&lf.layer) || std::mem::replace(&mut seen[lf.layer], true) {
+                return Err(bad(format!(
+                    "expert file listed for layer {}, which is not a MoE layer of the config or is listed twice",
+                    lf.layer
+                )));
+            }
+            if lf.file != layer_file_name(lf.layer) {
+                return Err(bad(format!(
+                    "layer {}: expert file is `{}`, not `{}`",
+                    lf.layer,
+                    lf.file,
+                    layer_file_name(lf.layer)
+                )));
+            }
         }
         for &l in &moe_layers {
-            let lf = x.layer(l).ok_or_else(|| {
-                packed_err(&mpath, format!("no expert file listed for layer {l}"))
-            })?;
+            let lf = x
+                .layer(l)
+                .ok_or_else(|| bad(format!("no expert file listed for layer {l}")))?;
             let path = dir.join(&lf.file);
             let len = file_len(&path)?;
-            let want = x.count as u64 * x.stride;
-            if len != want || lf.nbytes != want {
+            if len != file_bytes || lf.nbytes != file_bytes {
                 return Err(packed_err(
                     &path,
                     format!(
-                        "layer {l} expert file is {len} bytes, expected {want} ({} experts x stride {}){}",
+                        "layer {l} expert file is {len} bytes, expected {file_bytes} ({} experts x stride {}){}",
                         x.count,
                         x.stride,
-                        if len < want { " (truncated?)" } else { "" }
+                        if len < file_bytes { " (truncated?)" } else { "" }
                     ),
                 ));
             }
             if lf.crc32.len() != x.count {
-                return Err(packed_err(
-                    &mpath,
-                    format!(
-                        "layer {l}: {} checksums for {} experts",
-                        lf.crc32.len(),
-                        x.count
-                    ),
-                ));
+                return Err(bad(format!(
+                    "layer {l}: {} checksums for {} experts",
+                    lf.crc32.len(),
+                    x.count
+                )));
             }
         }
         Ok(())
     }
 
+    /// One dense tensor's entry against itself and the dense table.
+    fn validate_tensor(&self, t: &TensorInfo) -> std::result::Result<(), String> {
+        let n = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
+            .ok_or("the shape's size overflows")?;
+        if n != t.nbytes {
+            return Err(format!("the shape and dtype make {n} bytes"));
+        }
+        let end = t.offset.checked_add(t.nbytes).ok_or("the end overflows")?;
+        if end > self.dense.nbytes {
+            return Err(format!(
+                "it ends past dense.nbytes {} of the table",
+                self.dense.nbytes
+            ));
+        }
+        if !t.offset.is_multiple_of(DENSE_ALIGN) {
+            return Err(format!("offset is not a multiple of {DENSE_ALIGN}"));
+        }
+        if let Some(q) = t.quant {
+            if t.dtype != DType::U32 || !matches!(q.bits, 2 | 4 | 8) {
+                return Err(format!(
+                    "quantized as {} bits, which must be 2, 4 or 8 on a U32 tensor",
+                    q.bits
+                ));
+            }
+            if !matches!(q.group_size, 32 | 64 | 128) {
+                return Err(format!("group_size {} is not 32, 64 or 128", q.group_size));
+            }
+        }
+        if self.has_dense_checksums() && t.crc32.is_none() {
+            return Err(format!(
+                "no crc32 (format_version {} records one per tensor)",
+                self.format_version
+            ));
+        }
+        Ok(())
+    }
     /// The dense tensors, mmap'd from `dense.bin`.
     pub fn open_dense(&self, dir: &Path) -> Result<TensorStore> {
         let path = dir.join(&self.dense.file);
@@ -423,6 +513,66 @@ impl Manifest {
     }
 }
 
+/// What `--verify` checked of a packed model's dense weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseVerified {
+    /// Every dense tensor matched its crc32.
+    All(usize),
+    /// The model predates dense checksums (format version 1): nothing could be checked.
+    NoChecksums,
+}
+
+/// What `--verify` cannot check in the model at `dir`, if anything: a checkpoint has no
+/// checksums at all, and a packed model of format version 1 none for its dense weights (its
+/// experts are still verified). None for a current packed model (or one that will not load).
+pub fn verify_note(dir: &Path) -> Option<String> {
+    if !is_packed_dir(dir) {
+        return dir.join("config.json").is_file().then(|| {
+            format!(
+                "{}: a checkpoint has no checksums: --verify checks packed models only",
+                dir.display()
+            )
+        });
+    }
+    let m = Manifest::read(dir).ok()?;
+    (!m.has_dense_checksums()).then(|| {
+        format!(
+            "{}: packed with format version {}, which records no checksums for {}: --verify \
+             checks the experts only (pack the model again to check the dense weights too)",
+            dir.display(),
+            m.format_version,
+            m.dense.file
+        )
+    })
+}
+
+impl Manifest {
+    /// Checks every dense tensor of `store` (opened by [`Manifest::open_dense`]) against its
+    /// crc32: one pass over `dense.bin`, for `--verify`. A mismatch names the tensor.
+    pub fn verify_dense(&self, dir: &Path, store: &TensorStore) -> Result<DenseVerified> {
+        if !self.has_dense_checksums() {
+            return Ok(DenseVerified::NoChecksums);
+        }
+        let path = dir.join(&self.dense.file);
+        for t in &self.dense.tensors {
+            let (Some(want), Some(e)) = (t.crc32, store.tensors.get(&t.name)) else {
+                continue;
+            };
+            let crc = crc32fast::hash(e.buf.bytes());
+            if crc != want {
+                return Err(packed_err(
+                    &path,
+                    format!(
+                        "checksum mismatch in tensor `{}` at offset {}: crc32 {crc:08x}, manifest says {want:08x} (corrupted file?)",
+                        t.name, t.offset
+                    ),
+                ));
+            }
+        }
+        Ok(DenseVerified::All(self.dense.tensors.len()))
+    }
+}
+
 pub(crate) fn packed_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Packed {
         path: path.to_path_buf(),
@@ -430,10 +580,17 @@ pub(crate) fn packed_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
+/// The size of a model file, which must be a regular file (a directory's "size" would be
+/// reported as a truncated file).
 fn file_len(path: &Path) -> Result<u64> {
-    std::fs::metadata(path)
-        .map(|m| m.len())
-        .map_err(|e| Error::io(path, e))
+    let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if m.is_dir() {
+        return Err(packed_err(path, "is a directory, not a file of the model"));
+    }
+    if !m.is_file() {
+        return Err(packed_err(path, "is not a regular file"));
+    }
+    Ok(m.len())
 }
 
 /// `experts/layer_NNN.bin`.

@@ -21,6 +21,7 @@ use crate::config::{ModelConfig, QuantSpec};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertSource, ExpertWeights, StoreExperts};
 use crate::kernels::{self, quantize_affine};
+use crate::model::Model;
 use crate::store::{DType, SourceLayout, TensorEntry, TensorStore};
 use crate::weights::{load_matrix, load_vec, Linear};
 
@@ -354,6 +355,14 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
     let cfg = ModelConfig::from_json(&raw, &cfg_path)?;
     let store = TensorStore::open_checkpoint(src, &cfg)?;
     let experts = StoreExperts::new(&store, &cfg)?;
+    // Every check loading makes (each tensor's dtype and shape against the config) before
+    // anything is written: a checkpoint `run` would refuse is refused in seconds, not after
+    // hours of conversion. Loading views the mapped checkpoint; it copies nothing large.
+    Model::load(
+        cfg.clone(),
+        &store,
+        Box::new(StoreExperts::new(&store, &cfg)?),
+    )?;
     let moe_layers: Vec<usize> = (0..cfg.num_layers)
         .filter(|&l| cfg.is_moe_layer(l))
         .collect();

@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::store::DType;
 
 use super::{
-    align_up, is_packed_dir, packed_err, partial_path, DenseTable, LayerFile, Manifest, TensorInfo,
-    DENSE_ALIGN, DENSE_FILE, MANIFEST,
+    align_up, packed_err, partial_path, DenseTable, LayerFile, Manifest, TensorInfo, DENSE_ALIGN,
+    DENSE_FILE, MANIFEST,
 };
 
 /// Progress of a long conversion, in bytes. The CLI draws it as a bar; tests ignore it.
@@ -83,6 +83,19 @@ pub fn abandon_partial(dst: &Path) -> (std::sync::MutexGuard<'static, ()>, bool)
     (guard, found)
 }
 
+/// Whether `dir` holds a flashmoe packed model: a `manifest.json` that says so (any format
+/// version, so an old model can be replaced by a new one).
+fn holds_packed_model(dir: &Path) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        format: String,
+    }
+    std::fs::read(dir.join(MANIFEST))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Head>(&b).ok())
+        .is_some_and(|h| h.format == super::FORMAT)
+}
+
 /// The directory being written: `DST.partial`, renamed to `DST` by [`OutDir::commit`].
 pub(crate) struct OutDir {
     dst: PathBuf,
@@ -91,20 +104,34 @@ pub(crate) struct OutDir {
 }
 
 impl OutDir {
-    /// Refuses an existing non-empty `dst` unless `force`; clears a stale `.partial`.
+    /// Refuses an existing `dst` that is not an empty directory, unless `force` and it holds a
+    /// packed model (which the new one replaces once complete): `--force` never deletes a
+    /// directory of something else (a checkpoint, a home directory given by mistake).
+    /// Clears a stale `.partial`.
     pub fn create(dst: &Path, force: bool) -> Result<OutDir> {
-        if dst.exists() && !force {
+        if dst.exists() {
+            if !dst.is_dir() {
+                return Err(packed_err(
+                    dst,
+                    "exists and is not a directory; choose another output or remove it",
+                ));
+            }
             let empty = std::fs::read_dir(dst).is_ok_and(|mut d| d.next().is_none());
-            if is_packed_dir(dst) {
+            let packed = holds_packed_model(dst);
+            if packed && !force {
                 return Err(packed_err(
                     dst,
                     "already holds a packed model; pass --force to overwrite it",
                 ));
             }
-            if !empty {
+            if !empty && !packed {
                 return Err(packed_err(
                     dst,
-                    "exists and is not empty; pass --force to replace it",
+                    format!(
+                        "exists, is not empty and holds no flashmoe packed model (no valid {MANIFEST}): \
+                         pack replaces only a packed model, even with --force; choose another output \
+                         or remove it yourself"
+                    ),
                 ));
             }
         }
@@ -190,7 +217,14 @@ pub(crate) struct DenseWriter {
 impl DenseWriter {
     pub fn create(dir: &Path) -> Result<DenseWriter> {
         let path = dir.join(DENSE_FILE);
-        let file = File::create(&path).map_err(|e| write_err(&path, e))?;
+        // Read and write: `finish` reads the tensors back for their checksums.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| write_err(&path, e))?;
         Ok(DenseWriter {
             file,
             path,
@@ -217,6 +251,7 @@ impl DenseWriter {
             offset,
             nbytes,
             quant,
+            crc32: None,
         });
         offset
     }
@@ -244,12 +279,28 @@ impl DenseWriter {
         self.write_at(off, bytes)
     }
 
-    pub fn finish(self) -> Result<DenseTable> {
+    /// Pads the file, syncs it and records each tensor's crc32, computed from the file as
+    /// written (tensors are written in pieces, in any order): what `--verify` will compare.
+    pub fn finish(mut self) -> Result<DenseTable> {
         let nbytes = align_up(self.end, DENSE_ALIGN);
         self.file
             .set_len(nbytes)
             .and_then(|_| self.file.sync_all())
             .map_err(|e| write_err(&self.path, e))?;
+        let mut buf = vec![0u8; 16 << 20];
+        for t in &mut self.tensors {
+            let mut h = crc32fast::Hasher::new();
+            let mut off = t.offset;
+            while off < t.offset + t.nbytes {
+                let n = buf.len().min((t.offset + t.nbytes - off) as usize);
+                self.file.read_exact_at(&mut buf[..n], off).map_err(|e| {
+                    packed_err(&self.path, format!("reading back for checksums: {e}"))
+                })?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            t.crc32 = Some(h.finalize());
+        }
         Ok(DenseTable {
             file: DENSE_FILE.to_string(),
             nbytes,
