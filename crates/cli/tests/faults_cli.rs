@@ -52,6 +52,10 @@ fn assert_quiet_close(what: &str, out: &Output) {
     assert!(!err.contains("error:"), "{what}: {err}");
 }
 
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 #[test]
 fn closed_stdout_ends_every_command_quietly() {
     let Some((tmp, model)) = test_model("faults_pipe") else {
@@ -74,33 +78,27 @@ fn closed_stdout_ends_every_command_quietly() {
     let cases: Vec<(&str, Vec<String>)> = vec![
         (
             "tokenize",
-            vec![
+            strings(&[
                 "tokenize",
                 "--tokenizer",
                 t,
                 "--text-file",
                 text.to_str().unwrap(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
         ),
         (
             "render",
-            vec![
+            strings(&[
                 "render",
                 "--tokenizer",
                 t,
                 "--request",
                 req.to_str().unwrap(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
         ),
         (
             "run --prompt",
-            vec![
+            strings(&[
                 "run",
                 "--model",
                 m,
@@ -109,98 +107,59 @@ fn closed_stdout_ends_every_command_quietly() {
                 "--tokens",
                 "200",
                 "--no-think",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
         ),
         (
             "run --ids",
-            vec!["run", "--model", m, "--ids", "1,2,3", "--tokens", "50"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            strings(&["run", "--model", m, "--ids", "1,2,3", "--tokens", "50"]),
         ),
         (
             "generate",
-            vec!["generate", "--model", m, "--ids", "1,2,3", "--tokens", "50"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            strings(&["generate", "--model", m, "--ids", "1,2,3", "--tokens", "50"]),
         ),
-        (
-            "demo",
-            vec!["demo", "--tokens", "50"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-        ),
+        ("demo", strings(&["demo", "--tokens", "50"])),
         (
             "synth",
-            vec![
+            strings(&[
                 "synth",
                 "--preset",
                 "tiny",
                 "--out",
                 synth_out.to_str().unwrap(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
         ),
         (
             "pack",
-            vec![
+            strings(&[
                 "pack",
                 "--from",
                 golden.to_str().unwrap(),
                 "--out",
                 pack_out.to_str().unwrap(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
         ),
         (
             "chat",
-            vec![
+            strings(&[
                 "chat",
                 "--model",
                 m,
                 "--scripted-replies",
                 script.to_str().unwrap(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
         ),
-        (
-            "chat --sessions",
-            vec!["chat", "--sessions"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-        ),
-        (
-            "serve",
-            vec!["serve", "--model", m, "--port", "0"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-        ),
+        ("chat --sessions", strings(&["chat", "--sessions"])),
+        ("serve", strings(&["serve", "--model", m, "--port", "0"])),
         (
             "bench",
-            vec![
+            strings(&[
                 "bench",
                 "kernels",
                 "--model",
                 golden.to_str().unwrap(),
                 "--kernel-mb",
                 "1",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
         ),
     ];
     for (what, args) in cases {

@@ -453,7 +453,10 @@ mod tests {
         let h = store.create(Path::new("m")).unwrap();
         append_raw(&store, &h.id, br#"{"role":"user","content":"a"}"#);
         let a = json!({"role": "user", "content": "a"});
-        assert_eq!(store.load(&h.id).unwrap().messages, std::slice::from_ref(&a));
+        assert_eq!(
+            store.load(&h.id).unwrap().messages,
+            std::slice::from_ref(&a)
+        );
         let b = json!({"role": "user", "content": "b"});
         store.append(&h.id, &b).unwrap();
         assert_eq!(store.load(&h.id).unwrap().messages, [a, b]);
