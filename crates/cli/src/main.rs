@@ -44,6 +44,7 @@ enum Command {
 }
 
 fn main() {
+    cmd::out::quiet_broken_pipe_hook();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Command::Demo(a) => cmd::demo::run(a),
@@ -59,6 +60,9 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = r {
+        if cmd::out::is_stdout_closed(&e) {
+            std::process::exit(cmd::out::CLOSED_STATUS);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -280,6 +280,35 @@ impl Session {
     /// Recurrent (GatedDeltaNet) state cannot be rewound, so only whole saved points count.
     pub fn set_prompt(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
         self.model.check_tokens_at(prompt, 0)?;
+        let reused = match self.reuse_for(prompt) {
+            (Some(i), n) => {
+                let s = &self.snapshots[i];
+                self.backend.restore(&*s.state)?;
+                self.tokens.clone_from(&s.tokens);
+                self.last_logits.clone_from(&s.logits);
+                n
+            }
+            (None, 0) => {
+                self.reset();
+                0
+            }
+            (None, live) => live,
+        };
+        if reused < prompt.len() {
+            self.feed(&prompt[reused..])?;
+        }
+        Ok((self.last_logits.clone(), reused))
+    }
+
+    /// How many leading tokens of `prompt` [`Session::set_prompt`] would take from a saved or
+    /// the live state instead of computing them (a front end that feeds the rest in steps, to
+    /// show progress, restores them with `set_prompt(&prompt[..n])`).
+    pub fn reusable(&self, prompt: &[u32]) -> usize {
+        self.reuse_for(prompt).1
+    }
+
+    /// (the saved state to restore, if one beats the live state; tokens reused).
+    fn reuse_for(&self, prompt: &[u32]) -> (Option<usize>, usize) {
         let live = if !self.tokens.is_empty()
             && common_prefix(&self.tokens, prompt) == self.tokens.len()
         {
@@ -294,24 +323,10 @@ impl Session {
             .filter(|(_, s)| s.tokens.len() <= prompt.len() && prompt.starts_with(&s.tokens))
             .max_by_key(|(_, s)| s.tokens.len())
             .map(|(i, s)| (i, s.tokens.len()));
-        let reused = match best {
-            Some((i, n)) if n > live => {
-                let s = &self.snapshots[i];
-                self.backend.restore(&*s.state)?;
-                self.tokens.clone_from(&s.tokens);
-                self.last_logits.clone_from(&s.logits);
-                n
-            }
-            _ if live > 0 => live,
-            _ => {
-                self.reset();
-                0
-            }
-        };
-        if reused < prompt.len() {
-            self.feed(&prompt[reused..])?;
+        match best {
+            Some((i, n)) if n > live => (Some(i), n),
+            _ => (None, live),
         }
-        Ok((self.last_logits.clone(), reused))
     }
 
     /// Saves the current point for later prefix reuse. A save that fails (a device out of

@@ -10,6 +10,7 @@ use flashmoe_core::model::Model;
 use flashmoe_core::session::{BackendFactory, Session};
 use flashmoe_text::{ChatTemplate, SamplingParams, TextError, Tokenizer};
 
+use crate::context::ContextPlan;
 use crate::error::{Result, RuntimeError};
 use crate::prompt::{self, PreparedPrompt};
 use crate::request::{GenerationRequest, PromptInput, ToolChoice};
@@ -27,6 +28,9 @@ pub struct LoadOptions {
     pub model_name: Option<String>,
     /// Where the forward pass runs; `None` is the CPU.
     pub backend: Option<BackendFactory>,
+    /// Most tokens of context (`--ctx-size`); `None`: the model's maximum, lowered to fit the
+    /// memory available (see [`crate::context::plan`]).
+    pub ctx_size: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -37,6 +41,7 @@ impl Default for LoadOptions {
             prefill_chunk: None,
             model_name: None,
             backend: None,
+            ctx_size: None,
         }
     }
 }
@@ -50,7 +55,14 @@ pub struct Engine {
     pub(crate) stop_ids: Vec<u32>,
     name: String,
     dir: PathBuf,
+    context: ContextPlan,
+    /// Told (prompt tokens ready, prompt tokens) after each prefill step; see
+    /// [`Engine::set_prefill_progress`].
+    pub(crate) prefill_progress: Option<PrefillProgress>,
 }
+
+/// A prefill progress callback: (prompt tokens ready, prompt tokens).
+pub type PrefillProgress = Box<dyn FnMut(usize, usize) + Send>;
 
 #[allow(dead_code)]
 fn assert_thread_safety() {
@@ -66,7 +78,8 @@ impl Engine {
     /// Loads the model, tokenizer, chat template (optional: plain-text prompts still work),
     /// `generation_config.json` defaults and the stop ids from `dir`.
     pub fn open(dir: &Path, opts: LoadOptions) -> Result<Engine> {
-        let model = open_model(dir, &opts.core)?;
+        let mut model = open_model(dir, &opts.core)?;
+        let context = crate::context::limit(&mut model.cfg, opts.ctx_size)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let template = match ChatTemplate::from_dir(dir) {
             Ok(t) => Some(t),
@@ -101,6 +114,8 @@ impl Engine {
             stop_ids,
             name,
             dir: dir.to_path_buf(),
+            context,
+            prefill_progress: None,
         })
     }
 
@@ -125,6 +140,11 @@ impl Engine {
 
     pub fn model_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The context budget chosen at load, with the memory it takes.
+    pub fn context_plan(&self) -> &ContextPlan {
+        &self.context
     }
 
     /// Context length in tokens (prompt plus completion).
@@ -192,6 +212,12 @@ impl Engine {
             None => context - n,
         };
         Ok((p, max_new))
+    }
+
+    /// Calls `f(ready, total)` after each prefill step of every later generation whose prompt
+    /// is not all reused (a resumed chat's history can take minutes); `None` stops it.
+    pub fn set_prefill_progress(&mut self, f: Option<PrefillProgress>) {
+        self.prefill_progress = f;
     }
 
     /// Forgets the live state and every snapshot's use (the next prompt prefills in full).

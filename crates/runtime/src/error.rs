@@ -16,6 +16,9 @@ pub enum RuntimeError {
     /// A chat request on a model directory without a chat template.
     #[error("model {0} has no chat template: send a plain-text prompt instead")]
     NoChatTemplate(String),
+    /// A context size (`--ctx-size`) the model cannot have.
+    #[error("{0}")]
+    ContextSize(String),
     /// The prompt itself is unusable (empty, ids outside the vocabulary, ...).
     #[error("invalid prompt: {0}")]
     InvalidPrompt(String),

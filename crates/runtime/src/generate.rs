@@ -82,6 +82,28 @@ fn call_id() -> String {
 }
 
 impl Engine {
+    /// `Session::set_prompt(ids)`, fed one prefill step at a time when a progress callback is
+    /// set (told after each step) or a cancel flag may stop it between steps. Returns (logits,
+    /// tokens reused).
+    fn prefill_to(&mut self, ids: &[u32], req: &GenerationRequest) -> Result<(Vec<f32>, usize)> {
+        if self.prefill_progress.is_none() && req.cancel.is_none() {
+            return Ok(self.session.set_prompt(ids)?);
+        }
+        let reused = self.session.reusable(ids);
+        let (mut logits, _) = self.session.set_prompt(&ids[..reused])?;
+        let step = self.session.prefill_chunk.max(1);
+        let mut at = reused;
+        while at < ids.len() && !req.is_cancelled() {
+            let next = (at + step).min(ids.len());
+            logits = self.session.feed(&ids[at..next])?.to_vec();
+            at = next;
+            if let Some(f) = self.prefill_progress.as_mut() {
+                f(at, ids.len());
+            }
+        }
+        Ok((logits, reused))
+    }
+
     /// Runs one generation, streaming [`Event`]s to `on_event`, and returns the summary that was
     /// also sent as the last event ([`Event::Done`]). Returning `Break` from the callback stops
     /// at once: no further events, and the result says [`FinishReason::Cancelled`].
@@ -107,10 +129,13 @@ impl Engine {
             if req.is_cancelled() {
                 return Ok(cancelled(prompt.ids.len(), prepare_ms, t0));
             }
-            let (l, reused) = self.session.set_prompt(&prompt.ids[..end])?;
+            let (l, reused) = self.prefill_to(&prompt.ids[..end], req)?;
             fed += end - reused.min(end);
             logits = l;
             self.session.snapshot();
+        }
+        if req.is_cancelled() {
+            return Ok(cancelled(prompt.ids.len(), prepare_ms, t0));
         }
         let prefill_ms = ms(t_prefill);
         let n_prompt = prompt.ids.len();

@@ -5,6 +5,7 @@
 //! [`Session`](flashmoe_core::session::Session)'s snapshots, sampling, stop ids and strings, and
 //! the split of generated text into content, reasoning and tool calls. It never does I/O with
 //! users (no terminal, no sockets): front ends turn [`Event`]s into whatever they show.
+pub mod context;
 pub mod engine;
 pub mod error;
 mod generate;
@@ -12,6 +13,7 @@ pub mod prompt;
 pub mod request;
 pub mod testutil;
 
+pub use context::ContextPlan;
 pub use engine::{Engine, LoadOptions};
 pub use error::{Result, RuntimeError};
 pub use flashmoe_core::session::BackendFactory;

@@ -55,6 +55,7 @@ impl ServeOptions {
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let engine = Engine::open(&opts.model_dir, opts.load.clone())
         .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
+    eprintln!("flashmoe serve: {}", engine.context_plan());
     let metrics = Arc::new(Metrics::default());
     let model_name = engine.model_name().to_string();
     let context = engine.context_len();

@@ -50,7 +50,7 @@ pub mod toolcall;
 
 pub use error::{Result, TextError};
 pub use sampling::{Sampler, SamplingParams};
-pub use session_store::{Session, SessionHeader, SessionStore};
+pub use session_store::{Session, SessionHeader, SessionInfo, SessionList, SessionStore};
 pub use special::eos_token_ids;
 pub use stop::StopChecker;
 pub use template::{ChatTemplate, RenderOptions};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use flashmoe_core::model::Model;
 use flashmoe_core::session::{BackendFactory, CpuBackend, SeqBackend};
 
-use super::common::ModelArgs;
+use super::common::ModelOpts;
 
 #[derive(Copy, Clone, Debug, ValueEnum, Default, PartialEq, Eq)]
 pub enum BackendKind {
@@ -44,7 +44,7 @@ pub struct GpuOptions {
 
 /// A fresh sequence on the chosen backend, for the token-level commands (`logits`,
 /// `generate`, `run --ids`): the same backends, by the same rule, as the engine's.
-pub fn runner(model: Arc<Model>, args: &ModelArgs) -> Result<Box<dyn SeqBackend>> {
+pub fn runner(model: Arc<Model>, args: &ModelOpts) -> Result<Box<dyn SeqBackend>> {
     Ok(match engine_backend(args)? {
         Some(f) => f.build(model)?,
         None => Box::new(CpuBackend::new(model)),
@@ -54,8 +54,8 @@ pub fn runner(model: Arc<Model>, args: &ModelArgs) -> Result<Box<dyn SeqBackend>
 /// What a sequence runs on (`None`: the CPU). `auto` takes CUDA when a device is present and
 /// usable, else the CPU (with a note when a device was found but could not be used); `cuda`
 /// without one fails when the backend is built, with the device's reason.
-pub fn engine_backend(args: &ModelArgs) -> Result<Option<BackendFactory>> {
-    let gpu = args.gpu()?;
+pub fn engine_backend(args: &ModelOpts) -> Result<Option<BackendFactory>> {
+    let gpu = args.gpu();
     let f = match args.backend {
         BackendKind::Cpu => None,
         BackendKind::Cuda => Some(cuda_factory(false, gpu)?),

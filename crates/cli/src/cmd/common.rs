@@ -6,6 +6,8 @@ use clap::{Args, ValueEnum};
 use flashmoe_core::loader::{open_model, IoMode, LoadOptions};
 use flashmoe_core::model::Model;
 
+use super::out::{out, outln};
+
 #[derive(Copy, Clone, Debug, ValueEnum, Default)]
 pub enum Io {
     /// through the page cache (resident experts used in place from the mapping, others pread)
@@ -20,11 +22,20 @@ pub enum Io {
     Mapped,
 }
 
+/// `--model DIR` and how to run it: what every model command takes.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model directory: Hugging Face or MLX checkpoint, or a flashmoe packed model
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub opts: ModelOpts,
+}
+
+/// How a model is run, apart from where it is (`chat --sessions` needs no model, so `chat`
+/// takes these beside an optional `--model`).
+#[derive(Args, Debug, Clone)]
+pub struct ModelOpts {
     /// Routed experts per token (default: the model's own num_experts_per_tok)
     #[arg(long)]
     pub k: Option<usize>,
@@ -49,11 +60,11 @@ pub struct ModelArgs {
     pub int8_activations: bool,
     /// GPU: VRAM for the expert cache, in GB (default: all free VRAM after the dense weights,
     /// less 2 GB)
-    #[arg(long, value_name = "GB")]
+    #[arg(long, value_name = "GB", allow_negative_numbers = true, value_parser = gb_size)]
     pub vram_cache_gb: Option<f64>,
     /// GPU: page-locked host RAM for experts between VRAM and the disk, in GB (LRU; a VRAM miss
     /// found there is one copy and no read). Default 0: only one layer's staging
-    #[arg(long, value_name = "GB", default_value_t = 0.0)]
+    #[arg(long, value_name = "GB", default_value_t = 0.0, allow_negative_numbers = true, value_parser = gb_size)]
     pub pinned_cache_gb: f64,
     /// Prompt tokens per prefill step (default 1024). Each routed expert is read once per step
     /// for all of the step's tokens, so when experts stream from disk a longer step reads the
@@ -61,9 +72,50 @@ pub struct ModelArgs {
     /// memory
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub prefill_chunk: Option<u32>,
+    /// Most tokens of context (prompt plus answer) a sequence may hold: the budget of the
+    /// attention KV cache. Default: the model's maximum, lowered when its KV cache would not
+    /// fit in half the memory available now. The memory it takes is printed at load
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ctx_size: Option<u64>,
+    #[command(flatten)]
+    pub threads: Threads,
 }
 
-impl ModelArgs {
+/// `--threads N`, for every command that computes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Threads {
+    /// Compute threads (default: one per core, or RAYON_NUM_THREADS when set)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
+}
+
+impl Threads {
+    /// Sizes the global compute pool; call before any parallel work.
+    pub fn apply(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n as usize)
+                .build_global()
+                .with_context(|| format!("--threads {n}: setting up the thread pool"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A size in GB for `--vram-cache-gb` / `--pinned-cache-gb`. The error quotes what was typed:
+/// an f64 printed back would spell `1e308` with 309 digits.
+fn gb_size(s: &str) -> Result<f64, String> {
+    // 1 PB: far beyond any machine, small enough that GB -> bytes cannot overflow.
+    const MAX_GB: f64 = 1e6;
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=MAX_GB).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a size in GB (a number from 0 to {MAX_GB:.0})"
+        )),
+    }
+}
+
+impl ModelOpts {
     /// Prompt tokens per prefill step: `--prefill-chunk`, else the session's default.
     pub fn prefill_step(&self) -> usize {
         self.prefill_chunk
@@ -72,27 +124,20 @@ impl ModelArgs {
             })
     }
 
-    /// Sets the process-wide kernel switches these arguments choose. `load` and `engine` call
-    /// it; a subcommand that builds its own loader from `options` calls it itself.
-    pub fn apply_kernel_switches(&self) {
+    /// Sets the process-wide switches these arguments choose (int8 activations, the thread
+    /// pool). `load` and `engine` call it; a subcommand that builds its own loader from
+    /// `options` calls it itself.
+    pub fn apply_kernel_switches(&self) -> Result<()> {
         set_int8_activations(self.int8_activations);
+        self.threads.apply()
     }
 
-    /// `--vram-cache-gb` and `--pinned-cache-gb` in bytes.
-    pub fn gpu(&self) -> Result<super::backend::GpuOptions> {
-        let bytes = |flag: &str, gb: f64| -> Result<usize> {
-            if !gb.is_finite() || gb < 0.0 {
-                bail!("{flag}: `{gb}` is not a size in GB (a number >= 0)");
-            }
-            Ok((gb * 1e9) as usize)
-        };
-        Ok(super::backend::GpuOptions {
-            vram_cache_bytes: self
-                .vram_cache_gb
-                .map(|g| bytes("--vram-cache-gb", g))
-                .transpose()?,
-            pinned_cache_bytes: bytes("--pinned-cache-gb", self.pinned_cache_gb)?,
-        })
+    /// `--vram-cache-gb` and `--pinned-cache-gb` in bytes (checked by the parser).
+    pub fn gpu(&self) -> super::backend::GpuOptions {
+        super::backend::GpuOptions {
+            vram_cache_bytes: self.vram_cache_gb.map(|g| (g * 1e9) as usize),
+            pinned_cache_bytes: (self.pinned_cache_gb * 1e9) as usize,
+        }
     }
 
     pub fn options(&self) -> LoadOptions {
@@ -108,34 +153,54 @@ impl ModelArgs {
         }
     }
 
+    /// `--ctx-size` as the runtime takes it.
+    pub fn ctx_size(&self) -> Option<usize> {
+        self.ctx_size
+            .map(|c| usize::try_from(c).unwrap_or(usize::MAX))
+    }
+
+    /// The runtime's load options (backend, prefill step, context budget).
+    pub fn runtime_options(&self) -> Result<flashmoe_runtime::LoadOptions> {
+        Ok(flashmoe_runtime::LoadOptions {
+            core: self.options(),
+            backend: super::backend::engine_backend(self)?,
+            prefill_chunk: self.prefill_chunk.map(|c| c as usize),
+            ctx_size: self.ctx_size(),
+            ..Default::default()
+        })
+    }
+}
+
+impl ModelArgs {
     /// Says on stderr what `--verify` cannot check in this model, if anything.
     fn note_unverifiable(&self) {
-        if self.verify {
+        if self.opts.verify {
             if let Some(note) = flashmoe_core::packed::verify_note(&self.model) {
                 eprintln!("note: {note}");
             }
         }
     }
 
+    /// The model alone (token-level commands), its context budget applied and printed.
     pub fn load(&self) -> Result<Model> {
-        self.apply_kernel_switches();
+        self.opts.apply_kernel_switches()?;
         self.note_unverifiable();
-        open_model(&self.model, &self.options())
-            .with_context(|| format!("loading model from {}", self.model.display()))
+        let mut model = open_model(&self.model, &self.opts.options())
+            .with_context(|| format!("loading model from {}", self.model.display()))?;
+        let plan = flashmoe_runtime::context::limit(&mut model.cfg, self.opts.ctx_size())?;
+        eprintln!("{plan}");
+        Ok(model)
     }
 
-    /// The generation engine (model + tokenizer + chat template) for text front ends.
+    /// The generation engine (model + tokenizer + chat template) for text front ends; its
+    /// context budget is printed.
     pub fn engine(&self) -> Result<flashmoe_runtime::Engine> {
-        self.apply_kernel_switches();
+        self.opts.apply_kernel_switches()?;
         self.note_unverifiable();
-        let opts = flashmoe_runtime::LoadOptions {
-            core: self.options(),
-            backend: super::backend::engine_backend(self)?,
-            prefill_chunk: self.prefill_chunk.map(|c| c as usize),
-            ..Default::default()
-        };
-        flashmoe_runtime::Engine::open(&self.model, opts)
-            .with_context(|| format!("loading model from {}", self.model.display()))
+        let engine = flashmoe_runtime::Engine::open(&self.model, self.opts.runtime_options()?)
+            .with_context(|| format!("loading model from {}", self.model.display()))?;
+        eprintln!("{}", engine.context_plan());
+        Ok(engine)
     }
 }
 
@@ -164,6 +229,25 @@ pub fn prefill(
         }
     }
     Ok(out)
+}
+
+/// Prints generated ids as `1,2,3` and a newline, each id as soon as it is chosen: a closed
+/// stdout then stops the generation at the next token instead of after all of them.
+#[derive(Default)]
+pub struct IdPrinter {
+    printed: usize,
+}
+
+impl IdPrinter {
+    pub fn push(&mut self, id: u32) -> Result<()> {
+        let sep = if self.printed == 0 { "" } else { "," };
+        self.printed += 1;
+        out!("{sep}{id}")
+    }
+
+    pub fn finish(self) -> Result<()> {
+        outln!()
+    }
 }
 
 /// Parses `1,2,3` (spaces allowed, one trailing comma tolerated) into token ids. An empty

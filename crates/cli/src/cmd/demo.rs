@@ -12,6 +12,8 @@ use flashmoe_core::packed::NoProgress;
 use flashmoe_core::packed::{synth, SynthOptions};
 use flashmoe_runtime::{Engine, Event, GenerationRequest, LoadOptions, PromptInput};
 
+use super::out::{out, outln};
+
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     /// Text to continue
@@ -32,6 +34,8 @@ pub struct Args {
     /// Random seed for the weights and the sampler
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    #[command(flatten)]
+    pub threads: super::common::Threads,
 }
 
 /// Removes the temporary model directory when the demo ends, however it ends.
@@ -44,6 +48,7 @@ impl Drop for TempDir {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.threads.apply()?;
     let (dir, _guard) = match &a.keep {
         Some(d) => (d.clone(), None),
         None => {
@@ -74,7 +79,7 @@ pub fn run(a: Args) -> Result<()> {
     let manifest = synth(&dir, &opts, &NoProgress).context("synthesizing the demo model")?;
     let synth_ms = t0.elapsed().as_secs_f64() * 1e3;
     let cfg = manifest.model_config(&dir)?;
-    println!(
+    outln!(
         "synthesized a random {} model ({} layers, {} experts top-{}, hidden {}) in {} [{:.0} ms]",
         a.preset,
         cfg.num_layers,
@@ -83,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
         cfg.hidden_size,
         dir.display(),
         synth_ms
-    );
+    )?;
 
     let t1 = Instant::now();
     let mut engine = Engine::open(
@@ -94,40 +99,48 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     let load_ms = t1.elapsed().as_secs_f64() * 1e3;
-    println!(
+    outln!(
         "loaded: experts via {} [{:.0} ms]",
         engine.model().experts.describe(),
         load_ms
-    );
+    )?;
 
     let mut req = GenerationRequest::new(PromptInput::Text(a.prompt.clone()));
     req.max_tokens = Some(a.tokens);
     req.sampling.temperature = Some(a.temperature);
     req.sampling.seed = Some(a.seed);
-    println!("--- random weights, so expect random text ---");
-    print!("{} ", a.prompt.trim_end());
+    outln!("--- random weights, so expect random text ---")?;
+    out!("{} ", a.prompt.trim_end())?;
+    let mut closed = None;
     let done = engine.generate(&req, |ev| {
         if let Event::Content(t) | Event::Reasoning(t) = ev {
-            print!("{t}");
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
+            // A closed stdout ends the generation before the next token.
+            if let Err(e) = out!("{t}") {
+                closed = Some(e);
+                return ControlFlow::Break(());
+            }
         }
         ControlFlow::Continue(())
     })?;
-    println!("\n---");
+    if let Some(e) = closed {
+        return Err(e);
+    }
+    outln!("\n---")?;
     let t = &done.timings;
     let io = &done.expert_io;
-    println!(
+    outln!(
         "prompt {} tokens: prefill {:.1} ms, time to first token {:.1} ms",
-        done.usage.prompt_tokens, t.prefill_ms, t.ttft_ms
-    );
-    println!(
+        done.usage.prompt_tokens,
+        t.prefill_ms,
+        t.ttft_ms
+    )?;
+    outln!(
         "generated {} tokens: {:.1} tok/s ({})",
         done.usage.completion_tokens,
         t.decode_tok_s,
         done.finish_reason.as_str()
-    );
-    println!(
+    )?;
+    outln!(
         "experts read: {} ({:.2} MB), read time {:.1} ms, page cache served {:.0}%",
         io.fetched,
         io.bytes_read as f64 / 1e6,
@@ -137,6 +150,6 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             0.0
         }
-    );
+    )?;
     Ok(())
 }

@@ -4,7 +4,7 @@ use clap::Args as ClapArgs;
 use flashmoe_core::model::{ForwardStats, Logits};
 use flashmoe_text::sampling::argmax;
 
-use super::common::{check_tokens_fit, parse_ids, prefill, ModelArgs};
+use super::common::{check_tokens_fit, parse_ids, prefill, IdPrinter, ModelArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -23,19 +23,17 @@ pub fn run(a: Args) -> Result<()> {
     let model = std::sync::Arc::new(a.model.load()?);
     model.check_tokens_at(&ids, 0)?;
     check_tokens_fit(&model, ids.len(), a.tokens)?;
-    let mut runner = super::backend::runner(model, &a.model)?;
+    let mut runner = super::backend::runner(model, &a.model.opts)?;
     let mut stats = ForwardStats::default();
-    let step = a.model.prefill_step();
+    let step = a.model.opts.prefill_step();
     let mut logits = prefill(runner.as_mut(), &ids, step, Logits::Last, &mut stats)?;
-    let mut out = Vec::with_capacity(a.tokens);
+    let mut out = IdPrinter::default();
     for i in 0..a.tokens {
         let next = argmax(&logits);
-        out.push(next);
+        out.push(next)?;
         if i + 1 < a.tokens {
             logits = runner.forward(&[next], Logits::Last, &mut stats)?;
         }
     }
-    let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();
-    println!("{}", s.join(","));
-    Ok(())
+    out.finish()
 }

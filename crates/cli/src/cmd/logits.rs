@@ -35,9 +35,9 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     model.check_tokens_at(&ids, 0)?;
-    let mut runner = super::backend::runner(model.clone(), &a.model)?;
+    let mut runner = super::backend::runner(model.clone(), &a.model.opts)?;
     let mut stats = ForwardStats::default();
-    let step = a.model.prefill_step();
+    let step = a.model.opts.prefill_step();
     let mut logits = prefill(runner.as_mut(), &ids[..n], step, Logits::All, &mut stats)?;
     for &id in &ids[n..] {
         logits.extend(runner.forward(&[id], Logits::Last, &mut stats)?);

@@ -7,6 +7,7 @@ pub mod demo;
 mod demo_vocab;
 pub mod generate;
 pub mod logits;
+pub mod out;
 pub mod pack;
 pub mod progress;
 pub mod render;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use flashmoe_core::packed::{pack, PackOptions};
 
+use super::out::outln;
 use super::progress::Bar;
 
 #[derive(ClapArgs, Debug)]
@@ -34,9 +35,12 @@ pub struct Args {
     /// with --force
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub threads: super::common::Threads,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.threads.apply()?;
     let opts = PackOptions {
         bits: a.bits.as_deref().map(str::parse).transpose()?,
         group_size: a.group_size,
@@ -49,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
     let r = pack(&a.from, &a.out, &opts, &bar)
         .with_context(|| format!("packing {} into {}", a.from.display(), a.out.display()))?;
     let secs = t.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "packed {} ({} checkpoint) in {:.1}s: experts {}-bit{} ({} copied byte for byte, {} converted), \
 dense {:.1} MB, experts {:.1} MB{}",
         r.dst.display(),
@@ -70,6 +74,6 @@ dense {:.1} MB, experts {:.1} MB{}",
         } else {
             format!("; copied {}", r.text_files.join(", "))
         }
-    );
+    )?;
     Ok(())
 }

@@ -5,6 +5,8 @@ use std::path::Path;
 use flashmoe_core::packed::{abandon_partial, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Decimal units (MB, GB), as every summary and size flag of flashmoe uses (`--vram-cache-gb`,
+/// pack's "dense 1234.5 MB"): indicatif's `{bytes}` would say MiB.
 pub struct Bar {
     bar: ProgressBar,
 }
@@ -14,7 +16,7 @@ impl Bar {
         let bar = ProgressBar::hidden();
         bar.set_style(
             ProgressStyle::with_template(
-                "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                "{msg} [{elapsed_precise}] [{wide_bar}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} ETA {eta}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),

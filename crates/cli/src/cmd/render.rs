@@ -60,6 +60,5 @@ pub fn run(a: Args) -> Result<()> {
     let tools = req.get("tools").filter(|t| !t.is_null());
     let tpl = ChatTemplate::from_dir(&a.tokenizer)?;
     let out = tpl.render(messages, tools, &render_options(&req)?)?;
-    print!("{out}");
-    Ok(())
+    super::out::out!("{out}")
 }

@@ -2,14 +2,18 @@
 //! print where the time went, layer by layer, like the reference design's timing report.
 use std::time::Instant;
 
-use anyhow::Result;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use flashmoe_core::experts::ExpertStatsSnapshot;
 use flashmoe_core::model::{ForwardStats, Model};
 use flashmoe_core::session::Session;
 
 use super::backend::BackendKind;
-use super::common::{check_tokens_fit, parse_ids, ModelArgs};
+use super::common::{check_tokens_fit, parse_ids, IdPrinter, ModelArgs};
+use super::out::{out, outln};
 use super::sampling::SamplingArgs;
 use flashmoe_text::sampling::argmax;
 
@@ -19,8 +23,11 @@ pub struct Args {
     pub model: ModelArgs,
     /// Prompt text: sent as one user message through the model's chat template; the answer
     /// streams to stdout (thinking, if any, dimmed on stderr)
-    #[arg(long, conflicts_with = "ids")]
+    #[arg(long, conflicts_with_all = ["ids", "prompt_file"])]
     pub prompt: Option<String>,
+    /// Read the prompt text from this UTF-8 file (`-`: standard input), as --prompt
+    #[arg(long, value_name = "FILE", conflicts_with = "ids")]
+    pub prompt_file: Option<PathBuf>,
     /// Comma-separated prompt token ids (greedy; prints the generated ids)
     #[arg(long)]
     pub ids: Option<String>,
@@ -44,14 +51,17 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.prompt {
         return run_prompt(&a, p);
     }
+    if let Some(f) = &a.prompt_file {
+        return run_prompt(&a, &read_prompt_file(f)?);
+    }
     let Some(ids) = &a.ids else {
-        anyhow::bail!("give --prompt TEXT or --ids 1,2,3");
+        anyhow::bail!("give --prompt TEXT, --prompt-file FILE or --ids 1,2,3");
     };
     let ids = parse_ids(ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
     model.check_tokens_at(&ids, 0)?;
     check_tokens_fit(&model, ids.len(), a.tokens)?;
-    let cuda = match a.model.backend {
+    let cuda = match a.model.opts.backend {
         BackendKind::Cuda => true,
         BackendKind::Cpu => false,
         BackendKind::Auto => super::backend::cuda_available(),
@@ -59,7 +69,30 @@ pub fn run(a: Args) -> Result<()> {
     if cuda {
         return run_ids_on(model, &ids, a.tokens, a.timing, &a.model);
     }
-    run_ids(model, &ids, a.tokens, a.timing, a.model.prefill_step())
+    run_ids(model, &ids, a.tokens, a.timing, a.model.opts.prefill_step())
+}
+
+/// The text of `--prompt-file` (`-`: all of standard input), which must be UTF-8 and not
+/// empty.
+fn read_prompt_file(path: &Path) -> Result<String> {
+    let text = if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("--prompt-file -: reading standard input")?;
+        String::from_utf8(buf).map_err(|e| {
+            anyhow::anyhow!(
+                "--prompt-file -: standard input is not valid UTF-8 (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            )
+        })?
+    } else {
+        super::tokenize::read_utf8(path)?
+    };
+    if text.trim().is_empty() {
+        bail!("--prompt-file {}: the prompt is empty", path.display());
+    }
+    Ok(text)
 }
 
 /// Greedy generation through a backend runner (CUDA): ids out, and overall timing.
@@ -70,6 +103,7 @@ fn run_ids_on(
     timing: bool,
     args: &super::common::ModelArgs,
 ) -> Result<()> {
+    let args = &args.opts;
     use flashmoe_core::model::{ForwardStats, Logits};
     let eos = model.cfg.eos_token_ids.clone();
     let mut runner = super::backend::runner(model, args)?;
@@ -79,17 +113,18 @@ fn run_ids_on(
     let mut logits = super::common::prefill(runner.as_mut(), ids, step, Logits::Last, &mut stats)?;
     let prefill = t0.elapsed();
     let mut out = Vec::new();
+    let mut printer = IdPrinter::default();
     let td = Instant::now();
     for _ in 0..tokens {
         let next = argmax(&logits);
         out.push(next);
+        printer.push(next)?;
         if out.len() == tokens || eos.contains(&next) {
             break;
         }
         logits = runner.forward(&[next], Logits::Last, &mut stats)?;
     }
-    let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();
-    println!("{}", s.join(","));
+    printer.finish()?;
     if timing {
         let steps = out.len().saturating_sub(1).max(1);
         eprintln!(
@@ -104,7 +139,7 @@ fn run_ids_on(
 }
 
 fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
-    use flashmoe_runtime::{Event, GenerationRequest, PromptInput};
+    use flashmoe_runtime::{Event, FinishReason, GenerationRequest, PromptInput};
     use std::io::Write;
     use std::ops::ControlFlow;
     let mut engine = a.model.engine()?;
@@ -118,38 +153,66 @@ fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
     req.max_tokens = Some(a.tokens);
     req.stop = a.stop.clone();
     req.sampling = a.sampling.overrides();
-    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let mut err = std::io::stderr();
     // Thinking is dimmed only for a terminal: a log file gets the plain text.
     let (dim, undim) = if std::io::IsTerminal::is_terminal(&err) {
         ("\x1b[2m", "\x1b[0m")
     } else {
         ("", "")
     };
+    // What went to stdout: whether a final newline is owed, and a closed pipe, which stops
+    // the generation before the next token.
+    let (mut answered, mut thought, mut closed) = (false, false, None);
     let done = engine.generate(&req, |ev| {
-        match ev {
+        let w = match ev {
             Event::Content(t) => {
-                let _ = write!(out, "{t}");
-                let _ = out.flush();
+                answered = true;
+                out!("{t}")
             }
             Event::Reasoning(t) => {
+                thought = true;
                 let _ = write!(err, "{dim}{t}{undim}");
                 let _ = err.flush();
+                Ok(())
             }
             Event::ToolCall(c) => {
-                let _ = writeln!(out, "\n[tool call] {}({})", c.name, c.arguments);
+                answered = true;
+                out!("\n[tool call] {}({})\n", c.name, c.arguments)
             }
-            Event::Done(_) => {}
+            Event::Done(_) => Ok(()),
+        };
+        match w {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                closed = Some(e);
+                ControlFlow::Break(())
+            }
         }
-        ControlFlow::Continue(())
     })?;
-    println!();
+    if let Some(e) = closed {
+        return Err(e);
+    }
+    if answered {
+        outln!()?;
+    } else if thought {
+        // The thinking went to stderr; stdout gets nothing rather than a lone newline.
+        let _ = writeln!(err);
+    }
+    if done.finish_reason == FinishReason::Length && thought && !answered {
+        eprintln!(
+            "[reached --tokens {} while thinking: no answer yet; raise --tokens or pass \
+             --no-think]",
+            a.tokens
+        );
+    }
     if a.timing {
         let t = &done.timings;
         let io = &done.expert_io;
         eprintln!(
-            "--- timing ---\nprompt {} tokens ({} reused), prefill {:.1} ms, time to first token {:.1} ms\n\
+            "--- timing ---\ncompute threads: {}\nprompt {} tokens ({} reused), prefill {:.1} ms, time to first token {:.1} ms\n\
              generated {} tokens, decode {:.2} tok/s, finish: {}\n\
              experts fetched {} ({:.3} GB), page cache / cache served {:.1}%",
+            rayon::current_num_threads(),
             done.usage.prompt_tokens,
             done.usage.cached_tokens,
             t.prefill_ms,
@@ -195,11 +258,13 @@ pub fn run_ids(
     let prefill_stats = std::mem::take(&mut sess.stats);
     let io0 = model.experts.counters().snapshot();
     let mut out = Vec::new();
+    let mut printer = IdPrinter::default();
     let mut per_token = Vec::new();
     let td = Instant::now();
     for _ in 0..tokens {
         let next = argmax(&logits);
         out.push(next);
+        printer.push(next)?;
         if out.len() == tokens || model.cfg.eos_token_ids.contains(&next) {
             break;
         }
@@ -212,8 +277,7 @@ pub fn run_ids(
         ));
     }
     let decode = td.elapsed();
-    let s: Vec<String> = out.iter().map(|x| x.to_string()).collect();
-    println!("{}", s.join(","));
+    printer.finish()?;
     if timing {
         let io = model.experts.counters().snapshot().since(&io0);
         print_timing(
@@ -247,6 +311,7 @@ fn print_timing(
 ) {
     let n = per_token.len().max(1) as f64;
     eprintln!("--- timing ({}) ---", model.experts.describe());
+    eprintln!("compute threads: {}", rayon::current_num_threads());
     eprintln!(
         "prefill: {prompt} tokens in {:.1} ms ({:.1} tok/s)",
         ms(prefill),

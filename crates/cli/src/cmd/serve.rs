@@ -36,9 +36,8 @@ pub fn run(a: Args) -> Result<()> {
     opts.api_key = a.api_key;
     opts.max_queue = a.max_queue;
     opts.max_body_bytes = a.max_body;
-    a.model.apply_kernel_switches();
-    opts.load.core = a.model.options();
-    opts.load.backend = super::backend::engine_backend(&a.model)?;
+    a.model.opts.apply_kernel_switches()?;
+    opts.load = a.model.opts.runtime_options()?;
     opts.load.model_name = a.served_model_name;
     serve(opts)
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use flashmoe_core::packed::{synth, SynthOptions, PRESETS};
 
+use super::out::outln;
 use super::progress::Bar;
 
 #[derive(ClapArgs, Debug)]
@@ -40,9 +41,12 @@ pub struct Args {
     /// anything else)
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub threads: super::common::Threads,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.threads.apply()?;
     let opts = SynthOptions {
         preset: a.preset.clone(),
         layers: a.layers,
@@ -59,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
     let m = synth(&a.out, &opts, &bar)
         .with_context(|| format!("writing synthetic {} to {}", a.preset, a.out.display()))?;
     let experts: u64 = m.experts.layers.iter().map(|l| l.nbytes).sum();
-    println!(
+    outln!(
         "wrote {} ({}, {} MoE layers x {} experts of {} bytes at {} bits) in {:.1}s: dense {:.2} GB, experts {:.2} GB",
         a.out.display(),
         a.preset,
@@ -70,6 +74,6 @@ pub fn run(a: Args) -> Result<()> {
         t.elapsed().as_secs_f64(),
         m.dense.nbytes as f64 / 1e9,
         experts as f64 / 1e9
-    );
+    )?;
     Ok(())
 }

@@ -31,6 +31,5 @@ pub fn run(a: Args) -> Result<()> {
     let tok = Tokenizer::from_dir(&a.tokenizer)?;
     let text = read_utf8(&a.text_file)?;
     let ids = tok.encode(&text)?;
-    println!("{}", serde_json::to_string(&ids)?);
-    Ok(())
+    super::out::outln!("{}", serde_json::to_string(&ids)?)
 }

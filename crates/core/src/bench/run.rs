@@ -366,6 +366,14 @@ pub(crate) fn prefill(
         .prompt_tokens
         .min(model.cfg.max_position_embeddings - 1)
         .max(2);
+    if n != opts.prompt_tokens {
+        let note = format!(
+            "--prompt-tokens {} does not fit the model's context of {} tokens: measured {n}",
+            opts.prompt_tokens, model.cfg.max_position_embeddings
+        );
+        say(&format!("prefill: {note}"));
+        s.val("prompt_tokens_note", note);
+    }
     let prompt = random_prompt(model, n, 23);
     let dense = dense_bytes_per_token(model) as f64;
     let chunk = opts.prefill_chunk.max(1);

@@ -687,15 +687,25 @@ fn row_chunks_pass_on_a_helpers_panic() {
         return;
     }
     let mut y = vec![0f32; 64];
+    let helper_came = std::sync::atomic::AtomicBool::new(false);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for_row_chunks(0, 1, 64, 1, &mut y, |r0, yc| {
-            // The caller (not a pool thread) is slow on its first chunk, so that a helper
-            // claims one; helpers panic.
+            // The caller (not a pool thread) holds its first chunk until a helper has claimed
+            // one (a fixed 50 ms sleep was not always enough on a loaded machine); helpers
+            // panic.
             if rayon::current_thread_index().is_some() {
+                helper_came.store(true, std::sync::atomic::Ordering::SeqCst);
                 panic!("helper chunk at row {r0}");
             }
             if r0 == 0 {
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                // Bounded so that a pool that never helps fails the assertion below instead
+                // of hanging.
+                let t0 = std::time::Instant::now();
+                while !helper_came.load(std::sync::atomic::Ordering::SeqCst)
+                    && t0.elapsed() < std::time::Duration::from_secs(60)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             }
             yc.fill(1.0);
         })

@@ -12,6 +12,8 @@ use clap::{Args as ClapArgs, ValueEnum};
 use flashmoe_core::bench::{run_bench, BenchOptions, Which};
 use serde_json::Value;
 
+use super::out::outln;
+
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
 pub enum What {
     /// Matvec GB/s per format beside memory read bandwidth
@@ -48,20 +50,21 @@ pub struct Args {
     /// Routed experts per token (default: the model's own)
     #[arg(long)]
     pub k: Option<usize>,
-    /// Decode steps per decode measurement (and tokens of the MoE-only benchmark)
-    #[arg(long, default_value_t = 8)]
+    /// Decode steps per decode measurement (and tokens of the MoE-only benchmark), at least 1
+    #[arg(long, default_value_t = 8, value_parser = at_least::<1>)]
     pub tokens: usize,
-    /// Prompt length of the prefill benchmark
-    #[arg(long, default_value_t = 2000)]
+    /// Prompt length of the prefill benchmark, at least 2; one beyond the model's context is
+    /// lowered to fit it, with a note (the JSON's `prefill.prompt_tokens` is what ran)
+    #[arg(long, default_value_t = 2000, value_parser = at_least::<2>)]
     pub prompt_tokens: usize,
     /// Tokens per prefill forward call (each routed expert is read once per call)
-    #[arg(long, default_value_t = flashmoe_core::session::DEFAULT_PREFILL_CHUNK)]
+    #[arg(long, default_value_t = flashmoe_core::session::DEFAULT_PREFILL_CHUNK, value_parser = at_least::<1>)]
     pub prefill_chunk: usize,
     /// MB of weights each kernel measurement streams per pass
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least::<1>)]
     pub kernel_mb: usize,
     /// MB read per I/O measurement
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least::<1>)]
     pub io_mb: usize,
     /// Skip the cold (--io direct) variants
     #[arg(long)]
@@ -84,6 +87,16 @@ pub struct Args {
     /// `kernels` reports both paths either way (`q4_matvec_bw`, `q4_int8_matvec_bw`)
     #[arg(long)]
     pub int8_activations: bool,
+    #[command(flatten)]
+    pub threads: super::common::Threads,
+}
+
+/// A whole number >= `MIN`: the benchmark would otherwise raise 0 to 1 without a word.
+fn at_least<const MIN: usize>(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= MIN => Ok(v),
+        _ => Err(format!("`{s}` must be a whole number >= {MIN}")),
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -101,13 +114,14 @@ pub fn run(a: Args) -> Result<()> {
              `cargo build --release -p flashmoe --features cuda`"
         );
     }
+    a.threads.apply()?;
     let mut opts = BenchOptions::new(a.model.clone());
     opts.k = a.k;
-    opts.tokens = a.tokens.max(1);
-    opts.prompt_tokens = a.prompt_tokens.max(2);
-    opts.prefill_chunk = a.prefill_chunk.max(1);
-    opts.kernel_mb = a.kernel_mb.max(1);
-    opts.io_mb = a.io_mb.max(1);
+    opts.tokens = a.tokens;
+    opts.prompt_tokens = a.prompt_tokens;
+    opts.prefill_chunk = a.prefill_chunk;
+    opts.kernel_mb = a.kernel_mb;
+    opts.io_mb = a.io_mb;
     opts.cold = !a.no_cold;
     opts.compare = !a.no_compare;
     super::common::set_int8_activations(a.int8_activations);
@@ -166,18 +180,20 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_text(&report);
+        print_text(&report)?;
     }
     Ok(())
 }
 
 /// The report as indented `key: value` lines, a figure's ratio flagged with its limit.
-fn print_text(v: &Value) {
-    let Value::Object(root) = v else { return };
+fn print_text(v: &Value) -> Result<()> {
+    let Value::Object(root) = v else {
+        return Ok(());
+    };
     for (section, body) in root {
-        println!("{section}");
+        outln!("{section}")?;
         match body {
             Value::Object(m) => {
                 for (k, v) in m {
@@ -185,13 +201,14 @@ fn print_text(v: &Value) {
                         Value::Object(inner) => {
                             let parts: Vec<String> =
                                 inner.iter().map(|(a, b)| format!("{a} {b}")).collect();
-                            println!("  {k}: {}", parts.join(", "));
+                            outln!("  {k}: {}", parts.join(", "))?;
                         }
-                        _ => println!("  {k}: {v}"),
+                        _ => outln!("  {k}: {v}")?,
                     }
                 }
             }
-            other => println!("  {other}"),
+            other => outln!("  {other}")?,
         }
     }
+    Ok(())
 }
