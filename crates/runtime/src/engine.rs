@@ -66,6 +66,9 @@ impl Engine {
     /// Loads the model, tokenizer, chat template (optional: plain-text prompts still work),
     /// `generation_config.json` defaults and the stop ids from `dir`.
     pub fn open(dir: &Path, opts: LoadOptions) -> Result<Engine> {
+        // `generate` checks for faults after every forward pass, so a model file truncated
+        // under a generation can become an error instead of a SIGBUS (see `mapguard`).
+        flashmoe_core::mapguard::recover_faults();
         let model = open_model(dir, &opts.core)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let template = match ChatTemplate::from_dir(dir) {

@@ -318,6 +318,9 @@ impl PackedExperts {
                 }
                 IoMode::Direct => None,
             };
+            if let Some(m) = &map {
+                crate::mapguard::register(&path, &file, m);
+            }
             files[lf.layer] = Some(LayerHandle {
                 file,
                 path,
