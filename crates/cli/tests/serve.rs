@@ -2,7 +2,6 @@
 //! driven with raw HTTP (and, in `openai_python_client`, with the official `openai` package).
 mod serve_util;
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use flashmoe_runtime::{Engine, LoadOptions, PromptInput, ToolChoice};
@@ -241,18 +240,7 @@ fn cancel_on_disconnect_and_concurrency() {
     // Start a long stream, read its first chunk, hang up.
     let mut body = chat_body("Tell me a long story", 3000);
     body["stream"] = json!(true);
-    let mut s = connect(&srv.addr);
-    write_request(
-        &mut s,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    );
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).expect("first bytes");
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    drop(s);
+    drop(open_stream(&srv.addr, &body));
     let t = Instant::now();
     assert!(
         wait_until(20, || srv
@@ -401,16 +389,7 @@ fn burst_with_small_queue_answers_or_refuses_every_request() {
     // (cancelled) once the queue has refused someone, letting the queued requests run.
     let mut long = chat_body("Tell me a long story", 3000);
     long["stream"] = json!(true);
-    let mut hold = connect(&srv.addr);
-    write_request(
-        &mut hold,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        long.to_string().as_bytes(),
-    );
-    let mut buf = [0u8; 256];
-    assert!(hold.read(&mut buf).expect("first bytes") > 0);
+    let hold = open_stream(&srv.addr, &long);
     let t = Instant::now();
     let handles: Vec<_> = (0..100)
         .map(|i| {
