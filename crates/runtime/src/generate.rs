@@ -164,7 +164,7 @@ impl Engine {
                 ttft_ms = ms(t0);
                 t_first = Some(Instant::now());
             }
-            if self.stop_ids.contains(&tok) {
+            if !req.ignore_eos && self.stop_ids.contains(&tok) {
                 finish = FinishReason::Stop;
                 break;
             }

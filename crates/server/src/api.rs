@@ -83,14 +83,26 @@ pub fn parse_body(body: &[u8]) -> Result<Obj, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
     match v {
         Value::Object(o) => Ok(o),
-        v => Err(ApiError::invalid(
-            format!(
-                "the request body must be a JSON object, got {}",
-                type_name(&v)
-            ),
-            None,
-        )),
+        v => Err(not_object(&v)),
     }
+}
+
+/// The request as a JSON object.
+pub fn as_object(v: &Value) -> Result<&Obj, ApiError> {
+    match v {
+        Value::Object(o) => Ok(o),
+        v => Err(not_object(v)),
+    }
+}
+
+fn not_object(v: &Value) -> ApiError {
+    ApiError::invalid(
+        format!(
+            "the request body must be a JSON object, got {}",
+            type_name(v)
+        ),
+        None,
+    )
 }
 
 /// Whether `v` is absent, null, or one of the values that ask for nothing (`false`, `0`, `""`,
@@ -268,6 +280,8 @@ fn common(
         }
     };
     let mut req = GenerationRequest::new(PromptInput::Text(String::new()));
+    // vLLM's extension: exactly max_tokens (benchmarks, tests).
+    req.ignore_eos = opt_bool(o, "ignore_eos")?.unwrap_or(false);
     req.sampling = sampling;
     req.max_tokens = max_tokens;
     req.stop = stop;

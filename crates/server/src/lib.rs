@@ -74,8 +74,7 @@ pub fn parse_chat_request(
     body: &serde_json::Value,
     context: usize,
 ) -> Result<GenerationRequest, ApiError> {
-    let obj = api::parse_body(body.to_string().as_bytes())?;
-    Ok(api::parse_chat(&obj, context)?.req)
+    Ok(api::parse_chat(api::as_object(body)?, context)?.req)
 }
 
 /// Loads the model, binds, prints `flashmoe serve: listening on http://ADDR` on stdout and

@@ -47,7 +47,10 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) {
-    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    // The drain below acquires them all at once, which takes a u32.
+    let max = limits
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max));
     let mut builder = http1::Builder::new();
     builder
