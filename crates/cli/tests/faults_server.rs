@@ -20,11 +20,13 @@ fn chat(user: &str, max_tokens: u64) -> Value {
     })
 }
 
-/// Opens a streamed generation of `max_tokens` and returns the connection once the response
+/// Opens a streamed generation of exactly `max_tokens` (end-of-sequence ignored, so that it
+/// runs for seconds, whatever the model samples) and returns the connection once the response
 /// has started (the generation is running).
 fn start_stream(srv: &Server, max_tokens: u64) -> TcpStream {
     let mut body = chat("Tell me a long story", max_tokens);
     body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
     open_stream(&srv.addr, &body)
 }
 
@@ -375,8 +377,19 @@ fn stalled_connections_are_closed_after_the_timeouts() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(t.elapsed() < Duration::from_secs(15));
-    // Still serving.
+    // Still serving; and a request that waits for the model longer than the header timeout
+    // is answered (waiting on the server is not a client stall): it queues behind a long
+    // stream that is read for 1.5 s.
     assert_eq!(srv.post("/v1/chat/completions", &chat("hi", 2)).status, 200);
+    let mut s = start_stream(&srv, 4000);
+    let queued = spawn_post(&srv.addr, "/v1/chat/completions", &chat("queued", 2));
+    assert!(wait_until(10, || srv.metric("flashmoe_queue_depth") == 1.0));
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    while t.elapsed() < Duration::from_millis(1500) && s.read(&mut buf).is_ok_and(|n| n > 0) {}
+    drop(s);
+    let r = queued.join().expect("client thread");
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[test]
@@ -484,7 +497,9 @@ fn sigterm_cancels_the_generation_and_refuses_the_queue() {
         return;
     };
     let mut srv = Server::start(&dir, &[]);
+    // Read as it comes, so that the server never waits on this client.
     let stream = start_stream(&srv, 4000);
+    let stream = std::thread::spawn(move || read_rest(stream));
     let queued = spawn_post(&srv.addr, "/v1/chat/completions", &chat("queued", 4));
     assert!(wait_until(20, || srv.metric("flashmoe_queue_depth") == 1.0));
     let t = Instant::now();
@@ -495,7 +510,7 @@ fn sigterm_cancels_the_generation_and_refuses_the_queue() {
     assert!(srv.stdout().contains("shutting down"), "{}", srv.stdout());
     let r = queued.join().expect("client thread");
     assert_eq!(r.status, 503, "{}", r.body);
-    let rest = read_rest(stream);
+    let rest = stream.join().expect("reader thread");
     assert!(
         rest.contains("shutting down"),
         "...{}",

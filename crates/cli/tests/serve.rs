@@ -240,6 +240,8 @@ fn cancel_on_disconnect_and_concurrency() {
     // Start a long stream, read its first chunk, hang up.
     let mut body = chat_body("Tell me a long story", 3000);
     body["stream"] = json!(true);
+    // All 3000 tokens (seconds), whatever the model samples: it must still run when dropped.
+    body["ignore_eos"] = json!(true);
     drop(open_stream(&srv.addr, &body));
     let t = Instant::now();
     assert!(
@@ -389,6 +391,7 @@ fn burst_with_small_queue_answers_or_refuses_every_request() {
     // (cancelled) once the queue has refused someone, letting the queued requests run.
     let mut long = chat_body("Tell me a long story", 3000);
     long["stream"] = json!(true);
+    long["ignore_eos"] = json!(true);
     let hold = open_stream(&srv.addr, &long);
     let t = Instant::now();
     let handles: Vec<_> = (0..100)
