@@ -19,7 +19,8 @@ truncated, rewritten or replaced while the server runs, every generation is refu
 keeps running. Replace a model by starting a new server on it.
 
 Requests: fields the server does not implement (response_format other than text, suffix, \
-logprobs, logit_bias, best_of, functions, audio) are refused with 400, never ignored.";
+logprobs, logit_bias, best_of, functions, audio) are refused with 400, never ignored. As in \
+vLLM, \"ignore_eos\": true generates exactly max_tokens.";
 
 #[derive(ClapArgs, Debug)]
 #[command(after_help = AFTER_HELP)]
