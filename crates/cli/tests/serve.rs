@@ -196,12 +196,12 @@ fn tools_round_trip_and_prefix_reuse() {
         cached >= n * 8 / 10 && cached < n2,
         "cached {cached}, first prompt {n}, second {n2}"
     );
-    let p1 = v1["timings"]["prefill_ms"].as_f64().expect("prefill_ms");
-    let p2 = v2["timings"]["prefill_ms"].as_f64().expect("prefill_ms");
-    assert!(
-        p2 < p1,
-        "follow-up prefill {p2} ms should be shorter than the first {p1} ms"
-    );
+    // The reuse itself is proven by the counts above; comparing the two prefill times would
+    // only test the machine's load (on a busy 2-core runner they can come out inverted).
+    for v in [&v1, &v2] {
+        let p = v["timings"]["prefill_ms"].as_f64().expect("prefill_ms");
+        assert!(p.is_finite() && p >= 0.0, "{}", v["timings"]);
+    }
 
     // A new conversation with the same system prompt and tools reuses the system block.
     let other = json!({"messages": [
