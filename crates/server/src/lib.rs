@@ -40,7 +40,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// Time for a request's headers, from connecting or from the previous response.
     pub header_timeout: Duration,
-    /// Longest stall of a request body upload or of a client reading its response.
+    /// Time for a request's body once its headers are in, and longest stall of a client
+    /// reading its response.
     pub idle_timeout: Duration,
     /// Open connections beyond this are answered 503.
     pub max_connections: usize,

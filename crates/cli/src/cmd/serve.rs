@@ -52,8 +52,9 @@ pub struct Args {
     /// previous response: stalled and idle keep-alive connections are closed after this
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
     pub header_timeout: f64,
-    /// Seconds a request body upload, or a client reading its response, may stall before the
-    /// connection is dropped (a stalled body gets 408; a dropped stream cancels its generation)
+    /// Seconds to receive a request's body once its headers are in (later: 408), and the longest
+    /// a client may stop reading its response before the connection is dropped (which cancels
+    /// its generation)
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = seconds)]
     pub idle_timeout: f64,
     /// Open connections at most; more are answered 503 with Retry-After and closed
