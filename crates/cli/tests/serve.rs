@@ -2,7 +2,6 @@
 //! driven with raw HTTP (and, in `openai_python_client`, with the official `openai` package).
 mod serve_util;
 
-use std::io::Read;
 
 use flashmoe_runtime::{Engine, LoadOptions, PromptInput, ToolChoice};
 use serde_json::{json, Value};
@@ -196,12 +195,12 @@ fn tools_round_trip_and_prefix_reuse() {
         cached >= n * 8 / 10 && cached < n2,
         "cached {cached}, first prompt {n}, second {n2}"
     );
-    let p1 = v1["timings"]["prefill_ms"].as_f64().expect("prefill_ms");
-    let p2 = v2["timings"]["prefill_ms"].as_f64().expect("prefill_ms");
-    assert!(
-        p2 < p1,
-        "follow-up prefill {p2} ms should be shorter than the first {p1} ms"
-    );
+    // The reuse itself is proven by the counts above; comparing the two prefill times would
+    // only test the machine's load (on a busy 2-core runner they can come out inverted).
+    for v in [&v1, &v2] {
+        let p = v["timings"]["prefill_ms"].as_f64().expect("prefill_ms");
+        assert!(p.is_finite() && p >= 0.0, "{}", v["timings"]);
+    }
 
     // A new conversation with the same system prompt and tools reuses the system block.
     let other = json!({"messages": [
@@ -240,18 +239,9 @@ fn cancel_on_disconnect_and_concurrency() {
     // Start a long stream, read its first chunk, hang up.
     let mut body = chat_body("Tell me a long story", 3000);
     body["stream"] = json!(true);
-    let mut s = connect(&srv.addr);
-    write_request(
-        &mut s,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    );
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).expect("first bytes");
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    drop(s);
+    // All 3000 tokens (seconds), whatever the model samples: it must still run when dropped.
+    body["ignore_eos"] = json!(true);
+    drop(open_stream(&srv.addr, &body));
     // No bound on how soon: a loaded CI machine is slow. That it stopped early is what the
     // token count below shows.
     assert!(
@@ -400,16 +390,8 @@ fn burst_with_small_queue_answers_or_refuses_every_request() {
     // (cancelled) once the queue has refused someone, letting the queued requests run.
     let mut long = chat_body("Tell me a long story", 3000);
     long["stream"] = json!(true);
-    let mut hold = connect(&srv.addr);
-    write_request(
-        &mut hold,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        long.to_string().as_bytes(),
-    );
-    let mut buf = [0u8; 256];
-    assert!(hold.read(&mut buf).expect("first bytes") > 0);
+    long["ignore_eos"] = json!(true);
+    let hold = open_stream(&srv.addr, &long);
     let handles: Vec<_> = (0..100)
         .map(|i| {
             let addr = srv.addr.clone();

@@ -7,6 +7,7 @@ pub mod error;
 pub mod experts;
 pub mod kernels;
 pub mod loader;
+pub mod mapguard;
 pub mod model;
 pub mod os;
 pub mod packed;

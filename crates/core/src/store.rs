@@ -109,10 +109,11 @@ pub fn canonical_name(name: &str) -> Option<String> {
 
 fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the file is opened read-only; like every mmap-based loader we rely on the user
-    // not truncating a checkpoint while it is being served.
-    let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-    Ok(Arc::new(m))
+    // SAFETY: the file is opened read-only. A truncation while mapped is caught by `mapguard`
+    // (checked before each generation; a SIGBUS mid-generation becomes an error).
+    let m = Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?);
+    crate::mapguard::register(path, &f, &m);
+    Ok(m)
 }
 
 /// Reads one safetensors file's header and adds its tensors (canonical names) to `out`.

@@ -78,6 +78,9 @@ impl Engine {
     /// Loads the model, tokenizer, chat template (optional: plain-text prompts still work),
     /// `generation_config.json` defaults and the stop ids from `dir`.
     pub fn open(dir: &Path, opts: LoadOptions) -> Result<Engine> {
+        // `generate` checks for faults after every forward pass, so a model file truncated
+        // under a generation can become an error instead of a SIGBUS (see `mapguard`).
+        flashmoe_core::mapguard::recover_faults();
         let mut model = open_model(dir, &opts.core)?;
         let context = crate::context::limit(&mut model.cfg, opts.ctx_size)?;
         let tokenizer = Tokenizer::from_dir(dir)?;

@@ -6,6 +6,7 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
+use flashmoe_core::mapguard;
 use flashmoe_text::{Sampler, StopChecker, ToolCallParser, ToolEvent};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
@@ -109,12 +110,16 @@ impl Engine {
     /// at once: no further events, and the result says [`FinishReason::Cancelled`].
     ///
     /// Errors in the request (prompt too long, `max_tokens` beyond the context, a template that
-    /// raises) come back before the model runs.
+    /// raises) come back before the model runs, as does a model file changed on disk since it
+    /// was loaded (`flashmoe_core::mapguard`; one truncated during the generation ends it with
+    /// that error after the forward pass that noticed).
     pub fn generate<F>(&mut self, req: &GenerationRequest, mut on_event: F) -> Result<Done>
     where
         F: FnMut(Event) -> ControlFlow<()>,
     {
         let t0 = Instant::now();
+        // A model file changed since it was mapped: refuse before touching any weight.
+        mapguard::check_unchanged()?;
         let (prompt, max_new) = self.prepare(req)?;
         let prepare_ms = ms(t0);
         let io0 = self.model().experts.counters().snapshot();
@@ -130,6 +135,7 @@ impl Engine {
                 return Ok(cancelled(prompt.ids.len(), prepare_ms, t0));
             }
             let (l, reused) = self.prefill_to(&prompt.ids[..end], req)?;
+            mapguard::check_faults()?;
             fed += end - reused.min(end);
             logits = l;
             self.session.snapshot();
@@ -183,7 +189,7 @@ impl Engine {
                 ttft_ms = ms(t0);
                 t_first = Some(Instant::now());
             }
-            if self.stop_ids.contains(&tok) {
+            if !req.ignore_eos && self.stop_ids.contains(&tok) {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -200,6 +206,7 @@ impl Engine {
                 break;
             }
             logits = self.session.step(tok)?.to_vec();
+            mapguard::check_faults()?;
         }
         if flow.is_continue() {
             let mut tail = String::new();

@@ -109,6 +109,9 @@ pub struct GenerationRequest {
     pub max_tokens: Option<usize>,
     /// Generation stops before any of these strings; they are not part of the output.
     pub stop: Vec<String>,
+    /// Generate `max_tokens` whatever the model samples: end-of-sequence ids do not stop it
+    /// (vLLM's `ignore_eos`, for benchmarks and tests that need a known length).
+    pub ignore_eos: bool,
     /// Emit all generated text as [`Event::Content`], with no reasoning or tool-call parsing
     /// (plain completions).
     pub raw: bool,
@@ -125,6 +128,7 @@ impl GenerationRequest {
             sampling: SamplingOverrides::default(),
             max_tokens: None,
             stop: Vec::new(),
+            ignore_eos: false,
             raw: false,
             cancel: None,
         }

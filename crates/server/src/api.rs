@@ -83,14 +83,115 @@ pub fn parse_body(body: &[u8]) -> Result<Obj, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
     match v {
         Value::Object(o) => Ok(o),
-        v => Err(ApiError::invalid(
-            format!(
-                "the request body must be a JSON object, got {}",
-                type_name(&v)
-            ),
-            None,
-        )),
+        v => Err(not_object(&v)),
     }
+}
+
+/// The request as a JSON object.
+pub fn as_object(v: &Value) -> Result<&Obj, ApiError> {
+    match v {
+        Value::Object(o) => Ok(o),
+        v => Err(not_object(v)),
+    }
+}
+
+fn not_object(v: &Value) -> ApiError {
+    ApiError::invalid(
+        format!(
+            "the request body must be a JSON object, got {}",
+            type_name(v)
+        ),
+        None,
+    )
+}
+
+/// Whether `v` is absent, null, or one of the values that ask for nothing (`false`, `0`, `""`,
+/// `{}`, `[]`): a client library may send such a default for a feature it does not use.
+fn is_default(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+        Some(Value::Number(n)) => n.as_f64() == Some(0.0),
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Object(m)) => m.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::Bool(true)) => false,
+    }
+}
+
+/// Refuses, with 400, OpenAI features this server does not implement, rather than ignoring
+/// them and answering something the client did not ask for. Values that ask for nothing pass.
+fn refuse_unsupported(o: &Obj, completion: bool) -> Result<(), ApiError> {
+    match field(o, "response_format") {
+        None => {}
+        Some(Value::Object(f)) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some(t) => {
+                return Err(bad(
+                    "response_format",
+                    format!(
+                        "`{t}` is not supported: output cannot be constrained to JSON or a schema \
+                         (only {{\"type\": \"text\"}})"
+                    ),
+                ))
+            }
+            None => return Err(bad("response_format", "needs a `type`")),
+        },
+        Some(v) => {
+            return Err(bad(
+                "response_format",
+                format!("expected an object, got {}", type_name(v)),
+            ))
+        }
+    }
+    if completion && !is_default(o.get("suffix")) {
+        return Err(bad(
+            "suffix",
+            "text after the completion (fill-in-the-middle) is not supported",
+        ));
+    }
+    let refused: [(&str, &str); 9] = [
+        ("logprobs", "log probabilities are not supported"),
+        ("top_logprobs", "log probabilities are not supported"),
+        ("logit_bias", "logit bias is not supported"),
+        ("best_of", "only best_of = 1 is supported"),
+        (
+            "functions",
+            "the deprecated functions API is not supported: send `tools`",
+        ),
+        (
+            "function_call",
+            "the deprecated functions API is not supported: send `tool_choice`",
+        ),
+        ("audio", "audio output is not supported"),
+        ("tools", "tools are only supported by /v1/chat/completions"),
+        (
+            "tool_choice",
+            "tools are only supported by /v1/chat/completions",
+        ),
+    ];
+    for (key, why) in refused {
+        let chat_feature = matches!(key, "tools" | "tool_choice");
+        if chat_feature && !completion {
+            continue;
+        }
+        // best_of = 1 asks for the one completion there is.
+        let v = o.get(key);
+        if key == "best_of" && v.and_then(Value::as_u64) == Some(1) {
+            continue;
+        }
+        // Legacy completions take `logprobs` as a count, where 0 still asks for the chosen
+        // tokens' log probabilities.
+        let count = completion && key == "logprobs" && v.is_some_and(Value::is_number);
+        if count || !is_default(v) {
+            return Err(bad(key, why));
+        }
+    }
+    if let Some(Value::Array(m)) = field(o, "modalities") {
+        if m.iter().any(|x| x.as_str() != Some("text")) {
+            return Err(bad("modalities", "only text output is supported"));
+        }
+    }
+    Ok(())
 }
 
 /// Fields shared by chat and plain completions.
@@ -125,9 +226,6 @@ fn common(
         if n != 1 {
             return Err(bad("n", "only n = 1 is supported"));
         }
-    }
-    if opt_bool(o, "logprobs")? == Some(true) {
-        return Err(bad("logprobs", "log probabilities are not supported"));
     }
     let max_tokens = match opt_int(o, "max_completion_tokens", 1)? {
         Some(m) => Some(("max_completion_tokens", m)),
@@ -182,6 +280,8 @@ fn common(
         }
     };
     let mut req = GenerationRequest::new(PromptInput::Text(String::new()));
+    // vLLM's extension: exactly max_tokens (benchmarks, tests).
+    req.ignore_eos = opt_bool(o, "ignore_eos")?.unwrap_or(false);
     req.sampling = sampling;
     req.max_tokens = max_tokens;
     req.stop = stop;
@@ -190,6 +290,7 @@ fn common(
 
 /// `POST /v1/chat/completions`.
 pub fn parse_chat(o: &Obj, context: usize) -> Result<Parsed, ApiError> {
+    refuse_unsupported(o, false)?;
     let (mut req, stream, include_usage, model) = common(o, context)?;
     let messages = match field(o, "messages") {
         None => return Err(bad("messages", "is required")),
@@ -462,6 +563,7 @@ fn tool(i: usize, t: &Value) -> Result<Value, ApiError> {
 /// `POST /v1/completions`: the prompt is text (a string or a one-element list of strings) or
 /// token ids; output is raw text.
 pub fn parse_completion(o: &Obj, context: usize) -> Result<Parsed, ApiError> {
+    refuse_unsupported(o, true)?;
     let (mut req, stream, include_usage, model) = common(o, context)?;
     let ids = |a: &[Value]| -> Option<Vec<u32>> {
         a.iter()

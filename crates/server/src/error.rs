@@ -88,21 +88,62 @@ impl ApiError {
     }
 }
 
-impl From<RuntimeError> for ApiError {
-    fn from(e: RuntimeError) -> Self {
+impl ApiError {
+    /// A generation's error; `prompt_param` is the field the prompt came in (`messages` for
+    /// chat, `prompt` for plain completions), named by prompt errors.
+    pub fn from_runtime(e: RuntimeError, prompt_param: &str) -> Self {
         let message = e.to_string();
         match e {
             RuntimeError::PromptTooLong { .. } => {
-                ApiError::invalid(message, Some("messages")).with_code("context_length_exceeded")
+                ApiError::invalid(message, Some(prompt_param)).with_code("context_length_exceeded")
             }
             RuntimeError::MaxTokensTooLarge { .. } => {
                 ApiError::invalid(message, Some("max_tokens")).with_code("context_length_exceeded")
             }
-            e if e.is_client_error() => ApiError::invalid(message, Some("messages")),
+            e if e.is_client_error() => ApiError::invalid(message, Some(prompt_param)),
             _ => ApiError::internal(message),
         }
     }
+
+    /// 503 for requests the server will not run because it is stopping.
+    pub fn shutting_down() -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: Some("server_shutting_down"),
+            ..ApiError::internal("the server is shutting down; the request was not completed")
+        }
+    }
+
+    /// 408 for a request body that did not arrive in time.
+    pub fn body_timeout(secs: f64) -> Self {
+        ApiError::invalid(
+            format!("the request body did not arrive within {secs} s (--idle-timeout)"),
+            None,
+        )
+        .status(StatusCode::REQUEST_TIMEOUT)
+        .with_code("request_timeout")
+    }
+
+    /// 503 for a connection beyond `--max-connections`.
+    pub fn too_many_connections(max: usize) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: Some("too_many_connections"),
+            retry_after: Some(1),
+            ..ApiError::internal(format!(
+                "the server has {max} connections open (--max-connections); retry shortly"
+            ))
+        }
+    }
 }
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -6,19 +6,24 @@
 mod api;
 mod error;
 mod format;
+mod listen;
 mod metrics;
 mod routes;
+mod signals;
 mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use flashmoe_runtime::{Engine, LoadOptions};
+use flashmoe_runtime::{Engine, GenerationRequest, LoadOptions};
 
+pub use crate::error::ApiError;
+use crate::listen::Limits;
 use crate::metrics::Metrics;
 use crate::routes::AppState;
 use crate::worker::Queue;
@@ -33,6 +38,15 @@ pub struct ServeOptions {
     /// Requests that may wait while one generates; more are refused with 429.
     pub max_queue: usize,
     pub max_body_bytes: usize,
+    /// Time for a request's headers, from connecting or from the previous response.
+    pub header_timeout: Duration,
+    /// Time for a request's body once its headers are in, and longest stall of a client
+    /// reading its response.
+    pub idle_timeout: Duration,
+    /// Open connections beyond this are answered 503.
+    pub max_connections: usize,
+    /// Serve `/metrics` without the API key.
+    pub metrics_public: bool,
     pub load: LoadOptions,
 }
 
@@ -45,13 +59,27 @@ impl ServeOptions {
             api_key: None,
             max_queue: 16,
             max_body_bytes: 4 << 20,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 256,
+            metrics_public: false,
             load: LoadOptions::default(),
         }
     }
 }
 
+/// The validator `serve` applies to a `/v1/chat/completions` body, for other front ends that
+/// take the same JSON (`flashmoe render`), so that both accept and refuse the same requests.
+/// `context`: the model's context in tokens (`usize::MAX` when no model is loaded).
+pub fn parse_chat_request(
+    body: &serde_json::Value,
+    context: usize,
+) -> Result<GenerationRequest, ApiError> {
+    Ok(api::parse_chat(api::as_object(body)?, context)?.req)
+}
+
 /// Loads the model, binds, prints `flashmoe serve: listening on http://ADDR` on stdout and
-/// serves until Ctrl-C.
+/// serves until SIGINT or SIGTERM (see `signals`).
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let engine = Engine::open(&opts.model_dir, opts.load.clone())
         .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
@@ -61,34 +89,43 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let context = engine.context_len();
     let queue = Queue::start(engine, opts.max_queue, metrics.clone())
         .context("starting the generation thread")?;
+    let api_key = opts.api_key.clone().filter(|k| !k.is_empty());
     let state = Arc::new(AppState {
-        queue,
-        metrics,
+        queue: queue.clone(),
+        metrics: metrics.clone(),
         model_name: model_name.clone(),
         context,
-        api_key: opts.api_key.clone().filter(|k| !k.is_empty()),
+        api_key: api_key.clone(),
         max_body_bytes: opts.max_body_bytes,
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        body_timeout: opts.idle_timeout,
     });
+    let auth = axum::middleware::from_fn_with_state(state.clone(), routes::auth);
     let v1 = Router::new()
         .route("/chat/completions", post(routes::chat_completions))
         .route("/completions", post(routes::completions))
         .route("/models", get(routes::models))
         .route("/models/{id}", get(routes::model))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            routes::auth,
-        ));
+        .layer(auth.clone());
+    let mut metrics_route = Router::new().route("/metrics", get(routes::metrics));
+    if !opts.metrics_public {
+        metrics_route = metrics_route.layer(auth);
+    }
     let app = Router::new()
         .nest("/v1", v1)
+        .merge(metrics_route)
         .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(opts.max_body_bytes))
         .with_state(state);
+    let limits = Limits {
+        header_timeout: opts.header_timeout,
+        idle_timeout: opts.idle_timeout,
+        max_connections: opts.max_connections,
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,6 +133,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        let signals = signals::Signals::new().context("installing the signal handlers")?;
         let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
             .await
             .with_context(|| format!("binding {}:{}", opts.host, opts.port))?;
@@ -103,11 +141,13 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         println!(
             "flashmoe serve: listening on http://{addr} (model `{model_name}`, context {context})"
         );
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving HTTP")
-    })
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(signals.run(queue, stop_tx));
+        listen::serve(listener, app, limits, stop_rx, metrics).await;
+        println!("flashmoe serve: stopped");
+        anyhow::Ok(())
+    })?;
+    // Connections still open after the drain are dropped with the runtime.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
 }

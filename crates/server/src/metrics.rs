@@ -1,7 +1,7 @@
 //! Server counters and their Prometheus text exposition (`GET /metrics`).
 //! Plain numbers behind a mutex: updated once per request, read once per scrape.
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use flashmoe_runtime::{Done, FinishReason};
@@ -41,6 +41,10 @@ pub struct Metrics {
     pub queue_depth: AtomicUsize,
     /// 1 while a generation runs.
     pub busy: AtomicUsize,
+    /// HTTP connections open now.
+    pub connections_open: AtomicUsize,
+    /// Connections answered 503 because `--max-connections` were open.
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -96,6 +100,8 @@ impl Metrics {
     pub fn render(&self) -> String {
         let queue = self.queue_depth.load(Ordering::Relaxed);
         let busy = self.busy.load(Ordering::Relaxed);
+        let conns = self.connections_open.load(Ordering::Relaxed);
+        let refused = self.connections_refused.load(Ordering::Relaxed);
         self.with(|t| {
             let mut s = String::new();
             let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
@@ -128,15 +134,39 @@ impl Metrics {
             ]);
             metric("flashmoe_decode_tokens_per_second", "gauge", "Decode speed of the last generation.", &[("", t.last_decode_tok_s)]);
             metric("flashmoe_expert_fetches_total", "counter", "Routed experts fetched.", &[("", t.expert_fetched as f64)]);
-            metric("flashmoe_expert_bytes_read_total", "counter", "Expert bytes read from disk.", &[("", t.expert_bytes_read as f64)]);
-            metric("flashmoe_expert_bytes_cached_total", "counter", "Expert bytes served without touching the disk (page cache as measured, RAM or VRAM cache).", &[("", t.expert_bytes_cached as f64)]);
-            let all = t.expert_bytes_read + t.expert_bytes_cached;
-            let hit = if all > 0 { t.expert_bytes_cached as f64 / all as f64 } else { 0.0 };
-            metric("flashmoe_expert_cache_hit_ratio", "gauge", "Share of expert bytes served from a cache (page cache, RAM, VRAM) since start.", &[("", hit)]);
+            // bytes_read counts every expert byte served, the cached ones included: the cached
+            // bytes are a part of it, not an addition (summing the two halved the ratio).
+            metric("flashmoe_expert_bytes_read_total", "counter", "Expert bytes the forward pass fetched, from the disk or a cache (the cached part is flashmoe_expert_bytes_cached_total).", &[("", t.expert_bytes_read as f64)]);
+            metric("flashmoe_expert_bytes_cached_total", "counter", "Part of flashmoe_expert_bytes_read_total served without touching the disk (page cache as measured, RAM or VRAM cache).", &[("", t.expert_bytes_cached as f64)]);
+            metric("flashmoe_expert_cache_hit_ratio", "gauge", "Share of the expert bytes fetched since start that a cache (page cache, RAM, VRAM) served: bytes_cached / bytes_read.", &[("", hit_ratio(t.expert_bytes_cached, t.expert_bytes_read))]);
             metric("flashmoe_expert_read_seconds_total", "counter", "Time spent waiting for expert reads.", &[("", t.expert_read_seconds)]);
             metric("flashmoe_queue_depth", "gauge", "Requests waiting for the model.", &[("", queue as f64)]);
             metric("flashmoe_busy", "gauge", "1 while a generation runs.", &[("", busy as f64)]);
+            metric("flashmoe_connections_open", "gauge", "HTTP connections open.", &[("", conns as f64)]);
+            metric("flashmoe_connections_refused_total", "counter", "Connections answered 503 because --max-connections were open.", &[("", refused as f64)]);
             s
         })
+    }
+}
+
+/// Cached share of the fetched expert bytes (0 before any fetch; at most 1).
+fn hit_ratio(cached: u64, fetched: u64) -> f64 {
+    if fetched == 0 {
+        0.0
+    } else {
+        (cached as f64 / fetched as f64).min(1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hit_ratio;
+
+    #[test]
+    fn every_byte_cached_is_a_ratio_of_one() {
+        // The counters of a run whose experts all came from the page cache.
+        assert_eq!(hit_ratio(1000, 1000), 1.0);
+        assert_eq!(hit_ratio(250, 1000), 0.25);
+        assert_eq!(hit_ratio(0, 0), 0.0);
     }
 }

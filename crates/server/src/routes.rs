@@ -5,10 +5,11 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -34,6 +35,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub started: u64,
+    /// Longest wait for a request body once its headers are in.
+    pub body_timeout: Duration,
 }
 
 type St = State<Arc<AppState>>;
@@ -54,6 +57,21 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}{tail}")
 }
 
+/// The key in an `Authorization: Bearer KEY` header; the scheme is case-insensitive (RFC 9110).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, key) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// 401 unless `Authorization: Bearer KEY` matches (only when the server has a key).
 pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
@@ -61,8 +79,8 @@ pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given.map(str::trim) != Some(key.as_str()) {
+            .and_then(bearer);
+        if !given.is_some_and(|g| same_key(g, key)) {
             st.metrics.client_error();
             return ApiError::unauthorized().into_response();
         }
@@ -70,8 +88,19 @@ pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// 200 while the model can serve; 503 once a model file changed on disk (every generation is
+/// then refused with a 500 naming the file until the server is restarted), so that a supervisor
+/// restarts it. Public, so it does not name the file.
+pub async fn health() -> Response {
+    match flashmoe_core::mapguard::check_unchanged() {
+        Ok(()) => Json(json!({"status": "ok"})).into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "message":
+                "a model file changed on disk while loaded; restart the server to load it"})),
+        )
+            .into_response(),
+    }
 }
 
 pub async fn metrics(State(st): St) -> Response {
@@ -117,18 +146,31 @@ pub async fn not_found() -> Response {
     ApiError::not_found("no such endpoint").into_response()
 }
 
-pub async fn chat_completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat_completions(State(st): St, req: Request) -> Response {
     st.metrics.request(Endpoint::Chat);
-    respond(&st, Kind::Chat, body).await
+    respond(&st, Kind::Chat, req).await
 }
 
-pub async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(State(st): St, req: Request) -> Response {
     st.metrics.request(Endpoint::Completions);
-    respond(&st, Kind::Completion, body).await
+    respond(&st, Kind::Completion, req).await
 }
 
-async fn respond(st: &Arc<AppState>, kind: Kind, body: Result<Bytes, BytesRejection>) -> Response {
-    match generate(st, kind, body).await {
+/// The body, within the size limit and `body_timeout` (a client that stalls mid-upload is
+/// answered 408 instead of holding its connection for good).
+async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(st.body_timeout, Bytes::from_request(req, &())).await {
+        Ok(body) => body.map_err(|e| body_error(st, e)),
+        Err(_) => Err(ApiError::body_timeout(st.body_timeout.as_secs_f64())),
+    }
+}
+
+async fn respond(st: &Arc<AppState>, kind: Kind, req: Request) -> Response {
+    let result = match read_body(st, req).await {
+        Ok(body) => generate(st, kind, body).await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(r) => r,
         Err(e) => {
             if e.status.is_client_error() && e.status != StatusCode::TOO_MANY_REQUESTS {
@@ -154,12 +196,7 @@ fn body_error(st: &AppState, e: BytesRejection) -> ApiError {
     }
 }
 
-async fn generate(
-    st: &Arc<AppState>,
-    kind: Kind,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| body_error(st, e))?;
+async fn generate(st: &Arc<AppState>, kind: Kind, body: Bytes) -> Result<Response, ApiError> {
     let obj = api::parse_body(&body)?;
     let Parsed {
         req,

@@ -4,13 +4,16 @@
 //! Cancellation: each accepted request gets a [`CancelGuard`]; dropping it (the client went
 //! away, so its handler or response stream was dropped) stops the generation before its next
 //! forward pass, or skips it if it had not started.
+//!
+//! Shutdown ([`Queue::shutdown`]): the running generation is cancelled the same way and answered
+//! 503, as is every queued request and every later submission.
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use flashmoe_runtime::{Engine, Event, GenerationRequest, RuntimeError};
+use flashmoe_runtime::{Engine, Event, FinishReason, GenerationRequest, PromptInput, RuntimeError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::ApiError;
@@ -36,10 +39,35 @@ impl Drop for CancelGuard {
     }
 }
 
+/// What the request handlers and the generation thread share about shutting down.
+#[derive(Default)]
+struct Shutdown {
+    /// Set once; guarded by the same lock as `running` so that a job the generation thread
+    /// starts is either seen by [`Queue::shutdown`] or sees the flag itself.
+    state: Mutex<ShutdownState>,
+}
+
+#[derive(Default)]
+struct ShutdownState {
+    shutting_down: bool,
+    /// The cancel flag of the generation that runs now.
+    running: Option<Arc<AtomicBool>>,
+}
+
+impl Shutdown {
+    fn lock(&self) -> MutexGuard<'_, ShutdownState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Queue {
     tx: SyncSender<Job>,
     metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
 }
 
 impl Queue {
@@ -48,23 +76,42 @@ impl Queue {
     pub fn start(engine: Engine, capacity: usize, metrics: Arc<Metrics>) -> std::io::Result<Queue> {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let m = metrics.clone();
+        let shutdown = Arc::new(Shutdown::default());
+        let sd = shutdown.clone();
         std::thread::Builder::new()
             .name("flashmoe-generate".into())
             .spawn(move || {
                 let mut engine = engine;
                 for job in rx {
                     m.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                    run_job(&mut engine, job, &m);
+                    {
+                        let mut st = sd.lock();
+                        if st.shutting_down {
+                            let _ = job.tx.send(Msg::Error(ApiError::shutting_down()));
+                            continue;
+                        }
+                        st.running = job.req.cancel.clone();
+                    }
+                    run_job(&mut engine, job, &m, &sd);
+                    sd.lock().running = None;
                 }
             })?;
-        Ok(Queue { tx, metrics })
+        Ok(Queue {
+            tx,
+            metrics,
+            shutdown,
+        })
     }
 
-    /// Queues a request; its events arrive on the receiver. Refused when the queue is full.
+    /// Queues a request; its events arrive on the receiver. Refused when the queue is full or
+    /// the server is shutting down.
     pub fn submit(
         &self,
         mut req: GenerationRequest,
     ) -> Result<(UnboundedReceiver<Msg>, CancelGuard), ApiError> {
+        if self.shutdown.lock().shutting_down {
+            return Err(ApiError::shutting_down());
+        }
         let flag = Arc::new(AtomicBool::new(false));
         req.cancel = Some(flag.clone());
         let (tx, rx) = unbounded_channel();
@@ -87,9 +134,32 @@ impl Queue {
             }
         }
     }
+
+    /// Refuses new requests from now on, cancels the running generation (its client gets 503)
+    /// and lets the queued ones be answered 503. Returns (running, queued) at the moment.
+    pub fn shutdown(&self) -> (usize, usize) {
+        let mut st = self.shutdown.lock();
+        st.shutting_down = true;
+        let running = match &st.running {
+            Some(flag) => {
+                flag.store(true, Ordering::Relaxed);
+                1
+            }
+            None => 0,
+        };
+        (running, self.metrics.queue_depth.load(Ordering::Relaxed))
+    }
 }
 
-fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics) {
+/// The parameter a prompt error names: what the client sent the prompt as.
+fn prompt_param(req: &GenerationRequest) -> &'static str {
+    match req.prompt {
+        PromptInput::Messages { .. } => "messages",
+        PromptInput::Text(_) | PromptInput::Ids(_) => "prompt",
+    }
+}
+
+fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics, shutdown: &Shutdown) {
     let Job { req, tx } = job;
     if req.is_cancelled() || tx.is_closed() {
         return;
@@ -106,12 +176,17 @@ fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics) {
     }));
     metrics.busy.store(0, Ordering::Relaxed);
     match result {
-        Ok(Ok(done)) => metrics.finished(&done),
+        Ok(Ok(done)) => {
+            metrics.finished(&done);
+            if done.finish_reason == FinishReason::Cancelled && shutdown.lock().shutting_down {
+                let _ = tx.send(Msg::Error(ApiError::shutting_down()));
+            }
+        }
         Ok(Err(e)) => {
             if matches!(e, RuntimeError::Core(_) | RuntimeError::Text(_)) {
                 eprintln!("flashmoe serve: generation failed: {e}");
             }
-            let _ = tx.send(Msg::Error(e.into()));
+            let _ = tx.send(Msg::Error(ApiError::from_runtime(e, prompt_param(&req))));
         }
         Err(_) => {
             // The state may be half-updated: start the next request from scratch.

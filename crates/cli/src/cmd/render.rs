@@ -1,9 +1,11 @@
-//! `flashmoe render`: the prompt the chat template makes of an OpenAI-style request file.
+//! `flashmoe render`: the prompt the chat template makes of an OpenAI-style request file, as
+//! `serve` would give it to the model (same validation, same rendering).
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args as ClapArgs;
-use flashmoe_text::{ChatTemplate, RenderOptions};
+use flashmoe_runtime::prompt::render_text;
+use flashmoe_text::ChatTemplate;
 use serde_json::Value;
 
 use super::tokenize::read_utf8;
@@ -13,52 +15,22 @@ pub struct Args {
     /// Directory holding chat_template.jinja or tokenizer_config.json
     #[arg(long)]
     pub tokenizer: PathBuf,
-    /// JSON request: {"messages": [...], "tools": [...], "chat_template_kwargs": {...},
-    /// "add_generation_prompt": true}
+    /// JSON request, as sent to `serve`'s /v1/chat/completions: {"messages": [...], "tools":
+    /// [...], "tool_choice": ..., "chat_template_kwargs": {"enable_thinking": ...},
+    /// "add_generation_prompt": true}; what serve refuses with 400 is refused here
     #[arg(long)]
     pub request: PathBuf,
-}
-
-/// Template options from a request's `add_generation_prompt` (default true) and
-/// `chat_template_kwargs` (enable_thinking and any other variables).
-pub fn render_options(req: &Value) -> Result<RenderOptions> {
-    let mut opts = RenderOptions {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
-    match req.get("add_generation_prompt") {
-        None | Some(Value::Null) => {}
-        Some(Value::Bool(b)) => opts.add_generation_prompt = *b,
-        Some(other) => bail!("`add_generation_prompt` must be a boolean, got {other}"),
-    }
-    if let Some(kw) = req.get("chat_template_kwargs") {
-        let Some(obj) = kw.as_object() else {
-            bail!("`chat_template_kwargs` must be an object");
-        };
-        for (k, v) in obj {
-            if k == "enable_thinking" {
-                match v {
-                    Value::Bool(b) => opts.enable_thinking = Some(*b),
-                    Value::Null => {}
-                    other => bail!("`enable_thinking` must be a boolean, got {other}"),
-                }
-            } else {
-                opts.extra.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    Ok(opts)
 }
 
 pub fn run(a: Args) -> Result<()> {
     let text = read_utf8(&a.request)?;
     let req: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid JSON", a.request.display()))?;
-    let Some(messages) = req.get("messages").filter(|m| m.is_array()) else {
-        bail!("{}: `messages` must be an array", a.request.display());
-    };
-    let tools = req.get("tools").filter(|t| !t.is_null());
+    // The server's validator: what `serve` refuses with 400, render refuses too, and what it
+    // accepts renders here exactly as the model would see it (tool_choice applied).
+    let req = flashmoe_server::parse_chat_request(&req, usize::MAX)
+        .map_err(|e| anyhow!("{}: {e}", a.request.display()))?;
     let tpl = ChatTemplate::from_dir(&a.tokenizer)?;
-    let out = tpl.render(messages, tools, &render_options(&req)?)?;
+    let out = render_text(Some(&tpl), "model", &req.prompt, &req.tool_choice)?;
     super::out::out!("{out}")
 }

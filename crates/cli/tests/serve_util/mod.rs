@@ -18,10 +18,29 @@ pub fn model_dir(tag: &str) -> Option<PathBuf> {
     Some(dir)
 }
 
+/// The test model packed (`flashmoe pack`), so that its dense weights are mmap'd from
+/// `dense.bin` and its experts read from per-layer files; None (skipped) as `model_dir`.
+pub fn packed_model_dir(tag: &str) -> Option<PathBuf> {
+    let src = model_dir(tag)?;
+    let out = src.with_file_name("tiny-a-packed");
+    let st = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["pack", "--from"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running flashmoe pack");
+    assert!(st.success(), "flashmoe pack failed");
+    Some(out)
+}
+
 pub struct Server {
     child: Child,
     pub addr: String,
     pub dir: PathBuf,
+    /// Every line the server printed on stdout so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -38,11 +57,16 @@ impl Server {
             .expect("starting flashmoe serve");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                     let _ = tx.send(addr);
+                }
+                if let Ok(mut l) = seen.lock() {
+                    l.push(line);
                 }
             }
         });
@@ -57,7 +81,38 @@ impl Server {
             child,
             addr,
             dir: dir.to_path_buf(),
+            lines,
         }
+    }
+
+    /// What the server printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Sends a signal (`TERM`, `INT`, ...) to the server.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -s {sig} {}", self.pid()))
+            .status()
+            .expect("running kill");
+        assert!(st.success(), "kill -s {sig} failed");
+    }
+
+    /// The exit status, once the server has exited within `secs`.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(secs, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Whether the server process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> u32 {
@@ -211,6 +266,30 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[(size + 2).min(b.len())..];
     }
     out
+}
+
+/// POSTs a streamed chat request and returns the connection once the response has started
+/// (status 200 read: the generation is running).
+pub fn open_stream(addr: &str, body: &Value) -> TcpStream {
+    let mut s = connect(addr);
+    write_request(
+        &mut s,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        body.to_string().as_bytes(),
+    );
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).expect("first bytes of the stream");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// POSTs `body` to `path` from another thread (one of many concurrent clients).
+pub fn spawn_post(addr: &str, path: &'static str, body: &Value) -> std::thread::JoinHandle<Resp> {
+    let (addr, body) = (addr.to_string(), body.to_string());
+    std::thread::spawn(move || request(&addr, "POST", path, &[], body.as_bytes()))
 }
 
 /// Polls `f` until it is true or `secs` pass.

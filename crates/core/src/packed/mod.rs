@@ -482,9 +482,10 @@ impl Manifest {
     pub fn open_dense(&self, dir: &Path) -> Result<TensorStore> {
         let path = dir.join(&self.dense.file);
         let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: read-only mapping; like every mmap loader we rely on the file not being
-        // truncated while the model is served (sizes were validated above).
+        // SAFETY: read-only mapping (sizes were validated above); a truncation while mapped is
+        // caught by `mapguard` (checked before each generation; a SIGBUS becomes an error).
         let map = Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?);
+        crate::mapguard::register(&path, &f, &map);
         let mut tensors = HashMap::with_capacity(self.dense.tensors.len());
         for t in &self.dense.tensors {
             if t.offset + t.nbytes > map.len() as u64 {

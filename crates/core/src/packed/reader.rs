@@ -314,6 +314,9 @@ impl PackedExperts {
                 }
                 IoMode::Direct => None,
             };
+            if let Some(m) = &map {
+                crate::mapguard::register(&path, &file, m);
+            }
             files[lf.layer] = Some(LayerHandle {
                 file,
                 path,
