@@ -2,7 +2,6 @@
 //! driven with raw HTTP (and, in `openai_python_client`, with the official `openai` package).
 mod serve_util;
 
-
 use flashmoe_runtime::{Engine, LoadOptions, PromptInput, ToolChoice};
 use serde_json::{json, Value};
 use serve_util::*;
