@@ -145,11 +145,25 @@ const VANISHED: &str = "truncated while in use: its pages vanished under a runni
 /// Errors, naming the file, when a registered mapping faulted (see [`recover_faults`]). One
 /// atomic load when none did: cheap enough to call after every forward pass.
 pub fn check_faults() -> Result<()> {
+    faults_under(None)
+}
+
+/// [`check_faults`] for the files under `dir` only (one model's, in a process that may hold
+/// several).
+pub fn check_faults_in(dir: &Path) -> Result<()> {
+    faults_under(Some(dir))
+}
+
+fn under(e: &Entry, dir: Option<&Path>) -> bool {
+    dir.is_none_or(|d| e.path.starts_with(d))
+}
+
+fn faults_under(dir: Option<&Path>) -> Result<()> {
     if !ANY_FAULT.load(Ordering::Acquire) {
         return Ok(());
     }
     let list = entries();
-    match list.iter().find(|e| faulted(e)) {
+    match list.iter().find(|e| under(e, dir) && faulted(e)) {
         Some(e) => Err(changed(&e.path, VANISHED.into())),
         // The faulted mapping was dropped (its model unloaded): nothing in use is affected.
         None => Ok(()),
@@ -159,9 +173,19 @@ pub fn check_faults() -> Result<()> {
 /// Errors, naming the file, when a file of a live mapping was truncated, grown, rewritten,
 /// replaced or removed since it was mapped, or faulted. One `stat` per mapped file.
 pub fn check_unchanged() -> Result<()> {
+    unchanged_under(None)
+}
+
+/// [`check_unchanged`] for the files under `dir` only: one model's files, so that another
+/// model's (a test's removed temporary copy, say) do not fail this one's generations.
+pub fn check_unchanged_in(dir: &Path) -> Result<()> {
+    unchanged_under(Some(dir))
+}
+
+fn unchanged_under(dir: Option<&Path>) -> Result<()> {
     let mut list = entries();
     prune(&mut list);
-    for e in list.iter() {
+    for e in list.iter().filter(|e| under(e, dir)) {
         if faulted(e) {
             return Err(changed(&e.path, VANISHED.into()));
         }

@@ -68,4 +68,16 @@ fn changed_and_truncated_files_are_errors_naming_them() {
         e.to_string().contains("dense.bin") && e.to_string().contains("truncated"),
         "{e}"
     );
+
+    // One model's changed files do not fail another model's checks (an engine checks the
+    // files under its own directory): a process may hold several models.
+    let c = temp_file("other-model", 2 * 4096);
+    let _mc = map(&c);
+    let c_dir = c.parent().expect("dir");
+    mapguard::check_unchanged_in(c_dir).expect("the other model is unchanged");
+    mapguard::check_faults_in(c_dir).expect("the other model did not fault");
+    let b_dir = b.parent().expect("dir");
+    mapguard::check_unchanged_in(b_dir).expect_err("the truncated model is still reported");
+    mapguard::check_faults_in(b_dir).expect_err("and its fault");
+    drop(mb);
 }

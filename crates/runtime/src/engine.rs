@@ -54,7 +54,7 @@ pub struct Engine {
     pub(crate) defaults: SamplingParams,
     pub(crate) stop_ids: Vec<u32>,
     name: String,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     context: ContextPlan,
     /// Told (prompt tokens ready, prompt tokens) after each prefill step; see
     /// [`Engine::set_prefill_progress`].

@@ -119,7 +119,7 @@ impl Engine {
     {
         let t0 = Instant::now();
         // A model file changed since it was mapped: refuse before touching any weight.
-        mapguard::check_unchanged()?;
+        mapguard::check_unchanged_in(&self.dir)?;
         let (prompt, max_new) = self.prepare(req)?;
         let prepare_ms = ms(t0);
         let io0 = self.model().experts.counters().snapshot();
@@ -135,7 +135,7 @@ impl Engine {
                 return Ok(cancelled(prompt.ids.len(), prepare_ms, t0));
             }
             let (l, reused) = self.prefill_to(&prompt.ids[..end], req)?;
-            mapguard::check_faults()?;
+            mapguard::check_faults_in(&self.dir)?;
             fed += end - reused.min(end);
             logits = l;
             self.session.snapshot();
@@ -206,7 +206,7 @@ impl Engine {
                 break;
             }
             logits = self.session.step(tok)?.to_vec();
-            mapguard::check_faults()?;
+            mapguard::check_faults_in(&self.dir)?;
         }
         if flow.is_continue() {
             let mut tail = String::new();
