@@ -1,8 +1,8 @@
 //! `flashmoe bench [kernels|io|moe|decode|prefill|all] --model DIR`: runs the benchmarks of
 //! `flashmoe_core::bench` and prints a readable report, or one JSON object (`--json`) in
 //! which every figure with a limit sits beside it and their ratio (`*_ratio`). `--record`
-//! appends one TSV row per run (naming the build's commit), `--plot` draws the TSV's history as a PNG
-//! or a self-contained HTML page.
+//! appends one TSV row per run (naming the build's commit), `--plot` draws the TSV's history
+//! as a PNG or a self-contained HTML page.
 mod plot;
 mod record;
 
