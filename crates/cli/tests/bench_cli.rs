@@ -33,7 +33,11 @@ fn bench_all(model: &std::path::Path, dir: &std::path::Path) -> Value {
     let v: Value =
         serde_json::from_slice(&out.stdout).expect("bench --json prints one JSON object");
     let tsv_text = std::fs::read_to_string(&tsv).expect("--record wrote the TSV");
-    assert!(tsv_text.starts_with("commit\tmodel\tbits\tk\ttok_s\tttft_ms\tmem_gb\tnotes\n"));
+    // The first eight columns as always, new ones only ever appended.
+    assert!(tsv_text.starts_with(
+        "commit\tmodel\tbits\tk\ttok_s\tttft_ms\tmem_gb\tnotes\t\
+         date\ttok_s_limit\tttft_limit_ms\tmem_limit_gb\n"
+    ));
     assert_eq!(tsv_text.lines().count(), 2, "header + one row");
     let png_bytes = std::fs::read(&png).expect("--plot wrote the PNG");
     assert_eq!(&png_bytes[1..4], b"PNG");

@@ -1,7 +1,8 @@
 //! `flashmoe bench [kernels|io|moe|decode|prefill|all] --model DIR`: runs the benchmarks of
 //! `flashmoe_core::bench` and prints a readable report, or one JSON object (`--json`) in
 //! which every figure with a limit sits beside it and their ratio (`*_ratio`). `--record`
-//! appends one TSV row per run, `--plot` draws the TSV's history as a PNG.
+//! appends one TSV row per run (naming the build's commit), `--plot` draws the TSV's history
+//! as a PNG or a self-contained HTML page.
 mod plot;
 mod record;
 
@@ -44,7 +45,8 @@ pub struct Args {
     /// Append a row (commit, model, bits, K, tok/s, ttft, mem GB, notes) to this TSV file
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Draw the history of the --record TSV (or of this run's row alone) as a PNG
+    /// Draw the history of the --record TSV (or of this run's row alone) as a PNG, or as a
+    /// self-contained HTML page (inline SVG and a table of the runs) when F ends in .html
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Routed experts per token (default: the model's own)
