@@ -21,7 +21,7 @@ use crate::weights::Linear;
 pub struct Cpu;
 
 /// The logistic function (output gates, shared-expert gate, GatedDeltaNet beta).
-pub(crate) fn sigmoid(x: f32) -> f32 {
+fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
@@ -40,7 +40,7 @@ fn softplus(x: f32) -> f32 {
 
 /// Rotates the first `rot` dims of one head vector at position `pos` (NeoX rotate-half:
 /// dim d < rot/2 pairs with d + rot/2, frequency index d).
-pub fn rope(x: &mut [f32], pos: usize, rot: usize, theta: f64) {
+fn rope(x: &mut [f32], pos: usize, rot: usize, theta: f64) {
     let half = rot / 2;
     for d in 0..half {
         // HF computes inv_freq = 1 / theta^(2d/rot) in fp32; the angle in f64 keeps long
@@ -235,44 +235,10 @@ fn run_expert(
 }
 
 impl Backend for Cpu {
-    type Buf = Vec<f32>;
-    type Mat = Linear;
-    type Routes = Routes;
+    super::host_memory!();
 
     fn name(&self) -> &'static str {
         "cpu"
-    }
-
-    fn alloc(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0f32; n])
-    }
-    fn upload(&self, v: &[f32]) -> Result<Vec<f32>> {
-        Ok(v.to_vec())
-    }
-    fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b.clone())
-    }
-    fn take_host(&self, b: Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b)
-    }
-    fn buf_len(&self, b: &Vec<f32>) -> usize {
-        b.len()
-    }
-    fn copy_buf(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b.clone())
-    }
-    fn upload_mat(&self, w: &Linear) -> Result<Linear> {
-        Ok(w.clone())
-    }
-    fn mat_shape(&self, w: &Linear) -> (usize, usize) {
-        (w.rows(), w.cols())
-    }
-    fn alloc_routes(&self, t: usize, k: usize) -> Result<Routes> {
-        Ok(Routes {
-            k,
-            ids: vec![0; t * k],
-            weights: vec![0.0; t * k],
-        })
     }
 
     fn matmul(&self, w: &Linear, x: &Vec<f32>, t: usize, y: &mut Vec<f32>) -> Result<()> {
@@ -311,18 +277,6 @@ impl Backend for Cpu {
             kernels::rmsnorm(xr, w, eps, false, nr);
         }
         Ok(())
-    }
-
-    fn add_rmsnorm(
-        &self,
-        x: &mut Vec<f32>,
-        d: &Vec<f32>,
-        w: &Vec<f32>,
-        eps: f32,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        self.add(x, d)?;
-        self.rmsnorm(x, w, eps, out)
     }
 
     fn add(&self, x: &mut Vec<f32>, d: &Vec<f32>) -> Result<()> {
@@ -539,10 +493,6 @@ impl Backend for Cpu {
             out.weights.extend(sel.iter().map(|s| s.1));
         }
         Ok(())
-    }
-
-    fn routes_host<'a>(&self, r: &'a Routes) -> Result<Cow<'a, Routes>> {
-        Ok(Cow::Borrowed(r))
     }
 
     fn moe_experts(

@@ -187,15 +187,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Per row of `w`: `out = x / sqrt(mean(x^2) + eps) * w` (plain weight; a zero-centred
     /// `1 + w` is folded in at load).
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, out: &mut Self::Buf) -> Result<()>;
-    /// `x += d`, then `out = rmsnorm(x)` (the residual join before a norm).
-    fn add_rmsnorm(
-        &self,
-        x: &mut Self::Buf,
-        d: &Self::Buf,
-        w: &Self::Buf,
-        eps: f32,
-        out: &mut Self::Buf,
-    ) -> Result<()>;
     /// `x += d`.
     fn add(&self, x: &mut Self::Buf, d: &Self::Buf) -> Result<()>;
     /// `dst [n, width]` = rows `row0..row0+n` of `src [_, width]`.
@@ -273,20 +264,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         t: usize,
         o: &mut Self::Buf,
     ) -> Result<()>;
-    /// [`Backend::gdn_recurrent`]'s contract computed in chunks (arch-spec §6.6), for prefill.
-    #[allow(clippy::too_many_arguments)]
-    fn gdn_chunked(
-        &self,
-        u: &Self::Buf,
-        b: &Self::Buf,
-        a: &Self::Buf,
-        dt_bias: &Self::Buf,
-        neg_a: &Self::Buf,
-        state: &mut Self::Buf,
-        s: &GdnShape,
-        t: usize,
-        o: &mut Self::Buf,
-    ) -> Result<()>;
     /// Per row of `w` (one value head): `y = rmsnorm(o) * w * silu(z)` (arch-spec §4.2).
     fn gated_rmsnorm(
         &self,
@@ -337,6 +314,36 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     // ---- fused operations: default compositions, overridden to fuse ---------------------
 
+    /// `x += d`, then `out = rmsnorm(x)` (the residual join before a norm).
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::Buf,
+        d: &Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.add(x, d)?;
+        self.rmsnorm(x, w, eps, out)
+    }
+    /// [`Backend::gdn_recurrent`]'s contract computed in chunks (arch-spec §6.6), for prefill:
+    /// the recurrent form unless the backend has the chunked one (it should: prefill streams
+    /// the state once per chunk instead of three times per token).
+    #[allow(clippy::too_many_arguments)]
+    fn gdn_chunked(
+        &self,
+        u: &Self::Buf,
+        b: &Self::Buf,
+        a: &Self::Buf,
+        dt_bias: &Self::Buf,
+        neg_a: &Self::Buf,
+        state: &mut Self::Buf,
+        s: &GdnShape,
+        t: usize,
+        o: &mut Self::Buf,
+    ) -> Result<()> {
+        self.gdn_recurrent(u, b, a, dt_bias, neg_a, state, s, t, o)
+    }
     /// `ys[i] = x W_i^T` for matrices of one [`Backend::upload_group`].
     fn matmul_many(
         &self,
@@ -405,3 +412,49 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.argmax(&logits)
     }
 }
+
+/// The memory half of a backend whose buffers are host `Vec<f32>`, whose matrices are the
+/// loaded [`Linear`]s and whose routing is [`Routes`] (the CPU and the reference).
+macro_rules! host_memory {
+    () => {
+        type Buf = Vec<f32>;
+        type Mat = Linear;
+        type Routes = Routes;
+
+        fn alloc(&self, n: usize) -> Result<Vec<f32>> {
+            Ok(vec![0f32; n])
+        }
+        fn upload(&self, v: &[f32]) -> Result<Vec<f32>> {
+            Ok(v.to_vec())
+        }
+        fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+            Ok(b.clone())
+        }
+        fn take_host(&self, b: Vec<f32>) -> Result<Vec<f32>> {
+            Ok(b)
+        }
+        fn buf_len(&self, b: &Vec<f32>) -> usize {
+            b.len()
+        }
+        fn copy_buf(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+            Ok(b.clone())
+        }
+        fn upload_mat(&self, w: &Linear) -> Result<Linear> {
+            Ok(w.clone())
+        }
+        fn mat_shape(&self, w: &Linear) -> (usize, usize) {
+            (w.rows(), w.cols())
+        }
+        fn alloc_routes(&self, t: usize, k: usize) -> Result<Routes> {
+            Ok(Routes {
+                k,
+                ids: vec![0; t * k],
+                weights: vec![0.0; t * k],
+            })
+        }
+        fn routes_host<'a>(&self, r: &'a Routes) -> Result<Cow<'a, Routes>> {
+            Ok(Cow::Borrowed(r))
+        }
+    };
+}
+use host_memory;

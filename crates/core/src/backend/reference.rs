@@ -100,41 +100,10 @@ fn delta_rule(
 }
 
 impl Backend for Reference {
-    type Buf = Vec<f32>;
-    type Mat = Linear;
-    type Routes = Routes;
+    super::host_memory!();
 
     fn name(&self) -> &'static str {
         "reference"
-    }
-
-    fn alloc(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0f32; n])
-    }
-    fn upload(&self, v: &[f32]) -> Result<Vec<f32>> {
-        Ok(v.to_vec())
-    }
-    fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b.clone())
-    }
-    fn buf_len(&self, b: &Vec<f32>) -> usize {
-        b.len()
-    }
-    fn copy_buf(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b.clone())
-    }
-    fn upload_mat(&self, w: &Linear) -> Result<Linear> {
-        Ok(w.clone())
-    }
-    fn mat_shape(&self, w: &Linear) -> (usize, usize) {
-        (w.rows(), w.cols())
-    }
-    fn alloc_routes(&self, t: usize, k: usize) -> Result<Routes> {
-        Ok(Routes {
-            k,
-            ids: vec![0; t * k],
-            weights: vec![0.0; t * k],
-        })
     }
 
     fn matmul(&self, w: &Linear, x: &Vec<f32>, t: usize, y: &mut Vec<f32>) -> Result<()> {
@@ -160,18 +129,6 @@ impl Backend for Reference {
             nr.copy_from_slice(&rms(xr, w, eps));
         }
         Ok(())
-    }
-
-    fn add_rmsnorm(
-        &self,
-        x: &mut Vec<f32>,
-        d: &Vec<f32>,
-        w: &Vec<f32>,
-        eps: f32,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        self.add(x, d)?;
-        self.rmsnorm(x, w, eps, out)
     }
 
     fn add(&self, x: &mut Vec<f32>, d: &Vec<f32>) -> Result<()> {
@@ -328,23 +285,6 @@ impl Backend for Reference {
         Ok(())
     }
 
-    fn gdn_chunked(
-        &self,
-        u: &Vec<f32>,
-        b: &Vec<f32>,
-        a: &Vec<f32>,
-        dt_bias: &Vec<f32>,
-        neg_a: &Vec<f32>,
-        state: &mut Vec<f32>,
-        s: &GdnShape,
-        t: usize,
-        o: &mut Vec<f32>,
-    ) -> Result<()> {
-        // The chunked form is the recurrent one computed differently (arch-spec §6.6).
-        delta_rule(u, b, a, dt_bias, neg_a, state, s, t, o);
-        Ok(())
-    }
-
     fn gated_rmsnorm(
         &self,
         o: &Vec<f32>,
@@ -399,10 +339,6 @@ impl Backend for Reference {
                 .extend(top.iter().map(|&i| (e[i] / z / sum) as f32));
         }
         Ok(())
-    }
-
-    fn routes_host<'a>(&self, r: &'a Routes) -> Result<Cow<'a, Routes>> {
-        Ok(Cow::Borrowed(r))
     }
 
     fn moe_experts(
