@@ -98,3 +98,26 @@ fn taps_come_in_order_with_the_hidden_states() {
     }
     assert!(!stats.head.is_zero() && !stats.embed.is_zero());
 }
+
+/// Greedy decoding's fused head gives the argmax of the logits `forward` returns.
+#[test]
+fn forward_argmax_is_the_argmax_of_the_logits() {
+    let Some(shared) = shared_dir() else { return };
+    let dir = shared.join("golden/tiny-a/mlx-4bit");
+    let model = open_model(&dir, &LoadOptions::default()).expect("load");
+    let (mut a, mut b) = (
+        model.new_state().expect("state"),
+        model.new_state().expect("state"),
+    );
+    let mut stats = ForwardStats::default();
+    let mut tok = 1u32;
+    for step in 0..6 {
+        let ids: Vec<u32> = if step == 0 { vec![1, 2, 3] } else { vec![tok] };
+        let logits = model
+            .forward(&ids, &mut a, Logits::Last, &mut stats, None)
+            .expect("forward");
+        let want = Cpu.argmax(&logits).expect("argmax");
+        tok = model.forward_argmax(&ids, &mut b).expect("forward_argmax");
+        assert_eq!(tok, want, "step {step}");
+    }
+}

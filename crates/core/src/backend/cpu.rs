@@ -499,14 +499,14 @@ impl Backend for Cpu {
         &self,
         call: ExpertCall<'_>,
         x: &Vec<f32>,
-        _routes: &Routes,
-        host: &Routes,
+        routes: &Routes,
+        _host: Option<&Routes>,
         out: &mut Vec<f32>,
     ) -> Result<ExpertTimes> {
-        let t = host.tokens();
+        let t = routes.tokens();
         let hidden = x.len().checked_div(t).unwrap_or(0);
         out.fill(0.0);
-        let used = host.used();
+        let used = routes.used();
         let mut times = ExpertTimes::default();
         // Experts of a batch run in parallel, each as soon as its own read completes; the
         // next batch's reads are queued first so they land while this batch computes.
@@ -519,7 +519,7 @@ impl Backend for Cpu {
             let par = call.parallel && call.source.expert_bytes() * t >= PAR_MIN_EXPERT_BYTES;
             // In parallel, each expert's products run on its own thread (the experts are the
             // parallelism); serially, each product is split over rows instead.
-            let run = |&e: &usize| run_expert(&call, e, x, hidden, host, par);
+            let run = |&e: &usize| run_expert(&call, e, x, hidden, routes, par);
             let done: Vec<Result<ExpertOut>> = if par {
                 batch.par_iter().map(run).collect()
             } else {

@@ -12,9 +12,10 @@
 //! - Buffers are `f32` element arrays in the backend's memory. An op never reads a buffer back
 //!   to the host unless its contract says so ([`Backend::routes_host`], [`Backend::argmax`],
 //!   [`Backend::download`]); those are the only host round-trips of a token.
-//! - Every op has a default-free contract below; the *fused* ops (the `fused_*` group at the
-//!   end of the trait) have default bodies composing the primitives, and a backend overrides
-//!   them to fuse (CUDA's in-projection with its conv epilogue, the head with its argmax).
+//! - The primitives have no default body. The optional ops (the group at the end of the trait:
+//!   `add_rmsnorm`, `gdn_chunked`, `matmul_many`, `fused_*`) have default bodies composing the
+//!   primitives, and a backend overrides them to fuse (CUDA's in-projection with its conv
+//!   epilogue, the head with its argmax).
 //! - Streams, launch order, graph replay and scratch pools are the backend's private business.
 //!   An op may return before its work is done as long as later ops see its results.
 use std::borrow::Cow;
@@ -141,7 +142,7 @@ pub struct ExpertTimes {
 
 /// The operations of the forward pass. Shapes in the docs: `[t, n]` is `t` rows of `n`
 /// elements, row-major. "Rows of `w`" means the buffer is cut into rows of `w`'s length.
-pub trait Backend: Send + Sync + Sized + 'static {
+pub trait Backend: Send + Sync + Sized {
     /// f32 activations or state in the backend's memory.
     type Buf: Send + Sync;
     /// A weight matrix `W [rows, cols]` in the backend's memory, in its stored format.
@@ -285,18 +286,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
         renorm: bool,
         out: &mut Self::Routes,
     ) -> Result<()>;
-    /// The routing on the host, to drive expert reads: the one host round-trip of an MoE
-    /// layer whose experts are not all resident. A host backend lends its own.
-    fn routes_host<'a>(&self, r: &'a Self::Routes) -> Result<Cow<'a, Routes>>;
+    /// The routing of `layer` on the host, to drive expert reads: the one host round-trip of
+    /// an MoE layer. `None` when the backend holds every expert of the layer and needs no ids
+    /// on the host (no round-trip at all). A host backend lends its own.
+    fn routes_host<'a>(&self, r: &'a Self::Routes, layer: usize)
+        -> Result<Option<Cow<'a, Routes>>>;
     /// `out [t, H] = Σ_j w_j · down_j(silu(gate_j x) * up_j x)` over each token's routed
-    /// experts, summed in ascending expert id. `host` is `routes` on the host; the experts'
-    /// bytes come from `call.source`.
+    /// experts, summed in ascending expert id. `host` is what [`Backend::routes_host`] gave;
+    /// the experts' bytes come from `call.source` (or from the backend's own residency).
     fn moe_experts(
         &self,
         call: ExpertCall<'_>,
         x: &Self::Buf,
         routes: &Self::Routes,
-        host: &Routes,
+        host: Option<&Routes>,
         out: &mut Self::Buf,
     ) -> Result<ExpertTimes>;
     /// Per token: `x += routed + sigmoid(gate) * shared` (gate 1 when absent; shared 0 when
@@ -312,7 +315,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `x` lives: one integer crosses to the host.
     fn argmax(&self, x: &Self::Buf) -> Result<u32>;
 
-    // ---- fused operations: default compositions, overridden to fuse ---------------------
+    // ---- optional and fused operations: default compositions, overridden to fuse --------
 
     /// `x += d`, then `out = rmsnorm(x)` (the residual join before a norm).
     fn add_rmsnorm(
@@ -354,6 +357,34 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<()> {
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
             self.matmul(w, x, t, y)?;
+        }
+        Ok(())
+    }
+    /// Attention from its projections (arch-spec §5): [`Backend::qk_norm_rope`], then
+    /// [`Backend::attention`] over the caches, then the output gate when `s.gated`; `k` is
+    /// normed and rotated in place. (CUDA writes the cache in its prep kernel and applies the
+    /// gate in the attention kernel.)
+    #[allow(clippy::too_many_arguments)]
+    fn fused_attention(
+        &self,
+        qg: &Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        q_norm: &Self::Buf,
+        k_norm: &Self::Buf,
+        kc: &mut Self::Buf,
+        vc: &mut Self::Buf,
+        s: &AttnShape,
+        pos0: usize,
+        t: usize,
+        o: &mut Self::Buf,
+    ) -> Result<()> {
+        let mut q = self.alloc(t * s.o_width())?;
+        let mut gate = self.alloc(if s.gated { t * s.o_width() } else { 0 })?;
+        self.qk_norm_rope(qg, k, q_norm, k_norm, s, pos0, t, &mut q, &mut gate)?;
+        self.attention(&q, k, v, kc, vc, s, pos0, t, o)?;
+        if s.gated {
+            self.gated_output(o, &gate)?;
         }
         Ok(())
     }
@@ -452,8 +483,8 @@ macro_rules! host_memory {
                 weights: vec![0.0; t * k],
             })
         }
-        fn routes_host<'a>(&self, r: &'a Routes) -> Result<Cow<'a, Routes>> {
-            Ok(Cow::Borrowed(r))
+        fn routes_host<'a>(&self, r: &'a Routes, _layer: usize) -> Result<Option<Cow<'a, Routes>>> {
+            Ok(Some(Cow::Borrowed(r)))
         }
     };
 }

@@ -345,14 +345,14 @@ impl Backend for Reference {
         &self,
         call: ExpertCall<'_>,
         x: &Vec<f32>,
-        _routes: &Routes,
-        host: &Routes,
+        routes: &Routes,
+        _host: Option<&Routes>,
         out: &mut Vec<f32>,
     ) -> Result<ExpertTimes> {
-        let t = host.tokens();
+        let t = routes.tokens();
         let h = x.len().checked_div(t).unwrap_or(0);
         let mut acc = vec![0f64; out.len()];
-        for e in host.used() {
+        for e in routes.used() {
             let w = call
                 .source
                 .fetch(call.layer, &[e])?
@@ -362,7 +362,7 @@ impl Backend for Reference {
                     expert: e,
                     msg: "expert source returned nothing".into(),
                 })?;
-            for (ti, wt) in host.tokens_of(e) {
+            for (ti, wt) in routes.tokens_of(e) {
                 let xt = x[ti * h..][..h].to_vec();
                 let inter = w.gate.rows();
                 let (mut g, mut u) = (vec![0f32; inter], vec![0f32; inter]);

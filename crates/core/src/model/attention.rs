@@ -52,26 +52,11 @@ impl<B: Backend> Attention<B> {
         let mut v = be.alloc(t * s.kv_width())?;
         let w = [&self.q_proj, &self.k_proj, &self.v_proj];
         be.matmul_many(&w, x, t, &mut [&mut qg, &mut k, &mut v])?;
-        // q = RoPE(RMSNorm(q; q_norm)), gate; k = RoPE(RMSNorm(k; k_norm))   q, gate [t, nh*hd]
-        let mut q = be.alloc(t * s.o_width())?;
-        let mut gate = be.alloc(if s.gated { t * s.o_width() } else { 0 })?;
-        be.qk_norm_rope(
-            &qg,
-            &mut k,
-            &self.q_norm,
-            &self.k_norm,
-            &s,
-            pos0,
-            t,
-            &mut q,
-            &mut gate,
-        )?;
-        // o = softmax(q K^T / sqrt(hd)) V over the cache, per head   [t, nh*hd]
+        // q = RoPE(RMSNorm(q; q_norm)), gate; k = RoPE(RMSNorm(k; k_norm)); append k, v to
+        // the cache; o = softmax(q K^T / sqrt(hd)) V per head; o *= sigmoid(gate)   [t, nh*hd]
         let mut o = be.alloc(t * s.o_width())?;
-        be.attention(&q, &k, &v, kc, vc, &s, pos0, t, &mut o)?;
-        if s.gated {
-            be.gated_output(&mut o, &gate)?;
-        }
+        let (qn, kn) = (&self.q_norm, &self.k_norm);
+        be.fused_attention(&qg, &mut k, &v, qn, kn, kc, vc, &s, pos0, t, &mut o)?;
         be.matmul(&self.o_proj, &o, t, out)
     }
 }

@@ -216,6 +216,53 @@ impl<B: Backend> Model<B> {
         want: Logits,
         tap: &mut impl Tap<B>,
     ) -> Result<Vec<f32>> {
+        let (be, cfg) = (&self.be, &self.cfg);
+        let (t, h, eps) = (tokens.len(), cfg.hidden_size, cfg.rms_norm_eps);
+        let (x, mut xn) = self.layers_pass(tokens, state, tap)?;
+        if tap.wants("result_norm") {
+            be.rmsnorm(&x, &self.final_norm, eps, &mut xn)?;
+            tap.tap(be, "result_norm", None, Some(&xn))?;
+        }
+        // logits = RMSNorm(h; norm) @ lm_head^T, for the rows wanted.
+        let rows = match want {
+            Logits::All => t,
+            Logits::Last => 1,
+        };
+        let last = if rows < t { self.last_row(&x, t)? } else { x };
+        let mut normed = be.alloc(rows * h)?;
+        be.rmsnorm(&last, &self.final_norm, eps, &mut normed)?;
+        let mut logits = be.alloc(rows * cfg.vocab_size)?;
+        be.matmul(&self.lm_head, &normed, rows, &mut logits)?;
+        tap.tap(be, "result_output", None, Some(&logits))?;
+        be.take_host(logits)
+    }
+
+    /// Greedy decoding's step: `tokens` through the model, then the argmax of the last
+    /// position's logits, reduced where they live (only the id reaches the host).
+    pub fn forward_argmax(&self, tokens: &[u32], state: &mut State<B>) -> Result<u32> {
+        let (x, _) = self.layers_pass(tokens, state, &mut NoTap)?;
+        let last = self.last_row(&x, tokens.len())?;
+        let eps = self.cfg.rms_norm_eps;
+        self.be
+            .fused_head_argmax(&last, &self.final_norm, eps, &self.lm_head)
+    }
+
+    /// Row `t - 1` of `x [t, H]` (x itself when t = 1).
+    fn last_row(&self, x: &B::Buf, t: usize) -> Result<B::Buf> {
+        let h = self.cfg.hidden_size;
+        let mut r = self.be.alloc(h)?;
+        self.be.copy_rows(x, h, t - 1, 1, &mut r)?;
+        Ok(r)
+    }
+
+    /// Embedding and every layer; returns the residual stream `x [t, H]` and a scratch
+    /// buffer of the same size. Advances `state`.
+    fn layers_pass(
+        &self,
+        tokens: &[u32],
+        state: &mut State<B>,
+        tap: &mut impl Tap<B>,
+    ) -> Result<(B::Buf, B::Buf)> {
         self.check_tokens(tokens, state)?;
         let (be, cfg) = (&self.be, &self.cfg);
         let (t, h, eps) = (tokens.len(), cfg.hidden_size, cfg.rms_norm_eps);
@@ -280,27 +327,6 @@ impl<B: Backend> Model<B> {
             tap.tap(be, "layer_out", Some(l), Some(&x))?;
         }
         state.pos += t;
-        if tap.wants("result_norm") {
-            be.rmsnorm(&x, &self.final_norm, eps, &mut xn)?;
-            tap.tap(be, "result_norm", None, Some(&xn))?;
-        }
-        // logits = RMSNorm(h; norm) @ lm_head^T, for the rows wanted.
-        let rows = match want {
-            Logits::All => t,
-            Logits::Last => 1,
-        };
-        let last = if rows < t {
-            let mut r = be.alloc(h)?;
-            be.copy_rows(&x, h, t - 1, 1, &mut r)?;
-            r
-        } else {
-            x
-        };
-        let mut normed = be.alloc(rows * h)?;
-        be.rmsnorm(&last, &self.final_norm, eps, &mut normed)?;
-        let mut logits = be.alloc(rows * cfg.vocab_size)?;
-        be.matmul(&self.lm_head, &normed, rows, &mut logits)?;
-        tap.tap(be, "result_output", None, Some(&logits))?;
-        be.take_host(logits)
+        Ok((x, xn))
     }
 }

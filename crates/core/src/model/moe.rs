@@ -70,9 +70,11 @@ impl<B: Backend> Moe<B> {
         let mut routes = be.alloc_routes(t, top_k)?;
         be.router_topk(&logits, ne, top_k, renorm, &mut routes)?;
         // Issue the expert reads now; the shared expert computes while they are in flight.
-        let host = be.routes_host(&routes)?;
-        let used = host.used();
-        experts.prefetch(self.layer, &used[..used.len().min(FIRST_READS)]);
+        let host = be.routes_host(&routes, self.layer)?;
+        if let Some(h) = &host {
+            let used = h.used();
+            experts.prefetch(self.layer, &used[..used.len().min(FIRST_READS)]);
+        }
         tap.tap(be, "routes", Some(l), None)?;
         // shared = down(silu(x Gs^T) * (x Us^T))
         let shared = match &self.shared {
@@ -91,7 +93,7 @@ impl<B: Backend> Moe<B> {
             layer: self.layer,
             parallel,
         };
-        let et = be.moe_experts(call, xn, &routes, &host, &mut routed)?;
+        let et = be.moe_experts(call, xn, &routes, host.as_deref(), &mut routed)?;
         tap.expert_times(l, et);
         tap.tap(be, "experts_out", Some(l), Some(&routed))?;
         // out = routed + sigmoid(x Wsg^T) * shared, added to the residual
@@ -106,7 +108,9 @@ impl<B: Backend> Moe<B> {
         be.matmul(&self.router, x, 1, &mut logits)?;
         let mut routes = be.alloc_routes(1, top_k)?;
         be.router_topk(&logits, ne, top_k, false, &mut routes)?;
-        Ok(be.routes_host(&routes)?.used())
+        Ok(be
+            .routes_host(&routes, self.layer)?
+            .map_or_else(Vec::new, |r| r.used()))
     }
 }
 
