@@ -247,7 +247,7 @@ impl<B: Backend> Model<B> {
             .fused_head_argmax(&last, &self.final_norm, eps, &self.lm_head)
     }
 
-    /// Row `t - 1` of `x [t, H]` (x itself when t = 1).
+    /// A copy of row `t - 1` of `x [t, H]`.
     fn last_row(&self, x: &B::Buf, t: usize) -> Result<B::Buf> {
         let h = self.cfg.hidden_size;
         let mut r = self.be.alloc(h)?;
