@@ -2,6 +2,7 @@
 //! packed model) and builds the [`Model`] with the right ExpertSource.
 use std::path::Path;
 
+use crate::backend::{Backend, Cpu};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::StoreExperts;
@@ -39,6 +40,11 @@ pub struct LoadOptions {
 }
 
 pub fn open_model(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+    open_model_on(Cpu, dir, opts)
+}
+
+/// [`open_model`] with the dense weights in `be`'s memory.
+pub fn open_model_on<B: Backend>(be: B, dir: &Path, opts: &LoadOptions) -> Result<Model<B>> {
     if !dir.is_dir() {
         return Err(Error::config(
             dir,
@@ -50,7 +56,7 @@ pub fn open_model(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         ));
     }
     let mut model = if packed::is_packed_dir(dir) {
-        open_packed(dir, opts)?
+        open_packed(be, dir, opts)?
     } else if packed::is_incomplete_packed_dir(dir) {
         return Err(Error::Packed {
             path: dir.join(packed::MANIFEST),
@@ -63,7 +69,7 @@ pub fn open_model(dir: &Path, opts: &LoadOptions) -> Result<Model> {
             "not a model directory: no manifest.json (flashmoe packed model) and no config.json (checkpoint)",
         ));
     } else {
-        open_checkpoint(dir)?
+        open_checkpoint(be, dir)?
     };
     if let Some(k) = opts.top_k {
         model.set_top_k(k)?;
@@ -71,16 +77,16 @@ pub fn open_model(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     Ok(model)
 }
 
-fn open_checkpoint(dir: &Path) -> Result<Model> {
+fn open_checkpoint<B: Backend>(be: B, dir: &Path) -> Result<Model<B>> {
     let cfg = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_checkpoint(dir, &cfg)?;
     let experts = StoreExperts::new(&store, &cfg)?;
-    Model::load(cfg, &store, Box::new(experts))
+    Model::load_on(be, cfg, &store, Box::new(experts))
 }
 
 /// A flashmoe packed model: dense tensors mmap'd from `dense.bin`, experts read by
 /// [`PackedExperts`]. The manifest is checked against the files before anything is built.
-fn open_packed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+fn open_packed<B: Backend>(be: B, dir: &Path, opts: &LoadOptions) -> Result<Model<B>> {
     let man = Manifest::read(dir)?;
     let cfg = man.model_config(dir)?;
     man.validate(dir, &cfg)?;
@@ -90,5 +96,5 @@ fn open_packed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     }
     let k = opts.top_k.unwrap_or(cfg.num_experts_per_tok);
     let experts = PackedExperts::open(dir, &man, cfg.num_layers, k, opts.io, opts.verify, 0)?;
-    Model::load(cfg, &store, Box::new(experts))
+    Model::load_on(be, cfg, &store, Box::new(experts))
 }

@@ -144,6 +144,55 @@ impl Linear {
         }
     }
 
+    /// The rows of `ranges` (start, count), in that order, as one matrix: a copy into a heap
+    /// buffer (one contiguous range is a view, as [`Linear::slice_rows`]). Used once at load to
+    /// reorder interleaved projections.
+    pub fn gather_rows(&self, ranges: &[(usize, usize)]) -> Linear {
+        if let [(s, n)] = ranges {
+            return self.slice_rows(*s, *n);
+        }
+        let rows: usize = ranges.iter().map(|r| r.1).sum();
+        let cat = |b: &Buf, row_bytes: usize| -> Buf {
+            let mut v = Vec::with_capacity(rows * row_bytes);
+            for &(s, n) in ranges {
+                v.extend_from_slice(&b.bytes()[s * row_bytes..][..n * row_bytes]);
+            }
+            Buf::from_vec(&v)
+        };
+        match self {
+            Linear::Dense {
+                dtype, cols, data, ..
+            } => Linear::Dense {
+                dtype: *dtype,
+                rows,
+                cols: *cols,
+                data: cat(data, cols * dtype.size()),
+            },
+            Linear::Affine {
+                bits,
+                group,
+                cols,
+                w,
+                scales,
+                biases,
+                sdtype,
+                ..
+            } => {
+                let sb = cols / group * sdtype.size();
+                Linear::Affine {
+                    bits: *bits,
+                    group: *group,
+                    rows,
+                    cols: *cols,
+                    w: cat(w, cols * *bits as usize / 8),
+                    scales: cat(scales, sb),
+                    biases: cat(biases, sb),
+                    sdtype: *sdtype,
+                }
+            }
+        }
+    }
+
     /// Row `r` dequantized to f32 (embedding lookup).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let one = self.slice_rows(r, 1);

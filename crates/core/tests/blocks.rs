@@ -2,9 +2,10 @@
 //! on random weights: gated attention (with partial RoPE as complex rotation, GQA, causal
 //! softmax), GatedDeltaNet (conv, l2norm, delta rule in f64), and MoE routing + combine.
 //! Also: processing a sequence at once equals processing it in pieces through the state.
+use flashmoe_core::backend::conformance::MemExperts;
 use flashmoe_core::buf::Buf;
 use flashmoe_core::config::ModelConfig;
-use flashmoe_core::experts::{ExpertCounters, ExpertSource, ExpertWeights};
+use flashmoe_core::experts::{ExpertCounters, ExpertWeights};
 use flashmoe_core::model::attention::Attention;
 use flashmoe_core::model::gdn::{GatedDeltaNet, GdnProj};
 use flashmoe_core::model::moe::{Mlp, Moe};
@@ -150,13 +151,18 @@ fn attention_matches_plain_reference_and_decodes_incrementally() {
     }
 
     let (mut kc, mut vc) = (Vec::new(), Vec::new());
-    let got = att.forward(&c, &x, t, 0, &mut kc, &mut vc);
+    let got = att.forward(&c, &x, t, 0, &mut kc, &mut vc).unwrap();
     close(&got, &want, 1e-4, "attention, whole sequence");
 
     let (mut kc, mut vc) = (Vec::new(), Vec::new());
-    let mut stepped = att.forward(&c, &x[..3 * h], 3, 0, &mut kc, &mut vc);
+    let mut stepped = att
+        .forward(&c, &x[..3 * h], 3, 0, &mut kc, &mut vc)
+        .unwrap();
     for ti in 3..t {
-        stepped.extend(att.forward(&c, &x[ti * h..][..h], 1, ti, &mut kc, &mut vc));
+        stepped.extend(
+            att.forward(&c, &x[ti * h..][..h], 1, ti, &mut kc, &mut vc)
+                .unwrap(),
+        );
     }
     close(&stepped, &want, 1e-4, "attention, prefill 3 then decode");
 }
@@ -184,7 +190,7 @@ fn gated_delta_net_matches_plain_reference_and_carries_state() {
     let a_log = randv(&mut rng, nv, 1.0);
     let norm_w: Vec<f32> = randv(&mut rng, dv, 0.3).iter().map(|v| 1.0 + v).collect();
     let gdn = GatedDeltaNet {
-        proj: GdnProj::Separate { qkv, z, b, a },
+        proj: GdnProj { qkv, z, b, a },
         conv_w: conv_w.clone(),
         dt_bias: dt_bias.clone(),
         neg_a: a_log.iter().map(|v| -v.exp()).collect(),
@@ -266,37 +272,22 @@ fn gated_delta_net_matches_plain_reference_and_carries_state() {
 
     let new_state = || (vec![0f32; (kk - 1) * cd], vec![0f32; nv * dk * dv]);
     let (mut conv, mut st) = new_state();
-    let got = gdn.forward(&c, &x, t, &mut conv, &mut st);
+    let got = gdn.forward(&c, &x, t, &mut conv, &mut st).unwrap();
     close(&got, &want, 1e-4, "gdn, whole sequence");
 
     let (mut conv, mut st) = new_state();
-    let mut pieces = gdn.forward(&c, &x[..2 * h], 2, &mut conv, &mut st);
-    pieces.extend(gdn.forward(&c, &x[2 * h..5 * h], 3, &mut conv, &mut st));
+    let mut pieces = gdn.forward(&c, &x[..2 * h], 2, &mut conv, &mut st).unwrap();
+    pieces.extend(
+        gdn.forward(&c, &x[2 * h..5 * h], 3, &mut conv, &mut st)
+            .unwrap(),
+    );
     for ti in 5..t {
-        pieces.extend(gdn.forward(&c, &x[ti * h..][..h], 1, &mut conv, &mut st));
+        pieces.extend(
+            gdn.forward(&c, &x[ti * h..][..h], 1, &mut conv, &mut st)
+                .unwrap(),
+        );
     }
     close(&pieces, &want, 1e-4, "gdn, in pieces through the state");
-}
-
-/// Experts held in memory, for testing the MoE block without files.
-struct MemExperts {
-    experts: Vec<ExpertWeights>,
-    counters: ExpertCounters,
-}
-
-impl ExpertSource for MemExperts {
-    fn fetch(&self, _layer: usize, ids: &[usize]) -> flashmoe_core::Result<Vec<ExpertWeights>> {
-        Ok(ids.iter().map(|&i| self.experts[i].clone()).collect())
-    }
-    fn counters(&self) -> &ExpertCounters {
-        &self.counters
-    }
-    fn expert_bytes(&self) -> usize {
-        0
-    }
-    fn describe(&self) -> String {
-        "memory".into()
-    }
 }
 
 #[test]

@@ -4,16 +4,23 @@
 mod common;
 
 use common::{logits, max_abs, shared_dir, Golden};
-use flashmoe_core::loader::{open_model, LoadOptions};
-use flashmoe_core::model::{ForwardStats, Logits, State};
+use flashmoe_core::backend::{Backend, Cpu, Reference};
+use flashmoe_core::loader::{open_model, open_model_on, LoadOptions};
+use flashmoe_core::model::{ForwardStats, Logits};
 
 const TOL: f32 = 1e-3;
 
 fn check(fixture: &str, variant: &str, prefix: &str, section: &str) {
+    check_on(Cpu, fixture, variant, prefix, section)
+}
+
+/// One golden fixture on backend `be`: the same body for every backend.
+fn check_on<B: Backend>(be: B, fixture: &str, variant: &str, prefix: &str, section: &str) {
     let Some(shared) = shared_dir() else { return };
     let gdir = shared.join("golden").join(fixture);
     let g = Golden::load(&gdir);
-    let model = open_model(&gdir.join(variant), &LoadOptions::default()).expect("load model");
+    let dir = gdir.join(variant);
+    let model = open_model_on(be, &dir, &LoadOptions::default()).expect("load model");
     let ids = g.ids(&format!("{prefix}input_ids"));
     let (shape, want) = &g.f32s[&format!("{prefix}logits")];
     let vocab = shape[1];
@@ -41,7 +48,7 @@ fn check(fixture: &str, variant: &str, prefix: &str, section: &str) {
     let (hs_shape, hs) = &g.f32s[&format!("{prefix}hidden_states")];
     let (t, h) = (hs_shape[1], hs_shape[2]);
     let mut got = Vec::new();
-    let mut st = State::new(&model.cfg);
+    let mut st = model.new_state().expect("state");
     model
         .forward(
             &ids,
@@ -86,6 +93,17 @@ fn tiny_next_a() {
 #[test]
 fn tiny_qwen3moe_a() {
     check("tiny-qwen3moe-a", "hf-bf16", "", "bf16");
+}
+
+/// Every fixture through the same body on the reference backend (the plain twins of every
+/// op): the model, written once, runs on a second backend.
+#[test]
+fn every_fixture_on_the_reference_backend() {
+    check_on(Reference, "tiny-a", "hf-bf16", "", "bf16");
+    check_on(Reference, "tiny-a", "hf-bf16-fused", "", "bf16");
+    check_on(Reference, "tiny-a", "mlx-4bit", "mlx4_", "mlx4");
+    check_on(Reference, "tiny-next-a", "hf-bf16", "", "bf16");
+    check_on(Reference, "tiny-qwen3moe-a", "hf-bf16", "", "bf16");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::time::Instant;
 use half::bf16;
 use serde_json::{json, Value};
 
+use flashmoe_core::backend::Cpu;
 use flashmoe_core::buf::Buf;
 use flashmoe_core::config::ModelConfig;
 use flashmoe_core::experts::{ExpertCounters, ExpertSource, ExpertWeights};
@@ -191,7 +192,7 @@ pub fn synth_model(cfg: ModelConfig, pool: usize) -> Model {
             })
         } else {
             Mixer::DeltaNet(GatedDeltaNet {
-                proj: GdnProj::Separate {
+                proj: GdnProj {
                     qkv: m(cd, h, 4),
                     z: m(nv * dv, h, 4),
                     b: m(nv, h, 4),
@@ -232,6 +233,7 @@ pub fn synth_model(cfg: ModelConfig, pool: usize) -> Model {
         .collect();
     let top_k = cfg.num_experts_per_tok;
     Model {
+        be: Cpu,
         embed: m(cfg.vocab_size, h, 4),
         lm_head: m(cfg.vocab_size, h, 4),
         final_norm: vec![1.0; h],

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flashmoe_core::config::ModelConfig;
-use flashmoe_core::model::gdn::GdnProj;
 use flashmoe_core::model::{Ffn, Logits, Mixer, Model};
 
 use crate::cache::{ExpertCache, HostTier, Layout};
@@ -278,37 +277,9 @@ impl<'m> CudaModel<'m> {
                     }
                 }
                 Mixer::DeltaNet(g) => {
-                    let proj = match &g.proj {
-                        GdnProj::Separate { qkv, z, b, a } => Proj::whole(&dev, &[qkv, z, b, a])?,
-                        GdnProj::Fused { qkvz, ba } => {
-                            // Reorder the interleaved rows into Qwen3.5's [q | k | v | z | b | a]
-                            // (arch-spec §6.2) once, at upload.
-                            let (nk, nv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads);
-                            let (dk, dv) = (cfg.linear_key_head_dim, cfg.linear_value_head_dim);
-                            let rep = nv / nk;
-                            let gw = 2 * dk + 2 * rep * dv;
-                            let mut parts = Vec::new();
-                            for g in 0..nk {
-                                parts.push((qkvz, g * gw, dk));
-                            }
-                            for g in 0..nk {
-                                parts.push((qkvz, g * gw + dk, dk));
-                            }
-                            for g in 0..nk {
-                                parts.push((qkvz, g * gw + 2 * dk, rep * dv));
-                            }
-                            for g in 0..nk {
-                                parts.push((qkvz, g * gw + 2 * dk + rep * dv, rep * dv));
-                            }
-                            for g in 0..nk {
-                                parts.push((ba, g * 2 * rep, rep));
-                            }
-                            for g in 0..nk {
-                                parts.push((ba, g * 2 * rep + rep, rep));
-                            }
-                            Proj::new(&dev, &parts)?
-                        }
-                    };
+                    // Qwen3-Next's interleaved rows were reordered at load (core).
+                    let p = &g.proj;
+                    let proj = Proj::whole(&dev, &[&p.qkv, &p.z, &p.b, &p.a])?;
                     max_proj = max_proj.max(proj.rows);
                     DMixer::Gdn {
                         proj,

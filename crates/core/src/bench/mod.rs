@@ -264,12 +264,8 @@ pub fn dense_bytes_per_token(model: &Model) -> usize {
                 a.q_proj.nbytes() + a.k_proj.nbytes() + a.v_proj.nbytes() + a.o_proj.nbytes()
             }
             Mixer::DeltaNet(g) => {
-                let p = match &g.proj {
-                    crate::model::gdn::GdnProj::Separate { qkv, z, b, a } => {
-                        qkv.nbytes() + z.nbytes() + b.nbytes() + a.nbytes()
-                    }
-                    crate::model::gdn::GdnProj::Fused { qkvz, ba } => qkvz.nbytes() + ba.nbytes(),
-                };
+                let p = &g.proj;
+                let p = p.qkv.nbytes() + p.z.nbytes() + p.b.nbytes() + p.a.nbytes();
                 p + g.out_proj.nbytes() + g.conv_w.len() * 4
             }
         };
