@@ -184,10 +184,21 @@ fn a_full_disk_during_pack_or_synth_fails_clearly_and_leaves_nothing() {
     let tmp = temp_dir("faults-full-disk");
     let out = tmp.join("m");
     let (src_s, out_s) = (src.to_str().unwrap(), out.to_str().unwrap());
-    // pack: its dense.bin (2.8 MB) is its largest file, so the limit hits it first, at its
-    // first write (8 KiB) or part-way (2000 KiB).
+    // pack with dense kept bf16: its dense.bin (2.8 MB) is its largest file, so the limit hits
+    // it first, at its first write (8 KiB) or part-way (2000 KiB).
     for blocks in [8, 2000] {
-        let o = with_file_limit(blocks, &["pack", "--from", src_s, "--out", out_s]);
+        let o = with_file_limit(
+            blocks,
+            &[
+                "pack",
+                "--dense-bits",
+                "16",
+                "--from",
+                src_s,
+                "--out",
+                out_s,
+            ],
+        );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{err}");
         assert!(

@@ -33,6 +33,7 @@ fn tiny(name: &str) -> PathBuf {
         dense_bits: 4,
         seed: 5,
         force: false,
+        vocab: None,
         tokenizer: None,
     };
     synth(&dir, &o, &NoProgress).expect("synth tiny");

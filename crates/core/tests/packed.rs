@@ -225,11 +225,13 @@ fn hf_bf16_quantized_agrees_with_its_dequantized_weights() {
         let (shape, bf16_logits) = &g.f32s["logits"];
         let vocab = shape[1];
         for bits in [4u32, 2] {
-            let dst = pack_to(
-                &gdir.join("hf-bf16"),
-                &format!("{fixture}-hf-q{bits}"),
-                opts(bits),
-            );
+            // Dense kept bf16: this figure is the experts' quantization alone
+            // (pack_defaults.rs covers the quantized-dense default).
+            let o = PackOptions {
+                dense_bits: Some(16),
+                ..opts(bits)
+            };
+            let dst = pack_to(&gdir.join("hf-bf16"), &format!("{fixture}-hf-q{bits}"), o);
             assert_eq!(Manifest::read(&dst).unwrap().experts.bits, bits);
             let packed = open_model(&dst, &LoadOptions::default()).expect("load packed");
             let a = logits(&packed, &ids);
@@ -538,6 +540,7 @@ fn synth_models_load_run_and_are_reproducible() {
         dense_bits: 4,
         seed,
         force: true,
+        vocab: None,
         tokenizer: None,
     };
     let ids = [1u32, 2, 3, 250, 258];
@@ -594,4 +597,32 @@ fn synth_models_load_run_and_are_reproducible() {
             "{p}"
         );
     }
+}
+
+#[test]
+fn synth_vocab_sets_the_head_and_refuses_fewer_than_the_tokenizer() {
+    use flashmoe_core::packed::{synth, SynthOptions};
+    let o = |vocab| SynthOptions {
+        preset: "tiny".into(),
+        layers: Some(1),
+        experts: None,
+        bits: 4,
+        dense_bits: 4,
+        seed: 0,
+        force: true,
+        vocab: Some(vocab),
+        tokenizer: None,
+    };
+    let dir = tmp("synth-vocab");
+    let man = synth(&dir, &o(512), &NoProgress).expect("synth --vocab 512");
+    let head = man
+        .dense
+        .tensors
+        .iter()
+        .find(|t| t.name == "lm_head.weight");
+    assert_eq!(head.expect("lm_head").shape[0], 512);
+    let m = open_model(&dir, &LoadOptions::default()).expect("load");
+    assert_eq!(m.cfg.vocab_size, 512);
+    let e = synth(&tmp("synth-vocab-small"), &o(100), &NoProgress).expect_err("refused");
+    assert!(e.to_string().contains("--vocab 100"), "{e}");
 }

@@ -74,6 +74,7 @@ pub fn run(a: Args) -> Result<()> {
         dense_bits: 16,
         seed: a.seed,
         force: true,
+        vocab: None,
         tokenizer: Some(tok_dir.clone()),
     };
     let manifest = synth(&dir, &opts, &NoProgress).context("synthesizing the demo model")?;

@@ -31,6 +31,10 @@ pub struct Args {
     /// Dense matrix bits (router and shared-expert gate stay >= 8; 16 = bf16)
     #[arg(long, default_value = "4", value_parser = clap::builder::PossibleValuesParser::new(["4", "8", "16"]))]
     pub dense_bits: String,
+    /// Vocabulary size instead of the preset's (at least the tokenizer's; default: the
+    /// preset's, or the --tokenizer's when larger)
+    #[arg(long)]
+    pub vocab: Option<usize>,
     /// Random seed
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -55,6 +59,7 @@ pub fn run(a: Args) -> Result<()> {
         dense_bits: a.dense_bits.parse()?,
         seed: a.seed,
         force: a.force,
+        vocab: a.vocab,
         tokenizer: a.tokenizer.clone(),
     };
     let t = Instant::now();

@@ -19,7 +19,7 @@ mod reader;
 mod synth;
 mod writer;
 
-pub use pack::{pack, PackOptions, PackReport};
+pub use pack::{default_dense_bits, pack, PackOptions, PackReport};
 pub use reader::PackedExperts;
 pub use synth::{synth, synth_config, SynthOptions, PRESETS};
 

@@ -9,6 +9,11 @@
 //!   packed MLX model computes exactly what the checkpoint does.
 //! - Otherwise a matrix is dequantized to f32 and quantized with [`kernels::quantize_affine`]
 //!   (bf16 scales and biases), or rounded to bf16 for 16 bits.
+//! - Dense matrices of a float (Hugging Face) source are quantized by default to the expert bits
+//!   (at least 4), as mlx-lm and llama.cpp do: the float path decodes at a third to a half of
+//!   the quantized one (issue 20). Router, shared-expert gate and output head keep at least 8
+//!   bits (the head's errors reach every logit); norms and vectors stay as they are;
+//!   `dense_bits: Some(16)` keeps bf16. An MLX source's dense tensors keep their own format.
 //! - Zero-centred norms of a Hugging Face source are written as f32 `1 + w` (plain weights), the
 //!   same arithmetic `model::norm` applies at load. MLX norms already hold `1 + w`.
 use std::path::{Path, PathBuf};
@@ -40,8 +45,9 @@ pub struct PackOptions {
     pub bits: Option<u32>,
     /// Affine group size. None: an MLX source keeps its own, else 64.
     pub group_size: Option<usize>,
-    /// Dense matrices: None keeps the source's format (bf16 for an f32 source), 16 = bf16,
-    /// 8 or 4 = affine (router and shared-expert gate never below 8 bits).
+    /// Dense matrices: 16 = bf16, 8 or 4 = affine (router, shared-expert gate and output head
+    /// never below 8 bits). None: an MLX source keeps its own format, a float source follows
+    /// the expert bits ([`default_dense_bits`]).
     pub dense_bits: Option<u32>,
     /// Replace an existing `dst`.
     pub force: bool,
@@ -78,9 +84,26 @@ fn is_offset_norm(name: &str) -> bool {
         .any(|s| name.ends_with(s))
 }
 
-/// Router and shared-expert gate: MLX keeps them at 8 bits (arch-spec §11.1).
-fn needs_8bit(name: &str) -> bool {
-    name.ends_with(".mlp.gate.weight") || name.ends_with("shared_expert_gate.weight")
+/// Router and shared-expert gate (MLX keeps them at 8 bits, arch-spec §11.1) and the output
+/// head (llama.cpp keeps it at 6 bits or more; 8 is the nearest format here), with the
+/// embedding when it is the head too (`tied`).
+fn needs_8bit(name: &str, tied: bool) -> bool {
+    name.ends_with(".mlp.gate.weight")
+        || name.ends_with("shared_expert_gate.weight")
+        || name == "lm_head.weight"
+        || (tied && name == "embed_tokens.weight")
+}
+
+/// Dense-matrix bits when `--dense-bits` is not given: an MLX source (`quantized_source`)
+/// keeps its format (None); a float source follows the expert bits, at least 4 (2-bit
+/// attention costs more accuracy than the bytes it saves), and 16-bit experts keep dense
+/// bf16 too.
+pub fn default_dense_bits(expert_bits: u32, quantized_source: bool) -> Option<u32> {
+    match expert_bits {
+        _ if quantized_source => None,
+        16 => Some(16),
+        b => Some(b.max(4)),
+    }
 }
 
 /// f32 values to little-endian bytes of `dtype` (f32, f16 or bf16).
@@ -234,7 +257,11 @@ fn pack_dense(
             None => Target::Keep,
             Some(16) => Target::Bf16,
             Some(b) => {
-                let bits = if needs_8bit(name) { b.max(8) } else { b };
+                let bits = if needs_8bit(name, cfg.tie_word_embeddings) {
+                    b.max(8)
+                } else {
+                    b
+                };
                 if cols.is_multiple_of(group) {
                     Target::Affine(QuantSpec {
                         bits,
@@ -401,6 +428,9 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
             return Err(Error::Invalid(format!("--dense-bits {d}: use 4, 8 or 16")));
         }
     }
+    let dense_bits = opts
+        .dense_bits
+        .or_else(|| default_dense_bits(bits, store.layout == SourceLayout::Mlx));
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     if bits != 16 {
         // Quantised rows must be whole groups: name the dimension that is not.
@@ -444,7 +474,7 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
 
     let mut dw = DenseWriter::create(out.path())?;
     let dense_group = opts.group_size.unwrap_or(64);
-    pack_dense(&store, &cfg, opts.dense_bits, dense_group, &mut dw, prog)?;
+    pack_dense(&store, &cfg, dense_bits, dense_group, &mut dw, prog)?;
     let dense = dw.finish()?;
 
     let (mut copied, mut converted) = (0usize, 0usize);
@@ -489,7 +519,7 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
             "path": src.display().to_string(),
             "expert_bits": src_bits.unwrap_or(16),
             "expert_group_size": src_group,
-            "dense_bits": opts.dense_bits,
+            "dense_bits": dense_bits,
         }),
         config,
         dense,

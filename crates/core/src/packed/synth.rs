@@ -47,6 +47,9 @@ pub struct SynthOptions {
     pub dense_bits: u32,
     pub seed: u64,
     pub force: bool,
+    /// Vocabulary size instead of the preset's (at least the tokenizer's): a model cut to a
+    /// few layers keeps a head in proportion (the peer benchmark's GGUF twin uses the same).
+    pub vocab: Option<usize>,
     /// Copy this directory's tokenizer and chat template and size the vocabulary to it;
     /// without it a small byte-level tokenizer is written.
     pub tokenizer: Option<PathBuf>,
@@ -494,6 +497,9 @@ fn random_expert(layout: &ExpertLayout, seed: u64, layer: usize, expert: usize) 
     out
 }
 
+/// Tokens of [`own_tokenizer`]: 256 bytes and its specials.
+const OWN_TOKENS: usize = 256 + 7;
+
 /// A small byte-level BPE tokenizer (256 byte tokens, no merges) with ChatML specials, so a
 /// synthetic model takes text. Returns the files and the eos ids.
 fn own_tokenizer() -> (Vec<(&'static str, String)>, Vec<u32>) {
@@ -605,7 +611,7 @@ pub fn synth(out: &Path, opts: &SynthOptions, prog: &dyn Progress) -> Result<Man
         )));
     }
     let s = preset(&opts.preset)?;
-    let (vocab, eos, tok_files) = match &opts.tokenizer {
+    let (vocab, eos, tok_files, tok_n) = match &opts.tokenizer {
         Some(dir) => {
             let (n, eos) = tokenizer_vocab(dir)?;
             let vocab = if s.vocab >= n {
@@ -613,12 +619,21 @@ pub fn synth(out: &Path, opts: &SynthOptions, prog: &dyn Progress) -> Result<Man
             } else {
                 n.div_ceil(64) * 64
             };
-            (vocab, eos, None)
+            (vocab, eos, None, n)
         }
         None => {
             let (files, eos) = own_tokenizer();
-            (s.vocab, eos, Some(files))
+            (s.vocab, eos, Some(files), OWN_TOKENS)
         }
+    };
+    let vocab = match opts.vocab {
+        Some(v) if v < tok_n => {
+            return Err(Error::Invalid(format!(
+                "--vocab {v} is smaller than the tokenizer's {tok_n} tokens"
+            )))
+        }
+        Some(v) => v,
+        None => vocab,
     };
     let config = synth_config(&opts.preset, opts.layers, opts.experts, Some(vocab), &eos)?;
     let cfg = ModelConfig::from_json(&config, Path::new("<synth config>"))?;

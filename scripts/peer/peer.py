@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""flashmoe against llama.cpp on the same model shapes and bits per weight (issue 20).
+
+    scripts/peer/peer.py [--preset qwen3-30b-a3b --layers 4 --vocab 4096] [--threads N]
+                         [--rounds 3] [--cuda] [--record results.tsv]
+
+1. Obtains llama.cpp from the package registry: the `llama-cpp-python` sdist vendors it
+   (`pip download --no-binary llama-cpp-python --no-deps`), unpacked and built with CMake into
+   a cache directory outside the repository (~/.cache/flashmoe-peer; --cache). CPU by default;
+   --cuda builds with -DGGML_CUDA=ON for the card's architecture only. Needs pip, cmake
+   (`pip install cmake`) and a C++ compiler; numpy for the GGUF writer.
+2. Makes the flashmoe model with `flashmoe synth` (random weights at a preset's shapes, cut to
+   --layers and --vocab) and its GGUF twin (gguf_twin.py): every tensor at the same bits per
+   weight (4-bit affine g64 = Q4_0 or Q4_K, 8-bit = Q8_0), written straight as random blocks.
+3. Runs `llama-bench` and `flashmoe bench --json` in alternating rounds with the same threads
+   (warm page cache), and prints each path's llama.cpp and flashmoe tok/s (min and median over
+   the rounds) and their ratio: decode (flashmoe's default --io cached, kept mapped, int8
+   activations), prefill at each --prompts length, and decode of a model larger than memory
+   (a memory cgroup of --cgroup-fraction of the model's size, its files dropped from the page
+   cache first: llama.cpp mmap against flashmoe --io direct) where cgroups can be made.
+4. Appends one row per path to --record (the TSV `flashmoe bench --record` writes).
+
+A script people run, not a CI test: it builds llama.cpp (~15 min on 2 cores).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from cgroup import drop_from_page_cache, memory_cgroup  # noqa: E402
+
+
+def say(msg):
+    print(f"[peer] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    say("$ " + " ".join(str(c) for c in cmd))
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def llama_source(cache, version):
+    """The vendored llama.cpp of the llama-cpp-python sdist (downloaded once); its version."""
+    os.makedirs(cache, exist_ok=True)
+    spec = f"llama-cpp-python=={version}" if version else "llama-cpp-python"
+    have = sorted(f for f in os.listdir(cache) if f.startswith("llama_cpp_python-")
+                  and f.endswith(".tar.gz"))
+    if version:
+        have = [f for f in have if f == f"llama_cpp_python-{version}.tar.gz"]
+    if not have:
+        run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python",
+             "--no-deps", spec, "-d", cache])
+        have = sorted(f for f in os.listdir(cache) if f.startswith("llama_cpp_python-")
+                      and f.endswith(".tar.gz"))
+    sdist = have[-1]
+    ver = sdist[len("llama_cpp_python-"):-len(".tar.gz")]
+    src = os.path.join(cache, f"llama_cpp_python-{ver}", "vendor", "llama.cpp")
+    if not os.path.isdir(src):
+        say(f"unpacking {sdist}")
+        with tarfile.open(os.path.join(cache, sdist)) as t:
+            t.extractall(cache, filter="data")
+    return src, ver
+
+
+def cuda_arch():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[0].replace(".", "")
+
+
+def build_llama(cache, src, ver, cuda, jobs):
+    """llama-bench built from `src` (once per version and backend); its path."""
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+    tag = "cpu"
+    if cuda:
+        arch = cuda_arch()
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]
+        tag = f"cuda{arch}"
+    build = os.path.join(cache, f"build-{ver}-{tag}")
+    exe = os.path.join(build, "bin", "llama-bench")
+    if not os.path.exists(exe):
+        if shutil.which("cmake") is None:
+            sys.exit("cmake not found: `pip install cmake` (or your package manager's)")
+        run(["cmake", "-S", src, "-B", build] + flags)
+        run(["cmake", "--build", build, "--target", "llama-bench", f"-j{jobs}"])
+    return exe
+
+
+def llama_bench(exe, gguf, threads, prompt=0, gen=0, ngl=0):
+    """tok/s of one llama-bench measurement (one repetition, as flashmoe's one run)."""
+    cmd = [exe, "-m", gguf, "-t", threads, "-p", prompt, "-n", gen, "-r", 1, "-o", "json",
+           "-ngl", ngl]
+    out = run(cmd, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    return rows[0]["avg_ts"]
+
+
+def flashmoe_bench(fm, model, what, threads, extra=()):
+    cmd = [fm, "bench", what, "--model", model, "--json", "--threads", threads] + list(extra)
+    return json.loads(run(cmd, capture_output=True, text=True).stdout)
+
+
+def in_cgroup(cmd, enter):
+    """stdout of `cmd` run inside the cgroup, or None (said) when it fails there."""
+    say("$ " + " ".join(str(c) for c in cmd) + "   (in the memory cgroup)")
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, preexec_fn=enter)
+    if r.returncode != 0:
+        say(f"failed in the cgroup (status {r.returncode}): {r.stderr.strip()[-300:]}")
+        return None
+    return r.stdout
+
+
+def stats(v):
+    return (min(v), statistics.median(v)) if v else (None, None)
+
+
+def fmt(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def git_commit():
+    r = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "-"
+
+
+def record(path, rows, model, bits, k, note):
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a") as f:
+        if new:
+            f.write("commit\tmodel\tbits\tk\ttok_s\tttft_ms\tmem_gb\tnotes\n")
+        for name, ll, fm in rows:
+            ratio = fm[1] / ll[1] if ll[1] and fm[1] else None
+            notes = (f"peer path={name} (tok_s: flashmoe median) llama_tok_s={fmt(ll[1])} "
+                     f"ratio={fmt(ratio)} flashmoe_min={fmt(fm[0])} llama_min={fmt(ll[0])} "
+                     f"{note}")
+            f.write(f"{git_commit()}\t{model}\t{bits}\t{k}\t{fmt(fm[1])}\t-\t-\t{notes}\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--bits", default="4", choices=["4", "8"])
+    ap.add_argument("--dense-bits", default="4", choices=["4", "8", "16"])
+    ap.add_argument("--q4k", action="store_true", help="4-bit tensors as Q4_K (default Q4_0)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=32, help="decode tokens per measurement")
+    ap.add_argument("--prompts", default="512", help="prefill lengths, comma separated")
+    ap.add_argument("--cgroup-fraction", type=float, default=0.5,
+                    help="memory limit of the larger-than-memory case, as a fraction of the "
+                         "GGUF's size (0 skips the case)")
+    ap.add_argument("--cuda", action="store_true", help="llama.cpp with CUDA, -ngl 99")
+    ap.add_argument("--llama-cpp-python", help="sdist version (default: the newest)")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/flashmoe-peer"))
+    ap.add_argument("--flashmoe", default=os.path.join(REPO, "target/release/flashmoe"))
+    ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--record", help="append rows to this TSV (as `bench --record`)")
+    a = ap.parse_args()
+
+    src, ver = llama_source(a.cache, a.llama_cpp_python)
+    exe = build_llama(a.cache, src, ver, a.cuda, a.jobs)
+    from gguf_twin import write_twin
+
+    name = (f"{a.preset}-l{a.layers}-v{a.vocab}" + (f"-e{a.experts}" if a.experts else "")
+            + f"-b{a.bits}-d{a.dense_bits}")
+    models = os.path.join(a.cache, "models")
+    model = os.path.join(models, name)
+    if not os.path.exists(os.path.join(model, "manifest.json")):
+        cmd = [a.flashmoe, "synth", "--preset", a.preset, "--layers", a.layers, "--vocab",
+               a.vocab, "--bits", a.bits, "--dense-bits", a.dense_bits, "--out", model,
+               "--force"]
+        if a.experts:
+            cmd += ["--experts", a.experts]
+        run(cmd)
+    gguf = os.path.join(models, name + ("-q4k" if a.q4k else "") + ".gguf")
+    if not os.path.exists(gguf):
+        say(f"writing the GGUF twin {gguf}")
+        write_twin(model, gguf + ".partial", src, q4k=a.q4k)
+        os.replace(gguf + ".partial", gguf)
+    size = os.path.getsize(gguf)
+    man = json.load(open(os.path.join(model, "manifest.json")))
+    cfg = man["config"].get("text_config", man["config"])
+    k = cfg["num_experts_per_tok"]
+    t, ngl = a.threads, (99 if a.cuda else 0)
+    dec = ["--tokens", a.tokens, "--no-cold"]
+    prompts = [int(p) for p in a.prompts.split(",") if p]
+
+    res = {}  # path -> ([llama tok/s], [flashmoe tok/s])
+
+    def add(path, ll=None, fm=None):
+        r = res.setdefault(path, ([], []))
+        if ll is not None:
+            r[0].append(ll)
+        if fm is not None:
+            r[1].append(fm)
+
+    for rnd in range(a.rounds):
+        say(f"round {rnd + 1}/{a.rounds}")
+        add("decode", ll=llama_bench(exe, gguf, t, gen=a.tokens, ngl=ngl))
+        d = flashmoe_bench(a.flashmoe, model, "decode", t, dec)["decode"]
+        add("decode", fm=d["warm_tok_s"])
+        add("decode, --io mapped", fm=d.get("warm_kept_mapped_tok_s"))
+        d8 = flashmoe_bench(a.flashmoe, model, "decode", t, dec + ["--no-compare",
+                                                                   "--int8-activations"])
+        add("decode, --int8-activations", fm=d8["decode"]["warm_tok_s"])
+        for p in prompts:
+            add(f"prefill {p}", ll=llama_bench(exe, gguf, t, prompt=p, ngl=ngl))
+            r = flashmoe_bench(a.flashmoe, model, "prefill", t,
+                               ["--prompt-tokens", p, "--tokens", 1, "--no-cold",
+                                "--no-compare"])
+            add(f"prefill {p}", fm=r["prefill"]["warm_prefill_tok_s"])
+
+    larger = None
+    if a.cgroup_fraction > 0 and not a.cuda:
+        limit = int(size * a.cgroup_fraction)
+        files = [gguf] + [os.path.join(model, f) for f in os.listdir(model)]
+        with memory_cgroup(limit) as enter:
+            if enter is None:
+                say("larger-than-memory case skipped: no memory cgroup can be made here "
+                    "(needs root with cgroup v1 memory or v2 with the memory controller)")
+            else:
+                larger = f"decode, model {size / limit:.1f}x the memory limit ({limit >> 20} MiB)"
+                # llama.cpp mmaps the GGUF (its default); CPU repacking would copy every
+                # weight into anonymous memory, which cannot exceed the limit (OOM-killed).
+                llama = [exe, "-m", gguf, "-t", t, "-p", 0, "-n", 8, "-r", 1, "-o", "json",
+                         "--repack", 0]
+                fmb = [a.flashmoe, "bench", "decode", "--model", model, "--json", "--threads",
+                       t, "--tokens", 8, "--no-compare"]
+                for rnd in range(a.rounds):
+                    drop_from_page_cache(files)
+                    out = in_cgroup(llama, enter)
+                    add(larger, ll=out and json.loads(out)[0]["avg_ts"])
+                    drop_from_page_cache(files)
+                    out = in_cgroup(fmb, enter)
+                    add(larger, fm=out and json.loads(out)["decode"].get("cold_tok_s"))
+
+    cpu = "CUDA -ngl 99" if a.cuda else f"CPU, {t} threads"
+    print(f"\nflashmoe {git_commit()} vs llama.cpp (llama-cpp-python {ver}), {cpu}; model "
+          f"{name} ({size / 2**30:.2f} GiB GGUF, {'Q4_K' if a.q4k else 'Q4_0'}); "
+          f"{a.rounds} alternating rounds, tok/s min / median\n")
+    print("| path | llama.cpp | flashmoe | ratio (medians) |\n|---|---|---|---|")
+    rows = []
+    base = {p: stats(res["decode"][0]) for p in ("decode, --io mapped",
+                                                 "decode, --int8-activations")}
+    for path, (ll, fm) in res.items():
+        ll = [x for x in ll if x is not None]
+        # flashmoe's decode variants stand against llama.cpp's one decode figure.
+        lls = stats(ll) if ll else base.get(path, (None, None))
+        fms = stats([x for x in fm if x is not None])
+        ratio = fms[1] / lls[1] if lls[1] and fms[1] else None
+        print(f"| {path} | {fmt(lls[0])} / {fmt(lls[1])} | {fmt(fms[0])} / {fmt(fms[1])} | "
+              f"{fmt(ratio)} |")
+        rows.append((path, lls, fms))
+    if larger is None and a.cgroup_fraction > 0 and not a.cuda:
+        print("| decode, model larger than memory | skipped: no memory cgroup here | | |")
+    if a.record:
+        record(a.record, rows, name, a.bits, k,
+               f"llama.cpp={ver} threads={t} {'cuda' if a.cuda else 'cpu'}")
+        say(f"appended {len(rows)} rows to {a.record}")
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    say(f"done in {time.time() - t0:.0f}s")
