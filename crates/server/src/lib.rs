@@ -6,6 +6,7 @@
 mod api;
 mod error;
 mod format;
+mod info;
 mod listen;
 mod metrics;
 mod routes;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use flashmoe_runtime::{Engine, GenerationRequest, LoadOptions};
 
@@ -87,6 +88,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let model_name = engine.model_name().to_string();
     let context = engine.context_len();
+    let quantization = info::quantization(&engine);
     let queue = Queue::start(engine, opts.max_queue, metrics.clone())
         .context("starting the generation thread")?;
     let api_key = opts.api_key.clone().filter(|k| !k.is_empty());
@@ -95,6 +97,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         model_name: model_name.clone(),
         context,
+        quantization,
         api_key: api_key.clone(),
         max_body_bytes: opts.max_body_bytes,
         started: std::time::SystemTime::now()
@@ -109,6 +112,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/completions", post(routes::completions))
         .route("/models", get(routes::models))
         .route("/models/{id}", get(routes::model))
+        .route("/embeddings", any(routes::embeddings))
         .layer(auth.clone());
     let mut metrics_route = Router::new().route("/metrics", get(routes::metrics));
     if !opts.metrics_public {

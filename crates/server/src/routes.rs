@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -32,6 +32,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub model_name: String,
     pub context: usize,
+    /// Weight precision, reported by `/v1/models`; None when it could not be read.
+    pub quantization: Option<crate::info::Quantization>,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub started: u64,
@@ -115,13 +117,18 @@ pub async fn metrics(State(st): St) -> Response {
 }
 
 fn model_json(st: &AppState) -> Value {
-    json!({
+    let mut v = json!({
         "id": st.model_name,
         "object": "model",
         "created": st.started,
         "owned_by": "flashmoe",
         "max_model_len": st.context,
-    })
+        "context_length": st.context,
+    });
+    if let Some(q) = &st.quantization {
+        v["quantization"] = q.json();
+    }
+    v
 }
 
 pub async fn models(State(st): St) -> Json<Value> {
@@ -142,8 +149,29 @@ pub async fn model(
     }
 }
 
-pub async fn not_found() -> Response {
-    ApiError::not_found("no such endpoint").into_response()
+/// Any path no route takes: a JSON 404 naming it, so that a client pointed at a route this
+/// server lacks says which.
+pub async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::not_found(format!(
+        "no such endpoint: {method} {}; this server has /v1/chat/completions, \
+         /v1/completions, /v1/models, /health and /metrics",
+        uri.path()
+    ))
+    .with_code("unknown_url")
+    .into_response()
+}
+
+/// Clients that ask for embeddings (RAG front ends, agents) learn that this server only
+/// generates, instead of a bare 404 that looks like a wrong base URL.
+pub async fn embeddings(State(st): St) -> Response {
+    st.metrics.client_error();
+    ApiError::not_found(format!(
+        "this server does not compute embeddings: `{}` is served for text generation only \
+         (/v1/chat/completions, /v1/completions); use a separate embedding model server",
+        st.model_name
+    ))
+    .with_code("embeddings_not_supported")
+    .into_response()
 }
 
 pub async fn chat_completions(State(st): St, req: Request) -> Response {

@@ -21,10 +21,17 @@ pub fn model_dir(tag: &str) -> Option<PathBuf> {
 /// The test model packed (`flashmoe pack`), so that its dense weights are mmap'd from
 /// `dense.bin` and its experts read from per-layer files; None (skipped) as `model_dir`.
 pub fn packed_model_dir(tag: &str) -> Option<PathBuf> {
+    packed_model_dir_with(tag, &[])
+}
+
+/// [`packed_model_dir`] with extra `flashmoe pack` arguments (`--bits 2`, ...).
+pub fn packed_model_dir_with(tag: &str, pack_args: &[&str]) -> Option<PathBuf> {
     let src = model_dir(tag)?;
     let out = src.with_file_name("tiny-a-packed");
     let st = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(["pack", "--from"])
+        .arg("pack")
+        .args(pack_args)
+        .arg("--from")
         .arg(&src)
         .arg("--out")
         .arg(&out)
