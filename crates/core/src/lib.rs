@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod buf;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod experts;
