@@ -88,3 +88,82 @@ fn embeddings_and_unknown_paths_get_json_404s() {
     // Still serving.
     assert_eq!(srv.get("/health").status, 200);
 }
+
+#[test]
+fn ollama_tags_and_show() {
+    let Some(dir) = model_dir("serve-info-ollama") else {
+        return;
+    };
+    let srv = Server::start(&dir, &["--ctx-size", "1000"]);
+    let tags = srv.get("/api/tags");
+    assert_eq!(tags.status, 200, "{}", tags.body);
+    let tags = tags.json();
+    let m = &tags["models"][0];
+    assert_eq!(tags["models"].as_array().map(Vec::len), Some(1), "{tags}");
+    assert_eq!(m["name"], "tiny-a");
+    assert_eq!(m["model"], "tiny-a");
+    assert!(m["size"].as_u64().is_some_and(|s| s > 0), "{m}");
+    let modified = m["modified_at"].as_str().unwrap_or("");
+    assert!(
+        modified.len() == 20 && modified.starts_with("20") && modified.ends_with('Z'),
+        "{m}"
+    );
+    assert_eq!(m["details"]["quantization_level"], "BF16", "{m}");
+    let family = m["details"]["family"].as_str().unwrap_or("").to_string();
+    assert!(!family.is_empty(), "{m}");
+
+    // Both the bare name and Ollama's default tag; `name` as older clients send it.
+    for body in [
+        json!({"model": "tiny-a"}),
+        json!({"model": "tiny-a:latest"}),
+        json!({"name": "tiny-a"}),
+    ] {
+        let show = srv.post("/api/show", &body);
+        assert_eq!(show.status, 200, "{body}: {}", show.body);
+        let v = show.json();
+        assert_eq!(
+            v["model_info"]["general.architecture"],
+            family.as_str(),
+            "{v}"
+        );
+        assert_eq!(
+            v["model_info"][format!("{family}.context_length")],
+            1000,
+            "{v}"
+        );
+        assert_eq!(v["details"], m["details"], "{v}");
+        assert!(
+            v["capabilities"]
+                .as_array()
+                .is_some_and(|c| c.contains(&json!("completion"))),
+            "{v}"
+        );
+    }
+
+    // Errors in Ollama's shape.
+    let missing = srv.post("/api/show", &json!({"model": "llama3"}));
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    let msg = missing.json()["error"].as_str().unwrap_or("").to_string();
+    assert!(msg.contains("llama3") && msg.contains("tiny-a"), "{msg}");
+    let bad = request(&srv.addr, "POST", "/api/show", &[], b"{not json");
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.json()["error"].is_string(), "{}", bad.body);
+    assert_eq!(srv.post("/api/show", &json!({})).status, 400);
+}
+
+#[test]
+fn ollama_routes_need_the_key() {
+    let Some(dir) = model_dir("serve-info-ollama-key") else {
+        return;
+    };
+    let srv = Server::start(&dir, &["--api-key", "k1"]);
+    assert_eq!(srv.get("/api/tags").status, 401);
+    let ok = request(
+        &srv.addr,
+        "GET",
+        "/api/tags",
+        &[("Authorization", "Bearer k1")],
+        b"",
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}

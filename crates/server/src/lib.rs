@@ -9,6 +9,7 @@ mod format;
 mod info;
 mod listen;
 mod metrics;
+mod ollama;
 mod routes;
 mod signals;
 mod worker;
@@ -89,6 +90,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let model_name = engine.model_name().to_string();
     let context = engine.context_len();
     let quantization = info::quantization(&engine);
+    let facts = ollama::Facts::of(&engine);
     let queue = Queue::start(engine, opts.max_queue, metrics.clone())
         .context("starting the generation thread")?;
     let api_key = opts.api_key.clone().filter(|k| !k.is_empty());
@@ -98,6 +100,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         model_name: model_name.clone(),
         context,
         quantization,
+        facts,
         api_key: api_key.clone(),
         max_body_bytes: opts.max_body_bytes,
         started: std::time::SystemTime::now()
@@ -114,12 +117,17 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/models/{id}", get(routes::model))
         .route("/embeddings", any(routes::embeddings))
         .layer(auth.clone());
+    let ollama_api = Router::new()
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .layer(auth.clone());
     let mut metrics_route = Router::new().route("/metrics", get(routes::metrics));
     if !opts.metrics_public {
         metrics_route = metrics_route.layer(auth);
     }
     let app = Router::new()
         .nest("/v1", v1)
+        .merge(ollama_api)
         .merge(metrics_route)
         .route("/health", get(routes::health))
         .fallback(routes::not_found)

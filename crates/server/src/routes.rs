@@ -34,6 +34,8 @@ pub struct AppState {
     pub context: usize,
     /// Weight precision, reported by `/v1/models`; None when it could not be read.
     pub quantization: Option<crate::info::Quantization>,
+    /// What Ollama's `/api/tags` and `/api/show` report besides name and context.
+    pub facts: crate::ollama::Facts,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub started: u64,
@@ -154,7 +156,7 @@ pub async fn model(
 pub async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::not_found(format!(
         "no such endpoint: {method} {}; this server has /v1/chat/completions, \
-         /v1/completions, /v1/models, /health and /metrics",
+         /v1/completions, /v1/models, /api/tags, /api/show, /health and /metrics",
         uri.path()
     ))
     .with_code("unknown_url")
