@@ -10,6 +10,7 @@ mod info;
 mod listen;
 mod metrics;
 mod ollama;
+mod ollama_chat;
 mod routes;
 mod signals;
 mod worker;
@@ -120,6 +121,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let ollama_api = Router::new()
         .route("/api/tags", get(ollama::tags))
         .route("/api/show", post(ollama::show))
+        .route("/api/chat", post(ollama_chat::chat))
         .layer(auth.clone());
     let mut metrics_route = Router::new().route("/metrics", get(routes::metrics));
     if !opts.metrics_public {

@@ -98,7 +98,7 @@ pub async fn tags(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// Whether Ollama's `name[:tag]` names the served model (`:latest` is Ollama's default tag).
-fn is_served(st: &AppState, name: &str) -> bool {
+pub(crate) fn is_served(st: &AppState, name: &str) -> bool {
     name == st.model_name || name.strip_suffix(":latest") == Some(st.model_name.as_str())
 }
 

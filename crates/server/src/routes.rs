@@ -25,7 +25,7 @@ use crate::api::{self, Parsed};
 use crate::error::ApiError;
 use crate::format::{full_response, Chunks, Collected, Kind};
 use crate::metrics::{Endpoint, Metrics};
-use crate::worker::{CancelGuard, Msg, Queue};
+use crate::worker::{recv_event, CancelGuard, Msg, Queue};
 
 pub struct AppState {
     pub queue: Queue,
@@ -156,7 +156,7 @@ pub async fn model(
 pub async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::not_found(format!(
         "no such endpoint: {method} {}; this server has /v1/chat/completions, \
-         /v1/completions, /v1/models, /api/tags, /api/show, /health and /metrics",
+         /v1/completions, /v1/models, /api/tags, /api/show, /api/chat, /health and /metrics",
         uri.path()
     ))
     .with_code("unknown_url")
@@ -188,7 +188,7 @@ pub async fn completions(State(st): St, req: Request) -> Response {
 
 /// The body, within the size limit and `body_timeout` (a client that stalls mid-upload is
 /// answered 408 instead of holding its connection for good).
-async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
     match tokio::time::timeout(st.body_timeout, Bytes::from_request(req, &())).await {
         Ok(body) => body.map_err(|e| body_error(st, e)),
         Err(_) => Err(ApiError::body_timeout(st.body_timeout.as_secs_f64())),
@@ -203,11 +203,16 @@ async fn respond(st: &Arc<AppState>, kind: Kind, req: Request) -> Response {
     match result {
         Ok(r) => r,
         Err(e) => {
-            if e.status.is_client_error() && e.status != StatusCode::TOO_MANY_REQUESTS {
-                st.metrics.client_error();
-            }
+            count_error(st, &e);
             e.into_response()
         }
+    }
+}
+
+/// Counts a refused request as the client's fault unless the server was only busy.
+pub(crate) fn count_error(st: &AppState, e: &ApiError) {
+    if e.status.is_client_error() && e.status != StatusCode::TOO_MANY_REQUESTS {
+        st.metrics.client_error();
     }
 }
 
@@ -248,13 +253,7 @@ async fn generate(st: &Arc<AppState>, kind: Kind, body: Bytes) -> Result<Respons
         }
     }
     let (mut rx, guard) = st.queue.submit(req)?;
-    // The first message tells whether the request was accepted by the engine (context checks,
-    // template errors) before any response status is committed.
-    let first = match rx.recv().await {
-        Some(Msg::Error(e)) => return Err(e),
-        Some(Msg::Event(ev)) => ev,
-        None => return Err(ApiError::internal("the generation ended without a result")),
-    };
+    let first = recv_event(&mut rx).await?;
     let id = new_id(if kind == Kind::Chat {
         "chatcmpl-"
     } else {
@@ -302,11 +301,7 @@ async fn generate(st: &Arc<AppState>, kind: Kind, body: Bytes) -> Result<Respons
                 );
             }
         }
-        next = match rx.recv().await {
-            Some(Msg::Event(ev)) => Some(ev),
-            Some(Msg::Error(e)) => return Err(e),
-            None => return Err(ApiError::internal("the generation ended without a result")),
-        };
+        next = Some(recv_event(&mut rx).await?);
     }
     Err(ApiError::internal("the generation ended without a result"))
 }

@@ -25,6 +25,16 @@ pub enum Msg {
     Error(ApiError),
 }
 
+/// The next event of a submitted generation, or its error. The first one tells whether the
+/// engine accepted the request (context checks, template errors) before a status is sent.
+pub async fn recv_event(rx: &mut UnboundedReceiver<Msg>) -> Result<Event, ApiError> {
+    match rx.recv().await {
+        Some(Msg::Event(ev)) => Ok(ev),
+        Some(Msg::Error(e)) => Err(e),
+        None => Err(ApiError::internal("the generation ended without a result")),
+    }
+}
+
 struct Job {
     req: GenerationRequest,
     tx: UnboundedSender<Msg>,
