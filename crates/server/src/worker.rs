@@ -175,8 +175,15 @@ fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics, shutdown: &Shutdown
         return;
     }
     metrics.busy.store(1, Ordering::Relaxed);
+    // Counted as the Done event passes, before the client can see it: a client that reads
+    // /metrics right after its answer must find that answer counted.
+    let mut counted = false;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         engine.generate(&req, |ev| {
+            if let Event::Done(d) = &ev {
+                metrics.finished(d);
+                counted = true;
+            }
             if tx.send(Msg::Event(ev)).is_err() {
                 ControlFlow::Break(())
             } else {
@@ -187,7 +194,9 @@ fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics, shutdown: &Shutdown
     metrics.busy.store(0, Ordering::Relaxed);
     match result {
         Ok(Ok(done)) => {
-            metrics.finished(&done);
+            if !counted {
+                metrics.finished(&done);
+            }
             if done.finish_reason == FinishReason::Cancelled && shutdown.lock().shutting_down {
                 let _ = tx.send(Msg::Error(ApiError::shutting_down()));
             }
