@@ -487,7 +487,7 @@ pub const LIMITS: [(&str, usize); 18] = [
 fn within_limit(key: &str, value: usize) -> std::result::Result<usize, String> {
     match LIMITS.iter().find(|(k, _)| *k == key) {
         Some(&(_, max)) if value > max => Err(format!(
-            "field `{key}` is {value}, beyond this engine's limit of {max} (corrupt config.json?)"
+            "field `{key}` is {value}, beyond this engine's limit of {max} (a corrupt config?)"
         )),
         _ => Ok(value),
     }
