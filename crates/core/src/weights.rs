@@ -106,42 +106,7 @@ impl Linear {
 
     /// Rows [start, start+n) as their own matrix (no copy).
     pub fn slice_rows(&self, start: usize, n: usize) -> Linear {
-        match self {
-            Linear::Dense {
-                dtype, cols, data, ..
-            } => {
-                let rb = cols * dtype.size();
-                Linear::Dense {
-                    dtype: *dtype,
-                    rows: n,
-                    cols: *cols,
-                    data: data.slice(start * rb, n * rb),
-                }
-            }
-            Linear::Affine {
-                bits,
-                group,
-                cols,
-                w,
-                scales,
-                biases,
-                sdtype,
-                ..
-            } => {
-                let wb = cols * *bits as usize / 8;
-                let sb = cols / group * sdtype.size();
-                Linear::Affine {
-                    bits: *bits,
-                    group: *group,
-                    rows: n,
-                    cols: *cols,
-                    w: w.slice(start * wb, n * wb),
-                    scales: scales.slice(start * sb, n * sb),
-                    biases: biases.slice(start * sb, n * sb),
-                    sdtype: *sdtype,
-                }
-            }
-        }
+        self.with_rows(n, |b, row_bytes| b.slice(start * row_bytes, n * row_bytes))
     }
 
     /// The rows of `ranges` (start, count), in that order, as one matrix: a copy into a heap
@@ -152,13 +117,18 @@ impl Linear {
             return self.slice_rows(*s, *n);
         }
         let rows: usize = ranges.iter().map(|r| r.1).sum();
-        let cat = |b: &Buf, row_bytes: usize| -> Buf {
+        self.with_rows(rows, |b, row_bytes| {
             let mut v = Vec::with_capacity(rows * row_bytes);
             for &(s, n) in ranges {
                 v.extend_from_slice(&b.bytes()[s * row_bytes..][..n * row_bytes]);
             }
             Buf::from_vec(&v)
-        };
+        })
+    }
+
+    /// This matrix with `rows` rows, each of its row-major buffers replaced by `pick(buffer,
+    /// bytes per row)`: the one place that knows which buffers a format has and their row sizes.
+    fn with_rows(&self, rows: usize, pick: impl Fn(&Buf, usize) -> Buf) -> Linear {
         match self {
             Linear::Dense {
                 dtype, cols, data, ..
@@ -166,7 +136,7 @@ impl Linear {
                 dtype: *dtype,
                 rows,
                 cols: *cols,
-                data: cat(data, cols * dtype.size()),
+                data: pick(data, cols * dtype.size()),
             },
             Linear::Affine {
                 bits,
@@ -184,9 +154,9 @@ impl Linear {
                     group: *group,
                     rows,
                     cols: *cols,
-                    w: cat(w, cols * *bits as usize / 8),
-                    scales: cat(scales, sb),
-                    biases: cat(biases, sb),
+                    w: pick(w, cols * *bits as usize / 8),
+                    scales: pick(scales, sb),
+                    biases: pick(biases, sb),
                     sdtype: *sdtype,
                 }
             }
