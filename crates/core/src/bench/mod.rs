@@ -97,8 +97,9 @@ impl BenchOptions {
 #[derive(Default)]
 pub(crate) struct Section(Map<String, Value>);
 
-/// Rounds to 4 significant digits so reports stay readable.
-fn round4(x: f64) -> f64 {
+/// Rounds to 4 significant digits so reports stay readable (the bench's JSON and the rows
+/// `bench --record` derives from it).
+pub fn round4(x: f64) -> f64 {
     if !x.is_finite() || x == 0.0 {
         return x;
     }

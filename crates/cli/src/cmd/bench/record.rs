@@ -79,15 +79,6 @@ fn num(v: &Value, section: &str, key: &str) -> Option<f64> {
     get(v, section, key)?.as_f64()
 }
 
-/// `x` to 4 significant digits, as the report rounds its own figures.
-fn round4(x: f64) -> f64 {
-    if !x.is_finite() || x == 0.0 {
-        return x;
-    }
-    let mag = 10f64.powi(3 - x.abs().log10().floor() as i32);
-    (x * mag).round() / mag
-}
-
 /// Strips what would break a TSV cell.
 fn cell(s: &str) -> String {
     s.replace(['\t', '\n', '\r'], " ")
@@ -130,7 +121,7 @@ pub fn row(report: &Value, model: &Path, notes: &str) -> Row {
         date: utc(now),
         tok_s_limit: num(report, "decode", "warm_tpt_limit_ms")
             .filter(|&ms| ms > 0.0)
-            .map(|ms| round4(1e3 / ms)),
+            .map(|ms| flashmoe_core::bench::round4(1e3 / ms)),
         // Only prefill's TTFT has a bound; the decode prompt's fallback figure has none.
         ttft_limit_ms: num(report, "prefill", "warm_prefill_ttft_ms").and(num(
             report,
