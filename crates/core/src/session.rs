@@ -51,7 +51,7 @@ fn any_non_finite(row: &[f32]) -> bool {
 
 /// The sequence position of the first row of logits a forward call over `n` tokens from
 /// position `pos` returns.
-pub fn first_logits_pos(pos: usize, n: usize, want: Logits) -> usize {
+fn first_logits_pos(pos: usize, n: usize, want: Logits) -> usize {
     match want {
         Logits::All => pos,
         Logits::Last => pos + n.saturating_sub(1),
@@ -61,14 +61,31 @@ pub fn first_logits_pos(pos: usize, n: usize, want: Logits) -> usize {
 /// One sequence's forward pass with its state kept inside, on some backend.
 pub trait SeqBackend: Send {
     /// Runs `tokens` from the current state (advancing it) and returns logits as
-    /// [`Model::forward`] does, checked finite with [`check_logits`]. The caller has checked
-    /// the ids and the context length.
-    fn forward(
+    /// [`Model::forward`] does. What a backend implements; callers use [`SeqBackend::forward`].
+    fn forward_unchecked(
         &mut self,
         tokens: &[u32],
         want: Logits,
         stats: &mut ForwardStats,
     ) -> Result<Vec<f32>>;
+    /// [`SeqBackend::forward_unchecked`] with its logits checked finite ([`check_logits`]),
+    /// here once for every backend, so that no front end samples from NaN. The caller has
+    /// checked the ids and the context length.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        want: Logits,
+        stats: &mut ForwardStats,
+    ) -> Result<Vec<f32>> {
+        let first = first_logits_pos(self.pos(), tokens.len(), want);
+        let rows = match want {
+            Logits::All => tokens.len(),
+            Logits::Last => 1,
+        };
+        let logits = self.forward_unchecked(tokens, want, stats)?;
+        check_logits(&logits, logits.len() / rows.max(1), first)?;
+        Ok(logits)
+    }
     /// Tokens the state has consumed.
     fn pos(&self) -> usize;
     /// Back to a fresh state.
@@ -107,18 +124,14 @@ impl CpuBackend {
 }
 
 impl SeqBackend for CpuBackend {
-    fn forward(
+    fn forward_unchecked(
         &mut self,
         tokens: &[u32],
         want: Logits,
         stats: &mut ForwardStats,
     ) -> Result<Vec<f32>> {
-        let first = first_logits_pos(self.state.pos, tokens.len(), want);
-        let logits = self
-            .model
-            .forward(tokens, &mut self.state, want, stats, None)?;
-        check_logits(&logits, self.model.cfg.vocab_size, first)?;
-        Ok(logits)
+        self.model
+            .forward(tokens, &mut self.state, want, stats, None)
     }
     fn pos(&self) -> usize {
         self.state.pos
