@@ -9,17 +9,23 @@ use std::process::Command;
 
 use common::{bin, run_ok, temp_dir};
 
-/// What build.rs embeds: `git rev-parse --short HEAD` of this checkout, else `v` + version.
+/// What build.rs embedded in this build (the binary and this test share one build-script run):
+/// `git rev-parse --short HEAD` at build time, else `v` + version. Checked to be a commit of
+/// this checkout when git is at hand, but not against today's HEAD, which a commit made
+/// between the build and the test run would move.
 fn expected_commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("v{}", env!("CARGO_PKG_VERSION")))
+    let c = env!("FLASHMOE_BUILD_COMMIT").to_string();
+    if !c.starts_with('v') {
+        let known = Command::new("git")
+            .args(["cat-file", "-e", &format!("{c}^{{commit}}")])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status();
+        assert!(
+            known.is_ok_and(|st| st.success()),
+            "embedded commit {c} is not a commit of this checkout"
+        );
+    }
+    c
 }
 
 /// A directory outside any git repository (under the system temp dir), emptied.
