@@ -18,7 +18,8 @@ const TOOL_REPLY: &str = "The user asks about the weather, so I should call the 
     Let me check the weather in Paris for you.\n\n<tool_call>\n<function=get_weather>\n\
     <parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>";
 const AFTER_TOOL: &str = "It is sunny and 21 degrees in Paris today.";
-const REGENERATED: &str = "Regenerated: sunny, 21 degrees.";
+/// Markup in a model's output is shown as text, never parsed.
+const REGENERATED: &str = "Regenerated: sunny, <b>21</b> degrees <img src=x>.";
 /// The prompt ends inside `<think>` after every turn: each reply thinks first.
 const THOUGHT: &str = "The tool answered.</think>\n\n";
 
@@ -90,12 +91,27 @@ fn chat_page_in_headless_chromium() {
         "return document.getElementById('key-dialog').open || null;",
         20,
     );
+    // A wrong key is refused and asked for again.
+    b.type_into("#key-input", "wrong");
+    b.click("#key-ok");
+    b.wait_js(
+        "const d = document.getElementById('key-dialog'); \
+         return d.open && d.textContent.includes('refused this API key') || null;",
+        20,
+    );
     b.type_into("#key-input", "secret");
     b.click("#key-ok");
     b.wait_js(
         "return document.getElementById('model').textContent === 'tiny-a' || null;",
         20,
     );
+    // The stylesheet loaded under the CSP, and nothing the page does broke it.
+    assert_eq!(
+        b.js("return getComputedStyle(document.getElementById('sidebar')).backgroundColor;"),
+        json!("rgb(31, 37, 51)")
+    );
+    let violations = b.console_lines("Content Security Policy");
+    assert!(violations.is_empty(), "{violations:?}");
     assert_eq!(
         b.js("return localStorage.getItem('flashmoe.key');"),
         json!("\"secret\"")
@@ -178,6 +194,10 @@ fn chat_page_in_headless_chromium() {
         .as_str()
         .unwrap_or("")
         .contains(AFTER_TOOL));
+    assert_eq!(
+        b.js("return document.querySelector('#messages b, #messages img');"),
+        json!(null)
+    );
 
     // Stop ends a streaming answer where it is and says so.
     b.type_into("#input", "Tell me more");
@@ -222,6 +242,8 @@ fn chat_page_in_headless_chromium() {
     );
     b.click("#conversations li:nth-child(2) .delete");
     assert_eq!(b.js(titles), json!(["New chat"]));
+    let violations = b.console_lines("Content Security Policy");
+    assert!(violations.is_empty(), "{violations:?}");
     drop(srv);
 
     // The real model, no key: a generated answer with its figures.

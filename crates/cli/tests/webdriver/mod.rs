@@ -65,6 +65,7 @@ impl Browser {
         assert!(ready, "chromedriver did not become ready");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": chrome.to_string_lossy(),
                 // --no-sandbox: CI runs as root, where Chromium's sandbox cannot start.
@@ -166,6 +167,19 @@ impl Browser {
             panic!("timed out waiting for `{body}`; the page shows:\n{page}");
         }
         out
+    }
+
+    /// The browser console's messages so far (chromedriver's log) that contain `needle`.
+    pub fn console_lines(&self, needle: &str) -> Vec<String> {
+        let v = self.cmd("POST", "/se/log", json!({"type": "browser"}));
+        let all: Vec<String> = v
+            .as_array()
+            .expect("a log array")
+            .iter()
+            .filter_map(|e| e["message"].as_str().map(str::to_string))
+            .collect();
+        println!("browser console: {all:?}");
+        all.into_iter().filter(|m| m.contains(needle)).collect()
     }
 
     /// Saves a PNG of the window.
