@@ -9,6 +9,8 @@ use super::common::ModelArgs;
 
 /// Shown after the options of `serve --help`: the policies a user should know.
 const AFTER_HELP: &str = "\
+Chat page: open http://HOST:PORT/ in a browser (built in; with --api-key it asks for the key).
+
 Stopping: the first SIGINT or SIGTERM prints \"shutting down\", stops accepting connections, \
 cancels the running generation and answers it and every queued request 503, then exits once \
 responses are sent (after 10 s at most); a second signal exits at once.
