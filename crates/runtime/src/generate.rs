@@ -22,13 +22,13 @@ fn ms(since: Instant) -> f64 {
 }
 
 /// Turns parser events into [`Event`]s and hands them to the callback.
-struct Emitter<'f, F: FnMut(Event) -> ControlFlow<()>> {
-    on_event: &'f mut F,
-    calls: usize,
+pub(crate) struct Emitter<'f, F: FnMut(Event) -> ControlFlow<()>> {
+    pub(crate) on_event: &'f mut F,
+    pub(crate) calls: usize,
 }
 
 impl<F: FnMut(Event) -> ControlFlow<()>> Emitter<'_, F> {
-    fn emit(&mut self, events: Vec<ToolEvent>) -> ControlFlow<()> {
+    pub(crate) fn emit(&mut self, events: Vec<ToolEvent>) -> ControlFlow<()> {
         for ev in events {
             let out = match ev {
                 ToolEvent::Content(t) if t.is_empty() => continue,

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 mod generate;
 pub mod prompt;
+mod replay;
 pub mod request;
 pub mod testutil;
 

@@ -11,6 +11,7 @@ mod listen;
 mod metrics;
 mod ollama;
 mod ollama_chat;
+mod page;
 mod routes;
 mod signals;
 mod worker;
@@ -51,6 +52,9 @@ pub struct ServeOptions {
     /// Serve `/metrics` without the API key.
     pub metrics_public: bool,
     pub load: LoadOptions,
+    /// Texts answered in turn instead of generating, streamed as the model's output would be
+    /// (a test hook for front ends: `serve --scripted-replies F`); empty: generate.
+    pub scripted_replies: Vec<String>,
 }
 
 impl ServeOptions {
@@ -67,6 +71,7 @@ impl ServeOptions {
             max_connections: 256,
             metrics_public: false,
             load: LoadOptions::default(),
+            scripted_replies: Vec::new(),
         }
     }
 }
@@ -92,7 +97,8 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let context = engine.context_len();
     let quantization = info::quantization(&engine);
     let facts = ollama::Facts::of(&engine);
-    let queue = Queue::start(engine, opts.max_queue, metrics.clone())
+    let replies = opts.scripted_replies.clone();
+    let queue = Queue::start(engine, opts.max_queue, metrics.clone(), replies)
         .context("starting the generation thread")?;
     let api_key = opts.api_key.clone().filter(|k| !k.is_empty());
     let state = Arc::new(AppState {
@@ -131,6 +137,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .nest("/v1", v1)
         .merge(ollama_api)
         .merge(metrics_route)
+        .merge(page::routes())
         .route("/health", get(routes::health))
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(opts.max_body_bytes))

@@ -83,7 +83,13 @@ pub struct Queue {
 impl Queue {
     /// Starts the generation thread, which owns the engine. `capacity`: requests that may wait
     /// while one runs.
-    pub fn start(engine: Engine, capacity: usize, metrics: Arc<Metrics>) -> std::io::Result<Queue> {
+    /// `replies`: scripted texts streamed in turn instead of generating (front-end tests).
+    pub fn start(
+        engine: Engine,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+        replies: Vec<String>,
+    ) -> std::io::Result<Queue> {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let m = metrics.clone();
         let shutdown = Arc::new(Shutdown::default());
@@ -92,6 +98,7 @@ impl Queue {
             .name("flashmoe-generate".into())
             .spawn(move || {
                 let mut engine = engine;
+                let mut replies = replies.into_iter().cycle();
                 for job in rx {
                     m.queue_depth.fetch_sub(1, Ordering::Relaxed);
                     {
@@ -102,7 +109,7 @@ impl Queue {
                         }
                         st.running = job.req.cancel.clone();
                     }
-                    run_job(&mut engine, job, &m, &sd);
+                    run_job(&mut engine, replies.next(), job, &m, &sd);
                     sd.lock().running = None;
                 }
             })?;
@@ -161,6 +168,9 @@ impl Queue {
     }
 }
 
+/// Time per token of a scripted reply: slow enough that a client sees it arrive in pieces.
+const REPLY_PACE: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// The parameter a prompt error names: what the client sent the prompt as.
 fn prompt_param(req: &GenerationRequest) -> &'static str {
     match req.prompt {
@@ -169,7 +179,13 @@ fn prompt_param(req: &GenerationRequest) -> &'static str {
     }
 }
 
-fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics, shutdown: &Shutdown) {
+fn run_job(
+    engine: &mut Engine,
+    reply: Option<String>,
+    job: Job,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) {
     let Job { req, tx } = job;
     if req.is_cancelled() || tx.is_closed() {
         return;
@@ -179,7 +195,7 @@ fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics, shutdown: &Shutdown
     // /metrics right after its answer must find that answer counted.
     let mut counted = false;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        engine.generate(&req, |ev| {
+        let on_event = |ev| {
             if let Event::Done(d) = &ev {
                 metrics.finished(d);
                 counted = true;
@@ -189,7 +205,11 @@ fn run_job(engine: &mut Engine, job: Job, metrics: &Metrics, shutdown: &Shutdown
             } else {
                 ControlFlow::Continue(())
             }
-        })
+        };
+        match &reply {
+            Some(text) => engine.replay(&req, text, REPLY_PACE, on_event),
+            None => engine.generate(&req, on_event),
+        }
     }));
     metrics.busy.store(0, Ordering::Relaxed);
     match result {

@@ -1,7 +1,7 @@
 //! `flashmoe serve`: the OpenAI-compatible HTTP server (flashmoe-server) over one model.
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Args as ClapArgs;
 use flashmoe_server::{serve, ServeOptions};
 
@@ -9,6 +9,8 @@ use super::common::ModelArgs;
 
 /// Shown after the options of `serve --help`: the policies a user should know.
 const AFTER_HELP: &str = "\
+Chat page: open http://HOST:PORT/ in a browser (built in; with --api-key it asks for the key).
+
 Stopping: the first SIGINT or SIGTERM prints \"shutting down\", stops accepting connections, \
 cancels the running generation and answers it and every queued request 503, then exits once \
 responses are sent (after 10 s at most); a second signal exits at once.
@@ -60,6 +62,11 @@ pub struct Args {
     /// Open connections at most; more are answered 503 with Retry-After and closed
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Test hook: a JSON array of strings answered in turn (cycling) instead of generating,
+    /// streamed token by token through the same parsing (exercises front ends: tool calls,
+    /// thinking, stop)
+    #[arg(long, hide = true, value_name = "F")]
+    pub scripted_replies: Option<std::path::PathBuf>,
 }
 
 /// A timeout in seconds: finite, positive, at most a day.
@@ -88,5 +95,11 @@ pub fn run(a: Args) -> Result<()> {
     a.model.opts.apply_kernel_switches()?;
     opts.load = a.model.opts.runtime_options()?;
     opts.load.model_name = a.served_model_name;
+    if let Some(p) = &a.scripted_replies {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        opts.scripted_replies = serde_json::from_str(&text)
+            .with_context(|| format!("{}: expected a JSON array of strings", p.display()))?;
+    }
     serve(opts)
 }
