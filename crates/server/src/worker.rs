@@ -168,8 +168,9 @@ impl Queue {
     }
 }
 
-/// Time per token of a scripted reply: slow enough that a client sees it arrive in pieces.
-const REPLY_PACE: std::time::Duration = std::time::Duration::from_millis(25);
+/// Time per token of a scripted reply: slow enough that a client sees it arrive in pieces, and
+/// that a test polling a browser on a loaded CI machine still sees an answer mid-stream.
+const REPLY_PACE: std::time::Duration = std::time::Duration::from_millis(60);
 
 /// The parameter a prompt error names: what the client sent the prompt as.
 fn prompt_param(req: &GenerationRequest) -> &'static str {
