@@ -232,6 +232,10 @@ fn generate_streams_ndjson_raw_and_templated() {
         raw < templated && templated < with_system,
         "{raw} {templated} {with_system}"
     );
+    // `think: false` closes the think block in the prompt (the template's default opens it).
+    let no_think = count(json!({"model": "tiny-a", "prompt": prompt, "stream": false,
+        "think": false, "options": {"num_predict": 2}}));
+    assert!(no_think > templated, "{no_think} {templated}");
 
     // A stop string ends it with done_reason "stop", the string left out.
     let text = part("response") + &part("thinking");

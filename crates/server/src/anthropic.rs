@@ -537,8 +537,10 @@ mod tests {
 
     #[test]
     fn tool_round_trip_becomes_openai_turns() {
+        // As agents send it: cache_control and metadata change nothing and pass.
         let t = tr(json!({
-            "model": "m", "max_tokens": 100000, "system": [{"type": "text", "text": "Be terse."}],
+            "model": "m", "max_tokens": 100000, "metadata": {"user_id": "u"},
+            "system": [{"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}],
             "tools": [{"name": "get_weather", "description": "w",
                        "input_schema": {"type": "object"}}],
             "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
