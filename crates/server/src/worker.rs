@@ -107,7 +107,13 @@ impl Queue {
                             let n = if sd.lock().shutting_down {
                                 Err(ApiError::shutting_down())
                             } else {
-                                count_tokens(&engine, &job.req)
+                                // As a generation's, a panic must not end this thread.
+                                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                    count_tokens(&engine, &job.req)
+                                }))
+                                .unwrap_or_else(|_| {
+                                    Err(ApiError::internal("counting the prompt failed"))
+                                })
                             };
                             let _ = tx.send(n);
                             continue;
