@@ -5,11 +5,11 @@ Started by crates/cli/tests/serve.rs (`openai_python_client`); prints `N passed,
 """
 import json
 import os
-import sys
-import traceback
 
 import openai
 from openai import OpenAI
+
+from runner import run_tests
 
 MODEL = os.environ.get("FLASHMOE_MODEL", "tiny-a")
 client = OpenAI(timeout=120, max_retries=0)
@@ -118,21 +118,5 @@ def test_errors():
         pass
 
 
-def main():
-    tests = [v for k, v in sorted(globals().items()) if k.startswith("test_") and callable(v)]
-    passed = failed = 0
-    for t in tests:
-        try:
-            t()
-            passed += 1
-            print(f"ok {t.__name__}")
-        except Exception:
-            failed += 1
-            print(f"FAILED {t.__name__}")
-            traceback.print_exc()
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    run_tests(globals())

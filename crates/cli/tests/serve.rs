@@ -459,39 +459,14 @@ fn openai_python_client() {
     let Some(dir) = model_dir("serve-python") else {
         return;
     };
-    let ci = std::env::var_os("CI").is_some();
-    let has_openai = || {
-        std::process::Command::new("python3")
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_openai() {
-        let installed = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed || !has_openai() {
-            assert!(!ci, "the openai Python package could not be installed");
-            flashmoe_testdata::say_skipped("python3 with the openai package is not available");
-            return;
-        }
-    }
     let srv = Server::start(&dir, &["--api-key", "test-key"]);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/python/test_openai_client.py");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .env("OPENAI_BASE_URL", format!("http://{}/v1", srv.addr))
-        .env("OPENAI_API_KEY", "test-key")
-        .env("FLASHMOE_MODEL", "tiny-a")
-        .output()
-        .expect("running python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python client test failed:\n{stdout}\n{stderr}"
+    python_client_test(
+        "openai",
+        "test_openai_client.py",
+        &[
+            ("OPENAI_BASE_URL", format!("http://{}/v1", srv.addr)),
+            ("OPENAI_API_KEY", "test-key".into()),
+            ("FLASHMOE_MODEL", "tiny-a".into()),
+        ],
     );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }

@@ -204,6 +204,7 @@ impl Engine {
             });
         }
         let max_new = match req.max_tokens {
+            Some(m) if n + m > context && req.clamp_max_tokens => context - n,
             Some(m) if n + m > context => {
                 return Err(RuntimeError::MaxTokensTooLarge {
                     max_tokens: m,

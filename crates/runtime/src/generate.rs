@@ -60,6 +60,7 @@ impl<F: FnMut(Event) -> ControlFlow<()>> Emitter<'_, F> {
 fn cancelled(prompt_tokens: usize, prepare_ms: f64, t0: Instant) -> Done {
     Done {
         finish_reason: FinishReason::Cancelled,
+        stop_sequence: None,
         usage: Usage {
             prompt_tokens,
             ..Usage::default()
@@ -146,6 +147,13 @@ impl Engine {
         let prefill_ms = ms(t_prefill);
         let n_prompt = prompt.ids.len();
         let cached = n_prompt - fed.min(n_prompt);
+        if let Some(u) = &req.prompt_usage {
+            let _ = u.set(Usage {
+                prompt_tokens: n_prompt,
+                completion_tokens: 0,
+                cached_tokens: cached,
+            });
+        }
 
         let params = req.sampling.apply(&self.defaults);
         let penalise_prompt = params.repetition_penalty != 1.0;
@@ -238,6 +246,7 @@ impl Engine {
         let io = self.model().experts.counters().snapshot().since(&io0);
         let done = Done {
             finish_reason: finish,
+            stop_sequence: stops.matched().map(str::to_string),
             usage: Usage {
                 prompt_tokens: n_prompt,
                 completion_tokens: completion,

@@ -30,6 +30,13 @@ impl Engine {
         let t0 = Instant::now();
         let (prompt, max_new) = self.prepare(req)?;
         let prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if let Some(u) = &req.prompt_usage {
+            let _ = u.set(Usage {
+                prompt_tokens: prompt.ids.len(),
+                completion_tokens: 0,
+                cached_tokens: 0,
+            });
+        }
         let ids = self.tokenizer().encode(text)?;
         let mut parser =
             ToolCallParser::new(prompt.parser_tools.as_ref(), prompt.starts_in_thinking);
@@ -94,6 +101,7 @@ impl Engine {
                 total_ms: t0.elapsed().as_secs_f64() * 1e3,
             },
             expert_io: ExpertIo::default(),
+            stop_sequence: None,
         };
         if !matches!(finish, FinishReason::Cancelled) {
             let _ = on_event(Event::Done(done.clone()));

@@ -1,7 +1,7 @@
 //! What a front end asks for ([`GenerationRequest`]) and what it gets back ([`Event`], [`Done`]).
 //! Plain data: no behaviour beyond merging sampling settings over the model's defaults.
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use flashmoe_text::SamplingParams;
 use serde::Serialize;
@@ -118,6 +118,13 @@ pub struct GenerationRequest {
     /// Set from another thread to stop the generation before its next forward pass (the
     /// result then says [`FinishReason::Cancelled`]).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// `max_tokens` beyond what the context leaves after the prompt is lowered to what is left
+    /// instead of refused (the result then says [`FinishReason::Length`] with fewer tokens);
+    /// for APIs whose clients send one large `max_tokens` whatever the prompt (Anthropic's).
+    pub clamp_max_tokens: bool,
+    /// Set once the prompt is prefilled, before the first event: the prompt's part of
+    /// [`Done::usage`] (`completion_tokens` 0), for streams that report it at their start.
+    pub prompt_usage: Option<Arc<OnceLock<Usage>>>,
 }
 
 impl GenerationRequest {
@@ -131,6 +138,8 @@ impl GenerationRequest {
             ignore_eos: false,
             raw: false,
             cancel: None,
+            clamp_max_tokens: false,
+            prompt_usage: None,
         }
     }
 }
@@ -232,6 +241,9 @@ pub struct ExpertIo {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Done {
     pub finish_reason: FinishReason,
+    /// The stop string that ended the generation (finish reason `Stop` by a string, not an
+    /// end-of-sequence id).
+    pub stop_sequence: Option<String>,
     pub usage: Usage,
     pub timings: Timings,
     pub expert_io: ExpertIo,

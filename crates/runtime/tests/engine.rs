@@ -106,6 +106,28 @@ fn generates_reuses_prefix_and_rejects_oversize() {
         engine.generate(&too_many, |_| ControlFlow::Continue(())),
         Err(RuntimeError::MaxTokensTooLarge { .. })
     ));
+    // Unless asked to clamp: then it may generate up to the end of the context, and the
+    // prompt's usage is told before the first event.
+    too_many.clamp_max_tokens = true;
+    let usage = std::sync::Arc::new(std::sync::OnceLock::new());
+    too_many.prompt_usage = Some(usage.clone());
+    let (prepared, max_new) = engine.prepare(&too_many).expect("clamped");
+    assert_eq!(max_new, ctx - prepared.ids.len());
+    let mut first_usage = None;
+    let d4 = engine
+        .generate(&too_many, |_| {
+            first_usage = usage.get().copied();
+            ControlFlow::Break(())
+        })
+        .expect("generate");
+    assert_eq!(d4.finish_reason, FinishReason::Cancelled);
+    let u = first_usage.expect("prompt usage set before the first event");
+    assert_eq!(u.prompt_tokens, prepared.ids.len());
+    assert_eq!(
+        u.cached_tokens, u.prompt_tokens,
+        "the same prompt as before: all reused"
+    );
+
     let long = GenerationRequest::new(PromptInput::Ids(vec![5; ctx + 1]));
     let err = engine
         .generate(&long, |_| ControlFlow::Continue(()))
@@ -151,7 +173,10 @@ fn cancel_stops_at_once_and_stop_strings_cut() {
             .collect();
         assert!(!t2.contains(c), "{t2:?} still has {c:?}");
         assert_eq!(d2.finish_reason, FinishReason::Stop);
+        // The result names the string that stopped it (Anthropic's `stop_sequence`).
+        assert_eq!(d2.stop_sequence.as_deref(), Some(c.to_string().as_str()));
     }
+    assert_eq!(done.stop_sequence, None);
     assert!(done.usage.completion_tokens > 0);
     let _ = std::fs::remove_dir_all(dir);
 }

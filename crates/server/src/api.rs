@@ -21,7 +21,7 @@ fn bad(param: &str, msg: impl std::fmt::Display) -> ApiError {
     ApiError::invalid(format!("`{param}`: {msg}"), Some(param))
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -172,6 +172,7 @@ mod tests {
     fn done(finish: FinishReason) -> Done {
         Done {
             finish_reason: finish,
+            stop_sequence: None,
             usage: Usage {
                 prompt_tokens: 10,
                 completion_tokens: 3,

@@ -1,8 +1,11 @@
-//! flashmoe-server: an OpenAI-compatible HTTP API over one model (`flashmoe serve`).
+//! flashmoe-server: an OpenAI-compatible HTTP API over one model (`flashmoe serve`), with
+//! Anthropic's Messages API and Ollama's chat and generate routes beside it.
 //!
 //! Owns HTTP only: request validation, OpenAI response shapes, SSE streaming, the bounded
 //! queue in front of the single generation thread, API-key checks and metrics. Generation
 //! itself is `flashmoe_runtime::Engine`'s.
+mod anthropic;
+mod anthropic_stream;
 mod api;
 mod error;
 mod format;
@@ -11,6 +14,7 @@ mod listen;
 mod metrics;
 mod ollama;
 mod ollama_chat;
+mod ollama_generate;
 mod page;
 mod routes;
 mod signals;
@@ -124,10 +128,22 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/models/{id}", get(routes::model))
         .route("/embeddings", any(routes::embeddings))
         .layer(auth.clone());
+    // Anthropic's routes check the key themselves (`x-api-key` too) and answer in its shape.
+    let anthropic_auth = axum::middleware::from_fn_with_state(state.clone(), anthropic::auth);
+    let v1 = v1
+        .route(
+            "/messages",
+            post(anthropic::messages_route).layer(anthropic_auth.clone()),
+        )
+        .route(
+            "/messages/count_tokens",
+            post(anthropic::count_tokens).layer(anthropic_auth),
+        );
     let ollama_api = Router::new()
         .route("/api/tags", get(ollama::tags))
         .route("/api/show", post(ollama::show))
         .route("/api/chat", post(ollama_chat::chat))
+        .route("/api/generate", post(ollama_generate::generate))
         .layer(auth.clone());
     let mut metrics_route = Router::new().route("/metrics", get(routes::metrics));
     if !opts.metrics_public {

@@ -28,11 +28,11 @@ fn error(e: ApiError) -> Response {
     (e.status, Json(json!({ "error": e.message }))).into_response()
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
+pub(crate) fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::invalid(msg, None)
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -97,10 +97,29 @@ fn translate(o: &Map<String, Value>) -> Result<(Map<String, Value>, bool), ApiEr
     if let Some(t) = o.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), t.clone());
     }
+    let stream = common(o, &mut out, "/api/chat")?;
+    Ok((out, stream))
+}
+
+/// What `/api/chat` and `/api/generate` share: `options` as OpenAI sampling fields, `think` as
+/// the template's `enable_thinking`, `format` refused. Returns whether to stream (Ollama's
+/// default: yes).
+pub(crate) fn common(
+    o: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+    route: &str,
+) -> Result<bool, ApiError> {
     if o.get("format").is_some_and(|f| !f.is_null() && f != "") {
-        return Err(bad(
-            "`format`: structured output is not supported on /api/chat",
-        ));
+        return Err(bad(format!(
+            "`format`: structured output is not supported on {route}"
+        )));
+    }
+    match o.get("think") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(b)) => {
+            out.insert("chat_template_kwargs".into(), json!({"enable_thinking": b}));
+        }
+        Some(_) => return Err(bad("`think`: expected a boolean")),
     }
     if let Some(opts) = o.get("options").and_then(Value::as_object) {
         for (from, to) in [
@@ -122,12 +141,11 @@ fn translate(o: &Map<String, Value>) -> Result<(Map<String, Value>, bool), ApiEr
             out.insert("max_tokens".into(), n.clone());
         }
     }
-    let stream = match o.get("stream") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("`stream`: expected a boolean")),
-    };
-    Ok((out, stream))
+    match o.get("stream") {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad("`stream`: expected a boolean")),
+    }
 }
 
 fn call_json(c: &ToolCall) -> Value {
@@ -141,9 +159,16 @@ fn line(model: &str, message: Value, done: bool) -> Value {
 
 /// The last object: why it stopped, token counts and durations in nanoseconds.
 fn finish(model: &str, message: Value, d: &Done) -> Value {
+    let mut v = line(model, message, true);
+    add_stats(&mut v, d);
+    v
+}
+
+/// What the last object of `/api/chat` and `/api/generate` adds to its line.
+pub(crate) fn add_stats(v: &mut Value, d: &Done) {
     let ns = |ms: f64| (ms * 1e6) as u64;
     let t = d.timings;
-    let mut v = line(model, message, true);
+    v["done"] = json!(true);
     v["done_reason"] = json!(match d.finish_reason {
         FinishReason::Length => "length",
         _ => "stop",
@@ -154,7 +179,6 @@ fn finish(model: &str, message: Value, d: &Done) -> Value {
     v["prompt_eval_duration"] = json!(ns(t.prefill_ms));
     v["eval_count"] = json!(d.usage.completion_tokens);
     v["eval_duration"] = json!(ns(t.decode_ms));
-    v
 }
 
 /// The NDJSON object for one event.
@@ -177,16 +201,23 @@ fn event_json(model: &str, ev: &Event) -> Value {
 
 pub async fn chat(State(st): State<Arc<AppState>>, req: Request) -> Response {
     st.metrics.request(Endpoint::Chat);
-    match run(&st, req).await {
-        Ok(r) => r,
-        Err(e) => {
-            count_error(&st, &e);
-            error(e)
-        }
-    }
+    let r = run(&st, req).await;
+    respond(&st, r)
 }
 
-async fn run(st: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
+/// The answer, or the error in Ollama's shape (counted as the client's when it is).
+pub(crate) fn respond(st: &AppState, r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(|e| {
+        count_error(st, &e);
+        error(e)
+    })
+}
+
+/// The body as a JSON object and the `model` it names, which must be the served one.
+pub(crate) async fn body_for_model(
+    st: &AppState,
+    req: Request,
+) -> Result<(Map<String, Value>, String), ApiError> {
     let body = read_body(st, req).await?;
     let obj = api::parse_body(&body)?;
     let model = obj.get("model").and_then(Value::as_str).unwrap_or("");
@@ -197,24 +228,17 @@ async fn run(st: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
         )));
     }
     let model = model.to_string();
+    Ok((obj, model))
+}
+
+async fn run(st: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
+    let (obj, model) = body_for_model(st, req).await?;
     let (openai, stream) = translate(&obj)?;
     let parsed = api::parse_chat(&openai, st.context)?;
     let (mut rx, guard) = st.queue.submit(parsed.req)?;
     let first = recv_event(&mut rx).await?;
     if stream {
-        let finished = matches!(first, Event::Done(_));
-        let s = Lines {
-            rx,
-            _guard: guard,
-            model: model.clone(),
-            pending: VecDeque::from([event_json(&model, &first)]),
-            finished,
-        };
-        return Ok((
-            [(header::CONTENT_TYPE, "application/x-ndjson")],
-            Body::from_stream(s),
-        )
-            .into_response());
+        return Ok(ndjson(model, first, rx, guard, event_json));
     }
     let (mut content, mut thinking, mut calls) = (String::new(), String::new(), Vec::new());
     let mut next = first;
@@ -239,6 +263,29 @@ async fn run(st: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
     }
 }
 
+/// The streamed answer: one JSON object a line, `line(model, event)` for each event.
+pub(crate) fn ndjson(
+    model: String,
+    first: Event,
+    rx: UnboundedReceiver<Msg>,
+    guard: CancelGuard,
+    line: fn(&str, &Event) -> Value,
+) -> Response {
+    let s = Lines {
+        rx,
+        _guard: guard,
+        pending: VecDeque::from([line(&model, &first)]),
+        finished: matches!(first, Event::Done(_)),
+        model,
+        line,
+    };
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(s),
+    )
+        .into_response()
+}
+
 /// The NDJSON body. Dropping it (the client went away) drops the guard, which cancels the
 /// generation.
 struct Lines {
@@ -247,6 +294,7 @@ struct Lines {
     model: String,
     pending: VecDeque<Value>,
     finished: bool,
+    line: fn(&str, &Event) -> Value,
 }
 
 impl futures_core::Stream for Lines {
@@ -264,7 +312,7 @@ impl futures_core::Stream for Lines {
             match this.rx.poll_recv(cx) {
                 Poll::Ready(Some(Msg::Event(ev))) => {
                     this.finished = matches!(ev, Event::Done(_));
-                    this.pending.push_back(event_json(&this.model, &ev));
+                    this.pending.push_back((this.line)(&this.model, &ev));
                 }
                 Poll::Ready(Some(Msg::Error(e))) => {
                     // The status is sent already: the error goes in-band, as Ollama does.

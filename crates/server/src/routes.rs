@@ -52,7 +52,7 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     let tail: String = rand::thread_rng()
         .sample_iter(&Alphanumeric)
         .take(24)
@@ -76,18 +76,23 @@ fn same_key(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Whether the request may pass: the server has no key, or `Authorization: Bearer KEY`
+/// matches (or, with `x_api_key`, Anthropic's `x-api-key: KEY` header does).
+pub(crate) fn key_ok(st: &AppState, headers: &header::HeaderMap, x_api_key: bool) -> bool {
+    let Some(key) = &st.api_key else {
+        return true;
+    };
+    let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let given = value(header::AUTHORIZATION).and_then(bearer);
+    let given = given.or(value(header::HeaderName::from_static("x-api-key")).filter(|_| x_api_key));
+    given.is_some_and(|g| same_key(g.trim(), key))
+}
+
 /// 401 unless `Authorization: Bearer KEY` matches (only when the server has a key).
 pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
-    if let Some(key) = &st.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer);
-        if !given.is_some_and(|g| same_key(g, key)) {
-            st.metrics.client_error();
-            return ApiError::unauthorized().into_response();
-        }
+    if !key_ok(&st, req.headers(), false) {
+        st.metrics.client_error();
+        return ApiError::unauthorized().into_response();
     }
     next.run(req).await
 }
@@ -156,7 +161,8 @@ pub async fn model(
 pub async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::not_found(format!(
         "no such endpoint: {method} {}; this server has /v1/chat/completions, \
-         /v1/completions, /v1/models, /api/tags, /api/show, /api/chat, /health and /metrics",
+         /v1/completions, /v1/messages, /v1/models, /api/tags, /api/show, /api/chat, \
+         /api/generate, /health and /metrics",
         uri.path()
     ))
     .with_code("unknown_url")

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use flashmoe_runtime::{Engine, Event, FinishReason, GenerationRequest, PromptInput, RuntimeError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -37,11 +38,18 @@ pub async fn recv_event(rx: &mut UnboundedReceiver<Msg>) -> Result<Event, ApiErr
 
 struct Job {
     req: GenerationRequest,
-    tx: UnboundedSender<Msg>,
+    reply: Reply,
+}
+
+/// Where a job's answer goes: a generation's events, or only its prompt's token count
+/// (Anthropic's `count_tokens`; runs the template and the tokenizer, not the model).
+enum Reply {
+    Events(UnboundedSender<Msg>),
+    Count(oneshot::Sender<Result<usize, ApiError>>),
 }
 
 /// Sets the request's cancel flag when dropped.
-pub struct CancelGuard(Arc<AtomicBool>);
+pub struct CancelGuard(pub(crate) Arc<AtomicBool>);
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
@@ -101,15 +109,33 @@ impl Queue {
                 let mut replies = replies.into_iter().cycle();
                 for job in rx {
                     m.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                    let tx = match job.reply {
+                        Reply::Count(tx) => {
+                            let n = if sd.lock().shutting_down {
+                                Err(ApiError::shutting_down())
+                            } else {
+                                // As a generation's, a panic must not end this thread.
+                                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                    count_tokens(&engine, &job.req)
+                                }))
+                                .unwrap_or_else(|_| {
+                                    Err(ApiError::internal("counting the prompt failed"))
+                                })
+                            };
+                            let _ = tx.send(n);
+                            continue;
+                        }
+                        Reply::Events(tx) => tx,
+                    };
                     {
                         let mut st = sd.lock();
                         if st.shutting_down {
-                            let _ = job.tx.send(Msg::Error(ApiError::shutting_down()));
+                            let _ = tx.send(Msg::Error(ApiError::shutting_down()));
                             continue;
                         }
                         st.running = job.req.cancel.clone();
                     }
-                    run_job(&mut engine, replies.next(), job, &m, &sd);
+                    run_job(&mut engine, replies.next(), job.req, tx, &m, &sd);
                     sd.lock().running = None;
                 }
             })?;
@@ -132,9 +158,32 @@ impl Queue {
         let flag = Arc::new(AtomicBool::new(false));
         req.cancel = Some(flag.clone());
         let (tx, rx) = unbounded_channel();
+        self.enqueue(Job {
+            req,
+            reply: Reply::Events(tx),
+        })?;
+        Ok((rx, CancelGuard(flag)))
+    }
+
+    /// The number of tokens the request's prompt renders to, counted on the generation thread
+    /// (which owns the tokenizer) in turn with the generations; refused as `submit` is.
+    pub async fn count(&self, req: GenerationRequest) -> Result<usize, ApiError> {
+        if self.shutdown.lock().shutting_down {
+            return Err(ApiError::shutting_down());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Job {
+            req,
+            reply: Reply::Count(tx),
+        })?;
+        rx.await
+            .map_err(|_| ApiError::internal("the generation thread has stopped"))?
+    }
+
+    fn enqueue(&self, job: Job) -> Result<(), ApiError> {
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Job { req, tx }) {
-            Ok(()) => Ok((rx, CancelGuard(flag))),
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 match e {
@@ -180,14 +229,23 @@ fn prompt_param(req: &GenerationRequest) -> &'static str {
     }
 }
 
+/// Renders and tokenizes the prompt as a generation would (tool choice applied), without the
+/// context checks: a prompt too long for the context still has a count.
+fn count_tokens(engine: &Engine, req: &GenerationRequest) -> Result<usize, ApiError> {
+    let n = engine
+        .render(&req.prompt, &req.tool_choice)
+        .and_then(|text| Ok(engine.tokenizer().encode(&text)?.len()));
+    n.map_err(|e| ApiError::from_runtime(e, prompt_param(req)))
+}
+
 fn run_job(
     engine: &mut Engine,
     reply: Option<String>,
-    job: Job,
+    req: GenerationRequest,
+    tx: UnboundedSender<Msg>,
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) {
-    let Job { req, tx } = job;
     if req.is_cancelled() || tx.is_closed() {
         return;
     }

@@ -9,6 +9,8 @@ pub struct StopChecker {
     stops: Vec<String>,
     held: String,
     stopped: bool,
+    /// The stop string that was reached (APIs that name it, e.g. Anthropic's `stop_sequence`).
+    matched: Option<String>,
 }
 
 impl StopChecker {
@@ -22,6 +24,7 @@ impl StopChecker {
                 .collect(),
             held: String::new(),
             stopped: false,
+            matched: None,
         }
     }
 
@@ -35,9 +38,10 @@ impl StopChecker {
         let first = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
-        if let Some(pos) = first {
+            .filter_map(|s| self.held.find(s.as_str()).map(|pos| (pos, s)))
+            .min_by_key(|&(pos, _)| pos);
+        if let Some((pos, s)) = first {
+            self.matched = Some(s.clone());
             self.held.truncate(pos);
             self.stopped = true;
             return (std::mem::take(&mut self.held), true);
@@ -66,6 +70,11 @@ impl StopChecker {
     /// Whether a stop string has been reached.
     pub fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// The stop string that was reached (the earliest in the text when several were).
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 }
 
@@ -113,5 +122,17 @@ mod tests {
         let mut c = StopChecker::new(&["a"]);
         assert_eq!(c.push("ba"), ("b".into(), true));
         assert_eq!(c.push("c"), ("".into(), true));
+    }
+
+    #[test]
+    fn names_the_stop_string_reached() {
+        let mut c = StopChecker::new(&["zz", "b"]);
+        assert_eq!(c.matched(), None);
+        assert_eq!(c.push("abzz"), ("a".into(), true));
+        assert_eq!(c.matched(), Some("b"));
+        let mut c = StopChecker::new(&["b", "END"]);
+        c.push("xE");
+        c.push("ND b");
+        assert_eq!(c.matched(), Some("END"));
     }
 }

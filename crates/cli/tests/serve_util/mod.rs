@@ -310,3 +310,45 @@ pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Runs `tests/python/SCRIPT` (a client test printing `N passed, M failed`) against `srv` with
+/// `env`, after making sure python3 can import `package` (pip-installed if missing). Outside CI
+/// a package that cannot be installed is reported as skipped; with `CI=true` (where `.ci/run`
+/// installs it) that fails.
+pub fn python_client_test(package: &str, script: &str, env: &[(&str, String)]) {
+    let ci = std::env::var_os("CI").is_some();
+    let has = || {
+        Command::new("python3")
+            .args(["-c", &format!("import {package}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has() {
+        let installed = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", package])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed || !has() {
+            assert!(!ci, "the {package} Python package could not be installed");
+            flashmoe_testdata::say_skipped(&format!(
+                "python3 with the {package} package is not available"
+            ));
+            return;
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/python")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&script)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python client test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
