@@ -37,6 +37,14 @@ fn sharded_bf16(shared: &Path) -> Vec<(String, Vec<u8>)> {
             map.insert(n.clone(), fname.clone());
         }
     }
+    // A shard of tensors flashmoe does not use (the MTP head): a pull skips it.
+    let mtp = vec![0u8; 800_000];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![400_000], &mtp);
+    files.push((
+        UNUSED.into(),
+        safetensors::serialize([("mtp.fc.weight", view.unwrap())], None).unwrap(),
+    ));
+    map.insert("mtp.fc.weight".into(), UNUSED.into());
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     files.push((
         "model.safetensors.index.json".into(),
@@ -153,6 +161,7 @@ fn cdn_requests(hub: &Hub, file: &str) -> Vec<Option<u64>> {
 const SHARD1: &str = "model-00001-of-00003.safetensors";
 const SHARD2: &str = "model-00002-of-00003.safetensors";
 const SHARD3: &str = "model-00003-of-00003.safetensors";
+const UNUSED: &str = "model-mtp.safetensors";
 
 #[test]
 fn pull_through_faults_equals_pack_and_frees_the_shards() {
@@ -186,6 +195,16 @@ fn pull_through_faults_equals_pack_and_frees_the_shards() {
         cdn_requests(&hub, SHARD2).contains(&Some(drop_at)),
         "{:?}",
         cdn_requests(&hub, SHARD2)
+    );
+    // Of the unused shard only the header was read.
+    let unused: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == format!("/cdn/{UNUSED}"))
+        .collect();
+    assert!(
+        !unused.is_empty() && unused.iter().all(|r| r.range_end.is_some_and(|e| e < 1000)),
+        "{unused:?}"
     );
     assert_eq!(std::fs::read(out.join("README.md")).unwrap(), b"# tiny-a\n");
     std::fs::remove_file(out.join("README.md")).unwrap();
@@ -248,6 +267,15 @@ fn interrupted_pull_never_looks_complete_and_resumes() {
         serde_json::from_slice(&std::fs::read(out.join(".flashmoe-pull/state.json")).unwrap())
             .unwrap();
     assert_eq!(state["shards"][SHARD1]["released"], true, "{state}");
+    // Released means its data no longer takes disk space (only the header is kept).
+    let released = out.join(".flashmoe-pull/src").join(SHARD1);
+    let m = std::fs::metadata(&released).unwrap();
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&m) * 512 < m.len() / 4,
+        "{} still holds {} blocks",
+        released.display(),
+        std::os::unix::fs::MetadataExt::blocks(&m)
+    );
     assert_eq!(state["shards"][SHARD3]["complete"], false, "{state}");
     assert!(
         state["shards"][SHARD3]["chunks"]

@@ -37,6 +37,8 @@ pub struct Req {
     pub method: String,
     pub path: String,
     pub range_start: Option<u64>,
+    /// Last byte asked for (inclusive), when the range says.
+    pub range_end: Option<u64>,
 }
 
 pub struct Hub {
@@ -161,6 +163,7 @@ fn serve(
         method: method.clone(),
         path: path.clone(),
         range_start: range.map(|r| r.0),
+        range_end: range.and_then(|r| r.1),
     });
     let mut f = faults.lock().unwrap();
     if !path.starts_with("/cdn/") {
@@ -286,7 +289,7 @@ fn serve(
             s.write_all(&body[..(x - a) as usize])?;
             s.flush()?;
             // Dropped mid-body: the client sees the connection close early.
-            return s.shutdown(std::net::Shutdown::Both);
+            return s.shutdown(std::net::Shutdown::Write);
         }
     }
     drop(f);

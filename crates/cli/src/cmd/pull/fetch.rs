@@ -83,7 +83,7 @@ fn is_final(e: &anyhow::Error) -> bool {
 pub fn write_error(path: &Path, e: std::io::Error, need: u64) -> anyhow::Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {
         anyhow!(
-            "disk full writing {}: {} needs about {} more free space for this pull",
+            "disk full writing {}: {} needs at least {} more free space to finish this download",
             path.display(),
             path.parent().unwrap_or(path).display(),
             flashmoe_core::packed::human_bytes(need)
@@ -135,8 +135,12 @@ impl Fetcher {
                 let tx = tx.clone();
                 std::thread::spawn(move || {
                     if let Err(e) = me.work(&tx) {
-                        lock(&me.shared).abort = true;
-                        let _ = tx.send(Event::Failed(e));
+                        // Only the first failure is the cause: the others are workers stopped
+                        // because of it.
+                        let first = !std::mem::replace(&mut lock(&me.shared).abort, true);
+                        if first {
+                            let _ = tx.send(Event::Failed(e));
+                        }
                     }
                 })
             })
@@ -327,7 +331,27 @@ impl std::fmt::Display for WriteFailed {
 impl std::error::Error for WriteFailed {}
 
 impl WriteFailed {
-    pub fn new(e: anyhow::Error) -> anyhow::Error {
+    pub fn wrap(e: anyhow::Error) -> anyhow::Error {
         WriteFailed(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_full_names_the_directory_and_the_bytes() {
+        let e = write_error(
+            Path::new("/models/q/.flashmoe-pull/src/model-00001.safetensors"),
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+            5_000_000_000,
+        );
+        let m = format!("{e:#}");
+        assert!(m.contains("disk full"), "{m}");
+        assert!(
+            m.contains("/models/q/.flashmoe-pull/src needs at least 5.00 GB"),
+            "{m}"
+        );
     }
 }

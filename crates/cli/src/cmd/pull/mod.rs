@@ -121,7 +121,8 @@ fn fetch_small(hub: &Hub, commit: &str, name: &str, to: &Path, retries: u32) -> 
         let b = retry(retries, &format!("downloading {name}"), || {
             hub.get_all(commit, name)
         })?;
-        std::fs::write(to, &b).map_err(|e| WriteFailed::new(write_error(to, e, b.len() as u64)))?;
+        std::fs::write(to, &b)
+            .map_err(|e| WriteFailed::wrap(write_error(to, e, b.len() as u64)))?;
         if b.len() as u64 == meta.size && verify(to, &meta.checksum)? {
             return Ok(());
         }
@@ -329,7 +330,7 @@ pub fn run(a: Args) -> Result<()> {
             hub.meta(&commit, name)
         })?;
         let path = src.join(name);
-        if let Some(s) = st.shards.get(name) {
+        if let Some(s) = st.shards.get(name).cloned() {
             if s.size != meta.size || s.checksum != meta.checksum {
                 bail!(
                     "{name} changed on the Hub since this pull started at commit {commit}; remove {} \
@@ -337,7 +338,23 @@ pub fn run(a: Args) -> Result<()> {
                     state_dir(&out).display()
                 );
             }
-            if path.symlink_metadata().is_ok() {
+            if s.cached && path.symlink_metadata().is_ok() {
+                continue;
+            }
+            if let Ok(m) = std::fs::metadata(&path) {
+                if m.len() != s.size {
+                    // Killed while freeing it (cut back, not yet extended): its data is gone,
+                    // so it counts as not downloaded; the header is still there.
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_len(s.size))
+                        .with_context(|| format!("repairing {}", path.display()))?;
+                    if !s.released {
+                        let fresh = Shard::new(s.size, s.checksum.clone(), s.chunk);
+                        st.shards.insert(name.clone(), fresh);
+                    }
+                }
                 continue;
             }
         }
@@ -393,7 +410,11 @@ pub fn run(a: Args) -> Result<()> {
 
     let multi = MultiProgress::new();
     let dl = multi.add(ProgressBar::new(
-        st.shards.values().map(Shard::missing_bytes).sum(),
+        st.shards
+            .iter()
+            .filter(|(n, _)| a.keep_source || units.iter().any(|(_, names)| names.contains(n)))
+            .map(|(_, s)| s.missing_bytes())
+            .sum(),
     ));
     dl.set_style(byte_style());
     dl.set_message("downloading");
@@ -412,9 +433,13 @@ pub fn run(a: Args) -> Result<()> {
         .filter(|(_, s)| s.complete)
         .map(|(n, _)| n.clone())
         .collect();
+    // Shards holding only tensors flashmoe does not use (vision tower, MTP head) are skipped,
+    // unless the checkpoint is kept.
+    let read: HashSet<&String> = units.iter().flat_map(|(_, names)| names).collect();
+    let wanted = |n: &String| a.keep_source || read.contains(n);
     let order: Vec<String> = shards
         .iter()
-        .filter(|n| !complete.contains(*n))
+        .filter(|n| !complete.contains(*n) && wanted(n))
         .cloned()
         .collect();
     let pending = order.len();
