@@ -348,11 +348,17 @@ fn refusals_say_what_to_do() {
     );
     assert!(!tmp.join("c/manifest.json").exists());
 
+    let err = run_err(pull(&hub, &tmp.join("e"), &home).args(["--revision", "nope"]));
+    assert!(
+        err.contains("404") && err.contains("no such revision"),
+        "{err}"
+    );
     let hub = Hub::start("test-org/other", files, Faults::default());
     let err = run_err(&mut pull(&hub, &tmp.join("d"), &home));
-    assert!(err.contains("404") && err.contains("not found"), "{err}");
-    let err = run_err(pull(&hub, &tmp.join("e"), &home).args(["--revision", "nope"]));
-    assert!(err.contains("404"), "{err}");
+    assert!(
+        err.contains("404") && err.contains("repository test-org/tiny-a not found"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -378,4 +384,17 @@ fn shard_in_the_hf_cache_is_used_in_place() {
         "the cache is left as it was"
     );
     assert_same_model(&reference, &out);
+}
+
+#[test]
+fn pull_fused_single_file_equals_pack() {
+    let Some(shared) = shared_dir() else { return };
+    let tmp = temp_dir("pull-fused");
+    let files = dir_files(&shared.join("golden/tiny-a/hf-bf16-fused"));
+    let reference = packed_reference(&tmp, &files, &["--dense-bits", "16"]);
+    let hub = Hub::start(REPO, files, Faults::default());
+    let out = tmp.join("pulled");
+    run_ok(pull(&hub, &out, &tmp.join("home")).args(["--dense-bits", "16", "--jobs", "4"]));
+    assert_same_model(&reference, &out);
+    assert!(!out.join(".flashmoe-pull").exists());
 }

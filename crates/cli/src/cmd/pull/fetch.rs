@@ -280,8 +280,7 @@ impl Fetcher {
             }
             if tries > self.retries {
                 return Err(err.context(format!(
-                    "downloading {name} (bytes {start}..{end}) failed {tries} times in a row; run \
-                     the same pull again to resume"
+                    "downloading {name} (bytes {start}..{end}) failed {tries} times in a row"
                 )));
             }
             std::thread::sleep(Duration::from_millis(100 << tries.min(6)));

@@ -167,7 +167,7 @@ impl Hub {
         match s {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 let hint = if self.token.is_some() {
-                    "the token in HF_TOKEN has no access to it: accept the model's terms on its \
+                    "the token (HF_TOKEN, or the one `huggingface-cli login` saved) has no access to it: accept the model's terms on its \
                      Hub page with that account, or use a token with read access"
                 } else {
                     "it is gated or private: accept its terms on the Hub, then set HF_TOKEN to an \
@@ -181,7 +181,9 @@ impl Hub {
                         "repository {} not found (a private or gated one needs HF_TOKEN)",
                         self.repo
                     ),
-                    "RevisionNotFound" => format!("revision not found in {}", self.repo),
+                    "RevisionNotFound" => {
+                        format!("{what}: no such revision (branch, tag or commit)")
+                    }
                     _ => format!("{what} not found"),
                 };
                 Err(Refused(format!("404 for {url}: {hint}{detail}")).into())
