@@ -50,15 +50,8 @@ pub struct Args {
     /// Branch, tag or commit
     #[arg(long, default_value = "main")]
     pub revision: String,
-    /// Expert bits: 4, 2, 8, or 16 (bf16). Default: an MLX source's own bits, else 4
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["2", "4", "8", "16"]))]
-    pub bits: Option<String>,
-    /// Affine group size (32, 64, 128). Default: an MLX source's own, else 64
-    #[arg(long)]
-    pub group_size: Option<usize>,
-    /// Dense matrices: 16 (bf16), 8 or 4 (as `pack --dense-bits`)
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8", "16"]))]
-    pub dense_bits: Option<String>,
+    #[command(flatten)]
+    pub format: super::pack::Format,
     /// Also download the repo files matching this glob (`*`, `?`; repeatable) into OUT, e.g.
     /// `--include 'LICENSE*' --include README.md`. The weights, config and tokenizer files
     /// always come
@@ -71,7 +64,8 @@ pub struct Args {
     /// Parallel range requests
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
-    /// Tries of a range request that fail in a row (no bytes received) before giving up
+    /// Retries of a request that fails with no bytes received (dropped connection, 5xx),
+    /// before the pull stops (run it again to resume)
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
     /// Bytes per range request (tests use small ones)
@@ -217,10 +211,11 @@ fn release(path: &Path, size: u64) -> Result<()> {
 }
 
 fn options(a: &Args) -> Result<Options> {
+    let o = a.format.options()?;
     Ok(Options {
-        bits: a.bits.as_deref().map(str::parse).transpose()?,
-        group_size: a.group_size,
-        dense_bits: a.dense_bits.as_deref().map(str::parse).transpose()?,
+        bits: o.bits,
+        group_size: o.group_size,
+        dense_bits: o.dense_bits,
     })
 }
 
@@ -255,6 +250,18 @@ pub fn run(a: Args) -> Result<()> {
                 a.repo,
                 p.repo,
                 out.display()
+            );
+        }
+        if a.revision != p.revision && a.revision != p.commit {
+            bail!(
+                "{} holds an unfinished pull of {} at revision {} (commit {}), not {}: resume it \
+                 with `--revision {}`, or choose another --out",
+                out.display(),
+                p.repo,
+                p.revision,
+                p.commit,
+                a.revision,
+                p.revision
             );
         }
         if p.options != opts {
