@@ -398,3 +398,57 @@ fn pull_fused_single_file_equals_pack() {
     assert_same_model(&reference, &out);
     assert!(!out.join(".flashmoe-pull").exists());
 }
+
+#[test]
+fn killed_pull_resumes() {
+    let Some(shared) = shared_dir() else { return };
+    let tmp = temp_dir("pull-kill");
+    let files = sharded_bf16(&shared);
+    let reference = packed_reference(&tmp, &files, &[]);
+    let mut faults = Faults::default();
+    faults.stall.insert(SHARD3.into(), 300_000);
+    let hub = Hub::start(REPO, files, faults);
+    let out = tmp.join("pulled");
+    let home = tmp.join("home");
+    let mut child = pull(&hub, &out, &home)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once shard 1 is packed and freed while shard 3 hangs mid-download.
+    let state = out.join(".flashmoe-pull/state.json");
+    let released = || {
+        std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["shards"][SHARD1]["released"] == true)
+    };
+    let t = std::time::Instant::now();
+    while !released() {
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "shard 1 never released: {:?}",
+            std::fs::read_to_string(&state)
+        );
+        assert!(child.try_wait().unwrap().is_none(), "pull ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.join("manifest.json").exists(),
+        "must not look complete"
+    );
+    let run = run_err(
+        bin()
+            .args(["run", "--ids", "1,2", "--tokens", "1", "--model"])
+            .arg(&out),
+    );
+    assert!(run.contains("pull is incomplete"), "{run}");
+
+    hub.faults.lock().unwrap().stall.clear();
+    hub.clear_log();
+    run_ok(&mut pull(&hub, &out, &home));
+    assert!(cdn_requests(&hub, SHARD1).is_empty());
+    assert_same_model(&reference, &out);
+}

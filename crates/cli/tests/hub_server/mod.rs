@@ -29,6 +29,9 @@ pub struct Faults {
     pub fail_from: HashMap<String, u64>,
     /// `resolve` answers 404 (EntryNotFound), as for a file of a gated repo.
     pub missing: HashSet<String>,
+    /// Ranges starting at or past this offset wait while the entry is here (at most a minute,
+    /// then 503).
+    pub stall: HashMap<String, u64>,
 }
 
 /// One request: method, path, and the start of its range.
@@ -251,6 +254,18 @@ fn serve(
         Some((a, b)) => (a, b.map(|b| b + 1).unwrap_or(size).min(size)),
         None => (0, size),
     };
+    let mut waited = 0;
+    while f.stall.get(file).is_some_and(|&x| a >= x) {
+        drop(f);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+        f = faults.lock().unwrap();
+        if waited > 6000 {
+            drop(f);
+            respond(&mut s, "503 Service Unavailable", &[], b"");
+            return Ok(());
+        }
+    }
     if f.fail_from.get(file).is_some_and(|&x| a >= x) {
         drop(f);
         respond(&mut s, "503 Service Unavailable", &[], b"");
