@@ -640,3 +640,20 @@ impl Packing<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs_match_as_shells_do() {
+        assert!(glob("LICENSE*", "LICENSE"));
+        assert!(glob("LICENSE*", "LICENSE.txt"));
+        assert!(glob("*.md", "README.md"));
+        assert!(glob("*.md", "docs/usage.md"));
+        assert!(glob("model-0000?.bin", "model-00001.bin"));
+        assert!(!glob("*.md", "README.mdx"));
+        assert!(!glob("README.md", "README"));
+        assert!(!glob("a*b*c", "a-b-"));
+    }
+}
