@@ -374,11 +374,19 @@ fn shard_in_the_hf_cache_is_used_in_place() {
     std::fs::create_dir_all(&snap).unwrap();
     let shard1 = &files.iter().find(|f| f.0 == SHARD1).unwrap().1;
     write(&snap.join(SHARD1), shard1);
+    // A cached copy that does not match the Hub's checksum is not used.
+    let mut bad = files.iter().find(|f| f.0 == SHARD2).unwrap().1.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    write(&snap.join(SHARD2), &bad);
     let hub = Hub::start(REPO, files.clone(), Faults::default());
     let out = tmp.join("pulled");
     run_ok(&mut pull(&hub, &out, &home));
     assert!(cdn_requests(&hub, SHARD1).is_empty(), "read from the cache");
-    assert!(!cdn_requests(&hub, SHARD2).is_empty());
+    assert!(
+        !cdn_requests(&hub, SHARD2).is_empty(),
+        "corrupt cache copy ignored"
+    );
     assert!(
         std::fs::read(snap.join(SHARD1)).unwrap() == *shard1,
         "the cache is left as it was"

@@ -306,12 +306,23 @@ impl Hub {
     }
 
     /// `file` at `commit` in the Hugging Face cache, if a download by another tool left it there
-    /// (the snapshot's link to its blob); its size must match.
+    /// (the snapshot's link to its blob). Its size must match, and its content the checksum: a
+    /// blob named by the expected sha256 is taken as it is (huggingface_hub verified it), any
+    /// other file is hashed.
     pub fn cached(&self, commit: &str, meta: &FileMeta) -> Option<PathBuf> {
         let dir = hub_cache()?.join(format!("models--{}", self.repo.replace('/', "--")));
         let p = dir.join("snapshots").join(commit).join(&meta.name);
-        let len = std::fs::metadata(&p).ok()?.len();
-        (len == meta.size).then_some(p)
+        let real = p.canonicalize().ok()?;
+        if std::fs::metadata(&real).ok()?.len() != meta.size {
+            return None;
+        }
+        let named = match &meta.checksum {
+            Checksum::Sha256(h) | Checksum::GitSha1(h) => {
+                real.file_name().and_then(|n| n.to_str()) == Some(h.as_str())
+            }
+            Checksum::None => false,
+        };
+        (named || verify(&real, &meta.checksum).ok()?).then_some(real)
     }
 }
 

@@ -264,6 +264,13 @@ pub fn run(a: Args) -> Result<()> {
                 p.revision
             );
         }
+        if a.keep_source && p.shards.values().any(|s| s.released) {
+            bail!(
+                "{} holds an unfinished pull started without --keep-source, which has freed \
+                 packed shards already: resume it without --keep-source",
+                out.display()
+            );
+        }
         if p.options != opts {
             bail!(
                 "{} holds an unfinished pull made with other options ({:?}); resume it with those \
@@ -367,7 +374,6 @@ pub fn run(a: Args) -> Result<()> {
         }
         let mut s = Shard::new(meta.size, meta.checksum.clone(), a.chunk_bytes.max(1));
         if let Some(c) = hub.cached(&commit, &meta) {
-            let c = c.canonicalize().unwrap_or(c);
             let _ = std::fs::remove_file(&path);
             std::os::unix::fs::symlink(&c, &path)
                 .with_context(|| format!("linking {} to {}", path.display(), c.display()))?;
