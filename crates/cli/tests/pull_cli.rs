@@ -146,7 +146,10 @@ fn pull(hub: &Hub, out: &Path, home: &Path) -> Command {
         .env_remove("HTTPS_PROXY")
         .env_remove("HTTP_PROXY")
         .env_remove("https_proxy")
-        .env_remove("http_proxy");
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
+        .env("NO_PROXY", "127.0.0.1,localhost");
     c
 }
 
