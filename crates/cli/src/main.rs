@@ -35,6 +35,8 @@ enum Command {
     Render(cmd::render::Args),
     /// Convert a Hugging Face or MLX checkpoint into a packed model that streams experts from disk.
     Pack(cmd::pack::Args),
+    /// Download a Hugging Face checkpoint and pack it while it downloads (resumable).
+    Pull(cmd::pull::Args),
     /// Write a packed model of random weights at a real model's shapes (for benchmarks).
     Synth(cmd::synth::Args),
     /// Measure kernels, expert I/O, MoE, decode and prefill against this machine's limits.
@@ -55,6 +57,7 @@ fn main() {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Render(a) => cmd::render::run(a),
         Command::Pack(a) => cmd::pack::run(a),
+        Command::Pull(a) => cmd::pull::run(a),
         Command::Synth(a) => cmd::synth::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),

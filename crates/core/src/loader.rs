@@ -57,6 +57,14 @@ pub fn open_model_on<B: Backend>(be: B, dir: &Path, opts: &LoadOptions) -> Resul
     }
     let mut model = if packed::is_packed_dir(dir) {
         open_packed(be, dir, opts)?
+    } else if let Some(resume) = packed::incomplete_pull(dir) {
+        return Err(Error::Packed {
+            path: dir.join(packed::MANIFEST),
+            msg: format!(
+                "missing: this model's pull is incomplete (interrupted download or packing); \
+                 resume it with `{resume}` (it continues where it stopped)"
+            ),
+        });
     } else if packed::is_incomplete_packed_dir(dir) {
         return Err(Error::Packed {
             path: dir.join(packed::MANIFEST),

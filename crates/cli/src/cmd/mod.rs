@@ -10,6 +10,7 @@ pub mod logits;
 pub mod out;
 pub mod pack;
 pub mod progress;
+pub mod pull;
 pub mod render;
 pub mod run;
 pub mod sampling;

@@ -20,6 +20,20 @@ pub struct Args {
     /// model, and the next pack clears it. A write error (disk full) removes it
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub format: Format,
+    /// Replace an existing packed model at OUT once the new one is complete. A directory that
+    /// is not empty and holds no flashmoe packed model (manifest.json) is never replaced, even
+    /// with --force
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub threads: super::common::Threads,
+}
+
+/// The packed format's options, shared by `pack` and `pull`.
+#[derive(ClapArgs, Debug)]
+pub struct Format {
     /// Expert bits: 4, 2, 8, or 16 (bf16). Default: an MLX source's own bits, else 4
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["2", "4", "8", "16"]))]
     pub bits: Option<String>,
@@ -34,22 +48,25 @@ pub struct Args {
     /// shapes). An MLX source keeps its own format. 16 keeps bf16 (exact dense)
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8", "16"]))]
     pub dense_bits: Option<String>,
-    /// Replace an existing packed model at OUT once the new one is complete. A directory that
-    /// is not empty and holds no flashmoe packed model (manifest.json) is never replaced, even
-    /// with --force
-    #[arg(long)]
-    pub force: bool,
-    #[command(flatten)]
-    pub threads: super::common::Threads,
+}
+
+impl Format {
+    /// The pack options (without `force`).
+    pub fn options(&self) -> Result<PackOptions> {
+        Ok(PackOptions {
+            bits: self.bits.as_deref().map(str::parse).transpose()?,
+            group_size: self.group_size,
+            dense_bits: self.dense_bits.as_deref().map(str::parse).transpose()?,
+            force: false,
+        })
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
     a.threads.apply()?;
     let opts = PackOptions {
-        bits: a.bits.as_deref().map(str::parse).transpose()?,
-        group_size: a.group_size,
-        dense_bits: a.dense_bits.as_deref().map(str::parse).transpose()?,
         force: a.force,
+        ..a.format.options()?
     };
     let t = Instant::now();
     let bar = Bar::new();

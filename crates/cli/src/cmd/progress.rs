@@ -1,4 +1,4 @@
-//! The progress bar of long conversions (pack, synth): bytes, rate and ETA on stderr, and what
+//! The progress bar of long conversions (pack, synth, pull): bytes, rate and ETA on stderr, and what
 //! Ctrl-C does to them.
 use std::path::Path;
 
@@ -9,26 +9,46 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// pack's "dense 1234.5 MB"): indicatif's `{bytes}` would say MiB.
 pub struct Bar {
     bar: ProgressBar,
+    /// Drawn by a MultiProgress (pull's download and packing bars), which owns the target.
+    in_multi: bool,
+}
+
+/// The style of every byte bar.
+pub fn byte_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] [{wide_bar}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
 }
 
 impl Bar {
     pub fn new() -> Self {
         let bar = ProgressBar::hidden();
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{elapsed_precise}] [{wide_bar}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        Bar { bar }
+        bar.set_style(byte_style());
+        Bar {
+            bar,
+            in_multi: false,
+        }
+    }
+
+    /// A bar drawn as one line of `multi`.
+    pub fn in_multi(multi: &indicatif::MultiProgress) -> Self {
+        let bar = multi.add(ProgressBar::new(0));
+        bar.set_style(byte_style());
+        Bar {
+            bar,
+            in_multi: true,
+        }
     }
 }
 
 impl Progress for Bar {
     fn begin(&self, total: u64, what: &str) {
-        self.bar
-            .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        if !self.in_multi {
+            self.bar
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
         self.bar.set_length(total);
         self.bar.set_position(0);
         self.bar.set_message(what.to_string());

@@ -15,15 +15,17 @@
 //! This module owns the on-disk format (types, validation, opening the dense store). Writing
 //! lives in `writer`/`pack`/`synth`, reading experts in `reader`.
 mod pack;
+mod packer;
 mod reader;
 mod synth;
 mod writer;
 
 pub use pack::{default_dense_bits, pack, PackOptions, PackReport};
+pub use packer::{PackPlan, Packer, Unit, UnitDone, UnitInfo};
 pub use reader::PackedExperts;
 pub use synth::{synth, synth_config, SynthOptions, PRESETS};
 
-pub use writer::{abandon_partial, NoProgress, Progress};
+pub use writer::{abandon_partial, write_manifest, NoProgress, Progress, TEXT_FILES};
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -315,6 +317,37 @@ pub fn is_packed_dir(dir: &Path) -> bool {
 }
 
 /// Whether `dir` holds the remains of a packed model without its manifest (interrupted pack).
+/// Where `flashmoe pull` keeps its downloads and progress inside the output directory until
+/// the model is complete (removed once `manifest.json` is written).
+pub const PULL_STATE_DIR: &str = ".flashmoe-pull";
+/// The progress file in [`PULL_STATE_DIR`]; `repo` and `revision` name what is being pulled.
+pub const PULL_STATE_FILE: &str = "state.json";
+
+/// For a directory a pull has started but not finished: the command that resumes it.
+pub fn incomplete_pull(dir: &Path) -> Option<String> {
+    let state = dir.join(PULL_STATE_DIR);
+    if is_packed_dir(dir) || !state.is_dir() {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Head {
+        repo: String,
+        revision: String,
+    }
+    let head = std::fs::read(state.join(PULL_STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Head>(&b).ok());
+    Some(match head {
+        Some(h) => format!(
+            "flashmoe pull {} --revision {} --out {}",
+            h.repo,
+            h.revision,
+            dir.display()
+        ),
+        None => format!("flashmoe pull REPO_ID --out {}", dir.display()),
+    })
+}
+
 pub fn is_incomplete_packed_dir(dir: &Path) -> bool {
     !is_packed_dir(dir) && (dir.join(DENSE_FILE).exists() || dir.join("experts").is_dir())
 }
@@ -622,7 +655,7 @@ pub fn strip_quantization(cfg: &Value) -> Value {
 }
 
 /// Free bytes on the filesystem holding `dir`, if it can be asked.
-pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+pub fn free_bytes(dir: &Path) -> Option<u64> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statvfs is plain old data; all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -634,7 +667,7 @@ pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
 }
 
 /// Bytes for messages: GB above one GB, else MB.
-pub(crate) fn human_bytes(b: u64) -> String {
+pub fn human_bytes(b: u64) -> String {
     if b >= 1_000_000_000 {
         format!("{:.2} GB", b as f64 / 1e9)
     } else {

@@ -19,22 +19,17 @@
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use rayon::prelude::*;
-use serde_json::{json, Value};
 
 use crate::config::{ModelConfig, QuantSpec};
-use crate::error::{Error, Result};
-use crate::experts::{ExpertSource, ExpertWeights, StoreExperts};
+use crate::error::Result;
+use crate::experts::ExpertWeights;
 use crate::kernels::{self, quantize_affine};
-use crate::model::Model;
 use crate::store::{DType, SourceLayout, TensorEntry, TensorStore};
 use crate::weights::{load_matrix, load_vec, Linear};
 
-use super::writer::{DenseWriter, LayerWriter, OutDir, Progress};
-use super::{
-    is_packed_dir, packed_err, strip_quantization, ExpertLayout, Manifest, Proj, Role, FORMAT,
-    FORMAT_VERSION,
-};
+use super::packer::PackPlan;
+use super::writer::{DenseLayout, DenseWriter, OutDir, Progress};
+use super::{is_packed_dir, packed_err, ExpertLayout, Proj, Role};
 
 /// Largest number of f32 values converted at once (64 MB).
 const CHUNK_ELEMS: usize = 16 << 20;
@@ -67,7 +62,7 @@ pub struct PackReport {
     pub text_files: Vec<String>,
 }
 
-fn is_expert_tensor(name: &str) -> bool {
+pub(crate) fn is_expert_tensor(name: &str) -> bool {
     name.contains(".mlp.switch_mlp.") || name.contains(".mlp.experts.")
 }
 
@@ -129,9 +124,8 @@ fn bf16_to(dtype: DType, v: &[bf16]) -> Vec<u8> {
     floats_to(dtype, &f)
 }
 
-/// Copies a raw tensor in 64 MB pieces (progress moves as it goes).
-fn copy_raw(dw: &mut DenseWriter, name: &str, t: &TensorEntry, prog: &dyn Progress) -> Result<()> {
-    let off = dw.reserve(name, t.dtype, &t.shape, t.quant);
+/// Copies a raw tensor to its reserved offset in 64 MB pieces (progress moves as it goes).
+fn copy_raw(dw: &DenseWriter, off: u64, t: &TensorEntry, prog: &dyn Progress) -> Result<()> {
     for (i, c) in t.buf.bytes().chunks(64 << 20).enumerate() {
         dw.write_at(off + (i as u64) * (64 << 20), c)?;
         prog.advance(c.len() as u64);
@@ -141,26 +135,48 @@ fn copy_raw(dw: &mut DenseWriter, name: &str, t: &TensorEntry, prog: &dyn Progre
 
 /// The dense matrix format asked for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Target {
+pub(crate) enum Target {
     Keep,
     Bf16,
     Affine(QuantSpec),
 }
 
-/// Writes matrix `lin` ([rows, cols], named `base.weight`) in format `target`, in row chunks.
-fn write_matrix(
-    dw: &mut DenseWriter,
+/// Reserves the tensors matrix `base.weight` ([rows, cols]) becomes in format `target`.
+fn reserve_matrix(
+    dl: &mut DenseLayout,
     base: &str,
+    rows: usize,
+    cols: usize,
+    target: Target,
+) -> Vec<u64> {
+    let weight = format!("{base}.weight");
+    match target {
+        Target::Keep | Target::Bf16 => vec![dl.reserve(&weight, DType::BF16, &[rows, cols], None)],
+        Target::Affine(q) => {
+            let wrow = cols * q.bits as usize / 32;
+            let srow = cols / q.group_size;
+            vec![
+                dl.reserve(&weight, DType::U32, &[rows, wrow], Some(q)),
+                dl.reserve(&format!("{base}.scales"), DType::BF16, &[rows, srow], None),
+                dl.reserve(&format!("{base}.biases"), DType::BF16, &[rows, srow], None),
+            ]
+        }
+    }
+}
+
+/// Writes matrix `lin` in format `target` at the offsets [`reserve_matrix`] gave, in row chunks.
+fn write_matrix(
+    dw: &DenseWriter,
+    offs: &[u64],
     lin: &Linear,
     target: Target,
     prog: &dyn Progress,
 ) -> Result<()> {
     let (rows, cols) = (lin.rows(), lin.cols());
     let chunk = (CHUNK_ELEMS / cols.max(1)).max(1);
-    let weight = format!("{base}.weight");
     match target {
         Target::Keep | Target::Bf16 => {
-            let off = dw.reserve(&weight, DType::BF16, &[rows, cols], None);
+            let off = offs[0];
             for r0 in (0..rows).step_by(chunk) {
                 let n = chunk.min(rows - r0);
                 let part = lin.slice_rows(r0, n);
@@ -180,9 +196,7 @@ fn write_matrix(
             let (bits, g) = (q.bits as usize, q.group_size);
             let wrow = cols * bits / 32;
             let srow = cols / g;
-            let ow = dw.reserve(&weight, DType::U32, &[rows, wrow], Some(q));
-            let os = dw.reserve(&format!("{base}.scales"), DType::BF16, &[rows, srow], None);
-            let ob = dw.reserve(&format!("{base}.biases"), DType::BF16, &[rows, srow], None);
+            let (ow, os, ob) = (offs[0], offs[1], offs[2]);
             for r0 in (0..rows).step_by(chunk) {
                 let n = chunk.min(rows - r0);
                 let part = lin.slice_rows(r0, n);
@@ -198,21 +212,43 @@ fn write_matrix(
     Ok(())
 }
 
-/// Writes every non-expert tensor of `store`; returns nothing but the writer's table.
-fn pack_dense(
+/// What one dense job does with its source tensors.
+#[derive(Clone, Copy, Debug)]
+enum DenseAction {
+    /// A zero-centred norm of a Hugging Face source, written as f32 `1 + w`.
+    FoldNorm,
+    /// Each input copied byte for byte to the offset beside it.
+    Copy,
+    /// Matrix `[rows, cols]` converted to the target format.
+    Convert(Target, usize, usize),
+}
+
+/// One dense tensor (with the scales and biases that travel with it): the source tensors it
+/// reads and the offsets in `dense.bin` it writes, decided before anything is written.
+#[derive(Clone, Debug)]
+pub(crate) struct DenseJob {
+    pub name: String,
+    action: DenseAction,
+    /// Canonical names of the source tensors read.
+    pub inputs: Vec<String>,
+    offs: Vec<u64>,
+}
+
+/// Lays out every non-expert tensor of `store` in `dl` (name order) and says how each is made.
+pub(crate) fn plan_dense(
     store: &TensorStore,
     cfg: &ModelConfig,
     dense_bits: Option<u32>,
     group: usize,
-    dw: &mut DenseWriter,
-    prog: &dyn Progress,
-) -> Result<()> {
+    dl: &mut DenseLayout,
+) -> Result<Vec<DenseJob>> {
     let mut names: Vec<&String> = store
         .tensors
         .keys()
         .filter(|n| !is_expert_tensor(n))
         .collect();
     names.sort();
+    let mut jobs = Vec::new();
     for name in names {
         let t = &store.tensors[name];
         // Scales and biases travel with their packed weight.
@@ -228,14 +264,23 @@ fn pack_dense(
                 continue;
             }
         }
+        let job = |action, inputs: Vec<String>, offs| DenseJob {
+            name: name.clone(),
+            action,
+            inputs,
+            offs,
+        };
+        let copy = |dl: &mut DenseLayout, n: &str| -> Result<u64> {
+            let t = store.get(n)?;
+            Ok(dl.reserve(n, t.dtype, &t.shape, t.quant))
+        };
         if is_offset_norm(name) {
             if cfg.norm_zero_centered && store.layout == SourceLayout::HuggingFace {
-                let n: usize = t.shape.iter().product();
-                let w: Vec<f32> = load_vec(store, name, n)?.iter().map(|v| v + 1.0).collect();
-                dw.put(name, DType::F32, &t.shape, None, bytemuck::cast_slice(&w))?;
-                prog.advance(t.buf.len() as u64);
+                let off = dl.reserve(name, DType::F32, &t.shape, None);
+                jobs.push(job(DenseAction::FoldNorm, vec![name.clone()], vec![off]));
             } else {
-                copy_raw(dw, name, t, prog)?;
+                let off = copy(dl, name)?;
+                jobs.push(job(DenseAction::Copy, vec![name.clone()], vec![off]));
             }
             continue;
         }
@@ -243,7 +288,8 @@ fn pack_dense(
         let is_matrix = name.ends_with(".weight")
             && ((is_float && t.shape.len() == 2) || (t.dtype == DType::U32 && t.quant.is_some()));
         if !is_matrix {
-            copy_raw(dw, name, t, prog)?;
+            let off = copy(dl, name)?;
+            jobs.push(job(DenseAction::Copy, vec![name.clone()], vec![off]));
             continue;
         }
         let rows = t.shape[0];
@@ -251,8 +297,14 @@ fn pack_dense(
             Some(q) => t.shape[1] * 32 / q.bits as usize,
             None => t.shape[1],
         };
+        // Only the matrix's format is looked at here (a plan's source may not hold its bytes yet).
         let lin = load_matrix(store, name, &[], rows, cols)?;
         let base = name.strip_suffix(".weight").unwrap_or(name);
+        let mut inputs = vec![name.clone()];
+        if t.quant.is_some() {
+            inputs.push(format!("{base}.scales"));
+            inputs.push(format!("{base}.biases"));
+        }
         let target = match dense_bits {
             None => Target::Keep,
             Some(16) => Target::Bf16,
@@ -283,15 +335,45 @@ fn pack_dense(
             _ => false,
         };
         if unchanged {
-            copy_raw(dw, name, t, prog)?;
-            if t.quant.is_some() {
-                for suffix in ["scales", "biases"] {
-                    let n = format!("{base}.{suffix}");
-                    copy_raw(dw, &n, store.get(&n)?, prog)?;
-                }
-            }
+            let offs = inputs
+                .iter()
+                .map(|n| copy(dl, n))
+                .collect::<Result<Vec<u64>>>()?;
+            jobs.push(job(DenseAction::Copy, inputs, offs));
         } else {
-            write_matrix(dw, base, &lin, target, prog)?;
+            let offs = reserve_matrix(dl, base, rows, cols, target);
+            jobs.push(job(DenseAction::Convert(target, rows, cols), inputs, offs));
+        }
+    }
+    Ok(jobs)
+}
+
+/// Writes one dense job's tensors; its inputs' bytes must be in `store` by now.
+pub(crate) fn run_dense(
+    store: &TensorStore,
+    job: &DenseJob,
+    dw: &DenseWriter,
+    prog: &dyn Progress,
+) -> Result<()> {
+    match job.action {
+        DenseAction::FoldNorm => {
+            let t = store.get(&job.name)?;
+            let n: usize = t.shape.iter().product();
+            let w: Vec<f32> = load_vec(store, &job.name, n)?
+                .iter()
+                .map(|v| v + 1.0)
+                .collect();
+            dw.write_at(job.offs[0], bytemuck::cast_slice(&w))?;
+            prog.advance(t.buf.len() as u64);
+        }
+        DenseAction::Copy => {
+            for (n, &off) in job.inputs.iter().zip(&job.offs) {
+                copy_raw(dw, off, store.get(n)?, prog)?;
+            }
+        }
+        DenseAction::Convert(target, rows, cols) => {
+            let lin = load_matrix(store, &job.name, &[], rows, cols)?;
+            write_matrix(dw, &job.offs, &lin, target, prog)?;
         }
     }
     Ok(())
@@ -373,91 +455,10 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
             ));
         }
     }
-    let cfg_path = src.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let raw: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: cfg_path.clone(),
-        msg: e.to_string(),
-    })?;
-    let cfg = ModelConfig::from_json(&raw, &cfg_path)?;
-    let store = TensorStore::open_checkpoint(src, &cfg)?;
-    let experts = StoreExperts::new(&store, &cfg)?;
-    // Every check loading makes (each tensor's dtype and shape against the config) before
-    // anything is written: a checkpoint `run` would refuse is refused in seconds, not after
-    // hours of conversion. Loading views the mapped checkpoint; it copies nothing large.
-    Model::load(
-        cfg.clone(),
-        &store,
-        Box::new(StoreExperts::new(&store, &cfg)?),
-    )?;
-    let moe_layers: Vec<usize> = (0..cfg.num_layers)
-        .filter(|&l| cfg.is_moe_layer(l))
-        .collect();
-    let kind = match store.layout {
-        SourceLayout::Mlx => "mlx",
-        _ => "hf",
-    };
-
-    // The source's expert format decides the defaults and whether bytes can be copied.
-    let first = match moe_layers.first() {
-        Some(&l) => Some(experts.fetch(l, &[0])?.remove(0)),
-        None => None,
-    };
-    let (src_bits, src_group, src_sdtype) = match first.as_ref().map(|e| &e.gate) {
-        Some(Linear::Affine {
-            bits,
-            group,
-            sdtype,
-            ..
-        }) => (Some(*bits), Some(*group), *sdtype),
-        Some(Linear::Dense { dtype, .. }) if *dtype != DType::F32 => (None, None, *dtype),
-        _ => (None, None, DType::BF16),
-    };
-    let bits = opts.bits.or(src_bits).unwrap_or(4);
-    let group = opts.group_size.or(src_group).unwrap_or(64);
-    if !matches!(bits, 2 | 4 | 8 | 16) {
-        return Err(Error::Invalid(format!("--bits {bits}: use 2, 4, 8 or 16")));
-    }
-    if !matches!(group, 32 | 64 | 128) {
-        return Err(Error::Invalid(format!(
-            "--group-size {group}: use 32, 64 or 128"
-        )));
-    }
-    if let Some(d) = opts.dense_bits {
-        if !matches!(d, 4 | 8 | 16) {
-            return Err(Error::Invalid(format!("--dense-bits {d}: use 4, 8 or 16")));
-        }
-    }
-    let dense_bits = opts
-        .dense_bits
-        .or_else(|| default_dense_bits(bits, store.layout == SourceLayout::Mlx));
-    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
-    if bits != 16 {
-        // Quantised rows must be whole groups: name the dimension that is not.
-        for (name, n) in [("hidden_size", h), ("moe_intermediate_size", i)] {
-            if n % group != 0 {
-                return Err(Error::Invalid(format!(
-                    "group size {group} does not divide {name} {n}: choose a --group-size that \
-                     divides both hidden_size {h} and moe_intermediate_size {i}"
-                )));
-            }
-        }
-    }
-    let same_format = src_bits == Some(bits) && src_group == Some(group);
-    let sdtype = if (bits == 16 && src_bits.is_none()) || same_format {
-        src_sdtype
-    } else {
-        DType::BF16
-    };
-    let mut layout = ExpertLayout::build(bits, group, i, h, sdtype, cfg.num_experts);
-
+    let plan = PackPlan::new(src, opts)?;
     let out = OutDir::create(dst, opts.force)?;
-    let total: u64 = store.tensors.values().map(|t| t.buf.len() as u64).sum();
-    // Refuse up front rather than fail hours into a 200 GB conversion: experts at the output
-    // stride, dense tensors at most their source size.
-    let n_experts = moe_layers.len() as u64 * cfg.num_experts as u64;
-    let need =
-        n_experts * layout.stride + total.saturating_sub(n_experts * experts.expert_bytes() as u64);
+    // Refuse up front rather than fail hours into a 200 GB conversion.
+    let need = plan.need_bytes();
     if let Some(free) = super::free_bytes(out.path()) {
         if need > free {
             return Err(packed_err(
@@ -470,72 +471,14 @@ pub fn pack(src: &Path, dst: &Path, opts: &PackOptions, prog: &dyn Progress) -> 
             ));
         }
     }
-    prog.begin(total, "packing");
-
-    let mut dw = DenseWriter::create(out.path())?;
-    let dense_group = opts.group_size.unwrap_or(64);
-    pack_dense(&store, &cfg, dense_bits, dense_group, &mut dw, prog)?;
-    let dense = dw.finish()?;
-
-    let (mut copied, mut converted) = (0usize, 0usize);
-    let batch = rayon::current_num_threads().max(1) * 2;
-    let ids: Vec<usize> = (0..cfg.num_experts).collect();
-    for &l in &moe_layers {
-        let mut lw = LayerWriter::create(out.path(), l, layout.stride, layout.expert_bytes)?;
-        for chunk in ids.chunks(batch) {
-            let ws = experts.fetch(l, chunk)?;
-            let enc: Vec<(Vec<u8>, bool, usize)> = ws
-                .par_iter()
-                .map(|w| {
-                    let mut buf = vec![0u8; layout.expert_bytes as usize];
-                    let c = encode_expert(&layout, w, &mut buf);
-                    (buf, c, w.nbytes())
-                })
-                .collect();
-            for (buf, c, n) in enc {
-                lw.push(&buf)?;
-                if c {
-                    copied += 1;
-                } else {
-                    converted += 1;
-                }
-                prog.advance(n as u64);
-            }
-        }
-        layout.layers.push(lw.finish()?);
+    prog.begin(plan.total_bytes(), "packing");
+    let mut packer = plan.start(out.path(), false)?;
+    for u in packer.units() {
+        packer.run(u.unit, prog)?;
     }
     prog.finish();
-
-    let text_files = out.copy_text_files(src)?;
-    let config = strip_quantization(&raw);
-    let pretty = serde_json::to_vec_pretty(&config)
-        .map_err(|e| Error::Invalid(format!("serialising config.json: {e}")))?;
-    out.write_file("config.json", &pretty)?;
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        format_version: FORMAT_VERSION,
-        source: json!({
-            "kind": kind,
-            "path": src.display().to_string(),
-            "expert_bits": src_bits.unwrap_or(16),
-            "expert_group_size": src_group,
-            "dense_bits": dense_bits,
-        }),
-        config,
-        dense,
-        experts: layout,
-    };
-    let report = PackReport {
-        dst: dst.to_path_buf(),
-        source_kind: kind,
-        expert_bits: bits,
-        group_size: group,
-        experts_copied: copied,
-        experts_converted: converted,
-        dense_bytes: manifest.dense.nbytes,
-        expert_file_bytes: manifest.experts.layers.iter().map(|l| l.nbytes).sum(),
-        text_files,
-    };
+    let (manifest, mut report) = packer.finish(src, &src.display().to_string())?;
+    report.dst = dst.to_path_buf();
     out.commit(&manifest)?;
     Ok(report)
 }

@@ -96,6 +96,36 @@ fn holds_packed_model(dir: &Path) -> bool {
         .is_some_and(|h| h.format == super::FORMAT)
 }
 
+/// Copies the tokenizer, chat template and generation config files `src` has into `dst`.
+pub(crate) fn copy_text_files(src: &Path, dst: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    for name in TEXT_FILES {
+        let from = src.join(name);
+        if from.is_file() {
+            let to = dst.join(name);
+            std::fs::copy(&from, &to).map_err(|e| write_err(&to, e))?;
+            copied.push(name.to_string());
+        }
+    }
+    Ok(copied)
+}
+
+/// Writes `dir/manifest.json` through a temporary file, fsync and rename: the manifest is what
+/// marks a directory complete, so it is never seen half-written.
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let text = serde_json::to_string_pretty(manifest)
+        .map_err(|e| Error::Invalid(format!("serialising the manifest: {e}")))?;
+    let tmp = dir.join(format!("{MANIFEST}.tmp"));
+    let fin = dir.join(MANIFEST);
+    {
+        let mut f = File::create(&tmp).map_err(|e| write_err(&tmp, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| write_err(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(|e| write_err(&fin, e))
+}
+
 /// The directory being written: `DST.partial`, renamed to `DST` by [`OutDir::commit`].
 pub(crate) struct OutDir {
     dst: PathBuf,
@@ -160,16 +190,7 @@ impl OutDir {
 
     /// Copies the tokenizer, chat template and generation config files `src` has.
     pub fn copy_text_files(&self, src: &Path) -> Result<Vec<String>> {
-        let mut copied = Vec::new();
-        for name in TEXT_FILES {
-            let from = src.join(name);
-            if from.is_file() {
-                let to = self.partial.join(name);
-                std::fs::copy(&from, &to).map_err(|e| write_err(&to, e))?;
-                copied.push(name.to_string());
-            }
-        }
-        Ok(copied)
+        copy_text_files(src, &self.partial)
     }
 
     /// Writes the manifest (temp file + fsync + rename: last, so it marks completeness) and
@@ -178,17 +199,7 @@ impl OutDir {
         let _commit = COMMIT_LOCK
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let text = serde_json::to_string_pretty(manifest)
-            .map_err(|e| Error::Invalid(format!("serialising the manifest: {e}")))?;
-        let tmp = self.partial.join(format!("{MANIFEST}.tmp"));
-        let fin = self.partial.join(MANIFEST);
-        {
-            let mut f = File::create(&tmp).map_err(|e| write_err(&tmp, e))?;
-            f.write_all(text.as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| write_err(&tmp, e))?;
-        }
-        std::fs::rename(&tmp, &fin).map_err(|e| write_err(&fin, e))?;
+        write_manifest(&self.partial, manifest)?;
         if self.dst.exists() {
             std::fs::remove_dir_all(&self.dst).map_err(|e| Error::io(&self.dst, e))?;
         }
@@ -206,34 +217,17 @@ impl Drop for OutDir {
     }
 }
 
-/// `dense.bin`: tensors at 64-byte aligned offsets, written with positional writes.
-pub(crate) struct DenseWriter {
-    file: File,
-    path: PathBuf,
+/// The table of `dense.bin` being laid out: each tensor's offset, decided before (or while)
+/// its bytes are written. A plan can lay out the whole table before the file exists, so that
+/// tensors can be written in any order (as a download delivers them) at fixed offsets.
+#[derive(Default)]
+pub(crate) struct DenseLayout {
     end: u64,
     tensors: Vec<TensorInfo>,
 }
 
-impl DenseWriter {
-    pub fn create(dir: &Path) -> Result<DenseWriter> {
-        let path = dir.join(DENSE_FILE);
-        // Read and write: `finish` reads the tensors back for their checksums.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| write_err(&path, e))?;
-        Ok(DenseWriter {
-            file,
-            path,
-            end: 0,
-            tensors: Vec::new(),
-        })
-    }
-
-    /// Adds a tensor to the table and returns its offset; its bytes come with `write_at`.
+impl DenseLayout {
+    /// Adds a tensor to the table and returns its offset.
     pub fn reserve(
         &mut self,
         name: &str,
@@ -256,6 +250,55 @@ impl DenseWriter {
         offset
     }
 
+    /// Bytes of the file once padded.
+    pub fn nbytes(&self) -> u64 {
+        align_up(self.end, DENSE_ALIGN)
+    }
+}
+
+/// `dense.bin`: tensors at 64-byte aligned offsets, written with positional writes.
+pub(crate) struct DenseWriter {
+    file: File,
+    path: PathBuf,
+    layout: DenseLayout,
+}
+
+impl DenseWriter {
+    pub fn create(dir: &Path) -> Result<DenseWriter> {
+        Self::with_layout(dir, DenseLayout::default(), true)
+    }
+
+    /// Opens `dense.bin` in `dir` for a table laid out already. `truncate: false` keeps what
+    /// an interrupted run wrote (a resumed pull rewrites only the tensors it had not finished).
+    pub fn with_layout(dir: &Path, layout: DenseLayout, truncate: bool) -> Result<DenseWriter> {
+        let path = dir.join(DENSE_FILE);
+        // Read and write: `finish` reads the tensors back for their checksums.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(truncate)
+            .open(&path)
+            .map_err(|e| write_err(&path, e))?;
+        Ok(DenseWriter { file, path, layout })
+    }
+
+    /// Adds a tensor to the table and returns its offset; its bytes come with `write_at`.
+    pub fn reserve(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        quant: Option<QuantSpec>,
+    ) -> u64 {
+        self.layout.reserve(name, dtype, shape, quant)
+    }
+
+    /// Flushes what was written to the disk (before a resumable run records it as done).
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| write_err(&self.path, e))
+    }
+
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.file
             .write_all_at(bytes, offset)
@@ -273,7 +316,7 @@ impl DenseWriter {
     ) -> Result<()> {
         let off = self.reserve(name, dtype, shape, quant);
         debug_assert_eq!(
-            self.tensors.last().map(|t| t.nbytes),
+            self.layout.tensors.last().map(|t| t.nbytes),
             Some(bytes.len() as u64)
         );
         self.write_at(off, bytes)
@@ -282,13 +325,13 @@ impl DenseWriter {
     /// Pads the file, syncs it and records each tensor's crc32, computed from the file as
     /// written (tensors are written in pieces, in any order): what `--verify` will compare.
     pub fn finish(mut self) -> Result<DenseTable> {
-        let nbytes = align_up(self.end, DENSE_ALIGN);
+        let nbytes = self.layout.nbytes();
         self.file
             .set_len(nbytes)
             .and_then(|_| self.file.sync_all())
             .map_err(|e| write_err(&self.path, e))?;
         let mut buf = vec![0u8; 16 << 20];
-        for t in &mut self.tensors {
+        for t in &mut self.layout.tensors {
             let mut h = crc32fast::Hasher::new();
             let mut off = t.offset;
             while off < t.offset + t.nbytes {
@@ -304,7 +347,7 @@ impl DenseWriter {
         Ok(DenseTable {
             file: DENSE_FILE.to_string(),
             nbytes,
-            tensors: self.tensors,
+            tensors: self.layout.tensors,
         })
     }
 }
