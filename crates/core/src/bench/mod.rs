@@ -11,6 +11,7 @@
 //!
 //! Owns measurement and reporting only: it drives the model through its public API and never
 //! changes how the model computes, except through [`crate::model::ForwardOptions`].
+pub mod accuracy;
 mod io;
 mod kernels;
 mod run;

@@ -9,9 +9,11 @@ use serde_json::{Map, Value};
 
 use crate::error::Result;
 use crate::experts::ExpertStatsSnapshot;
+use crate::kernels::{act_quant, set_act_quant, ActQuant};
 use crate::loader::IoMode;
 use crate::model::{Ffn, ForwardStats, LayerTimes, Logits, Model, State};
 
+use super::accuracy::Restore;
 use super::{
     dense_bytes_per_token, dense_bytes_total, moe_bytes_per_token, rss_bytes, warm_page_cache,
     BenchOptions, Limits, ModelInfo, Section,
@@ -181,6 +183,25 @@ pub(crate) fn decode(
     session_run(model, &prompt[..1], 1, opts.prefill_chunk)?;
     let (_, warm) = session_run(model, &prompt, opts.tokens, opts.prefill_chunk)?;
     let (warm_tpt, _, _) = report_decode(&mut s, "warm", &warm, dense, limits, info.packed);
+    let aq = act_quant();
+    s.val("activations", aq.name());
+    if opts.compare {
+        // The other activation path's warm decode in the same run, so that its speed and the
+        // accuracy figures below sit beside each other.
+        let other = match aq {
+            ActQuant::Int8 => ActQuant::Exact,
+            ActQuant::Exact => ActQuant::Int8,
+        };
+        say(&format!("decode: warm, {} activations", other.name()));
+        let restore = Restore(aq);
+        set_act_quant(other);
+        let (_, o) = session_run(model, &prompt, opts.tokens, opts.prefill_chunk)?;
+        drop(restore);
+        let otpt = ms(o.decode) / o.steps.max(1) as f64;
+        s.num(&format!("warm_{}_tok_s", other.name()), 1e3 / otpt);
+    }
+    say("decode: int8 activations against exact (KL divergence, top-1 agreement)");
+    super::accuracy::report(&mut s, model, &prompt, opts.tokens)?;
 
     // Resident memory: the process before the model was loaded, plus dense weights + state +
     // K expert buffers, is what the design promises.

@@ -1,6 +1,7 @@
-//! The int8-activation affine matvec (opt-in, `ActQuant::Int8`): `x` quantised to int8 per
-//! weight group once per call, then integer dot products of the unsigned 2- or 4-bit codes
-//! with the int8 activations, as llama.cpp's `ggml_vec_dot_q4_0_q8_0` does. This file holds
+//! The int8-activation affine matvec (`ActQuant::Int8`, the CLI default; `--exact` keeps f32):
+//! `x` quantised to int8 per weight group once per call, then integer dot products of the
+//! unsigned 2- or 4-bit codes with the int8 activations, as llama.cpp's `ggml_vec_dot_q4_0_q8_0`
+//! does. This file holds
 //! the shared preparation of `x` and the portable twin of `x86::int8_rows`; both compute the
 //! same integers.
 //!

@@ -9,7 +9,7 @@
 //! Layout of the module:
 //! - `mod.rs`: the weight views, the public entry points and the choice of kernel (ISA, threads).
 //! - `reference.rs`: the plain twins. They document the formats and are what the tests trust.
-//! - `int8.rs`: the opt-in int8-activation affine matvec (`ActQuant::Int8`): preparation of
+//! - `int8.rs`: the int8-activation affine matvec (the CLI default) (`ActQuant::Int8`): preparation of
 //!   `x` and the portable twin of its AVX2 kernel.
 //! - `lanes.rs`: the portable fast kernels, written over 8-lane arrays so LLVM vectorises them;
 //!   also the per-call preparation of `x` shared by every ISA.
@@ -333,7 +333,8 @@ impl Drop for CountOnDrop<'_> {
 const CHUNKS_PER_THREAD: usize = 8;
 
 /// How `matvec` treats the activations of 2- and 4-bit affine products; process-wide, set once
-/// at start-up (`flashmoe --int8-activations`).
+/// at start-up. The library's default is `Exact`; the `flashmoe` binary sets `Int8` unless
+/// `--exact` is given (`bench decode` reports the KL divergence and top-1 agreement of the two).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ActQuant {
     /// f32 arithmetic on the exact `x` (within 1e-5 relative of `matvec_ref`): what the golden
@@ -351,6 +352,16 @@ pub enum ActQuant {
     /// input: decode, and experts' single-token products) uses it; prefill products and 8-bit
     /// weights stay exact.
     Int8,
+}
+
+impl ActQuant {
+    /// `exact` or `int8`, as reports and `--json` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActQuant::Exact => "exact",
+            ActQuant::Int8 => "int8",
+        }
+    }
 }
 
 static ACT_QUANT: AtomicU8 = AtomicU8::new(0);
