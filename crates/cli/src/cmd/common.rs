@@ -10,15 +10,19 @@ use super::out::{out, outln};
 
 #[derive(Copy, Clone, Debug, ValueEnum, Default)]
 pub enum Io {
-    /// through the page cache (resident experts used in place from the mapping, others pread)
+    /// through the page cache: resident experts used in place from the mapping, the most
+    /// recently used kept mapped between tokens (up to half the available memory's worth, LRU),
+    /// so a warm expert costs no page-table work; others pread. Resident set bounded
     #[default]
     Cached,
-    /// pread through the page cache for every expert, resident ones too (for comparison)
+    /// pread through the page cache for every expert, resident ones too: a copy per expert per
+    /// token (for comparison)
     Pread,
-    /// O_DIRECT reads (cold-disk behaviour)
+    /// O_DIRECT reads, page cache bypassed: every expert read from disk each time it is used
+    /// (cold-disk behaviour; memory bounded by K experts in flight)
     Direct,
-    /// as cached, and resident experts stay mapped after use (no per-token page-table work; the
-    /// resident set grows with the experts touched, like llama.cpp's mmap)
+    /// as cached, and every resident expert stays mapped after use, unbounded: the resident set
+    /// grows with the experts touched, like llama.cpp's mmap
     Mapped,
 }
 
@@ -39,7 +43,9 @@ pub struct ModelOpts {
     /// Routed experts per token (default: the model's own num_experts_per_tok)
     #[arg(long)]
     pub k: Option<usize>,
-    /// How expert bytes are read from a packed model
+    /// How expert bytes are read from a packed model. The default, cached, is as fast as
+    /// mapped once the experts are warm and keeps memory bounded; direct when the model is far
+    /// larger than memory and the page cache would only thrash
     #[arg(long, value_enum, default_value_t = Io::Cached)]
     pub io: Io,
     /// Verify a packed model against its manifest's checksums: every dense tensor once at load
