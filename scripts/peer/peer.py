@@ -227,6 +227,8 @@ def main():
                                ["--prompt-tokens", p, "--tokens", 1, "--no-cold",
                                 "--no-compare"])
             add(f"prefill {p}", fm=r["prefill"]["warm_prefill_tok_s"])
+            acc.setdefault(f"prefill {p} fraction of bound", []).append(
+                r["prefill"].get("warm_prefill_fraction_of_bound"))
 
     larger = None
     if a.cgroup_fraction > 0 and not a.cuda:
@@ -272,6 +274,12 @@ def main():
         print("| decode, model larger than memory | skipped: no memory cgroup here | | |")
     kl = [x for x in acc.get("int8_decode_kl_mean", []) if x is not None]
     top1 = [x for x in acc.get("int8_decode_top1_agree", []) if x is not None]
+    for key, v in acc.items():
+        v = [x for x in v if x is not None]
+        if key.startswith("prefill") and v:
+            print(f"flashmoe {key.replace(' fraction of bound', '')}: "
+                  f"{statistics.median(v):.2f} of the same run's bound max(bytes / memory "
+                  f"bandwidth, multiply-adds / measured f32 and int8 peaks) (median)")
     if kl and top1:
         print(f"\nflashmoe's default int8 activations against --exact, decode (median of rounds): "
               f"KL divergence {statistics.median(kl):.3g} nats, top-1 agreement "

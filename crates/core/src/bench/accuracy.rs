@@ -6,13 +6,17 @@
 //!
 //! Two paths, because they run different kernels: *decode* feeds one token per forward call
 //! (matrix-vector products, `kernels::matvec`), teacher-forced on the exact path's greedy
-//! tokens so both see the same inputs; *prompt* feeds the whole sequence in one call (the
-//! prefill products, `kernels::matmul`) and compares every position's logits.
+//! tokens so both see the same inputs; *prompt* feeds that sequence, repeated to 64 tokens, in
+//! one call (the prefill products, `kernels::matmul`, int8 from `int8mm::MIN_N` inputs) and
+//! compares every position's logits.
 use crate::error::Result;
 use crate::kernels::{act_quant, set_act_quant, ActQuant};
 use crate::model::{ForwardStats, Logits, Model, State};
 
 use super::Section;
+
+/// Tokens of the whole-prompt comparison at least: twice the int8 product's threshold.
+const PROMPT_MIN: usize = 2 * crate::kernels::int8mm::MIN_N;
 
 /// KL divergence and top-1 agreement over a set of positions.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -103,7 +107,8 @@ impl Drop for Restore {
 }
 
 /// (decode, prompt) agreement of int8 activations with exact ones on `prompt` followed by
-/// `steps` tokens the exact path chooses greedily.
+/// `steps` tokens the exact path chooses greedily: one token per call, and that sequence
+/// repeated to `PROMPT_MIN` tokens in one call.
 pub fn int8_vs_exact(
     model: &Model,
     prompt: &[u32],
@@ -127,10 +132,18 @@ pub fn int8_vs_exact(
         exact_steps.extend(l);
         i += 1;
     }
-    let exact_whole = whole(model, &ids)?;
+    // The whole-prompt call at least `PROMPT_MIN` tokens long (the sequence repeated), so that
+    // its products have enough inputs to take the int8 product (`int8mm::MIN_N`).
+    let long: Vec<u32> = ids
+        .iter()
+        .copied()
+        .cycle()
+        .take(ids.len().max(PROMPT_MIN))
+        .collect();
+    let exact_whole = whole(model, &long)?;
     set_act_quant(ActQuant::Int8);
     let int8_steps = stepped(model, &ids)?;
-    let int8_whole = whole(model, &ids)?;
+    let int8_whole = whole(model, &long)?;
     Ok((
         agreement(&exact_steps, &int8_steps, vocab),
         agreement(&exact_whole, &int8_whole, vocab),
@@ -141,6 +154,7 @@ pub fn int8_vs_exact(
 pub(crate) fn report(s: &mut Section, model: &Model, prompt: &[u32], steps: usize) -> Result<()> {
     let (dec, pro) = int8_vs_exact(model, prompt, steps)?;
     s.val("int8_accuracy_positions", dec.positions);
+    s.val("int8_prompt_accuracy_positions", pro.positions);
     for (tag, a) in [("decode", dec), ("prompt", pro)] {
         s.num(&format!("int8_{tag}_kl_mean"), a.kl_mean);
         s.num(&format!("int8_{tag}_kl_max"), a.kl_max);

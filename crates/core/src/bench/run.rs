@@ -15,8 +15,8 @@ use crate::model::{Ffn, ForwardStats, LayerTimes, Logits, Model, State};
 
 use super::accuracy::Restore;
 use super::{
-    dense_bytes_per_token, dense_bytes_total, madds_per_token, moe_bytes_per_token, rss_bytes, warm_page_cache,
-    BenchOptions, Limits, ModelInfo, Section,
+    dense_bytes_per_token, dense_bytes_total, madds_per_token, moe_bytes_per_token, rss_bytes,
+    warm_page_cache, BenchOptions, Limits, ModelInfo, Section,
 };
 
 fn ms(d: Duration) -> f64 {
@@ -387,8 +387,16 @@ fn prefill_compute_bound(s: &mut Section, model: &Model, info: &ModelInfo, r: &R
     s.num("warm_prefill_compute_bound_ms", compute_ms);
     s.num("warm_prefill_memory_bound_ms", mem_ms);
     let ttft = ms(r.ttft);
-    s.fig("warm_prefill_vs_bound_ttft", "ms", ttft, compute_ms.max(mem_ms));
-    s.num("warm_prefill_fraction_of_bound", compute_ms.max(mem_ms) / ttft);
+    s.fig(
+        "warm_prefill_vs_bound_ttft",
+        "ms",
+        ttft,
+        compute_ms.max(mem_ms),
+    );
+    s.num(
+        "warm_prefill_fraction_of_bound",
+        compute_ms.max(mem_ms) / ttft,
+    );
 }
 
 /// Prefill of `prompt_tokens` random tokens, warm then cold; the speed-up over decode per

@@ -120,7 +120,10 @@ impl Tile {
 
     #[inline(always)]
     fn load_with(&mut self, a: &AffineView, r0: usize, spread: impl Fn(u32, u32, usize) -> u32) {
-        assert!(matches!(a.bits, 2 | 4), "int8 tiles take 2- and 4-bit codes");
+        assert!(
+            matches!(a.bits, 2 | 4),
+            "int8 tiles take 2- and 4-bit codes"
+        );
         let (ng, wpr) = (a.groups_per_row(), a.words_per_row());
         let quads_per_word = 8 / a.bits as usize;
         let ws: &mut [u32] = bytemuck::cast_slice_mut(&mut self.ws);

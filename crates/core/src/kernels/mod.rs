@@ -358,9 +358,10 @@ pub enum ActQuant {
     /// `Σ_g |scale_g| qmax group max|x_g| / 254`, about 1% relative in practice. On tiny-a
     /// (MLX 4-bit, hidden 128, `tests/int8_activations.rs`) that moves the logits of the first
     /// decode step by 0.28 and, compounding through the KV cache and recurrent state, by up to
-    /// 3 after 24 steps (logits up to ~3): golden tests cannot run with it. Only `matvec` (one
-    /// input: decode, and experts' single-token products) uses it; prefill products and 8-bit
-    /// weights stay exact.
+    /// 3 after 24 steps (logits up to ~3): golden tests cannot run with it. `matvec` (decode,
+    /// experts' single-token products) uses it, and so does `matmul` from `int8mm::MIN_N`
+    /// inputs up (prefill's dense products and well-used experts: `int8mm.rs`); 8-bit weights
+    /// stay exact.
     Int8,
 }
 
