@@ -141,6 +141,7 @@ fn bench_all_json_on_tiny_synth() {
         "decode.rss_ratio",
         "prefill.warm_prefill_ttft_ratio",
         "prefill.warm_prefill_speedup_ratio",
+        "prefill.warm_prefill_vs_bound_ttft_ratio",
     ] {
         assert!(r.iter().any(|x| x == want), "{want} missing; have {r:?}");
     }
@@ -165,6 +166,11 @@ fn bench_all_json_on_tiny_synth() {
             kl >= 0.0 && (0.0..=1.0).contains(&top1),
             "{path}: {kl} {top1}"
         );
+    }
+    // Prefill's compute bound: both peaks measured in the same run.
+    let p = &v["prefill"];
+    for peak in ["f32_peak_gmac_s", "int8_peak_gmac_s"] {
+        assert!(p[peak].as_f64().is_some_and(|x| x > 0.0), "{peak}: {p}");
     }
     let tsv = std::fs::read_to_string(dir.join("results.tsv")).expect("TSV");
     assert!(

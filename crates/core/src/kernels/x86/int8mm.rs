@@ -43,26 +43,24 @@ pub(crate) fn tile(vnni: bool, t: &Tile, b: &Batch, out: &mut [f32]) {
 
 #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
 unsafe fn tile_vnni(t: &Tile, b: &Batch, out: &mut [f32]) {
-    let mut i = 0;
-    while i + NI <= b.n {
-        inputs::<NI, true>(t, b, i, out);
-        i += NI;
-    }
-    while i < b.n {
-        inputs::<1, true>(t, b, i, out);
-        i += 1;
-    }
+    all_inputs::<true>(t, b, out)
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2(t: &Tile, b: &Batch, out: &mut [f32]) {
+    all_inputs::<false>(t, b, out)
+}
+
+/// Every input against the tile, `NI` at a time, then one at a time.
+#[inline(always)]
+unsafe fn all_inputs<const VNNI: bool>(t: &Tile, b: &Batch, out: &mut [f32]) {
     let mut i = 0;
     while i + NI <= b.n {
-        inputs::<NI, false>(t, b, i, out);
+        inputs::<NI, VNNI>(t, b, i, out);
         i += NI;
     }
     while i < b.n {
-        inputs::<1, false>(t, b, i, out);
+        inputs::<1, VNNI>(t, b, i, out);
         i += 1;
     }
 }
