@@ -14,8 +14,9 @@
    weight (4-bit affine g64 = Q4_0 or Q4_K, 8-bit = Q8_0), written straight as random blocks.
 3. Runs `llama-bench` and `flashmoe bench --json` in alternating rounds with the same threads
    (warm page cache), and prints each path's llama.cpp and flashmoe tok/s (min and median over
-   the rounds) and their ratio: decode (flashmoe's default --io cached, kept mapped, int8
-   activations), prefill at each --prompts length, and decode of a model larger than memory
+   the rounds) and their ratio: decode (flashmoe's defaults, kept mapped, and the same
+   run's --exact f32 activations, with int8's KL divergence and top-1 agreement against
+   it), prefill at each --prompts length, and decode of a model larger than memory
    (a memory cgroup of --cgroup-fraction of the model's size, its files dropped from the page
    cache first: llama.cpp mmap against flashmoe --io direct) where cgroups can be made.
 4. Appends one row per path to --record (the TSV `flashmoe bench --record` writes).
@@ -201,6 +202,7 @@ def main():
     prompts = [int(p) for p in a.prompts.split(",") if p]
 
     res = {}  # path -> ([llama tok/s], [flashmoe tok/s])
+    acc = {}  # int8 accuracy field -> [value per round]
 
     def add(path, ll=None, fm=None):
         r = res.setdefault(path, ([], []))
@@ -215,15 +217,18 @@ def main():
         d = flashmoe_bench(a.flashmoe, model, "decode", t, dec)["decode"]
         add("decode", fm=d["warm_tok_s"])
         add("decode, --io mapped", fm=d.get("warm_kept_mapped_tok_s"))
-        d8 = flashmoe_bench(a.flashmoe, model, "decode", t, dec + ["--no-compare",
-                                                                   "--int8-activations"])
-        add("decode, --int8-activations", fm=d8["decode"]["warm_tok_s"])
+        # The same run's exact-activation decode, and int8's accuracy against it.
+        add("decode, --exact", fm=d.get("warm_exact_tok_s"))
+        for key in ("int8_decode_kl_mean", "int8_decode_top1_agree"):
+            acc.setdefault(key, []).append(d.get(key))
         for p in prompts:
             add(f"prefill {p}", ll=llama_bench(exe, gguf, t, prompt=p, ngl=ngl))
             r = flashmoe_bench(a.flashmoe, model, "prefill", t,
                                ["--prompt-tokens", p, "--tokens", 1, "--no-cold",
                                 "--no-compare"])
             add(f"prefill {p}", fm=r["prefill"]["warm_prefill_tok_s"])
+            acc.setdefault(f"prefill {p} fraction of bound", []).append(
+                r["prefill"].get("warm_prefill_fraction_of_bound"))
 
     larger = None
     if a.cgroup_fraction > 0 and not a.cuda:
@@ -255,8 +260,7 @@ def main():
           f"{a.rounds} alternating rounds, tok/s min / median\n")
     print("| path | llama.cpp | flashmoe | ratio (medians) |\n|---|---|---|---|")
     rows = []
-    base = {p: stats(res["decode"][0]) for p in ("decode, --io mapped",
-                                                 "decode, --int8-activations")}
+    base = {p: stats(res["decode"][0]) for p in ("decode, --io mapped", "decode, --exact")}
     for path, (ll, fm) in res.items():
         ll = [x for x in ll if x is not None]
         # flashmoe's decode variants stand against llama.cpp's one decode figure.
@@ -268,6 +272,18 @@ def main():
         rows.append((path, lls, fms))
     if larger is None and a.cgroup_fraction > 0 and not a.cuda:
         print("| decode, model larger than memory | skipped: no memory cgroup here | | |")
+    kl = [x for x in acc.get("int8_decode_kl_mean", []) if x is not None]
+    top1 = [x for x in acc.get("int8_decode_top1_agree", []) if x is not None]
+    for key, v in acc.items():
+        v = [x for x in v if x is not None]
+        if key.startswith("prefill") and v:
+            print(f"flashmoe {key.replace(' fraction of bound', '')}: "
+                  f"{statistics.median(v):.2f} of the same run's bound max(bytes / memory "
+                  f"bandwidth, multiply-adds / measured f32 and int8 peaks) (median)")
+    if kl and top1:
+        print(f"\nflashmoe's default int8 activations against --exact, decode (median of rounds): "
+              f"KL divergence {statistics.median(kl):.3g} nats, top-1 agreement "
+              f"{statistics.median(top1):.3f}")
     if a.record:
         record(a.record, rows, name, a.bits, k,
                f"llama.cpp={ver} threads={t} {'cuda' if a.cuda else 'cpu'}")

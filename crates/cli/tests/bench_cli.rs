@@ -141,6 +141,7 @@ fn bench_all_json_on_tiny_synth() {
         "decode.rss_ratio",
         "prefill.warm_prefill_ttft_ratio",
         "prefill.warm_prefill_speedup_ratio",
+        "prefill.warm_prefill_vs_bound_ttft_ratio",
     ] {
         assert!(r.iter().any(|x| x == want), "{want} missing; have {r:?}");
     }
@@ -148,6 +149,34 @@ fn bench_all_json_on_tiny_synth() {
     let d = &v["decode"];
     assert!(d.get("cold_tpt_ratio").is_some() || d.get("cold_note").is_some());
     assert!(d["warm_phase_ms_per_token"].get("expert_wait").is_some());
+    // The accuracy of int8 activations beside both paths' speed (bin() runs exact).
+    assert_eq!(d["activations"], "exact");
+    assert!(
+        d["warm_int8_tok_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{d}"
+    );
+    for path in ["decode", "prompt"] {
+        let kl = d[format!("int8_{path}_kl_mean")]
+            .as_f64()
+            .expect("KL reported");
+        let top1 = d[format!("int8_{path}_top1_agree")]
+            .as_f64()
+            .expect("top-1 reported");
+        assert!(
+            kl >= 0.0 && (0.0..=1.0).contains(&top1),
+            "{path}: {kl} {top1}"
+        );
+    }
+    // Prefill's compute bound: both peaks measured in the same run.
+    let p = &v["prefill"];
+    for peak in ["f32_peak_gmac_s", "int8_peak_gmac_s"] {
+        assert!(p[peak].as_f64().is_some_and(|x| x > 0.0), "{peak}: {p}");
+    }
+    let tsv = std::fs::read_to_string(dir.join("results.tsv")).expect("TSV");
+    assert!(
+        tsv.contains("int8_kl=") && tsv.contains("activations=exact"),
+        "{tsv}"
+    );
 }
 
 #[test]

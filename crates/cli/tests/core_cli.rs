@@ -220,3 +220,63 @@ fn demo_runs_without_any_download() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("tok/s") && s.contains("experts read"), "{s}");
 }
+
+/// The CLI decodes with int8 activations by default and exactly with `--exact` (or
+/// `FLASHMOE_EXACT=1`, which the other tests set): on the 4-bit golden model the default's
+/// stepped logits differ from the exact ones, `--int8-activations` is the default, and asking
+/// for both is refused.
+#[test]
+fn default_activations_are_int8() {
+    let Some(shared) = shared_dir() else { return };
+    let model = shared.join("golden/tiny-a/mlx-4bit");
+    let tmp = temp_dir("act_default");
+    let logits = |name: &str, mut cmd: std::process::Command, extra: &[&str]| {
+        let out = tmp.join(format!("{name}.safetensors"));
+        run_ok(
+            cmd.args([
+                "logits",
+                "--ids",
+                "1,2,3,4,5,6,7,8",
+                "--prefill",
+                "1",
+                "--model",
+            ])
+            .arg(&model)
+            .args(extra)
+            .arg("--out")
+            .arg(&out),
+        );
+        read_logits(&out).1
+    };
+    let default = logits("default", bin_defaults(), &[]);
+    let named = logits("named", bin_defaults(), &["--int8-activations"]);
+    let exact = logits("exact", bin_defaults(), &["--exact"]);
+    let env = logits("env", bin(), &[]);
+    assert_eq!(default, named, "--int8-activations is the default");
+    assert_eq!(exact, env, "FLASHMOE_EXACT=1 is --exact");
+    let diff = default
+        .iter()
+        .zip(&exact)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // Measured 0.28 on the first decode step of this model (tests/int8_activations.rs in core).
+    assert!(diff > 1e-3 && diff < 6.0, "int8 vs exact: {diff}");
+    let err = run_err(
+        bin_defaults()
+            .args([
+                "logits",
+                "--ids",
+                "1",
+                "--exact",
+                "--int8-activations",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--out")
+            .arg(tmp.join("both.safetensors")),
+    );
+    assert!(
+        err.contains("--exact") && err.contains("--int8-activations"),
+        "{err}"
+    );
+}

@@ -3,6 +3,7 @@
 //!   cargo run --release -p flashmoe-core --example matvec_probe -- [MB] [PASSES] SPEC...
 //! SPEC: `q4i:1024x4096` (q4 | q2 | q8 exact, q4i | q2i int8 activations); group 64, bf16
 //! scales. `q4:1024x4096@10`: `matmul` with 10 inputs instead (prefill's few-token experts;
+//! `q4i:...@64`: the int8 product);
 //! the figure is then also GMAC/s). Threads: RAYON_NUM_THREADS. NOPROBE=1 skips most of the memory probe (for
 //! callgrind: instructions per call = difference of two pass counts, e.g. `1 1` and `1 21`).
 use flashmoe_core::kernels::{matmul, matvec_act, ActQuant, AffineView, Scales, WeightView};
@@ -90,6 +91,8 @@ fn main() {
             .collect();
         let mut y = vec![0f32; rows * n];
         let mut t = Vec::new();
+        // `matmul` reads the process-wide switch (q4i@N: the int8 product of `int8mm`).
+        flashmoe_core::kernels::set_act_quant(aq);
         for _ in 0..passes {
             let (t0, c0) = (Instant::now(), now());
             let run = |mats: &[(Vec<u32>, Vec<bf16>, Vec<bf16>)], y: &mut [f32]| {

@@ -1,5 +1,6 @@
-//! The opt-in int8-activation matvec (`kernels::ActQuant::Int8`) on a real model: tiny-a in
-//! MLX 4-bit against the transformers golden. The exact path must stay within the golden
+//! Int8 activations (`kernels::ActQuant::Int8`, the CLI's default) on a real model: tiny-a in
+//! MLX 4-bit against the transformers golden, in the matvec (decode) and, for products of at
+//! least `int8mm::MIN_N` inputs, the prompt's products. The exact path must stay within the golden
 //! tests' 1e-3; the int8 path within the bounds below. Its own test binary, because the switch
 //! is process-wide: the one test function sets it and puts it back, so nothing else sees it.
 mod common;
@@ -10,11 +11,14 @@ use flashmoe_core::loader::{open_model, LoadOptions};
 
 /// The exact path's bound, as in `golden.rs`.
 const EXACT_TOL: f32 = 1e-3;
-/// The first decode step: measured 0.28 (logits up to ~3 in magnitude). tiny-a has hidden size
-/// 128, random weights and 2 groups per row: each int8 product is off by ~1% relative, which
-/// its 8 layers amplify.
-const INT8_FIRST_STEP_TOL: f32 = 1.0;
-/// All 24 decode steps: measured 2.96 by the last. Each step's error feeds the KV cache and the
+/// The whole prompt in one call (int8 products of its 40+ tokens' dense matrices): measured
+/// 2.70 (logits up to ~3 in magnitude). tiny-a has hidden size 128, random weights and 2 groups
+/// per row: each int8 product is off by ~1% relative, which its 8 layers amplify. 2x margin.
+const INT8_PROMPT_TOL: f32 = 6.0;
+/// The first decode step after an int8 prompt: measured 1.47 (0.28 when the prompt was exact);
+/// 2x margin.
+const INT8_FIRST_STEP_TOL: f32 = 3.0;
+/// All 24 decode steps: measured 2.91 by the last. Each step's error feeds the KV cache and the
 /// GatedDeltaNet state, so it grows with the number of steps; 2x margin.
 const INT8_DECODE_TOL: f32 = 6.0;
 
@@ -31,7 +35,7 @@ fn tiny_a_mlx_4bit_int8_activations() {
     let (_, dec) = &g.f32s["mlx4_decode_logits"];
     let n = dec.len() / vocab;
     // (one prompt, prefill `p` + one token at a time, its first decode step, all decode steps).
-    // The decode steps run `matvec`, where the switch applies; the prompt runs `matmul`.
+    // The decode steps run `matvec`; the prompt runs `matmul`; the switch applies to both.
     let run = |aq: ActQuant| {
         set_act_quant(aq);
         let full = logits(&model, &ids, ids.len());
@@ -59,9 +63,10 @@ fn tiny_a_mlx_4bit_int8_activations() {
     for e in exact {
         assert!(e < EXACT_TOL, "exact path: logits off by {exact:?}");
     }
+    assert!(int8[0] < INT8_PROMPT_TOL, "int8: the prompt {int8:?}");
     assert!(
-        int8[0] < EXACT_TOL,
-        "int8: the prompt (matmul) stays exact: {int8:?}"
+        int8[0] > 10.0 * exact[0],
+        "the prompt's products ran exact: {int8:?} vs {exact:?}"
     );
     assert!(int8[2] < INT8_FIRST_STEP_TOL, "int8: first step {int8:?}");
     assert!(

@@ -626,3 +626,53 @@ fn synth_vocab_sets_the_head_and_refuses_fewer_than_the_tokenizer() {
     let e = synth(&tmp("synth-vocab-small"), &o(100), &NoProgress).expect_err("refused");
     assert!(e.to_string().contains("--vocab 100"), "{e}");
 }
+
+/// `--io cached` keeps resident experts mapped between uses (no page-table work per token for
+/// a warm expert), at most its limit of them, the least recently used evicted first; a limit
+/// of 0 keeps none.
+#[test]
+fn cached_io_keeps_recent_experts_mapped_within_a_bound() {
+    use flashmoe_core::packed::{synth, SynthOptions};
+    let dir = tmp("kept-leases");
+    let o = SynthOptions {
+        preset: "tiny".into(),
+        layers: Some(1),
+        experts: None,
+        bits: 4,
+        dense_bits: 4,
+        seed: 5,
+        force: true,
+        vocab: None,
+        tokenizer: None,
+    };
+    let man = synth(&dir, &o, &NoProgress).expect("synth");
+    let cfg = man.model_config(&dir).expect("config");
+    // Resident: read every expert file through the page cache first.
+    for l in &man.experts.layers {
+        std::fs::read(dir.join(&l.file)).expect("read expert file");
+    }
+    let layer = man.experts.layers[0].layer;
+    let px = PackedExperts::open(&dir, &man, cfg.num_layers, 2, IoMode::Cached, false, 2)
+        .expect("experts");
+    assert!(px.kept_mapped().1 >= 2 * 2, "at least two tokens' experts");
+    let fetch = |ids: &[usize]| drop(px.fetch(layer, ids).expect("fetch"));
+    fetch(&[0, 1, 2]);
+    // Dropped by the model, still mapped (served from the mapping: the page cache holds them).
+    assert_eq!(px.kept_mapped().0, 3);
+    assert_eq!(px.counters().snapshot().mapped, 3);
+    fetch(&[0]); // 0 is now the most recently used
+    px.set_kept_mapped_limit(2);
+    assert!(px.is_kept_mapped(layer, 0) && px.is_kept_mapped(layer, 2));
+    assert!(
+        !px.is_kept_mapped(layer, 1),
+        "the least recently used goes first"
+    );
+    fetch(&[3]);
+    assert_eq!(px.kept_mapped(), (2, 2));
+    assert!(px.is_kept_mapped(layer, 3) && px.is_kept_mapped(layer, 0));
+    px.set_kept_mapped_limit(0);
+    fetch(&[1]);
+    assert_eq!(px.kept_mapped().0, 0);
+    // Still served from the mapping, as before kept leases.
+    assert_eq!(px.counters().snapshot().mapped, 6);
+}

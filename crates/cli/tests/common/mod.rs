@@ -3,8 +3,20 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary on the exact activation path (`FLASHMOE_EXACT=1`, `--exact`): the golden
+/// comparisons hold logits to 1e-3 of transformers, which the default int8 activations do not
+/// (`default_activations_are_int8` checks that default).
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flashmoe"));
+    c.env("FLASHMOE_EXACT", "1");
+    c
+}
+
+/// The binary with its default settings (int8 activations), whatever the environment says.
+pub fn bin_defaults() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flashmoe"));
+    c.env_remove("FLASHMOE_EXACT");
+    c
 }
 
 /// The shared reference directory (see `flashmoe_testdata::shared_dir`).

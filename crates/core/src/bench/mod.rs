@@ -11,6 +11,7 @@
 //!
 //! Owns measurement and reporting only: it drives the model through its public API and never
 //! changes how the model computes, except through [`crate::model::ForwardOptions`].
+pub mod accuracy;
 mod io;
 mod kernels;
 mod run;
@@ -255,33 +256,78 @@ pub fn expert_disk_bandwidth(dir: &Path, model: &Model, total_bytes: usize) -> R
     Ok(io::disk_probe(&model_info(dir, model)?, total_bytes))
 }
 
-/// Bytes of dense weights one decoded token reads: every layer's mixer, router, shared
-/// expert (or dense MLP), and the head. The embedding contributes one row, ignored.
-pub fn dense_bytes_per_token(model: &Model) -> usize {
-    let mut n = model.lm_head.nbytes();
+/// Every dense matrix one decoded token multiplies: each layer's mixer, router, shared expert
+/// (or dense MLP), and the head (not the embedding, of which a token reads one row).
+pub(crate) fn dense_linears(model: &Model) -> Vec<&Linear> {
+    let mut v = vec![&model.lm_head];
     for l in &model.layers {
-        n += match &l.mixer {
-            Mixer::Attention(a) => {
-                a.q_proj.nbytes() + a.k_proj.nbytes() + a.v_proj.nbytes() + a.o_proj.nbytes()
-            }
+        match &l.mixer {
+            Mixer::Attention(a) => v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]),
             Mixer::DeltaNet(g) => {
                 let p = &g.proj;
-                let p = p.qkv.nbytes() + p.z.nbytes() + p.b.nbytes() + p.a.nbytes();
-                p + g.out_proj.nbytes() + g.conv_w.len() * 4
+                v.extend([&p.qkv, &p.z, &p.b, &p.a, &g.out_proj]);
             }
-        };
-        n += match &l.ffn {
+        }
+        match &l.ffn {
             Ffn::Moe(m) => {
-                m.router.nbytes()
-                    + m.shared
-                        .as_ref()
-                        .map_or(0, |s| s.gate.nbytes() + s.up.nbytes() + s.down.nbytes())
-                    + m.shared_gate.as_ref().map_or(0, Linear::nbytes)
+                v.push(&m.router);
+                if let Some(s) = &m.shared {
+                    v.extend([&s.gate, &s.up, &s.down]);
+                }
+                v.extend(m.shared_gate.as_ref());
             }
-            Ffn::Dense(d) => d.gate.nbytes() + d.up.nbytes() + d.down.nbytes(),
-        };
+            Ffn::Dense(d) => v.extend([&d.gate, &d.up, &d.down]),
+        }
     }
-    n
+    v
+}
+
+/// Bytes of dense weights one decoded token reads: every matrix of `dense_linears` and the
+/// GatedDeltaNet convolutions. The embedding contributes one row, ignored.
+pub fn dense_bytes_per_token(model: &Model) -> usize {
+    let conv: usize = model
+        .layers
+        .iter()
+        .map(|l| match &l.mixer {
+            Mixer::DeltaNet(g) => g.conv_w.len() * 4,
+            Mixer::Attention(_) => 0,
+        })
+        .sum();
+    conv + dense_linears(model)
+        .iter()
+        .map(|l| l.nbytes())
+        .sum::<usize>()
+}
+
+/// Multiply-adds of one prompt token's weight products, split by the arithmetic they run in:
+/// (int8, f32). int8: 2- and 4-bit affine matrices when activations are int8 (`act_int8`),
+/// `k` routed experts of `expert_bits` included; f32: the rest. Attention's scores and the
+/// recurrent state's updates are left out (small next to the weights at prompt lengths of a
+/// few thousand), and so is the head, which a prompt runs once per step, not per token.
+pub(crate) fn madds_per_token(
+    model: &Model,
+    k: usize,
+    expert_bits: u32,
+    act_int8: bool,
+) -> (f64, f64) {
+    let int8 = |bits: u32| act_int8 && matches!(bits, 2 | 4);
+    let (mut i8m, mut f32m) = (0f64, 0f64);
+    for l in dense_linears(model).into_iter().skip(1) {
+        let m = (l.rows() * l.cols()) as f64;
+        match l {
+            Linear::Affine { bits, .. } if int8(*bits) => i8m += m,
+            _ => f32m += m,
+        }
+    }
+    let c = &model.cfg;
+    let moe_layers = (0..c.num_layers).filter(|&l| c.is_moe_layer(l)).count();
+    let routed = (moe_layers * k * 3 * c.moe_intermediate_size * c.hidden_size) as f64;
+    if int8(expert_bits) {
+        i8m += routed;
+    } else {
+        f32m += routed;
+    }
+    (i8m, f32m)
 }
 
 /// Dense bytes held resident: those read per token plus the embedding table.

@@ -9,12 +9,14 @@ use serde_json::{Map, Value};
 
 use crate::error::Result;
 use crate::experts::ExpertStatsSnapshot;
+use crate::kernels::{act_quant, set_act_quant, ActQuant};
 use crate::loader::IoMode;
 use crate::model::{Ffn, ForwardStats, LayerTimes, Logits, Model, State};
 
+use super::accuracy::Restore;
 use super::{
-    dense_bytes_per_token, dense_bytes_total, moe_bytes_per_token, rss_bytes, warm_page_cache,
-    BenchOptions, Limits, ModelInfo, Section,
+    dense_bytes_per_token, dense_bytes_total, madds_per_token, moe_bytes_per_token, rss_bytes,
+    warm_page_cache, BenchOptions, Limits, ModelInfo, Section,
 };
 
 fn ms(d: Duration) -> f64 {
@@ -181,6 +183,25 @@ pub(crate) fn decode(
     session_run(model, &prompt[..1], 1, opts.prefill_chunk)?;
     let (_, warm) = session_run(model, &prompt, opts.tokens, opts.prefill_chunk)?;
     let (warm_tpt, _, _) = report_decode(&mut s, "warm", &warm, dense, limits, info.packed);
+    let aq = act_quant();
+    s.val("activations", aq.name());
+    if opts.compare {
+        // The other activation path's warm decode in the same run, so that its speed and the
+        // accuracy figures below sit beside each other.
+        let other = match aq {
+            ActQuant::Int8 => ActQuant::Exact,
+            ActQuant::Exact => ActQuant::Int8,
+        };
+        say(&format!("decode: warm, {} activations", other.name()));
+        let restore = Restore(aq);
+        set_act_quant(other);
+        let (_, o) = session_run(model, &prompt, opts.tokens, opts.prefill_chunk)?;
+        drop(restore);
+        let otpt = ms(o.decode) / o.steps.max(1) as f64;
+        s.num(&format!("warm_{}_tok_s", other.name()), 1e3 / otpt);
+    }
+    say("decode: int8 activations against exact (KL divergence, top-1 agreement)");
+    super::accuracy::report(&mut s, model, &prompt, opts.tokens)?;
 
     // Resident memory: the process before the model was loaded, plus dense weights + state +
     // K expert buffers, is what the design promises.
@@ -334,7 +355,7 @@ fn report_prefill(
     chunks: usize,
     l: &Limits,
     packed: bool,
-) {
+) -> f64 {
     let (cached, missed) = expert_bytes(&r.io, 1, packed);
     let (bd, bc, bm) = bound_ms(l, dense * chunks as f64, cached, missed);
     s.fig(&format!("{tag}_ttft"), "ms", ms(r.ttft), bd + bc + bm);
@@ -347,6 +368,34 @@ fn report_prefill(
     s.val(
         &format!("{tag}_phase_ms_per_token"),
         phases(&r.stats, r.steps, r.ttft),
+    );
+    bd + bc + bm
+}
+
+/// Prefill's compute bound beside its memory bound (`mem_ms`): the prompt's multiply-adds at
+/// the machine's f32 and int8 peaks, measured now, and the time against the larger of the two.
+fn prefill_compute_bound(s: &mut Section, model: &Model, info: &ModelInfo, r: &Run, mem_ms: f64) {
+    let (f32_peak, int8_peak) = crate::kernels::peak::peaks();
+    let int8 = act_quant() == ActQuant::Int8;
+    let (i8m, f32m) = madds_per_token(model, info.k, info.bits, int8);
+    let compute_ms = r.steps as f64 * (i8m / int8_peak + f32m / f32_peak) * 1e3;
+    s.num("f32_peak_gmac_s", f32_peak / 1e9);
+    s.num("int8_peak_gmac_s", int8_peak / 1e9);
+    s.val("int8_kernel", crate::kernels::int8mm::Kernel::best().name());
+    s.num("int8_gmac_per_token", i8m / 1e9);
+    s.num("f32_gmac_per_token", f32m / 1e9);
+    s.num("warm_prefill_compute_bound_ms", compute_ms);
+    s.num("warm_prefill_memory_bound_ms", mem_ms);
+    let ttft = ms(r.ttft);
+    s.fig(
+        "warm_prefill_vs_bound_ttft",
+        "ms",
+        ttft,
+        compute_ms.max(mem_ms),
+    );
+    s.num(
+        "warm_prefill_fraction_of_bound",
+        compute_ms.max(mem_ms) / ttft,
     );
 }
 
@@ -385,7 +434,7 @@ pub(crate) fn prefill(
     }
     say(&format!("prefill: warm, {n} tokens"));
     let (warm, _) = session_run(model, &prompt, 0, chunk)?;
-    report_prefill(
+    let mem_ms = report_prefill(
         &mut s,
         "warm_prefill",
         &warm,
@@ -394,6 +443,8 @@ pub(crate) fn prefill(
         limits,
         info.packed,
     );
+    say("prefill: f32 and int8 multiply-add peaks (the compute bound)");
+    prefill_compute_bound(&mut s, model, info, &warm, mem_ms);
     if let Some(d) = warm_tpt_ms {
         let per_tok = ms(warm.ttft) / n as f64;
         s.fig("warm_prefill_speedup", "x", d / per_tok, 20.0);

@@ -1,6 +1,7 @@
-//! The int8-activation affine matvec (opt-in, `ActQuant::Int8`): `x` quantised to int8 per
-//! weight group once per call, then integer dot products of the unsigned 2- or 4-bit codes
-//! with the int8 activations, as llama.cpp's `ggml_vec_dot_q4_0_q8_0` does. This file holds
+//! The int8-activation affine matvec (`ActQuant::Int8`, the CLI default; `--exact` keeps f32):
+//! `x` quantised to int8 per weight group once per call, then integer dot products of the
+//! unsigned 2- or 4-bit codes with the int8 activations, as llama.cpp's `ggml_vec_dot_q4_0_q8_0`
+//! does. This file holds
 //! the shared preparation of `x` and the portable twin of `x86::int8_rows`; both compute the
 //! same integers.
 //!
@@ -61,20 +62,8 @@ impl Int8Prep {
         let mut unit = Vec::with_capacity(ng);
         let mut xsum = Vec::with_capacity(ng);
         let mut natural = vec![0i8; x.len()];
-        for (xg, qg) in x.chunks_exact(group).zip(natural.chunks_exact_mut(group)) {
-            let sum = super::lanes::sum8(xg);
-            // A NaN or infinity anywhere in the group makes its sum non-finite.
-            if !sum.is_finite() {
-                return None;
-            }
-            let sx = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let inv = if sx > 0.0 { XQ_MAX / sx } else { 0.0 };
-            for (q, v) in qg.iter_mut().zip(xg) {
-                // Ties to even, as `_mm256_cvtps_epi32` rounds, so both preps agree exactly.
-                *q = (v * inv).round_ties_even() as i8;
-            }
-            unit.push(sx / XQ_MAX);
-            xsum.push(sum);
+        if !quantize_groups(group, x, &mut natural, &mut unit, &mut xsum) {
+            return None;
         }
         let mut xq = vec![0i8; nb * e];
         for (src, dst) in natural.chunks_exact(e).zip(xq.chunks_exact_mut(e)) {
@@ -92,6 +81,34 @@ impl Int8Prep {
             tail: x[nb * e..].to_vec(),
         })
     }
+}
+
+/// Quantises `x` per group of `group` into `q` (natural order), pushing each group's unit
+/// (`max|x_g| / 127`) and exact sum; false when a group holds a non-finite value (or sums past
+/// f32's range). Shared by the matvec's preparation and the batched one (`int8mm::Batch`).
+pub(crate) fn quantize_groups(
+    group: usize,
+    x: &[f32],
+    q: &mut [i8],
+    unit: &mut Vec<f32>,
+    xsum: &mut Vec<f32>,
+) -> bool {
+    for (xg, qg) in x.chunks_exact(group).zip(q.chunks_exact_mut(group)) {
+        let sum = super::lanes::sum8(xg);
+        // A NaN or infinity anywhere in the group makes its sum non-finite.
+        if !sum.is_finite() {
+            return false;
+        }
+        let sx = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let inv = if sx > 0.0 { XQ_MAX / sx } else { 0.0 };
+        for (q, v) in qg.iter_mut().zip(xg) {
+            // Ties to even, as `_mm256_cvtps_epi32` rounds, so both preps agree exactly.
+            *q = (v * inv).round_ties_even() as i8;
+        }
+        unit.push(sx / XQ_MAX);
+        xsum.push(sum);
+    }
+    true
 }
 
 /// Per row: `f_g = scale_g * unit_g` into `fbuf[..ng]` (the factor of a group's integer dot),

@@ -9,13 +9,17 @@
 //! Layout of the module:
 //! - `mod.rs`: the weight views, the public entry points and the choice of kernel (ISA, threads).
 //! - `reference.rs`: the plain twins. They document the formats and are what the tests trust.
-//! - `int8.rs`: the opt-in int8-activation affine matvec (`ActQuant::Int8`): preparation of
-//!   `x` and the portable twin of its AVX2 kernel.
+//! - `int8.rs`: the int8-activation affine matvec (`ActQuant::Int8`, the CLI default):
+//!   preparation of `x` and the portable twin of its AVX2 kernel.
+//! - `int8mm.rs`: the int8-activation affine product of many inputs (prefill): input and
+//!   weight-tile preparation, the plain twin of its tile kernels (`x86/int8mm.rs`: AVX2 and
+//!   AVX512-VNNI; `neon_int8mm.rs`: NEON `sdot`).
 //! - `lanes.rs`: the portable fast kernels, written over 8-lane arrays so LLVM vectorises them;
 //!   also the per-call preparation of `x` shared by every ISA.
 //! - `x86.rs`: AVX2+FMA(+F16C) kernels, picked at run time with `is_x86_feature_detected!`;
 //!   `x86/affine.rs` the exact affine matvec (codes read as `lanes::CodeRead` says);
 //!   `x86/few.rs` the affine product of a few inputs (prefill's routed experts).
+//! - `peak.rs`: the machine's measured f32 and int8 multiply-add peaks (prefill's bound).
 //! - `quantize.rs`: MLX's affine rule and a min-max baseline.
 //! - `blocked.rs`: the AVX2 prefill product (many inputs): dequantised weight tiles against
 //!   packed input panels in a 6x16 register tile.
@@ -29,13 +33,19 @@ mod blocked;
 mod elementwise;
 mod gemm;
 mod int8;
+pub(crate) mod int8mm;
 mod lanes;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "aarch64")]
+mod neon_int8mm;
+pub mod peak;
 mod quantize;
 mod reference;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_int8mm;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -333,7 +343,8 @@ impl Drop for CountOnDrop<'_> {
 const CHUNKS_PER_THREAD: usize = 8;
 
 /// How `matvec` treats the activations of 2- and 4-bit affine products; process-wide, set once
-/// at start-up (`flashmoe --int8-activations`).
+/// at start-up. The library's default is `Exact`; the `flashmoe` binary sets `Int8` unless
+/// `--exact` is given (`bench decode` reports the KL divergence and top-1 agreement of the two).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ActQuant {
     /// f32 arithmetic on the exact `x` (within 1e-5 relative of `matvec_ref`): what the golden
@@ -347,10 +358,21 @@ pub enum ActQuant {
     /// `Σ_g |scale_g| qmax group max|x_g| / 254`, about 1% relative in practice. On tiny-a
     /// (MLX 4-bit, hidden 128, `tests/int8_activations.rs`) that moves the logits of the first
     /// decode step by 0.28 and, compounding through the KV cache and recurrent state, by up to
-    /// 3 after 24 steps (logits up to ~3): golden tests cannot run with it. Only `matvec` (one
-    /// input: decode, and experts' single-token products) uses it; prefill products and 8-bit
-    /// weights stay exact.
+    /// 3 after 24 steps (logits up to ~3): golden tests cannot run with it. `matvec` (decode,
+    /// experts' single-token products) uses it, and so does `matmul` from `int8mm::MIN_N`
+    /// inputs up (prefill's dense products and well-used experts: `int8mm.rs`); 8-bit weights
+    /// stay exact.
     Int8,
+}
+
+impl ActQuant {
+    /// `exact` or `int8`, as reports and `--json` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActQuant::Exact => "exact",
+            ActQuant::Int8 => "int8",
+        }
+    }
 }
 
 static ACT_QUANT: AtomicU8 = AtomicU8::new(0);
@@ -457,7 +479,41 @@ pub(crate) fn matmul_with(
     n: usize,
     y: &mut [f32],
 ) {
-    matmul_impl(isa, par_min, Many::pick(isa, w, n), w, x, n, y)
+    let kernel = match w {
+        WeightView::Affine(a) if act_quant() == ActQuant::Int8 && int8mm_applies(a, n) => {
+            Many::Int8
+        }
+        _ => Many::pick(isa, w, n),
+    };
+    matmul_impl(isa, par_min, kernel, w, x, n, y)
+}
+
+/// Whether an int8-activation product of `n` inputs takes `int8mm` (2- and 4-bit codes, enough
+/// inputs to pay for unpacking each weight tile).
+fn int8mm_applies(a: &AffineView, n: usize) -> bool {
+    matches!(a.bits, 2 | 4) && n >= int8mm::MIN_N
+}
+
+/// `matmul_impl` by `int8mm` with its `kernel`; false (nothing written) when an input is not
+/// finite or the shape does not suit it.
+pub(crate) fn matmul_int8(
+    kernel: int8mm::Kernel,
+    par_min: usize,
+    a: &AffineView,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) -> bool {
+    let Some(batch) = int8mm::Batch::new(a.group, x, n, a.cols) else {
+        return false;
+    };
+    let (rows, cols) = (a.rows, a.cols);
+    let mut yt = vec![0f32; rows * n];
+    for_row_chunks(par_min, rows * cols * n, rows, n, &mut yt, |r0, ytc| {
+        int8mm::rows(kernel, a, &batch, r0, ytc)
+    });
+    transpose_into(&yt, rows, n, y);
+    true
 }
 
 /// The kernel of a product of several inputs.
@@ -471,6 +527,9 @@ pub(crate) enum Many {
     /// AVX2, affine weights: `x86/few.rs`, for a few inputs.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Few,
+    /// 2- and 4-bit affine weights with int8 activations: `int8mm.rs`, the best tile kernel
+    /// this CPU has.
+    Int8,
 }
 
 impl Many {
@@ -512,6 +571,20 @@ pub(crate) fn matmul_impl(
     if n == 1 {
         return matvec_with(isa, par_min, w, x, y);
     }
+    let kernel = match (kernel, w) {
+        (Many::Int8, WeightView::Affine(a)) => {
+            let k = match isa {
+                Isa::Portable => int8mm::Kernel::Plain,
+                _ => int8mm::Kernel::best(),
+            };
+            if matmul_int8(k, par_min, a, x, n, y) {
+                return;
+            }
+            Many::pick(isa, w, n)
+        }
+        (Many::Int8, _) => Many::pick(isa, w, n),
+        (k, _) => k,
+    };
     // Computed transposed, yt [rows, n], so that each parallel task owns a contiguous slice;
     // the transpose back costs n * rows, nothing next to n * rows * cols.
     #[cfg(target_arch = "x86_64")]

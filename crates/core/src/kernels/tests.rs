@@ -15,7 +15,7 @@ fn isas() -> Vec<Isa> {
     v
 }
 
-fn gauss(rng: &mut StdRng, n: usize) -> Vec<f32> {
+pub(super) fn gauss(rng: &mut StdRng, n: usize) -> Vec<f32> {
     // Box-Muller; rand 0.8 without rand_distr has no normal distribution.
     (0..n)
         .map(|_| {
@@ -26,7 +26,7 @@ fn gauss(rng: &mut StdRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-fn norm(v: &[f32]) -> f64 {
+pub(super) fn norm(v: &[f32]) -> f64 {
     v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt()
 }
 
@@ -45,7 +45,7 @@ fn assert_close(what: &str, w: &[f32], cols: usize, x: &[f32], got: &[f32], want
 }
 
 /// Owns the buffers of a random affine matrix.
-struct Affine {
+pub(super) struct Affine {
     bits: u32,
     group: usize,
     rows: usize,
@@ -60,7 +60,13 @@ struct Affine {
 }
 
 impl Affine {
-    fn random(rng: &mut StdRng, bits: u32, group: usize, rows: usize, cols: usize) -> Self {
+    pub(super) fn random(
+        rng: &mut StdRng,
+        bits: u32,
+        group: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Self {
         let ng = rows * cols / group;
         let w = (0..rows * cols * bits as usize / 32)
             .map(|_| rng.gen())
@@ -98,7 +104,7 @@ impl Affine {
 
     /// The view with scales in dtype `k` (0 bf16, 1 f16, 2 f32; 3 bf16 scales with f32
     /// biases, a mix no converter writes but the kernels accept).
-    fn view(&self, k: usize) -> WeightView<'_> {
+    pub(super) fn view(&self, k: usize) -> WeightView<'_> {
         let (scales, biases) = match k % 4 {
             0 => (Scales::Bf16(&self.sb), Scales::Bf16(&self.bb)),
             1 => (Scales::F16(&self.sh), Scales::F16(&self.bh)),

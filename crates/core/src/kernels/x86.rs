@@ -11,6 +11,7 @@
 
 mod affine;
 mod few;
+pub(crate) mod int8mm;
 
 #[cfg(test)]
 pub(crate) use affine::affine_prep_read;

@@ -14,6 +14,7 @@
 //!
 //! This module owns the on-disk format (types, validation, opening the dense store). Writing
 //! lives in `writer`/`pack`/`synth`, reading experts in `reader`.
+mod kept;
 mod pack;
 mod packer;
 mod reader;

@@ -9,9 +9,11 @@
 //!   resident (all but a few pages, `MAP_MIN_RESIDENT`) is not read at all: the weights view
 //!   the file's mapping in place, so a warm token costs no copy (a pread would read the bytes
 //!   once from the page cache, write them to a buffer and have the kernels read them again:
-//!   three passes over memory instead of one). The view is a `MapLease`, made on the I/O thread: it maps the pages in so the kernels
-//!   take no page faults, and unmaps them when the model drops the expert, so the resident set
-//!   does not grow with the page cache. `IoMode::Direct`
+//!   three passes over memory instead of one). The view is a `MapLease`, made on the I/O
+//!   thread: it maps the pages in so the kernels take no page faults. The most recently used
+//!   leases are kept (`kept.rs`, bounded, LRU), so a warm expert costs no page-table work per
+//!   token; an evicted one unmaps its pages when the model drops it, so the resident set does
+//!   not grow with the page cache. `IoMode::Direct`
 //!   opens the layer files `O_DIRECT`: offsets are multiples of the stride (4096-aligned) and
 //!   lengths are rounded up to 4096, inside the stride padding.
 //! - `verify` checks each read's crc32 against the manifest.
@@ -35,6 +37,7 @@ use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
 use crate::loader::IoMode;
 use crate::probe::resident_fraction;
 
+use super::kept::{self, Kept};
 use super::{align_up, packed_err, ExpertLayout, Manifest, EXPERT_ALIGN};
 
 /// Idle buffers kept for reuse.
@@ -105,6 +108,8 @@ struct Shared {
     queue_cv: Condvar,
     pool: Mutex<Vec<Arc<AlignedBuf>>>,
     counters: ExpertCounters,
+    /// `--io cached`: resident experts kept mapped between uses (bounded, LRU).
+    kept: Mutex<Kept>,
 }
 
 impl Shared {
@@ -142,9 +147,12 @@ impl Shared {
                     .fetch_add((frac * self.expert_bytes as f64) as u64, Ordering::Relaxed);
                 let view = match self.io {
                     IoMode::Cached if frac >= MAP_MIN_RESIDENT => {
-                        let all = frac >= 1.0;
-                        MapLease::new(map.clone(), off as usize, self.expert_bytes, all)
-                            .map(|lease| Buf::from_lease(Arc::new(lease)))
+                        self.kept_lease(map, layer, expert, off as usize, frac)
+                    }
+                    IoMode::Cached => {
+                        // Evicted (in part) since: read, and map it again when it is back.
+                        lock(&self.kept).remove((layer, expert));
+                        None
                     }
                     IoMode::Mapped if frac >= MAP_MIN_RESIDENT => {
                         // Map its pages once, on this I/O thread; they stay mapped. Pages
@@ -209,6 +217,36 @@ impl Shared {
         self.served(h, layer, expert, &b.as_slice()[..self.expert_bytes], t)?;
         self.give_back(&buf);
         Ok(Buf::from_heap(buf, 0, self.expert_bytes))
+    }
+
+    /// `--io cached`: a view of a resident expert through its kept lease, made (its pages
+    /// mapped in) on first use or after eviction; `None` when its pages could not be faulted in
+    /// (the caller reads it instead, which reports the error).
+    fn kept_lease(
+        &self,
+        map: &Arc<memmap2::Mmap>,
+        layer: usize,
+        expert: usize,
+        off: usize,
+        frac: f64,
+    ) -> Option<Buf> {
+        let key = (layer, expert);
+        let all = frac >= 1.0;
+        let kept = lock(&self.kept).get(key);
+        let lease = match kept {
+            // Pages reclaimed since it was mapped are read back in, as `--io mapped` does.
+            Some(l) if all || populate(map, off, self.expert_bytes, false) => l,
+            Some(_) => {
+                lock(&self.kept).remove(key);
+                return None;
+            }
+            None => {
+                let l = Arc::new(MapLease::new(map.clone(), off, self.expert_bytes, all)?);
+                lock(&self.kept).insert(key, l.clone());
+                l
+            }
+        };
+        Some(Buf::from_lease(lease))
     }
 
     /// Counts one expert served (its bytes now in `bytes`, since `t`), verifying its crc32 when
@@ -353,6 +391,11 @@ impl PackedExperts {
             queue_cv: Condvar::new(),
             pool: Mutex::new(Vec::new()),
             counters: ExpertCounters::default(),
+            kept: Mutex::new(Kept::new(kept::default_limit(
+                expert_bytes,
+                top_k,
+                layout.layers.len(),
+            ))),
         });
         let n = if threads == 0 {
             top_k.clamp(4, 16)
@@ -406,6 +449,25 @@ impl PackedExperts {
 
     pub fn io_threads(&self) -> usize {
         self.workers.len()
+    }
+
+    /// `--io cached`: how many resident experts are kept mapped between uses now, and the most
+    /// that may be.
+    pub fn kept_mapped(&self) -> (usize, usize) {
+        let k = lock(&self.shared.kept);
+        (k.len(), k.limit())
+    }
+
+    /// Whether expert `expert` of `layer` is kept mapped now.
+    pub fn is_kept_mapped(&self, layer: usize, expert: usize) -> bool {
+        lock(&self.shared.kept).contains((layer, expert))
+    }
+
+    /// Sets how many resident experts `--io cached` keeps mapped (0: none, each expert's pages
+    /// mapped in per use and dropped after, the behaviour before kept leases), evicting the
+    /// least recently used down to it now.
+    pub fn set_kept_mapped_limit(&self, limit: usize) {
+        lock(&self.shared.kept).set_limit(limit);
     }
 }
 
@@ -480,7 +542,7 @@ impl ExpertSource for PackedExperts {
     fn describe(&self) -> String {
         let io = match self.shared.io {
             IoMode::Cached => {
-                "through the page cache: experts mincore finds resident are used in place from the mapping, the others pread"
+                "through the page cache: experts mincore finds resident are used in place from the mapping (the most recently used kept mapped, up to a bound), the others pread"
             }
             IoMode::Pread => "pread through the page cache for every expert (cache hits measured with mincore)",
             IoMode::Direct => "pread O_DIRECT (page cache bypassed; no cache hits)",

@@ -93,10 +93,18 @@ pub fn row(report: &Value, model: &Path, notes: &str) -> Row {
         ("prefill", "warm_prefill_tok_s", "prefill_tok_s"),
         ("moe", "warm_moe_tok_s", "moe_tok_s"),
         ("kernels", "q4_matvec_bw_ratio", "q4_bw_ratio"),
+        ("decode", "warm_exact_tok_s", "exact_tok_s"),
+        ("decode", "warm_int8_tok_s", "int8_tok_s"),
+        ("decode", "int8_decode_kl_mean", "int8_kl"),
+        ("decode", "int8_decode_top1_agree", "int8_top1"),
+        ("decode", "int8_prompt_kl_mean", "int8_prompt_kl"),
     ] {
         if let Some(x) = num(report, sec, key) {
             extra.push(format!("{label}={x}"));
         }
+    }
+    if let Some(a) = get(report, "decode", "activations").and_then(Value::as_str) {
+        extra.push(format!("activations={a}"));
     }
     if !notes.is_empty() {
         extra.push(notes.to_string());
