@@ -1,0 +1,204 @@
+//! The recording side of a routing trace: one process-wide [`Recorder`] (installed by the
+//! front end that was given `--trace-routing`, like the int8-activation switch), and the
+//! [`RecordTap`] that [`crate::model::Model::forward`] wraps around its own tap while one is
+//! installed. A forward call's records are framed in memory and written with one `write_all`
+//! when the call returns, so a crash cuts at most the last call's records.
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::backend::{Backend, ExpertTimes};
+use crate::error::{Error, Result};
+use crate::model::tap::{Routing, Tap};
+use crate::model::{Ffn, Model};
+
+use super::format::{Header, Phase, RecordParts, Trace, TraceWriter, FLAG_HIDDEN};
+
+/// Where a process's routing records go.
+pub struct Recorder {
+    header: Header,
+    writer: Mutex<TraceWriter>,
+    request: AtomicU64,
+    /// 0: by the call's length (one token decode, more prefill); 1 prefill; 2 decode.
+    phase: AtomicU8,
+}
+
+static ACTIVE: OnceLock<Arc<Recorder>> = OnceLock::new();
+
+/// Makes `rec` the recorder every forward pass of this process writes to (once).
+pub fn install(rec: Arc<Recorder>) -> Result<()> {
+    ACTIVE
+        .set(rec)
+        .map_err(|_| Error::Invalid("a routing trace is already being recorded".into()))
+}
+
+/// The installed recorder, if any.
+pub fn active() -> Option<&'static Arc<Recorder>> {
+    ACTIVE.get()
+}
+
+impl Recorder {
+    /// Opens (or appends to) `path` for `model`; `hidden` also records each MoE layer's router
+    /// input. Returns a note for stderr when an old file's cut tail was removed.
+    pub fn create<B: Backend>(
+        path: &Path,
+        model: &Model<B>,
+        model_id: &str,
+        hidden: bool,
+    ) -> Result<(Recorder, Option<String>)> {
+        let cfg = &model.cfg;
+        let moe_layers: Vec<u16> = model
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l.ffn, Ffn::Moe(_)))
+            .map(|(i, _)| i as u16)
+            .collect();
+        if cfg.num_experts > u16::MAX as usize || cfg.num_layers > u16::MAX as usize {
+            return Err(Error::Invalid(format!(
+                "--trace-routing: {} experts / {} layers do not fit the trace format's 16-bit ids",
+                cfg.num_experts, cfg.num_layers
+            )));
+        }
+        let header = Header {
+            flags: if hidden { FLAG_HIDDEN } else { 0 },
+            layers: cfg.num_layers as u16,
+            experts: cfg.num_experts as u32,
+            k: model.top_k as u16,
+            hidden: cfg.hidden_size as u32,
+            expert_bytes: model.experts.expert_bytes() as u64,
+            moe_layers,
+            model_id: model_id.to_string(),
+        };
+        let (writer, note) = TraceWriter::open(path, &header)?;
+        // Request ids continue after an appended file's last one.
+        let next = match std::fs::metadata(path).map(|m| m.len()) {
+            Ok(n) if n > 0 => Trace::read(path)?
+                .records
+                .iter()
+                .map(|r| r.request + 1)
+                .max()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        Ok((
+            Recorder {
+                header,
+                writer: Mutex::new(writer),
+                request: AtomicU64::new(next),
+                phase: AtomicU8::new(0),
+            },
+            note,
+        ))
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Starts a new request (a prompt set on a session): later records carry the next id.
+    pub fn begin_request(&self) {
+        self.request.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Labels the following forward calls (`None`: by their length).
+    pub fn set_phase(&self, p: Option<Phase>) {
+        let v = match p {
+            None => 0,
+            Some(Phase::Prefill) => 1,
+            Some(Phase::Decode) => 2,
+        };
+        self.phase.store(v, Ordering::Relaxed);
+    }
+
+    /// Runs `f` (a forward call over `t` tokens from position `pos`) with `inner` wrapped in a
+    /// recording tap, then writes what it recorded.
+    pub fn run<T, R>(
+        &self,
+        pos: usize,
+        t: usize,
+        inner: T,
+        f: impl FnOnce(&mut RecordTap<'_, T>) -> Result<R>,
+    ) -> Result<R> {
+        let phase = match self.phase.load(Ordering::Relaxed) {
+            1 => Phase::Prefill,
+            2 => Phase::Decode,
+            _ if t == 1 => Phase::Decode,
+            _ => Phase::Prefill,
+        };
+        let mut tap = RecordTap {
+            inner,
+            rec: self,
+            pos: pos as u32,
+            phase,
+            request: self.request.load(Ordering::Relaxed),
+            buf: Vec::new(),
+        };
+        let r = f(&mut tap)?;
+        if !tap.buf.is_empty() {
+            // A poisoned lock only means another thread panicked mid-write; the file's
+            // framing makes a cut record detectable, so keep writing.
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            w.write(&tap.buf)?;
+        }
+        Ok(r)
+    }
+}
+
+/// Passes every point to `inner` and frames each MoE layer's routing as a trace record.
+pub struct RecordTap<'r, T> {
+    pub inner: T,
+    rec: &'r Recorder,
+    pos: u32,
+    phase: Phase,
+    request: u64,
+    buf: Vec<u8>,
+}
+
+impl<B: Backend, T: Tap<B>> Tap<B> for RecordTap<'_, T> {
+    fn tap(
+        &mut self,
+        be: &B,
+        name: &'static str,
+        layer: Option<usize>,
+        x: Option<&B::Buf>,
+    ) -> Result<()> {
+        self.inner.tap(be, name, layer, x)
+    }
+    fn wants(&self, name: &'static str) -> bool {
+        name == "routing" || self.inner.wants(name)
+    }
+    fn expert_times(&mut self, layer: usize, t: ExpertTimes) {
+        self.inner.expert_times(layer, t)
+    }
+    fn routing(&mut self, be: &B, layer: usize, r: &Routing<'_, B>) -> Result<()> {
+        self.inner.routing(be, layer, r)?;
+        let routes = r.routes.ok_or_else(|| {
+            Error::Invalid(format!(
+                "--trace-routing: layer {layer}'s routing stayed on the {} backend",
+                be.name()
+            ))
+        })?;
+        let gate = match r.shared_gate {
+            Some(g) => Some(be.download(g)?),
+            None => None,
+        };
+        let hidden = if self.rec.header.has_hidden() {
+            Some(be.download(r.input)?)
+        } else {
+            None
+        };
+        RecordParts {
+            request: self.request,
+            pos: self.pos,
+            layer: layer as u16,
+            phase: self.phase,
+            ids: &routes.ids,
+            weights: &routes.weights,
+            gate: gate.as_deref(),
+            hidden: hidden.as_deref(),
+        }
+        .encode(self.rec.header.k as usize, &mut self.buf);
+        Ok(())
+    }
+}
