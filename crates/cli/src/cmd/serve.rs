@@ -88,5 +88,6 @@ pub fn run(a: Args) -> Result<()> {
     a.model.opts.apply_kernel_switches()?;
     opts.load = a.model.opts.runtime_options()?;
     opts.load.model_name = a.served_model_name;
+    a.model.opts.trace.install(&a.model.model)?;
     serve(opts)
 }

@@ -103,3 +103,15 @@ pub fn warmup_accesses(tokens: usize, k: usize, moe_layers: usize) -> usize {
 
 #[cfg(test)]
 mod tests;
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        DEFAULT_POLICY
+    }
+}
+
+impl std::fmt::Display for CachePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

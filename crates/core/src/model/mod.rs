@@ -206,7 +206,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<Vec<f32>> {
         let tap = Standard::new(stats, hidden, self.cfg.num_layers);
         match crate::trace::active() {
-            Some(rec) => rec.run(state.pos, tokens.len(), tap, |tap| {
+            Some(rec) => rec.run(self, state.pos, tokens.len(), tap, |tap| {
                 self.forward_tapped(tokens, state, want, tap)
             }),
             None => self.forward_tapped(tokens, state, want, &mut { tap }),
@@ -246,7 +246,7 @@ impl<B: Backend> Model<B> {
     /// position's logits, reduced where they live (only the id reaches the host).
     pub fn forward_argmax(&self, tokens: &[u32], state: &mut State<B>) -> Result<u32> {
         let (x, _) = match crate::trace::active() {
-            Some(rec) => rec.run(state.pos, tokens.len(), NoTap, |tap| {
+            Some(rec) => rec.run(self, state.pos, tokens.len(), NoTap, |tap| {
                 self.layers_pass(tokens, state, tap)
             })?,
             None => self.layers_pass(tokens, state, &mut NoTap)?,

@@ -8,4 +8,4 @@ pub mod format;
 pub mod record;
 
 pub use format::{Header, Phase, Record, RecordParts, Trace, TraceWriter};
-pub use record::{active, install, RecordTap, Recorder};
+pub use record::{active, header_of, install, RecordTap, Recorder};

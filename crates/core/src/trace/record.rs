@@ -3,7 +3,7 @@
 //! [`RecordTap`] that [`crate::model::Model::forward`] wraps around its own tap while one is
 //! installed. A forward call's records are framed in memory and written with one `write_all`
 //! when the call returns, so a crash cuts at most the last call's records.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -14,10 +14,14 @@ use crate::model::{Ffn, Model};
 
 use super::format::{Header, Phase, RecordParts, Trace, TraceWriter, FLAG_HIDDEN};
 
-/// Where a process's routing records go.
+/// Where a process's routing records go. The file is opened (created, or checked and
+/// appended to) by [`Recorder::open_for`] once the model is known, or at the first forward
+/// call of a model loaded elsewhere (the server's).
 pub struct Recorder {
-    header: Header,
-    writer: Mutex<TraceWriter>,
+    path: PathBuf,
+    model_id: String,
+    hidden: bool,
+    open: Mutex<Option<(TraceWriter, Header)>>,
     request: AtomicU64,
     /// 0: by the call's length (one token decode, more prefill); 1 prefill; 2 decode.
     phase: AtomicU8,
@@ -37,66 +41,74 @@ pub fn active() -> Option<&'static Arc<Recorder>> {
     ACTIVE.get()
 }
 
+/// The trace header of `model`'s routing.
+pub fn header_of<B: Backend>(model: &Model<B>, model_id: &str, hidden: bool) -> Result<Header> {
+    let cfg = &model.cfg;
+    if cfg.num_experts > u16::MAX as usize || cfg.num_layers > u16::MAX as usize {
+        return Err(Error::Invalid(format!(
+            "--trace-routing: {} experts / {} layers do not fit the trace format's 16-bit ids",
+            cfg.num_experts, cfg.num_layers
+        )));
+    }
+    let moe_layers: Vec<u16> = model
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l.ffn, Ffn::Moe(_)))
+        .map(|(i, _)| i as u16)
+        .collect();
+    Ok(Header {
+        flags: if hidden { FLAG_HIDDEN } else { 0 },
+        layers: cfg.num_layers as u16,
+        experts: cfg.num_experts as u32,
+        k: model.top_k as u16,
+        hidden: cfg.hidden_size as u32,
+        expert_bytes: model.experts.expert_bytes() as u64,
+        moe_layers,
+        model_id: model_id.to_string(),
+    })
+}
+
 impl Recorder {
-    /// Opens (or appends to) `path` for `model`; `hidden` also records each MoE layer's router
-    /// input. Returns a note for stderr when an old file's cut tail was removed.
-    pub fn create<B: Backend>(
-        path: &Path,
-        model: &Model<B>,
-        model_id: &str,
-        hidden: bool,
-    ) -> Result<(Recorder, Option<String>)> {
-        let cfg = &model.cfg;
-        let moe_layers: Vec<u16> = model
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| matches!(l.ffn, Ffn::Moe(_)))
-            .map(|(i, _)| i as u16)
-            .collect();
-        if cfg.num_experts > u16::MAX as usize || cfg.num_layers > u16::MAX as usize {
-            return Err(Error::Invalid(format!(
-                "--trace-routing: {} experts / {} layers do not fit the trace format's 16-bit ids",
-                cfg.num_experts, cfg.num_layers
-            )));
-        }
-        let header = Header {
-            flags: if hidden { FLAG_HIDDEN } else { 0 },
-            layers: cfg.num_layers as u16,
-            experts: cfg.num_experts as u32,
-            k: model.top_k as u16,
-            hidden: cfg.hidden_size as u32,
-            expert_bytes: model.experts.expert_bytes() as u64,
-            moe_layers,
+    /// A recorder for `path`; `hidden` also records each MoE layer's router input.
+    pub fn new(path: &Path, model_id: &str, hidden: bool) -> Recorder {
+        Recorder {
+            path: path.to_path_buf(),
             model_id: model_id.to_string(),
-        };
-        let (writer, note) = TraceWriter::open(path, &header)?;
+            hidden,
+            open: Mutex::new(None),
+            request: AtomicU64::new(0),
+            phase: AtomicU8::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(TraceWriter, Header)>> {
+        // A panic mid-write leaves at worst a cut record, which the format detects.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens the file for `model` (creating it, or appending to a trace of the same model
+    /// after cutting off an incomplete tail). Returns a note for stderr about such a cut.
+    pub fn open_for<B: Backend>(&self, model: &Model<B>) -> Result<Option<String>> {
+        let mut g = self.lock();
+        if g.is_some() {
+            return Ok(None);
+        }
+        let header = header_of(model, &self.model_id, self.hidden)?;
+        let (writer, note) = TraceWriter::open(&self.path, &header)?;
         // Request ids continue after an appended file's last one.
-        let next = match std::fs::metadata(path).map(|m| m.len()) {
-            Ok(n) if n > 0 => Trace::read(path)?
-                .records
-                .iter()
-                .map(|r| r.request + 1)
-                .max()
-                .unwrap_or(0),
-            _ => 0,
-        };
-        Ok((
-            Recorder {
-                header,
-                writer: Mutex::new(writer),
-                request: AtomicU64::new(next),
-                phase: AtomicU8::new(0),
-            },
-            note,
-        ))
+        let next = Trace::read(&self.path)?
+            .records
+            .iter()
+            .map(|r| r.request + 1)
+            .max()
+            .unwrap_or(0);
+        self.request.fetch_max(next, Ordering::Relaxed);
+        *g = Some((writer, header));
+        Ok(note)
     }
 
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-
-    /// Starts a new request (a prompt set on a session): later records carry the next id.
+    /// Starts a new request (a generation of the engine): later records carry the next id.
     pub fn begin_request(&self) {
         self.request.fetch_add(1, Ordering::Relaxed);
     }
@@ -111,15 +123,19 @@ impl Recorder {
         self.phase.store(v, Ordering::Relaxed);
     }
 
-    /// Runs `f` (a forward call over `t` tokens from position `pos`) with `inner` wrapped in a
-    /// recording tap, then writes what it recorded.
-    pub fn run<T, R>(
+    /// Runs `f` (a forward call of `model` over `t` tokens from position `pos`) with `inner`
+    /// wrapped in a recording tap, then writes what it recorded.
+    pub fn run<B: Backend, T, R>(
         &self,
+        model: &Model<B>,
         pos: usize,
         t: usize,
         inner: T,
         f: impl FnOnce(&mut RecordTap<'_, T>) -> Result<R>,
     ) -> Result<R> {
+        if let Some(note) = self.open_for(model)? {
+            eprintln!("note: {note}");
+        }
         let phase = match self.phase.load(Ordering::Relaxed) {
             1 => Phase::Prefill,
             2 => Phase::Decode,
@@ -129,6 +145,7 @@ impl Recorder {
         let mut tap = RecordTap {
             inner,
             rec: self,
+            k: model.top_k,
             pos: pos as u32,
             phase,
             request: self.request.load(Ordering::Relaxed),
@@ -136,10 +153,9 @@ impl Recorder {
         };
         let r = f(&mut tap)?;
         if !tap.buf.is_empty() {
-            // A poisoned lock only means another thread panicked mid-write; the file's
-            // framing makes a cut record detectable, so keep writing.
-            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            w.write(&tap.buf)?;
+            if let Some((w, _)) = self.lock().as_mut() {
+                w.write(&tap.buf)?;
+            }
         }
         Ok(r)
     }
@@ -149,6 +165,7 @@ impl Recorder {
 pub struct RecordTap<'r, T> {
     pub inner: T,
     rec: &'r Recorder,
+    k: usize,
     pos: u32,
     phase: Phase,
     request: u64,
@@ -183,7 +200,7 @@ impl<B: Backend, T: Tap<B>> Tap<B> for RecordTap<'_, T> {
             Some(g) => Some(be.download(g)?),
             None => None,
         };
-        let hidden = if self.rec.header.has_hidden() {
+        let hidden = if self.rec.hidden {
             Some(be.download(r.input)?)
         } else {
             None
@@ -198,7 +215,7 @@ impl<B: Backend, T: Tap<B>> Tap<B> for RecordTap<'_, T> {
             gate: gate.as_deref(),
             hidden: hidden.as_deref(),
         }
-        .encode(self.rec.header.k as usize, &mut self.buf);
+        .encode(self.k, &mut self.buf);
         Ok(())
     }
 }
