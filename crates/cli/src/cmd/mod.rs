@@ -17,3 +17,4 @@ pub mod serve;
 pub mod synth;
 pub mod tokenize;
 pub mod tools;
+pub mod trace;

@@ -153,6 +153,9 @@ impl ExpertSource for CachedExperts {
     fn expert_bytes(&self) -> usize {
         self.inner.expert_bytes()
     }
+    fn cache_hits(&self) -> Option<(u64, u64)> {
+        Some(self.hits_misses())
+    }
     fn describe(&self) -> String {
         format!(
             "{} experts ({:.2} GB) kept in RAM by `{}`, in front of: {}",
