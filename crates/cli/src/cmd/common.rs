@@ -119,7 +119,7 @@ pub fn cache_policy(s: &str) -> Result<flashmoe_core::cache::CachePolicy, String
 impl TraceOpts {
     /// The expert cache `--expert-cache-gb` asks for, if any.
     pub fn expert_cache(&self) -> Option<flashmoe_core::cache::CacheSpec> {
-        (self.expert_cache_gb > 0.0).then(|| flashmoe_core::cache::CacheSpec {
+        (self.expert_cache_gb > 0.0).then_some(flashmoe_core::cache::CacheSpec {
             bytes: (self.expert_cache_gb * 1e9) as usize,
             policy: self.cache_policy,
             warmup_tokens: flashmoe_core::cache::DEFAULT_WARMUP_TOKENS,

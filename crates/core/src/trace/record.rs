@@ -4,7 +4,7 @@
 //! installed. A forward call's records are framed in memory and written with one `write_all`
 //! when the call returns, so a crash cuts at most the last call's records.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::backend::{Backend, ExpertTimes};
@@ -22,7 +22,8 @@ pub struct Recorder {
     model_id: String,
     hidden: bool,
     open: Mutex<Option<(TraceWriter, Header)>>,
-    request: AtomicU64,
+    /// The current request id, and whether it has no records yet.
+    request: Mutex<(u64, bool)>,
     /// 0: by the call's length (one token decode, more prefill); 1 prefill; 2 decode.
     phase: AtomicU8,
 }
@@ -77,7 +78,7 @@ impl Recorder {
             model_id: model_id.to_string(),
             hidden,
             open: Mutex::new(None),
-            request: AtomicU64::new(0),
+            request: Mutex::new((0, true)),
             phase: AtomicU8::new(0),
         }
     }
@@ -103,14 +104,29 @@ impl Recorder {
             .map(|r| r.request + 1)
             .max()
             .unwrap_or(0);
-        self.request.fetch_max(next, Ordering::Relaxed);
+        let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        r.0 = r.0.max(next);
         *g = Some((writer, header));
         Ok(note)
     }
 
     /// Starts a new request (a generation of the engine): later records carry the next id.
+    /// A forward call from position 0 (a fresh sequence) starts one too.
     pub fn begin_request(&self) {
-        self.request.fetch_add(1, Ordering::Relaxed);
+        let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        if !r.1 {
+            *r = (r.0 + 1, true);
+        }
+    }
+
+    /// The id of a forward call's records from position `pos`.
+    fn request_for(&self, pos: usize) -> u64 {
+        let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        if pos == 0 && !r.1 {
+            r.0 += 1;
+        }
+        r.1 = false;
+        r.0
     }
 
     /// Labels the following forward calls (`None`: by their length).
@@ -148,7 +164,7 @@ impl Recorder {
             k: model.top_k,
             pos: pos as u32,
             phase,
-            request: self.request.load(Ordering::Relaxed),
+            request: self.request_for(pos),
             buf: Vec::new(),
         };
         let r = f(&mut tap)?;
