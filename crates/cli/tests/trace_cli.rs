@@ -17,7 +17,7 @@ fn json(out: std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
-fn record(model: &Path, trace: &Path, hidden: bool) {
+fn record(model: &Path, trace: &Path, hidden: bool) -> Vec<u8> {
     let mut cmd = bin();
     cmd.args(["generate", "--backend", "cpu", "--ids", PROMPT])
         .args(["--tokens", &NEW.to_string()])
@@ -28,7 +28,7 @@ fn record(model: &Path, trace: &Path, hidden: bool) {
     if hidden {
         cmd.arg("--trace-hidden");
     }
-    run_ok(&mut cmd);
+    run_ok(&mut cmd).stdout
 }
 
 fn setup(name: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
@@ -44,7 +44,16 @@ fn record_then_stats_simulate_predict_and_replay_agree() {
     let Some((model, dir, trace)) = setup("trace-e2e") else {
         return;
     };
-    record(&model, &trace, true);
+    let traced = record(&model, &trace, true);
+    // Recording does not change what is generated.
+    let plain = run_ok(
+        bin()
+            .args(["generate", "--backend", "cpu", "--ids", PROMPT])
+            .args(["--tokens", &NEW.to_string()])
+            .arg("--model")
+            .arg(&model),
+    );
+    assert_eq!(traced, plain.stdout);
     let n_prompt = PROMPT.split(',').count();
     // generate feeds the prompt, then NEW - 1 single-token steps.
     let tokens = n_prompt + NEW - 1;

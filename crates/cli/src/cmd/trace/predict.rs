@@ -378,3 +378,30 @@ pub fn run(a: Args) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ridge_recovers_a_linear_map_and_top_ranks() {
+        // y = [2 x0 - x1, x1 + 3] from exact samples; a tiny penalty barely moves it.
+        let xs: Vec<Vec<f64>> = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0], [0.5, 3.0]]
+            .iter()
+            .map(|x| vec![x[0], x[1], 1.0])
+            .collect();
+        let ys: Vec<Vec<f64>> = xs
+            .iter()
+            .map(|x| vec![2.0 * x[0] - x[1], x[1] + 3.0])
+            .collect();
+        let w = ridge(&xs, &ys, 3, 2, 1e-9).unwrap();
+        let want = [2.0, 0.0, -1.0, 1.0, 0.0, 3.0];
+        for (a, b) in w.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{w:?}");
+        }
+        assert_eq!(top(&[0.1, 0.9, 0.5, 0.9], 3), [1, 3, 2]);
+        let mut s = Score::default();
+        s.add(&[3, 1, 0, 2], &[1, 2], 2);
+        assert_eq!((s.hit_k, s.hit_2k, s.pred_k, s.pred_2k), (1, 2, 2, 4));
+    }
+}

@@ -259,3 +259,45 @@ pub fn run(a: Args) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashmoe_core::trace::Phase;
+
+    fn tok(pos: u32, experts: &[u16]) -> Token {
+        Token {
+            request: 0,
+            pos,
+            phase: Phase::Decode,
+            experts: vec![experts.to_vec()],
+            hidden: vec![None],
+        }
+    }
+
+    #[test]
+    fn stack_distance_overlap_and_skew_by_hand() {
+        // K 2 over 4 experts. Accesses in ascending id per token:
+        // t0: 0 1 (first, first); t1: 1 2 (d 0: only 0 used since... stack [1,0] -> 1 at 0;
+        // 2 first); t2: 0 3 (stack [2,1,0] -> 0 at 2; 3 first).
+        let toks = [tok(0, &[1, 0]), tok(1, &[2, 1]), tok(2, &[3, 0])];
+        let s = layer_stats(&toks, 0, 5, 4, 2);
+        assert_eq!(s.counts, [2, 2, 1, 1]);
+        assert_eq!(s.first_uses, 4);
+        assert_eq!(s.dist, [1, 0, 1, 0]);
+        assert_eq!(s.reuse, [1, 0, 1, 0]);
+        // overlaps: t1 vs t0 share {1}: 1/2; t2 vs t1 share nothing.
+        assert_eq!(s.overlaps, [0.5, 0.0]);
+        // top 10% of 4 experts is one expert: 2 of 6 routings.
+        assert!((s.top_share(0.10) - 2.0 / 6.0).abs() < 1e-12);
+        // A gap in positions is not a consecutive pair.
+        let gap = [tok(0, &[1, 0]), tok(5, &[1, 0])];
+        assert!(layer_stats(&gap, 0, 0, 4, 2).overlaps.is_empty());
+        // Working set: windows of 2 tokens -> {0,1,2} then the partial last one left out.
+        assert_eq!(working_set(&toks, 2), 3.0);
+        assert_eq!(working_set(&toks, 1), 2.0);
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(1), 1);
+        assert_eq!((bucket(2), bucket(3), bucket(4)), (2, 2, 3));
+    }
+}
