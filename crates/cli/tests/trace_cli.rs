@@ -137,6 +137,30 @@ fn record_then_stats_simulate_predict_and_replay_agree() {
         }
     }
     assert!(sim["hierarchy"]["policies"].as_array().unwrap().len() == 6);
+    // Time per token from a bench report's bandwidths: cached bytes at memory bandwidth,
+    // missed bytes at disk bandwidth.
+    let bench = dir.join("bench.json");
+    std::fs::write(
+        &bench,
+        r#"{"machine": {"mem_read_bw_gbs": 8.0, "disk_read_bw_gbs": 0.5}}"#,
+    )
+    .unwrap();
+    let sim = json(run_ok(
+        bin()
+            .args(["trace", "simulate", "--json", "--cache-gb", "0.002"])
+            .arg(&trace)
+            .arg("--bench")
+            .arg(&bench),
+    ));
+    for r in sim["sizes"][0]["policies"].as_array().unwrap() {
+        let (c, d) = (
+            r["cached_bytes_per_token"].as_f64().unwrap(),
+            r["disk_bytes_per_token"].as_f64().unwrap(),
+        );
+        let want = c / 8.0 / 1e6 + d / 0.5 / 1e6;
+        let got = r["ms_per_token"].as_f64().unwrap();
+        assert!((got - want).abs() <= 2e-3 * want, "{got} vs {want}");
+    }
 
     let pred = json(run_ok(
         bin()

@@ -39,6 +39,57 @@ pub struct Args {
     /// Ridge penalty of the linear probe
     #[arg(long, default_value_t = 1e-2)]
     pub ridge: f64,
+    /// The probe reads a fixed random projection of the hidden state to this many
+    /// dimensions when the model is wider (its normal equations grow with the square)
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=8192))]
+    pub probe_dims: u32,
+}
+
+/// A fixed random projection `[dims, hidden]` of +-1/sqrt(dims) (Achlioptas), or none when
+/// the hidden state is no wider than `dims`.
+struct Projection {
+    dims: usize,
+    m: Option<Vec<f32>>,
+}
+
+impl Projection {
+    fn new(hidden: usize, dims: usize) -> Projection {
+        if hidden <= dims {
+            return Projection {
+                dims: hidden,
+                m: None,
+            };
+        }
+        // A small fixed-seed generator (splitmix64): the same projection every run.
+        let mut z = 0x9e37_79b9_7f4a_7c15u64;
+        let s = 1.0 / (dims as f32).sqrt();
+        let m = (0..dims * hidden)
+            .map(|_| {
+                z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut x = z;
+                x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                if (x ^ (x >> 31)) & 1 == 0 {
+                    s
+                } else {
+                    -s
+                }
+            })
+            .collect();
+        Projection { dims, m: Some(m) }
+    }
+
+    /// The probe's features of hidden state `h`: projected, then a constant 1.
+    fn features(&self, h: &[f32]) -> Vec<f64> {
+        let v: Vec<f64> = match &self.m {
+            None => h.iter().map(|&v| v as f64).collect(),
+            Some(m) => m
+                .chunks_exact(h.len())
+                .map(|row| row.iter().zip(h).map(|(a, b)| (a * b) as f64).sum())
+                .collect(),
+        };
+        v.into_iter().chain([1.0]).collect()
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -156,10 +207,6 @@ fn ridge(x: &[Vec<f64>], y: &[Vec<f64>], d: usize, e: usize, lambda: f64) -> Res
     Ok(b)
 }
 
-fn features(h: &[f32]) -> Vec<f64> {
-    h.iter().map(|&v| v as f64).chain([1.0]).collect()
-}
-
 /// The previous token's experts at `li` (then the one before's), if it directly precedes.
 fn prev_token(toks: &[Token], i: usize, li: usize) -> Option<Vec<u16>> {
     let p = toks.get(i.checked_sub(1)?)?;
@@ -195,6 +242,7 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let nm = h.moe_layers.len();
+    let proj = Projection::new(hd, a.probe_dims as usize);
     let model: Option<Model> =
         match &a.model {
             Some(dir) => {
@@ -244,7 +292,7 @@ pub fn run(a: Args) -> Result<()> {
             for i in train.clone() {
                 if let (Some(x), false) = (&toks[i].hidden[li - 1], toks[i].experts[li].is_empty())
                 {
-                    xs.push(features(x));
+                    xs.push(proj.features(x));
                     let mut y = vec![0f64; ne];
                     for &e in &toks[i].experts[li] {
                         y[e as usize] = 1.0;
@@ -254,7 +302,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             match xs.is_empty() {
                 true => None,
-                false => Some(ridge(&xs, &ys, hd + 1, ne, a.ridge)?),
+                false => Some(ridge(&xs, &ys, proj.dims + 1, ne, a.ridge)?),
             }
         } else {
             None
@@ -285,7 +333,7 @@ pub fn run(a: Args) -> Result<()> {
                 scores[2].1[li].add(&top(&l, 2 * k), actual, k);
             }
             if let Some(w) = &probe {
-                let f = features(x);
+                let f = proj.features(x);
                 let s: Vec<f64> = (0..ne)
                     .map(|e| f.iter().enumerate().map(|(j, v)| v * w[j * ne + e]).sum())
                     .collect();
@@ -337,6 +385,7 @@ pub fn run(a: Args) -> Result<()> {
     let report = json!({
         "file": a.file.file.display().to_string(),
         "model": h.model_id, "k": k, "tokens": toks.len(), "train_tokens": split,
+        "probe_dims": proj.dims,
         "eval_tokens": ntok, "expert_bytes": h.expert_bytes,
         "predictors": preds, "prefetch_next": verdict, "notes": notes,
     });
