@@ -435,6 +435,8 @@ impl Trace {
 pub struct TraceWriter {
     file: File,
     path: PathBuf,
+    /// The request id after the last one already in an appended file (0 for a new file).
+    pub next_request: u64,
 }
 
 impl TraceWriter {
@@ -445,8 +447,10 @@ impl TraceWriter {
             .map(|m| m.len() > 0)
             .unwrap_or(false);
         let mut note = None;
+        let mut next_request = 0;
         if exists {
             let old = Trace::read(path)?;
+            next_request = old.records.iter().map(|r| r.request + 1).max().unwrap_or(0);
             if old.header != *header {
                 return Err(Error::Trace {
                     path: path.to_path_buf(),
@@ -492,6 +496,7 @@ impl TraceWriter {
             TraceWriter {
                 file,
                 path: path.to_path_buf(),
+                next_request,
             },
             note,
         ))

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::tap::{Routing, Tap};
 use crate::model::{Ffn, Model};
 
-use super::format::{Header, Phase, RecordParts, Trace, TraceWriter, FLAG_HIDDEN};
+use super::format::{Header, Phase, RecordParts, TraceWriter, FLAG_HIDDEN};
 
 /// Where a process's routing records go. The file is opened (created, or checked and
 /// appended to) by [`Recorder::open_for`] once the model is known, or at the first forward
@@ -98,12 +98,7 @@ impl Recorder {
         let header = header_of(model, &self.model_id, self.hidden)?;
         let (writer, note) = TraceWriter::open(&self.path, &header)?;
         // Request ids continue after an appended file's last one.
-        let next = Trace::read(&self.path)?
-            .records
-            .iter()
-            .map(|r| r.request + 1)
-            .max()
-            .unwrap_or(0);
+        let next = writer.next_request;
         let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
         r.0 = r.0.max(next);
         *g = Some((writer, header));
