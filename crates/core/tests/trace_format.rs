@@ -161,6 +161,15 @@ fn damaged_bytes_are_errors_naming_the_offset() {
             && e.contains("checksum"),
         "{e}"
     );
+    // A damaged length field is not mistaken for a cut tail.
+    let mut bad = full.clone();
+    bad[second + 5] = 0x7f;
+    std::fs::write(&p, &bad).unwrap();
+    let e = Trace::read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("offset {}", second + 2)) && e.contains("length"),
+        "{e}"
+    );
     // A broken record magic.
     let mut bad = full.clone();
     bad[second] = b'X';

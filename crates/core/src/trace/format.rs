@@ -366,6 +366,23 @@ fn parse_record(h: &Header, path: &Path, body: &[u8], base: u64) -> Result<Recor
     })
 }
 
+/// Bytes of a record body from its fixed part (the first 20 bytes of `body`), if present.
+fn body_len(h: &Header, body: &[u8]) -> Option<usize> {
+    if body.len() < 20 {
+        return None;
+    }
+    let t = u32::from_le_bytes([body[12], body[13], body[14], body[15]]) as usize;
+    let flags = body[19];
+    let tk = t * h.k as usize;
+    let gate = if flags & 1 != 0 { 4 * t } else { 0 };
+    let hidden = if flags & 2 != 0 {
+        2 * t * h.hidden as usize
+    } else {
+        0
+    };
+    Some(20 + 4 * tk + gate + hidden)
+}
+
 impl Trace {
     /// Reads a trace. An incomplete last record is not an error (see `truncated_at`); a
     /// damaged one is, naming its offset.
@@ -391,6 +408,19 @@ impl Trace {
                 });
             }
             let n = u32::from_le_bytes([b[at + 2], b[at + 3], b[at + 4], b[at + 5]]) as usize;
+            // The length a record of its token count and flags has: a damaged length field
+            // must not pass for a cut tail (and hide every record after it).
+            if let Some(want) = body_len(&header, &b[at + 6..]) {
+                if want != n {
+                    return Err(Error::Trace {
+                        path: path.to_path_buf(),
+                        offset: at as u64 + 2,
+                        msg: format!(
+                            "record length {n} where its token count and flags make {want}                              (damaged file)"
+                        ),
+                    });
+                }
+            }
             let end = at + 6 + n + 4;
             if end > b.len() {
                 truncated_at = Some(at as u64);
