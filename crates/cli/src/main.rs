@@ -43,6 +43,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// OpenAI-compatible HTTP server (chat and text completions, streaming, tools, metrics).
     Serve(cmd::serve::Args),
+    /// Analyse a routing trace (--trace-routing): stats, cache-policy simulation, prediction.
+    Trace(cmd::trace::Args),
 }
 
 fn main() {
@@ -61,6 +63,7 @@ fn main() {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Trace(a) => cmd::trace::run(a),
     };
     if let Err(e) = r {
         if cmd::out::is_stdout_closed(&e) {

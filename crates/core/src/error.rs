@@ -49,6 +49,13 @@ pub enum Error {
         inf: usize,
         vocab: usize,
     },
+    /// A routing trace (`--trace-routing`) that cannot be read or appended to, at `offset`.
+    #[error("{path}: routing trace, at byte offset {offset}: {msg}")]
+    Trace {
+        path: PathBuf,
+        offset: u64,
+        msg: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }

@@ -78,6 +78,10 @@ pub trait ExpertSource: Send + Sync {
     /// Bytes of one expert as stored (for bounds and reports).
     fn expert_bytes(&self) -> usize;
     fn describe(&self) -> String;
+    /// (hits, misses) of a RAM expert cache in front of the reads (`crate::cache`), if any.
+    fn cache_hits(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// How one layer's experts sit in a checkpoint.

@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod buf;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod packed;
 pub mod probe;
 pub mod session;
 pub mod store;
+pub mod trace;
 pub mod weights;
 
 pub use error::{Error, Result};

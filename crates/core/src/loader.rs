@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use crate::backend::{Backend, Cpu};
+use crate::cache::CachedExperts;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::experts::StoreExperts;
+use crate::experts::{ExpertSource, StoreExperts};
 use crate::model::Model;
 use crate::packed::{self, Manifest, PackedExperts};
 use crate::store::TensorStore;
@@ -37,6 +38,8 @@ pub struct LoadOptions {
     pub verify: bool,
     /// Routed experts per token; None keeps the config's.
     pub top_k: Option<usize>,
+    /// A RAM expert cache in front of the expert source (`--expert-cache-gb`).
+    pub expert_cache: Option<crate::cache::CacheSpec>,
 }
 
 pub fn open_model(dir: &Path, opts: &LoadOptions) -> Result<Model> {
@@ -77,7 +80,7 @@ pub fn open_model_on<B: Backend>(be: B, dir: &Path, opts: &LoadOptions) -> Resul
             "not a model directory: no manifest.json (flashmoe packed model) and no config.json (checkpoint)",
         ));
     } else {
-        open_checkpoint(be, dir)?
+        open_checkpoint(be, dir, opts)?
     };
     if let Some(k) = opts.top_k {
         model.set_top_k(k)?;
@@ -85,11 +88,29 @@ pub fn open_model_on<B: Backend>(be: B, dir: &Path, opts: &LoadOptions) -> Resul
     Ok(model)
 }
 
-fn open_checkpoint<B: Backend>(be: B, dir: &Path) -> Result<Model<B>> {
+fn open_checkpoint<B: Backend>(be: B, dir: &Path, opts: &LoadOptions) -> Result<Model<B>> {
     let cfg = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_checkpoint(dir, &cfg)?;
-    let experts = StoreExperts::new(&store, &cfg)?;
-    Model::load_on(be, cfg, &store, Box::new(experts))
+    let experts = with_cache(Box::new(StoreExperts::new(&store, &cfg)?), &cfg, opts);
+    Model::load_on(be, cfg, &store, experts)
+}
+
+/// `experts` behind the RAM cache `opts` asks for, if any.
+fn with_cache(
+    experts: Box<dyn ExpertSource>,
+    cfg: &ModelConfig,
+    opts: &LoadOptions,
+) -> Box<dyn ExpertSource> {
+    match opts.expert_cache {
+        Some(spec) => {
+            let moe: Vec<usize> = (0..cfg.num_layers)
+                .filter(|&l| cfg.is_moe_layer(l))
+                .collect();
+            let k = opts.top_k.unwrap_or(cfg.num_experts_per_tok);
+            Box::new(CachedExperts::new(experts, spec, &moe, k))
+        }
+        None => experts,
+    }
 }
 
 /// A flashmoe packed model: dense tensors mmap'd from `dense.bin`, experts read by
@@ -104,5 +125,6 @@ fn open_packed<B: Backend>(be: B, dir: &Path, opts: &LoadOptions) -> Result<Mode
     }
     let k = opts.top_k.unwrap_or(cfg.num_experts_per_tok);
     let experts = PackedExperts::open(dir, &man, cfg.num_layers, k, opts.io, opts.verify, 0)?;
-    Model::load_on(be, cfg, &store, Box::new(experts))
+    let experts = with_cache(Box::new(experts), &cfg, opts);
+    Model::load_on(be, cfg, &store, experts)
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::model::{ForwardStats, Logits, Model, State};
+use crate::trace::Phase;
 
 /// A backend's copy of a sequence's state, for prefix reuse. Only the backend that saved it
 /// can restore it.
@@ -273,6 +274,24 @@ impl Session {
 
     /// Appends tokens (chunked prefill) and returns the logits after the last one.
     pub fn feed(&mut self, toks: &[u32]) -> Result<&[f32]> {
+        self.feed_as(toks, Phase::Prefill)
+    }
+
+    /// [`Session::feed`], labelled `phase` in a routing trace being recorded.
+    fn feed_as(&mut self, toks: &[u32], phase: Phase) -> Result<&[f32]> {
+        let rec = crate::trace::active();
+        if let Some(r) = rec {
+            r.set_phase(Some(phase));
+        }
+        let r = self.feed_chunks(toks);
+        if let Some(r) = rec {
+            r.set_phase(None);
+        }
+        r?;
+        Ok(&self.last_logits)
+    }
+
+    fn feed_chunks(&mut self, toks: &[u32]) -> Result<()> {
         self.model.check_tokens_at(toks, self.backend.pos())?;
         for chunk in toks.chunks(self.prefill_chunk.max(1)) {
             match self.backend.forward(chunk, Logits::Last, &mut self.stats) {
@@ -286,7 +305,7 @@ impl Session {
             }
             self.tokens.extend_from_slice(chunk);
         }
-        Ok(&self.last_logits)
+        Ok(())
     }
 
     /// Makes the state hold exactly `prompt`, reusing the longest saved or live state whose
@@ -369,7 +388,7 @@ impl Session {
 
     /// Decodes one token: appends it and returns the next logits.
     pub fn step(&mut self, tok: u32) -> Result<&[f32]> {
-        self.feed(&[tok])
+        self.feed_as(&[tok], Phase::Decode)
     }
 
     pub fn state_bytes(&self) -> usize {

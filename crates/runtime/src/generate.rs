@@ -122,6 +122,10 @@ impl Engine {
         // A model file changed since it was mapped: refuse before touching any weight.
         mapguard::check_unchanged_in(&self.dir)?;
         let (prompt, max_new) = self.prepare(req)?;
+        // A routing trace being recorded numbers its records by request.
+        if let Some(r) = flashmoe_core::trace::active() {
+            r.begin_request();
+        }
         let prepare_ms = ms(t0);
         let io0 = self.model().experts.counters().snapshot();
 

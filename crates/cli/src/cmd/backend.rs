@@ -56,6 +56,20 @@ pub fn runner(model: Arc<Model>, args: &ModelOpts) -> Result<Box<dyn SeqBackend>
 /// without one fails when the backend is built, with the device's reason.
 pub fn engine_backend(args: &ModelOpts) -> Result<Option<BackendFactory>> {
     let gpu = args.gpu();
+    if args.trace.trace_routing.is_some() {
+        // The routing is recorded through the core model's taps; the CUDA backend runs its
+        // own forward pass.
+        match args.backend {
+            BackendKind::Cuda => anyhow::bail!(
+                "--trace-routing records through the CPU model's forward pass: use --backend cpu"
+            ),
+            BackendKind::Auto if cuda_available() => {
+                eprintln!("note: --trace-routing runs on the CPU backend")
+            }
+            _ => {}
+        }
+        return Ok(None);
+    }
     let f = match args.backend {
         BackendKind::Cpu => None,
         BackendKind::Cuda => Some(cuda_factory(false, gpu)?),

@@ -92,6 +92,81 @@ pub struct ModelOpts {
     pub ctx_size: Option<u64>,
     #[command(flatten)]
     pub threads: Threads,
+    #[command(flatten)]
+    pub trace: TraceOpts,
+}
+
+/// `--trace-routing FILE` and the CPU expert cache's size and policy (issue 22).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TraceOpts {
+    /// Record every token's routed experts and router weights per MoE layer (with the
+    /// shared-expert gate, position, request id and phase) to FILE, appending to a trace of the
+    /// same model; analyse it with `flashmoe trace`. Runs on the CPU backend
+    #[arg(long, value_name = "FILE")]
+    pub trace_routing: Option<PathBuf>,
+    /// With --trace-routing: also record each MoE layer's router input (f16, 2*hidden bytes per
+    /// token and layer), for `flashmoe trace predict`'s linear probe and --model checks
+    #[arg(long, requires = "trace_routing")]
+    pub trace_hidden: bool,
+    /// CPU: RAM for experts kept between tokens, in GB, in front of the expert reads (default
+    /// 0: the OS page cache alone). `flashmoe trace simulate` tells what a size and policy
+    /// would hit on a recorded trace
+    #[arg(long, value_name = "GB", default_value_t = 0.0, value_parser = gb_size)]
+    pub expert_cache_gb: f64,
+    /// Replacement policy of --expert-cache-gb: lru, lfu (with aging), arc, layer-lfu (equal
+    /// share per layer), static (pins the most used experts after a warm-up)
+    #[arg(long, value_name = "POLICY", default_value_t = flashmoe_core::cache::DEFAULT_POLICY,
+          value_parser = cache_policy)]
+    pub cache_policy: flashmoe_core::cache::CachePolicy,
+}
+
+/// `--cache-policy NAME`.
+pub fn cache_policy(s: &str) -> Result<flashmoe_core::cache::CachePolicy, String> {
+    use flashmoe_core::cache::CachePolicy;
+    CachePolicy::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = CachePolicy::ALL.iter().map(|p| p.name()).collect();
+        format!("`{s}` is not a cache policy (one of: {})", names.join(", "))
+    })
+}
+
+impl TraceOpts {
+    /// The expert cache `--expert-cache-gb` asks for, if any.
+    pub fn expert_cache(&self) -> Option<flashmoe_core::cache::CacheSpec> {
+        (self.expert_cache_gb > 0.0).then_some(flashmoe_core::cache::CacheSpec {
+            bytes: (self.expert_cache_gb * 1e9) as usize,
+            policy: self.cache_policy,
+            warmup_tokens: flashmoe_core::cache::DEFAULT_WARMUP_TOKENS,
+        })
+    }
+
+    /// Installs the process's routing recorder for the model in `dir` when --trace-routing
+    /// was given (its file is opened at the first forward pass unless [`Self::open`] is
+    /// called first).
+    pub fn install(&self, dir: &std::path::Path) -> Result<()> {
+        let Some(path) = &self.trace_routing else {
+            return Ok(());
+        };
+        let id = dir
+            .file_name()
+            .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
+        let rec = flashmoe_core::trace::Recorder::new(path, &id, self.trace_hidden);
+        flashmoe_core::trace::install(std::sync::Arc::new(rec))?;
+        Ok(())
+    }
+
+    /// Opens the installed recorder's file for `model` now, so a wrong file fails before
+    /// any work.
+    pub fn open(&self, model: &Model) -> Result<()> {
+        if let (Some(path), Some(rec)) = (&self.trace_routing, flashmoe_core::trace::active()) {
+            if let Some(note) = rec
+                .open_for(model)
+                .with_context(|| format!("--trace-routing {}", path.display()))?
+            {
+                eprintln!("note: {note}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `--threads N`, for every command that computes.
@@ -163,6 +238,7 @@ impl ModelOpts {
             },
             verify: self.verify,
             top_k: self.k,
+            expert_cache: self.trace.expert_cache(),
         }
     }
 
@@ -202,6 +278,8 @@ impl ModelArgs {
             .with_context(|| format!("loading model from {}", self.model.display()))?;
         let plan = flashmoe_runtime::context::limit(&mut model.cfg, self.opts.ctx_size())?;
         eprintln!("{plan}");
+        self.opts.trace.install(&self.model)?;
+        self.opts.trace.open(&model)?;
         Ok(model)
     }
 
@@ -213,6 +291,8 @@ impl ModelArgs {
         let engine = flashmoe_runtime::Engine::open(&self.model, self.opts.runtime_options()?)
             .with_context(|| format!("loading model from {}", self.model.display()))?;
         eprintln!("{}", engine.context_plan());
+        self.opts.trace.install(&self.model)?;
+        self.opts.trace.open(engine.model())?;
         Ok(engine)
     }
 }

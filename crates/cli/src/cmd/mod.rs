@@ -18,3 +18,4 @@ pub mod serve;
 pub mod synth;
 pub mod tokenize;
 pub mod tools;
+pub mod trace;

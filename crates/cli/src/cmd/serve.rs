@@ -101,5 +101,6 @@ pub fn run(a: Args) -> Result<()> {
         opts.scripted_replies = serde_json::from_str(&text)
             .with_context(|| format!("{}: expected a JSON array of strings", p.display()))?;
     }
+    a.model.opts.trace.install(&a.model.model)?;
     serve(opts)
 }

@@ -170,6 +170,7 @@ pub fn run_bench(opts: &BenchOptions, which: &[Which], say: &dyn Fn(&str)) -> Re
                 io,
                 verify: false,
                 top_k: opts.k,
+                expert_cache: None,
             },
         )
     };

@@ -204,8 +204,13 @@ impl<B: Backend> Model<B> {
         stats: &mut ForwardStats,
         hidden: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<f32>> {
-        let mut tap = Standard::new(stats, hidden, self.cfg.num_layers);
-        self.forward_tapped(tokens, state, want, &mut tap)
+        let tap = Standard::new(stats, hidden, self.cfg.num_layers);
+        match crate::trace::active() {
+            Some(rec) => rec.run(self, state.pos, tokens.len(), tap, |tap| {
+                self.forward_tapped(tokens, state, want, tap)
+            }),
+            None => self.forward_tapped(tokens, state, want, &mut { tap }),
+        }
     }
 
     /// The forward pass (arch-spec §3), calling `tap` at each named point (`tap.rs`).
@@ -240,7 +245,12 @@ impl<B: Backend> Model<B> {
     /// Greedy decoding's step: `tokens` through the model, then the argmax of the last
     /// position's logits, reduced where they live (only the id reaches the host).
     pub fn forward_argmax(&self, tokens: &[u32], state: &mut State<B>) -> Result<u32> {
-        let (x, _) = self.layers_pass(tokens, state, &mut NoTap)?;
+        let (x, _) = match crate::trace::active() {
+            Some(rec) => rec.run(self, state.pos, tokens.len(), NoTap, |tap| {
+                self.layers_pass(tokens, state, tap)
+            })?,
+            None => self.layers_pass(tokens, state, &mut NoTap)?,
+        };
         let last = self.last_row(&x, tokens.len())?;
         let eps = self.cfg.rms_norm_eps;
         self.be

@@ -6,7 +6,7 @@ use crate::backend::{Backend, Cpu, ExpertCall};
 use crate::error::Result;
 use crate::experts::ExpertSource;
 
-use super::tap::{Tap, Timing};
+use super::tap::{Routing, Tap, Timing};
 use super::{ForwardStats, LayerTimes};
 
 /// Most experts whose reads are queued as soon as the routing is known (the backend queues
@@ -74,6 +74,15 @@ impl<B: Backend> Moe<B> {
         if let Some(h) = &host {
             let used = h.used();
             experts.prefetch(self.layer, &used[..used.len().min(FIRST_READS)]);
+        }
+        if tap.wants("routing") {
+            let r = Routing {
+                input: xn,
+                tokens: t,
+                routes: host.as_deref(),
+                shared_gate: sg.as_ref(),
+            };
+            tap.routing(be, l, &r)?;
         }
         tap.tap(be, "routes", Some(l), None)?;
         // shared = down(silu(x Gs^T) * (x Us^T))

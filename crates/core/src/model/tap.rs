@@ -6,14 +6,15 @@
 //! Points, in order (`layer` is `None` outside the layer loop):
 //! - `embed` (x after the embedding), then per layer:
 //! - `mixer_out` (attention or GatedDeltaNet output), `ffn_inp` (post-norm of the residual),
-//! - MoE: `routes` (router, top-k, host routing, first reads queued), `shared_out`,
+//! - MoE: `routes` (router, top-k, host routing, first reads queued; just before it, when
+//!   [`Tap::wants`] `routing`, [`Tap::routing`] gets the routing itself), `shared_out`,
 //!   `experts_out` (routed sum); dense: `ffn_out`; `prefetch_next` (when that option runs),
 //! - `layer_out` (the residual stream after the layer),
 //! - `result_norm` (every row final-normed; only computed when [`Tap::wants`] it),
 //!   `result_output` (the logits).
 use std::time::Instant;
 
-use crate::backend::{Backend, ExpertTimes};
+use crate::backend::{Backend, ExpertTimes, Routes};
 use crate::error::Result;
 
 use super::{ForwardStats, LayerTimes};
@@ -35,6 +36,22 @@ pub trait Tap<B: Backend> {
     }
     /// How the routed experts of `layer` split their task time (see [`ExpertTimes`]).
     fn expert_times(&mut self, _layer: usize, _t: ExpertTimes) {}
+    /// MoE layer `layer`'s routing (`--trace-routing`); called only when the tap
+    /// [`Tap::wants`] `routing`, so that nobody else pays for it.
+    fn routing(&mut self, _be: &B, _layer: usize, _r: &Routing<'_, B>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What [`Tap::routing`] sees of one MoE layer's routing of `tokens` tokens.
+pub struct Routing<'a, B: Backend> {
+    /// The router's input `[tokens, H]` (the post-attention norm of the residual).
+    pub input: &'a B::Buf,
+    pub tokens: usize,
+    /// Each token's experts and weights on the host (`None` when the backend kept them).
+    pub routes: Option<&'a Routes>,
+    /// The shared-expert gate's logits `[tokens]`, when the model has one.
+    pub shared_gate: Option<&'a B::Buf>,
 }
 
 /// A tap that does nothing.

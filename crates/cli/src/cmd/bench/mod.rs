@@ -3,7 +3,7 @@
 //! which every figure with a limit sits beside it and their ratio (`*_ratio`). `--record`
 //! appends one TSV row per run (naming the build's commit), `--plot` draws the TSV's history
 //! as a PNG or a self-contained HTML page.
-mod plot;
+pub(crate) mod plot;
 mod record;
 
 use std::path::PathBuf;
@@ -95,6 +95,13 @@ pub struct Args {
     pub int8_activations: bool,
     #[command(flatten)]
     pub threads: super::common::Threads,
+    /// `decode`: drive the expert loads by this routing trace (`--trace-routing`, recorded on a
+    /// model of the same shape) instead of the model's own routing; with --expert-cache-gb
+    /// and --cache-policy its hits equal `flashmoe trace simulate`'s
+    #[arg(long, value_name = "FILE")]
+    pub replay_trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub trace: super::common::TraceOpts,
 }
 
 /// A whole number >= `MIN`: the benchmark would otherwise raise 0 to 1 without a word.
@@ -121,6 +128,12 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     a.threads.apply()?;
+    a.trace.install(&a.model)?;
+    if let Some(f) = &a.replay_trace {
+        if a.what == What::Decode {
+            return replay_only(&a, f);
+        }
+    }
     let mut opts = BenchOptions::new(a.model.clone());
     opts.k = a.k;
     opts.tokens = a.tokens;
@@ -171,6 +184,12 @@ pub fn run(a: Args) -> Result<()> {
             m.insert("cuda".into(), cuda);
         }
     }
+    if let Some(f) = &a.replay_trace {
+        let r = super::trace::replay::replay(&a.model, f, a.trace.expert_cache())?;
+        if let Value::Object(m) = &mut report {
+            m.insert("decode_replay".into(), r);
+        }
+    }
     if let Some(path) = &a.record {
         let row = record::row(&report, &a.model, &a.notes);
         record::append(path, &row).with_context(|| format!("appending to {}", path.display()))?;
@@ -191,6 +210,18 @@ pub fn run(a: Args) -> Result<()> {
         print_text(&report)?;
     }
     Ok(())
+}
+
+/// `bench decode --replay-trace`: the replay alone (no machine probes or synthetic decode).
+fn replay_only(a: &Args, trace: &std::path::Path) -> Result<()> {
+    let r = super::trace::replay::replay(&a.model, trace, a.trace.expert_cache())?;
+    let report = serde_json::json!({ "decode_replay": r });
+    if a.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
+        Ok(())
+    } else {
+        print_text(&report)
+    }
 }
 
 /// The report as indented `key: value` lines, a figure's ratio flagged with its limit.

@@ -26,7 +26,7 @@ const GREEN: RGBColor = RGBColor(44, 160, 44);
 const GREY: RGBColor = RGBColor(90, 90, 90);
 
 /// Registers the embedded font as plotters' `sans-serif` (once per process).
-fn font() -> Result<()> {
+pub(crate) fn font() -> Result<()> {
     static DONE: OnceLock<bool> = OnceLock::new();
     let ok = *DONE.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
     if !ok {
