@@ -13,6 +13,7 @@ use rand::Rng;
 
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::guide::{self, Guide, Masked};
 use crate::request::{
     Done, Event, ExpertIo, FinishReason, GenerationRequest, Timings, ToolCall, Usage,
 };
@@ -121,6 +122,11 @@ impl Engine {
         // A model file changed since it was mapped: refuse before touching any weight.
         mapguard::check_unchanged_in(&self.dir)?;
         let (prompt, max_new) = self.prepare(req)?;
+        let mut guide = if guide::needed(req, &prompt) {
+            Guide::new(self.grammar_compiler()?, req, &prompt)?
+        } else {
+            None
+        };
         let prepare_ms = ms(t0);
         let io0 = self.model().experts.counters().snapshot();
 
@@ -175,6 +181,7 @@ impl Engine {
         let mut flow = emitter.emit(parser.push(&prompt.forced_prefix));
 
         let mut completion = 0usize;
+        let mut mask_ms = 0.0;
         let mut ttft_ms = 0.0;
         let mut t_first = None;
         let mut finish = FinishReason::Length;
@@ -182,6 +189,16 @@ impl Engine {
             if req.is_cancelled() {
                 flow = ControlFlow::Break(());
                 break;
+            }
+            if let Some(g) = guide.as_mut() {
+                let t = Instant::now();
+                let masked = g.mask(&mut logits, !req.ignore_eos)?;
+                mask_ms += ms(t);
+                if let Masked::End = masked {
+                    // The grammar is complete and nothing may follow it.
+                    finish = FinishReason::Stop;
+                    break;
+                }
             }
             let tok = sampler.sample(&logits, &history);
             completion += 1;
@@ -194,7 +211,13 @@ impl Engine {
                 break;
             }
             history.push(tok);
-            if let Some(piece) = decoder.push(tok)? {
+            let piece = decoder.push(tok)?;
+            if let Some(g) = guide.as_mut() {
+                let t = Instant::now();
+                g.advance(tok, piece.as_deref())?;
+                mask_ms += ms(t);
+            }
+            if let Some(piece) = piece {
                 let (text, hit) = stops.push(&piece);
                 flow = emitter.emit(parse(&mut parser, &text));
                 if hit {
@@ -203,6 +226,11 @@ impl Engine {
                 }
             }
             if flow.is_break() || completion >= max_new || req.is_cancelled() {
+                break;
+            }
+            if guide.as_ref().is_some_and(Guide::finished) {
+                // Complete: no forward pass for a token the grammar would not allow.
+                finish = FinishReason::Stop;
                 break;
             }
             logits = self.session.step(tok)?.to_vec();
@@ -253,6 +281,7 @@ impl Engine {
                 } else {
                     0.0
                 },
+                mask_ms,
                 total_ms: ms(t0),
             },
             expert_io: ExpertIo {
