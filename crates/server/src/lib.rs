@@ -13,6 +13,7 @@ mod ollama;
 mod ollama_chat;
 mod routes;
 mod signals;
+mod structured;
 mod worker;
 
 use std::path::PathBuf;

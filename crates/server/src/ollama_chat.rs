@@ -97,10 +97,24 @@ fn translate(o: &Map<String, Value>) -> Result<(Map<String, Value>, bool), ApiEr
     if let Some(t) = o.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), t.clone());
     }
-    if o.get("format").is_some_and(|f| !f.is_null() && f != "") {
-        return Err(bad(
-            "`format`: structured output is not supported on /api/chat",
-        ));
+    // `think: false` asks for an answer without a thinking block.
+    if let Some(Value::Bool(t)) = o.get("think") {
+        out.insert("chat_template_kwargs".into(), json!({"enable_thinking": t}));
+    }
+    // Ollama's structured output: "json", or a JSON Schema.
+    match o.get("format") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(f)) if f.is_empty() => {}
+        Some(Value::String(f)) if f == "json" => {
+            out.insert("response_format".into(), json!({"type": "json_object"}));
+        }
+        Some(schema @ Value::Object(_)) => {
+            out.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": {"name": "format", "schema": schema}}),
+            );
+        }
+        Some(_) => return Err(bad("`format`: expected \"json\" or a JSON Schema object")),
     }
     if let Some(opts) = o.get("options").and_then(Value::as_object) {
         for (from, to) in [

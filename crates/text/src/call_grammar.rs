@@ -134,7 +134,7 @@ impl Grammar {
         let close = lit("\n</parameter>\n");
         if !strict {
             self.rules.push(format!(
-                "f{i}_any: {} /[A-Za-z0-9_.\\-]+/ {} F{i}_RAW",
+                "f{i}_any: {} /[A-Za-z0-9_.\\-]{{1,64}}/ {} F{i}_RAW",
                 lit("<parameter="),
                 lit(">\n")
             ));
