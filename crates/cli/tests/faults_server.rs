@@ -166,7 +166,7 @@ fn unsupported_fields_are_refused_and_errors_name_the_right_field() {
         (
             "/v1/chat/completions",
             with(json!({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}})),
-            "response_format",
+            "response_format.json_schema.schema",
         ),
         (
             "/v1/chat/completions",

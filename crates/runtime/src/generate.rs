@@ -13,7 +13,7 @@ use rand::Rng;
 
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::guide::{self, Guide, Masked};
+use crate::guide::{self, Guide};
 use crate::request::{
     Done, Event, ExpertIo, FinishReason, GenerationRequest, Timings, ToolCall, Usage,
 };
@@ -122,8 +122,11 @@ impl Engine {
         // A model file changed since it was mapped: refuse before touching any weight.
         mapguard::check_unchanged_in(&self.dir)?;
         let (prompt, max_new) = self.prepare(req)?;
+        let params = req.sampling.apply(&self.defaults);
         let mut guide = if guide::needed(req, &prompt) {
-            Guide::new(self.grammar_compiler()?, req, &prompt)?
+            let speculate = params.is_greedy()
+                || (params.top_k == 0 && params.top_p >= 1.0 && params.min_p <= 0.0);
+            Guide::new(self.grammar_compiler()?, req, &prompt, speculate)?
         } else {
             None
         };
@@ -153,7 +156,6 @@ impl Engine {
         let n_prompt = prompt.ids.len();
         let cached = n_prompt - fed.min(n_prompt);
 
-        let params = req.sampling.apply(&self.defaults);
         let penalise_prompt = params.repetition_penalty != 1.0;
         let mut sampler = Sampler::new(params);
         let mut history: Vec<u32> = if penalise_prompt {
@@ -190,17 +192,30 @@ impl Engine {
                 flow = ControlFlow::Break(());
                 break;
             }
-            if let Some(g) = guide.as_mut() {
-                let t = Instant::now();
-                let masked = g.mask(&mut logits, !req.ignore_eos)?;
-                mask_ms += ms(t);
-                if let Masked::End = masked {
-                    // The grammar is complete and nothing may follow it.
-                    finish = FinishReason::Stop;
-                    break;
+            let tok = match guide.as_mut() {
+                None => sampler.sample(&logits, &history),
+                Some(g) => {
+                    // Mask time: the whole choice less its last sampling (the one an
+                    // unconstrained step does too; a refused first try counts as mask time).
+                    let t = Instant::now();
+                    let mut sampling = 0.0;
+                    let picked = g.sample(&mut logits, !req.ignore_eos, |l| {
+                        let ts = Instant::now();
+                        let tok = sampler.sample(l, &history);
+                        sampling = ms(ts);
+                        tok
+                    })?;
+                    mask_ms += ms(t) - sampling;
+                    match picked {
+                        Some(tok) => tok,
+                        None => {
+                            // The grammar is complete and nothing may follow it.
+                            finish = FinishReason::Stop;
+                            break;
+                        }
+                    }
                 }
-            }
-            let tok = sampler.sample(&logits, &history);
+            };
             completion += 1;
             if t_first.is_none() {
                 ttft_ms = ms(t0);

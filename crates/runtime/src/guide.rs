@@ -47,22 +47,21 @@ pub(crate) struct Guide {
     in_thinking: bool,
     /// The end of the generated text, to see tags complete at a token boundary.
     tail: String,
-}
-
-/// What the mask left to sample.
-pub(crate) enum Masked {
-    /// Sample from the masked logits.
-    Sample,
-    /// The grammar is complete: end the generation here.
-    End,
+    /// Sample first and mask only when the grammar refuses the token (see [`Guide::sample`]).
+    speculate: bool,
+    /// The active grammar already consumed the token being advanced past.
+    consumed: bool,
 }
 
 impl Guide {
     /// The guide for this request, or `None` when nothing is constrained.
+    /// `speculate`: the sampler's settings let [`Guide::sample`] try the unmasked choice
+    /// first without changing what is sampled (greedy, or plain temperature sampling).
     pub(crate) fn new(
         compiler: Arc<GrammarCompiler>,
         req: &GenerationRequest,
         prompt: &PreparedPrompt,
+        speculate: bool,
     ) -> Result<Option<Guide>> {
         let close = if compiler.is_special_token("</tool_call>") {
             "</tool_call>".to_string()
@@ -118,22 +117,43 @@ impl Guide {
             finished: false,
             in_thinking: prompt.starts_in_thinking,
             tail: String::new(),
+            speculate,
+            consumed: false,
         }))
     }
 
-    /// Masks `logits` for the next token (when a grammar is active). `allow_eos: false` keeps
+    /// Picks the next token with `sample`, within the grammar when one is active; `None`: the
+    /// grammar is complete and the generation must end. `allow_eos: false` keeps
     /// end-of-sequence out (`ignore_eos`).
-    pub(crate) fn mask(&mut self, logits: &mut [f32], allow_eos: bool) -> Result<Masked> {
+    ///
+    /// When speculating, the unmasked choice is tried first and the mask (a walk of the whole
+    /// vocabulary) is computed only if the grammar refuses it. For greedy decoding that is the
+    /// same token; for temperature sampling it is rejection sampling, whose result has exactly
+    /// the masked distribution (p(x) + (1 - p(A)) p(x) / p(A) = p(x) / p(A) for x in the
+    /// allowed set A). Top-k, top-p and min-p would filter before the mask, so they turn it off.
+    pub(crate) fn sample(
+        &mut self,
+        logits: &mut [f32],
+        allow_eos: bool,
+        mut sample: impl FnMut(&[f32]) -> u32,
+    ) -> Result<Option<u32>> {
         if self.finished {
-            return Ok(Masked::End);
+            return Ok(None);
         }
         let Some(c) = self.active.as_mut() else {
-            return Ok(Masked::Sample);
+            return Ok(Some(sample(logits)));
         };
-        if c.apply(logits, allow_eos)? == 0 {
-            return Ok(Masked::End);
+        if self.speculate {
+            let tok = sample(logits);
+            if c.try_accept(tok, allow_eos)? {
+                self.consumed = true;
+                return Ok(Some(tok));
+            }
         }
-        Ok(Masked::Sample)
+        if c.apply(logits, allow_eos)? == 0 {
+            return Ok(None);
+        }
+        Ok(Some(sample(logits)))
     }
 
     /// Whether the grammar is complete and the generation must end.
@@ -144,7 +164,9 @@ impl Guide {
     /// Moves past a sampled token; `piece` is the text it completed, if any.
     pub(crate) fn advance(&mut self, tok: u32, piece: Option<&str>) -> Result<()> {
         if let Some(c) = self.active.as_mut() {
-            c.advance(tok)?;
+            if !std::mem::take(&mut self.consumed) {
+                c.advance(tok)?;
+            }
             if c.is_stopped() {
                 self.active = None;
                 match self.scope {

@@ -220,6 +220,20 @@ impl Constraint {
         Ok(mask_logits(&mask, logits))
     }
 
+    /// Whether `token` may come next, without computing the whole mask (a walk of the token's
+    /// bytes); an allowed token other than end-of-sequence is consumed at once.
+    /// End-of-sequence is allowed where the grammar accepts, unless `allow_eos` is false.
+    pub fn try_accept(&mut self, token: u32, allow_eos: bool) -> Result<bool> {
+        if self.eos.contains(&token) {
+            return Ok(allow_eos && self.is_accepting());
+        }
+        let n = self
+            .matcher
+            .try_consume_tokens(&[token])
+            .map_err(|e| grammar_err("checking a token", e))?;
+        Ok(n == 1)
+    }
+
     /// Moves the grammar past a sampled token (which the mask allowed).
     pub fn advance(&mut self, token: u32) -> Result<()> {
         self.matcher

@@ -1,0 +1,99 @@
+//! `bench decode`'s constrained-decoding figure: the grammar mask's share of a token's time.
+//!
+//! Decodes the same prompt with and without a JSON Schema on the same engine, in alternating
+//! rounds (greedy, end-of-sequence ignored, so every round decodes the same number of tokens),
+//! and reports medians. The main figure, `mask_overhead_ratio`, is the time the generation
+//! loop itself spent on masks (computing, applying to the logits, advancing the grammar) per
+//! token over the unconstrained time per token: it is measured inside each constrained run,
+//! so a busy machine moves it far less than the A/B difference (`ab_overhead_ratio`, also
+//! given, with the load average).
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use flashmoe_core::bench::round4;
+use flashmoe_runtime::{Engine, GenerationRequest, LoadOptions, PromptInput};
+use flashmoe_text::GrammarSpec;
+use serde_json::{json, Value};
+
+/// The schema decoded under: an array of strings can always go on, so a random model fills
+/// every round's tokens inside the grammar.
+fn schema() -> Value {
+    json!({"type": "array", "items": {"type": "string"}})
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// (time per decoded token, mask time per token) of one run, in ms.
+fn one_run(engine: &mut Engine, grammar: Option<GrammarSpec>, tokens: usize) -> Result<(f64, f64)> {
+    let mut req = GenerationRequest::new(PromptInput::Text("Values: ".into()));
+    req.raw = true;
+    req.ignore_eos = true;
+    req.max_tokens = Some(tokens);
+    req.sampling.temperature = Some(0.0);
+    req.grammar = grammar;
+    let done = engine.generate(&req, |_| ControlFlow::Continue(()))?;
+    let n = done.usage.completion_tokens;
+    anyhow::ensure!(n >= 2, "only {n} tokens were decoded");
+    let t = &done.timings;
+    Ok((t.decode_ms / (n - 1) as f64, t.mask_ms / n as f64))
+}
+
+/// The figure as a JSON object, or `{"skipped": why}` when the model has no tokenizer.
+pub fn measure(model: &Path, k: Option<usize>, tokens: usize, rounds: usize) -> Result<Value> {
+    let tokens = tokens.max(16);
+    let mut opts = LoadOptions::default();
+    opts.core.top_k = k;
+    // A short context: the figure is per token, and a full one would only cost memory.
+    opts.ctx_size = Some(tokens + 256);
+    let mut engine = match Engine::open(model, opts) {
+        Ok(e) => e,
+        Err(e) => return Ok(json!({"skipped": format!("the engine cannot open the model: {e}")})),
+    };
+    let t0 = std::time::Instant::now();
+    engine
+        .grammar_compiler()
+        .context("building the vocabulary's token trie")?;
+    let trie_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let spec = GrammarSpec::JsonSchema(schema());
+    // Warm-up (page cache, prefix snapshot), not counted.
+    one_run(&mut engine, None, tokens.min(8))?;
+    let (mut plain, mut constrained, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        plain.push(one_run(&mut engine, None, tokens)?.0);
+        let (t, m) = one_run(&mut engine, Some(spec.clone()), tokens)?;
+        constrained.push(t);
+        mask.push(m);
+    }
+    let (p, c, m) = (
+        median(&mut plain),
+        median(&mut constrained),
+        median(&mut mask),
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| {
+        l.split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<f64>().ok())
+    });
+    Ok(json!({
+        "schema": schema(),
+        "tokens": tokens,
+        "rounds": rounds,
+        "vocab": engine.model().cfg.vocab_size,
+        "trie_build_ms": round4(trie_ms),
+        "token_ms": round4(p),
+        "constrained_token_ms": round4(c),
+        "mask_ms_per_token": round4(m),
+        "mask_overhead_ratio": round4(if p > 0.0 { m / p } else { 0.0 }),
+        "mask_overhead_limit_ratio": 0.05,
+        "ab_overhead_ratio": round4(if p > 0.0 { c / p - 1.0 } else { 0.0 }),
+        "load_avg_1m": load,
+    }))
+}
