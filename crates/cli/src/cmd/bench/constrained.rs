@@ -1,7 +1,7 @@
 //! `bench decode`'s constrained-decoding figure: the grammar mask's share of a token's time.
 //!
 //! Decodes the same prompt with and without a JSON Schema on the same engine, in alternating
-//! rounds (greedy, end-of-sequence ignored, so every round decodes the same number of tokens),
+//! rounds (seeded sampling, end-of-sequence ignored, so every round decodes the same tokens),
 //! and reports medians. The main figure, `mask_overhead_ratio`, is the time the generation
 //! loop itself spent on masks (computing, applying to the logits, advancing the grammar) per
 //! token over the unconstrained time per token: it is measured inside each constrained run,
@@ -16,10 +16,16 @@ use flashmoe_runtime::{Engine, GenerationRequest, LoadOptions, PromptInput};
 use flashmoe_text::GrammarSpec;
 use serde_json::{json, Value};
 
-/// The schema decoded under: an array of strings can always go on, so a random model fills
-/// every round's tokens inside the grammar.
+/// The schema decoded under: objects with numbers, bounded strings and enums, the usual
+/// shape of structured output. A random model completes it early at times; a round then
+/// starts it again until it has decoded its tokens.
 fn schema() -> Value {
-    json!({"type": "array", "items": {"type": "string"}})
+    json!({"type": "array", "minItems": 4, "items": {"type": "object", "properties": {
+        "id": {"type": "integer"},
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["a", "b", "c"]},
+        "score": {"type": "number"}
+    }, "required": ["id", "name", "kind"]}})
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -31,19 +37,31 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// (time per decoded token, mask time per token) of one run, in ms.
+/// (time per decoded token, mask time per token) of one round of at least `tokens` tokens
+/// (generations repeated while the grammar ends them early), in ms.
 fn one_run(engine: &mut Engine, grammar: Option<GrammarSpec>, tokens: usize) -> Result<(f64, f64)> {
-    let mut req = GenerationRequest::new(PromptInput::Text("Values: ".into()));
-    req.raw = true;
-    req.ignore_eos = true;
-    req.max_tokens = Some(tokens);
-    req.sampling.temperature = Some(0.0);
-    req.grammar = grammar;
-    let done = engine.generate(&req, |_| ControlFlow::Continue(()))?;
-    let n = done.usage.completion_tokens;
-    anyhow::ensure!(n >= 2, "only {n} tokens were decoded");
-    let t = &done.timings;
-    Ok((t.decode_ms / (n - 1) as f64, t.mask_ms / n as f64))
+    let (mut decode_ms, mut steps, mut mask_ms, mut sampled) = (0.0, 0usize, 0.0, 0usize);
+    let mut attempt = 0u64;
+    while sampled < tokens {
+        let mut req = GenerationRequest::new(PromptInput::Text("Values: ".into()));
+        req.raw = true;
+        req.ignore_eos = true;
+        req.max_tokens = Some(tokens - sampled);
+        // Seeded sampling: varied output, the same in every round.
+        req.sampling.temperature = Some(1.0);
+        req.sampling.seed = Some(attempt);
+        req.grammar = grammar.clone();
+        let done = engine.generate(&req, |_| ControlFlow::Continue(()))?;
+        let n = done.usage.completion_tokens;
+        anyhow::ensure!(n >= 1, "a generation decoded no token");
+        decode_ms += done.timings.decode_ms;
+        steps += n - 1;
+        mask_ms += done.timings.mask_ms;
+        sampled += n;
+        attempt += 1;
+    }
+    anyhow::ensure!(steps > 0, "no decode step was timed");
+    Ok((decode_ms / steps as f64, mask_ms / sampled as f64))
 }
 
 /// The figure as a JSON object, or `{"skipped": why}` when the model has no tokenizer.
