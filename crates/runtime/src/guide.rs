@@ -55,8 +55,8 @@ pub(crate) struct Guide {
 
 impl Guide {
     /// The guide for this request, or `None` when nothing is constrained.
-    /// `speculate`: the sampler's settings let [`Guide::sample`] try the unmasked choice
-    /// first without changing what is sampled (greedy, or plain temperature sampling).
+    /// `speculate`: [`Guide::sample`] tries the unmasked choice first (greedy decoding, where
+    /// that choice is cheap and, when allowed, the same token).
     pub(crate) fn new(
         compiler: Arc<GrammarCompiler>,
         req: &GenerationRequest,
@@ -127,10 +127,8 @@ impl Guide {
     /// end-of-sequence out (`ignore_eos`).
     ///
     /// When speculating, the unmasked choice is tried first and the mask (a walk of the whole
-    /// vocabulary) is computed only if the grammar refuses it. For greedy decoding that is the
-    /// same token; for temperature sampling it is rejection sampling, whose result has exactly
-    /// the masked distribution (p(x) + (1 - p(A)) p(x) / p(A) = p(x) / p(A) for x in the
-    /// allowed set A). Top-k, top-p and min-p would filter before the mask, so they turn it off.
+    /// vocabulary) is computed only if the grammar refuses it: for greedy decoding the argmax
+    /// of the masked logits is that same token whenever the grammar allows it.
     pub(crate) fn sample(
         &mut self,
         logits: &mut [f32],

@@ -76,7 +76,7 @@ pub struct Args {
     #[arg(long)]
     pub no_compare: bool,
     /// Alternating rounds (with and without a JSON Schema) of the constrained-decoding
-    /// figure that `decode` adds (`constrained.mask_overhead_ratio`); 0 skips it
+    /// figure that `decode` adds (`constrained.mask_ratio`); 0 skips it
     #[arg(long, default_value_t = 5)]
     pub constrained_rounds: usize,
     /// Free text for the --record row's notes column
