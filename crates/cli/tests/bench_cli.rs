@@ -142,6 +142,7 @@ fn bench_all_json_on_tiny_synth() {
         "prefill.warm_prefill_ttft_ratio",
         "prefill.warm_prefill_speedup_ratio",
         "prefill.warm_prefill_vs_bound_ttft_ratio",
+        "constrained.mask_ratio",
     ] {
         assert!(r.iter().any(|x| x == want), "{want} missing; have {r:?}");
     }

@@ -160,13 +160,13 @@ fn unsupported_fields_are_refused_and_errors_name_the_right_field() {
     let refused = [
         (
             "/v1/chat/completions",
-            with(json!({"response_format": {"type": "json_object"}})),
+            with(json!({"response_format": {"type": "xml"}})),
             "response_format",
         ),
         (
             "/v1/chat/completions",
-            with(json!({"response_format": {"type": "json_schema", "json_schema": {}}})),
-            "response_format",
+            with(json!({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}})),
+            "response_format.json_schema.schema",
         ),
         (
             "/v1/chat/completions",
@@ -256,7 +256,7 @@ fn render_refuses_what_serve_refuses() {
     let mut bad_tools = chat("hi", 2);
     bad_tools["tools"] = json!("x");
     let mut bad_format = chat("hi", 2);
-    bad_format["response_format"] = json!({"type": "json_object"});
+    bad_format["response_format"] = json!({"type": "xml"});
     let mut bad_role = chat("hi", 2);
     bad_role["messages"][0]["role"] = json!("wizard");
     for (body, field) in [

@@ -124,7 +124,7 @@ fn chat_translates_tool_turns_and_refuses_in_ollama_shape() {
         ),
         (
             "format",
-            json!({"model": "tiny-a", "messages": msgs, "format": "json"}),
+            json!({"model": "tiny-a", "messages": msgs, "format": "yaml"}),
             400,
         ),
         (

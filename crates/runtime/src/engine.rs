@@ -8,7 +8,7 @@ use std::sync::Arc;
 use flashmoe_core::loader::{open_model, LoadOptions as CoreLoadOptions};
 use flashmoe_core::model::Model;
 use flashmoe_core::session::{BackendFactory, Session};
-use flashmoe_text::{ChatTemplate, SamplingParams, TextError, Tokenizer};
+use flashmoe_text::{ChatTemplate, GrammarCompiler, SamplingParams, TextError, Tokenizer};
 
 use crate::context::ContextPlan;
 use crate::error::{Result, RuntimeError};
@@ -59,6 +59,8 @@ pub struct Engine {
     /// Told (prompt tokens ready, prompt tokens) after each prefill step; see
     /// [`Engine::set_prefill_progress`].
     pub(crate) prefill_progress: Option<PrefillProgress>,
+    /// The vocabulary's token trie for grammars, built on the first constrained request.
+    grammar: Option<Arc<GrammarCompiler>>,
 }
 
 /// A prefill progress callback: (prompt tokens ready, prompt tokens).
@@ -119,6 +121,7 @@ impl Engine {
             dir: dir.to_path_buf(),
             context,
             prefill_progress: None,
+            grammar: None,
         })
     }
 
@@ -216,6 +219,22 @@ impl Engine {
             None => context - n,
         };
         Ok((p, max_new))
+    }
+
+    /// The grammar compiler for this model's vocabulary (built once, on first use: reading a
+    /// 250k vocabulary takes about a second).
+    pub fn grammar_compiler(&mut self) -> Result<Arc<GrammarCompiler>> {
+        if let Some(g) = &self.grammar {
+            return Ok(g.clone());
+        }
+        let vocab = self.model().cfg.vocab_size;
+        let g = Arc::new(GrammarCompiler::new(
+            &self.tokenizer,
+            vocab,
+            &self.stop_ids,
+        )?);
+        self.grammar = Some(g.clone());
+        Ok(g)
     }
 
     /// Calls `f(ready, total)` after each prefill step of every later generation whose prompt

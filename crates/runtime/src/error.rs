@@ -22,6 +22,10 @@ pub enum RuntimeError {
     /// The prompt itself is unusable (empty, ids outside the vocabulary, ...).
     #[error("invalid prompt: {0}")]
     InvalidPrompt(String),
+    /// The request's grammar (`response_format`, `grammar`, a tool's parameter schema) does
+    /// not compile.
+    #[error("invalid grammar: {0}")]
+    Grammar(String),
     /// The prompt alone fills the context.
     #[error(
         "the prompt is {prompt_tokens} tokens, but the model's context is {context} tokens \
@@ -52,6 +56,7 @@ impl RuntimeError {
             RuntimeError::Template(_)
                 | RuntimeError::NoChatTemplate(_)
                 | RuntimeError::InvalidPrompt(_)
+                | RuntimeError::Grammar(_)
                 | RuntimeError::PromptTooLong { .. }
                 | RuntimeError::MaxTokensTooLarge { .. }
         )

@@ -13,6 +13,7 @@ use rand::Rng;
 
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::guide::{self, Guide};
 use crate::request::{
     Done, Event, ExpertIo, FinishReason, GenerationRequest, Timings, ToolCall, Usage,
 };
@@ -126,6 +127,15 @@ impl Engine {
         if let Some(r) = flashmoe_core::trace::active() {
             r.begin_request();
         }
+        let params = req.sampling.apply(&self.defaults);
+        let mut guide = if guide::needed(req, &prompt) {
+            // Only greedy: a sampled first try sorts the whole vocabulary (tens of ms for 250k
+            // ids) and is thrown away whenever the grammar refuses it.
+            let speculate = params.is_greedy();
+            Guide::new(self.grammar_compiler()?, req, &prompt, speculate)?
+        } else {
+            None
+        };
         let prepare_ms = ms(t0);
         let io0 = self.model().experts.counters().snapshot();
 
@@ -159,7 +169,6 @@ impl Engine {
             });
         }
 
-        let params = req.sampling.apply(&self.defaults);
         let penalise_prompt = params.repetition_penalty != 1.0;
         let mut sampler = Sampler::new(params);
         let mut history: Vec<u32> = if penalise_prompt {
@@ -187,6 +196,7 @@ impl Engine {
         let mut flow = emitter.emit(parser.push(&prompt.forced_prefix));
 
         let mut completion = 0usize;
+        let mut mask_ms = 0.0;
         let mut ttft_ms = 0.0;
         let mut t_first = None;
         let mut finish = FinishReason::Length;
@@ -195,7 +205,30 @@ impl Engine {
                 flow = ControlFlow::Break(());
                 break;
             }
-            let tok = sampler.sample(&logits, &history);
+            let tok = match guide.as_mut() {
+                None => sampler.sample(&logits, &history),
+                Some(g) => {
+                    // Mask time: the whole choice less its last sampling (the one an
+                    // unconstrained step does too; a refused first try counts as mask time).
+                    let t = Instant::now();
+                    let mut sampling = 0.0;
+                    let picked = g.sample(&mut logits, !req.ignore_eos, |l| {
+                        let ts = Instant::now();
+                        let tok = sampler.sample(l, &history);
+                        sampling = ms(ts);
+                        tok
+                    })?;
+                    mask_ms += ms(t) - sampling;
+                    match picked {
+                        Some(tok) => tok,
+                        None => {
+                            // The grammar is complete and nothing may follow it.
+                            finish = FinishReason::Stop;
+                            break;
+                        }
+                    }
+                }
+            };
             completion += 1;
             if t_first.is_none() {
                 ttft_ms = ms(t0);
@@ -206,7 +239,13 @@ impl Engine {
                 break;
             }
             history.push(tok);
-            if let Some(piece) = decoder.push(tok)? {
+            let piece = decoder.push(tok)?;
+            if let Some(g) = guide.as_mut() {
+                let t = Instant::now();
+                g.advance(tok, piece.as_deref())?;
+                mask_ms += ms(t);
+            }
+            if let Some(piece) = piece {
                 let (text, hit) = stops.push(&piece);
                 flow = emitter.emit(parse(&mut parser, &text));
                 if hit {
@@ -215,6 +254,11 @@ impl Engine {
                 }
             }
             if flow.is_break() || completion >= max_new || req.is_cancelled() {
+                break;
+            }
+            if guide.as_ref().is_some_and(Guide::finished) {
+                // Complete: no forward pass for a token the grammar would not allow.
+                finish = FinishReason::Stop;
                 break;
             }
             logits = self.session.step(tok)?.to_vec();
@@ -266,6 +310,7 @@ impl Engine {
                 } else {
                     0.0
                 },
+                mask_ms,
                 total_ms: ms(t0),
             },
             expert_io: ExpertIo {

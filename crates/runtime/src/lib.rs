@@ -9,6 +9,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 mod generate;
+mod guide;
 pub mod prompt;
 mod replay;
 pub mod request;

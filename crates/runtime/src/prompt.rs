@@ -3,6 +3,7 @@
 //! block, end of the conversation before the assistant turn opens).
 //!
 //! Never runs the model; every boundary it reports is verified to be a prefix of the ids.
+use flashmoe_text::call_grammar::CallFormat;
 use flashmoe_text::{ChatTemplate, RenderOptions, TextError, Tokenizer};
 use serde_json::Value;
 
@@ -23,6 +24,10 @@ pub struct PreparedPrompt {
     pub parser_tools: Option<Value>,
     /// Text appended after the generation prompt to force a call; the parser sees it first.
     pub forced_prefix: String,
+    /// The tools the model may call (after `tool_choice`), as sent; empty: none.
+    pub tools: Vec<Value>,
+    /// The call format the template teaches (XML when its tool block shows `<function=`).
+    pub call_format: CallFormat,
 }
 
 /// The rendered text of a chat prompt as the model will see it (tool choice applied).
@@ -62,6 +67,8 @@ pub(crate) fn prepare(
                 starts_in_thinking: opens_thinking(&tok.decode(tail)?),
                 parser_tools: None,
                 forced_prefix: String::new(),
+                tools: Vec::new(),
+                call_format: CallFormat::Xml,
             }
         }
         PromptInput::Text(text) => PreparedPrompt {
@@ -70,6 +77,8 @@ pub(crate) fn prepare(
             starts_in_thinking: opens_thinking(text),
             parser_tools: None,
             forced_prefix: String::new(),
+            tools: Vec::new(),
+            call_format: CallFormat::Xml,
         },
         PromptInput::Messages { .. } => {
             prepare_chat(tok, ChatParts::new(tpl, model, prompt, choice)?)?
@@ -218,9 +227,19 @@ fn prepare_chat(tok: &Tokenizer, chat: ChatParts<'_>) -> Result<PreparedPrompt> 
                 .and_then(|t| tok.encode(&t).ok()),
         );
     }
+    let call_format = if rendered.contains("<function=") {
+        CallFormat::Xml
+    } else {
+        CallFormat::Json
+    };
     Ok(PreparedPrompt {
         starts_in_thinking: forced_prefix.is_empty() && opens_thinking(&text),
         parser_tools: chat.parser_tools(),
+        tools: match chat.choice {
+            ToolChoice::None => Vec::new(),
+            _ => chat.tools.clone(),
+        },
+        call_format,
         forced_prefix,
         ids,
         boundaries,

@@ -99,6 +99,7 @@ impl Engine {
                     0.0
                 },
                 total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                mask_ms: 0.0,
             },
             expert_io: ExpertIo::default(),
             stop_sequence: None,

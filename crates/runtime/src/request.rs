@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use flashmoe_text::SamplingParams;
+use flashmoe_text::{GrammarSpec, SamplingParams};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -125,6 +125,15 @@ pub struct GenerationRequest {
     /// Set once the prompt is prefilled, before the first event: the prompt's part of
     /// [`Done::usage`] (`completion_tokens` 0), for streams that report it at their start.
     pub prompt_usage: Option<Arc<OnceLock<Usage>>>,
+    /// The answer must match this grammar (OpenAI `response_format`, a Lark `grammar`): at
+    /// every step only tokens that keep it inside the grammar are sampled, and end-of-sequence
+    /// only where it is complete. A prompt that opens `<think>` is constrained after `</think>`.
+    pub grammar: Option<GrammarSpec>,
+    /// Tool calls follow their tool's parameter schema (OpenAI `"strict": true`), when a
+    /// `tool_choice` forces one and whenever the model opens one; a tool whose
+    /// `function.strict` is `false` only has its call's shape constrained. `false`: calls are
+    /// not constrained at all.
+    pub constrain_tools: bool,
 }
 
 impl GenerationRequest {
@@ -140,6 +149,8 @@ impl GenerationRequest {
             cancel: None,
             clamp_max_tokens: false,
             prompt_usage: None,
+            grammar: None,
+            constrain_tools: true,
         }
     }
 }
@@ -225,6 +236,9 @@ pub struct Timings {
     pub decode_ms: f64,
     /// Tokens per second after the first one (0 when fewer than two were sampled).
     pub decode_tok_s: f64,
+    /// Part of `decode_ms` spent on grammar masks (computing them, applying them to the
+    /// logits, advancing the grammar); 0 without constraints.
+    pub mask_ms: f64,
     pub total_ms: f64,
 }
 

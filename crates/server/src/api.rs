@@ -17,7 +17,7 @@ pub struct Parsed {
 
 type Obj = Map<String, Value>;
 
-fn bad(param: &str, msg: impl std::fmt::Display) -> ApiError {
+pub(crate) fn bad(param: &str, msg: impl std::fmt::Display) -> ApiError {
     ApiError::invalid(format!("`{param}`: {msg}"), Some(param))
 }
 
@@ -33,7 +33,7 @@ pub(crate) fn type_name(v: &Value) -> &'static str {
 }
 
 /// A present, non-null field.
-fn field<'a>(o: &'a Obj, key: &str) -> Option<&'a Value> {
+pub(crate) fn field<'a>(o: &'a Obj, key: &str) -> Option<&'a Value> {
     o.get(key).filter(|v| !v.is_null())
 }
 
@@ -121,17 +121,17 @@ fn is_default(v: Option<&Value>) -> bool {
 /// Refuses, with 400, OpenAI features this server does not implement, rather than ignoring
 /// them and answering something the client did not ask for. Values that ask for nothing pass.
 fn refuse_unsupported(o: &Obj, completion: bool) -> Result<(), ApiError> {
+    // Chat completions take structured output (`crate::structured`); plain completions only
+    // the format that asks for nothing.
     match field(o, "response_format") {
         None => {}
+        Some(_) if !completion => {}
         Some(Value::Object(f)) => match f.get("type").and_then(Value::as_str) {
             Some("text") => {}
             Some(t) => {
                 return Err(bad(
                     "response_format",
-                    format!(
-                        "`{t}` is not supported: output cannot be constrained to JSON or a schema \
-                         (only {{\"type\": \"text\"}})"
-                    ),
+                    format!("`{t}` is only supported by /v1/chat/completions"),
                 ))
             }
             None => return Err(bad("response_format", "needs a `type`")),
@@ -142,6 +142,9 @@ fn refuse_unsupported(o: &Obj, completion: bool) -> Result<(), ApiError> {
                 format!("expected an object, got {}", type_name(v)),
             ))
         }
+    }
+    if completion && field(o, "grammar").is_some() {
+        return Err(bad("grammar", "is only supported by /v1/chat/completions"));
     }
     if completion && !is_default(o.get("suffix")) {
         return Err(bad(
@@ -383,6 +386,7 @@ pub fn parse_chat(o: &Obj, context: usize) -> Result<Parsed, ApiError> {
             ))
         }
     };
+    req.grammar = crate::structured::output_grammar(o)?;
     req.prompt = PromptInput::Messages {
         messages,
         tools,
@@ -548,6 +552,9 @@ fn tool(i: usize, t: &Value) -> Result<Value, ApiError> {
         .ok_or_else(|| bad(&key, "needs a `function` object"))?;
     if !f.get("name").is_some_and(Value::is_string) {
         return Err(bad(&key, "`function.name` must be a string"));
+    }
+    if field(f, "strict").is_some_and(|s| !s.is_boolean()) {
+        return Err(bad(&key, "`function.strict` must be a boolean"));
     }
     if let Some(p) = field(f, "parameters") {
         if !p.is_object() {

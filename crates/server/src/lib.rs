@@ -18,6 +18,7 @@ mod ollama_generate;
 mod page;
 mod routes;
 mod signals;
+mod structured;
 mod worker;
 
 use std::path::PathBuf;

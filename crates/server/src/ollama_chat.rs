@@ -97,22 +97,31 @@ fn translate(o: &Map<String, Value>) -> Result<(Map<String, Value>, bool), ApiEr
     if let Some(t) = o.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), t.clone());
     }
-    let stream = common(o, &mut out, "/api/chat")?;
+    let stream = common(o, &mut out)?;
     Ok((out, stream))
 }
 
 /// What `/api/chat` and `/api/generate` share: `options` as OpenAI sampling fields, `think` as
-/// the template's `enable_thinking`, `format` refused. Returns whether to stream (Ollama's
+/// the template's `enable_thinking`, `format` as `response_format`. Returns whether to stream (Ollama's
 /// default: yes).
 pub(crate) fn common(
     o: &Map<String, Value>,
     out: &mut Map<String, Value>,
-    route: &str,
 ) -> Result<bool, ApiError> {
-    if o.get("format").is_some_and(|f| !f.is_null() && f != "") {
-        return Err(bad(format!(
-            "`format`: structured output is not supported on {route}"
-        )));
+    // Ollama's structured output: "json", or a JSON Schema.
+    match o.get("format") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(f)) if f.is_empty() => {}
+        Some(Value::String(f)) if f == "json" => {
+            out.insert("response_format".into(), json!({"type": "json_object"}));
+        }
+        Some(schema @ Value::Object(_)) => {
+            out.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": {"name": "format", "schema": schema}}),
+            );
+        }
+        Some(_) => return Err(bad("`format`: expected \"json\" or a JSON Schema object")),
     }
     match o.get("think") {
         None | Some(Value::Null) => {}

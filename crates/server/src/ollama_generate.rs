@@ -76,7 +76,7 @@ fn translate(o: &Obj) -> Result<Option<(Obj, bool, bool)>, ApiError> {
     let prompt = string(o, "prompt")?.unwrap_or("");
     let system = string(o, "system")?;
     let mut out = Map::new();
-    let stream = common(o, &mut out, "/api/generate")?;
+    let stream = common(o, &mut out)?;
     if prompt.is_empty() {
         return Ok(None);
     }
@@ -87,6 +87,11 @@ fn translate(o: &Obj) -> Result<Option<(Obj, bool, bool)>, ApiError> {
         if out.remove("chat_template_kwargs").is_some() {
             return Err(bad(
                 "`think`: a raw prompt is not templated, so thinking cannot be switched",
+            ));
+        }
+        if out.remove("response_format").is_some() {
+            return Err(bad(
+                "`format`: structured output needs the chat template; it is not supported with `raw`",
             ));
         }
         out.insert("prompt".into(), json!(prompt));

@@ -56,6 +56,9 @@ pub enum TextError {
     /// No session with this id exists, or the id is not a valid session id.
     #[error("session `{id}`: {msg}")]
     Session { id: String, msg: String },
+    /// A grammar for constrained decoding could not be built or followed.
+    #[error("grammar: {op}: {msg}")]
+    Grammar { op: &'static str, msg: String },
     /// No directory to keep sessions in could be determined.
     #[error("no data directory: set FLASHMOE_DATA_DIR, XDG_DATA_HOME or HOME")]
     NoDataDir,

@@ -2,7 +2,8 @@
 //!
 //! Owns tokenization ([`Tokenizer`], [`StreamDecoder`]), prompt rendering ([`ChatTemplate`]),
 //! parsing generated text into content / reasoning / tool calls ([`ToolCallParser`]),
-//! next-token selection ([`Sampler`]), user stop strings ([`StopChecker`]), end-of-sequence
+//! next-token selection ([`Sampler`]), grammar masks for constrained decoding ([`constrain`],
+//! [`call_grammar`]), user stop strings ([`StopChecker`]), end-of-sequence
 //! discovery ([`special`]) and saved chat sessions ([`SessionStore`]).
 //!
 //! This crate never touches tensors or the network; it only sees logits as `&[f32]`.
@@ -39,6 +40,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod call_grammar;
+pub mod constrain;
 pub mod error;
 pub mod sampling;
 pub mod session_store;
@@ -48,6 +51,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod toolcall;
 
+pub use constrain::{Constraint, GrammarCompiler, GrammarSpec};
 pub use error::{Result, TextError};
 pub use sampling::{Sampler, SamplingParams};
 pub use session_store::{Session, SessionHeader, SessionInfo, SessionList, SessionStore};

@@ -107,6 +107,22 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The tokenizer as `tokenizer.json` would hold it (for readers of the vocabulary, such as
+    /// the grammar engine's token trie).
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| TextError::Tokenize {
+                op: "serialize",
+                msg: e.to_string(),
+            })?;
+        serde_json::from_str(&text).map_err(|e| TextError::Tokenize {
+            op: "serialize",
+            msg: e.to_string(),
+        })
+    }
+
     /// A fresh incremental decoder bound to this tokenizer.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder::new(self)

@@ -40,6 +40,12 @@ pub struct Args {
     /// Stop before this string (repeatable)
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Constrain the answer to this JSON Schema file (llguidance; with --prompt)
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the answer to this Lark grammar file (llguidance's dialect; with --prompt)
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Print a per-layer time breakdown and per-token I/O figures (stderr)
@@ -57,6 +63,9 @@ pub fn run(a: Args) -> Result<()> {
     let Some(ids) = &a.ids else {
         anyhow::bail!("give --prompt TEXT, --prompt-file FILE or --ids 1,2,3");
     };
+    if a.json_schema.is_some() || a.grammar.is_some() {
+        bail!("--json-schema and --grammar constrain text: give --prompt or --prompt-file");
+    }
     let ids = parse_ids(ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
     model.check_tokens_at(&ids, 0)?;
@@ -138,6 +147,22 @@ fn run_ids_on(
     Ok(())
 }
 
+/// The grammar of `--json-schema` or `--grammar`, read and checked to be what it says.
+fn output_grammar(a: &Args) -> Result<Option<flashmoe_text::GrammarSpec>> {
+    use flashmoe_text::GrammarSpec;
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    if let Some(p) = &a.json_schema {
+        let schema: serde_json::Value = serde_json::from_str(&read(p)?)
+            .with_context(|| format!("--json-schema {}: not JSON", p.display()))?;
+        return Ok(Some(GrammarSpec::JsonSchema(schema)));
+    }
+    match &a.grammar {
+        Some(p) => Ok(Some(GrammarSpec::Lark(read(p)?))),
+        None => Ok(None),
+    }
+}
+
 fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
     use flashmoe_runtime::{Event, FinishReason, GenerationRequest, PromptInput};
     use std::io::Write;
@@ -153,6 +178,7 @@ fn run_prompt(a: &Args, prompt: &str) -> Result<()> {
     req.max_tokens = Some(a.tokens);
     req.stop = a.stop.clone();
     req.sampling = a.sampling.overrides();
+    req.grammar = output_grammar(a)?;
     let mut err = std::io::stderr();
     // Thinking is dimmed only for a terminal: a log file gets the plain text.
     let (dim, undim) = if std::io::IsTerminal::is_terminal(&err) {

@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 const MAX_OUTPUT: usize = 16 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The engine constrains every call the model opens to this schema (strict tools, the
+/// default: `command`, a string, and nothing else), so a call always parses.
 pub fn bash_tool_schema() -> Value {
     json!({
         "type": "function",
@@ -84,5 +86,48 @@ pub fn run_bash(cmd: &str) -> String {
         Some(s) if s.success() => text,
         Some(s) => format!("{text}\n[exit status {}]", s.code().unwrap_or(-1)),
         None => format!("{text}\n[killed after {} s]", TIMEOUT.as_secs()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flashmoe_text::call_grammar::{tool_call_lark, CallFormat, CallStart};
+    use flashmoe_text::{GrammarCompiler, GrammarSpec, Tokenizer};
+
+    /// The grammar `chat` gets for a call the model opens: the bash call goes through, a
+    /// parameter the schema does not name is refused at its first wrong byte.
+    #[test]
+    fn bash_calls_are_held_to_the_schema() {
+        let dir = flashmoe_runtime::testutil::temp_dir("bash-tool-grammar");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("tokenizer.json");
+        let json = flashmoe_runtime::testutil::test_tokenizer_json();
+        std::fs::write(&path, json).expect("write");
+        let tok = Tokenizer::from_file(&path).expect("tokenizer");
+        let _ = std::fs::remove_dir_all(&dir);
+        let g = GrammarCompiler::new(&tok, 1000, &[258]).expect("trie");
+        let close = "</tool_call>";
+        let start = CallStart::AfterOpen {
+            newline_written: false,
+        };
+        let tools = [super::bash_tool_schema()];
+        let lark = tool_call_lark(&tools, CallFormat::Xml, start, close).expect("grammar");
+        let spec = GrammarSpec::Lark(lark);
+        let feed = |text: &str| {
+            let mut c = g.compile(&spec).expect("compile");
+            let ids = tok.encode(text).expect("encode");
+            let n = ids
+                .iter()
+                .take_while(|&&id| c.try_accept(id, true).unwrap_or(false))
+                .count();
+            (n == ids.len(), c)
+        };
+        let call = "\n<function=bash>\n<parameter=command>\nls -l </x>\n</parameter>\n</function>\n</tool_call>";
+        let (all, c) = feed(call);
+        assert!(all && c.is_stopped(), "the bash call was refused");
+        let (all, _) = feed("\n<function=bash>\n<parameter=cmd>\nls\n</parameter>\n");
+        assert!(!all, "an undeclared parameter was allowed");
+        let (all, _) = feed("\n<function=sh>\n");
+        assert!(!all, "an undeclared tool was allowed");
     }
 }

@@ -3,6 +3,7 @@
 //! which every figure with a limit sits beside it and their ratio (`*_ratio`). `--record`
 //! appends one TSV row per run (naming the build's commit), `--plot` draws the TSV's history
 //! as a PNG or a self-contained HTML page.
+mod constrained;
 pub(crate) mod plot;
 mod record;
 
@@ -74,6 +75,10 @@ pub struct Args {
     /// Skip the same-run baselines (serial experts, recurrent delta rule, next-layer prefetch)
     #[arg(long)]
     pub no_compare: bool,
+    /// Alternating rounds (with and without a JSON Schema) of the constrained-decoding
+    /// figure that `decode` adds (`constrained.mask_ratio`); 0 skips it
+    #[arg(long, default_value_t = 5)]
+    pub constrained_rounds: usize,
     /// Free text for the --record row's notes column
     #[arg(long, default_value = "")]
     pub notes: String,
@@ -149,6 +154,14 @@ pub fn run(a: Args) -> Result<()> {
         .with_context(|| format!("benchmarking {}", a.model.display()))?;
     if let Value::Object(m) = &mut report {
         m.insert("int8_activations".into(), Value::Bool(!a.exact));
+    }
+    if which.contains(&Which::Decode) && a.constrained_rounds > 0 {
+        say("constrained: decode with and without a JSON Schema, alternating");
+        let c = constrained::measure(&a.model, a.k, a.tokens, a.constrained_rounds)
+            .context("measuring the grammar mask's overhead")?;
+        if let Value::Object(m) = &mut report {
+            m.insert("constrained".into(), c);
+        }
     }
     let cuda = match a.backend {
         super::backend::BackendKind::Cuda => true,
