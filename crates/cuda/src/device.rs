@@ -174,6 +174,8 @@ pub struct Device {
     /// Three more prepared-x slots ([`crate::ops::QX_SLOT`] bytes each) for x prepared by its
     /// producer (norms) and read by later launches, so they never meet `qx`'s uses.
     qxp: DBuf,
+    /// Four bytes that [`Device::fence`] clears.
+    fence: DBuf,
     pub ctx: Arc<CudaContext>,
     /// Kernels run here, in order.
     pub compute: Arc<CudaStream>,
@@ -263,6 +265,10 @@ fn kernel_names() -> Vec<String> {
         "gdn_step_wide",
         "gdn_out_norm",
         "chain_step",
+        "silu_mul",
+        "mul_sigmoid",
+        "qk_norm_rope",
+        "gdn_conv_rows",
     ] {
         v.push(k.to_string());
     }
@@ -313,9 +319,11 @@ impl Device {
         }
         let qx = malloc(crate::ops::QX_SCRATCH)?;
         let qxp = malloc(3 * crate::ops::QX_SLOT)?;
+        let fence = malloc(4)?;
         Ok(Device {
             qx,
             qxp,
+            fence,
             ctx,
             compute,
             copy,
@@ -484,6 +492,14 @@ impl Device {
         // SAFETY: dst is a live device range of at least len bytes (callers' contract).
         unsafe { result::memset_d8_async(dst, 0, len, self.compute.cu_stream()) }
             .map_err(|e| drv("memset", e))
+    }
+
+    /// Ends the dependent-launch overlap between the kernels launched before and after it
+    /// on the compute stream (a memset is not a kernel, so the next launch starts only after
+    /// the previous kernel is complete): for a kernel that reads, before its `pdl_wait`, what
+    /// the kernel launched just before it writes (gdn_step's state, launched token after token).
+    pub fn fence(&self) -> Result<()> {
+        self.memset_async(self.fence.ptr(), 4)
     }
 
     pub fn dtod_async(&self, dst: u64, src: u64, len: usize, stream: &CudaStream) -> Result<()> {

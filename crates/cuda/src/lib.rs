@@ -6,6 +6,7 @@
 //! compiled for the device's architecture on first use and cached under ~/.cache/flashmoe.
 //! Without a driver or GPU, [`CudaModel::new`] and [`Device::new`] return
 //! [`CudaError::NoDevice`].
+pub mod backend;
 pub mod bench;
 mod cache;
 pub mod device;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod ops;
 pub mod seq;
 
+pub use backend::Cuda;
 pub use bench::{bench_cuda, bench_cuda_disk, BenchOptions, DiskSource};
 pub use device::Device;
 pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState, ModelRef, PromptPath};
