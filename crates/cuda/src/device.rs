@@ -416,6 +416,18 @@ impl Device {
         unsafe { result::memcpy_htod_sync(dst, data) }.map_err(|e| drv("write", e))
     }
 
+    /// Writes `data` at `dst` in order on the compute stream (from pageable memory: the driver
+    /// stages it before returning, so `data` may be dropped at once).
+    pub fn write_async(&self, dst: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: dst points into a live allocation with room for data (callers' contract);
+        // a pageable source is copied into staging before the call returns.
+        unsafe { result::memcpy_htod_async(dst, data, self.compute.cu_stream()) }
+            .map_err(|e| drv("write", e))
+    }
+
     /// Reads `out.len()` f32 from `src` after the compute stream's earlier work.
     pub fn read_f32(&self, src: u64, out: &mut [f32]) -> Result<()> {
         self.sync()?;

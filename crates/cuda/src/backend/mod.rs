@@ -16,16 +16,20 @@ use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnSha
 use flashmoe_core::weights::Linear;
 use flashmoe_core::{Error, Result};
 
-use crate::device::{DBuf, Device};
+use crate::device::Device;
 use crate::ops::{self, DMat};
 use crate::seq::core_error;
 
 mod launch;
 mod moe;
+mod pool;
 
-/// f32 elements in device memory: `len` of them live, room for `mem.len() / 4`.
+use pool::{Mem, Pool};
+
+/// f32 elements in device memory (from the backend's pool): `len` of them live, room for
+/// `mem.cap() / 4`.
 pub struct CudaBuf {
-    mem: DBuf,
+    mem: Mem,
     len: usize,
 }
 
@@ -54,6 +58,7 @@ static CONTEXTS: Mutex<Vec<Arc<CudaContext>>> = Mutex::new(Vec::new());
 
 /// The CUDA backend: one device, its compute stream and its compiled kernels.
 pub struct Cuda {
+    pool: Arc<Pool>,
     dev: Device,
 }
 
@@ -85,7 +90,10 @@ impl Cuda {
         if !kept.iter().any(|c| Arc::ptr_eq(c, &dev.ctx)) {
             kept.push(dev.ctx.clone());
         }
-        Ok(Cuda { dev })
+        Ok(Cuda {
+            pool: Arc::default(),
+            dev,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -97,18 +105,29 @@ impl Cuda {
         Ok(&self.dev)
     }
 
+    /// Room for `n` elements from the pool (contents undefined).
+    fn mem(&self, n: usize) -> Result<Mem> {
+        let buf = self.pool.take(&self.dev, n * 4).map_err(ce)?;
+        Ok(Mem {
+            buf,
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// `n` elements from the pool (contents undefined).
     fn buf(&self, n: usize) -> Result<CudaBuf> {
-        let mem = self.dev.alloc(n * 4).map_err(ce)?;
-        Ok(CudaBuf { mem, len: n })
+        Ok(CudaBuf {
+            mem: self.mem(n)?,
+            len: n,
+        })
     }
 
     /// Makes room for `n` elements in `b`, keeping its live ones (capacity doubles).
     fn grow(&self, b: &mut CudaBuf, n: usize) -> Result<()> {
-        if b.mem.len() >= n * 4 {
+        if b.mem.cap() >= n * 4 {
             return Ok(());
         }
-        let cap = n.max(2 * b.mem.len() / 4).max(256);
-        let mem = self.dev.alloc(cap * 4).map_err(ce)?;
+        let mem = self.mem(n.max(2 * b.mem.cap() / 4))?;
         if b.len > 0 {
             let c = &self.dev.compute;
             self.dev
@@ -150,8 +169,10 @@ impl Backend for Cuda {
 
     fn upload(&self, v: &[f32]) -> Result<CudaBuf> {
         let dev = self.bind()?;
-        let mem = dev.upload_f32(v).map_err(ce)?;
-        Ok(CudaBuf { mem, len: v.len() })
+        let b = self.buf(v.len())?;
+        dev.write_async(b.ptr(), bytemuck::cast_slice(v))
+            .map_err(ce)?;
+        Ok(b)
     }
 
     fn download(&self, b: &CudaBuf) -> Result<Vec<f32>> {
