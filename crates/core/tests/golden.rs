@@ -102,3 +102,21 @@ fn session_prefill_steps_match_golden() {
         assert_eq!(s.tokens(), &ids[..], "tokens held after steps of {chunk}");
     }
 }
+
+/// The session path on a model moved to another backend (`Model::to_backend`, its experts
+/// read through the CPU model's) behind the generic `ModelSeq`: here the reference backend,
+/// as crates/cuda does with `Cuda`.
+#[test]
+fn model_seq_on_another_backend_matches_golden() {
+    use flashmoe_core::model::SharedExperts;
+    use flashmoe_core::model_seq::ModelSeq;
+    use std::sync::Arc;
+    let Some(shared) = shared_dir() else { return };
+    for (fixture, variant, prefix) in [("tiny-a", "hf-bf16", ""), ("tiny-next-a", "hf-bf16", "")] {
+        golden::check_session(&shared, fixture, variant, prefix, golden::TOL, |m| {
+            let experts = Box::new(SharedExperts(m.clone()));
+            let on = m.to_backend(Reference, experts).expect("to_backend");
+            Box::new(ModelSeq::new(Arc::new(on)))
+        });
+    }
+}

@@ -38,3 +38,21 @@ fn golden_fixtures_on_cuda() {
         golden::check_on_with(be, CUDA_TOL, &shared, fixture, variant, prefix, section);
     }
 }
+
+/// The session path on `Model<Cuda>` (the generic `ModelSeq`), prefill in steps and a saved
+/// state restored, against the golden logits.
+#[test]
+fn session_on_model_cuda() {
+    use flashmoe_core::model_seq::ModelSeq;
+    use std::sync::Arc;
+    let Some(_) = cuda() else { return };
+    let Some(shared) = flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR")) else {
+        return;
+    };
+    for (fixture, variant, prefix, _) in golden::FIXTURES {
+        golden::check_session(&shared, fixture, variant, prefix, CUDA_TOL, |m| {
+            let on = Cuda::load(m, 0).expect("model on CUDA");
+            Box::new(ModelSeq::new(Arc::new(on)))
+        });
+    }
+}

@@ -2,9 +2,12 @@
 //! checked against what Hugging Face transformers computed, one prompt and step by step, and
 //! every layer's hidden state through the taps. Core's tests run it on `Cpu` and `Reference`;
 //! crates/cuda's on `Cuda` (docs/backends.md: a new backend adds one test per fixture).
+use std::sync::Arc;
+
 use flashmoe_core::backend::Backend;
-use flashmoe_core::loader::{open_model_on, LoadOptions};
+use flashmoe_core::loader::{open_model, open_model_on, LoadOptions};
 use flashmoe_core::model::{ForwardStats, Logits, Model};
+use flashmoe_core::session::{SeqBackend, Session};
 
 use crate::{max_abs, Golden};
 
@@ -113,4 +116,54 @@ pub fn check_on_with<B: Backend>(
             "{what}: hidden state {i} off by {err} (scale {scale})"
         );
     }
+}
+
+/// A session on the sequence backend `make` builds for a fixture's CPU model: the prompt fed
+/// in steps of 1, 3 and all its tokens gives the golden logits after the prompt (within
+/// `tol`), each step on a fresh backend; then a saved state restored into another fresh one
+/// continues like the original.
+pub fn check_session(
+    shared: &std::path::Path,
+    fixture: &str,
+    variant: &str,
+    prefix: &str,
+    tol: f32,
+    make: impl Fn(Arc<Model>) -> Box<dyn SeqBackend>,
+) {
+    let gdir = shared.join("golden").join(fixture);
+    let g = Golden::load(&gdir);
+    let model =
+        Arc::new(open_model(&gdir.join(variant), &LoadOptions::default()).expect("load model"));
+    let ids = g.ids(&format!("{prefix}input_ids"));
+    let (shape, want) = &g.f32s[&format!("{prefix}logits")];
+    let vocab = shape[1];
+    let last = &want[(ids.len() - 1) * vocab..ids.len() * vocab];
+    for chunk in [1, 3, ids.len()] {
+        let mut s = Session::with_backend(model.clone(), make(model.clone()));
+        s.prefill_chunk = chunk;
+        let got = s.feed(&ids).expect("feed").to_vec();
+        let err = max_abs(&got, last);
+        assert!(
+            err < tol,
+            "{fixture}/{variant}: session prefill in steps of {chunk}: logits off by {err}"
+        );
+    }
+    // Save after all but the last token, restore into a fresh backend, feed the last.
+    let mut a = make(model.clone());
+    let mut stats = ForwardStats::default();
+    let n = ids.len();
+    a.forward(&ids[..n - 1], Logits::Last, &mut stats)
+        .expect("forward");
+    let saved = a.save().expect("save");
+    let mut b = make(model.clone());
+    b.restore(saved.as_ref()).expect("restore");
+    assert_eq!(b.pos(), n - 1, "{fixture}/{variant}: restored position");
+    let got = b
+        .forward(&ids[n - 1..], Logits::Last, &mut stats)
+        .expect("forward");
+    let err = max_abs(&got, last);
+    assert!(
+        err < tol,
+        "{fixture}/{variant}: restored state: logits off by {err}"
+    );
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaContext;
 use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
+use flashmoe_core::model::{Model, SharedExperts};
 use flashmoe_core::weights::Linear;
 use flashmoe_core::{Error, Result};
 
@@ -91,9 +92,16 @@ impl Cuda {
             kept.push(dev.ctx.clone());
         }
         Ok(Cuda {
-            pool: Arc::default(),
+            pool: Arc::new(Pool::new(dev.ctx.clone())),
             dev,
         })
+    }
+
+    /// `model` (loaded on the CPU) on CUDA device `ordinal`: its weights uploaded, its experts
+    /// read through it (`SharedExperts`).
+    pub fn load(model: Arc<Model>, ordinal: usize) -> crate::Result<Model<Cuda>> {
+        let be = Cuda::new(ordinal)?;
+        Ok(model.to_backend(be, Box::new(SharedExperts(model.clone())))?)
     }
 
     pub fn device(&self) -> &Device {

@@ -7,13 +7,23 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::CudaContext;
+
 use crate::device::{DBuf, Device};
 use crate::Result;
 
 /// Free buffers by size class (bytes).
-#[derive(Default)]
 pub(super) struct Pool {
     free: Mutex<HashMap<usize, Vec<DBuf>>>,
+    /// Made current when the pool is dropped, which frees its buffers (the last owner may be
+    /// another thread than the one that made it).
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+    }
 }
 
 /// The size class of `bytes`: a power of two of at least 256 bytes.
@@ -22,6 +32,13 @@ fn class(bytes: usize) -> usize {
 }
 
 impl Pool {
+    pub(super) fn new(ctx: Arc<CudaContext>) -> Pool {
+        Pool {
+            free: Mutex::default(),
+            ctx,
+        }
+    }
+
     /// A buffer of at least `bytes` (None for 0: no allocation).
     pub(super) fn take(&self, dev: &Device, bytes: usize) -> Result<Option<DBuf>> {
         if bytes == 0 {
