@@ -1269,6 +1269,33 @@ extern "C" __global__ void router_experts(const float* logits, int E, int K, int
 // ---------------------------------------------------------------------------------------------
 // Full attention (arch-spec §5), one token at position `pos`.
 // ---------------------------------------------------------------------------------------------
+// One head of `hd` at `src`, RMSNormed with `w` and rotated (NeoX rotate-half over the first
+// `rot` dims at `pos`), written to `dst` (which may be `src`: every read of src comes before the
+// block's barrier). `y` is hd floats of shared memory. Same rounding as the CPU twin: inv_freq in
+// f32, angle and sin/cos in f64.
+__device__ __forceinline__ void head_norm_rope(const float* src, const float* w, int hd, float eps, int rot,
+                                               double theta, long pos, float* dst, float* y, float* red) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += src[i] * src[i];
+    ss = block_sum(ss, red);
+    float inv = 1.f / sqrtf(ss / hd + eps);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) y[i] = src[i] * inv * w[i];
+    __syncthreads();
+    int half = rot / 2;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float v = y[i];
+        if (i < rot) {
+            int d = i < half ? i : i - half;
+            float invf = (float)(1.0 / pow(theta, (double)(2 * d) / (double)rot));
+            double ang = (double)pos * (double)invf;
+            float sn = (float)sin(ang), cs = (float)cos(ang);
+            float x1 = y[d], x2 = y[d + half];
+            v = i < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
+        }
+        dst[i] = v;
+    }
+}
+
 // Blocks 0..nh-1: q head b = RoPE(RMSNorm(qkv[b*qw .. +hd]; qnorm)) -> q[b*hd]. Blocks nh..nh+nkv-1:
 // k head likewise with knorm -> kc[pos], and v -> vc[pos]. qkv = [qg (nh*qw) | k (nkv*hd) | v].
 extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, int qw, const float* qn,
@@ -1282,28 +1309,8 @@ extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, 
     bool isq = b < nh;
     int h = isq ? b : b - nh;
     const float* src = isq ? qkv + (long)h * qw : qkv + (long)nh * qw + (long)h * hd;
-    const float* w = isq ? qn : kn;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += src[i] * src[i];
-    ss = block_sum(ss, red);
-    float inv = 1.f / sqrtf(ss / hd + eps);
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) y[i] = src[i] * inv * w[i];
-    __syncthreads();
-    int half = rot / 2;
     float* dst = isq ? q + (long)h * hd : kc + pos * nkv * hd + (long)h * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float v = y[i];
-        if (i < rot) {
-            int d = i < half ? i : i - half;
-            // Same rounding as the CPU twin: inv_freq in f32, angle and sin/cos in f64.
-            float invf = (float)(1.0 / pow(theta, (double)(2 * d) / (double)rot));
-            double ang = (double)pos * (double)invf;
-            float sn = (float)sin(ang), cs = (float)cos(ang);
-            float x1 = y[d], x2 = y[d + half];
-            v = i < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
-        }
-        dst[i] = v;
-    }
+    head_norm_rope(src, isq ? qn : kn, hd, eps, rot, theta, pos, dst, y, red);
     if (!isq) {
         const float* vs = qkv + (long)nh * qw + (long)nkv * hd + (long)h * hd;
         for (int i = threadIdx.x; i < hd; i += blockDim.x) vc[pos * nkv * hd + (long)h * hd + i] = vs[i];
@@ -1554,31 +1561,12 @@ extern "C" __global__ void qk_norm_rope(const float* qg, float* k, const float* 
     extern __shared__ float y[];
     __shared__ float red[32];
     const int b = blockIdx.x;
-    const long t = blockIdx.y, pos = pos0 + t;
+    const long t = blockIdx.y;
     const bool isq = b < nh;
     const int h = isq ? b : b - nh;
     const float* src = isq ? qg + (t * nh + h) * qw : k + (t * nkv + h) * hd;
-    const float* w = isq ? qn : kn;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += src[i] * src[i];
-    ss = block_sum(ss, red);
-    float inv = 1.f / sqrtf(ss / hd + eps);
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) y[i] = src[i] * inv * w[i];
-    __syncthreads();
-    int half = rot / 2;
     float* dst = isq ? q + (t * nh + h) * hd : k + (t * nkv + h) * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float v = y[i];
-        if (i < rot) {
-            int d = i < half ? i : i - half;
-            float invf = (float)(1.0 / pow(theta, (double)(2 * d) / (double)rot));
-            double ang = (double)pos * (double)invf;
-            float sn = (float)sin(ang), cs = (float)cos(ang);
-            float x1 = y[d], x2 = y[d + half];
-            v = i < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
-        }
-        dst[i] = v;
-    }
+    head_norm_rope(src, isq ? qn : kn, hd, eps, rot, theta, pos0 + t, dst, y, red);
     if (isq && qw > hd)
         for (int i = threadIdx.x; i < hd; i += blockDim.x) gate[(t * nh + h) * hd + i] = src[hd + i];
 }
