@@ -269,6 +269,7 @@ fn kernel_names() -> Vec<String> {
         "mul_sigmoid",
         "qk_norm_rope",
         "gdn_conv_rows",
+        "gated_rmsnorm_rows",
     ] {
         v.push(k.to_string());
     }

@@ -1591,3 +1591,19 @@ extern "C" __global__ void gdn_conv_rows(const float* mixed, float* state, const
     for (int i = 0; i < K - 1; i++) state[(long)i * cd + c] = CONV_IN(T + i);
 #undef CONV_IN
 }
+
+// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for rows r = blockIdx.x of dv (any dv; gdn_out_norm,
+// the token path's in-place form, takes dv <= 1024 with one thread per element).
+extern "C" __global__ void gated_rmsnorm_rows(const float* o, const float* z, const float* w, int dv, float eps,
+                                              float* y) {
+    pdl_wait();
+    pdl_release();
+    __shared__ float red[32];
+    const long r = blockIdx.x;
+    const float* orow = o + r * dv;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) ss += orow[i] * orow[i];
+    ss = block_sum(ss, red);
+    const float inv = 1.f / sqrtf(ss / dv + eps);
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) y[r * dv + i] = orow[i] * inv * w[i] * siluf_(z[r * dv + i]);
+}

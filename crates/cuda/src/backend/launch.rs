@@ -1,6 +1,6 @@
 //! Launches of the kernels that exist for core's `Backend` primitives only (the token path of
 //! `model.rs` fuses them into others): `silu_mul`, `mul_sigmoid`, `qk_norm_rope`,
-//! `gdn_conv_rows` in kernels.cu.
+//! `gdn_conv_rows`, `gated_rmsnorm_rows` in kernels.cu.
 use cudarc::driver::LaunchConfig;
 use flashmoe_core::backend::AttnShape;
 
@@ -99,6 +99,37 @@ pub fn gdn_conv_rows(
             A::I(k as i32),
             A::I(t as i32),
             A::P(u),
+        ],
+    )
+}
+
+/// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for `rows` rows of `dv`.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_rmsnorm_rows(
+    dev: &Device,
+    o: u64,
+    z: u64,
+    w: u64,
+    dv: usize,
+    rows: usize,
+    eps: f32,
+    y: u64,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: ((dv.div_ceil(32) * 32).clamp(32, 256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "gated_rmsnorm_rows",
+        cfg,
+        &[
+            A::P(o),
+            A::P(z),
+            A::P(w),
+            A::I(dv as i32),
+            A::F(eps),
+            A::P(y),
         ],
     )
 }

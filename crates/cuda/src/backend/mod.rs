@@ -440,17 +440,8 @@ impl Backend for Cuda {
         if rows == 0 {
             return Ok(());
         }
-        // gdn_out_norm works in place on y (one block per row of dv).
-        self.copy(y.ptr(), o.ptr(), rows * dv)?;
-        let g = ops::GdnShape {
-            nk: 1,
-            nv: rows,
-            dk: 1,
-            dv,
-            kconv: 1,
-            eps,
-        };
-        ops::gdn_out_norm(dev, &g, y.ptr(), z.ptr(), w.ptr(), None).map_err(ce)
+        let (op, zp, wp, yp) = (o.ptr(), z.ptr(), w.ptr(), y.ptr());
+        launch::gated_rmsnorm_rows(dev, op, zp, wp, dv, rows, eps, yp).map_err(ce)
     }
 
     fn swiglu(&self, g: &CudaBuf, u: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
