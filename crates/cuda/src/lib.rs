@@ -2,6 +2,12 @@
 //! routed experts come through a VRAM LRU cache fed from the model's `ExpertSource` via pinned
 //! host buffers on a separate copy stream, overlapping the shared expert's compute.
 //!
+//! Two ways in: [`Cuda`] (backend/) implements core's op-level `Backend`, so the forward pass
+//! written once in `flashmoe_core::model` runs on the GPU (`Model<Cuda>`, checked by the
+//! conformance harness and the golden suite); [`CudaModel`] (model.rs, prefill.rs) is the tuned
+//! decode and prefill loop the CLI's `--backend cuda` and the bench still use until
+//! `Model<Cuda>` matches it (issue 18, phase 2).
+//!
 //! Builds everywhere: the driver and NVRTC are loaded at run time, the kernels (kernels.cu) are
 //! compiled for the device's architecture on first use and cached under ~/.cache/flashmoe.
 //! Without a driver or GPU, [`CudaModel::new`] and [`Device::new`] return
