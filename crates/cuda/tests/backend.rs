@@ -22,9 +22,10 @@ fn cuda_conforms() {
     r.assert_ok();
 }
 
-/// Logits within 2e-3 rather than the suite's 1e-3: the decode products of affine matrices
-/// read x quantised to three int8 levels per group (the `mp` kernels, NMSE ~5e-6 per product
-/// in the harness), the bound crates/cuda's own golden tests have always used.
+/// The bound of crates/cuda's own golden tests (2e-3; the decode products of affine matrices
+/// read x quantised to int8 levels, the `mp` kernels). Measured on an H200 (27da02d): logits
+/// within 1.04e-4 of the golden on every fixture, so the suite's 1e-3 would hold for logits;
+/// the per-layer hidden states have not been checked at the suite's bound on a device yet.
 const CUDA_TOL: f32 = 2e-3;
 
 #[test]
