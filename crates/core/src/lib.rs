@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod loader;
 pub mod mapguard;
 pub mod model;
+pub mod model_seq;
 pub mod os;
 pub mod packed;
 pub mod probe;

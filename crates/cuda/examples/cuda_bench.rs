@@ -16,6 +16,10 @@ fn main() {
         }
         return;
     }
+    // The epilogue A/B switch, an explicit option of the thread that runs the tokens.
+    if std::env::var("FLASHMOE_CUDA_EPILOGUES").is_ok_and(|v| v == "0") {
+        flashmoe_cuda::ops::set_epilogues(false);
+    }
     let mut opts = BenchOptions::default();
     let mut dir = None;
     let mut i = 0;

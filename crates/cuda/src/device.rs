@@ -174,6 +174,8 @@ pub struct Device {
     /// Three more prepared-x slots ([`crate::ops::QX_SLOT`] bytes each) for x prepared by its
     /// producer (norms) and read by later launches, so they never meet `qx`'s uses.
     qxp: DBuf,
+    /// Four bytes that [`Device::fence`] clears.
+    fence: DBuf,
     pub ctx: Arc<CudaContext>,
     /// Kernels run here, in order.
     pub compute: Arc<CudaStream>,
@@ -263,6 +265,11 @@ fn kernel_names() -> Vec<String> {
         "gdn_step_wide",
         "gdn_out_norm",
         "chain_step",
+        "silu_mul",
+        "mul_sigmoid",
+        "qk_norm_rope",
+        "gdn_conv_rows",
+        "gated_rmsnorm_rows",
     ] {
         v.push(k.to_string());
     }
@@ -313,9 +320,11 @@ impl Device {
         }
         let qx = malloc(crate::ops::QX_SCRATCH)?;
         let qxp = malloc(3 * crate::ops::QX_SLOT)?;
+        let fence = malloc(4)?;
         Ok(Device {
             qx,
             qxp,
+            fence,
             ctx,
             compute,
             copy,
@@ -408,6 +417,18 @@ impl Device {
         unsafe { result::memcpy_htod_sync(dst, data) }.map_err(|e| drv("write", e))
     }
 
+    /// Writes `data` at `dst` in order on the compute stream (from pageable memory: the driver
+    /// stages it before returning, so `data` may be dropped at once).
+    pub fn write_async(&self, dst: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: dst points into a live allocation with room for data (callers' contract);
+        // a pageable source is copied into staging before the call returns.
+        unsafe { result::memcpy_htod_async(dst, data, self.compute.cu_stream()) }
+            .map_err(|e| drv("write", e))
+    }
+
     /// Reads `out.len()` f32 from `src` after the compute stream's earlier work.
     pub fn read_f32(&self, src: u64, out: &mut [f32]) -> Result<()> {
         self.sync()?;
@@ -484,6 +505,14 @@ impl Device {
         // SAFETY: dst is a live device range of at least len bytes (callers' contract).
         unsafe { result::memset_d8_async(dst, 0, len, self.compute.cu_stream()) }
             .map_err(|e| drv("memset", e))
+    }
+
+    /// Ends the dependent-launch overlap between the kernels launched before and after it
+    /// on the compute stream (a memset is not a kernel, so the next launch starts only after
+    /// the previous kernel is complete): for a kernel that reads, before its `pdl_wait`, what
+    /// the kernel launched just before it writes (gdn_step's state, launched token after token).
+    pub fn fence(&self) -> Result<()> {
+        self.memset_async(self.fence.ptr(), 4)
     }
 
     pub fn dtod_async(&self, dst: u64, src: u64, len: usize, stream: &CudaStream) -> Result<()> {

@@ -1269,6 +1269,33 @@ extern "C" __global__ void router_experts(const float* logits, int E, int K, int
 // ---------------------------------------------------------------------------------------------
 // Full attention (arch-spec §5), one token at position `pos`.
 // ---------------------------------------------------------------------------------------------
+// One head of `hd` at `src`, RMSNormed with `w` and rotated (NeoX rotate-half over the first
+// `rot` dims at `pos`), written to `dst` (which may be `src`: every read of src comes before the
+// block's barrier). `y` is hd floats of shared memory. Same rounding as the CPU twin: inv_freq in
+// f32, angle and sin/cos in f64.
+__device__ __forceinline__ void head_norm_rope(const float* src, const float* w, int hd, float eps, int rot,
+                                               double theta, long pos, float* dst, float* y, float* red) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += src[i] * src[i];
+    ss = block_sum(ss, red);
+    float inv = 1.f / sqrtf(ss / hd + eps);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) y[i] = src[i] * inv * w[i];
+    __syncthreads();
+    int half = rot / 2;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float v = y[i];
+        if (i < rot) {
+            int d = i < half ? i : i - half;
+            float invf = (float)(1.0 / pow(theta, (double)(2 * d) / (double)rot));
+            double ang = (double)pos * (double)invf;
+            float sn = (float)sin(ang), cs = (float)cos(ang);
+            float x1 = y[d], x2 = y[d + half];
+            v = i < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
+        }
+        dst[i] = v;
+    }
+}
+
 // Blocks 0..nh-1: q head b = RoPE(RMSNorm(qkv[b*qw .. +hd]; qnorm)) -> q[b*hd]. Blocks nh..nh+nkv-1:
 // k head likewise with knorm -> kc[pos], and v -> vc[pos]. qkv = [qg (nh*qw) | k (nkv*hd) | v].
 extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, int qw, const float* qn,
@@ -1282,28 +1309,8 @@ extern "C" __global__ void attn_prep(const float* qkv, int nh, int nkv, int hd, 
     bool isq = b < nh;
     int h = isq ? b : b - nh;
     const float* src = isq ? qkv + (long)h * qw : qkv + (long)nh * qw + (long)h * hd;
-    const float* w = isq ? qn : kn;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += src[i] * src[i];
-    ss = block_sum(ss, red);
-    float inv = 1.f / sqrtf(ss / hd + eps);
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) y[i] = src[i] * inv * w[i];
-    __syncthreads();
-    int half = rot / 2;
     float* dst = isq ? q + (long)h * hd : kc + pos * nkv * hd + (long)h * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float v = y[i];
-        if (i < rot) {
-            int d = i < half ? i : i - half;
-            // Same rounding as the CPU twin: inv_freq in f32, angle and sin/cos in f64.
-            float invf = (float)(1.0 / pow(theta, (double)(2 * d) / (double)rot));
-            double ang = (double)pos * (double)invf;
-            float sn = (float)sin(ang), cs = (float)cos(ang);
-            float x1 = y[d], x2 = y[d + half];
-            v = i < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
-        }
-        dst[i] = v;
-    }
+    head_norm_rope(src, isq ? qn : kn, hd, eps, rot, theta, pos, dst, y, red);
     if (!isq) {
         const float* vs = qkv + (long)nh * qw + (long)nkv * hd + (long)h * hd;
         for (int i = threadIdx.x; i < hd; i += blockDim.x) vc[pos * nkv * hd + (long)h * hd + i] = vs[i];
@@ -1520,4 +1527,83 @@ extern "C" __global__ void gdn_out_norm(float* y, const float* z, const float* w
     const float r = v < dv ? o * inv * wv * siluf_(zv) : 0.f;
     if (v < dv) y[e] = r;
     if (qbits) quant_x3_any(qbits, r, v < dv ? (int)e : cols, cols, qx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Primitives of core's op-level `Backend` that the token path above fuses away (backend.rs):
+// plain, one thread per element or one block per head, every input read after the wait.
+// ---------------------------------------------------------------------------------------------
+// out[i] = silu(g[i]) * u[i] for i < n.
+extern "C" __global__ void silu_mul(const float* g, const float* u, float* out, int n) {
+    pdl_wait();
+    pdl_release();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = siluf_(g[i]) * u[i];
+}
+
+// o[i] *= sigmoid(g[i]) for i < n (the attention output gate).
+extern "C" __global__ void mul_sigmoid(float* o, const float* g, int n) {
+    pdl_wait();
+    pdl_release();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) o[i] *= sigmoidf_(g[i]);
+}
+
+// Attention input preparation for T tokens at positions pos0 + blockIdx.y, grid (nh + nkv, T).
+// Blocks b < nh: q head b = RoPE(RMSNorm(qg[t, b*qw .. +hd]; qn)) -> q[t, b*hd], and with qw > hd
+// (gated) the gate half qg[t, b*qw + hd ..] -> gate[t, b*hd]. Blocks nh..: k head in place.
+// Same arithmetic as attn_prep.
+extern "C" __global__ void qk_norm_rope(const float* qg, float* k, const float* qn, const float* kn, int nh,
+                                        int nkv, int hd, int qw, float eps, int rot, double theta, long pos0,
+                                        float* q, float* gate) {
+    pdl_wait();
+    pdl_release();
+    extern __shared__ float y[];
+    __shared__ float red[32];
+    const int b = blockIdx.x;
+    const long t = blockIdx.y;
+    const bool isq = b < nh;
+    const int h = isq ? b : b - nh;
+    const float* src = isq ? qg + (t * nh + h) * qw : k + (t * nkv + h) * hd;
+    float* dst = isq ? q + (t * nh + h) * hd : k + (t * nkv + h) * hd;
+    head_norm_rope(src, isq ? qn : kn, hd, eps, rot, theta, pos0 + t, dst, y, red);
+    if (isq && qw > hd)
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) gate[(t * nh + h) * hd + i] = src[hd + i];
+}
+
+// Causal depthwise conv + SiLU over T tokens (arch-spec §6.3), one thread per channel c:
+// u[t, c] = silu(sum_j w[c, j] * in(t + j, c)) with in = [state (K-1 rows, oldest first); mixed];
+// the state becomes the last K-1 rows of in. Reads the state after the wait (gdn_conv fetches it
+// before, which a conv launched right after another conv must not do).
+extern "C" __global__ void gdn_conv_rows(const float* mixed, float* state, const float* w, int cd, int K, int T,
+                                         float* u) {
+    pdl_wait();
+    pdl_release();
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cd) return;
+#define CONV_IN(r) ((r) < K - 1 ? state[(long)(r) * cd + c] : mixed[(long)((r) - (K - 1)) * cd + c])
+    for (int t = 0; t < T; t++) {
+        float acc = 0.f;
+        for (int j = 0; j < K; j++) acc += w[(long)c * K + j] * CONV_IN(t + j);
+        u[(long)t * cd + c] = siluf_(acc);
+    }
+    // Row i of the new state is in(T + i); rows are read before they are overwritten (T >= 1).
+    for (int i = 0; i < K - 1; i++) state[(long)i * cd + c] = CONV_IN(T + i);
+#undef CONV_IN
+}
+
+// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for rows r = blockIdx.x of dv (any dv; gdn_out_norm,
+// the token path's in-place form, takes dv <= 1024 with one thread per element).
+extern "C" __global__ void gated_rmsnorm_rows(const float* o, const float* z, const float* w, int dv, float eps,
+                                              float* y) {
+    pdl_wait();
+    pdl_release();
+    __shared__ float red[32];
+    const long r = blockIdx.x;
+    const float* orow = o + r * dv;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) ss += orow[i] * orow[i];
+    ss = block_sum(ss, red);
+    const float inv = 1.f / sqrtf(ss / dv + eps);
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) y[r * dv + i] = orow[i] * inv * w[i] * siluf_(z[r * dv + i]);
 }

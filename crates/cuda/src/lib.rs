@@ -2,10 +2,17 @@
 //! routed experts come through a VRAM LRU cache fed from the model's `ExpertSource` via pinned
 //! host buffers on a separate copy stream, overlapping the shared expert's compute.
 //!
+//! Two ways in: [`Cuda`] (backend/) implements core's op-level `Backend`, so the forward pass
+//! written once in `flashmoe_core::model` runs on the GPU (`Model<Cuda>`, checked by the
+//! conformance harness and the golden suite); [`CudaModel`] (model.rs, prefill.rs) is the tuned
+//! decode and prefill loop the CLI's `--backend cuda` and the bench still use until
+//! `Model<Cuda>` matches it (issue 18, phase 2).
+//!
 //! Builds everywhere: the driver and NVRTC are loaded at run time, the kernels (kernels.cu) are
 //! compiled for the device's architecture on first use and cached under ~/.cache/flashmoe.
 //! Without a driver or GPU, [`CudaModel::new`] and [`Device::new`] return
 //! [`CudaError::NoDevice`].
+pub mod backend;
 pub mod bench;
 mod cache;
 pub mod device;
@@ -13,6 +20,7 @@ pub mod model;
 pub mod ops;
 pub mod seq;
 
+pub use backend::Cuda;
 pub use bench::{bench_cuda, bench_cuda_disk, BenchOptions, DiskSource};
 pub use device::Device;
 pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState, ModelRef, PromptPath};

@@ -18,28 +18,21 @@ thread_local! {
     static AFFINE_PATH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static MMA_TILE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static ROWS_PER_WARP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    /// 0 = from `FLASHMOE_CUDA_EPILOGUES` (on unless "0"), 1 = on, 2 = off.
-    static EPILOGUES: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    /// On unless turned off for this thread.
+    static EPILOGUES: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 /// Whether the token path folds work into a matvec's epilogue ([`Epilogue`]) and has the
 /// attention output prepared by `attn_decode`, for launches from this thread, or runs the plain
-/// twins (`gdn_conv`, `argmax`, `quant_x3`); tests compare the two, and
-/// `FLASHMOE_CUDA_EPILOGUES=0` turns them off for a bench A/B.
+/// twins (`gdn_conv`, `argmax`, `quant_x3`); tests compare the two, and the `cuda_bench`
+/// example turns them off for a bench A/B (`FLASHMOE_CUDA_EPILOGUES=0`, read once in its
+/// `main`: nothing on the token path reads the environment).
 pub fn set_epilogues(on: bool) {
-    EPILOGUES.with(|c| c.set(if on { 1 } else { 2 }));
+    EPILOGUES.with(|c| c.set(on));
 }
 
 pub fn epilogues() -> bool {
-    match EPILOGUES.with(|c| c.get()) {
-        1 => true,
-        2 => false,
-        _ => {
-            // Read once: this is asked on every token.
-            static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            *ENV.get_or_init(|| std::env::var("FLASHMOE_CUDA_EPILOGUES").map_or(true, |v| v != "0"))
-        }
-    }
+    EPILOGUES.with(|c| c.get())
 }
 
 /// Work a decode matvec does with its outputs besides writing them, one launch fewer.

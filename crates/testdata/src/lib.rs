@@ -3,6 +3,8 @@
 //! printed skip elsewhere, never a silent pass.
 use std::path::{Path, PathBuf};
 
+pub mod golden;
+
 /// The shared reference directory for a crate of this workspace (`manifest_dir` is its
 /// `CARGO_MANIFEST_DIR`): `$FLASHMOE_SHARED`, else `<manifest_dir>/../../../shared`.
 ///

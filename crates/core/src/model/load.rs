@@ -114,7 +114,7 @@ fn mlp<B: Backend>(be: &B, gate: Linear, up: Linear, down: Linear) -> Result<Mlp
     })
 }
 
-fn group<B: Backend, const N: usize>(be: &B, ws: [&Linear; N]) -> Result<[B::Mat; N]> {
+pub(super) fn group<B: Backend, const N: usize>(be: &B, ws: [&Linear; N]) -> Result<[B::Mat; N]> {
     be.upload_group(&ws)?.try_into().map_err(|_| {
         Error::Invalid(format!(
             "{}: upload_group returned a wrong count",

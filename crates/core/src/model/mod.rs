@@ -5,6 +5,7 @@
 //! (`attn_output_gate`, dense-MLP layers), not copies. Timers and hidden-state capture are
 //! taps (`tap.rs`), not part of the math.
 pub mod attention;
+mod convert;
 pub mod gdn;
 pub mod gdn_chunk;
 mod load;
@@ -20,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::experts::ExpertSource;
 
 use attention::Attention;
+pub use convert::SharedExperts;
 use gdn::GatedDeltaNet;
 use moe::{Mlp, Moe};
 pub use state::{LayerState, State};

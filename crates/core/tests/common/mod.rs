@@ -13,25 +13,5 @@ pub use flashmoe_testdata::{max_abs, Golden};
 
 pub mod mlx_convert;
 
-/// Logits for every position: `prefill` tokens as one prompt, then one token at a time
-/// through the cached state.
-pub fn logits<B: flashmoe_core::backend::Backend>(
-    model: &flashmoe_core::model::Model<B>,
-    ids: &[u32],
-    prefill: usize,
-) -> Vec<f32> {
-    use flashmoe_core::model::{ForwardStats, Logits};
-    let mut st = model.new_state().expect("state");
-    let mut stats = ForwardStats::default();
-    let mut out = model
-        .forward(&ids[..prefill], &mut st, Logits::All, &mut stats, None)
-        .expect("prefill");
-    for &id in &ids[prefill..] {
-        out.extend(
-            model
-                .forward(&[id], &mut st, Logits::Last, &mut stats, None)
-                .expect("decode"),
-        );
-    }
-    out
-}
+#[allow(unused_imports)]
+pub use flashmoe_testdata::golden::logits;

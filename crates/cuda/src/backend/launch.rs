@@ -1,0 +1,135 @@
+//! Launches of the kernels that exist for core's `Backend` primitives only (the token path of
+//! `model.rs` fuses them into others): `silu_mul`, `mul_sigmoid`, `qk_norm_rope`,
+//! `gdn_conv_rows`, `gated_rmsnorm_rows` in kernels.cu.
+use cudarc::driver::LaunchConfig;
+use flashmoe_core::backend::AttnShape;
+
+use crate::device::{Device, A};
+use crate::Result;
+
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// out[i] = silu(g[i]) * u[i], i < n.
+pub fn silu_mul(dev: &Device, g: u64, u: u64, out: u64, n: usize) -> Result<()> {
+    dev.launch(
+        "silu_mul",
+        elementwise(n),
+        &[A::P(g), A::P(u), A::P(out), A::I(n as i32)],
+    )
+}
+
+/// o[i] *= sigmoid(g[i]), i < n.
+pub fn mul_sigmoid(dev: &Device, o: u64, g: u64, n: usize) -> Result<()> {
+    dev.launch(
+        "mul_sigmoid",
+        elementwise(n),
+        &[A::P(o), A::P(g), A::I(n as i32)],
+    )
+}
+
+/// q/k RMSNorm and RoPE of `t` tokens from `pos0` (core's `qk_norm_rope`); `gate` is written
+/// when `s.gated`.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope(
+    dev: &Device,
+    s: &AttnShape,
+    qg: u64,
+    k: u64,
+    qn: u64,
+    kn: u64,
+    pos0: usize,
+    t: usize,
+    q: u64,
+    gate: u64,
+) -> Result<()> {
+    let hd = s.head_dim;
+    let cfg = LaunchConfig {
+        grid_dim: ((s.heads + s.kv_heads) as u32, t as u32, 1),
+        block_dim: ((hd.div_ceil(32) * 32).clamp(32, 256) as u32, 1, 1),
+        shared_mem_bytes: (hd * 4) as u32,
+    };
+    dev.launch(
+        "qk_norm_rope",
+        cfg,
+        &[
+            A::P(qg),
+            A::P(k),
+            A::P(qn),
+            A::P(kn),
+            A::I(s.heads as i32),
+            A::I(s.kv_heads as i32),
+            A::I(hd as i32),
+            A::I((s.q_rows() / s.heads) as i32),
+            A::F(s.eps),
+            A::I(s.rotary_dim as i32),
+            A::D(s.rope_theta),
+            A::L(pos0 as i64),
+            A::P(q),
+            A::P(gate),
+        ],
+    )
+}
+
+/// The causal conv + SiLU of `t` tokens over `cd` channels with a `k`-tap kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_conv_rows(
+    dev: &Device,
+    mixed: u64,
+    state: u64,
+    w: u64,
+    cd: usize,
+    k: usize,
+    t: usize,
+    u: u64,
+) -> Result<()> {
+    dev.launch(
+        "gdn_conv_rows",
+        elementwise(cd),
+        &[
+            A::P(mixed),
+            A::P(state),
+            A::P(w),
+            A::I(cd as i32),
+            A::I(k as i32),
+            A::I(t as i32),
+            A::P(u),
+        ],
+    )
+}
+
+/// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for `rows` rows of `dv`.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_rmsnorm_rows(
+    dev: &Device,
+    o: u64,
+    z: u64,
+    w: u64,
+    dv: usize,
+    rows: usize,
+    eps: f32,
+    y: u64,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: ((dv.div_ceil(32) * 32).clamp(32, 256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "gated_rmsnorm_rows",
+        cfg,
+        &[
+            A::P(o),
+            A::P(z),
+            A::P(w),
+            A::I(dv as i32),
+            A::F(eps),
+            A::P(y),
+        ],
+    )
+}

@@ -1,0 +1,538 @@
+//! [`Cuda`]: the GPU as an implementation of core's op-level `Backend` trait, so that the one
+//! forward pass of `flashmoe_core::model` runs on it (`Model<Cuda>`). Each primitive maps to
+//! the kernels of kernels.cu through the typed launches of ops.rs (and `launch.rs` for the few
+//! primitives the token path of model.rs fuses away).
+//!
+//! Buffers are f32 device allocations with an element count; attention caches keep spare
+//! capacity and grow by doubling. Matrices are uploaded once in their stored format. Every op
+//! is queued on the device's compute stream; only `download`, `routes_host` and `argmax` wait
+//! for it. Experts are read from the call's `ExpertSource` and uploaded per call (the VRAM and
+//! pinned tiers of model.rs are not behind this seam yet: issue 18, phase 2, step 4).
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaContext;
+use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
+use flashmoe_core::model::{Model, SharedExperts};
+use flashmoe_core::weights::Linear;
+use flashmoe_core::{Error, Result};
+
+use crate::device::Device;
+use crate::ops::{self, DMat};
+use crate::seq::core_error;
+
+mod launch;
+mod moe;
+mod pool;
+
+use pool::{Mem, Pool};
+
+/// f32 elements in device memory (from the backend's pool): `len` of them live, room for
+/// `mem.cap() / 4`.
+pub struct CudaBuf {
+    mem: Mem,
+    len: usize,
+}
+
+impl CudaBuf {
+    fn ptr(&self) -> u64 {
+        self.mem.ptr()
+    }
+    /// Device address of element `i`.
+    fn at(&self, i: usize) -> u64 {
+        self.mem.ptr() + (i * 4) as u64
+    }
+}
+
+/// The routing of `t` tokens on the device: `ids [t, k]` (i32 bits) and `wts [t, k]`.
+pub struct CudaRoutes {
+    ids: CudaBuf,
+    wts: CudaBuf,
+    t: usize,
+    k: usize,
+}
+
+/// Contexts of every `Cuda` made in this process, kept alive to its end: a model's buffers
+/// and matrices are freed after its backend when they are dropped in field order, and freeing
+/// into a released primary context crashed the driver (see `CudaModel`'s `dev` field).
+static CONTEXTS: Mutex<Vec<Arc<CudaContext>>> = Mutex::new(Vec::new());
+
+/// The CUDA backend: one device, its compute stream and its compiled kernels.
+pub struct Cuda {
+    pool: Arc<Pool>,
+    dev: Device,
+}
+
+fn ce(e: crate::CudaError) -> Error {
+    core_error(e)
+}
+
+fn short(op: &str, what: &str, need: usize, have: usize) -> Error {
+    Error::Invalid(format!(
+        "cuda {op}: {what} holds {have} elements, needs {need}"
+    ))
+}
+
+/// Checks that `b` holds at least `need` elements.
+fn room(op: &str, what: &str, b: &CudaBuf, need: usize) -> Result<()> {
+    if b.len < need {
+        return Err(short(op, what, need, b.len));
+    }
+    Ok(())
+}
+
+impl Cuda {
+    /// Opens CUDA device `ordinal` (compiling the kernels on first use). Fails with
+    /// `CudaError::NoDevice` on a machine without a driver or GPU.
+    pub fn new(ordinal: usize) -> crate::Result<Cuda> {
+        let dev = Device::new(ordinal)?;
+        dev.bind()?;
+        let mut kept = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+        if !kept.iter().any(|c| Arc::ptr_eq(c, &dev.ctx)) {
+            kept.push(dev.ctx.clone());
+        }
+        Ok(Cuda {
+            pool: Arc::new(Pool::new(dev.ctx.clone())),
+            dev,
+        })
+    }
+
+    /// `model` (loaded on the CPU) on CUDA device `ordinal`: its weights uploaded, its experts
+    /// read through it (`SharedExperts`).
+    pub fn load(model: Arc<Model>, ordinal: usize) -> crate::Result<Model<Cuda>> {
+        let be = Cuda::new(ordinal)?;
+        Ok(model.to_backend(be, Box::new(SharedExperts(model.clone())))?)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    fn bind(&self) -> Result<&Device> {
+        self.dev.bind().map_err(ce)?;
+        Ok(&self.dev)
+    }
+
+    /// Room for `n` elements from the pool (contents undefined).
+    fn mem(&self, n: usize) -> Result<Mem> {
+        let buf = self.pool.take(&self.dev, n * 4).map_err(ce)?;
+        Ok(Mem {
+            buf,
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// `n` elements from the pool (contents undefined).
+    fn buf(&self, n: usize) -> Result<CudaBuf> {
+        Ok(CudaBuf {
+            mem: self.mem(n)?,
+            len: n,
+        })
+    }
+
+    /// Makes room for `n` elements in `b`, keeping its live ones (capacity doubles).
+    fn grow(&self, b: &mut CudaBuf, n: usize) -> Result<()> {
+        if b.mem.cap() >= n * 4 {
+            return Ok(());
+        }
+        let mem = self.mem(n.max(2 * b.mem.cap() / 4))?;
+        if b.len > 0 {
+            let c = &self.dev.compute;
+            self.dev
+                .dtod_async(mem.ptr(), b.ptr(), b.len * 4, c)
+                .map_err(ce)?;
+        }
+        b.mem = mem;
+        Ok(())
+    }
+
+    /// `dst[..n] = src[..n]` on the compute stream.
+    fn copy(&self, dst: u64, src: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.dev
+            .dtod_async(dst, src, n * 4, &self.dev.compute)
+            .map_err(ce)
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+    type Mat = DMat;
+    type Routes = CudaRoutes;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc(&self, n: usize) -> Result<CudaBuf> {
+        let dev = self.bind()?;
+        let b = self.buf(n)?;
+        if n > 0 {
+            dev.memset_async(b.ptr(), n * 4).map_err(ce)?;
+        }
+        Ok(b)
+    }
+
+    fn upload(&self, v: &[f32]) -> Result<CudaBuf> {
+        let dev = self.bind()?;
+        let b = self.buf(v.len())?;
+        dev.write_async(b.ptr(), bytemuck::cast_slice(v))
+            .map_err(ce)?;
+        Ok(b)
+    }
+
+    fn download(&self, b: &CudaBuf) -> Result<Vec<f32>> {
+        let dev = self.bind()?;
+        let mut out = vec![0f32; b.len];
+        if b.len > 0 {
+            dev.read_f32(b.ptr(), &mut out).map_err(ce)?;
+        }
+        Ok(out)
+    }
+
+    fn buf_len(&self, b: &CudaBuf) -> usize {
+        b.len
+    }
+
+    fn copy_buf(&self, b: &CudaBuf) -> Result<CudaBuf> {
+        self.bind()?;
+        let out = self.buf(b.len)?;
+        self.copy(out.ptr(), b.ptr(), b.len)?;
+        Ok(out)
+    }
+
+    fn upload_mat(&self, w: &Linear) -> Result<DMat> {
+        let dev = self.bind()?;
+        ops::upload_rows(dev, &[(w, 0, w.rows())]).map_err(ce)
+    }
+
+    fn mat_shape(&self, w: &DMat) -> (usize, usize) {
+        (w.m.rows, w.m.cols)
+    }
+
+    fn alloc_routes(&self, t: usize, k: usize) -> Result<CudaRoutes> {
+        Ok(CudaRoutes {
+            ids: self.alloc(t * k)?,
+            wts: self.alloc(t * k)?,
+            t,
+            k,
+        })
+    }
+
+    fn matmul(&self, w: &DMat, x: &CudaBuf, t: usize, y: &mut CudaBuf) -> Result<()> {
+        let dev = self.bind()?;
+        let m = &w.m;
+        room("matmul", "x", x, t * m.cols)?;
+        room("matmul", "y", y, t * m.rows)?;
+        let p = [(m.w, m.s, m.b, x.ptr(), y.ptr())];
+        ops::matvec_batch(dev, &dev.compute, m, &p, t, m.cols, m.rows).map_err(ce)
+    }
+
+    fn embed(&self, table: &DMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
+        let dev = self.bind()?;
+        let (rows, h) = (table.m.rows, table.m.cols);
+        room("embed", "out", out, ids.len() * h)?;
+        for (i, &id) in ids.iter().enumerate() {
+            if id as usize >= rows {
+                return Err(Error::TokenOutOfRange { id, vocab: rows });
+            }
+            ops::embed_row(dev, &table.m, id as usize, out.at(i * h)).map_err(ce)?;
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &CudaBuf, w: &CudaBuf, eps: f32, out: &mut CudaBuf) -> Result<()> {
+        let dev = self.bind()?;
+        let n = w.len;
+        let rows = x.len.checked_div(n).unwrap_or(0);
+        room("rmsnorm", "out", out, rows * n)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        ops::rmsnorm_rows(dev, x.ptr(), n, w.ptr(), out.ptr(), n, n, rows, eps, None).map_err(ce)
+    }
+
+    fn add(&self, x: &mut CudaBuf, d: &CudaBuf) -> Result<()> {
+        let dev = self.bind()?;
+        room("add", "d", d, x.len)?;
+        if x.len == 0 {
+            return Ok(());
+        }
+        ops::add_rows_gated(dev, x.ptr(), d.ptr(), 0, 0, 1, x.len).map_err(ce)
+    }
+
+    fn copy_rows(
+        &self,
+        src: &CudaBuf,
+        width: usize,
+        row0: usize,
+        n: usize,
+        dst: &mut CudaBuf,
+    ) -> Result<()> {
+        self.bind()?;
+        room("copy_rows", "src", src, (row0 + n) * width)?;
+        room("copy_rows", "dst", dst, n * width)?;
+        self.copy(dst.ptr(), src.at(row0 * width), n * width)
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qg: &CudaBuf,
+        k: &mut CudaBuf,
+        q_norm: &CudaBuf,
+        k_norm: &CudaBuf,
+        s: &AttnShape,
+        pos0: usize,
+        t: usize,
+        q: &mut CudaBuf,
+        gate: &mut CudaBuf,
+    ) -> Result<()> {
+        let dev = self.bind()?;
+        room("qk_norm_rope", "qg", qg, t * s.q_rows())?;
+        room("qk_norm_rope", "k", k, t * s.kv_width())?;
+        room("qk_norm_rope", "q", q, t * s.o_width())?;
+        if s.gated {
+            room("qk_norm_rope", "gate", gate, t * s.o_width())?;
+        }
+        if t == 0 {
+            return Ok(());
+        }
+        let (qn, kn) = (q_norm.ptr(), k_norm.ptr());
+        launch::qk_norm_rope(
+            dev,
+            s,
+            qg.ptr(),
+            k.ptr(),
+            qn,
+            kn,
+            pos0,
+            t,
+            q.ptr(),
+            gate.ptr(),
+        )
+        .map_err(ce)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        kc: &mut CudaBuf,
+        vc: &mut CudaBuf,
+        s: &AttnShape,
+        pos0: usize,
+        t: usize,
+        o: &mut CudaBuf,
+    ) -> Result<()> {
+        let dev = self.bind()?;
+        let kvw = s.kv_width();
+        if kc.len != pos0 * kvw || vc.len != pos0 * kvw {
+            return Err(Error::Invalid(format!(
+                "cuda attention: KV cache of {} elements at position {pos0}",
+                kc.len
+            )));
+        }
+        room("attention", "k", k, t * kvw)?;
+        room("attention", "v", v, t * kvw)?;
+        room("attention", "o", o, t * s.o_width())?;
+        let n = (pos0 + t) * kvw;
+        for (c, src) in [(&mut *kc, k), (&mut *vc, v)] {
+            self.grow(c, n)?;
+            self.copy(c.at(pos0 * kvw), src.ptr(), t * kvw)?;
+            c.len = n;
+        }
+        let a = ops::AttnShape {
+            nh: s.heads,
+            nkv: s.kv_heads,
+            hd: s.head_dim,
+            gated: false,
+            rot: s.rotary_dim,
+            theta: s.rope_theta,
+            eps: s.eps,
+        };
+        let ow = s.o_width();
+        for i in 0..t {
+            let (qi, oi) = (q.at(i * ow), o.at(i * ow));
+            ops::attn_decode(dev, &a, qi, kc.ptr(), vc.ptr(), 0, pos0 + i + 1, oi, None)
+                .map_err(ce)?;
+        }
+        Ok(())
+    }
+
+    fn gated_output(&self, o: &mut CudaBuf, gate: &CudaBuf) -> Result<()> {
+        let dev = self.bind()?;
+        room("gated_output", "gate", gate, o.len)?;
+        if o.len == 0 {
+            return Ok(());
+        }
+        launch::mul_sigmoid(dev, o.ptr(), gate.ptr(), o.len).map_err(ce)
+    }
+
+    fn gdn_conv(
+        &self,
+        mixed: &CudaBuf,
+        state: &mut CudaBuf,
+        conv_w: &CudaBuf,
+        s: &GdnShape,
+        t: usize,
+        u: &mut CudaBuf,
+    ) -> Result<()> {
+        let dev = self.bind()?;
+        let cd = s.conv_dim();
+        room("gdn_conv", "mixed", mixed, t * cd)?;
+        room("gdn_conv", "state", state, s.conv_state_len())?;
+        room("gdn_conv", "conv_w", conv_w, cd * s.kconv)?;
+        room("gdn_conv", "u", u, t * cd)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let (m, st, w) = (mixed.ptr(), state.ptr(), conv_w.ptr());
+        launch::gdn_conv_rows(dev, m, st, w, cd, s.kconv, t, u.ptr()).map_err(ce)
+    }
+
+    fn gdn_recurrent(
+        &self,
+        u: &CudaBuf,
+        b: &CudaBuf,
+        a: &CudaBuf,
+        dt_bias: &CudaBuf,
+        neg_a: &CudaBuf,
+        state: &mut CudaBuf,
+        s: &GdnShape,
+        t: usize,
+        o: &mut CudaBuf,
+    ) -> Result<()> {
+        let dev = self.bind()?;
+        let (cd, nv, vd) = (s.conv_dim(), s.nv, s.value_dim());
+        room("gdn_recurrent", "u", u, t * cd)?;
+        room("gdn_recurrent", "b", b, t * nv)?;
+        room("gdn_recurrent", "a", a, t * nv)?;
+        room("gdn_recurrent", "state", state, s.state_len())?;
+        room("gdn_recurrent", "o", o, t * vd)?;
+        let g = gdn_shape(s, 0.0);
+        for i in 0..t {
+            // gdn_step reads the state before its dependent-launch wait: the kernel before it
+            // must not be the step that writes it.
+            dev.fence().map_err(ce)?;
+            let (ui, bi, ai, oi) = (u.at(i * cd), b.at(i * nv), a.at(i * nv), o.at(i * vd));
+            let (dt, na) = (dt_bias.ptr(), neg_a.ptr());
+            ops::gdn_step(dev, &g, ui, bi, ai, dt, na, state.ptr(), oi).map_err(ce)?;
+        }
+        Ok(())
+    }
+
+    fn gated_rmsnorm(
+        &self,
+        o: &CudaBuf,
+        z: &CudaBuf,
+        w: &CudaBuf,
+        eps: f32,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        let dev = self.bind()?;
+        let dv = w.len;
+        let rows = o.len.checked_div(dv).unwrap_or(0);
+        room("gated_rmsnorm", "z", z, rows * dv)?;
+        room("gated_rmsnorm", "y", y, rows * dv)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (op, zp, wp, yp) = (o.ptr(), z.ptr(), w.ptr(), y.ptr());
+        launch::gated_rmsnorm_rows(dev, op, zp, wp, dv, rows, eps, yp).map_err(ce)
+    }
+
+    fn swiglu(&self, g: &CudaBuf, u: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        let dev = self.bind()?;
+        room("swiglu", "u", u, g.len)?;
+        room("swiglu", "out", out, g.len)?;
+        if g.len == 0 {
+            return Ok(());
+        }
+        launch::silu_mul(dev, g.ptr(), u.ptr(), out.ptr(), g.len).map_err(ce)
+    }
+
+    fn router_topk(
+        &self,
+        logits: &CudaBuf,
+        ne: usize,
+        k: usize,
+        renorm: bool,
+        out: &mut CudaRoutes,
+    ) -> Result<()> {
+        moe::router_topk(self, logits, ne, k, renorm, out)
+    }
+
+    fn routes_host<'a>(&self, r: &'a CudaRoutes, _layer: usize) -> Result<Option<Cow<'a, Routes>>> {
+        moe::routes_host(self, r).map(|r| Some(Cow::Owned(r)))
+    }
+
+    fn moe_experts(
+        &self,
+        call: ExpertCall<'_>,
+        x: &CudaBuf,
+        routes: &CudaRoutes,
+        host: Option<&Routes>,
+        out: &mut CudaBuf,
+    ) -> Result<ExpertTimes> {
+        moe::experts(self, call, x, routes, host, out)
+    }
+
+    fn moe_combine(
+        &self,
+        x: &mut CudaBuf,
+        routed: &CudaBuf,
+        shared: Option<&CudaBuf>,
+        shared_gate: Option<&CudaBuf>,
+    ) -> Result<()> {
+        moe::combine(self, x, routed, shared, shared_gate)
+    }
+
+    fn argmax(&self, x: &CudaBuf) -> Result<u32> {
+        let dev = self.bind()?;
+        if x.len == 0 {
+            return Ok(0);
+        }
+        let key = self.buf(2)?;
+        ops::argmax(dev, x.ptr(), x.len, key.ptr()).map_err(ce)?;
+        let mut k = [0f32; 2];
+        dev.read_f32(key.ptr(), &mut k).map_err(ce)?;
+        let bits = k[0].to_bits() as u64 | (k[1].to_bits() as u64) << 32;
+        Ok(ops::argmax_index(bits))
+    }
+
+    fn add_rmsnorm(
+        &self,
+        x: &mut CudaBuf,
+        d: &CudaBuf,
+        w: &CudaBuf,
+        eps: f32,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        // One row (decode): one kernel updates x and norms it.
+        if x.len != w.len || x.len == 0 {
+            self.add(x, d)?;
+            return self.rmsnorm(x, w, eps, out);
+        }
+        let dev = self.bind()?;
+        room("add_rmsnorm", "d", d, x.len)?;
+        room("add_rmsnorm", "out", out, x.len)?;
+        let (n, upd) = (x.len, ops::Residual::Update);
+        let (xp, dp, wp, op) = (x.ptr(), d.ptr(), w.ptr(), out.ptr());
+        ops::add_rmsnorm(dev, xp, dp, wp, op, n, eps, [None, None], upd).map_err(ce)
+    }
+}
+
+/// ops.rs's shape of a GatedDeltaNet layer.
+fn gdn_shape(s: &GdnShape, eps: f32) -> ops::GdnShape {
+    ops::GdnShape {
+        nk: s.nk,
+        nv: s.nv,
+        dk: s.dk,
+        dv: s.dv,
+        kconv: s.kconv,
+        eps,
+    }
+}
