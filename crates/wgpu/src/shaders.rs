@@ -1,0 +1,28 @@
+//! The WGSL sources, by kernel name. The products and embed are `mat.wgsl` (weight access)
+//! followed by their own file; [`all`] is what the MSL translation test walks.
+
+const MAT: &str = include_str!("shaders/mat.wgsl");
+
+/// `(name, full WGSL source)` of every kernel.
+pub fn all() -> Vec<(&'static str, String)> {
+    let with_mat = |s: &str| format!("{MAT}\n{s}");
+    vec![
+        ("matmul", with_mat(include_str!("shaders/matmul.wgsl"))),
+        ("expert", with_mat(include_str!("shaders/expert.wgsl"))),
+        ("embed", with_mat(include_str!("shaders/embed.wgsl"))),
+        ("norm", include_str!("shaders/norm.wgsl").into()),
+        ("ew", include_str!("shaders/ew.wgsl").into()),
+        ("rope", include_str!("shaders/rope.wgsl").into()),
+        ("attention", include_str!("shaders/attention.wgsl").into()),
+        ("conv", include_str!("shaders/conv.wgsl").into()),
+        ("delta", include_str!("shaders/delta.wgsl").into()),
+        ("topk", include_str!("shaders/topk.wgsl").into()),
+        ("argmax", include_str!("shaders/argmax.wgsl").into()),
+        ("esum", include_str!("shaders/esum.wgsl").into()),
+    ]
+}
+
+/// The source of kernel `name`.
+pub fn source(name: &str) -> Option<String> {
+    all().into_iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+}
