@@ -37,6 +37,9 @@ pub struct Options {
     /// `allow_software`) the first one.
     pub adapter: Option<usize>,
     pub allow_software: bool,
+    /// Products with one thread per row instead of a workgroup per row; `None`: per
+    /// adapter (one thread per row on software adapters, whose barriers are expensive).
+    pub row_per_thread: Option<bool>,
 }
 
 fn instance() -> wgpu::Instance {
@@ -82,6 +85,8 @@ pub struct Wgpu {
     pending: Mutex<(Option<wgpu::CommandEncoder>, usize)>,
     /// Bound where a kernel declares a buffer that an op does not use.
     pub(crate) dummy: wgpu::Buffer,
+    /// Products with one thread per row (`matmul_rows.wgsl`, `expert_rows.wgsl`).
+    pub(crate) row_per_thread: bool,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -136,7 +141,9 @@ impl Wgpu {
             usage: USAGE,
             mapped_at_creation: false,
         });
+        let row_per_thread = opts.row_per_thread.unwrap_or(desc.software);
         Ok(Wgpu {
+            row_per_thread,
             device,
             queue,
             desc,

@@ -213,12 +213,13 @@ impl Wgpu {
         y: &wgpu::Buffer,
         j: &wgpu::Buffer,
     ) -> Result<()> {
-        let (mut g, gx) = grid(rows);
+        let (name, per) = self.product_kernel("expert");
+        let (mut g, gx) = grid(rows.div_ceil(per));
         g[2] = jobs as u32;
         let mut params = m.to_vec();
         params.extend([rows as u32, cols as u32, jobs as u32, gx]);
         self.dispatch(
-            "expert",
+            name,
             &params,
             &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
             g,

@@ -109,14 +109,15 @@ impl Wgpu {
         t: usize,
         y: &wgpu::Buffer,
     ) -> Result<()> {
+        let (name, per) = self.product_kernel("matmul");
         for p in &w.parts {
-            let (mut g, gx) = grid(p.rows);
+            let (mut g, gx) = grid(p.rows.div_ceil(per));
             g[2] = t.div_ceil(8) as u32;
             let mut params = w.m.to_vec();
             params.extend([p.rows, w.cols, t, p.row0, w.rows].map(|v| v as u32));
             params.push(gx);
             self.dispatch(
-                "matmul",
+                name,
                 &params,
                 &[
                     (1, &p.w),
@@ -129,6 +130,15 @@ impl Wgpu {
             )?;
         }
         Ok(())
+    }
+
+    /// The product kernel `base` or its one-thread-per-row twin, and rows per workgroup.
+    pub(crate) fn product_kernel(&self, base: &'static str) -> (&'static str, usize) {
+        match (base, self.row_per_thread) {
+            ("matmul", true) => ("matmul_rows", 64),
+            ("expert", true) => ("expert_rows", 64),
+            (b, _) => (b, 1),
+        }
     }
 
     /// The buffer of `b` with room for `n` elements, keeping its first `b.len`.

@@ -8,7 +8,15 @@ pub fn all() -> Vec<(&'static str, String)> {
     let with_mat = |s: &str| format!("{MAT}\n{s}");
     vec![
         ("matmul", with_mat(include_str!("shaders/matmul.wgsl"))),
+        (
+            "matmul_rows",
+            with_mat(include_str!("shaders/matmul_rows.wgsl")),
+        ),
         ("expert", with_mat(include_str!("shaders/expert.wgsl"))),
+        (
+            "expert_rows",
+            with_mat(include_str!("shaders/expert_rows.wgsl")),
+        ),
         ("embed", with_mat(include_str!("shaders/embed.wgsl"))),
         ("norm", include_str!("shaders/norm.wgsl").into()),
         ("ew", include_str!("shaders/ew.wgsl").into()),

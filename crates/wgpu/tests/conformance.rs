@@ -2,29 +2,22 @@
 //! adapter: lavapipe on CI, a real GPU where there is one. Without any adapter the test says
 //! it was skipped, except under CI=true, where .ci/run installs lavapipe and a missing
 //! adapter is a failure.
-use flashmoe_wgpu::{Options, Wgpu};
+mod device;
 
-pub fn backend() -> Option<Wgpu> {
-    match Wgpu::new(Options {
-        adapter: None,
-        allow_software: true,
-    }) {
-        Ok(be) => Some(be),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and no wgpu adapter (.ci/run installs lavapipe): {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
-
+/// Both product kernels on this adapter (lavapipe's default is one thread per row, a GPU's a
+/// workgroup per row), so CI checks the one that GPUs run too.
 #[test]
 fn wgpu_conforms() {
-    let Some(be) = backend() else { return };
-    eprintln!("adapter: {:?}", be.adapter());
-    let r = flashmoe_core::backend::conformance::run(&be);
-    println!("{}", r.summary());
-    r.assert_ok();
+    for rows in [false, true] {
+        let Some(be) = device::backend_with(Some(rows)) else {
+            return;
+        };
+        eprintln!(
+            "product kernels: one {} per row",
+            if rows { "thread" } else { "workgroup" }
+        );
+        let r = flashmoe_core::backend::conformance::run(&be);
+        println!("{}", r.summary());
+        r.assert_ok();
+    }
 }

@@ -11,6 +11,7 @@ pub fn shared_dir() -> Option<PathBuf> {
 #[allow(unused_imports)]
 pub use flashmoe_testdata::{max_abs, Golden};
 
+pub mod golden_body;
 pub mod mlx_convert;
 
 /// Logits for every position: `prefill` tokens as one prompt, then one token at a time

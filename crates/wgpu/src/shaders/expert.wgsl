@@ -21,7 +21,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if row >= p.rows {
         return;
     }
-    row_dot(p.m, J[j * 4u], J[j * 4u + 1u], p.cols, row, J[j * 4u + 2u], 1u, tid);
+    row_dot(p.m, J[j * 4u], J[j * 4u + 1u], p.cols, row, J[j * 4u + 2u], 1u, tid, WG);
     reduce_acc(tid);
     if tid == 0u {
         Y[J[j * 4u + 3u] * p.rows + row] = red[0];

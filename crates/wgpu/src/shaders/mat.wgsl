@@ -64,15 +64,16 @@ const TB: u32 = 8u;
 var<private> acc: array<f32, 8>;
 var<workgroup> red: array<f32, 512>;
 
-// acc[tt] += W[row] . X[xrow0 + tt] for tt < tn, over this thread's share of the columns.
+// acc[tt] = W[row] . X[xrow0 + tt] for tt < tn, over this thread's share of the columns
+// (from `tid` in steps of `step`: WG when a workgroup shares a row, 1 when a thread owns it).
 // The affine form folds the dequantisation: sum over a word of q*x, times the scale, plus the
 // bias times the sum of x (one multiply per code instead of a dequantised weight).
-fn row_dot(m: M, wbase: u32, sbase: u32, cols: u32, row: u32, xrow0: u32, tn: u32, tid: u32) {
+fn row_dot(m: M, wbase: u32, sbase: u32, cols: u32, row: u32, xrow0: u32, tn: u32, tid: u32, step: u32) {
     for (var tt = 0u; tt < TB; tt++) {
         acc[tt] = 0.0;
     }
     if m.fmt < 3u {
-        for (var c = tid; c < cols; c += WG) {
+        for (var c = tid; c < cols; c += step) {
             let w = w_at(wbase + row * cols + c, m.fmt);
             for (var tt = 0u; tt < tn; tt++) {
                 acc[tt] = fma(w, X[(xrow0 + tt) * cols + c], acc[tt]);
@@ -84,7 +85,7 @@ fn row_dot(m: M, wbase: u32, sbase: u32, cols: u32, row: u32, xrow0: u32, tn: u3
     let nw = cols / per;
     let mask = (1u << m.bits) - 1u;
     let ng = cols / m.group;
-    for (var i = tid; i < nw; i += WG) {
+    for (var i = tid; i < nw; i += step) {
         let word = W[wbase + row * nw + i];
         let c0 = i * per;
         let g = sbase + row * ng + c0 / m.group;

@@ -22,7 +22,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let t0 = wid.z * TB;
     let tn = min(TB, p.t - t0);
-    row_dot(p.m, 0u, 0u, p.cols, row, t0, tn, tid);
+    row_dot(p.m, 0u, 0u, p.cols, row, t0, tn, tid, WG);
     reduce_acc(tid);
     if tid < tn {
         Y[(t0 + tid) * p.ystride + p.row0 + row] = red[tid * WG];
