@@ -39,6 +39,8 @@ enum Command {
     Synth(cmd::synth::Args),
     /// Measure kernels, expert I/O, MoE, decode and prefill against this machine's limits.
     Bench(cmd::bench::Args),
+    /// List the GPUs flashmoe can use: wgpu adapters (Vulkan, Metal) and CUDA.
+    Devices(cmd::devices::Args),
     /// OpenAI-compatible HTTP server (chat and text completions, streaming, tools, metrics).
     Serve(cmd::serve::Args),
 }
@@ -58,6 +60,7 @@ fn main() {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Devices(a) => cmd::devices::run(a),
     };
     if let Err(e) = r {
         if cmd::out::is_stdout_closed(&e) {

@@ -53,6 +53,10 @@ pub struct ModelOpts {
     /// (else the CPU, with a note if a device was found but could not be used)
     #[arg(long, value_enum, default_value_t = super::backend::BackendKind::Auto)]
     pub backend: super::backend::BackendKind,
+    /// wgpu adapter to use, by its index in `flashmoe devices` (default: the first hardware
+    /// GPU; with `--backend wgpu` and none, the first adapter)
+    #[arg(long, value_name = "N")]
+    pub gpu_adapter: Option<usize>,
     /// Quantise activations to int8 for 4- and 2-bit matrix-vector products (as llama.cpp
     /// does): faster decode on CPUs, but each product is off by ~1% relative, so logits drift
     /// from the exact f32 path (by up to 3 over 24 decode steps of the tiny test model)

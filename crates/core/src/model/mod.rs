@@ -11,6 +11,7 @@ mod load;
 pub mod moe;
 pub mod state;
 pub mod tap;
+pub mod transfer;
 
 use std::time::Duration;
 

@@ -135,7 +135,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let cuda = match a.backend {
         super::backend::BackendKind::Cuda => true,
-        super::backend::BackendKind::Cpu => false,
+        super::backend::BackendKind::Cpu | super::backend::BackendKind::Wgpu => false,
         super::backend::BackendKind::Auto => super::backend::cuda_available(),
     };
     if cuda {
