@@ -122,3 +122,39 @@ fn a_missing_adapter_index_is_a_clear_error() {
     );
     assert!(err.contains("adapter 99 requested"), "{err}");
 }
+
+#[test]
+fn bench_wgpu_reports_the_adapter_limits_beside_kernels_and_decode() {
+    let Some(shared) = shared_dir() else { return };
+    if !have_adapter() {
+        return;
+    }
+    let o = run_ok(
+        bin()
+            .args([
+                "bench",
+                "decode",
+                "--backend",
+                "wgpu",
+                "--json",
+                "--tokens",
+                "2",
+            ])
+            .arg("--model")
+            .arg(shared.join("golden/tiny-a/mlx-4bit")),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    let w = &v["wgpu"];
+    for key in ["device_copy_gbps", "upload_gbps"] {
+        assert!(w[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {w}");
+    }
+    let k = &w["kernels"][0];
+    assert!(k["weight_gbps"].as_f64().is_some_and(|x| x > 0.0), "{k}");
+    assert!(
+        k["vs_copy_traffic"].as_f64().is_some_and(|x| x > 0.0),
+        "{k}"
+    );
+    let d = &w["decode"];
+    assert!(d["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{d}");
+    assert!(d["expert_upload_bound_ms"].as_f64().is_some(), "{d}");
+}

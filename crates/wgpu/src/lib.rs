@@ -7,9 +7,11 @@
 //! - `mat.rs`: weight matrices in their stored format, split by rows where a matrix exceeds
 //!   the adapter's binding size.
 //! - `experts.rs`: the routed experts of a layer in one batch (uploaded per call).
+//! - `bench.rs`: `flashmoe bench --backend wgpu` (adapter limits, products, decode).
 //! - `seq.rs`: [`WgpuSeq`], a sequence on the device for the CLI and the server.
 //! - `shaders/`: one WGSL file per kernel; `mat.wgsl` is the weight-access prelude of the
 //!   products and of embed.
+mod bench;
 mod device;
 mod experts;
 mod mat;
@@ -17,6 +19,7 @@ mod ops;
 mod seq;
 pub mod shaders;
 
+pub use bench::{bench, BenchOptions};
 pub use device::{adapters, AdapterDesc, Options, Wgpu};
 pub use mat::GMat;
 pub use ops::{GBuf, GRoutes};

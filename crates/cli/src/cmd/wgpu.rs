@@ -78,6 +78,33 @@ pub fn factory(adapter: Option<usize>, allow_software: bool) -> Result<BackendFa
     }))
 }
 
+/// `bench --backend wgpu`'s section: the adapter's copy and upload bandwidths, the 4-bit
+/// product at dense shapes beside them, and decode on the device.
+#[cfg(feature = "wgpu")]
+pub fn bench(
+    model: &std::sync::Arc<flashmoe_core::model::Model>,
+    tokens: usize,
+) -> Result<serde_json::Value> {
+    let be = flashmoe_wgpu::Wgpu::new(flashmoe_wgpu::Options {
+        adapter: None,
+        allow_software: true,
+        row_per_thread: None,
+    })?;
+    let opts = flashmoe_wgpu::BenchOptions {
+        tokens: tokens.max(1),
+        ..Default::default()
+    };
+    Ok(flashmoe_wgpu::bench(be, model, &opts)?)
+}
+
+#[cfg(not(feature = "wgpu"))]
+pub fn bench(
+    _model: &std::sync::Arc<flashmoe_core::model::Model>,
+    _tokens: usize,
+) -> Result<serde_json::Value> {
+    factory(None, true).map(|_| serde_json::Value::Null)
+}
+
 #[cfg(not(feature = "wgpu"))]
 pub fn adapter_lines() -> Option<Vec<String>> {
     None

@@ -167,6 +167,18 @@ pub fn run(a: Args) -> Result<()> {
             m.insert("cuda".into(), cuda);
         }
     }
+    if a.backend == super::backend::BackendKind::Wgpu {
+        say("wgpu: copy and upload bandwidths, 4-bit products, decode");
+        let lo = flashmoe_core::loader::LoadOptions {
+            top_k: a.k,
+            ..Default::default()
+        };
+        let model = std::sync::Arc::new(flashmoe_core::loader::open_model(&a.model, &lo)?);
+        let w = super::wgpu::bench(&model, a.tokens)?;
+        if let Value::Object(m) = &mut report {
+            m.insert("wgpu".into(), w);
+        }
+    }
     if let Some(path) = &a.record {
         let row = record::row(&report, &a.model, &a.notes);
         record::append(path, &row).with_context(|| format!("appending to {}", path.display()))?;
