@@ -85,7 +85,7 @@ pub struct Wgpu {
     pending: Mutex<(Option<wgpu::CommandEncoder>, usize)>,
     /// Bound where a kernel declares a buffer that an op does not use.
     pub(crate) dummy: wgpu::Buffer,
-    /// Products with one thread per row (`matmul_rows.wgsl`, `expert_rows.wgsl`).
+    /// Products with one thread per row (the `per_row` entry points of `matmul.wgsl` and `expert.wgsl`).
     pub(crate) row_per_thread: bool,
 }
 
@@ -206,7 +206,8 @@ impl Wgpu {
         if let Some(x) = p.get(name) {
             return Ok(x.clone());
         }
-        let src = crate::shaders::source(name).ok_or_else(|| op_err(name, "no such kernel"))?;
+        let (src, entry) =
+            crate::shaders::source(name).ok_or_else(|| op_err(name, "no such kernel"))?;
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -219,7 +220,7 @@ impl Wgpu {
                 label: Some(name),
                 layout: None,
                 module: &module,
-                entry_point: Some("main"),
+                entry_point: Some(entry),
                 compilation_options: Default::default(),
                 cache: None,
             });

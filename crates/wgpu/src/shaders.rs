@@ -8,15 +8,7 @@ pub fn all() -> Vec<(&'static str, String)> {
     let with_mat = |s: &str| format!("{MAT}\n{s}");
     vec![
         ("matmul", with_mat(include_str!("shaders/matmul.wgsl"))),
-        (
-            "matmul_rows",
-            with_mat(include_str!("shaders/matmul_rows.wgsl")),
-        ),
         ("expert", with_mat(include_str!("shaders/expert.wgsl"))),
-        (
-            "expert_rows",
-            with_mat(include_str!("shaders/expert_rows.wgsl")),
-        ),
         ("embed", with_mat(include_str!("shaders/embed.wgsl"))),
         ("norm", include_str!("shaders/norm.wgsl").into()),
         ("ew", include_str!("shaders/ew.wgsl").into()),
@@ -30,7 +22,16 @@ pub fn all() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The source of kernel `name`.
-pub fn source(name: &str) -> Option<String> {
-    all().into_iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+/// The source of kernel `name` and its entry point: `matmul_rows` and `expert_rows` are the
+/// one-thread-per-row entry points (`per_row`) of `matmul.wgsl` and `expert.wgsl`.
+pub fn source(name: &str) -> Option<(String, &'static str)> {
+    let (file, entry) = match name {
+        "matmul_rows" => ("matmul", "per_row"),
+        "expert_rows" => ("expert", "per_row"),
+        n => (n, "main"),
+    };
+    all()
+        .into_iter()
+        .find(|(n, _)| *n == file)
+        .map(|(_, s)| (s, entry))
 }

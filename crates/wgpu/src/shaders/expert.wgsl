@@ -27,3 +27,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         Y[J[j * 4u + 3u] * p.rows + row] = red[0];
     }
 }
+
+// The same batch with one thread per row (see matmul.wgsl's per_row for when).
+@compute @workgroup_size(64)
+fn per_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let row = (wid.x + wid.y * p.gx) * WG + tid;
+    let j = wid.z;
+    if row >= p.rows {
+        return;
+    }
+    row_dot(p.m, J[j * 4u], J[j * 4u + 1u], p.cols, row, J[j * 4u + 2u], 1u, 0u, 1u);
+    Y[J[j * 4u + 3u] * p.rows + row] = acc[0];
+}
