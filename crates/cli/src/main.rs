@@ -41,6 +41,8 @@ enum Command {
     Synth(cmd::synth::Args),
     /// Measure kernels, expert I/O, MoE, decode and prefill against this machine's limits.
     Bench(cmd::bench::Args),
+    /// List the GPUs flashmoe can use: wgpu adapters (Vulkan, Metal) and CUDA.
+    Devices(cmd::devices::Args),
     /// OpenAI-compatible HTTP server (chat and text completions, streaming, tools, metrics).
     Serve(cmd::serve::Args),
     /// Analyse a routing trace (--trace-routing): stats, cache-policy simulation, prediction.
@@ -63,6 +65,7 @@ fn main() {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Devices(a) => cmd::devices::run(a),
         Command::Trace(a) => cmd::trace::run(a),
     };
     if let Err(e) = r {

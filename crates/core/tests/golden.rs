@@ -120,3 +120,26 @@ fn model_seq_on_another_backend_matches_golden() {
         });
     }
 }
+
+/// A model loaded on the CPU and uploaded to another backend (`model::upload_to`, how the CLI
+/// hands one loaded model to a GPU backend) gives the CPU's logits, experts read through the
+/// CPU model's source.
+#[test]
+fn a_cpu_model_uploaded_to_another_backend_gives_its_logits() {
+    let Some(shared) = shared_dir() else { return };
+    for fixture in ["tiny-a", "tiny-qwen3moe-a"] {
+        let dir = shared.join("golden").join(fixture).join("hf-bf16");
+        let cpu = std::sync::Arc::new(open_model(&dir, &LoadOptions::default()).expect("load"));
+        let on_ref = flashmoe_core::model::upload_to(&cpu, Reference).expect("upload");
+        let ids = [1u32, 5, 9, 2];
+        let want = logits(&cpu, &ids, 2);
+        let before = cpu.experts.counters().snapshot().fetched;
+        let got = logits(&on_ref, &ids, 2);
+        let err = max_abs(&got, &want);
+        assert!(err < 1e-4, "{fixture}: uploaded model off by {err}");
+        assert!(
+            cpu.experts.counters().snapshot().fetched > before,
+            "{fixture}: the uploaded model reads its experts through the CPU model's source"
+        );
+    }
+}

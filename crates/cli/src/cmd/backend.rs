@@ -1,7 +1,7 @@
-//! `--backend cpu|cuda|auto`: the core's `SeqBackend` on the CPU or, when built with the `cuda`
-//! feature, on the GPU, for the token-level commands ([`runner`]) and for the engine behind the
-//! text front ends ([`engine_backend`]). Model code has no `cfg`; this file is the one place in
-//! the CLI that knows whether CUDA was compiled in.
+//! `--backend cpu|cuda|wgpu|auto`: the core's `SeqBackend` on the CPU or, when built with the
+//! `cuda` / `wgpu` features, on a GPU, for the token-level commands ([`runner`]) and for the
+//! engine behind the text front ends ([`engine_backend`]). Model code has no `cfg`; this file
+//! is the one place in the CLI that knows which GPU backends were compiled in.
 use anyhow::Result;
 use clap::ValueEnum;
 use std::sync::Arc;
@@ -13,12 +13,16 @@ use super::common::ModelOpts;
 
 #[derive(Copy, Clone, Debug, ValueEnum, Default, PartialEq, Eq)]
 pub enum BackendKind {
-    /// CUDA when built with it and a device is present, else CPU
+    /// CUDA when built with it and a device is present, else a wgpu adapter that is a real
+    /// GPU (never a software one), else CPU; says which on stderr
     #[default]
     Auto,
     Cpu,
     /// NVIDIA GPU: dense weights, state and an expert cache in VRAM
     Cuda,
+    /// Any Vulkan or Metal GPU through wgpu (a software adapter such as lavapipe too, when
+    /// named): dense weights and state on the device, routed experts uploaded per layer
+    Wgpu,
 }
 
 /// Whether `auto` picks CUDA here.
@@ -73,8 +77,21 @@ pub fn engine_backend(args: &ModelOpts) -> Result<Option<BackendFactory>> {
     let f = match args.backend {
         BackendKind::Cpu => None,
         BackendKind::Cuda => Some(cuda_factory(false, gpu)?),
-        BackendKind::Auto if cuda_available() => Some(cuda_factory(true, gpu)?),
-        BackendKind::Auto => None,
+        BackendKind::Wgpu => Some(super::wgpu::factory(args.gpu_adapter, true)?),
+        BackendKind::Auto if cuda_available() => {
+            eprintln!("backend: cuda (auto)");
+            Some(cuda_factory(true, gpu)?)
+        }
+        BackendKind::Auto => match super::wgpu::hardware_adapter(args.gpu_adapter) {
+            Some(name) => {
+                eprintln!("backend: wgpu on {name} (auto)");
+                Some(super::wgpu::factory(args.gpu_adapter, false)?)
+            }
+            None => {
+                eprintln!("backend: cpu (auto: no CUDA device, no hardware wgpu adapter)");
+                None
+            }
+        },
     };
     if f.is_none() && (gpu.vram_cache_bytes.is_some() || gpu.pinned_cache_bytes > 0) {
         eprintln!(

@@ -59,6 +59,10 @@ pub struct ModelOpts {
     /// (else the CPU, with a note if a device was found but could not be used)
     #[arg(long, value_enum, default_value_t = super::backend::BackendKind::Auto)]
     pub backend: super::backend::BackendKind,
+    /// wgpu adapter to use, by its index in `flashmoe devices` (default: the first hardware
+    /// GPU; with `--backend wgpu` and none, the first adapter)
+    #[arg(long, value_name = "N")]
+    pub gpu_adapter: Option<usize>,
     /// Exact f32 activations in every product instead of the default int8 ones: the path the
     /// golden tests hold to 1e-3 of transformers. By default, as llama.cpp does, 4- and 2-bit
     /// products quantise their input to int8 per weight group (integer dot products with the

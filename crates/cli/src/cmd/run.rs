@@ -70,12 +70,16 @@ pub fn run(a: Args) -> Result<()> {
     let model = std::sync::Arc::new(a.model.load()?);
     model.check_tokens_at(&ids, 0)?;
     check_tokens_fit(&model, ids.len(), a.tokens)?;
-    let cuda = match a.model.opts.backend {
-        BackendKind::Cuda => true,
+    // A GPU backend runs through the session runner; the CPU through run_ids.
+    let gpu = match a.model.opts.backend {
+        BackendKind::Cuda | BackendKind::Wgpu => true,
         BackendKind::Cpu => false,
-        BackendKind::Auto => super::backend::cuda_available(),
+        BackendKind::Auto => {
+            super::backend::cuda_available()
+                || super::wgpu::hardware_adapter(a.model.opts.gpu_adapter).is_some()
+        }
     };
-    if cuda {
+    if gpu {
         return run_ids_on(model, &ids, a.tokens, a.timing, &a.model);
     }
     run_ids(model, &ids, a.tokens, a.timing, a.model.opts.prefill_step())
@@ -104,7 +108,7 @@ fn read_prompt_file(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// Greedy generation through a backend runner (CUDA): ids out, and overall timing.
+/// Greedy generation through a backend runner (CUDA, wgpu): ids out, and overall timing.
 fn run_ids_on(
     model: std::sync::Arc<Model>,
     ids: &[u32],

@@ -101,6 +101,14 @@ fn ffn<B: Backend>(be: &B, f: &Ffn) -> Result<Ffn<B>> {
     })
 }
 
+/// A model loaded on the CPU, on `be`: how the CLI and the server hand one loaded model to a
+/// device backend. Its copy is built from the loaded matrices (no second read of the
+/// checkpoint) and reads its routed experts through `cpu`'s source (one page cache, one set
+/// of counters).
+pub fn upload_to<B: Backend>(cpu: &Arc<Model>, be: B) -> Result<Model<B>> {
+    cpu.to_backend(be, Box::new(SharedExperts(cpu.clone())))
+}
+
 /// The experts of a CPU model, read by its copy on another backend ([`Model::to_backend`]).
 pub struct SharedExperts(pub Arc<Model>);
 

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::experts::ExpertSource;
 
 use attention::Attention;
-pub use convert::SharedExperts;
+pub use convert::{upload_to, SharedExperts};
 use gdn::GatedDeltaNet;
 use moe::{Mlp, Moe};
 pub use state::{LayerState, State};

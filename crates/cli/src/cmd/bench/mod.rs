@@ -165,7 +165,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let cuda = match a.backend {
         super::backend::BackendKind::Cuda => true,
-        super::backend::BackendKind::Cpu => false,
+        super::backend::BackendKind::Cpu | super::backend::BackendKind::Wgpu => false,
         super::backend::BackendKind::Auto => super::backend::cuda_available(),
     };
     if cuda {
@@ -201,6 +201,18 @@ pub fn run(a: Args) -> Result<()> {
         let r = super::trace::replay::replay(&a.model, f, a.trace.expert_cache())?;
         if let Value::Object(m) = &mut report {
             m.insert("decode_replay".into(), r);
+        }
+    }
+    if a.backend == super::backend::BackendKind::Wgpu {
+        say("wgpu: copy and upload bandwidths, 4-bit products, decode");
+        let lo = flashmoe_core::loader::LoadOptions {
+            top_k: a.k,
+            ..Default::default()
+        };
+        let model = std::sync::Arc::new(flashmoe_core::loader::open_model(&a.model, &lo)?);
+        let w = super::wgpu::bench(&model, a.tokens)?;
+        if let Value::Object(m) = &mut report {
+            m.insert("wgpu".into(), w);
         }
     }
     if let Some(path) = &a.record {

@@ -1,0 +1,125 @@
+//! The wgpu side of `--backend`: the factory of sequences on a wgpu adapter, the adapter
+//! listing of `flashmoe devices`, and `auto`'s test for a hardware GPU. Without the `wgpu`
+//! feature the same functions say it is not built in.
+use anyhow::Result;
+
+use flashmoe_core::session::BackendFactory;
+
+/// `flashmoe devices`' lines, one per adapter; `None` when wgpu is not built in.
+#[cfg(feature = "wgpu")]
+pub fn adapter_lines() -> Option<Vec<String>> {
+    Some(
+        flashmoe_wgpu::adapters()
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}: {} ({}, {}, {}){}",
+                    a.index,
+                    a.name,
+                    a.backend,
+                    a.device_type,
+                    a.driver,
+                    if a.software {
+                        " software: never chosen by --backend auto"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The name of the adapter `auto` would run on: `index`'s, or the first hardware GPU's; a
+/// software adapter (lavapipe) is never chosen.
+#[cfg(feature = "wgpu")]
+pub fn hardware_adapter(index: Option<usize>) -> Option<String> {
+    let all = flashmoe_wgpu::adapters();
+    let a = match index {
+        Some(i) => all.into_iter().nth(i)?,
+        None => all.into_iter().find(|a| !a.software)?,
+    };
+    (!a.software).then_some(a.name)
+}
+
+/// Sequences on a wgpu adapter: the first call uploads the model's dense weights (once per
+/// process; later sequences share them). `allow_software`: `--backend wgpu` was named.
+#[cfg(feature = "wgpu")]
+pub fn factory(adapter: Option<usize>, allow_software: bool) -> Result<BackendFactory> {
+    use std::sync::{Arc, Mutex};
+
+    use flashmoe_core::model::Model;
+    use flashmoe_core::model_seq::ModelSeq;
+    use flashmoe_core::session::SeqBackend;
+    use flashmoe_wgpu::{Options, Wgpu};
+
+    let opts = Options {
+        adapter,
+        allow_software,
+        row_per_thread: None,
+    };
+    // The CPU model the upload came from, and the upload.
+    type Uploaded = (Arc<Model>, Arc<Model<Wgpu>>);
+    let uploaded: Arc<Mutex<Option<Uploaded>>> = Arc::default();
+    Ok(BackendFactory::new("wgpu", move |model| {
+        let mut slot = uploaded
+            .lock()
+            .map_err(|_| flashmoe_core::error::Error::Invalid("wgpu model lock poisoned".into()))?;
+        let m = match &*slot {
+            Some((src, m)) if Arc::ptr_eq(src, &model) => m.clone(),
+            _ => {
+                let be = Wgpu::new(opts)?;
+                eprintln!("wgpu: {} ({})", be.adapter().name, be.adapter().backend);
+                let m = Arc::new(flashmoe_core::model::upload_to(&model, be)?);
+                *slot = Some((model.clone(), m.clone()));
+                m
+            }
+        };
+        Ok(Box::new(ModelSeq::new(m)) as Box<dyn SeqBackend>)
+    }))
+}
+
+/// `bench --backend wgpu`'s section: the adapter's copy and upload bandwidths, the 4-bit
+/// product at dense shapes beside them, and decode on the device.
+#[cfg(feature = "wgpu")]
+pub fn bench(
+    model: &std::sync::Arc<flashmoe_core::model::Model>,
+    tokens: usize,
+) -> Result<serde_json::Value> {
+    let be = flashmoe_wgpu::Wgpu::new(flashmoe_wgpu::Options {
+        adapter: None,
+        allow_software: true,
+        row_per_thread: None,
+    })?;
+    let opts = flashmoe_wgpu::BenchOptions {
+        tokens: tokens.max(1),
+        ..Default::default()
+    };
+    Ok(flashmoe_wgpu::bench(be, model, &opts)?)
+}
+
+#[cfg(not(feature = "wgpu"))]
+pub fn bench(
+    _model: &std::sync::Arc<flashmoe_core::model::Model>,
+    _tokens: usize,
+) -> Result<serde_json::Value> {
+    factory(None, true).map(|_| serde_json::Value::Null)
+}
+
+#[cfg(not(feature = "wgpu"))]
+pub fn adapter_lines() -> Option<Vec<String>> {
+    None
+}
+
+#[cfg(not(feature = "wgpu"))]
+pub fn hardware_adapter(_index: Option<usize>) -> Option<String> {
+    None
+}
+
+#[cfg(not(feature = "wgpu"))]
+pub fn factory(_adapter: Option<usize>, _allow_software: bool) -> Result<BackendFactory> {
+    anyhow::bail!(
+        "--backend wgpu: this flashmoe was built without wgpu support; rebuild with \
+         `cargo build --release -p flashmoe --features wgpu`"
+    )
+}

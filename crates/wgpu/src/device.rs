@@ -1,0 +1,374 @@
+//! The device side: adapter listing and choice, buffers, the kernel pipelines (compiled on
+//! first use), dispatch into one pending command encoder, and read-back.
+//!
+//! Every buffer the ops write is created with its contents (`create_buffer_init`) or zeroed,
+//! never written with `queue.write_buffer`: such a write lands before the pending encoder's
+//! commands when they are submitted, so batching dispatches in one encoder is safe only
+//! without it.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use flashmoe_core::error::Result;
+use wgpu::util::DeviceExt;
+
+use crate::{op_err, WgpuError};
+
+/// Dispatches recorded before the pending encoder is submitted (bounds its memory).
+const MAX_PENDING: usize = 256;
+/// Workgroups along x of a 2D grid (the limit per dimension is 65535).
+pub(crate) const GRID_X: u32 = 32768;
+
+/// One adapter as `flashmoe devices` lists it.
+#[derive(Clone, Debug)]
+pub struct AdapterDesc {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    /// A CPU implementation (lavapipe, SwiftShader): never chosen by `--backend auto`.
+    pub software: bool,
+}
+
+/// How to choose the adapter.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Index in [`adapters`]' order; `None`: the first hardware adapter, else (when
+    /// `allow_software`) the first one.
+    pub adapter: Option<usize>,
+    pub allow_software: bool,
+    /// Products with one thread per row instead of a workgroup per row; `None`: per
+    /// adapter (one thread per row on software adapters, whose barriers are expensive).
+    pub row_per_thread: Option<bool>,
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::VULKAN | wgpu::Backends::METAL,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    })
+}
+
+fn enumerate(inst: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::VULKAN | wgpu::Backends::METAL))
+}
+
+fn describe(index: usize, a: &wgpu::Adapter) -> AdapterDesc {
+    let i = a.get_info();
+    AdapterDesc {
+        index,
+        name: i.name,
+        backend: format!("{:?}", i.backend),
+        device_type: format!("{:?}", i.device_type),
+        driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
+        software: i.device_type == wgpu::DeviceType::Cpu,
+    }
+}
+
+/// Every Vulkan/Metal adapter of this machine, in the order `--gpu-adapter N` counts.
+pub fn adapters() -> Vec<AdapterDesc> {
+    let inst = instance();
+    enumerate(&inst)
+        .iter()
+        .enumerate()
+        .map(|(i, a)| describe(i, a))
+        .collect()
+}
+
+/// The wgpu backend: one device and queue, its kernels, and the encoder being recorded.
+pub struct Wgpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) desc: AdapterDesc,
+    pub(crate) limits: wgpu::Limits,
+    pipes: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    pending: Mutex<(Option<wgpu::CommandEncoder>, usize)>,
+    /// Bound where a kernel declares a buffer that an op does not use.
+    pub(crate) dummy: wgpu::Buffer,
+    /// Products with one thread per row (the `per_row` entry points of `matmul.wgsl` and `expert.wgsl`).
+    pub(crate) row_per_thread: bool,
+}
+
+pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl Wgpu {
+    /// Opens an adapter by `opts`.
+    pub fn new(opts: Options) -> Result<Self, WgpuError> {
+        let inst = instance();
+        let all = enumerate(&inst);
+        if all.is_empty() {
+            return Err(WgpuError::NoAdapter);
+        }
+        let idx = match opts.adapter {
+            Some(i) if i >= all.len() => {
+                return Err(WgpuError::AdapterIndex {
+                    index: i,
+                    count: all.len(),
+                })
+            }
+            Some(i) => i,
+            None => match all
+                .iter()
+                .position(|a| a.get_info().device_type != wgpu::DeviceType::Cpu)
+            {
+                Some(i) => i,
+                None if opts.allow_software => 0,
+                None => {
+                    let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+                    return Err(WgpuError::OnlySoftware {
+                        names: names.join(", "),
+                    });
+                }
+            },
+        };
+        let adapter = &all[idx];
+        let desc = describe(idx, adapter);
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("flashmoe"),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| WgpuError::Device {
+            adapter: desc.name.clone(),
+            msg: e.to_string(),
+        })?;
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dummy"),
+            size: 16,
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        let row_per_thread = opts.row_per_thread.unwrap_or(desc.software);
+        Ok(Wgpu {
+            row_per_thread,
+            device,
+            queue,
+            desc,
+            limits,
+            pipes: Mutex::new(HashMap::new()),
+            pending: Mutex::new((None, 0)),
+            dummy,
+        })
+    }
+
+    /// The adapter this backend runs on.
+    pub fn adapter(&self) -> &AdapterDesc {
+        &self.desc
+    }
+
+    /// The largest buffer one binding may cover, in bytes.
+    pub(crate) fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// A zeroed buffer of `bytes` (at least 16, a multiple of 4).
+    pub(crate) fn buffer(&self, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes.max(16).next_multiple_of(4),
+            usage: USAGE,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A buffer holding `data` (padded with zeros to 16 bytes and a multiple of 4).
+    pub(crate) fn buffer_with(&self, data: &[u8]) -> wgpu::Buffer {
+        let n = data.len().max(16).next_multiple_of(4);
+        if n == data.len() {
+            return self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: data,
+                    usage: USAGE,
+                });
+        }
+        let mut v = data.to_vec();
+        v.resize(n, 0);
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: &v,
+                usage: USAGE,
+            })
+    }
+
+    fn pipeline(&self, name: &'static str) -> Result<wgpu::ComputePipeline> {
+        let mut p = self
+            .pipes
+            .lock()
+            .map_err(|_| op_err(name, "lock poisoned"))?;
+        if let Some(x) = p.get(name) {
+            return Ok(x.clone());
+        }
+        let (src, entry) =
+            crate::shaders::source(name).ok_or_else(|| op_err(name, "no such kernel"))?;
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+        let pipe = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        p.insert(name, pipe.clone());
+        Ok(pipe)
+    }
+
+    fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        let mut g = self
+            .pending
+            .lock()
+            .map_err(|_| op_err("encode", "lock poisoned"))?;
+        let enc = g.0.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        f(enc);
+        g.1 += 1;
+        if g.1 >= MAX_PENDING {
+            if let Some(e) = g.0.take() {
+                self.queue.submit([e.finish()]);
+            }
+            g.1 = 0;
+        }
+        Ok(())
+    }
+
+    /// Submits what is recorded.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let mut g = self
+            .pending
+            .lock()
+            .map_err(|_| op_err("submit", "lock poisoned"))?;
+        if let Some(e) = g.0.take() {
+            self.queue.submit([e.finish()]);
+        }
+        g.1 = 0;
+        Ok(())
+    }
+
+    /// Records kernel `name` over `groups` workgroups with `params` (binding 0, a uniform of
+    /// up to 16 words) and `bufs` at their binding numbers.
+    pub(crate) fn dispatch(
+        &self,
+        name: &'static str,
+        params: &[u32],
+        bufs: &[(u32, &wgpu::Buffer)],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let lim = self.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > lim) {
+            return Err(op_err(
+                name,
+                format!("grid {groups:?} exceeds the adapter's {lim} workgroups per dimension"),
+            ));
+        }
+        let pipe = self.pipeline(name)?;
+        let mut words = [0u32; 16];
+        words[..params.len()].copy_from_slice(params);
+        let ubuf = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&words),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: ubuf.as_entire_binding(),
+        }];
+        entries.extend(bufs.iter().map(|(b, buf)| wgpu::BindGroupEntry {
+            binding: *b,
+            resource: buf.as_entire_binding(),
+        }));
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipe.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        self.with_encoder(|enc| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            pass.set_pipeline(&pipe);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        })
+    }
+
+    /// Records a copy of `bytes` from `src` at `so` to `dst` at `d_o`.
+    pub(crate) fn copy(
+        &self,
+        src: &wgpu::Buffer,
+        so: u64,
+        dst: &wgpu::Buffer,
+        d_o: u64,
+        bytes: u64,
+    ) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.with_encoder(|enc| enc.copy_buffer_to_buffer(src, so, dst, d_o, bytes))
+    }
+
+    /// Waits for everything recorded and reads `bytes` of `src` from offset 0.
+    pub(crate) fn read(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let size = bytes.next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read-back"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.copy(src, 0, &staging, 0, size)?;
+        self.flush()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| op_err("read", e.to_string()))?
+            .map_err(|e| op_err("read", e.to_string()))?;
+        let out = staging
+            .get_mapped_range(..)
+            .map_err(|e| op_err("read", format!("{e:?}")))?[..bytes as usize]
+            .to_vec();
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Waits until the device has finished everything submitted.
+    pub(crate) fn wait(&self) -> Result<()> {
+        self.flush()?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| op_err("wait", e.to_string()))
+    }
+}
+
+/// A 2D grid of at least `n` workgroups: `[x, y, 1]`, and x (the kernels' row stride).
+pub(crate) fn grid(n: usize) -> ([u32; 3], u32) {
+    let n = n as u32;
+    let x = n.clamp(1, GRID_X);
+    ([x, n.div_ceil(x), 1], x)
+}

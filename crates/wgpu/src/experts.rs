@@ -1,0 +1,228 @@
+//! The routed experts of one MoE layer (arch-spec §7) in five dispatches whatever k: the
+//! used experts' gate, up and down matrices are fetched from the [`ExpertSource`], laid side
+//! by side in one upload, and each product runs as one batch of (expert, token) jobs
+//! (`expert.wgsl`); SwiGLU between, and the weighted sum in ascending expert id (`esum.wgsl`).
+//!
+//! Not yet here: a device slot cache (every call uploads the experts it uses) and reads
+//! overlapped with the shared expert.
+use std::time::Instant;
+
+use flashmoe_core::backend::{ExpertCall, ExpertTimes, Routes};
+use flashmoe_core::error::Result;
+use flashmoe_core::experts::ExpertWeights;
+use flashmoe_core::weights::Linear;
+
+use crate::device::{grid, Wgpu};
+use crate::mat::{format_words, parts_of, row_bytes};
+use crate::op_err;
+use crate::ops::GBuf;
+
+/// Where one matrix landed in the packed upload: data base (format units), scales base
+/// (elements).
+#[derive(Clone, Copy, Default)]
+struct At {
+    w: u32,
+    s: u32,
+}
+
+/// The packed bytes of data, scales and biases.
+#[derive(Default)]
+struct Pack {
+    w: Vec<u8>,
+    s: Vec<u8>,
+    b: Vec<u8>,
+}
+
+impl Pack {
+    /// Appends `m` (each array padded to a word) and says where it landed.
+    fn push(&mut self, m: &Linear) -> At {
+        let (wu, su) = units(m);
+        let (d, s, b) = parts_of(m);
+        let (rb, sb) = row_bytes(m);
+        let at = At {
+            w: (self.w.len() / wu) as u32,
+            s: (self.s.len() / su) as u32,
+        };
+        self.w.extend_from_slice(&d[..m.rows() * rb]);
+        self.s.extend_from_slice(&s[..m.rows() * sb]);
+        self.b.extend_from_slice(&b[..m.rows() * sb]);
+        for v in [&mut self.w, &mut self.s, &mut self.b] {
+            v.resize(v.len().next_multiple_of(4), 0);
+        }
+        at
+    }
+}
+
+/// Bytes per unit of the data (a word for affine, an element for dense) and of the scales.
+fn units(m: &Linear) -> (usize, usize) {
+    match m {
+        Linear::Dense { dtype, .. } => (dtype.size(), 4),
+        Linear::Affine { sdtype, .. } => (4, sdtype.size()),
+    }
+}
+
+fn same_shape(
+    kind: &str,
+    ws: &[ExpertWeights],
+    f: impl Fn(&ExpertWeights) -> &Linear,
+) -> Result<[u32; 4]> {
+    let m0 = f(&ws[0]);
+    let fw = format_words(m0)?;
+    for w in ws {
+        let m = f(w);
+        if format_words(m)? != fw || m.rows() != m0.rows() || m.cols() != m0.cols() {
+            return Err(op_err(
+                "moe_experts",
+                format!("{kind} matrices of one layer differ in shape or format"),
+            ));
+        }
+    }
+    Ok(fw)
+}
+
+impl Wgpu {
+    pub(crate) fn experts(
+        &self,
+        call: ExpertCall<'_>,
+        x: &GBuf,
+        host: &Routes,
+        out: &mut GBuf,
+    ) -> Result<ExpertTimes> {
+        let op = "moe_experts";
+        let (t, k) = (host.tokens(), host.k);
+        if t == 0 {
+            return Ok(ExpertTimes::default());
+        }
+        let h = x.len / t;
+        if out.len < t * h {
+            return Err(op_err(
+                op,
+                format!("out holds {}, {} needed", out.len, t * h),
+            ));
+        }
+        let used = host.used();
+        let start = Instant::now();
+        let ws = call.source.fetch(call.layer, &used)?;
+        let wait = start.elapsed();
+        if ws.len() != used.len() {
+            return Err(op_err(
+                op,
+                format!(
+                    "layer {}: {} experts asked, {} came",
+                    call.layer,
+                    used.len(),
+                    ws.len()
+                ),
+            ));
+        }
+        let fg = same_shape("gate", &ws, |w| &w.gate)?;
+        let fu = same_shape("up", &ws, |w| &w.up)?;
+        let fd = same_shape("down", &ws, |w| &w.down)?;
+        let inter = ws[0].gate.rows();
+        if ws[0].gate.cols() != h || ws[0].down.rows() != h || ws[0].down.cols() != inter {
+            return Err(op_err(
+                op,
+                format!("expert shapes do not fit a hidden size of {h}"),
+            ));
+        }
+        let mut pack = Pack::default();
+        let at: Vec<[At; 3]> = ws
+            .iter()
+            .map(|w| [pack.push(&w.gate), pack.push(&w.up), pack.push(&w.down)])
+            .collect();
+        let (wb, sb, bb) = (
+            self.buffer_with(&pack.w),
+            self.buffer_with(&pack.s),
+            self.buffer_with(&pack.b),
+        );
+        // Pairs (token, expert) in token order, each token's experts ascending.
+        let mut pairs: Vec<(usize, usize, f32)> = Vec::with_capacity(t * k);
+        for ti in 0..t {
+            let mut r: Vec<(u32, f32)> = (0..k)
+                .map(|j| (host.ids[ti * k + j], host.weights[ti * k + j]))
+                .collect();
+            r.sort_by_key(|e| e.0);
+            for (e, wt) in r {
+                let slot = used
+                    .binary_search(&(e as usize))
+                    .map_err(|_| op_err(op, "routed expert not fetched"))?;
+                pairs.push((ti, slot, wt));
+            }
+        }
+        let np = pairs.len();
+        let jobs = |m: usize, xrow: &dyn Fn(usize) -> usize, yoff: usize| -> Vec<u32> {
+            pairs
+                .iter()
+                .enumerate()
+                .flat_map(|(p, &(_, e, _))| {
+                    [at[e][m].w, at[e][m].s, xrow(p) as u32, (yoff + p) as u32]
+                })
+                .collect()
+        };
+        let tok = |p: usize| pairs[p].0;
+        let gu = self.buffer((2 * np * inter * 4) as u64);
+        for (m, fw, yoff) in [(0, fg, 0), (1, fu, np)] {
+            let jb = self.buffer_with(bytemuck::cast_slice(&jobs(m, &tok, yoff)));
+            self.batch(fw, inter, h, np, &wb, &sb, &bb, &x.buf, &gu, &jb)?;
+        }
+        let hid = GBuf {
+            buf: self.buffer((np * inter * 4) as u64),
+            len: np * inter,
+        };
+        let (g, _) = grid((np * inter).div_ceil(64));
+        self.dispatch(
+            "ew",
+            &[2, (np * inter) as u32, 0, (np * inter) as u32],
+            &[(1, &hid.buf), (2, &gu), (3, &gu), (4, &gu)],
+            g,
+        )?;
+        let d = self.buffer((np * h * 4) as u64);
+        let jb = self.buffer_with(bytemuck::cast_slice(&jobs(2, &|p| p, 0)));
+        self.batch(fd, h, inter, np, &wb, &sb, &bb, &hid.buf, &d, &jb)?;
+        let table: Vec<u32> = pairs
+            .iter()
+            .enumerate()
+            .flat_map(|(p, &(_, _, wt))| [p as u32, wt.to_bits()])
+            .collect();
+        let tb = self.buffer_with(bytemuck::cast_slice(&table));
+        let (g, _) = grid((t * h).div_ceil(64));
+        self.dispatch(
+            "esum",
+            &[h as u32, k as u32, (t * h) as u32],
+            &[(1, &d), (2, &tb), (3, &out.buf)],
+            g,
+        )?;
+        Ok(ExpertTimes {
+            wait,
+            compute: start.elapsed().saturating_sub(wait),
+        })
+    }
+
+    /// One dispatch of `jobs` products of a `[rows, cols]` matrix (`expert.wgsl`).
+    #[allow(clippy::too_many_arguments)]
+    fn batch(
+        &self,
+        m: [u32; 4],
+        rows: usize,
+        cols: usize,
+        jobs: usize,
+        w: &wgpu::Buffer,
+        s: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        j: &wgpu::Buffer,
+    ) -> Result<()> {
+        let (name, per) = self.product_kernel("expert");
+        let (mut g, gx) = grid(rows.div_ceil(per));
+        g[2] = jobs as u32;
+        let mut params = m.to_vec();
+        params.extend([rows as u32, cols as u32, jobs as u32, gx]);
+        self.dispatch(
+            name,
+            &params,
+            &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
+            g,
+        )
+    }
+}

@@ -1,0 +1,596 @@
+//! [`Backend`] for [`Wgpu`]: each op checks its shapes, then records its kernel (see
+//! `shaders/`); nothing waits for the device except the read-backs the contract names
+//! (`download`, `routes_host`, `argmax`).
+use std::borrow::Cow;
+
+use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
+use flashmoe_core::error::Result;
+use flashmoe_core::weights::Linear;
+
+use crate::device::{grid, Wgpu};
+use crate::mat::GMat;
+use crate::op_err;
+
+/// f32 elements on the device; `len` of them are in use (a KV cache grows within the
+/// buffer's capacity).
+pub struct GBuf {
+    pub(crate) buf: wgpu::Buffer,
+    pub(crate) len: usize,
+}
+
+impl GBuf {
+    fn cap(&self) -> usize {
+        self.buf.size() as usize / 4
+    }
+}
+
+/// Routing on the device: `ids, weights [t, k]`.
+pub struct GRoutes {
+    pub(crate) t: usize,
+    pub(crate) k: usize,
+    pub(crate) ids: wgpu::Buffer,
+    pub(crate) weights: wgpu::Buffer,
+}
+
+fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<()> {
+    if have < want {
+        return Err(op_err(
+            op,
+            format!("{what} holds {have} elements, {want} needed"),
+        ));
+    }
+    Ok(())
+}
+
+fn f(x: f32) -> u32 {
+    x.to_bits()
+}
+
+/// Workgroups of 64 threads covering `n` elements.
+fn elems(n: usize) -> ([u32; 3], u32) {
+    grid(n.div_ceil(64))
+}
+
+impl Wgpu {
+    #[allow(clippy::too_many_arguments)]
+    fn ew(
+        &self,
+        op: u32,
+        n: usize,
+        a: &GBuf,
+        b: &wgpu::Buffer,
+        c: &wgpu::Buffer,
+        g: &wgpu::Buffer,
+        extra: [u32; 4],
+    ) -> Result<()> {
+        let (gr, _) = elems(n);
+        self.dispatch(
+            "ew",
+            &[op, n as u32, extra[0], extra[1], extra[2], extra[3]],
+            &[(1, &a.buf), (2, b), (3, c), (4, g)],
+            gr,
+        )
+    }
+
+    fn norm(&self, x: &GBuf, w: &GBuf, z: Option<&GBuf>, eps: f32, out: &mut GBuf) -> Result<()> {
+        let n = w.len;
+        let op = if z.is_some() {
+            "gated_rmsnorm"
+        } else {
+            "rmsnorm"
+        };
+        if n == 0 || !x.len.is_multiple_of(n) {
+            return Err(op_err(op, format!("{} elements in rows of {n}", x.len)));
+        }
+        need(op, "out", out.len, x.len)?;
+        if let Some(z) = z {
+            need(op, "z", z.len, x.len)?;
+        }
+        let rows = x.len / n;
+        let (g, gx) = grid(rows);
+        self.dispatch(
+            "norm",
+            &[n as u32, rows as u32, f(eps), z.is_some() as u32, gx],
+            &[
+                (1, &x.buf),
+                (2, &w.buf),
+                (3, &z.unwrap_or(x).buf),
+                (4, &out.buf),
+            ],
+            g,
+        )
+    }
+
+    /// `y [t, rows] = x [t, cols] W^T` from row `xrow0` of `x` (in rows of `cols`).
+    pub(crate) fn matmul_at(
+        &self,
+        w: &GMat,
+        x: &wgpu::Buffer,
+        t: usize,
+        y: &wgpu::Buffer,
+    ) -> Result<()> {
+        let (name, per) = self.product_kernel("matmul");
+        for p in &w.parts {
+            let (mut g, gx) = grid(p.rows.div_ceil(per));
+            g[2] = t.div_ceil(8) as u32;
+            let mut params = w.m.to_vec();
+            params.extend([p.rows, w.cols, t, p.row0, w.rows].map(|v| v as u32));
+            params.push(gx);
+            self.dispatch(
+                name,
+                &params,
+                &[
+                    (1, &p.w),
+                    (2, p.s.as_ref().unwrap_or(&self.dummy)),
+                    (3, p.b.as_ref().unwrap_or(&self.dummy)),
+                    (4, x),
+                    (5, y),
+                ],
+                g,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The product kernel `base` or its one-thread-per-row twin, and rows per workgroup.
+    pub(crate) fn product_kernel(&self, base: &'static str) -> (&'static str, usize) {
+        match (base, self.row_per_thread) {
+            ("matmul", true) => ("matmul_rows", 64),
+            ("expert", true) => ("expert_rows", 64),
+            (b, _) => (b, 1),
+        }
+    }
+
+    /// The buffer of `b` with room for `n` elements, keeping its first `b.len`.
+    fn grow(&self, b: &mut GBuf, n: usize) -> Result<()> {
+        if n <= b.cap() {
+            return Ok(());
+        }
+        let cap = n.max(b.cap() * 2);
+        let nb = self.buffer(cap as u64 * 4);
+        self.copy(&b.buf, 0, &nb, 0, b.len as u64 * 4)?;
+        b.buf = nb;
+        Ok(())
+    }
+}
+
+impl Backend for Wgpu {
+    type Buf = GBuf;
+    type Mat = GMat;
+    type Routes = GRoutes;
+
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn alloc(&self, n: usize) -> Result<GBuf> {
+        Ok(GBuf {
+            buf: self.buffer(n as u64 * 4),
+            len: n,
+        })
+    }
+    fn upload(&self, v: &[f32]) -> Result<GBuf> {
+        Ok(GBuf {
+            buf: self.buffer_with(bytemuck::cast_slice(v)),
+            len: v.len(),
+        })
+    }
+    fn download(&self, b: &GBuf) -> Result<Vec<f32>> {
+        let bytes = self.read(&b.buf, b.len as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+    fn buf_len(&self, b: &GBuf) -> usize {
+        b.len
+    }
+    fn copy_buf(&self, b: &GBuf) -> Result<GBuf> {
+        let out = self.alloc(b.len)?;
+        self.copy(&b.buf, 0, &out.buf, 0, b.len as u64 * 4)?;
+        Ok(out)
+    }
+    fn upload_mat(&self, w: &Linear) -> Result<GMat> {
+        self.mat(w)
+    }
+    fn mat_shape(&self, w: &GMat) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+    fn alloc_routes(&self, t: usize, k: usize) -> Result<GRoutes> {
+        Ok(GRoutes {
+            t,
+            k,
+            ids: self.buffer((t * k) as u64 * 4),
+            weights: self.buffer((t * k) as u64 * 4),
+        })
+    }
+
+    fn matmul(&self, w: &GMat, x: &GBuf, t: usize, y: &mut GBuf) -> Result<()> {
+        need("matmul", "x", x.len, t * w.cols)?;
+        need("matmul", "y", y.len, t * w.rows)?;
+        self.matmul_at(w, &x.buf, t, &y.buf)
+    }
+
+    fn embed(&self, table: &GMat, ids: &[u32], out: &mut GBuf) -> Result<()> {
+        need("embed", "out", out.len, ids.len() * table.cols)?;
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= table.rows) {
+            return Err(op_err(
+                "embed",
+                format!("id {id} of a {}-row table", table.rows),
+            ));
+        }
+        for p in &table.parts {
+            let pairs: Vec<u32> = ids
+                .iter()
+                .enumerate()
+                .filter(|(_, &id)| (p.row0..p.row0 + p.rows).contains(&(id as usize)))
+                .flat_map(|(ti, &id)| [ti as u32, id - p.row0 as u32])
+                .collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let n = pairs.len() / 2;
+            let ib = self.buffer_with(bytemuck::cast_slice(&pairs));
+            let (g, _) = elems(n * table.cols);
+            let mut params = table.m.to_vec();
+            params.extend([table.cols as u32, n as u32]);
+            self.dispatch(
+                "embed",
+                &params,
+                &[
+                    (1, &p.w),
+                    (2, p.s.as_ref().unwrap_or(&self.dummy)),
+                    (3, p.b.as_ref().unwrap_or(&self.dummy)),
+                    (4, &ib),
+                    (5, &out.buf),
+                ],
+                g,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &GBuf, w: &GBuf, eps: f32, out: &mut GBuf) -> Result<()> {
+        self.norm(x, w, None, eps, out)
+    }
+
+    fn add(&self, x: &mut GBuf, d: &GBuf) -> Result<()> {
+        need("add", "d", d.len, x.len)?;
+        self.ew(0, x.len, x, &d.buf, &d.buf, &d.buf, [0; 4])
+    }
+
+    fn copy_rows(
+        &self,
+        src: &GBuf,
+        width: usize,
+        row0: usize,
+        n: usize,
+        dst: &mut GBuf,
+    ) -> Result<()> {
+        need("copy_rows", "src", src.len, (row0 + n) * width)?;
+        need("copy_rows", "dst", dst.len, n * width)?;
+        self.copy(
+            &src.buf,
+            (row0 * width * 4) as u64,
+            &dst.buf,
+            0,
+            (n * width * 4) as u64,
+        )
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qg: &GBuf,
+        k: &mut GBuf,
+        q_norm: &GBuf,
+        k_norm: &GBuf,
+        s: &AttnShape,
+        pos0: usize,
+        t: usize,
+        q: &mut GBuf,
+        gate: &mut GBuf,
+    ) -> Result<()> {
+        let op = "qk_norm_rope";
+        need(op, "qg", qg.len, t * s.q_rows())?;
+        need(op, "k", k.len, t * s.kv_width())?;
+        need(op, "q", q.len, t * s.o_width())?;
+        if s.gated {
+            need(op, "gate", gate.len, t * s.o_width())?;
+        }
+        if s.head_dim > 512 || s.rotary_dim > s.head_dim || !s.rotary_dim.is_multiple_of(2) {
+            return Err(op_err(
+                op,
+                format!("head_dim {} rotary {}", s.head_dim, s.rotary_dim),
+            ));
+        }
+        // cos/sin of the angles in f64 from HF's f32 inv_freq (as the reference).
+        let half = s.rotary_dim / 2;
+        let mut cs = Vec::with_capacity(t * half * 2);
+        for ti in 0..t {
+            for d in 0..half {
+                let inv = (1.0 / s.rope_theta.powf(2.0 * d as f64 / s.rotary_dim as f64)) as f32;
+                let (sn, c) = ((pos0 + ti) as f64 * inv as f64).sin_cos();
+                cs.extend([c as f32, sn as f32]);
+            }
+        }
+        let csb = self.buffer_with(bytemuck::cast_slice(&cs));
+        let groups = (t * (s.heads + s.kv_heads)) as u32;
+        self.dispatch(
+            "rope",
+            &[
+                s.heads as u32,
+                s.kv_heads as u32,
+                s.head_dim as u32,
+                s.rotary_dim as u32,
+                t as u32,
+                s.gated as u32,
+                f(s.eps),
+            ],
+            &[
+                (1, &qg.buf),
+                (2, &k.buf),
+                (3, &q_norm.buf),
+                (4, &k_norm.buf),
+                (5, &csb),
+                (6, &q.buf),
+                (7, if s.gated { &gate.buf } else { &self.dummy }),
+            ],
+            [groups, 1, 1],
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &GBuf,
+        k: &GBuf,
+        v: &GBuf,
+        kc: &mut GBuf,
+        vc: &mut GBuf,
+        s: &AttnShape,
+        pos0: usize,
+        t: usize,
+        o: &mut GBuf,
+    ) -> Result<()> {
+        let op = "attention";
+        let kvw = s.kv_width();
+        if kc.len != pos0 * kvw || vc.len != pos0 * kvw {
+            return Err(op_err(
+                op,
+                format!("KV cache of {} elements at position {pos0}", kc.len),
+            ));
+        }
+        need(op, "q", q.len, t * s.o_width())?;
+        need(op, "k", k.len, t * kvw)?;
+        need(op, "v", v.len, t * kvw)?;
+        need(op, "o", o.len, t * s.o_width())?;
+        let n = (pos0 + t) * kvw;
+        for (c, src) in [(&mut *kc, k), (&mut *vc, v)] {
+            self.grow(c, n)?;
+            self.copy(
+                &src.buf,
+                0,
+                &c.buf,
+                (pos0 * kvw * 4) as u64,
+                (t * kvw * 4) as u64,
+            )?;
+            c.len = n;
+        }
+        // Scores of a chunk of tokens in scratch: at most 16M floats at a time.
+        let maxn = pos0 + t;
+        let chunk = (16 << 20) / (s.heads * maxn).max(1);
+        let chunk = chunk.clamp(1, t.max(1));
+        let scratch = self.buffer((chunk * s.heads * maxn * 4) as u64);
+        let scale = f(1.0 / (s.head_dim as f64).sqrt() as f32);
+        let mut t0 = 0;
+        while t0 < t {
+            let tn = chunk.min(t - t0);
+            self.dispatch(
+                "attention",
+                &[
+                    s.heads as u32,
+                    s.kv_heads as u32,
+                    s.head_dim as u32,
+                    pos0 as u32,
+                    t0 as u32,
+                    maxn as u32,
+                    scale,
+                ],
+                &[
+                    (1, &q.buf),
+                    (2, &kc.buf),
+                    (3, &vc.buf),
+                    (4, &o.buf),
+                    (5, &scratch),
+                ],
+                [(tn * s.heads) as u32, 1, 1],
+            )?;
+            t0 += tn;
+        }
+        Ok(())
+    }
+
+    fn gated_output(&self, o: &mut GBuf, gate: &GBuf) -> Result<()> {
+        need("gated_output", "gate", gate.len, o.len)?;
+        self.ew(1, o.len, o, &gate.buf, &gate.buf, &gate.buf, [0; 4])
+    }
+
+    fn gdn_conv(
+        &self,
+        mixed: &GBuf,
+        state: &mut GBuf,
+        conv_w: &GBuf,
+        s: &GdnShape,
+        t: usize,
+        u: &mut GBuf,
+    ) -> Result<()> {
+        let op = "gdn_conv";
+        let cd = s.conv_dim();
+        if s.kconv < 1 || s.kconv > 16 {
+            return Err(op_err(op, format!("conv kernel of {}", s.kconv)));
+        }
+        need(op, "mixed", mixed.len, t * cd)?;
+        need(op, "state", state.len, s.conv_state_len())?;
+        need(op, "conv_w", conv_w.len, cd * s.kconv)?;
+        need(op, "u", u.len, t * cd)?;
+        let (g, _) = elems(cd);
+        self.dispatch(
+            "conv",
+            &[cd as u32, s.kconv as u32, t as u32],
+            &[
+                (1, &mixed.buf),
+                (2, &state.buf),
+                (3, &conv_w.buf),
+                (4, &u.buf),
+            ],
+            g,
+        )
+    }
+
+    fn gdn_recurrent(
+        &self,
+        u: &GBuf,
+        b: &GBuf,
+        a: &GBuf,
+        dt_bias: &GBuf,
+        neg_a: &GBuf,
+        state: &mut GBuf,
+        s: &GdnShape,
+        t: usize,
+        o: &mut GBuf,
+    ) -> Result<()> {
+        let op = "gdn_recurrent";
+        if s.dk > 256 || s.nk == 0 || !s.nv.is_multiple_of(s.nk) {
+            return Err(op_err(op, format!("nk {} nv {} dk {}", s.nk, s.nv, s.dk)));
+        }
+        need(op, "u", u.len, t * s.conv_dim())?;
+        need(op, "b", b.len, t * s.nv)?;
+        need(op, "a", a.len, t * s.nv)?;
+        need(op, "state", state.len, s.state_len())?;
+        need(op, "o", o.len, t * s.value_dim())?;
+        self.dispatch(
+            "delta",
+            &[s.nk as u32, s.nv as u32, s.dk as u32, s.dv as u32, t as u32],
+            &[
+                (1, &u.buf),
+                (2, &b.buf),
+                (3, &a.buf),
+                (4, &dt_bias.buf),
+                (5, &neg_a.buf),
+                (6, &state.buf),
+                (7, &o.buf),
+            ],
+            [s.nv as u32, 1, 1],
+        )
+    }
+
+    fn gated_rmsnorm(&self, o: &GBuf, z: &GBuf, w: &GBuf, eps: f32, y: &mut GBuf) -> Result<()> {
+        self.norm(o, w, Some(z), eps, y)
+    }
+
+    fn swiglu(&self, g: &GBuf, u: &GBuf, out: &mut GBuf) -> Result<()> {
+        need("swiglu", "g", g.len, out.len)?;
+        need("swiglu", "u", u.len, out.len)?;
+        self.ew(2, out.len, out, &g.buf, &u.buf, &g.buf, [0; 4])
+    }
+
+    fn router_topk(
+        &self,
+        logits: &GBuf,
+        ne: usize,
+        k: usize,
+        renorm: bool,
+        out: &mut GRoutes,
+    ) -> Result<()> {
+        let op = "router_topk";
+        if ne == 0 || ne > 2048 || k == 0 || k > ne || !logits.len.is_multiple_of(ne) {
+            return Err(op_err(
+                op,
+                format!("{k} of {ne} experts over {} logits", logits.len),
+            ));
+        }
+        let t = logits.len / ne;
+        if out.t * out.k < t * k {
+            *out = self.alloc_routes(t, k)?;
+        }
+        out.t = t;
+        out.k = k;
+        self.dispatch(
+            "topk",
+            &[ne as u32, k as u32, t as u32, renorm as u32],
+            &[(1, &logits.buf), (2, &out.ids), (3, &out.weights)],
+            [t.div_ceil(64) as u32, 1, 1],
+        )
+    }
+
+    fn routes_host<'a>(&self, r: &'a GRoutes, _layer: usize) -> Result<Option<Cow<'a, Routes>>> {
+        let n = (r.t * r.k) as u64 * 4;
+        let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&self.read(&r.ids, n)?);
+        let weights: Vec<f32> = bytemuck::pod_collect_to_vec(&self.read(&r.weights, n)?);
+        Ok(Some(Cow::Owned(Routes {
+            k: r.k,
+            ids,
+            weights,
+        })))
+    }
+
+    fn moe_experts(
+        &self,
+        call: ExpertCall<'_>,
+        x: &GBuf,
+        routes: &GRoutes,
+        host: Option<&Routes>,
+        out: &mut GBuf,
+    ) -> Result<ExpertTimes> {
+        let owned;
+        let host = match host {
+            Some(h) => h,
+            None => {
+                owned = self
+                    .routes_host(routes, call.layer)?
+                    .map(|c| c.into_owned());
+                owned
+                    .as_ref()
+                    .ok_or_else(|| op_err("moe_experts", "no routing"))?
+            }
+        };
+        self.experts(call, x, host, out)
+    }
+
+    fn moe_combine(
+        &self,
+        x: &mut GBuf,
+        routed: &GBuf,
+        shared: Option<&GBuf>,
+        shared_gate: Option<&GBuf>,
+    ) -> Result<()> {
+        let op = "moe_combine";
+        need(op, "routed", routed.len, x.len)?;
+        let t = shared_gate.map_or(1, |g| g.len).max(1);
+        if !x.len.is_multiple_of(t) {
+            return Err(op_err(op, format!("{} elements over {t} tokens", x.len)));
+        }
+        if let Some(s) = shared {
+            need(op, "shared", s.len, x.len)?;
+        }
+        let flags = shared.is_some() as u32 | (shared_gate.is_some() as u32) << 1;
+        let d = &self.dummy;
+        self.ew(
+            3,
+            x.len,
+            x,
+            &routed.buf,
+            shared.map_or(d, |s| &s.buf),
+            shared_gate.map_or(d, |g| &g.buf),
+            [0, 0, (x.len / t) as u32, flags],
+        )
+    }
+
+    fn argmax(&self, x: &GBuf) -> Result<u32> {
+        let r = self.buffer(16);
+        self.dispatch(
+            "argmax",
+            &[x.len as u32],
+            &[(1, &x.buf), (2, &r)],
+            [1, 1, 1],
+        )?;
+        let v: Vec<u32> = bytemuck::pod_collect_to_vec(&self.read(&r, 4)?);
+        Ok(v[0])
+    }
+}

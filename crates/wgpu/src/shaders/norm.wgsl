@@ -1,0 +1,51 @@
+// Per row of n: out = x / sqrt(mean(x^2) + eps) * w, times silu(z) when gated (arch-spec
+// §4.1, §4.2). One workgroup per row.
+struct P {
+    n: u32,
+    rows: u32,
+    eps: f32,
+    gated: u32,
+    gx: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> Wn: array<f32>;
+@group(0) @binding(3) var<storage, read> Z: array<f32>;
+@group(0) @binding(4) var<storage, read_write> O: array<f32>;
+
+var<workgroup> red: array<f32, 64>;
+
+fn silu(x: f32) -> f32 {
+    return x / (1.0 + exp(-x));
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let row = wid.x + wid.y * p.gx;
+    if row >= p.rows {
+        return;
+    }
+    let base = row * p.n;
+    var ss = 0.0;
+    for (var i = tid; i < p.n; i += 64u) {
+        let v = X[base + i];
+        ss = fma(v, v, ss);
+    }
+    red[tid] = ss;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if tid < s {
+            red[tid] += red[tid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = inverseSqrt(red[0] / f32(p.n) + p.eps);
+    for (var i = tid; i < p.n; i += 64u) {
+        var y = X[base + i] * r * Wn[i];
+        if p.gated != 0u {
+            y *= silu(Z[base + i]);
+        }
+        O[base + i] = y;
+    }
+}

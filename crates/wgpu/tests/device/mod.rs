@@ -1,0 +1,31 @@
+//! The adapter the wgpu tests run on: the first hardware one, else a software one
+//! (lavapipe). None at all: "skipped" on a developer's machine, a failure under CI=true
+//! (.ci/run installs lavapipe).
+// Each test binary uses one of the two.
+#![allow(dead_code)]
+use flashmoe_wgpu::{Options, Wgpu};
+
+pub fn backend() -> Option<Wgpu> {
+    backend_with(None)
+}
+
+/// [`backend`] with the product kernels chosen (`None`: the adapter's default).
+pub fn backend_with(row_per_thread: Option<bool>) -> Option<Wgpu> {
+    match Wgpu::new(Options {
+        adapter: None,
+        allow_software: true,
+        row_per_thread,
+    }) {
+        Ok(be) => {
+            eprintln!("wgpu adapter: {:?}", be.adapter());
+            Some(be)
+        }
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true and no wgpu adapter (.ci/run installs lavapipe): {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! Every golden fixture (each checkpoint layout and family; one prompt, step by step, and
+//! every layer's hidden state) through the golden body every backend shares
+//! (`flashmoe_testdata::golden`) on the wgpu backend.
+mod device;
+
+use flashmoe_testdata::golden::{check_on, FIXTURES};
+
+fn fixture(i: usize) {
+    let Some(be) = device::backend() else { return };
+    let Some(shared) = flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR")) else {
+        return;
+    };
+    let (fixture, variant, prefix, section) = FIXTURES[i];
+    check_on(be, &shared, fixture, variant, prefix, section);
+}
+
+#[test]
+fn tiny_a_hf_bf16() {
+    fixture(0);
+}
+
+#[test]
+fn tiny_a_hf_bf16_fused() {
+    fixture(1);
+}
+
+#[test]
+fn tiny_a_mlx_4bit() {
+    fixture(2);
+}
+
+#[test]
+fn tiny_next_a() {
+    fixture(3);
+}
+
+#[test]
+fn tiny_qwen3moe_a() {
+    fixture(4);
+}
+
+#[test]
+fn every_fixture_has_a_test() {
+    assert_eq!(FIXTURES.len(), 5, "add a test above for the new fixture");
+}
