@@ -187,11 +187,16 @@ mod tests {
             tr(json!({"model": "m"})).expect("valid").is_none(),
             "load only"
         );
+        // Structured output through the chat template, as /api/chat.
+        let (b, _, _) = tr(json!({"model": "m", "prompt": "a", "format": "json"}))
+            .expect("valid")
+            .expect("a body");
+        assert_eq!(b["response_format"], json!({"type": "json_object"}));
         for bad_body in [
             json!({"model": "m", "prompt": "a", "raw": true, "system": "s"}),
             json!({"model": "m", "prompt": "a", "images": ["aGk="]}),
             json!({"model": "m", "prompt": "a", "context": [1, 2]}),
-            json!({"model": "m", "prompt": "a", "format": "json"}),
+            json!({"model": "m", "prompt": "a", "raw": true, "format": "json"}),
             json!({"model": "m", "prompt": 5}),
             json!({"model": "m", "prompt": "a", "raw": "yes"}),
         ] {

@@ -34,12 +34,34 @@ pub fn adapter_lines() -> Option<Vec<String>> {
 /// software adapter (lavapipe) is never chosen.
 #[cfg(feature = "wgpu")]
 pub fn hardware_adapter(index: Option<usize>) -> Option<String> {
+    if !gpu_device_nodes() {
+        return None;
+    }
     let all = flashmoe_wgpu::adapters();
     let a = match index {
         Some(i) => all.into_iter().nth(i)?,
         None => all.into_iter().find(|a| !a.software)?,
     };
     (!a.software).then_some(a.name)
+}
+
+/// Whether this machine can have a hardware GPU adapter at all. On Linux a GPU driver exposes
+/// a render node (`/dev/dri/renderD*`) or NVIDIA's `/dev/nvidia*`; without one, `auto` skips
+/// creating a Vulkan instance: it costs ~0.1 s and, where only Mesa's software driver is
+/// installed and `XDG_RUNTIME_DIR` is unset, its window-system probe prints "error:" lines
+/// a CPU run should not show.
+#[cfg(all(feature = "wgpu", target_os = "linux"))]
+fn gpu_device_nodes() -> bool {
+    let render = std::fs::read_dir("/dev/dri").is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("renderD"))
+    });
+    render || std::path::Path::new("/dev/nvidia0").exists()
+}
+
+#[cfg(all(feature = "wgpu", not(target_os = "linux")))]
+fn gpu_device_nodes() -> bool {
+    true
 }
 
 /// Sequences on a wgpu adapter: the first call uploads the model's dense weights (once per
