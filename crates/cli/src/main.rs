@@ -21,9 +21,11 @@ struct Cli {
 enum Command {
     /// Synthesize a small random Qwen3.5-MoE model and generate from it (no download needed).
     Demo(cmd::demo::Args),
-    /// Write the logits of every position of a token sequence to a safetensors file.
+    /// Write the logits of every position of a token sequence to a safetensors file (exact f32
+    /// activations unless --int8-activations: this is the command to compare with a reference).
     Logits(cmd::logits::Args),
-    /// Print the greedy continuation of a token sequence as ids.
+    /// Print the greedy continuation of a token sequence as ids (exact f32 activations unless
+    /// --int8-activations, as `logits`).
     Generate(cmd::generate::Args),
     /// Generate from token ids or a prompt, optionally with a per-layer timing report.
     Run(cmd::run::Args),

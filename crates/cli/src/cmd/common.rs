@@ -216,6 +216,13 @@ impl ModelOpts {
             })
     }
 
+    /// `logits` and `generate` are the commands outputs are checked with against a reference
+    /// (transformers' logits, its greedy ids): they take exact f32 activations unless
+    /// `--int8-activations` is named, where `run`, `chat`, `serve` and `bench` default to int8.
+    pub fn verification_activations(&mut self) {
+        self.exact = !self.int8_activations;
+    }
+
     /// Sets the process-wide switches these arguments choose (int8 activations, the thread
     /// pool). `load` and `engine` call it; a subcommand that builds its own loader from
     /// `options` calls it itself.

@@ -18,7 +18,8 @@ pub struct Args {
     pub tokens: usize,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    a.model.opts.verification_activations();
     let ids = parse_ids(&a.ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
     model.check_tokens_at(&ids, 0)?;

@@ -24,7 +24,8 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    a.model.opts.verification_activations();
     let ids = parse_ids(&a.ids)?;
     let model = std::sync::Arc::new(a.model.load()?);
     let n = a.prefill.unwrap_or(ids.len());
