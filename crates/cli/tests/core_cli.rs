@@ -50,11 +50,7 @@ fn logits_cli_matches_golden_with_and_without_prefill() {
         run_ok(&mut cmd);
         let (shape, got) = read_logits(&out);
         assert_eq!(shape, vec![ids.len(), 1000]);
-        let err = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = flashmoe_testdata::max_abs(&got, &want);
         assert!(err < 1e-3, "{variant} steps {step:?}: max abs err {err}");
     }
 }
@@ -255,11 +251,7 @@ fn logits_default_to_exact_activations_and_int8_is_named() {
     // `logits` is the command outputs are checked with: exact unless int8 is named.
     assert_eq!(default, exact, "logits defaults to exact activations");
     assert_eq!(exact, env, "FLASHMOE_EXACT=1 is --exact");
-    let diff = named
-        .iter()
-        .zip(&exact)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = flashmoe_testdata::max_abs(&named, &exact);
     // Measured 0.28 on the first decode step of this model (tests/int8_activations.rs in core).
     assert!(diff > 1e-3 && diff < 6.0, "int8 vs exact: {diff}");
     let err = run_err(

@@ -60,11 +60,7 @@ fn logits_on_wgpu_match_golden() {
         );
         let (shape, got) = read_logits(&out);
         assert_eq!(shape, vec![ids.len(), 1000]);
-        let err = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = flashmoe_testdata::max_abs(&got, &want);
         assert!(err < 1e-3, "prefill {prefill:?}: max abs err {err}");
     }
 }

@@ -116,6 +116,15 @@ pub fn make_test_model_dir(shared: &Path, out: &Path) -> std::io::Result<()> {
     std::fs::write(out.join("tokenizer.json"), test_tokenizer_json())
 }
 
+/// A fresh test model directory (see [`make_test_model_dir`]) for a test of the crate at
+/// `manifest_dir`; `None` (skipped) where the shared fixtures are absent outside CI.
+pub fn test_model_dir(manifest_dir: &Path, tag: &str) -> Option<PathBuf> {
+    let shared = shared_dir(manifest_dir)?;
+    let dir = temp_dir(tag);
+    make_test_model_dir(&shared, &dir).expect("building the test model dir");
+    Some(dir)
+}
+
 /// A fresh, unique temporary directory name under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()

@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use flashmoe_runtime::testutil::{make_test_model_dir, shared_dir, temp_dir, test_tokenizer_json};
+use flashmoe_runtime::testutil::{temp_dir, test_model_dir, test_tokenizer_json};
 use flashmoe_runtime::{
     Engine, Event, FinishReason, GenerationRequest, LoadOptions, PromptInput, SamplingOverrides,
     ToolChoice,
@@ -14,10 +14,7 @@ use flashmoe_text::{GrammarCompiler, GrammarSpec, Tokenizer};
 use serde_json::{json, Value};
 
 fn model_dir() -> Option<PathBuf> {
-    let shared = shared_dir(Path::new(env!("CARGO_MANIFEST_DIR")))?;
-    let dir = temp_dir("constrained-test");
-    make_test_model_dir(&shared, &dir).expect("building the test model dir");
-    Some(dir)
+    test_model_dir(Path::new(env!("CARGO_MANIFEST_DIR")), "constrained-test")
 }
 
 fn chat(tools: Vec<Value>) -> PromptInput {

@@ -3,7 +3,7 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use flashmoe_runtime::testutil::{make_test_model_dir, shared_dir, temp_dir};
+use flashmoe_runtime::testutil::test_model_dir;
 use flashmoe_runtime::{
     Engine, Event, FinishReason, GenerationRequest, LoadOptions, PromptInput, RuntimeError,
     ToolChoice,
@@ -11,10 +11,7 @@ use flashmoe_runtime::{
 use serde_json::json;
 
 fn model_dir() -> Option<PathBuf> {
-    let shared = shared_dir(Path::new(env!("CARGO_MANIFEST_DIR")))?;
-    let dir = temp_dir("runtime-test");
-    make_test_model_dir(&shared, &dir).expect("building the test model dir");
-    Some(dir)
+    test_model_dir(Path::new(env!("CARGO_MANIFEST_DIR")), "runtime-test")
 }
 
 fn chat(user: &str) -> PromptInput {
