@@ -833,7 +833,17 @@ pub fn embed_row(dev: &Device, m: &DevMat, row: usize, out: u64) -> Result<()> {
     )
 }
 
-fn threads_for(n: usize) -> u32 {
+/// One thread per element in blocks of 256 (at least one block).
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads for a block over `n` elements: whole warps, 32 to 1024.
+pub(crate) fn threads_for(n: usize) -> u32 {
     (n.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
@@ -955,11 +965,7 @@ pub fn swiglu(
 ) -> Result<()> {
     let [qa, qbits] = Prepared::args(pre);
     let n = i * nexp;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = elementwise(n);
     dev.launch(
         "swiglu_k",
         cfg,
@@ -999,11 +1005,7 @@ pub fn moe_combine(
     add: u64,
     n: usize,
 ) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = elementwise(n);
     dev.launch(
         "moe_combine",
         cfg,
@@ -1308,11 +1310,7 @@ impl GdnShape {
 
 pub fn gdn_conv(dev: &Device, g: &GdnShape, mixed: u64, state: u64, w: u64, u: u64) -> Result<()> {
     let cd = g.conv_dim();
-    let cfg = LaunchConfig {
-        grid_dim: (cd.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = elementwise(cd);
     dev.launch(
         "gdn_conv",
         cfg,

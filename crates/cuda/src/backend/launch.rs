@@ -5,15 +5,8 @@ use cudarc::driver::LaunchConfig;
 use flashmoe_core::backend::AttnShape;
 
 use crate::device::{Device, A};
+use crate::ops::{elementwise, threads_for};
 use crate::Result;
-
-fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// out[i] = silu(g[i]) * u[i], i < n.
 pub fn silu_mul(dev: &Device, g: u64, u: u64, out: u64, n: usize) -> Result<()> {
@@ -51,7 +44,7 @@ pub fn qk_norm_rope(
     let hd = s.head_dim;
     let cfg = LaunchConfig {
         grid_dim: ((s.heads + s.kv_heads) as u32, t as u32, 1),
-        block_dim: ((hd.div_ceil(32) * 32).clamp(32, 256) as u32, 1, 1),
+        block_dim: (threads_for(hd).min(256), 1, 1),
         shared_mem_bytes: (hd * 4) as u32,
     };
     dev.launch(
@@ -117,7 +110,7 @@ pub fn gated_rmsnorm_rows(
 ) -> Result<()> {
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: ((dv.div_ceil(32) * 32).clamp(32, 256) as u32, 1, 1),
+        block_dim: (threads_for(dv).min(256), 1, 1),
         shared_mem_bytes: 0,
     };
     dev.launch(
