@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::model::{ForwardStats, Logits, Model, State};
+use crate::model::{ForwardStats, Logits, Model};
 use crate::trace::Phase;
 
 /// A backend's copy of a sequence's state, for prefix reuse. Only the backend that saved it
@@ -101,63 +101,9 @@ pub trait SeqBackend: Send {
     fn name(&self) -> &'static str;
 }
 
-/// The CPU forward pass: [`Model::forward`] over a host [`State`].
-pub struct CpuBackend {
-    model: Arc<Model>,
-    state: State,
-}
-
-struct CpuSaved(State);
-
-impl SavedState for CpuSaved {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-impl CpuBackend {
-    pub fn new(model: Arc<Model>) -> Self {
-        CpuBackend {
-            state: State::new(&model.cfg),
-            model,
-        }
-    }
-}
-
-impl SeqBackend for CpuBackend {
-    fn forward_unchecked(
-        &mut self,
-        tokens: &[u32],
-        want: Logits,
-        stats: &mut ForwardStats,
-    ) -> Result<Vec<f32>> {
-        self.model
-            .forward(tokens, &mut self.state, want, stats, None)
-    }
-    fn pos(&self) -> usize {
-        self.state.pos
-    }
-    fn reset(&mut self) {
-        self.state = State::new(&self.model.cfg);
-    }
-    fn save(&self) -> Result<Box<dyn SavedState>> {
-        Ok(Box::new(CpuSaved(self.state.clone())))
-    }
-    fn restore(&mut self, saved: &dyn SavedState) -> Result<()> {
-        let s = saved
-            .as_any()
-            .downcast_ref::<CpuSaved>()
-            .ok_or_else(|| Error::Invalid("restoring a state saved by another backend".into()))?;
-        self.state = s.0.clone();
-        Ok(())
-    }
-    fn state_bytes(&self) -> usize {
-        self.state.nbytes()
-    }
-    fn name(&self) -> &'static str {
-        "cpu"
-    }
-}
+/// The CPU forward pass: [`Model::forward`] over a host [`State`], the same sequence every
+/// backend uses.
+pub type CpuBackend = crate::model_seq::ModelSeq<crate::backend::Cpu>;
 
 type MakeBackend = dyn Fn(Arc<Model>) -> Result<Box<dyn SeqBackend>> + Send + Sync;
 
