@@ -721,6 +721,32 @@ fn launch_prepared(
     dev.launch(name, cfg, &tail(dev.qx.ptr(), qb))
 }
 
+/// One x prepared at `at` for `m`'s `mp` kernel (`quant_x3`, as [`launch_prepared`] does
+/// into the device's scratch): for a consumer whose producer could not prepare it, such as an
+/// epilogue matvec ([`matvec_epilogue`]) reached through core's `Backend`.
+pub fn prepare_x(dev: &Device, m: &DevMat, x: u64, at: u64) -> Result<()> {
+    let Fmt::Affine { bits, .. } = m.fmt else {
+        return Err(CudaError::Invalid("prepared x for a dense matrix".into()));
+    };
+    if qx_size(bits, m.cols) > QX_SLOT {
+        return Err(CudaError::Invalid(format!(
+            "prepared x of {} columns exceeds a slot",
+            m.cols
+        )));
+    }
+    let mut p = MvBatch::default();
+    p.x[0] = x;
+    dev.launch(
+        &format!("quant_x3_{bits}"),
+        LaunchConfig {
+            grid_dim: (m.cols.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        &[A::B(Box::new(p)), A::I(m.cols as i32), A::P(at), A::I(0)],
+    )
+}
+
 /// `nprob` products of `m`'s shape and format whose (w, s, b, x, y) are read from an `MvBatch`
 /// in device memory at `pd` (written by [`expert_batch`]). One token. With `pre` (and the `mp`
 /// kernel), the problems' x were prepared there by their producer; `batch_fresh` says the batch

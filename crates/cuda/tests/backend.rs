@@ -57,3 +57,134 @@ fn session_on_model_cuda() {
         });
     }
 }
+
+/// The fused ops take their fused kernels on the model's shapes (4-bit affine, one token),
+/// not the composition the conformance harness also accepts: the kernels each launches, from
+/// the device's launch trace.
+#[test]
+fn fused_ops_launch_the_fused_kernels() {
+    use flashmoe_core::backend::conformance::{random_linear, Fmt};
+    use flashmoe_core::backend::{AttnShape, Backend, GdnShape};
+    use flashmoe_core::store::DType;
+    use rand::{rngs::StdRng, SeedableRng};
+    let Some(be) = cuda() else { return };
+    let dev = be.device();
+    let trace = |f: &mut dyn FnMut()| -> Vec<String> {
+        let start = dev.trace_start().expect("trace");
+        f();
+        let (k, _) = dev.trace_finish(&start).expect("trace");
+        k.iter()
+            .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
+            .collect()
+    };
+    let count = |names: &[String], p: &dyn Fn(&str) -> bool| names.iter().filter(|n| p(n)).count();
+    let mut rng = StdRng::seed_from_u64(7);
+    let f = Fmt::Affine(4, 64, DType::BF16);
+    let h = 256;
+    let x = be.upload(&vec![0.5f32; h]).unwrap();
+
+    // q|k|v: one product, then attn_prep (cache rows) and attn_decode (the gate).
+    let s = AttnShape {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        rotary_dim: 16,
+        rope_theta: 1e7,
+        gated: true,
+        eps: 1e-6,
+    };
+    let ws: Vec<_> = [s.q_rows(), s.kv_width(), s.kv_width()]
+        .iter()
+        .map(|&r| random_linear(&mut rng, r, h, f))
+        .collect();
+    let w = be.upload_group(&[&ws[0], &ws[1], &ws[2]]).unwrap();
+    let (qn, kn) = (
+        be.upload(&vec![1.0; 64]).unwrap(),
+        be.upload(&vec![1.0; 64]).unwrap(),
+    );
+    let (mut kc, mut vc) = (be.alloc(0).unwrap(), be.alloc(0).unwrap());
+    let mut o = be.alloc(s.o_width()).unwrap();
+    let names = trace(&mut || {
+        let mut ys: Vec<_> = (0..3).map(|_| be.alloc(1).unwrap()).collect();
+        let [q, k, v] = &mut ys[..] else {
+            unreachable!()
+        };
+        be.matmul_many(
+            &[&w[0], &w[1], &w[2]],
+            &x,
+            1,
+            &mut [&mut *q, &mut *k, &mut *v],
+        )
+        .unwrap();
+        be.fused_attention(q, k, v, &qn, &kn, &mut kc, &mut vc, &s, 0, 1, &mut o)
+            .unwrap();
+    });
+    assert_eq!(count(&names, &|n| n.starts_with("qmv")), 1, "{names:?}");
+    for k in ["attn_prep", "attn_decode"] {
+        assert_eq!(count(&names, &|n| n == k), 1, "{k}: {names:?}");
+    }
+    assert_eq!(
+        count(&names, &|n| n == "qk_norm_rope" || n == "mul_sigmoid"),
+        0
+    );
+
+    // The GatedDeltaNet in-projection with the conv in its epilogue.
+    let g = GdnShape {
+        nk: 2,
+        nv: 4,
+        dk: 32,
+        dv: 32,
+        kconv: 4,
+    };
+    let ws: Vec<_> = [g.conv_dim(), g.value_dim(), g.nv, g.nv]
+        .iter()
+        .map(|&r| random_linear(&mut rng, r, h, f))
+        .collect();
+    let w = be.upload_group(&[&ws[0], &ws[1], &ws[2], &ws[3]]).unwrap();
+    let conv_w = be.upload(&vec![0.1; g.conv_dim() * g.kconv]).unwrap();
+    let mut st = be.alloc(g.conv_state_len()).unwrap();
+    let mut outs: Vec<_> = [g.conv_dim(), g.value_dim(), g.nv, g.nv]
+        .iter()
+        .map(|&n| be.alloc(n).unwrap())
+        .collect();
+    let names = trace(&mut || {
+        let [u, z, b, a] = &mut outs[..] else {
+            unreachable!()
+        };
+        let w4 = [&w[0], &w[1], &w[2], &w[3]];
+        be.fused_gdn_in(w4, &x, 1, &conv_w, &mut st, &g, u, z, b, a)
+            .unwrap();
+    });
+    assert_eq!(count(&names, &|n| n.ends_with("_mpc")), 1, "{names:?}");
+    assert_eq!(
+        count(&names, &|n| n.starts_with("gdn_conv")),
+        0,
+        "{names:?}"
+    );
+
+    // SwiGLU MLP: gate‖up in one product, swiglu_k over it.
+    let inter = 128;
+    let (gw, uw, dw) = (
+        random_linear(&mut rng, inter, h, f),
+        random_linear(&mut rng, inter, h, f),
+        random_linear(&mut rng, h, inter, f),
+    );
+    let gu = be.upload_group(&[&gw, &uw]).unwrap();
+    let dm = be.upload_mat(&dw).unwrap();
+    let mut y = be.alloc(h).unwrap();
+    let names = trace(&mut || {
+        be.fused_swiglu_mlp(&gu[0], &gu[1], &dm, &x, 1, &mut y)
+            .unwrap();
+    });
+    assert_eq!(count(&names, &|n| n.starts_with("qmv")), 2, "{names:?}");
+    assert_eq!(count(&names, &|n| n == "swiglu_k"), 1, "{names:?}");
+
+    // The head reduces its argmax in its epilogue.
+    let head = be.upload_mat(&random_linear(&mut rng, 1000, h, f)).unwrap();
+    let norm = be.upload(&vec![1.0; h]).unwrap();
+    let names = trace(&mut || {
+        be.fused_head_argmax(&x, &norm, 1e-6, &head).unwrap();
+    });
+    assert_eq!(count(&names, &|n| n.ends_with("_mpa")), 1, "{names:?}");
+    assert_eq!(count(&names, &|n| n == "argmax_f32"), 0, "{names:?}");
+}

@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::experts::ExpertSource;
 use crate::weights::Linear;
 
+pub mod compose;
 pub mod conformance;
 mod cpu;
 mod reference;
@@ -361,9 +362,10 @@ pub trait Backend: Send + Sync + Sized {
         Ok(())
     }
     /// Attention from its projections (arch-spec §5): [`Backend::qk_norm_rope`], then
-    /// [`Backend::attention`] over the caches, then the output gate when `s.gated`; `k` is
-    /// normed and rotated in place. (CUDA writes the cache in its prep kernel and applies the
-    /// gate in the attention kernel.)
+    /// [`Backend::attention`] over the caches, then the output gate when `s.gated`. `k` is
+    /// scratch: this body norms and rotates it in place, a fused one may leave it as it was
+    /// (only the cache holds the rotated keys). (CUDA writes the cache in its prep kernel and
+    /// applies the gate in the attention kernel.)
     #[allow(clippy::too_many_arguments)]
     fn fused_attention(
         &self,
@@ -379,14 +381,8 @@ pub trait Backend: Send + Sync + Sized {
         t: usize,
         o: &mut Self::Buf,
     ) -> Result<()> {
-        let mut q = self.alloc(t * s.o_width())?;
-        let mut gate = self.alloc(if s.gated { t * s.o_width() } else { 0 })?;
-        self.qk_norm_rope(qg, k, q_norm, k_norm, s, pos0, t, &mut q, &mut gate)?;
-        self.attention(&q, k, v, kc, vc, s, pos0, t, o)?;
-        if s.gated {
-            self.gated_output(o, &gate)?;
-        }
-        Ok(())
+        let (qn, kn) = (q_norm, k_norm);
+        compose::attention(self, qg, k, v, qn, kn, kc, vc, s, pos0, t, o)
     }
     /// The GatedDeltaNet in-projection and conv (arch-spec §6.1, §6.3): `mixed = x Wqkv^T`
     /// through [`Backend::gdn_conv`] into `u`; `z, b, a` from their matrices. (CUDA runs the
@@ -405,9 +401,7 @@ pub trait Backend: Send + Sync + Sized {
         b: &mut Self::Buf,
         a: &mut Self::Buf,
     ) -> Result<()> {
-        let mut mixed = self.alloc(t * s.conv_dim())?;
-        self.matmul_many(&w, x, t, &mut [&mut mixed, z, b, a])?;
-        self.gdn_conv(&mixed, state, conv_w, s, t, u)
+        compose::gdn_in(self, w, x, t, conv_w, state, s, [u, z, b, a])
     }
     /// A SwiGLU MLP: `y [t, H] = down(silu(gate x) * up x)` (shared expert, dense layers).
     fn fused_swiglu_mlp(
@@ -419,13 +413,7 @@ pub trait Backend: Send + Sync + Sized {
         t: usize,
         y: &mut Self::Buf,
     ) -> Result<()> {
-        let inter = self.mat_shape(gate).0;
-        let mut g = self.alloc(t * inter)?;
-        let mut u = self.alloc(t * inter)?;
-        self.matmul_many(&[gate, up], x, t, &mut [&mut g, &mut u])?;
-        let mut hdn = self.alloc(t * inter)?;
-        self.swiglu(&g, &u, &mut hdn)?;
-        self.matmul(down, &hdn, t, y)
+        compose::swiglu_mlp(self, [gate, up, down], x, t, y)
     }
     /// Greedy decoding's head: argmax of `rmsnorm(x [H]; norm) W_head^T` (CUDA reduces the
     /// argmax as the head's blocks write their rows).

@@ -5,43 +5,93 @@
 //!
 //! Buffers are f32 device allocations with an element count; attention caches keep spare
 //! capacity and grow by doubling. Matrices are uploaded once in their stored format. Every op
-//! is queued on the device's compute stream; only `download`, `routes_host` and `argmax` wait
-//! for it. Experts are read from the call's `ExpertSource` and uploaded per call (the VRAM and
+//! is queued on the device's compute stream; only `download`, `routes_host` and the argmaxes
+//! wait for it. The fused ops (fused.rs) run the decode loop's kernels and epilogues. Experts are read from the call's `ExpertSource` and uploaded per call (the VRAM and
 //! pinned tiers of model.rs are not behind this seam yet: issue 18, phase 2, step 4).
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaContext;
-use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
+use flashmoe_core::backend::{
+    compose, AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes,
+};
 use flashmoe_core::model::{Model, SharedExperts};
 use flashmoe_core::weights::Linear;
 use flashmoe_core::{Error, Result};
 
 use crate::device::Device;
-use crate::ops::{self, DMat};
+use crate::ops::{self, DMat, DevMat};
 use crate::seq::core_error;
 
+mod fused;
 mod launch;
 mod moe;
 mod pool;
 
 use pool::{Mem, Pool};
 
-/// f32 elements in device memory (from the backend's pool): `len` of them live, room for
-/// `mem.cap() / 4`.
+/// f32 elements in device memory (from the backend's pool): `len` of them live at byte `off`
+/// of `mem`. Several buffers may share one allocation (the outputs of one stacked product,
+/// [`Backend::matmul_many`]); the allocation goes back to the pool with the last of them.
 pub struct CudaBuf {
-    mem: Mem,
+    mem: Arc<Mem>,
+    off: usize,
     len: usize,
 }
 
 impl CudaBuf {
     fn ptr(&self) -> u64 {
-        self.mem.ptr()
+        self.mem.ptr() + self.off as u64
     }
     /// Device address of element `i`.
     fn at(&self, i: usize) -> u64 {
-        self.mem.ptr() + (i * 4) as u64
+        self.ptr() + (i * 4) as u64
     }
+    /// Elements of room from `off` on.
+    fn cap(&self) -> usize {
+        (self.mem.cap() - self.off) / 4
+    }
+    /// `len` elements of `self` from element `i` on, sharing its allocation.
+    fn view(&self, i: usize, len: usize) -> CudaBuf {
+        CudaBuf {
+            mem: self.mem.clone(),
+            off: self.off + i * 4,
+            len,
+        }
+    }
+}
+
+/// A weight matrix on the device: `m` (its own rows), inside `whole`, the matrix uploaded with
+/// it. [`Backend::upload_group`] stacks a group's matrices into one `whole` (one launch for
+/// all of them, as model.rs's `Proj`); [`Backend::upload_mat`] gives a matrix its own.
+pub struct CudaMat {
+    pub m: DevMat,
+    whole: Arc<DMat>,
+    /// First row of `m` in `whole`.
+    row0: usize,
+}
+
+impl CudaMat {
+    fn alone(d: DMat) -> CudaMat {
+        CudaMat {
+            m: d.m,
+            whole: Arc::new(d),
+            row0: 0,
+        }
+    }
+}
+
+/// The stacked matrix `ws` are, in order, when they are all of one [`Backend::upload_group`].
+fn stacked<'a>(ws: &[&'a CudaMat]) -> Option<&'a DevMat> {
+    let first = ws.first()?;
+    let mut row = 0;
+    for w in ws {
+        if !Arc::ptr_eq(&w.whole, &first.whole) || w.row0 != row {
+            return None;
+        }
+        row += w.m.rows;
+    }
+    (ws.len() > 1 && row == first.whole.m.rows).then_some(&first.whole.m)
 }
 
 /// The routing of `t` tokens on the device: `ids [t, k]` (i32 bits) and `wts [t, k]`.
@@ -125,24 +175,25 @@ impl Cuda {
     /// `n` elements from the pool (contents undefined).
     fn buf(&self, n: usize) -> Result<CudaBuf> {
         Ok(CudaBuf {
-            mem: self.mem(n)?,
+            mem: Arc::new(self.mem(n)?),
+            off: 0,
             len: n,
         })
     }
 
     /// Makes room for `n` elements in `b`, keeping its live ones (capacity doubles).
     fn grow(&self, b: &mut CudaBuf, n: usize) -> Result<()> {
-        if b.mem.cap() >= n * 4 {
+        if b.cap() >= n {
             return Ok(());
         }
-        let mem = self.mem(n.max(2 * b.mem.cap() / 4))?;
+        let mem = self.mem(n.max(2 * b.cap()))?;
         if b.len > 0 {
             let c = &self.dev.compute;
             self.dev
                 .dtod_async(mem.ptr(), b.ptr(), b.len * 4, c)
                 .map_err(ce)?;
         }
-        b.mem = mem;
+        (b.mem, b.off) = (Arc::new(mem), 0);
         Ok(())
     }
 
@@ -159,7 +210,7 @@ impl Cuda {
 
 impl Backend for Cuda {
     type Buf = CudaBuf;
-    type Mat = DMat;
+    type Mat = CudaMat;
     type Routes = CudaRoutes;
 
     fn name(&self) -> &'static str {
@@ -203,12 +254,33 @@ impl Backend for Cuda {
         Ok(out)
     }
 
-    fn upload_mat(&self, w: &Linear) -> Result<DMat> {
+    fn upload_mat(&self, w: &Linear) -> Result<CudaMat> {
         let dev = self.bind()?;
-        ops::upload_rows(dev, &[(w, 0, w.rows())]).map_err(ce)
+        let d = ops::upload_rows(dev, &[(w, 0, w.rows())]).map_err(ce)?;
+        Ok(CudaMat::alone(d))
     }
 
-    fn mat_shape(&self, w: &DMat) -> (usize, usize) {
+    fn upload_group(&self, ws: &[&Linear]) -> Result<Vec<CudaMat>> {
+        let dev = self.bind()?;
+        match group_layout(ws) {
+            Some(rows0) => {
+                let parts: Vec<_> = ws.iter().map(|w| (*w, 0, w.rows())).collect();
+                let whole = Arc::new(ops::upload_rows(dev, &parts).map_err(ce)?);
+                Ok(ws
+                    .iter()
+                    .zip(rows0)
+                    .map(|(w, row0)| CudaMat {
+                        m: member(&whole.m, row0, w.rows()),
+                        whole: whole.clone(),
+                        row0,
+                    })
+                    .collect())
+            }
+            None => ws.iter().map(|w| self.upload_mat(w)).collect(),
+        }
+    }
+
+    fn mat_shape(&self, w: &CudaMat) -> (usize, usize) {
         (w.m.rows, w.m.cols)
     }
 
@@ -221,7 +293,7 @@ impl Backend for Cuda {
         })
     }
 
-    fn matmul(&self, w: &DMat, x: &CudaBuf, t: usize, y: &mut CudaBuf) -> Result<()> {
+    fn matmul(&self, w: &CudaMat, x: &CudaBuf, t: usize, y: &mut CudaBuf) -> Result<()> {
         let dev = self.bind()?;
         let m = &w.m;
         room("matmul", "x", x, t * m.cols)?;
@@ -230,7 +302,7 @@ impl Backend for Cuda {
         ops::matvec_batch(dev, &dev.compute, m, &p, t, m.cols, m.rows).map_err(ce)
     }
 
-    fn embed(&self, table: &DMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
+    fn embed(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
         let dev = self.bind()?;
         let (rows, h) = (table.m.rows, table.m.cols);
         room("embed", "out", out, ids.len() * h)?;
@@ -329,12 +401,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let dev = self.bind()?;
         let kvw = s.kv_width();
-        if kc.len != pos0 * kvw || vc.len != pos0 * kvw {
-            return Err(Error::Invalid(format!(
-                "cuda attention: KV cache of {} elements at position {pos0}",
-                kc.len
-            )));
-        }
+        cache_at("attention", kc, vc, kvw, pos0)?;
         room("attention", "k", k, t * kvw)?;
         room("attention", "v", v, t * kvw)?;
         room("attention", "o", o, t * s.o_width())?;
@@ -415,8 +482,10 @@ impl Backend for Cuda {
         let g = gdn_shape(s, 0.0);
         for i in 0..t {
             // gdn_step reads the state before its dependent-launch wait: the kernel before it
-            // must not be the step that writes it.
-            dev.fence().map_err(ce)?;
+            // must not be the step that writes it (the first step follows other kernels).
+            if i > 0 {
+                dev.fence().map_err(ce)?;
+            }
             let (ui, bi, ai, oi) = (u.at(i * cd), b.at(i * nv), a.at(i * nv), o.at(i * vd));
             let (dt, na) = (dt_bias.ptr(), neg_a.ptr());
             ops::gdn_step(dev, &g, ui, bi, ai, dt, na, state.ptr(), oi).map_err(ce)?;
@@ -497,10 +566,7 @@ impl Backend for Cuda {
         }
         let key = self.buf(2)?;
         ops::argmax(dev, x.ptr(), x.len, key.ptr()).map_err(ce)?;
-        let mut k = [0f32; 2];
-        dev.read_f32(key.ptr(), &mut k).map_err(ce)?;
-        let bits = k[0].to_bits() as u64 | (k[1].to_bits() as u64) << 32;
-        Ok(ops::argmax_index(bits))
+        fused::read_key(self, &key)
     }
 
     fn add_rmsnorm(
@@ -522,6 +588,128 @@ impl Backend for Cuda {
         let (n, upd) = (x.len, ops::Residual::Update);
         let (xp, dp, wp, op) = (x.ptr(), d.ptr(), w.ptr(), out.ptr());
         ops::add_rmsnorm(dev, xp, dp, wp, op, n, eps, [None, None], upd).map_err(ce)
+    }
+
+    fn matmul_many(
+        &self,
+        ws: &[&CudaMat],
+        x: &CudaBuf,
+        t: usize,
+        ys: &mut [&mut CudaBuf],
+    ) -> Result<()> {
+        fused::matmul_many(self, ws, x, t, ys)
+    }
+
+    fn fused_attention(
+        &self,
+        qg: &CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        q_norm: &CudaBuf,
+        k_norm: &CudaBuf,
+        kc: &mut CudaBuf,
+        vc: &mut CudaBuf,
+        s: &AttnShape,
+        pos0: usize,
+        t: usize,
+        o: &mut CudaBuf,
+    ) -> Result<()> {
+        let qkv = [qg, &*k, v];
+        if fused::attention(self, qkv, q_norm, k_norm, kc, vc, s, pos0, t, o)?.is_some() {
+            return Ok(());
+        }
+        let (qn, kn) = (q_norm, k_norm);
+        compose::attention(self, qg, k, v, qn, kn, kc, vc, s, pos0, t, o)
+    }
+
+    fn fused_gdn_in(
+        &self,
+        w: [&CudaMat; 4],
+        x: &CudaBuf,
+        t: usize,
+        conv_w: &CudaBuf,
+        state: &mut CudaBuf,
+        s: &GdnShape,
+        u: &mut CudaBuf,
+        z: &mut CudaBuf,
+        b: &mut CudaBuf,
+        a: &mut CudaBuf,
+    ) -> Result<()> {
+        let outs = [&mut *u, &mut *z, &mut *b, &mut *a];
+        if fused::gdn_in(self, w, x, t, conv_w, state, s, outs)?.is_some() {
+            return Ok(());
+        }
+        compose::gdn_in(self, w, x, t, conv_w, state, s, [u, z, b, a])
+    }
+
+    fn fused_swiglu_mlp(
+        &self,
+        gate: &CudaMat,
+        up: &CudaMat,
+        down: &CudaMat,
+        x: &CudaBuf,
+        t: usize,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        if fused::swiglu_mlp(self, [gate, up, down], x, t, y)?.is_some() {
+            return Ok(());
+        }
+        compose::swiglu_mlp(self, [gate, up, down], x, t, y)
+    }
+
+    fn fused_head_argmax(
+        &self,
+        x: &CudaBuf,
+        norm: &CudaBuf,
+        eps: f32,
+        head: &CudaMat,
+    ) -> Result<u32> {
+        fused::head_argmax(self, x, norm, eps, head)
+    }
+}
+
+/// Checks that the KV caches hold `pos0` rows of `kvw`.
+fn cache_at(op: &str, kc: &CudaBuf, vc: &CudaBuf, kvw: usize, pos0: usize) -> Result<()> {
+    if kc.len != pos0 * kvw || vc.len != pos0 * kvw {
+        return Err(Error::Invalid(format!(
+            "cuda {op}: KV cache of {} and {} elements at position {pos0}, rows of {kvw}",
+            kc.len, vc.len
+        )));
+    }
+    Ok(())
+}
+
+/// First rows of `ws` stacked in one matrix, when they can be: one format and width, and each
+/// member's weights, scales and biases starting 16-byte aligned (the kernels' loads), so a
+/// member also runs alone (`matmul` of one of them, prefill).
+fn group_layout(ws: &[&Linear]) -> Option<Vec<usize>> {
+    let fmt = ops::Fmt::of(ws.first()?).ok()?;
+    let cols = ws[0].cols();
+    let mut rows0 = Vec::with_capacity(ws.len());
+    let mut row = 0;
+    for w in ws {
+        if ops::Fmt::of(w).ok()? != fmt || w.cols() != cols {
+            return None;
+        }
+        let (a, b, c) = fmt.sizes(row, cols);
+        if [a, b, c].iter().any(|o| o % 16 != 0) {
+            return None;
+        }
+        rows0.push(row);
+        row += w.rows();
+    }
+    (ws.len() > 1).then_some(rows0)
+}
+
+/// Rows `row0..row0 + rows` of the stacked matrix `whole`.
+fn member(whole: &DevMat, row0: usize, rows: usize) -> DevMat {
+    let (a, b, c) = whole.fmt.sizes(row0, whole.cols);
+    DevMat {
+        rows,
+        w: whole.w + a as u64,
+        s: whole.s + b as u64,
+        b: whole.b + c as u64,
+        ..*whole
     }
 }
 

@@ -325,6 +325,7 @@ pub fn run_with<B: Backend>(be: &B, bounds: Bounds) -> Report {
     c.section("embed", ops::embed);
     c.section("norms", ops::norms);
     c.section("attention", ops::attention);
+    c.section("attention from projections", ops::attention_proj);
     c.section("gdn", ops::gdn);
     c.section("gdn fused", ops::gdn_fused);
     c.section("moe", ops::moe);

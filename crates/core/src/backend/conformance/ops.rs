@@ -213,6 +213,77 @@ pub(super) fn attention<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
     Ok(())
 }
 
+/// `fused_attention` on the outputs of `matmul_many` over a q|k|v group, as the model calls it
+/// (a backend may fuse only there: CUDA's one-token path needs q|k|v adjacent, as its stacked
+/// product leaves them), decoding after a cached prefix and a prompt.
+pub(super) fn attention_proj<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
+    let (f, h) = (Fmt::F32, 128);
+    for s in attn_shapes() {
+        let rows = [s.q_rows(), s.kv_width(), s.kv_width()];
+        let ws: Vec<_> = rows
+            .iter()
+            .map(|&r| random_linear(&mut c.rng, r, h, f))
+            .collect();
+        let up = c.be.upload_group(&[&ws[0], &ws[1], &ws[2]])?;
+        let (qn, kn) = (c.normw(s.head_dim), c.normw(s.head_dim));
+        let (qnb, knb) = (c.up(&qn)?, c.up(&kn)?);
+        for (pos0, t) in [(6, 1), (0, 1), (3, 4)] {
+            let class = format!("gated={} hd={} pos0={pos0} t={t}", s.gated, s.head_dim);
+            let x = c.randv(t * h, 1.0);
+            let (kc0, vc0) = (
+                c.randv(pos0 * s.kv_width(), 1.0),
+                c.randv(pos0 * s.kv_width(), 1.0),
+            );
+            let mut proj: Vec<Vec<f32>> = rows.iter().map(|&r| vec![0f32; t * r]).collect();
+            for (w, y) in ws.iter().zip(proj.iter_mut()) {
+                c.r.matmul(w, &x, t, y)?;
+            }
+            let (mut kcr, mut vcr) = (kc0.clone(), vc0.clone());
+            let mut o_r = vec![0f32; t * s.o_width()];
+            let [qg, k, v] = &mut proj[..] else {
+                unreachable!("three projections")
+            };
+            let (qn, kn) = (&qn, &kn);
+            let r = Reference;
+            r.fused_attention(qg, k, v, qn, kn, &mut kcr, &mut vcr, &s, pos0, t, &mut o_r)?;
+            let xb = c.up(&x)?;
+            let mut outs: Vec<B::Buf> = rows
+                .iter()
+                .map(|&r| c.be.alloc(t * r))
+                .collect::<Result<_>>()?;
+            let [qgb, kb, vb] = &mut outs[..] else {
+                unreachable!("three projections")
+            };
+            let w = [&up[0], &up[1], &up[2]];
+            c.be.matmul_many(&w, &xb, t, &mut [&mut *qgb, &mut *kb, &mut *vb])?;
+            let (mut kcb, mut vcb) = (c.up(&kc0)?, c.up(&vc0)?);
+            let mut ob = c.be.alloc(t * s.o_width())?;
+            let (qnb, knb) = (&qnb, &knb);
+            c.be.fused_attention(
+                qgb, kb, vb, qnb, knb, &mut kcb, &mut vcb, &s, pos0, t, &mut ob,
+            )?;
+            let b = c.mat_bound(f).max(c.bounds.seq_ops);
+            let (o, kc, vc) = (c.down(&ob)?, c.down(&kcb)?, c.down(&vcb)?);
+            c.cmp("fused_attention", &format!("{class} proj out"), &o, &o_r, b);
+            c.cmp(
+                "fused_attention",
+                &format!("{class} proj k cache"),
+                &kc,
+                &kcr,
+                b,
+            );
+            c.cmp(
+                "fused_attention",
+                &format!("{class} proj v cache"),
+                &vc,
+                &vcr,
+                b,
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Random GatedDeltaNet inputs for `t` tokens: (u, b, a, dt_bias, neg_a, state).
 type GdnIn = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 

@@ -1,0 +1,67 @@
+//! The fused operations of [`Backend`] composed from its primitives: the trait's default
+//! bodies, and what a backend that fuses an op falls back on where its fusion does not apply
+//! (CUDA's one-token kernels, for a prompt). Each has the contract of the trait method of the
+//! same name (`fused_attention`, `fused_gdn_in`, `fused_swiglu_mlp`).
+use super::{AttnShape, Backend, GdnShape};
+use crate::error::Result;
+
+/// [`Backend::fused_attention`]: `qk_norm_rope` (k normed and rotated in place), `attention`
+/// over the caches, the output gate when `s.gated`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<B: Backend>(
+    be: &B,
+    qg: &B::Buf,
+    k: &mut B::Buf,
+    v: &B::Buf,
+    q_norm: &B::Buf,
+    k_norm: &B::Buf,
+    kc: &mut B::Buf,
+    vc: &mut B::Buf,
+    s: &AttnShape,
+    pos0: usize,
+    t: usize,
+    o: &mut B::Buf,
+) -> Result<()> {
+    let mut q = be.alloc(t * s.o_width())?;
+    let mut gate = be.alloc(if s.gated { t * s.o_width() } else { 0 })?;
+    be.qk_norm_rope(qg, k, q_norm, k_norm, s, pos0, t, &mut q, &mut gate)?;
+    be.attention(&q, k, v, kc, vc, s, pos0, t, o)?;
+    if s.gated {
+        be.gated_output(o, &gate)?;
+    }
+    Ok(())
+}
+
+/// [`Backend::fused_gdn_in`]: `matmul_many` over the in-projections, `gdn_conv` of the first.
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_in<B: Backend>(
+    be: &B,
+    w: [&B::Mat; 4],
+    x: &B::Buf,
+    t: usize,
+    conv_w: &B::Buf,
+    state: &mut B::Buf,
+    s: &GdnShape,
+    [u, z, b, a]: [&mut B::Buf; 4],
+) -> Result<()> {
+    let mut mixed = be.alloc(t * s.conv_dim())?;
+    be.matmul_many(&w, x, t, &mut [&mut mixed, z, b, a])?;
+    be.gdn_conv(&mixed, state, conv_w, s, t, u)
+}
+
+/// [`Backend::fused_swiglu_mlp`]: gate and up by `matmul_many`, `swiglu`, down.
+pub fn swiglu_mlp<B: Backend>(
+    be: &B,
+    [gate, up, down]: [&B::Mat; 3],
+    x: &B::Buf,
+    t: usize,
+    y: &mut B::Buf,
+) -> Result<()> {
+    let inter = be.mat_shape(gate).0;
+    let mut g = be.alloc(t * inter)?;
+    let mut u = be.alloc(t * inter)?;
+    be.matmul_many(&[gate, up], x, t, &mut [&mut g, &mut u])?;
+    let mut hdn = be.alloc(t * inter)?;
+    be.swiglu(&g, &u, &mut hdn)?;
+    be.matmul(down, &hdn, t, y)
+}
