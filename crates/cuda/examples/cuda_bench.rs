@@ -1,7 +1,12 @@
 //! `cargo run --release -p flashmoe-cuda --example cuda_bench -- [MODEL_DIR] [--layers N]
-//! [--k K] [--tokens T] [--prefill-tokens N] [--no-kernels] [--vram-only] [--ptx-only]`: prints bench_cuda's JSON. With `--ptx-only`, compiles the
-//! kernels for sm_90 through NVRTC and exits (no GPU needed).
+//! [--k K] [--tokens T] [--prefill-tokens N] [--no-kernels] [--vram-only] [--ptx-only]
+//! [--core-path]`: prints bench_cuda's JSON; with `--core-path` also `core_path`,
+//! `Model<Cuda>` against `CudaModel` (bench_core.rs). With `--ptx-only`, compiles the kernels
+//! for sm_90 through NVRTC and exits (no GPU needed).
 use flashmoe_core::loader::{open_model, LoadOptions};
+use std::sync::Arc;
+
+use flashmoe_cuda::bench_core::{core_path, dense_synth};
 use flashmoe_cuda::{bench_cuda, BenchOptions, Device};
 
 fn main() {
@@ -22,6 +27,7 @@ fn main() {
     }
     let mut opts = BenchOptions::default();
     let mut dir = None;
+    let mut core = false;
     let mut i = 0;
     while i < args.len() {
         let v = |i: usize| {
@@ -47,6 +53,7 @@ fn main() {
                 i += 1;
             }
             "--no-kernels" => opts.kernels = false,
+            "--core-path" => core = true,
             "--vram-only" => {
                 opts.host_modes = false;
                 opts.model_decode = false;
@@ -58,11 +65,23 @@ fn main() {
     let dir = dir.expect("usage: cuda_bench MODEL_DIR [--layers N] [--k K] [--tokens T]");
     let model =
         open_model(std::path::Path::new(&dir), &LoadOptions::default()).expect("load model");
-    match bench_cuda(&model, &opts) {
-        Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap()),
+    let mut v = match bench_cuda(&model, &opts) {
+        Ok(v) => v,
         Err(e) => {
             eprintln!("{e}");
             std::process::exit(1);
         }
+    };
+    if core {
+        // Model<Cuda> against CudaModel (bench_core.rs): the synthetic dense model, then this one.
+        let (d, n, p) = (opts.device, opts.tokens, opts.prefill_tokens);
+        let synth = dense_synth(opts.synth_layers).map(Arc::new);
+        let s = synth.and_then(|m| core_path(m, d, n, p));
+        let m = core_path(Arc::new(model), d, n, p);
+        let show = |r: flashmoe_cuda::Result<serde_json::Value>| {
+            r.unwrap_or_else(|e| serde_json::json!(format!("error: {e}")))
+        };
+        v["core_path"] = serde_json::json!({"synthetic_dense": show(s), "model": show(m)});
     }
+    println!("{}", serde_json::to_string_pretty(&v).unwrap());
 }

@@ -14,6 +14,7 @@
 //! [`CudaError::NoDevice`].
 pub mod backend;
 pub mod bench;
+pub mod bench_core;
 mod cache;
 pub mod device;
 pub mod model;
