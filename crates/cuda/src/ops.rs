@@ -237,6 +237,17 @@ fn prep_fits(bits: u32, lg: u32, cols: usize) -> bool {
         && qx_size(bits, cols) <= 48 * 1024
 }
 
+/// Whether a producer may prepare a row of `cols` for `bits`-wide `mp` kernels (the part of
+/// [`prep_fits`] that does not depend on the consumer's group), on this thread's path.
+pub fn preparable(bits: u32, cols: usize) -> bool {
+    matches!(bits, 2 | 4 | 8)
+        && cols.is_multiple_of(128 / bits as usize)
+        && cols <= XSM_MAX_COLS
+        && qx_size(bits, cols) <= 48 * 1024
+        && use_prep()
+        && epilogues()
+}
+
 /// Measured (H200, d5a6068, same run, 4-bit): 16384x4096 0.49 of D2D against 0.33 for the
 /// float kernel, 4096x8192 0.31 against 0.23, lm_head 0.92 against 0.80 (the former two-level dp4a kernel); VRAM decode of
 /// the 8-layer 397B-shaped model 1.32 against 1.62 ms/token.

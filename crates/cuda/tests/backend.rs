@@ -188,3 +188,65 @@ fn fused_ops_launch_the_fused_kernels() {
     assert_eq!(count(&names, &|n| n.ends_with("_mpa")), 1, "{names:?}");
     assert_eq!(count(&names, &|n| n == "argmax_f32"), 0, "{names:?}");
 }
+
+/// A one-row norm also writes its output prepared for the `mp` matvec (prep.rs), so the
+/// matvec that reads it launches no `quant_x3`, with the same result as from the plain row;
+/// an op that writes the row afterwards drops the prepared copy (the matvec prepares again and
+/// sees the new values).
+#[test]
+fn prepared_x_is_used_and_dropped_on_write() {
+    use flashmoe_core::backend::conformance::{nmse, random_linear, Fmt};
+    use flashmoe_core::backend::Backend;
+    use flashmoe_core::store::DType;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let Some(be) = cuda() else { return };
+    let dev = be.device();
+    let names = |f: &mut dyn FnMut()| -> Vec<String> {
+        let start = dev.trace_start().expect("trace");
+        f();
+        let (k, _) = dev.trace_finish(&start).expect("trace");
+        k.iter()
+            .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
+            .collect()
+    };
+    let quants = |n: &[String]| n.iter().filter(|k| k.starts_with("quant_x3")).count();
+    let mut rng = StdRng::seed_from_u64(11);
+    let (h, rows) = (512, 256);
+    let m = be
+        .upload_mat(&random_linear(
+            &mut rng,
+            rows,
+            h,
+            Fmt::Affine(4, 64, DType::BF16),
+        ))
+        .unwrap();
+    let xv: Vec<f32> = (0..h).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let (x, w) = (be.upload(&xv).unwrap(), be.upload(&vec![1.0; h]).unwrap());
+    let mut xn = be.alloc(h).unwrap();
+    let (mut y1, mut y2) = (be.alloc(rows).unwrap(), be.alloc(rows).unwrap());
+    be.rmsnorm(&x, &w, 1e-6, &mut xn).unwrap();
+    let n = names(&mut || be.matmul(&m, &xn, 1, &mut y1).unwrap());
+    assert_eq!(quants(&n), 0, "prepared by the norm: {n:?}");
+    let plain = be.upload(&be.download(&xn).unwrap()).unwrap();
+    let n = names(&mut || be.matmul(&m, &plain, 1, &mut y2).unwrap());
+    assert_eq!(
+        quants(&n),
+        1,
+        "an uploaded row is prepared by quant_x3: {n:?}"
+    );
+    let (a, b) = (be.download(&y1).unwrap(), be.download(&y2).unwrap());
+    assert!(
+        nmse(&a, &b) < 1e-10,
+        "prepared by the norm vs quant_x3: {}",
+        nmse(&a, &b)
+    );
+    // Written after the norm: the prepared copy is stale and must not be read.
+    let d = be.upload(&vec![0.25; h]).unwrap();
+    be.add(&mut xn, &d).unwrap();
+    let n = names(&mut || be.matmul(&m, &xn, 1, &mut y1).unwrap());
+    assert_eq!(quants(&n), 1, "after a write: {n:?}");
+    let plain = be.upload(&be.download(&xn).unwrap()).unwrap();
+    be.matmul(&m, &plain, 1, &mut y2).unwrap();
+    let (a, b) = (be.download(&y1).unwrap(), be.download(&y2).unwrap());
+    assert!(nmse(&a, &b) < 1e-10, "after a write: {}", nmse(&a, &b));
+}

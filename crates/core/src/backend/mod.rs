@@ -158,6 +158,13 @@ pub trait Backend: Send + Sync + Sized {
 
     /// A zeroed buffer of `n` elements.
     fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    /// A buffer of `n` elements for an op to write whole (its contents before that are
+    /// undefined): the model's activations. A backend whose `alloc` costs a zeroing pass on
+    /// the device (CUDA: a memset, which also ends the overlap of the kernels around it)
+    /// hands out recycled memory instead.
+    fn scratch(&self, n: usize) -> Result<Self::Buf> {
+        self.alloc(n)
+    }
     fn upload(&self, v: &[f32]) -> Result<Self::Buf>;
     /// A host copy (tests, taps; never on the token path).
     fn download(&self, b: &Self::Buf) -> Result<Vec<f32>>;

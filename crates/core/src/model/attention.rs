@@ -47,14 +47,14 @@ impl<B: Backend> Attention<B> {
     ) -> Result<()> {
         let s = shape(cfg);
         // qg = x Wq^T [t, q_rows]; k, v = x Wk^T, x Wv^T [t, nkv*hd]
-        let mut qg = be.alloc(t * s.q_rows())?;
-        let mut k = be.alloc(t * s.kv_width())?;
-        let mut v = be.alloc(t * s.kv_width())?;
+        let mut qg = be.scratch(t * s.q_rows())?;
+        let mut k = be.scratch(t * s.kv_width())?;
+        let mut v = be.scratch(t * s.kv_width())?;
         let w = [&self.q_proj, &self.k_proj, &self.v_proj];
         be.matmul_many(&w, x, t, &mut [&mut qg, &mut k, &mut v])?;
         // q = RoPE(RMSNorm(q; q_norm)), gate; k = RoPE(RMSNorm(k; k_norm)); append k, v to
         // the cache; o = softmax(q K^T / sqrt(hd)) V per head; o *= sigmoid(gate)   [t, nh*hd]
-        let mut o = be.alloc(t * s.o_width())?;
+        let mut o = be.scratch(t * s.o_width())?;
         let (qn, kn) = (&self.q_norm, &self.k_norm);
         be.fused_attention(&qg, &mut k, &v, qn, kn, kc, vc, &s, pos0, t, &mut o)?;
         be.matmul(&self.o_proj, &o, t, out)

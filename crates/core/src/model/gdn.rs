@@ -62,10 +62,10 @@ impl<B: Backend> GatedDeltaNet<B> {
         let g = shape(cfg);
         let (nv, vd) = (g.nv, g.value_dim());
         // mixed = x Wqkv^T -> u = silu(conv(mixed)) [t, conv_dim]; z [t, nv*dv]; b, a [t, nv]
-        let mut u = be.alloc(t * g.conv_dim())?;
-        let mut z = be.alloc(t * vd)?;
-        let mut b = be.alloc(t * nv)?;
-        let mut a = be.alloc(t * nv)?;
+        let mut u = be.scratch(t * g.conv_dim())?;
+        let mut z = be.scratch(t * vd)?;
+        let mut b = be.scratch(t * nv)?;
+        let mut a = be.scratch(t * nv)?;
         let p = &self.proj;
         let w = [&p.qkv, &p.z, &p.b, &p.a];
         be.fused_gdn_in(
@@ -81,7 +81,7 @@ impl<B: Backend> GatedDeltaNet<B> {
             &mut a,
         )?;
         // o = delta rule over (l2norm q, l2norm k, v, beta = sigmoid(b), g = -exp(A) softplus(a + dt))
-        let mut o = be.alloc(t * vd)?;
+        let mut o = be.scratch(t * vd)?;
         let (dt, na) = (&self.dt_bias, &self.neg_a);
         if t > 1 && chunked {
             be.gdn_chunked(&u, &b, &a, dt, na, s, &g, t, &mut o)?;
@@ -89,7 +89,7 @@ impl<B: Backend> GatedDeltaNet<B> {
             be.gdn_recurrent(&u, &b, &a, dt, na, s, &g, t, &mut o)?;
         }
         // y = RMSNorm(o; norm) * silu(z) per value head; out = y Wout^T
-        let mut y = be.alloc(t * vd)?;
+        let mut y = be.scratch(t * vd)?;
         be.gated_rmsnorm(&o, &z, &self.norm_w, cfg.rms_norm_eps, &mut y)?;
         be.matmul(&self.out_proj, &y, t, out)
     }

@@ -236,9 +236,9 @@ impl<B: Backend> Model<B> {
             Logits::Last => 1,
         };
         let last = if rows < t { self.last_row(&x, t)? } else { x };
-        let mut normed = be.alloc(rows * h)?;
+        let mut normed = be.scratch(rows * h)?;
         be.rmsnorm(&last, &self.final_norm, eps, &mut normed)?;
-        let mut logits = be.alloc(rows * cfg.vocab_size)?;
+        let mut logits = be.scratch(rows * cfg.vocab_size)?;
         be.matmul(&self.lm_head, &normed, rows, &mut logits)?;
         tap.tap(be, "result_output", None, Some(&logits))?;
         be.take_host(logits)
@@ -262,7 +262,7 @@ impl<B: Backend> Model<B> {
     /// A copy of row `t - 1` of `x [t, H]`.
     fn last_row(&self, x: &B::Buf, t: usize) -> Result<B::Buf> {
         let h = self.cfg.hidden_size;
-        let mut r = self.be.alloc(h)?;
+        let mut r = self.be.scratch(h)?;
         self.be.copy_rows(x, h, t - 1, 1, &mut r)?;
         Ok(r)
     }
@@ -290,11 +290,11 @@ impl<B: Backend> Model<B> {
         }
         let pos0 = state.pos;
         // h = embed_tokens[t]                                  x, xn, mix: [t, H]
-        let mut x = be.alloc(t * h)?;
+        let mut x = be.scratch(t * h)?;
         be.embed(&self.embed, tokens, &mut x)?;
         tap.tap(be, "embed", None, Some(&x))?;
-        let mut xn = be.alloc(t * h)?;
-        let mut mix = be.alloc(t * h)?;
+        let mut xn = be.scratch(t * h)?;
+        let mut mix = be.scratch(t * h)?;
         for (l, (layer, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
             // x = RMSNorm(h; input_layernorm); x = mixer(x)
             be.rmsnorm(&x, &layer.input_norm, eps, &mut xn)?;

@@ -56,9 +56,9 @@ impl<B: Backend> Moe<B> {
     ) -> Result<()> {
         let (ne, h) = be.mat_shape(&self.router);
         // logits = x Wgate^T [t, E]; p = softmax(logits); (w, idx) = topk(p, k); renormalise
-        let mut logits = be.alloc(t * ne)?;
+        let mut logits = be.scratch(t * ne)?;
         let mut sg = match &self.shared_gate {
-            Some(_) => Some(be.alloc(t)?),
+            Some(_) => Some(be.scratch(t)?),
             None => None,
         };
         match (&self.shared_gate, sg.as_mut()) {
@@ -88,7 +88,7 @@ impl<B: Backend> Moe<B> {
         // shared = down(silu(x Gs^T) * (x Us^T))
         let shared = match &self.shared {
             Some(sh) => {
-                let mut ys = be.alloc(t * h)?;
+                let mut ys = be.scratch(t * h)?;
                 sh.run(be, xn, t, &mut ys)?;
                 tap.tap(be, "shared_out", Some(l), Some(&ys))?;
                 Some(ys)
@@ -113,7 +113,7 @@ impl<B: Backend> Moe<B> {
     /// when `x` is an earlier layer's input). Reads the routing back to the host.
     pub fn predict(&self, be: &B, x: &B::Buf, top_k: usize) -> Result<Vec<usize>> {
         let ne = be.mat_shape(&self.router).0;
-        let mut logits = be.alloc(ne)?;
+        let mut logits = be.scratch(ne)?;
         be.matmul(&self.router, x, 1, &mut logits)?;
         let mut routes = be.alloc_routes(1, top_k)?;
         be.router_topk(&logits, ne, top_k, false, &mut routes)?;

@@ -60,7 +60,8 @@ fn stacked_product(be: &Cuda, m: &ops::DevMat, x: &CudaBuf) -> Result<CudaBuf> {
     room("matmul_many", "x", x, m.cols)?;
     let out = be.buf(m.rows)?;
     let p = [(m.w, m.s, m.b, x.ptr(), out.ptr())];
-    ops::matvec_batch(dev, &dev.compute, m, &p, 1, m.cols, m.rows).map_err(ce)?;
+    let pre = x.prepared_for(m);
+    ops::matvec_batch_prepared(dev, &dev.compute, m, &p, 1, m.cols, m.rows, pre).map_err(ce)?;
     Ok(out)
 }
 
@@ -110,8 +111,17 @@ pub(super) fn attention(
     let q = be.buf(s.o_width())?;
     let (qkv, qn, kn) = (qg.ptr(), q_norm.ptr(), k_norm.ptr());
     ops::attn_prep(dev, &a, qkv, qn, kn, pos0, q.ptr(), kc.ptr(), vc.ptr()).map_err(ce)?;
+    // The output prepared for the o-projection (whole warps per head: hd % 32 == 0).
+    let mut prep = if s.head_dim.is_multiple_of(32) {
+        be.prep_room(s.o_width())?
+    } else {
+        [None, None]
+    };
+    prep[1] = None;
+    let pre = Cuda::prep_args(&prep)[0];
     let (kp, vp) = (kc.ptr(), vc.ptr());
-    ops::attn_decode(dev, &a, q.ptr(), kp, vp, qkv, pos0 + 1, o.ptr(), None).map_err(ce)?;
+    ops::attn_decode(dev, &a, q.ptr(), kp, vp, qkv, pos0 + 1, o.ptr(), pre).map_err(ce)?;
+    o.attach(prep);
     Ok(Some(()))
 }
 
@@ -161,8 +171,12 @@ pub(super) fn gdn_in(
     room("fused_gdn_in", "state", state, s.conv_state_len())?;
     room("fused_gdn_in", "conv_w", conv_w, cd * s.kconv)?;
     room("fused_gdn_in", "u", u, cd)?;
-    let Some(pre) = prepare(be, m, x, 0)? else {
-        return Ok(None);
+    let pre = match x.prepared_for(m) {
+        Some(p) => p,
+        None => match prepare(be, m, x, 0)? {
+            Some(p) => p,
+            None => return Ok(None),
+        },
     };
     let dev = be.bind()?;
     let out = be.buf(m.rows)?;
@@ -205,7 +219,8 @@ pub(super) fn swiglu_mlp(
     room("fused_swiglu_mlp", "y", y, t * down.m.rows)?;
     let g = be.buf(t * 2 * inter)?;
     let p = [(gu.w, gu.s, gu.b, x.ptr(), g.ptr())];
-    ops::matvec_batch(dev, &dev.compute, gu, &p, t, h, 2 * inter).map_err(ce)?;
+    let pre = x.prepared_for(gu).filter(|_| t == 1);
+    ops::matvec_batch_prepared(dev, &dev.compute, gu, &p, t, h, 2 * inter, pre).map_err(ce)?;
     let hid = be.buf(t * inter)?;
     // Decoding, SwiGLU prepares the hidden state for the down product's `mp` kernel.
     let dm = &down.m;

@@ -27,6 +27,7 @@ mod fused;
 mod launch;
 mod moe;
 mod pool;
+mod prep;
 
 use pool::{Mem, Pool};
 
@@ -37,6 +38,8 @@ pub struct CudaBuf {
     mem: Arc<Mem>,
     off: usize,
     len: usize,
+    /// The row prepared for `mp` matvecs by the op that wrote it (prep.rs).
+    prep: [Option<prep::PrepX>; 2],
 }
 
 impl CudaBuf {
@@ -57,6 +60,7 @@ impl CudaBuf {
             mem: self.mem.clone(),
             off: self.off + i * 4,
             len,
+            prep: [None, None],
         }
     }
 }
@@ -110,6 +114,8 @@ static CONTEXTS: Mutex<Vec<Arc<CudaContext>>> = Mutex::new(Vec::new());
 /// The CUDA backend: one device, its compute stream and its compiled kernels.
 pub struct Cuda {
     pool: Arc<Pool>,
+    /// Code widths of the uploaded `mp` matrices, for producers preparing x (prep.rs).
+    widths: prep::Widths,
     dev: Device,
 }
 
@@ -143,6 +149,7 @@ impl Cuda {
         }
         Ok(Cuda {
             pool: Arc::new(Pool::new(dev.ctx.clone())),
+            widths: prep::Widths::default(),
             dev,
         })
     }
@@ -178,6 +185,7 @@ impl Cuda {
             mem: Arc::new(self.mem(n)?),
             off: 0,
             len: n,
+            prep: [None, None],
         })
     }
 
@@ -194,6 +202,7 @@ impl Cuda {
                 .map_err(ce)?;
         }
         (b.mem, b.off) = (Arc::new(mem), 0);
+        b.written();
         Ok(())
     }
 
@@ -224,6 +233,11 @@ impl Backend for Cuda {
             dev.memset_async(b.ptr(), n * 4).map_err(ce)?;
         }
         Ok(b)
+    }
+
+    fn scratch(&self, n: usize) -> Result<CudaBuf> {
+        self.bind()?;
+        self.buf(n)
     }
 
     fn upload(&self, v: &[f32]) -> Result<CudaBuf> {
@@ -257,6 +271,7 @@ impl Backend for Cuda {
     fn upload_mat(&self, w: &Linear) -> Result<CudaMat> {
         let dev = self.bind()?;
         let d = ops::upload_rows(dev, &[(w, 0, w.rows())]).map_err(ce)?;
+        self.widths.note(&d.m);
         Ok(CudaMat::alone(d))
     }
 
@@ -266,6 +281,7 @@ impl Backend for Cuda {
             Some(rows0) => {
                 let parts: Vec<_> = ws.iter().map(|w| (*w, 0, w.rows())).collect();
                 let whole = Arc::new(ops::upload_rows(dev, &parts).map_err(ce)?);
+                self.widths.note(&whole.m);
                 Ok(ws
                     .iter()
                     .zip(rows0)
@@ -285,9 +301,10 @@ impl Backend for Cuda {
     }
 
     fn alloc_routes(&self, t: usize, k: usize) -> Result<CudaRoutes> {
+        // router_topk writes both whole.
         Ok(CudaRoutes {
-            ids: self.alloc(t * k)?,
-            wts: self.alloc(t * k)?,
+            ids: self.scratch(t * k)?,
+            wts: self.scratch(t * k)?,
             t,
             k,
         })
@@ -298,11 +315,14 @@ impl Backend for Cuda {
         let m = &w.m;
         room("matmul", "x", x, t * m.cols)?;
         room("matmul", "y", y, t * m.rows)?;
+        y.written();
+        let pre = x.prepared_for(m).filter(|_| t == 1);
         let p = [(m.w, m.s, m.b, x.ptr(), y.ptr())];
-        ops::matvec_batch(dev, &dev.compute, m, &p, t, m.cols, m.rows).map_err(ce)
+        ops::matvec_batch_prepared(dev, &dev.compute, m, &p, t, m.cols, m.rows, pre).map_err(ce)
     }
 
     fn embed(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
+        out.written();
         let dev = self.bind()?;
         let (rows, h) = (table.m.rows, table.m.cols);
         room("embed", "out", out, ids.len() * h)?;
@@ -320,13 +340,26 @@ impl Backend for Cuda {
         let n = w.len;
         let rows = x.len.checked_div(n).unwrap_or(0);
         room("rmsnorm", "out", out, rows * n)?;
+        out.written();
         if rows == 0 {
             return Ok(());
         }
-        ops::rmsnorm_rows(dev, x.ptr(), n, w.ptr(), out.ptr(), n, n, rows, eps, None).map_err(ce)
+        // One row: prepared for the most used width too (the kernel takes one).
+        let mut prep = if rows == 1 {
+            self.prep_room(n)?
+        } else {
+            [None, None]
+        };
+        prep[1] = None;
+        let pre = Cuda::prep_args(&prep)[0];
+        let (xp, wp, op) = (x.ptr(), w.ptr(), out.ptr());
+        ops::rmsnorm_rows(dev, xp, n, wp, op, n, n, rows, eps, pre).map_err(ce)?;
+        out.attach(prep);
+        Ok(())
     }
 
     fn add(&self, x: &mut CudaBuf, d: &CudaBuf) -> Result<()> {
+        x.written();
         let dev = self.bind()?;
         room("add", "d", d, x.len)?;
         if x.len == 0 {
@@ -343,6 +376,7 @@ impl Backend for Cuda {
         n: usize,
         dst: &mut CudaBuf,
     ) -> Result<()> {
+        dst.written();
         self.bind()?;
         room("copy_rows", "src", src, (row0 + n) * width)?;
         room("copy_rows", "dst", dst, n * width)?;
@@ -361,6 +395,9 @@ impl Backend for Cuda {
         q: &mut CudaBuf,
         gate: &mut CudaBuf,
     ) -> Result<()> {
+        k.written();
+        q.written();
+        gate.written();
         let dev = self.bind()?;
         room("qk_norm_rope", "qg", qg, t * s.q_rows())?;
         room("qk_norm_rope", "k", k, t * s.kv_width())?;
@@ -399,6 +436,9 @@ impl Backend for Cuda {
         t: usize,
         o: &mut CudaBuf,
     ) -> Result<()> {
+        kc.written();
+        vc.written();
+        o.written();
         let dev = self.bind()?;
         let kvw = s.kv_width();
         cache_at("attention", kc, vc, kvw, pos0)?;
@@ -430,6 +470,7 @@ impl Backend for Cuda {
     }
 
     fn gated_output(&self, o: &mut CudaBuf, gate: &CudaBuf) -> Result<()> {
+        o.written();
         let dev = self.bind()?;
         room("gated_output", "gate", gate, o.len)?;
         if o.len == 0 {
@@ -447,6 +488,8 @@ impl Backend for Cuda {
         t: usize,
         u: &mut CudaBuf,
     ) -> Result<()> {
+        state.written();
+        u.written();
         let dev = self.bind()?;
         let cd = s.conv_dim();
         room("gdn_conv", "mixed", mixed, t * cd)?;
@@ -472,6 +515,8 @@ impl Backend for Cuda {
         t: usize,
         o: &mut CudaBuf,
     ) -> Result<()> {
+        state.written();
+        o.written();
         let dev = self.bind()?;
         let (cd, nv, vd) = (s.conv_dim(), s.nv, s.value_dim());
         room("gdn_recurrent", "u", u, t * cd)?;
@@ -501,6 +546,7 @@ impl Backend for Cuda {
         eps: f32,
         y: &mut CudaBuf,
     ) -> Result<()> {
+        y.written();
         let dev = self.bind()?;
         let dv = w.len;
         let rows = o.len.checked_div(dv).unwrap_or(0);
@@ -514,6 +560,7 @@ impl Backend for Cuda {
     }
 
     fn swiglu(&self, g: &CudaBuf, u: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        out.written();
         let dev = self.bind()?;
         room("swiglu", "u", u, g.len)?;
         room("swiglu", "out", out, g.len)?;
@@ -546,6 +593,7 @@ impl Backend for Cuda {
         host: Option<&Routes>,
         out: &mut CudaBuf,
     ) -> Result<ExpertTimes> {
+        out.written();
         moe::experts(self, call, x, routes, host, out)
     }
 
@@ -556,6 +604,7 @@ impl Backend for Cuda {
         shared: Option<&CudaBuf>,
         shared_gate: Option<&CudaBuf>,
     ) -> Result<()> {
+        x.written();
         moe::combine(self, x, routed, shared, shared_gate)
     }
 
@@ -586,8 +635,14 @@ impl Backend for Cuda {
         room("add_rmsnorm", "d", d, x.len)?;
         room("add_rmsnorm", "out", out, x.len)?;
         let (n, upd) = (x.len, ops::Residual::Update);
+        x.written();
+        out.written();
+        let prep = self.prep_room(n)?;
+        let pre = Cuda::prep_args(&prep);
         let (xp, dp, wp, op) = (x.ptr(), d.ptr(), w.ptr(), out.ptr());
-        ops::add_rmsnorm(dev, xp, dp, wp, op, n, eps, [None, None], upd).map_err(ce)
+        ops::add_rmsnorm(dev, xp, dp, wp, op, n, eps, pre, upd).map_err(ce)?;
+        out.attach(prep);
+        Ok(())
     }
 
     fn matmul_many(
@@ -614,6 +669,10 @@ impl Backend for Cuda {
         t: usize,
         o: &mut CudaBuf,
     ) -> Result<()> {
+        k.written();
+        kc.written();
+        vc.written();
+        o.written();
         let qkv = [qg, &*k, v];
         if fused::attention(self, qkv, q_norm, k_norm, kc, vc, s, pos0, t, o)?.is_some() {
             return Ok(());
@@ -635,6 +694,11 @@ impl Backend for Cuda {
         b: &mut CudaBuf,
         a: &mut CudaBuf,
     ) -> Result<()> {
+        state.written();
+        u.written();
+        z.written();
+        b.written();
+        a.written();
         let outs = [&mut *u, &mut *z, &mut *b, &mut *a];
         if fused::gdn_in(self, w, x, t, conv_w, state, s, outs)?.is_some() {
             return Ok(());
@@ -651,6 +715,7 @@ impl Backend for Cuda {
         t: usize,
         y: &mut CudaBuf,
     ) -> Result<()> {
+        y.written();
         if fused::swiglu_mlp(self, [gate, up, down], x, t, y)?.is_some() {
             return Ok(());
         }

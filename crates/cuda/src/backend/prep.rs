@@ -1,0 +1,103 @@
+//! Prepared x carried between ops: the decode loop's producers (norms, attention) write their
+//! output also in the int8 layout the `mp` matvec kernels read (`ops::Prepared`), so the matvec
+//! that consumes it needs no `quant_x3` launch. Through core's `Backend` a producer does not
+//! know its consumer, so a one-row output is prepared for the code widths the backend's
+//! `mp` matrices use (at most two, most used first: 4-bit projections and 8-bit routers), kept
+//! beside the buffer ([`super::CudaBuf`]'s `prep`); a matvec whose width and columns match
+//! reads it. Every op that writes a buffer drops what was prepared of it
+//! ([`super::CudaBuf::written`]), so a prepared copy is always of the current contents.
+//! Off with `ops::set_epilogues(false)` (the A/B switch of the token path's fusions).
+use std::sync::Mutex;
+
+use super::pool::Mem;
+use super::{Cuda, CudaBuf};
+use crate::ops::{self, DevMat, Prepared};
+use flashmoe_core::Result;
+
+/// One prepared copy of a buffer's row.
+pub(super) struct PrepX {
+    mem: Mem,
+    bits: u32,
+}
+
+impl PrepX {
+    fn at(&self) -> Prepared {
+        Prepared {
+            at: self.mem.ptr(),
+            bits: self.bits,
+            qb: 0,
+        }
+    }
+}
+
+/// Matrices uploaded per `mp` code width (index: bits).
+#[derive(Default)]
+pub(super) struct Widths(Mutex<[usize; 9]>);
+
+impl Widths {
+    /// Notes an uploaded matrix.
+    pub(super) fn note(&self, m: &DevMat) {
+        if let Some(b) = m.prepared_bits() {
+            self.0.lock().unwrap_or_else(|p| p.into_inner())[b as usize] += 1;
+        }
+    }
+
+    /// The (at most two) widths in use, most used first.
+    fn top(&self) -> [Option<u32>; 2] {
+        let c = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w: Vec<u32> = [2u32, 4, 8]
+            .into_iter()
+            .filter(|&b| c[b as usize] > 0)
+            .collect();
+        w.sort_by_key(|&b| std::cmp::Reverse(c[b as usize]));
+        [w.first().copied(), w.get(1).copied()]
+    }
+}
+
+impl Cuda {
+    /// Room for `out` (one row of `n`) prepared for the widths in use: the `Prepared`
+    /// arguments of its producer's launch. Attached to `out` by [`Cuda::attach`] after it.
+    pub(super) fn prep_room(&self, n: usize) -> Result<[Option<PrepX>; 2]> {
+        let mut r: [Option<PrepX>; 2] = [None, None];
+        for (slot, bits) in r.iter_mut().zip(self.widths.top()) {
+            if let Some(bits) = bits.filter(|&b| ops::preparable(b, n)) {
+                let mem = self.mem(ops::qx_size(bits, n).div_ceil(4))?;
+                *slot = Some(PrepX { mem, bits });
+            }
+        }
+        Ok(r)
+    }
+
+    /// The producer's launch arguments for `room`.
+    pub(super) fn prep_args(room: &[Option<PrepX>; 2]) -> [Option<Prepared>; 2] {
+        [
+            room[0].as_ref().map(PrepX::at),
+            room[1].as_ref().map(PrepX::at),
+        ]
+    }
+}
+
+impl CudaBuf {
+    /// What is prepared of this buffer for `m` (one row of `m.cols`, `m`'s width).
+    pub(super) fn prepared_for(&self, m: &DevMat) -> Option<Prepared> {
+        let bits = m.prepared_bits()?;
+        if self.len != m.cols {
+            return None;
+        }
+        self.prep
+            .iter()
+            .flatten()
+            .find(|p| p.bits == bits)
+            .map(PrepX::at)
+    }
+
+    /// Keeps `room` as what is prepared of this buffer (written by the launch just queued).
+    pub(super) fn attach(&mut self, room: [Option<PrepX>; 2]) {
+        self.prep = room;
+    }
+
+    /// The buffer is about to be written: what was prepared of it is stale.
+    pub(super) fn written(&mut self) {
+        self.prep = [None, None];
+    }
+}
