@@ -27,7 +27,8 @@ pub enum SlotFormat {
 }
 
 impl SlotFormat {
-    fn of(l: &Linear) -> SlotFormat {
+    /// The format of `l`.
+    pub fn of(l: &Linear) -> SlotFormat {
         match l {
             Linear::Dense { dtype, .. } => SlotFormat::Dense(*dtype),
             Linear::Affine {
