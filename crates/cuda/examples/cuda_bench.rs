@@ -6,7 +6,7 @@
 use flashmoe_core::loader::{open_model, LoadOptions};
 use std::sync::Arc;
 
-use flashmoe_cuda::bench_core::{core_path, dense_synth};
+use flashmoe_cuda::bench_core::{core_path, core_synth_modes, dense_synth};
 use flashmoe_cuda::{bench_cuda, BenchOptions, Device};
 
 fn main() {
@@ -81,7 +81,13 @@ fn main() {
         let show = |r: flashmoe_cuda::Result<serde_json::Value>| {
             r.unwrap_or_else(|e| serde_json::json!(format!("error: {e}")))
         };
-        v["core_path"] = serde_json::json!({"synthetic_dense": show(s), "model": show(m)});
+        let (l, k) = (opts.synth_layers, opts.synth_k);
+        let moe = core_synth_modes(l, k, n, p);
+        v["core_path"] = serde_json::json!({
+            "synthetic_dense": show(s),
+            "model": show(m),
+            "synthetic_moe": show(moe),
+        });
     }
     println!("{}", serde_json::to_string_pretty(&v).unwrap());
 }

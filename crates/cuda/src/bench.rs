@@ -250,7 +250,7 @@ pub fn synth_model(cfg: ModelConfig, pool: usize) -> Model {
 }
 
 /// Distinct host experts of the synthetic model (450 MB at 397B shapes: beyond the CPU caches).
-const POOL: usize = 64;
+pub(crate) const POOL: usize = 64;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -546,7 +546,7 @@ fn argmax(v: &[f32]) -> u32 {
 /// VRAM expert cache bytes that hold two layers' worth of `k` experts of `ebytes` (with slot
 /// padding): every layer's picks evict the layer before's, so (nearly) every routed expert of
 /// a token misses and is copied in. The host and disk modes' cache.
-fn all_miss_cache(k: usize, ebytes: usize) -> usize {
+pub(crate) fn all_miss_cache(k: usize, ebytes: usize) -> usize {
     2 * k * (ebytes + 4096)
 }
 

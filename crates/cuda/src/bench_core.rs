@@ -13,10 +13,11 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use flashmoe_core::cache::CachePolicy;
 use flashmoe_core::model::{Ffn, ForwardStats, Logits, Model};
 
 use crate::backend::Cuda;
-use crate::bench::{synth_config, synth_model};
+use crate::bench::{all_miss_cache, synth_config, synth_model, POOL};
 use crate::device::KernelTime;
 use crate::model::{CudaModel, CudaOptions};
 use crate::{CudaError, Result};
@@ -151,4 +152,59 @@ pub fn core_path(model: Arc<Model>, device: usize, tokens: usize, prompt: usize)
         "greedy_tokens_agree": format!("{same} of {}", toks_old.len()),
         "trace_one_token": {"old": trace_old, "core": trace_new},
     }))
+}
+
+/// `bench_cuda`'s synthetic decode modes on `Model<Cuda>` (the same 397B-shaped MoE model and
+/// sizes, built again here): experts all in VRAM (preloaded: looked up on the device) with a
+/// prompt of `prompt` tokens, and in pageable RAM behind a pinned host tier holding what the
+/// decode touches (a first pass fills it, the timed second pass finds every VRAM miss there).
+/// Compare with `synthetic.modes` of the same run (`CudaModel`).
+pub fn core_synth_modes(layers: usize, k: usize, tokens: usize, prompt: usize) -> Result<Value> {
+    let synth = Arc::new(synth_model(synth_config(layers, k), POOL));
+    let n = tokens.max(1);
+    let mut modes = serde_json::Map::new();
+    {
+        let m = Cuda::load_with(synth.clone(), &CudaOptions::default(), CachePolicy::Lru)?;
+        let resident = Cuda::preload(&m)?;
+        decode_new(&m, 2)?;
+        let (ms, _) = decode_new(&m, n)?;
+        let vocab = synth.cfg.vocab_size;
+        let ids: Vec<u32> = (0..prompt.max(1))
+            .map(|i| ((i * 7919 + 13) % vocab) as u32)
+            .collect();
+        let pf = prefill_new(&m, &ids)?;
+        modes.insert(
+            "experts_in_vram".into(),
+            json!({"ms_per_token": ms, "all_resident": resident,
+                   "prefill": {"prompt_tokens": ids.len(), "ms": pf}}),
+        );
+    }
+    {
+        let ebytes = synth.experts.expert_bytes();
+        let per_layer = synth.cfg.num_experts.min((n + 2) * k);
+        let opts = CudaOptions {
+            expert_cache_bytes: Some(all_miss_cache(k, ebytes)),
+            host_cache_bytes: layers * per_layer * (ebytes + 4096),
+            ..Default::default()
+        };
+        let j = match Cuda::load_with(synth.clone(), &opts, CachePolicy::Lru) {
+            Err(e) => json!({"skipped": e.to_string()}),
+            Ok(m) => {
+                decode_new(&m, n)?;
+                let before = m.be.tier_stats();
+                let (ms, _) = decode_new(&m, n)?;
+                let after = m.be.tier_stats();
+                let per_tok =
+                    |f: fn(&flashmoe_core::residency::TierStats) -> u64| match (before, after) {
+                        (Some(a), Some(b)) => (f(&b) - f(&a)) as f64 / (n + 1) as f64,
+                        _ => f64::NAN,
+                    };
+                json!({"ms_per_token": ms,
+                       "misses_per_token": per_tok(|s| s.misses),
+                       "host_hits_per_token": per_tok(|s| s.host_hits)})
+            }
+        };
+        modes.insert("experts_in_pinned_host_tier".into(), j);
+    }
+    Ok(json!({"layers": layers, "k": k, "decode_tokens": n, "modes": modes}))
 }
