@@ -902,7 +902,7 @@ fn no_device_is_a_clear_error() {
     assert!(e.to_string().starts_with("no CUDA device"), "{e}");
 }
 
-/// The engine's path: a `Session` on a backend (CUDA: `CudaSeq`) over tiny-a, against a CPU
+/// The engine's path: a `Session` on a backend (CUDA: `CudaSeq`, core's `ModelSeq<Cuda>`) over tiny-a, against a CPU
 /// `Session` and the golden logits: one prompt, prefill then step by step, prefix reuse from a
 /// saved snapshot (device-to-device copies on CUDA), and the session's token checks. The CPU
 /// case checks the test itself where there is no GPU.
@@ -1002,6 +1002,6 @@ fn session_tiny_a_cuda() {
         return;
     }
     session_case("cuda", |m| {
-        Box::new(flashmoe_cuda::CudaSeq::new(m, &CudaOptions::default()).expect("CUDA backend"))
+        Box::new(flashmoe_cuda::seq::open(m, &CudaOptions::default()).expect("CUDA backend"))
     });
 }

@@ -112,7 +112,7 @@ fn cuda_factory(fallback: bool, gpu: GpuOptions) -> Result<BackendFactory> {
     };
     Ok(BackendFactory::new(
         "cuda",
-        move |model| match flashmoe_cuda::CudaSeq::new(model.clone(), &opts) {
+        move |model| match flashmoe_cuda::seq::open(model.clone(), &opts) {
             Ok(s) => Ok(Box::new(s) as Box<dyn SeqBackend>),
             Err(e) if fallback => {
                 eprintln!("note: CUDA device found but not usable ({e}); running on the CPU");
