@@ -1,12 +1,13 @@
 //! flashmoe-cuda: the CUDA backend. Dense weights, KV cache and recurrent state live in VRAM;
-//! routed experts come through a VRAM LRU cache fed from the model's `ExpertSource` via pinned
-//! host buffers on a separate copy stream, overlapping the shared expert's compute.
+//! routed experts go through core's residency tier over VRAM slots and pinned host slots, fed
+//! from the model's `ExpertSource` on a separate copy stream.
 //!
 //! Two ways in: [`Cuda`] (backend/) implements core's op-level `Backend`, so the forward pass
 //! written once in `flashmoe_core::model` runs on the GPU (`Model<Cuda>`, checked by the
-//! conformance harness and the golden suite); [`CudaModel`] (model.rs, prefill.rs) is the tuned
-//! decode and prefill loop the CLI's `--backend cuda` and the bench still use until
-//! `Model<Cuda>` matches it (issue 18, phase 2).
+//! conformance harness and the golden suite); the CLI's `--backend cuda` and the engine run it
+//! ([`CudaSeq`] is `ModelSeq<Cuda>`). [`CudaModel`] (model.rs, prefill.rs, cache.rs) is the
+//! former tuned loop, still used by `bench_cuda` (and compared with `Model<Cuda>` in the same
+//! run by `bench_core`) until the bench is ported (issue 18, phase 2).
 //!
 //! Builds everywhere: the driver and NVRTC are loaded at run time, the kernels (kernels.cu) are
 //! compiled for the device's architecture on first use and cached under ~/.cache/flashmoe.
