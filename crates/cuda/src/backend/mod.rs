@@ -36,6 +36,8 @@ mod moe;
 mod pool;
 mod prep;
 mod slots;
+#[cfg(test)]
+mod tests;
 
 use pool::{Mem, Pool};
 

@@ -43,7 +43,7 @@ impl Widths {
     }
 
     /// The (at most two) widths in use, most used first.
-    fn top(&self) -> [Option<u32>; 2] {
+    pub(super) fn top(&self) -> [Option<u32>; 2] {
         let c = *self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut w: Vec<u32> = [2u32, 4, 8]
             .into_iter()
