@@ -22,8 +22,8 @@ pub fn attention<B: Backend>(
     t: usize,
     o: &mut B::Buf,
 ) -> Result<()> {
-    let mut q = be.alloc(t * s.o_width())?;
-    let mut gate = be.alloc(if s.gated { t * s.o_width() } else { 0 })?;
+    let mut q = be.scratch(t * s.o_width())?;
+    let mut gate = be.scratch(if s.gated { t * s.o_width() } else { 0 })?;
     be.qk_norm_rope(qg, k, q_norm, k_norm, s, pos0, t, &mut q, &mut gate)?;
     be.attention(&q, k, v, kc, vc, s, pos0, t, o)?;
     if s.gated {
@@ -44,7 +44,7 @@ pub fn gdn_in<B: Backend>(
     s: &GdnShape,
     [u, z, b, a]: [&mut B::Buf; 4],
 ) -> Result<()> {
-    let mut mixed = be.alloc(t * s.conv_dim())?;
+    let mut mixed = be.scratch(t * s.conv_dim())?;
     be.matmul_many(&w, x, t, &mut [&mut mixed, z, b, a])?;
     be.gdn_conv(&mixed, state, conv_w, s, t, u)
 }
@@ -58,10 +58,10 @@ pub fn swiglu_mlp<B: Backend>(
     y: &mut B::Buf,
 ) -> Result<()> {
     let inter = be.mat_shape(gate).0;
-    let mut g = be.alloc(t * inter)?;
-    let mut u = be.alloc(t * inter)?;
+    let mut g = be.scratch(t * inter)?;
+    let mut u = be.scratch(t * inter)?;
     be.matmul_many(&[gate, up], x, t, &mut [&mut g, &mut u])?;
-    let mut hdn = be.alloc(t * inter)?;
+    let mut hdn = be.scratch(t * inter)?;
     be.swiglu(&g, &u, &mut hdn)?;
     be.matmul(down, &hdn, t, y)
 }

@@ -253,7 +253,11 @@ impl<B: Backend> Model<B> {
             })?,
             None => self.layers_pass(tokens, state, &mut NoTap)?,
         };
-        let last = self.last_row(&x, tokens.len())?;
+        // One token: its row is the whole of x (no copy).
+        let last = match tokens.len() {
+            1 => x,
+            t => self.last_row(&x, t)?,
+        };
         let eps = self.cfg.rms_norm_eps;
         self.be
             .fused_head_argmax(&last, &self.final_norm, eps, &self.lm_head)

@@ -445,10 +445,11 @@ impl Backend for Cuda {
     }
 
     fn alloc_routes(&self, t: usize, k: usize) -> Result<CudaRoutes> {
-        // router_topk writes both whole.
+        // router_topk writes both whole; back to back, one read brings both to the host.
+        let both = self.scratch(2 * t * k)?;
         Ok(CudaRoutes {
-            ids: self.scratch(t * k)?,
-            wts: self.scratch(t * k)?,
+            ids: both.view(0, t * k),
+            wts: both.view(t * k, t * k),
             t,
             k,
         })

@@ -37,8 +37,15 @@ pub(super) fn router_topk(
 
 pub(super) fn routes_host(be: &Cuda, r: &CudaRoutes) -> Result<Routes> {
     let n = r.t * r.k;
-    let mut ids = be.download(&r.ids)?;
-    let mut weights = be.download(&r.wts)?;
+    let m = r.ids.len;
+    let (mut ids, mut weights) = if r.wts.ptr() == r.ids.ptr() + (m * 4) as u64 {
+        // Back to back (`alloc_routes`): one read, one wait.
+        let mut both = be.download(&r.ids.view(0, m + r.wts.len))?;
+        let w = both.split_off(m);
+        (both, w)
+    } else {
+        (be.download(&r.ids)?, be.download(&r.wts)?)
+    };
     ids.truncate(n);
     weights.truncate(n);
     Ok(Routes {
