@@ -1606,8 +1606,10 @@ extern "C" __global__ void gdn_conv_rows(const float* mixed, float* state, const
 
 // y[r] = rmsnorm(o[r]) * w * silu(z[r]) for rows r = blockIdx.x of dv (any dv; gdn_out_norm,
 // the token path's in-place form, takes dv <= 1024 with one thread per element).
+// With qbits (dv % 32 == 0, so no warp straddles two rows), y is also prepared at qx as one
+// vector of cols = rows * dv for the `mp` matvec reading it (as gdn_out_norm does).
 extern "C" __global__ void gated_rmsnorm_rows(const float* o, const float* z, const float* w, int dv, float eps,
-                                              float* y) {
+                                              float* y, unsigned char* qx, int qbits, int cols) {
     pdl_wait();
     pdl_release();
     __shared__ float red[32];
@@ -1617,5 +1619,10 @@ extern "C" __global__ void gated_rmsnorm_rows(const float* o, const float* z, co
     for (int i = threadIdx.x; i < dv; i += blockDim.x) ss += orow[i] * orow[i];
     ss = block_sum(ss, red);
     const float inv = 1.f / sqrtf(ss / dv + eps);
-    for (int i = threadIdx.x; i < dv; i += blockDim.x) y[r * dv + i] = orow[i] * inv * w[i] * siluf_(z[r * dv + i]);
+    for (int b = 0; b < dv; b += blockDim.x) {
+        const int i = b + threadIdx.x;
+        const float v = i < dv ? orow[i] * inv * w[i] * siluf_(z[r * dv + i]) : 0.f;
+        if (i < dv) y[r * dv + i] = v;
+        if (qbits) quant_x3_any(qbits, v, i < dv ? (int)(r * dv + i) : cols, cols, qx);
+    }
 }

@@ -306,3 +306,51 @@ fn session_on_model_cuda_tiers() {
         }
     }
 }
+
+/// The gated norm of a GatedDeltaNet's output (one token: its heads are one row of the
+/// out-projection's input) prepares that row, so the out-projection launches no `quant_x3`,
+/// with the product of the plain row.
+#[test]
+fn gated_norm_prepares_the_out_projection_input() {
+    use flashmoe_core::backend::conformance::{nmse, random_linear, Fmt};
+    use flashmoe_core::backend::Backend;
+    use flashmoe_core::store::DType;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let Some(be) = cuda() else { return };
+    let dev = be.device();
+    let mut rng = StdRng::seed_from_u64(5);
+    let (nv, dv, h) = (4, 128, 256);
+    let m = be
+        .upload_mat(&random_linear(
+            &mut rng,
+            h,
+            nv * dv,
+            Fmt::Affine(4, 64, DType::BF16),
+        ))
+        .unwrap();
+    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+    let (o, z) = (
+        be.upload(&r(nv * dv)).unwrap(),
+        be.upload(&r(nv * dv)).unwrap(),
+    );
+    let w = be.upload(&vec![1.0; dv]).unwrap();
+    let mut y = be.alloc(nv * dv).unwrap();
+    be.gated_rmsnorm(&o, &z, &w, 1e-6, &mut y).unwrap();
+    let (mut a, mut b) = (be.alloc(h).unwrap(), be.alloc(h).unwrap());
+    let start = dev.trace_start().unwrap();
+    be.matmul(&m, &y, 1, &mut a).unwrap();
+    let (k, _) = dev.trace_finish(&start).unwrap();
+    assert!(
+        k.iter().all(|k| !k.kernel.starts_with("quant_x3")),
+        "{:?}",
+        k.iter().map(|k| &k.kernel).collect::<Vec<_>>()
+    );
+    let plain = be.upload(&be.download(&y).unwrap()).unwrap();
+    be.matmul(&m, &plain, 1, &mut b).unwrap();
+    let (a, b) = (be.download(&a).unwrap(), be.download(&b).unwrap());
+    assert!(
+        nmse(&a, &b) < 1e-10,
+        "prepared by the gated norm: {}",
+        nmse(&a, &b)
+    );
+}

@@ -5,8 +5,8 @@ use cudarc::driver::LaunchConfig;
 use flashmoe_core::backend::AttnShape;
 
 use crate::device::{Device, A};
-use crate::ops::{elementwise, threads_for};
-use crate::Result;
+use crate::ops::{elementwise, threads_for, Prepared};
+use crate::{CudaError, Result};
 
 /// out[i] = silu(g[i]) * u[i], i < n.
 pub fn silu_mul(dev: &Device, g: u64, u: u64, out: u64, n: usize) -> Result<()> {
@@ -96,7 +96,8 @@ pub fn gdn_conv_rows(
     )
 }
 
-/// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for `rows` rows of `dv`.
+/// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for `rows` rows of `dv`; with `pre` (`dv` a
+/// multiple of 32), y is also prepared there as one vector of `rows * dv`.
 #[allow(clippy::too_many_arguments)]
 pub fn gated_rmsnorm_rows(
     dev: &Device,
@@ -107,12 +108,19 @@ pub fn gated_rmsnorm_rows(
     rows: usize,
     eps: f32,
     y: u64,
+    pre: Option<Prepared>,
 ) -> Result<()> {
+    if pre.is_some() && !dv.is_multiple_of(32) {
+        return Err(CudaError::Invalid(format!(
+            "gated_rmsnorm_rows: prepared y needs dv a multiple of 32, not {dv}"
+        )));
+    }
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (threads_for(dv).min(256), 1, 1),
         shared_mem_bytes: 0,
     };
+    let (qx, qbits) = pre.map_or((0, 0), |p| (p.at, p.bits as i32));
     dev.launch(
         "gated_rmsnorm_rows",
         cfg,
@@ -123,6 +131,9 @@ pub fn gated_rmsnorm_rows(
             A::I(dv as i32),
             A::F(eps),
             A::P(y),
+            A::P(qx),
+            A::I(qbits),
+            A::I((rows * dv) as i32),
         ],
     )
 }

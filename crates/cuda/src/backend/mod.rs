@@ -700,8 +700,18 @@ impl Backend for Cuda {
         if rows == 0 {
             return Ok(());
         }
+        // Prepared for the out-projection (one token's heads are one row of its input).
+        let mut prep = if dv.is_multiple_of(32) {
+            self.prep_room(rows * dv)?
+        } else {
+            [None, None]
+        };
+        prep[1] = None;
+        let pre = Cuda::prep_args(&prep)[0];
         let (op, zp, wp, yp) = (o.ptr(), z.ptr(), w.ptr(), y.ptr());
-        launch::gated_rmsnorm_rows(dev, op, zp, wp, dv, rows, eps, yp).map_err(ce)
+        launch::gated_rmsnorm_rows(dev, op, zp, wp, dv, rows, eps, yp, pre).map_err(ce)?;
+        y.attach(prep);
+        Ok(())
     }
 
     fn swiglu(&self, g: &CudaBuf, u: &CudaBuf, out: &mut CudaBuf) -> Result<()> {

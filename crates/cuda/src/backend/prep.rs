@@ -1,12 +1,13 @@
-//! Prepared x carried between ops: the decode loop's producers (norms, attention) write their
-//! output also in the int8 layout the `mp` matvec kernels read (`ops::Prepared`), so the matvec
-//! that consumes it needs no `quant_x3` launch. Through core's `Backend` a producer does not
-//! know its consumer, so a one-row output is prepared for the code widths the backend's
-//! `mp` matrices use (at most two, most used first: 4-bit projections and 8-bit routers), kept
-//! beside the buffer ([`super::CudaBuf`]'s `prep`); a matvec whose width and columns match
-//! reads it. Every op that writes a buffer drops what was prepared of it
-//! ([`super::CudaBuf::written`]), so a prepared copy is always of the current contents.
-//! Off with `ops::set_epilogues(false)` (the A/B switch of the token path's fusions).
+//! Prepared x carried between ops: the decode loop's producers (norms, the gated norm of a
+//! GatedDeltaNet's output, attention) write their output also in the int8 layout the `mp`
+//! matvec kernels read (`ops::Prepared`), so the matvec that consumes it needs no `quant_x3`
+//! launch. Through core's `Backend` a producer does not know its consumer, so a one-row output
+//! is prepared for the code widths the backend's `mp` matrices use (at most two, most used
+//! first: 4-bit projections and 8-bit routers), kept beside the buffer
+//! ([`super::CudaBuf`]'s `prep`); a matvec whose width and columns match reads it. Every op
+//! that writes a buffer drops what was prepared of it ([`super::CudaBuf::written`]), so a
+//! prepared copy is always of the current contents. Off with `ops::set_epilogues(false)` (the
+//! A/B switch of the token path's fusions).
 use std::sync::Mutex;
 
 use super::pool::Mem;
