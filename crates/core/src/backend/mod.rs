@@ -294,6 +294,13 @@ pub trait Backend: Send + Sync + Sized {
         renorm: bool,
         out: &mut Self::Routes,
     ) -> Result<()>;
+    /// Whether the MoE block queues its shared expert before [`Backend::routes_host`] (default
+    /// after, so a host backend starts its expert reads first): for a backend whose
+    /// `routes_host` waits for the router only, so the shared expert's work overlaps the round
+    /// trip (CUDA).
+    fn shared_before_routing(&self) -> bool {
+        false
+    }
     /// The routing of `layer` on the host, to drive expert reads: the one host round-trip of
     /// an MoE layer. `None` when the backend holds every expert of the layer and needs no ids
     /// on the host (no round-trip at all). A host backend lends its own.

@@ -69,6 +69,13 @@ impl<B: Backend> Moe<B> {
         }
         let mut routes = be.alloc_routes(t, top_k)?;
         be.router_topk(&logits, ne, top_k, renorm, &mut routes)?;
+        // shared = down(silu(x Gs^T) * (x Us^T)): queued before the routing is read back where
+        // that overlaps the round trip, else after the expert reads are issued.
+        let early = be.shared_before_routing();
+        let mut shared = match (&self.shared, early) {
+            (Some(sh), true) => Some(self.shared_mlp(be, sh, xn, t, h)?),
+            _ => None,
+        };
         // Issue the expert reads now; the shared expert computes while they are in flight.
         let host = be.routes_host(&routes, self.layer)?;
         if let Some(h) = &host {
@@ -85,16 +92,12 @@ impl<B: Backend> Moe<B> {
             tap.routing(be, l, &r)?;
         }
         tap.tap(be, "routes", Some(l), None)?;
-        // shared = down(silu(x Gs^T) * (x Us^T))
-        let shared = match &self.shared {
-            Some(sh) => {
-                let mut ys = be.scratch(t * h)?;
-                sh.run(be, xn, t, &mut ys)?;
-                tap.tap(be, "shared_out", Some(l), Some(&ys))?;
-                Some(ys)
-            }
-            None => None,
-        };
+        if let (Some(sh), false) = (&self.shared, early) {
+            shared = Some(self.shared_mlp(be, sh, xn, t, h)?);
+        }
+        if let Some(ys) = &shared {
+            tap.tap(be, "shared_out", Some(l), Some(ys))?;
+        }
         // routed = sum_j w_j Expert_{idx_j}(x)
         let mut routed = be.alloc(t * h)?;
         let call = ExpertCall {
@@ -107,6 +110,13 @@ impl<B: Backend> Moe<B> {
         tap.tap(be, "experts_out", Some(l), Some(&routed))?;
         // out = routed + sigmoid(x Wsg^T) * shared, added to the residual
         be.moe_combine(x, &routed, shared.as_ref(), sg.as_ref())
+    }
+
+    /// The shared expert's output `[t, H]` for `xn`.
+    fn shared_mlp(&self, be: &B, sh: &Mlp<B>, xn: &B::Buf, t: usize, h: usize) -> Result<B::Buf> {
+        let mut ys = be.scratch(t * h)?;
+        sh.run(be, xn, t, &mut ys)?;
+        Ok(ys)
     }
 
     /// The experts this layer's router picks for one token `x [H]` (a guess for prefetching

@@ -114,6 +114,8 @@ pub struct CudaRoutes {
     wts: CudaBuf,
     t: usize,
     k: usize,
+    /// Its readback staged by `router_topk` (moe.rs `Staging`), 0 for none.
+    staged: u64,
 }
 
 /// Contexts of every `Cuda` made in this process, kept alive to its end: a model's buffers
@@ -128,6 +130,8 @@ pub struct Cuda {
     /// Code widths of the uploaded `mp` matrices, for producers preparing x (prep.rs).
     widths: prep::Widths,
     tier: Mutex<Option<Residency<Cuda>>>,
+    /// The routing's readback in page-locked memory (moe.rs).
+    staging: moe::Staging,
     dev: Device,
 }
 
@@ -163,6 +167,14 @@ fn room(op: &str, what: &str, b: &CudaBuf, need: usize) -> Result<()> {
     Ok(())
 }
 
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        // Its fields' device memory, pinned memory and events are freed right after, on this
+        // thread: into its context (kept alive in CONTEXTS), made current here.
+        let _ = self.dev.bind();
+    }
+}
+
 impl Cuda {
     /// Opens CUDA device `ordinal` (compiling the kernels on first use). Fails with
     /// `CudaError::NoDevice` on a machine without a driver or GPU.
@@ -177,6 +189,7 @@ impl Cuda {
             pool: Arc::new(Pool::new(dev.ctx.clone())),
             widths: prep::Widths::default(),
             tier: Mutex::new(None),
+            staging: moe::Staging::new(&dev)?,
             dev,
         })
     }
@@ -450,6 +463,7 @@ impl Backend for Cuda {
         Ok(CudaRoutes {
             ids: both.view(0, t * k),
             wts: both.view(t * k, t * k),
+            staged: 0,
             t,
             k,
         })
@@ -734,6 +748,10 @@ impl Backend for Cuda {
         out: &mut CudaRoutes,
     ) -> Result<()> {
         moe::router_topk(self, logits, ne, k, renorm, out)
+    }
+
+    fn shared_before_routing(&self) -> bool {
+        true
     }
 
     fn routes_host<'a>(&self, r: &'a CudaRoutes, layer: usize) -> Result<Option<Cow<'a, Routes>>> {

@@ -1,13 +1,42 @@
 //! The MoE ops of [`Cuda`]: router top-k on the device, the routing read back to drive expert
 //! reads, the routed experts (each expert's tokens gathered, its gate, up and down products
 //! over them, the weighted outputs scattered back in ascending expert id), and the combine.
+use std::sync::Mutex;
 use std::time::Instant;
 
 use flashmoe_core::backend::{Backend, ExpertCall, ExpertTimes, Routes};
 use flashmoe_core::{Error, Result};
 
 use super::{ce, room, Cuda, CudaBuf, CudaRoutes};
+use crate::device::{Device, Event, Pinned};
 use crate::ops;
+
+/// Bytes of page-locked memory a routing's readback is staged in (a token's: 80 bytes at
+/// k = 10; a prompt's larger routing is read the plain way).
+const STAGE_BYTES: usize = 64 << 10;
+
+/// The latest routing's readback, queued right after `router_topk` (an async copy into
+/// page-locked memory and an event on the compute stream): `routes_host` waits for that event
+/// only, not for the work queued after the router (the shared expert, which the MoE block
+/// queues first: `Backend::shared_before_routing`), as model.rs's token path did.
+pub(super) struct Staging(Mutex<Option<Stage>>);
+
+struct Stage {
+    pinned: Pinned,
+    ev: Event,
+    /// Which routing the copy in flight is of (`CudaRoutes::staged`).
+    gen: u64,
+}
+
+impl Staging {
+    pub(super) fn new(dev: &Device) -> crate::Result<Staging> {
+        Ok(Staging(Mutex::new(Some(Stage {
+            pinned: dev.pinned(STAGE_BYTES)?,
+            ev: dev.event()?,
+            gen: 0,
+        }))))
+    }
+}
 
 pub(super) fn router_topk(
     be: &Cuda,
@@ -32,13 +61,41 @@ pub(super) fn router_topk(
         return Ok(());
     }
     let (ids, wts) = (out.ids.ptr(), out.wts.ptr());
-    ops::router_topk_rows(dev, logits.ptr(), ne, ne, k, renorm, ids, wts, t).map_err(ce)
+    ops::router_topk_rows(dev, logits.ptr(), ne, ne, k, renorm, ids, wts, t).map_err(ce)?;
+    // Stage the readback (ids and weights back to back, as `alloc_routes` lays them out).
+    out.staged = 0;
+    let bytes = (out.ids.len + out.wts.len) * 4;
+    if wts == ids + (out.ids.len * 4) as u64 && bytes <= STAGE_BYTES {
+        let mut st = be.staging.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = st.as_mut() {
+            s.gen += 1;
+            dev.dtoh_async(&s.pinned, ids, bytes, &dev.compute)
+                .map_err(ce)?;
+            dev.record(&s.ev, &dev.compute).map_err(ce)?;
+            out.staged = s.gen;
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn routes_host(be: &Cuda, r: &CudaRoutes) -> Result<Routes> {
     let n = r.t * r.k;
     let m = r.ids.len;
-    let (mut ids, mut weights) = if r.wts.ptr() == r.ids.ptr() + (m * 4) as u64 {
+    let staged = {
+        let st = be.staging.0.lock().unwrap_or_else(|p| p.into_inner());
+        match st.as_ref() {
+            // No routing was staged since this one: its copy is the one in flight.
+            Some(s) if r.staged != 0 && r.staged == s.gen => {
+                be.dev.event_sync(&s.ev).map_err(ce)?;
+                let b: &[f32] = bytemuck::cast_slice(&s.pinned.as_slice()[..(m + n) * 4]);
+                Some((b[..m].to_vec(), b[m..m + n].to_vec()))
+            }
+            _ => None,
+        }
+    };
+    let (mut ids, mut weights) = if let Some(v) = staged {
+        v
+    } else if r.wts.ptr() == r.ids.ptr() + (m * 4) as u64 {
         // Back to back (`alloc_routes`): one read, one wait.
         let mut both = be.download(&r.ids.view(0, m + r.wts.len))?;
         let w = both.split_off(m);
