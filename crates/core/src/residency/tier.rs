@@ -64,8 +64,8 @@ pub struct Residency<B: SlotBackend> {
     num_experts: usize,
     /// Every MoE layer's experts fit (no eviction can happen).
     all_fit: bool,
-    /// Layers published to the backend for [`SlotRouting::Resident`].
-    published: Vec<bool>,
+    /// Per layer, once offered to the backend: whether it runs [`SlotRouting::Resident`].
+    published: Vec<Option<bool>>,
     stats: TierStats,
 }
 
@@ -149,7 +149,11 @@ impl<B: SlotBackend> Residency<B> {
 
     /// Whether `layer` runs without its routing on the host ([`SlotRouting::Resident`]).
     pub fn layer_resident(&self, layer: usize) -> bool {
-        self.published.get(layer).copied().unwrap_or(false)
+        self.published
+            .get(layer)
+            .copied()
+            .flatten()
+            .unwrap_or(false)
     }
 
     /// The slot holding expert `e` of `layer`, if resident (not a use).
@@ -181,9 +185,9 @@ impl<B: SlotBackend> Residency<B> {
         Ok(())
     }
 
-    /// Offers a whole layer to the backend for resident batches.
+    /// Offers a whole layer to the backend for resident batches (once).
     fn publish(&mut self, be: &B, layer: usize) -> Result<()> {
-        if !self.all_fit || self.layer_resident(layer) {
+        if !self.all_fit || self.published.get(layer).is_some_and(|p| p.is_some()) {
             return Ok(());
         }
         if self.map.layer_count(layer) < self.num_experts {
@@ -197,9 +201,9 @@ impl<B: SlotBackend> Residency<B> {
         };
         let ok = be.publish_resident(&self.layout, &mut self.slots, layer, &table)?;
         if self.published.len() <= layer {
-            self.published.resize(layer + 1, false);
+            self.published.resize(layer + 1, None);
         }
-        self.published[layer] = ok;
+        self.published[layer] = Some(ok);
         Ok(())
     }
 
