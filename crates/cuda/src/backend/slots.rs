@@ -392,3 +392,69 @@ impl SlotBackend for Cuda {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use flashmoe_core::buf::Buf;
+    use flashmoe_core::experts::ExpertWeights;
+    use flashmoe_core::kernels::quantize_affine;
+    use flashmoe_core::residency::SlotLayout;
+    use flashmoe_core::store::DType;
+    use flashmoe_core::weights::Linear;
+
+    use crate::cache::Layout;
+    use crate::ops::Fmt;
+
+    /// `rows x cols` of deterministic values; affine `bits`/`group`, or bf16 for 0 bits.
+    fn linear(rows: usize, cols: usize, bits: u32, group: usize, seed: usize) -> Linear {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 + seed * 11) % 101) as f32 / 101.0 - 0.5)
+            .collect();
+        if bits == 0 {
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            return Linear::Dense {
+                dtype: DType::BF16,
+                rows,
+                cols,
+                data: Buf::from_vec(&h),
+            };
+        }
+        let (w, s, b) = quantize_affine(&v, rows, cols, bits, group);
+        Linear::Affine {
+            bits,
+            group,
+            rows,
+            cols,
+            w: Buf::from_vec(&w),
+            scales: Buf::from_vec(&s),
+            biases: Buf::from_vec(&b),
+            sdtype: DType::BF16,
+        }
+    }
+
+    /// The tier's slots are laid out exactly as the old decode loop's cache (cache.rs) laid
+    /// them out, which the batched expert kernels' offsets were checked with on the device:
+    /// same offsets, slot size, bytes and staged bytes, same kernel format.
+    #[test]
+    fn slot_layout_is_the_old_cache_layout() {
+        for (bits, group, i, h) in [(4, 64, 64, 128), (8, 32, 96, 256), (2, 128, 128, 512)]
+            .into_iter()
+            .chain([(0, 0, 64, 128)])
+        {
+            let e = ExpertWeights {
+                gate: linear(i, h, bits, group, 1),
+                up: linear(i, h, bits, group, 2),
+                down: linear(h, i, bits, group, 3),
+            };
+            let old = Layout::of(&e).expect("old layout");
+            let new = SlotLayout::of(&e).expect("tier layout");
+            assert_eq!(old.offsets(), new.offsets, "{bits}-bit");
+            assert_eq!((old.slot, old.bytes), (new.slot, new.bytes), "{bits}-bit");
+            assert_eq!(old.fmt, Fmt::of_slot(new.format).expect("format"));
+            let (mut a, mut b) = (vec![0u8; old.slot], vec![0u8; new.slot]);
+            old.stage(&e, &mut a).expect("old stage");
+            new.stage(&e, &mut b).expect("tier stage");
+            assert!(a == b, "{bits}-bit: staged bytes differ");
+        }
+    }
+}
