@@ -196,8 +196,12 @@ impl Cuda {
             group,
         };
         let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
-        // The old tier's memory goes back before the new one is allocated.
-        *tier = None;
+        if tier.is_some() {
+            // The old tier's memory goes back before the new one is allocated, once no queued
+            // work reads it.
+            self.dev.sync()?;
+            *tier = None;
+        }
         *tier = Some(Residency::new(
             self,
             layout,
