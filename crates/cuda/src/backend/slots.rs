@@ -25,14 +25,16 @@ use flashmoe_core::residency::{Fill, FillFrom, SlotBackend, SlotBatch, SlotLayou
 use flashmoe_core::{Error, Result};
 
 use super::{ce, moe, room, Cuda, CudaBuf, CudaRoutes};
+use crate::cache::Layout;
 use crate::device::{DBuf, Event, ExpertBatchArgs, MvBatch, Pinned, MAXP};
-use crate::ops::{self, DevMat, Fmt};
+use crate::ops::{self, DevMat};
 
 /// Expert slots in VRAM.
 pub struct CudaSlots {
     slab: DBuf,
     n: usize,
-    fmt: Fmt,
+    /// The slots' layout with the kernels' format (the old decode loop's cache uses it too).
+    lay: Layout,
     /// Published layers: slot base per expert on the device (u64, what `slot_batch` reads),
     /// and the slots on the host (for batches that bring the routing to the host).
     tables: HashMap<usize, (DBuf, Vec<usize>)>,
@@ -71,18 +73,7 @@ impl CudaSlots {
 
     /// (gate‖up `[2I, H]`, down `[H, I]`) of the expert in slot `i`.
     fn mats(&self, i: usize, layout: &SlotLayout) -> Result<(DevMat, DevMat)> {
-        let base = self.base(i, layout)?;
-        let o = |j: usize| base + layout.offsets[j] as u64;
-        let (ei, eh) = (layout.inter, layout.hidden);
-        let m = |rows, cols, j: usize| DevMat {
-            fmt: self.fmt,
-            rows,
-            cols,
-            w: o(j),
-            s: o(j + 1),
-            b: o(j + 2),
-        };
-        Ok((m(2 * ei, eh, 0), m(eh, ei, 3)))
+        Ok(self.lay.mats(self.base(i, layout)?))
     }
 }
 
@@ -237,7 +228,7 @@ impl SlotBackend for Cuda {
         Ok(CudaSlots {
             slab: dev.alloc(n * layout.slot).map_err(ce)?,
             n,
-            fmt: Fmt::of_slot(layout.format).map_err(ce)?,
+            lay: Layout::from_slot(*layout).map_err(ce)?,
             tables: HashMap::new(),
             before: dev.event().map_err(ce)?,
             copied: dev.event().map_err(ce)?,
@@ -389,72 +380,6 @@ impl SlotBackend for Cuda {
                     .collect::<Result<Vec<usize>>>()?;
                 self.slots_host(layout, slots, &hr, &used, &ids, x, out)
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use flashmoe_core::buf::Buf;
-    use flashmoe_core::experts::ExpertWeights;
-    use flashmoe_core::kernels::quantize_affine;
-    use flashmoe_core::residency::SlotLayout;
-    use flashmoe_core::store::DType;
-    use flashmoe_core::weights::Linear;
-
-    use crate::cache::Layout;
-    use crate::ops::Fmt;
-
-    /// `rows x cols` of deterministic values; affine `bits`/`group`, or bf16 for 0 bits.
-    fn linear(rows: usize, cols: usize, bits: u32, group: usize, seed: usize) -> Linear {
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 37 + seed * 11) % 101) as f32 / 101.0 - 0.5)
-            .collect();
-        if bits == 0 {
-            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-            return Linear::Dense {
-                dtype: DType::BF16,
-                rows,
-                cols,
-                data: Buf::from_vec(&h),
-            };
-        }
-        let (w, s, b) = quantize_affine(&v, rows, cols, bits, group);
-        Linear::Affine {
-            bits,
-            group,
-            rows,
-            cols,
-            w: Buf::from_vec(&w),
-            scales: Buf::from_vec(&s),
-            biases: Buf::from_vec(&b),
-            sdtype: DType::BF16,
-        }
-    }
-
-    /// The tier's slots are laid out exactly as the old decode loop's cache (cache.rs) laid
-    /// them out, which the batched expert kernels' offsets were checked with on the device:
-    /// same offsets, slot size, bytes and staged bytes, same kernel format.
-    #[test]
-    fn slot_layout_is_the_old_cache_layout() {
-        for (bits, group, i, h) in [(4, 64, 64, 128), (8, 32, 96, 256), (2, 128, 128, 512)]
-            .into_iter()
-            .chain([(0, 0, 64, 128)])
-        {
-            let e = ExpertWeights {
-                gate: linear(i, h, bits, group, 1),
-                up: linear(i, h, bits, group, 2),
-                down: linear(h, i, bits, group, 3),
-            };
-            let old = Layout::of(&e).expect("old layout");
-            let new = SlotLayout::of(&e).expect("tier layout");
-            assert_eq!(old.offsets(), new.offsets, "{bits}-bit");
-            assert_eq!((old.slot, old.bytes), (new.slot, new.bytes), "{bits}-bit");
-            assert_eq!(old.fmt, Fmt::of_slot(new.format).expect("format"));
-            let (mut a, mut b) = (vec![0u8; old.slot], vec![0u8; new.slot]);
-            old.stage(&e, &mut a).expect("old stage");
-            new.stage(&e, &mut b).expect("tier stage");
-            assert!(a == b, "{bits}-bit: staged bytes differ");
         }
     }
 }
