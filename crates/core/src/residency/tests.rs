@@ -140,7 +140,8 @@ fn all_experts_resident_run_without_host_routing() {
         group: 5,
     };
     let mut t = tier(&src, &spec);
-    assert!(t.all_fit() && t.host_slots().is_none());
+    // The middle tier stages the fills even when every expert fits.
+    assert!(t.all_fit() && t.host_slots() == Some(4 + 5));
     assert!(!t.layer_resident(LAYERS[0]));
     t.preload(&Cpu, &src, &LAYERS).expect("preload");
     assert!(LAYERS.iter().all(|&l| t.layer_resident(l)));

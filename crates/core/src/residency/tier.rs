@@ -21,8 +21,8 @@ pub struct TierSpec {
     pub policy: CachePolicy,
     /// `static`'s warm-up, in accesses (`crate::cache::warmup_accesses`).
     pub warmup: usize,
-    /// Experts the middle tier keeps (LRU), 0 for none; it has at least `group` slots when the
-    /// backend has one (the staging of one batch's misses).
+    /// Experts the middle tier keeps (LRU), 0 for none; it has `group` more slots when the
+    /// backend has one (the staging of one batch's misses, also while every expert fits).
     pub host_experts: usize,
     /// Most experts of one batch (one launch's worth; at least a token's top-k).
     pub group: usize,
@@ -97,7 +97,7 @@ impl<B: SlotBackend> Residency<B> {
         // With everything resident the batch slots are never needed beyond the first fills.
         let map = SlotMap::new(policy, cap, group);
         let slots = be.alloc_slots(&layout, map.slots())?;
-        let middle = if spec.host_experts > 0 && !all_fit {
+        let middle = if spec.host_experts > 0 {
             let map = SlotMap::new(
                 Box::new(Lru::new(spec.host_experts)),
                 spec.host_experts,

@@ -183,11 +183,9 @@ impl Cuda {
             .saturating_sub(group)
             .max(group.min(all))
             .min(all);
-        let host_experts = if experts >= all {
-            0
-        } else {
-            (opts.host_cache_bytes / layout.slot).max(1)
-        };
+        // At least one expert: the middle tier also stages the misses (pinned memory, one
+        // DMA each), as the old loop's host tier did.
+        let host_experts = (opts.host_cache_bytes / layout.slot).max(1);
         let spec = TierSpec {
             experts,
             policy,

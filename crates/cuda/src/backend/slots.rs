@@ -278,8 +278,8 @@ impl SlotBackend for Cuda {
                     weights,
                     host_slot: None,
                 } => {
-                    // No middle tier (every expert fits; filled once): through pageable memory,
-                    // in order on the compute stream.
+                    // No middle tier (a tier made with none): through pageable memory, in
+                    // order on the compute stream.
                     let mut b = vec![0u8; layout.slot];
                     layout.stage(weights, &mut b)?;
                     dev.write_async(dst, &b).map_err(ce)?;
