@@ -27,11 +27,13 @@ use flashmoe_core::{Error, Result};
 
 use crate::device::{Device, MAXP};
 use crate::model::CudaOptions;
-use crate::ops::{self, DMat, DevMat};
+use crate::ops;
 use crate::seq::core_error;
 
+mod buf;
 mod fused;
 mod launch;
+mod mat;
 mod moe;
 mod pool;
 mod prep;
@@ -39,84 +41,11 @@ mod slots;
 #[cfg(test)]
 mod tests;
 
+use buf::{cache_at, room};
+pub use buf::{CudaBuf, CudaRoutes};
+pub use mat::CudaMat;
+use mat::{group_layout, member, stacked};
 use pool::{Mem, Pool};
-
-/// f32 elements in device memory (from the backend's pool): `len` of them live at byte `off`
-/// of `mem`. Several buffers may share one allocation (the outputs of one stacked product,
-/// [`Backend::matmul_many`]); the allocation goes back to the pool with the last of them.
-pub struct CudaBuf {
-    mem: Arc<Mem>,
-    off: usize,
-    len: usize,
-    /// The row prepared for `mp` matvecs by the op that wrote it (prep.rs).
-    prep: [Option<prep::PrepX>; 2],
-}
-
-impl CudaBuf {
-    fn ptr(&self) -> u64 {
-        self.mem.ptr() + self.off as u64
-    }
-    /// Device address of element `i`.
-    fn at(&self, i: usize) -> u64 {
-        self.ptr() + (i * 4) as u64
-    }
-    /// Elements of room from `off` on.
-    fn cap(&self) -> usize {
-        (self.mem.cap() - self.off) / 4
-    }
-    /// `len` elements of `self` from element `i` on, sharing its allocation.
-    fn view(&self, i: usize, len: usize) -> CudaBuf {
-        CudaBuf {
-            mem: self.mem.clone(),
-            off: self.off + i * 4,
-            len,
-            prep: [None, None],
-        }
-    }
-}
-
-/// A weight matrix on the device: `m` (its own rows), inside `whole`, the matrix uploaded with
-/// it. [`Backend::upload_group`] stacks a group's matrices into one `whole` (one launch for
-/// all of them, as model.rs's `Proj`); [`Backend::upload_mat`] gives a matrix its own.
-pub struct CudaMat {
-    pub m: DevMat,
-    whole: Arc<DMat>,
-    /// First row of `m` in `whole`.
-    row0: usize,
-}
-
-impl CudaMat {
-    fn alone(d: DMat) -> CudaMat {
-        CudaMat {
-            m: d.m,
-            whole: Arc::new(d),
-            row0: 0,
-        }
-    }
-}
-
-/// The stacked matrix `ws` are, in order, when they are all of one [`Backend::upload_group`].
-fn stacked<'a>(ws: &[&'a CudaMat]) -> Option<&'a DevMat> {
-    let first = ws.first()?;
-    let mut row = 0;
-    for w in ws {
-        if !Arc::ptr_eq(&w.whole, &first.whole) || w.row0 != row {
-            return None;
-        }
-        row += w.m.rows;
-    }
-    (ws.len() > 1 && row == first.whole.m.rows).then_some(&first.whole.m)
-}
-
-/// The routing of `t` tokens on the device: `ids [t, k]` (i32 bits) and `wts [t, k]`.
-pub struct CudaRoutes {
-    ids: CudaBuf,
-    wts: CudaBuf,
-    t: usize,
-    k: usize,
-    /// Its readback staged by `router_topk` (moe.rs `Staging`), 0 for none.
-    staged: u64,
-}
 
 /// Contexts of every `Cuda` made in this process, kept alive to its end: a model's buffers
 /// and matrices are freed after its backend when they are dropped in field order, and freeing
@@ -151,20 +80,6 @@ pub struct TierInfo {
 
 fn ce(e: crate::CudaError) -> Error {
     core_error(e)
-}
-
-fn short(op: &str, what: &str, need: usize, have: usize) -> Error {
-    Error::Invalid(format!(
-        "cuda {op}: {what} holds {have} elements, needs {need}"
-    ))
-}
-
-/// Checks that `b` holds at least `need` elements.
-fn room(op: &str, what: &str, b: &CudaBuf, need: usize) -> Result<()> {
-    if b.len < need {
-        return Err(short(op, what, need, b.len));
-    }
-    Ok(())
 }
 
 impl Drop for Cuda {
@@ -922,51 +837,6 @@ impl Backend for Cuda {
         head: &CudaMat,
     ) -> Result<u32> {
         fused::head_argmax(self, x, norm, eps, head)
-    }
-}
-
-/// Checks that the KV caches hold `pos0` rows of `kvw`.
-fn cache_at(op: &str, kc: &CudaBuf, vc: &CudaBuf, kvw: usize, pos0: usize) -> Result<()> {
-    if kc.len != pos0 * kvw || vc.len != pos0 * kvw {
-        return Err(Error::Invalid(format!(
-            "cuda {op}: KV cache of {} and {} elements at position {pos0}, rows of {kvw}",
-            kc.len, vc.len
-        )));
-    }
-    Ok(())
-}
-
-/// First rows of `ws` stacked in one matrix, when they can be: one format and width, and each
-/// member's weights, scales and biases starting 16-byte aligned (the kernels' loads), so a
-/// member also runs alone (`matmul` of one of them, prefill).
-fn group_layout(ws: &[&Linear]) -> Option<Vec<usize>> {
-    let fmt = ops::Fmt::of(ws.first()?).ok()?;
-    let cols = ws[0].cols();
-    let mut rows0 = Vec::with_capacity(ws.len());
-    let mut row = 0;
-    for w in ws {
-        if ops::Fmt::of(w).ok()? != fmt || w.cols() != cols {
-            return None;
-        }
-        let (a, b, c) = fmt.sizes(row, cols);
-        if [a, b, c].iter().any(|o| o % 16 != 0) {
-            return None;
-        }
-        rows0.push(row);
-        row += w.rows();
-    }
-    (ws.len() > 1).then_some(rows0)
-}
-
-/// Rows `row0..row0 + rows` of the stacked matrix `whole`.
-fn member(whole: &DevMat, row0: usize, rows: usize) -> DevMat {
-    let (a, b, c) = whole.fmt.sizes(row0, whole.cols);
-    DevMat {
-        rows,
-        w: whole.w + a as u64,
-        s: whole.s + b as u64,
-        b: whole.b + c as u64,
-        ..*whole
     }
 }
 
