@@ -41,6 +41,8 @@ for f in sorted(glob.glob(sys.argv[1] + "/bench_*.json")):
         if isinstance(pf, dict):
             row.update({"prefill." + k: round(v, 3) for k, v in pf.items() if isinstance(v, float)})
     print(f.split("/")[-1], row)
+    kt = d["synthetic"]["modes"].get("experts_in_vram", {}).get("kernel_trace", {})
+    print("  old vram trace: launches", kt.get("launches"), "gpu_us", kt.get("total_us"))
     cp = d.get("core_path")
     if cp:
         for k, v in cp.items():
@@ -50,6 +52,11 @@ for f in sorted(glob.glob(sys.argv[1] + "/bench_*.json")):
                     print("  core_path", k, {"decode": v["decode_ms_per_token"], "prefill": v["prefill_ms"], "agree": v["greedy_tokens_agree"],
                           "launches": {p: t[p]["launches"] for p in ("old", "core")},
                           "gpu_us": {p: round(t[p]["gpu_us"], 1) for p in ("old", "core")}})
+                elif isinstance(v, dict) and "modes" in v:
+                    for mn, mv in v["modes"].items():
+                        tr = mv.get("trace_one_token", {})
+                        print("  core_path", k, mn, {a: b for a, b in mv.items() if a != "trace_one_token"},
+                              "launches", tr.get("launches"), "gpu_us", tr.get("gpu_us"))
                 else:
                     print("  core_path", k, json.dumps(v)[:600])
             except Exception as e:

@@ -93,6 +93,18 @@ fn summary(t: &[KernelTime], launches: usize) -> Value {
     json!({"launches": launches, "gpu_us": total, "top": top})
 }
 
+/// One greedy token of `m` traced (after one untraced): launches and summed GPU µs.
+fn trace_new(m: &Model<Cuda>) -> Result<Value> {
+    let mut st = m.new_state().map_err(ce)?;
+    m.forward_argmax(&[1], &mut st).map_err(ce)?;
+    let dev = m.be.device();
+    let start = dev.trace_start()?;
+    let r = m.forward_argmax(&[2], &mut st);
+    let (t, pl) = dev.trace_finish(&start)?;
+    r.map_err(ce)?;
+    Ok(summary(&t, pl.len()))
+}
+
 /// The A/B on `model` (see the module doc): `tokens` decode steps, a prompt of `prompt`.
 pub fn core_path(model: Arc<Model>, device: usize, tokens: usize, prompt: usize) -> Result<Value> {
     let mut cm = CudaModel::new(&model, &CudaOptions::default())?;
@@ -133,16 +145,7 @@ pub fn core_path(model: Arc<Model>, device: usize, tokens: usize, prompt: usize)
         r?;
         summary(&t, pl.len())
     };
-    let trace_new = {
-        let mut st = m.new_state().map_err(ce)?;
-        m.forward_argmax(&[1], &mut st).map_err(ce)?;
-        let dev = m.be.device();
-        let start = dev.trace_start()?;
-        let r = m.forward_argmax(&[2], &mut st);
-        let (t, pl) = dev.trace_finish(&start)?;
-        r.map_err(ce)?;
-        summary(&t, pl.len())
-    };
+    let trace_new = trace_new(&m)?;
     Ok(json!({
         "note": "old = CudaModel (model.rs, the tuned loop); core = Model<Cuda> (core's loop over the backend's ops); samples alternate, ms",
         "decode_tokens": n,
@@ -173,9 +176,10 @@ pub fn core_synth_modes(layers: usize, k: usize, tokens: usize, prompt: usize) -
             .map(|i| ((i * 7919 + 13) % vocab) as u32)
             .collect();
         let pf = prefill_new(&m, &ids)?;
+        let trace = trace_new(&m)?;
         modes.insert(
             "experts_in_vram".into(),
-            json!({"ms_per_token": ms, "all_resident": resident,
+            json!({"ms_per_token": ms, "all_resident": resident, "trace_one_token": trace,
                    "prefill": {"prompt_tokens": ids.len(), "ms": pf}}),
         );
     }

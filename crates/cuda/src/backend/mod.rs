@@ -12,6 +12,7 @@
 //! [`Cuda::enable_residency`]); a bare `Cuda::new` reads them from the call's `ExpertSource`
 //! and uploads them per call (`moe.rs`).
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaContext;
@@ -61,6 +62,10 @@ pub struct Cuda {
     tier: Mutex<Option<Residency<Cuda>>>,
     /// The routing's readback in page-locked memory (moe.rs).
     staging: moe::Staging,
+    /// The last one-token `routes_host` found its layer resident (routed on the device): the
+    /// next one-token routing is not staged for readback (a hint; a wrong guess costs a plain
+    /// read).
+    routes_resident: AtomicBool,
     dev: Device,
 }
 
@@ -105,6 +110,7 @@ impl Cuda {
             widths: prep::Widths::default(),
             tier: Mutex::new(None),
             staging: moe::Staging::new(&dev)?,
+            routes_resident: AtomicBool::new(false),
             dev,
         })
     }
@@ -674,7 +680,11 @@ impl Backend for Cuda {
     fn routes_host<'a>(&self, r: &'a CudaRoutes, layer: usize) -> Result<Option<Cow<'a, Routes>>> {
         // A token of a resident layer: `slot_batch` reads the ids where they are.
         if r.t == 1 && r.k <= MAXP && self.layer_resident(layer) {
+            self.routes_resident.store(true, Ordering::Relaxed);
             return Ok(None);
+        }
+        if r.t == 1 {
+            self.routes_resident.store(false, Ordering::Relaxed);
         }
         moe::routes_host(self, r).map(|r| Some(Cow::Owned(r)))
     }

@@ -1,6 +1,7 @@
 //! The MoE ops of [`Cuda`]: router top-k on the device, the routing read back to drive expert
 //! reads, the routed experts (each expert's tokens gathered, its gate, up and down products
 //! over them, the weighted outputs scattered back in ascending expert id), and the combine.
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -65,7 +66,10 @@ pub(super) fn router_topk(
     // Stage the readback (ids and weights back to back, as `alloc_routes` lays them out).
     out.staged = 0;
     let bytes = (out.ids.len + out.wts.len) * 4;
-    if wts == ids + (out.ids.len * 4) as u64 && bytes <= STAGE_BYTES {
+    // A token of resident layers is routed on the device (`routes_host` gives None): nothing
+    // to stage (a copy would also end the dependent-launch overlap).
+    let on_device = t == 1 && be.routes_resident.load(Ordering::Relaxed);
+    if !on_device && wts == ids + (out.ids.len * 4) as u64 && bytes <= STAGE_BYTES {
         let mut st = be.staging.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = st.as_mut() {
             s.gen += 1;
@@ -198,6 +202,19 @@ pub(super) fn combine(
     room("moe_combine", "routed", routed, x.len)?;
     if x.len == 0 {
         return Ok(());
+    }
+    if t == 1 || shared_gate.is_none() {
+        // One kernel: x += routed + sigmoid(gate) * shared (one gate: one token, or none).
+        let ys = match shared {
+            Some(s) => {
+                room("moe_combine", "shared", s, x.len)?;
+                s.ptr()
+            }
+            None => 0,
+        };
+        let sg = shared_gate.map_or(0, |g| g.ptr());
+        let (xp, rp) = (x.ptr(), routed.ptr());
+        return ops::moe_combine(dev, xp, 0, 0, 0, ys, sg, rp, x.len).map_err(ce);
     }
     ops::add_rows_gated(dev, x.ptr(), routed.ptr(), 0, 0, 1, x.len).map_err(ce)?;
     if let Some(s) = shared {
