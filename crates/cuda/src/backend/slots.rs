@@ -156,19 +156,26 @@ impl Cuda {
             return ops::moe_combine(dev, op, yp, wp, n, 0, 0, 0, h).map_err(ce);
         }
         // A prompt: each expert over its tokens, gathered; the weighted rows scattered back
-        // (an expert's tokens are distinct rows, so the scatter has no conflicting adds).
-        for (&e, &s) in experts.iter().zip(ids) {
-            let toks = hr.tokens_of(e);
+        // (an expert's tokens are distinct rows, so the scatter has no conflicting adds). Every
+        // expert's rows and weights go up in one copy (row ids first, then the weights).
+        let per: Vec<Vec<(usize, f32)>> = experts.iter().map(|&e| hr.tokens_of(e)).collect();
+        let total: usize = per.iter().map(Vec::len).sum();
+        let mut meta = Vec::with_capacity(2 * total);
+        meta.extend(
+            per.iter()
+                .flatten()
+                .map(|&(ti, _)| f32::from_bits(ti as u32)),
+        );
+        meta.extend(per.iter().flatten().map(|&(_, w)| w));
+        let meta = self.upload(&meta)?;
+        let mut off = 0;
+        for (toks, &s) in per.iter().zip(ids) {
             let nr = toks.len();
             if nr == 0 {
                 continue;
             }
-            let rows: Vec<f32> = toks
-                .iter()
-                .map(|&(ti, _)| f32::from_bits(ti as u32))
-                .collect();
-            let wts: Vec<f32> = toks.iter().map(|&(_, w)| w).collect();
-            let (rb, wb) = (self.upload(&rows)?, self.upload(&wts)?);
+            let (rb, wb) = (meta.view(off, nr), meta.view(total + off, nr));
+            off += nr;
             let (gu, dn) = slots.mats(s, layout)?;
             let xg = self.buf(nr * h)?;
             ops::gather_rows(dev, x.ptr(), h, rb.ptr(), nr, h, xg.ptr()).map_err(ce)?;
