@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# flashmoe CUDA against llama.cpp CUDA on one GPU machine (issue 20), in one call:
+#
+#   here:   scripts/peer/prepare-device.sh carry-peer       # a git-ignored folder of the repo
+#   there:  CARRY=carry-peer bash carry-peer/peer/device-round.sh   (from the repo root)
+#
+# Phases (PHASES, comma separated; each skips what an earlier call on the same machine left):
+#   build   llama.cpp from CARRY/llama-trim.tar.gz, llama-bench only, -DGGML_CUDA=ON for this
+#           card's architecture, flash-attention kernels off (FA=ON keeps them), ninja -j$(nproc);
+#           or CARRY/llama-bench.xz.part-* when a former call brought the binary back
+#           (SAVE_LLAMA=1 writes those parts under $OUT)
+#   model   `flashmoe synth --preset $PRESET` (full depth unless LAYERS) and its GGUF twin
+#           (gguf_twin.py: the same shapes and bits per weight, Q4_0 for 4-bit)
+#   vram    all experts in VRAM: `llama-bench -ngl 99` against flashmoe `run --backend cuda`
+#           (default VRAM cache: every expert fits), alternating, ROUNDS each; then one
+#           `flashmoe bench decode --backend cuda --json` (its cuda.model_experts_from_disk
+#           holds the model's decode with every expert preloaded into VRAM, and with every
+#           routed expert read from the disk)
+#   beyond  experts beyond VRAM: llama.cpp `--n-cpu-moe N` (the experts of N layers on the CPU,
+#           computed there) against flashmoe `run --backend cuda --vram-cache-gb G
+#           --pinned-cache-gb P` (experts copied from a pinned host tier on a VRAM miss), for
+#           N = all layers with G = BEYOND_VRAM_GB, and N = half with G = half the experts
+# Everything is written under $OUT: logs, each measurement's JSON or text, rounds.tsv (one line
+# per measurement) and summary.md (the table). WORK (target/peer-work) holds the build and the
+# models; it is git-ignored, so a warm machine keeps it for the next call.
+set -uo pipefail
+T0=$(date +%s)
+OUT=${OUT:-/tmp/out}
+CARRY=${CARRY:-carry-peer}
+WORK=${WORK:-$PWD/target/peer-work}
+PHASES=${PHASES:-build,model,vram,beyond}
+PRESET=${PRESET:-qwen3-30b-a3b}
+LAYERS=${LAYERS:-}
+TOKENS=${TOKENS:-64}
+ROUNDS=${ROUNDS:-2}
+BEYOND_VRAM_GB=${BEYOND_VRAM_GB:-1}
+NPROC=$(nproc)
+mkdir -p "$OUT" "$WORK"
+CARRY=$(cd "$CARRY" && pwd)
+FM=$CARRY/flashmoe
+LLAMA_SRC=$WORK/llama.cpp
+BUILD=$WORK/build-cuda
+LB=${LB:-$BUILD/bin/llama-bench}
+MODEL=$WORK/${PRESET}${LAYERS:+-l$LAYERS}-b4-d4
+GGUF=$MODEL.gguf
+TSV=$OUT/rounds.tsv
+[ -s "$TSV" ] || printf 'phase\tengine\tround\tsetting\ttok_s\tnote\n' >"$TSV"
+
+has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+say() { echo "[device-round +$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TSV"; }
+
+say "machine: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader), $NPROC cores, $(free -g | awk '/Mem/{print $2}') GB RAM"
+df -h "$WORK" | tail -1 | tee -a "$OUT/steps.log"
+nvidia-smi --query-gpu=compute_cap --format=csv,noheader >"$OUT/compute_cap.txt" 2>&1
+ARCH=${ARCH:-$(tr -d '.' <"$OUT/compute_cap.txt" | head -1)}
+
+# flashmoe's kernels are compiled at run time by NVRTC, which cudarc opens as libnvrtc.so.
+if ! ldconfig -p | grep -q 'libnvrtc.so '; then
+  lib=$(ls /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)
+  [ -z "$lib" ] && lib=$(find / -name 'libnvrtc.so*' -not -path '/proc/*' 2>/dev/null | grep -v alt | head -1)
+  mkdir -p /tmp/nvl && ln -sf "$lib" /tmp/nvl/libnvrtc.so
+  export LD_LIBRARY_PATH=/tmp/nvl:$(dirname "$lib"):${LD_LIBRARY_PATH:-}
+fi
+export FLASHMOE_CACHE=$WORK/flashmoe-cache
+
+if has build && [ ! -x "$LB" ]; then
+  if ls "$CARRY"/llama-bench.xz.part-* >/dev/null 2>&1; then
+    mkdir -p "$BUILD/bin"
+    cat "$CARRY"/llama-bench.xz.part-* | xz -d >"$LB" && chmod +x "$LB"
+    say "llama-bench from the carried parts"
+  else
+    rm -rf "$LLAMA_SRC" && tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
+    say "configuring llama.cpp (CUDA arch $ARCH, flash attention ${FA:-OFF})"
+    cmake -S "$LLAMA_SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+      -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_CUDA_FA="${FA:-OFF}" \
+      -DGGML_CUDA_NCCL=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+      -DBUILD_SHARED_LIBS=OFF >"$OUT/build.log" 2>&1 || { say "configure failed"; tail -30 "$OUT/build.log"; exit 1; }
+    b0=$(date +%s)
+    cmake --build "$BUILD" --target llama-bench -j"$NPROC" >>"$OUT/build.log" 2>&1 \
+      || { say "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+    say "built llama-bench in $(($(date +%s) - b0)) s"
+  fi
+  if [ "${SAVE_LLAMA:-0}" = 1 ]; then
+    strip -o "$WORK/llama-bench.stripped" "$LB" && xz -T"$NPROC" -6 -c "$WORK/llama-bench.stripped" \
+      | split -b 15M - "$OUT/llama-bench.xz.part-"
+    ls -la "$OUT"/llama-bench.xz.part-* | tee -a "$OUT/steps.log"
+  fi
+fi
+[ -x "$LB" ] && "$LB" --version >"$OUT/llama-version.txt" 2>&1
+
+if has model; then
+  # gguf_twin.py takes gguf-py from the llama.cpp source (a carried llama-bench skips the build).
+  [ -d "$LLAMA_SRC/gguf-py" ] || tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
+  if [ ! -f "$MODEL/manifest.json" ]; then
+    say "synth $PRESET ${LAYERS:+($LAYERS layers)}"
+    "$FM" synth --preset "$PRESET" ${LAYERS:+--layers "$LAYERS"} --bits 4 --dense-bits 4 \
+      --out "$MODEL" --force >"$OUT/synth.log" 2>&1 || { say "synth failed"; tail "$OUT/synth.log"; exit 1; }
+  fi
+  if [ ! -f "$GGUF" ]; then
+    say "GGUF twin"
+    python3 "$CARRY/peer/gguf_twin.py" "$MODEL" "$GGUF" "$LLAMA_SRC" >"$OUT/twin.log" 2>&1 \
+      || { say "twin failed"; tail "$OUT/twin.log"; exit 1; }
+  fi
+  say "model $(du -sh "$MODEL" | cut -f1), GGUF $(du -sh "$GGUF" | cut -f1)"
+fi
+
+# llama-bench's tok/s of one measurement (JSON under $OUT/$1.json).
+llama() {
+  local tag=$1; shift
+  timeout 300 "$LB" -m "$GGUF" -p 0 -n "$TOKENS" -r 1 -o json "$@" >"$OUT/$tag.json" 2>"$OUT/$tag.err"
+  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['avg_ts'])" "$OUT/$tag.json" 2>/dev/null || echo -
+}
+# flashmoe `run --ids` greedy decode on CUDA: its decode tok/s (stderr under $OUT/$1.txt).
+fmrun() {
+  local tag=$1; shift
+  timeout 300 "$FM" run --model "$MODEL" --backend cuda --ids 1,2,3,4,5,6,7,8 \
+    --tokens "$FM_TOKENS" --ctx-size 2048 --timing "$@" >"$OUT/$tag.ids" 2>"$OUT/$tag.txt"
+  sed -n 's/^decode: \([0-9.]*\) tok\/s.*/\1/p' "$OUT/$tag.txt" | tail -1
+}
+FM_TOKENS=${FM_TOKENS:-256}
+NL=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); c=m['config'].get('text_config', m['config']); print(c['num_hidden_layers'])" "$MODEL/manifest.json" 2>/dev/null || echo 0)
+
+if has vram; then
+  for r in $(seq 1 "$ROUNDS"); do
+    v=$(llama "llama-vram-$r" -ngl 99); say "vram round $r: llama.cpp -ngl 99: $v tok/s"
+    row vram llama.cpp "$r" "-ngl 99, tg$TOKENS" "$v" "llama-bench"
+    v=$(fmrun "flashmoe-vram-$r"); say "vram round $r: flashmoe run --backend cuda: $v tok/s"
+    row vram flashmoe "$r" "run --backend cuda, $FM_TOKENS tokens" "$v" "first touches of the experts included"
+  done
+  say "flashmoe bench decode --backend cuda"
+  timeout 420 "$FM" bench decode --backend cuda --model "$MODEL" --json --tokens 16 --no-compare \
+    --constrained-rounds 0 >"$OUT/flashmoe-bench-decode-cuda.json" 2>"$OUT/flashmoe-bench-decode-cuda.err"
+  tail -3 "$OUT/flashmoe-bench-decode-cuda.err"
+  python3 - "$OUT/flashmoe-bench-decode-cuda.json" "$TSV" <<'EOF' || say "no bench JSON"
+import json, sys
+d = json.load(open(sys.argv[1]))
+c = d.get("cuda", {})
+disk = c.get("model_experts_from_disk", {})
+m = c.get("model", {})
+rows = []
+v = disk.get("vram_resident_ms_per_token")
+if v:
+    rows.append(("vram", "flashmoe", 1, "bench: every expert preloaded in VRAM, argmax on the GPU", 1e3 / v, "cuda.model_experts_from_disk.vram_resident_ms_per_token"))
+if m.get("tok_per_s"):
+    rows.append(("vram", "flashmoe", 1, "bench: default cache, logits to the host, 16 tokens", m["tok_per_s"], "cuda.model (first touches included)"))
+if disk.get("tok_per_s"):
+    rows.append(("disk", "flashmoe", 1, "bench: every routed expert read from the disk (--io direct)", disk["tok_per_s"], f"bound_ms={disk.get('bound_ms')} ratio={disk.get('time_over_bound_ratio')}"))
+dec = d.get("decode", {})
+for k in ("warm_tok_s", "cold_tok_s"):
+    if dec.get(k):
+        rows.append(("cpu", "flashmoe", 1, f"bench decode CPU {k}", dec[k], f"threads={d.get('machine', {}).get('threads')}"))
+for k in ("int8_decode_kl_mean", "int8_decode_top1_agree"):
+    if k in dec:
+        rows.append(("accuracy", "flashmoe", 1, k, dec[k], "CPU int8 vs --exact"))
+with open(sys.argv[2], "a") as f:
+    for r in rows:
+        f.write("\t".join(str(x) for x in r) + "\n")
+        print(*r, sep=" | ")
+EOF
+fi
+
+if has beyond; then
+  EXP_GB=$(du -sb "$MODEL/experts" 2>/dev/null | awk '{printf "%.1f", $1/1e9}')
+  HALF_GB=$(python3 -c "print(round($EXP_GB / 2, 1))")
+  PIN_GB=$(python3 -c "print(round($EXP_GB * 1.1 + 1, 1))")
+  for setting in "all:$NL:$BEYOND_VRAM_GB" "half:$((NL / 2)):$HALF_GB"; do
+    IFS=: read -r name ncpu gb <<<"$setting"
+    for r in $(seq 1 "$ROUNDS"); do
+      v=$(llama "llama-beyond-$name-$r" -ngl 99 --n-cpu-moe "$ncpu" -t "$NPROC")
+      say "beyond ($name) round $r: llama.cpp -ngl 99 --n-cpu-moe $ncpu -t $NPROC: $v tok/s"
+      row beyond llama.cpp "$r" "$name: -ngl 99 --n-cpu-moe $ncpu (of $NL layers) -t $NPROC" "$v" "experts of $ncpu layers on the CPU"
+      v=$(fmrun "flashmoe-beyond-$name-$r" --vram-cache-gb "$gb" --pinned-cache-gb "$PIN_GB")
+      say "beyond ($name) round $r: flashmoe --vram-cache-gb $gb --pinned-cache-gb $PIN_GB: $v tok/s"
+      row beyond flashmoe "$r" "$name: run --backend cuda --vram-cache-gb $gb --pinned-cache-gb $PIN_GB, $FM_TOKENS tokens" "$v" "experts $EXP_GB GB; first touches read from the page cache"
+    done
+  done
+fi
+
+python3 - "$TSV" "$OUT/summary.md" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+by = {}
+for r in rows:
+    try:
+        v = float(r["tok_s"])
+    except ValueError:
+        continue
+    by.setdefault((r["phase"], r["engine"], r["setting"]), []).append(v)
+lines = ["| phase | engine | setting | runs | min | median |", "|---|---|---|---|---|---|"]
+for (ph, eng, st), v in by.items():
+    lines.append(f"| {ph} | {eng} | {st} | {len(v)} | {min(v):.4g} | {statistics.median(v):.4g} |")
+open(sys.argv[2], "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+say "done"
