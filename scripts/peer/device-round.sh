@@ -12,14 +12,15 @@
 #   model   `flashmoe synth --preset $PRESET` (full depth unless LAYERS) and its GGUF twin
 #           (gguf_twin.py: the same shapes and bits per weight, Q4_0 for 4-bit)
 #   vram    all experts in VRAM: `llama-bench -ngl 99` against flashmoe `run --backend cuda`
-#           (default VRAM cache: every expert fits), alternating, ROUNDS each; then one
-#           `flashmoe bench decode --backend cuda --json` (its cuda.model_experts_from_disk
-#           holds the model's decode with every expert preloaded into VRAM, and with every
-#           routed expert read from the disk)
+#           (default VRAM cache: every expert fits), alternating, ROUNDS each
 #   beyond  experts beyond VRAM: llama.cpp `--n-cpu-moe N` (the experts of N layers on the CPU,
 #           computed there) against flashmoe `run --backend cuda --vram-cache-gb G
 #           --pinned-cache-gb P` (experts copied from a pinned host tier on a VRAM miss), for
 #           N = all layers with G = BEYOND_VRAM_GB, and N = half with G = half the experts
+#   bench   one `flashmoe bench decode --backend cuda --json`: its cuda.model_experts_from_disk
+#           holds the model's decode with every expert preloaded into VRAM (no first touches),
+#           and with every routed expert read from the disk; its decode section the CPU figures
+#           and int8's accuracy against --exact
 # Everything is written under $OUT: logs, each measurement's JSON or text, rounds.tsv (one line
 # per measurement) and summary.md (the table). WORK (target/peer-work) holds the build and the
 # models; it is git-ignored, so a warm machine keeps it for the next call.
@@ -28,7 +29,7 @@ T0=$(date +%s)
 OUT=${OUT:-/tmp/out}
 CARRY=${CARRY:-carry-peer}
 WORK=${WORK:-$PWD/target/peer-work}
-PHASES=${PHASES:-build,model,vram,beyond}
+PHASES=${PHASES:-build,model,vram,beyond,bench}
 PRESET=${PRESET:-qwen3-30b-a3b}
 LAYERS=${LAYERS:-}
 TOKENS=${TOKENS:-64}
@@ -106,32 +107,60 @@ if has model; then
   say "model $(du -sh "$MODEL" | cut -f1), GGUF $(du -sh "$GGUF" | cut -f1)"
 fi
 
+# Seconds a measurement may take: what DEADLINE leaves, less 5 (at least 10).
+DEADLINE=${DEADLINE:-330}
+remain() { local r=$((DEADLINE - ($(date +%s) - T0) - 5)); [ "$r" -lt 10 ] && r=10; echo "$r"; }
 # llama-bench's tok/s of one measurement (JSON under $OUT/$1.json).
 llama() {
   local tag=$1; shift
-  timeout 300 "$LB" -m "$GGUF" -p 0 -n "$TOKENS" -r 1 -o json "$@" >"$OUT/$tag.json" 2>"$OUT/$tag.err"
+  timeout "$(remain)" "$LB" -m "$GGUF" -p 0 -n "$TOKENS" -r 1 -o json "$@" >"$OUT/$tag.json" 2>"$OUT/$tag.err"
   python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['avg_ts'])" "$OUT/$tag.json" 2>/dev/null || echo -
 }
 # flashmoe `run --ids` greedy decode on CUDA: its decode tok/s (stderr under $OUT/$1.txt).
 fmrun() {
   local tag=$1; shift
-  timeout 300 "$FM" run --model "$MODEL" --backend cuda --ids 1,2,3,4,5,6,7,8 \
+  timeout "$(remain)" "$FM" run --model "$MODEL" --backend cuda --ids 1,2,3,4,5,6,7,8 \
     --tokens "$FM_TOKENS" --ctx-size 2048 --timing "$@" >"$OUT/$tag.ids" 2>"$OUT/$tag.txt"
   sed -n 's/^decode: \([0-9.]*\) tok\/s.*/\1/p' "$OUT/$tag.txt" | tail -1
 }
 FM_TOKENS=${FM_TOKENS:-256}
 NL=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); c=m['config'].get('text_config', m['config']); print(c['num_hidden_layers'])" "$MODEL/manifest.json" 2>/dev/null || echo 0)
 
-if has vram; then
-  for r in $(seq 1 "$ROUNDS"); do
+# Measurement order: round by round, each setting's llama.cpp then flashmoe run (alternating),
+# the bench last; a step starts only while DEADLINE (seconds from the start, default 330) leaves
+# 45 s, so a call that must also build and synthesize keeps what it measured.
+time_left() { [ $((DEADLINE - ($(date +%s) - T0))) -ge 45 ] || { say "skipped (deadline): $*"; return 1; }; }
+if has beyond; then
+  EXP_GB=$(du -sb "$MODEL/experts" 2>/dev/null | awk '{printf "%.1f", $1/1e9}')
+  HALF_GB=$(python3 -c "print(round($EXP_GB / 2, 1))")
+  PIN_GB=$(python3 -c "print(round($EXP_GB * 1.1 + 1, 1))")
+fi
+for r in $(seq 1 "$ROUNDS"); do
+  if has vram && time_left "vram round $r"; then
     v=$(llama "llama-vram-$r" -ngl 99); say "vram round $r: llama.cpp -ngl 99: $v tok/s"
     row vram llama.cpp "$r" "-ngl 99, tg$TOKENS" "$v" "llama-bench"
     v=$(fmrun "flashmoe-vram-$r"); say "vram round $r: flashmoe run --backend cuda: $v tok/s"
     row vram flashmoe "$r" "run --backend cuda, $FM_TOKENS tokens" "$v" "first touches of the experts included"
-  done
+  fi
+  if has beyond; then
+    for setting in "all:$NL:$BEYOND_VRAM_GB" "half:$((NL / 2)):$HALF_GB"; do
+      IFS=: read -r name ncpu gb <<<"$setting"
+      time_left "beyond $name round $r" || continue
+      v=$(llama "llama-beyond-$name-$r" -ngl 99 --n-cpu-moe "$ncpu" -t "$NPROC")
+      say "beyond ($name) round $r: llama.cpp -ngl 99 --n-cpu-moe $ncpu -t $NPROC: $v tok/s"
+      row beyond llama.cpp "$r" "$name: -ngl 99 --n-cpu-moe $ncpu (of $NL layers) -t $NPROC" "$v" "experts of $ncpu layers on the CPU"
+      v=$(fmrun "flashmoe-beyond-$name-$r" --vram-cache-gb "$gb" --pinned-cache-gb "$PIN_GB")
+      say "beyond ($name) round $r: flashmoe --vram-cache-gb $gb --pinned-cache-gb $PIN_GB: $v tok/s"
+      row beyond flashmoe "$r" "$name: run --backend cuda --vram-cache-gb $gb --pinned-cache-gb $PIN_GB, $FM_TOKENS tokens" "$v" "experts $EXP_GB GB; first touches read from the page cache"
+    done
+  fi
+done
+
+if has bench && time_left "flashmoe bench decode --backend cuda"; then
   say "flashmoe bench decode --backend cuda"
-  timeout 420 "$FM" bench decode --backend cuda --model "$MODEL" --json --tokens 16 --no-compare \
-    --constrained-rounds 0 >"$OUT/flashmoe-bench-decode-cuda.json" 2>"$OUT/flashmoe-bench-decode-cuda.err"
+  timeout "$(remain)" "$FM" bench decode --backend cuda --model "$MODEL" \
+    --json --tokens 16 --no-compare --constrained-rounds 0 \
+    >"$OUT/flashmoe-bench-decode-cuda.json" 2>"$OUT/flashmoe-bench-decode-cuda.err"
   tail -3 "$OUT/flashmoe-bench-decode-cuda.err"
   python3 - "$OUT/flashmoe-bench-decode-cuda.json" "$TSV" <<'EOF' || say "no bench JSON"
 import json, sys
@@ -159,23 +188,6 @@ with open(sys.argv[2], "a") as f:
         f.write("\t".join(str(x) for x in r) + "\n")
         print(*r, sep=" | ")
 EOF
-fi
-
-if has beyond; then
-  EXP_GB=$(du -sb "$MODEL/experts" 2>/dev/null | awk '{printf "%.1f", $1/1e9}')
-  HALF_GB=$(python3 -c "print(round($EXP_GB / 2, 1))")
-  PIN_GB=$(python3 -c "print(round($EXP_GB * 1.1 + 1, 1))")
-  for setting in "all:$NL:$BEYOND_VRAM_GB" "half:$((NL / 2)):$HALF_GB"; do
-    IFS=: read -r name ncpu gb <<<"$setting"
-    for r in $(seq 1 "$ROUNDS"); do
-      v=$(llama "llama-beyond-$name-$r" -ngl 99 --n-cpu-moe "$ncpu" -t "$NPROC")
-      say "beyond ($name) round $r: llama.cpp -ngl 99 --n-cpu-moe $ncpu -t $NPROC: $v tok/s"
-      row beyond llama.cpp "$r" "$name: -ngl 99 --n-cpu-moe $ncpu (of $NL layers) -t $NPROC" "$v" "experts of $ncpu layers on the CPU"
-      v=$(fmrun "flashmoe-beyond-$name-$r" --vram-cache-gb "$gb" --pinned-cache-gb "$PIN_GB")
-      say "beyond ($name) round $r: flashmoe --vram-cache-gb $gb --pinned-cache-gb $PIN_GB: $v tok/s"
-      row beyond flashmoe "$r" "$name: run --backend cuda --vram-cache-gb $gb --pinned-cache-gb $PIN_GB, $FM_TOKENS tokens" "$v" "experts $EXP_GB GB; first touches read from the page cache"
-    done
-  done
 fi
 
 python3 - "$TSV" "$OUT/summary.md" <<'EOF'

@@ -2,7 +2,11 @@
 """flashmoe against llama.cpp on the same model shapes and bits per weight (issue 20).
 
     scripts/peer/peer.py [--preset qwen3-30b-a3b --layers 4 --vocab 4096] [--threads N]
-                         [--rounds 3] [--cuda] [--record results.tsv]
+                         [--rounds 3] [--cases decode,prefill,larger,accuracy] [--cuda]
+                         [--record results.tsv]
+
+The CUDA comparison on a GPU machine without network is scripts/peer/device-round.sh
+(prepared here by scripts/peer/prepare-device.sh).
 
 1. Obtains llama.cpp from the package registry: the `llama-cpp-python` sdist vendors it
    (`pip download --no-binary llama-cpp-python --no-deps`), unpacked and built with CMake into
