@@ -42,6 +42,7 @@ import os
 import re
 import resource
 import shutil
+import struct
 import statistics
 import subprocess
 import sys
@@ -184,7 +185,7 @@ def llama_accuracy(a, src, ver, model, gguf, t):
     common = ["-f", text, "-c", a.kl_ctx, "-b", a.kl_ctx, "--chunks", a.kl_chunks, "-t", t,
               "--kl-divergence-base", base]
     run([ppl, "-m", f32, "-ub", 1] + common, capture_output=True, text=True)
-    out = {}
+    out = {"logit_std": base_logit_spread(base)}
     for mode, ub in (("decode", 1), ("prompt", a.kl_ctx)):
         r = run([ppl, "-m", gguf, "-ub", ub, "--kl-divergence"] + common,
                 capture_output=True, text=True)
@@ -195,6 +196,43 @@ def llama_accuracy(a, src, ver, model, gguf, t):
             sys.exit(f"llama-perplexity printed no KL statistics:\n{log[-2000:]}")
         out[mode] = (float(kl.group(1)), float(top.group(1)) / 100)
     return out
+
+
+def base_logit_spread(path):
+    """Mean over positions of the standard deviation of the base run's log-probabilities (=
+    of its logits) in a `llama-perplexity --kl-divergence-base` file: per position two f32
+    (scale, min) and n_vocab u16 codes, log p = min + scale * code."""
+    import numpy as np
+
+    b = open(path, "rb").read()
+    if b[:8] != b"_logits_":
+        raise ValueError(f"{path}: not a llama-perplexity logits file")
+    n_ctx, n_vocab, n_chunk = struct.unpack_from("<Iii", b, 8)
+    off = 8 + 12 + 4 * n_ctx * n_chunk
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    rows = (n_ctx - 1 - n_ctx // 2) * n_chunk
+    a = np.frombuffer(b, dtype=np.uint16, offset=off, count=rows * nv).reshape(rows, nv)
+    head = a[:, :4].copy().view(np.float32)
+    lp = head[:, :1] * a[:, 4:4 + n_vocab].astype(np.float64) + head[:, 1:2]
+    return float(lp.std(axis=1).mean())
+
+
+def flashmoe_logit_spread(a, model, t):
+    """Mean over positions of the standard deviation of flashmoe's exact logits over the
+    README's first 64 bytes (as byte tokens): the scale its KL divergence is taken on."""
+    import numpy as np
+
+    ids = ",".join(str(x) for x in open(os.path.join(REPO, "README.md"), "rb").read()[:64])
+    out = os.path.join(a.cache, "flashmoe-logits.safetensors")
+    run([a.flashmoe, "logits", "--model", model, "--ids", ids, "--out", out, "--threads", t],
+        capture_output=True, text=True)
+    b = open(out, "rb").read()
+    n = struct.unpack_from("<Q", b, 0)[0]
+    h = json.loads(b[8:8 + n])
+    t_ = h["logits"]
+    s, e = t_["data_offsets"]
+    x = np.frombuffer(b, dtype=np.float32, offset=8 + n + s, count=(e - s) // 4)
+    return float(x.reshape(-1, t_["shape"][-1]).std(axis=1).mean())
 
 
 def stats(v):
@@ -343,6 +381,7 @@ def main():
     llama_acc = None
     if "accuracy" in cases and not a.cuda:
         llama_acc = llama_accuracy(a, src, ver, model, gguf, t)
+        llama_acc["flashmoe_logit_std"] = flashmoe_logit_spread(a, model, t)
         if not acc.get("int8_decode_kl_mean"):
             d = flashmoe_bench(a.flashmoe, model, "decode", t,
                                dec + ["--no-compare", "--constrained-rounds", 0])["decode"]
@@ -393,14 +432,21 @@ def main():
               f"README.md ({a.kl_chunks} chunks of {a.kl_ctx} tokens, the second halves "
               "scored); flashmoe: int8 (the default) "
               "against --exact in `bench decode` (median of its runs), on its own synthetic "
-              "weights of the same shapes\n")
-        print("| path | llama.cpp Q8_0 vs F32 | flashmoe int8 vs --exact |\n|---|---|---|")
+              "weights of the same shapes. Both models' next-token logits have a standard "
+              f"deviation of {llama_acc['logit_std']:.3f} (llama.cpp's F32 twin) and "
+              f"{llama_acc['flashmoe_logit_std']:.3f} (flashmoe --exact) per position, so "
+              "sqrt(2 KL), the RMS logit error the quantization adds (to second order), "
+              "compares the two directly\n")
+        print("| path | llama.cpp Q8_0 vs F32 | flashmoe int8 vs --exact | RMS logit error "
+              "sqrt(2 KL), llama.cpp / flashmoe |\n|---|---|---|---|")
         for mode, what in (("decode", "one token per call"), ("prompt", "whole sequence per call")):
             ll_kl, ll_top = llama_acc[mode]
             k, t1 = fm_acc[f"int8_{mode}_kl_mean"], fm_acc[f"int8_{mode}_top1_agree"]
             fm_s = (f"{statistics.median(k):.3g} / {statistics.median(t1):.3f}"
                     if k and t1 else "-")
-            print(f"| {mode} ({what}) | {ll_kl:.3g} / {ll_top:.3f} | {fm_s} |")
+            rms = (f"{(2 * ll_kl) ** 0.5:.2g} / "
+                   + (f"{(2 * statistics.median(k)) ** 0.5:.2g}" if k else "-"))
+            print(f"| {mode} ({what}) | {ll_kl:.3g} / {ll_top:.3f} | {fm_s} | {rms} |")
             notes[f"accuracy {mode}"] = (
                 f" llama_q8_kl={ll_kl:.3g} llama_q8_top1={ll_top:.3f} flashmoe_int8="
                 + fm_s.replace(" / ", ",top1=").replace(" ", ""))
