@@ -21,8 +21,8 @@
 #           holds the model's decode with every expert preloaded into VRAM (no first touches),
 #           and with every routed expert read from the disk; its decode section the CPU figures
 #           and int8's accuracy against --exact
-# Everything is written under $OUT: logs, each measurement's JSON or text, rounds.tsv (one line
-# per measurement) and summary.md (the table). WORK (target/peer-work) holds the build and the
+# Under $OUT: steps.log, rounds.tsv (one line per measurement), summary.md (the table) and
+# logs.tar.gz (the build, synth and twin logs, each measurement's JSON or text). WORK (target/peer-work) holds the build and the
 # models; it is git-ignored, so a warm machine keeps it for the next call.
 set -uo pipefail
 T0=$(date +%s)
@@ -36,7 +36,11 @@ TOKENS=${TOKENS:-64}
 ROUNDS=${ROUNDS:-2}
 BEYOND_VRAM_GB=${BEYOND_VRAM_GB:-1}
 NPROC=$(nproc)
+# At most 8 files come back from $OUT: steps.log, rounds.tsv, summary.md, logs.tar.gz (every
+# other log and JSON, from $LOG) and up to 4 parts of the saved llama-bench.
+LOG=$WORK/logs
 mkdir -p "$OUT" "$WORK"
+rm -rf "$LOG" && mkdir -p "$LOG"
 CARRY=$(cd "$CARRY" && pwd)
 FM=$CARRY/flashmoe
 LLAMA_SRC=$WORK/llama.cpp
@@ -49,12 +53,14 @@ TSV=$OUT/rounds.tsv
 
 has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 say() { echo "[device-round +$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
-row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TSV"; }
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TSV"; pack_logs; }
+pack_logs() { tar -C "$WORK" -czf "$OUT/logs.tar.gz.tmp" logs && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"; }
+trap pack_logs EXIT
 
 say "machine: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader), $NPROC cores, $(free -g | awk '/Mem/{print $2}') GB RAM"
 df -h "$WORK" | tail -1 | tee -a "$OUT/steps.log"
-nvidia-smi --query-gpu=compute_cap --format=csv,noheader >"$OUT/compute_cap.txt" 2>&1
-ARCH=${ARCH:-$(tr -d '.' <"$OUT/compute_cap.txt" | head -1)}
+nvidia-smi --query-gpu=compute_cap --format=csv,noheader >"$LOG/compute_cap.txt" 2>&1
+ARCH=${ARCH:-$(tr -d '.' <"$LOG/compute_cap.txt" | head -1)}
 
 # flashmoe's kernels are compiled at run time by NVRTC, which cudarc opens as libnvrtc.so.
 if ! ldconfig -p | grep -q 'libnvrtc.so '; then
@@ -65,63 +71,81 @@ if ! ldconfig -p | grep -q 'libnvrtc.so '; then
 fi
 export FLASHMOE_CACHE=$WORK/flashmoe-cache
 
+# The model and its twin are written while llama.cpp builds (disk and RNG against nvcc).
+make_model() {
+  # gguf_twin.py takes gguf-py from the llama.cpp source (a carried llama-bench skips the build).
+  [ -d "$LLAMA_SRC/gguf-py" ] || tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
+  if [ ! -f "$MODEL/manifest.json" ]; then
+    say "synth $PRESET ${LAYERS:+($LAYERS layers)}"
+    "$FM" synth --preset "$PRESET" ${LAYERS:+--layers "$LAYERS"} --bits 4 --dense-bits 4 \
+      --out "$MODEL" --force >"$LOG/synth.log" 2>&1 || { say "synth failed"; tail "$LOG/synth.log"; return 1; }
+    say "synth done"
+  fi
+  if [ ! -f "$GGUF" ]; then
+    say "GGUF twin"
+    python3 "$CARRY/peer/gguf_twin.py" "$MODEL" "$GGUF" "$LLAMA_SRC" >"$LOG/twin.log" 2>&1 \
+      || { say "twin failed"; tail "$LOG/twin.log"; return 1; }
+  fi
+  say "model $(du -sh "$MODEL" | cut -f1), GGUF $(du -sh "$GGUF" | cut -f1)"
+}
+MODEL_PID=
+if has model; then
+  # The build phase unpacks the source first; the twin only needs its gguf-py.
+  [ -d "$LLAMA_SRC/gguf-py" ] || tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
+  make_model &
+  MODEL_PID=$!
+fi
+
 if has build && [ ! -x "$LB" ]; then
   if ls "$CARRY"/llama-bench.xz.part-* >/dev/null 2>&1; then
     mkdir -p "$BUILD/bin"
     cat "$CARRY"/llama-bench.xz.part-* | xz -d >"$LB" && chmod +x "$LB"
     say "llama-bench from the carried parts"
   else
-    rm -rf "$LLAMA_SRC" && tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
+    [ -f "$LLAMA_SRC/CMakeLists.txt" ] || tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
     say "configuring llama.cpp (CUDA arch $ARCH, flash attention ${FA:-OFF})"
     cmake -S "$LLAMA_SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
       -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_CUDA_FA="${FA:-OFF}" \
       -DGGML_CUDA_NCCL=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-      -DBUILD_SHARED_LIBS=OFF >"$OUT/build.log" 2>&1 || { say "configure failed"; tail -30 "$OUT/build.log"; exit 1; }
+      -DBUILD_SHARED_LIBS=OFF >"$LOG/build.log" 2>&1 || { say "configure failed"; tail -30 "$LOG/build.log"; exit 1; }
     b0=$(date +%s)
-    cmake --build "$BUILD" --target llama-bench -j"$NPROC" >>"$OUT/build.log" 2>&1 \
-      || { say "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+    cmake --build "$BUILD" --target llama-bench -j"$NPROC" >>"$LOG/build.log" 2>&1 \
+      || { say "build failed"; tail -30 "$LOG/build.log"; exit 1; }
     say "built llama-bench in $(($(date +%s) - b0)) s"
   fi
   if [ "${SAVE_LLAMA:-0}" = 1 ]; then
     strip -o "$WORK/llama-bench.stripped" "$LB" && xz -T"$NPROC" -6 -c "$WORK/llama-bench.stripped" \
-      | split -b 15M - "$OUT/llama-bench.xz.part-"
-    ls -la "$OUT"/llama-bench.xz.part-* | tee -a "$OUT/steps.log"
+      | split -b 15M - "$WORK/llama-bench.xz.part-"
+    if [ "$(ls "$WORK"/llama-bench.xz.part-* | wc -l)" -le 4 ]; then
+      mv "$WORK"/llama-bench.xz.part-* "$OUT/"
+      ls -la "$OUT"/llama-bench.xz.part-* | tee -a "$OUT/steps.log"
+    else
+      say "llama-bench.xz is over 4 parts of 15 MiB: not saved"; rm -f "$WORK"/llama-bench.xz.part-*
+    fi
   fi
 fi
-[ -x "$LB" ] && "$LB" --version >"$OUT/llama-version.txt" 2>&1
+[ -x "$LB" ] && "$LB" --version >"$LOG/llama-version.txt" 2>&1
 
-if has model; then
-  # gguf_twin.py takes gguf-py from the llama.cpp source (a carried llama-bench skips the build).
-  [ -d "$LLAMA_SRC/gguf-py" ] || tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
-  if [ ! -f "$MODEL/manifest.json" ]; then
-    say "synth $PRESET ${LAYERS:+($LAYERS layers)}"
-    "$FM" synth --preset "$PRESET" ${LAYERS:+--layers "$LAYERS"} --bits 4 --dense-bits 4 \
-      --out "$MODEL" --force >"$OUT/synth.log" 2>&1 || { say "synth failed"; tail "$OUT/synth.log"; exit 1; }
-  fi
-  if [ ! -f "$GGUF" ]; then
-    say "GGUF twin"
-    python3 "$CARRY/peer/gguf_twin.py" "$MODEL" "$GGUF" "$LLAMA_SRC" >"$OUT/twin.log" 2>&1 \
-      || { say "twin failed"; tail "$OUT/twin.log"; exit 1; }
-  fi
-  say "model $(du -sh "$MODEL" | cut -f1), GGUF $(du -sh "$GGUF" | cut -f1)"
+if [ -n "$MODEL_PID" ]; then
+  wait "$MODEL_PID" || { say "no model: stopping"; exit 1; }
 fi
 
 # Seconds a measurement may take: what DEADLINE leaves, less 5 (at least 10).
 DEADLINE=${DEADLINE:-330}
 remain() { local r=$((DEADLINE - ($(date +%s) - T0) - 5)); [ "$r" -lt 10 ] && r=10; echo "$r"; }
-# llama-bench's tok/s of one measurement (JSON under $OUT/$1.json).
+# llama-bench's tok/s of one measurement (JSON under $LOG/$1.json).
 llama() {
   local tag=$1; shift
-  timeout "$(remain)" "$LB" -m "$GGUF" -p 0 -n "$TOKENS" -r 1 -o json "$@" >"$OUT/$tag.json" 2>"$OUT/$tag.err"
-  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['avg_ts'])" "$OUT/$tag.json" 2>/dev/null || echo -
+  timeout "$(remain)" "$LB" -m "$GGUF" -p 0 -n "$TOKENS" -r 1 -o json "$@" >"$LOG/$tag.json" 2>"$LOG/$tag.err"
+  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['avg_ts'])" "$LOG/$tag.json" 2>/dev/null || echo -
 }
-# flashmoe `run --ids` greedy decode on CUDA: its decode tok/s (stderr under $OUT/$1.txt).
+# flashmoe `run --ids` greedy decode on CUDA: its decode tok/s (stderr under $LOG/$1.txt).
 fmrun() {
   local tag=$1; shift
   timeout "$(remain)" "$FM" run --model "$MODEL" --backend cuda --ids 1,2,3,4,5,6,7,8 \
-    --tokens "$FM_TOKENS" --ctx-size 2048 --timing "$@" >"$OUT/$tag.ids" 2>"$OUT/$tag.txt"
-  sed -n 's/^decode: \([0-9.]*\) tok\/s.*/\1/p' "$OUT/$tag.txt" | tail -1
+    --tokens "$FM_TOKENS" --ctx-size 2048 --timing "$@" >"$LOG/$tag.ids" 2>"$LOG/$tag.txt"
+  sed -n 's/^decode: \([0-9.]*\) tok\/s.*/\1/p' "$LOG/$tag.txt" | tail -1
 }
 FM_TOKENS=${FM_TOKENS:-256}
 NL=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); c=m['config'].get('text_config', m['config']); print(c['num_hidden_layers'])" "$MODEL/manifest.json" 2>/dev/null || echo 0)
@@ -160,9 +184,9 @@ if has bench && time_left "flashmoe bench decode --backend cuda"; then
   say "flashmoe bench decode --backend cuda"
   timeout "$(remain)" "$FM" bench decode --backend cuda --model "$MODEL" \
     --json --tokens 16 --no-compare --constrained-rounds 0 \
-    >"$OUT/flashmoe-bench-decode-cuda.json" 2>"$OUT/flashmoe-bench-decode-cuda.err"
-  tail -3 "$OUT/flashmoe-bench-decode-cuda.err"
-  python3 - "$OUT/flashmoe-bench-decode-cuda.json" "$TSV" <<'EOF' || say "no bench JSON"
+    >"$LOG/flashmoe-bench-decode-cuda.json" 2>"$LOG/flashmoe-bench-decode-cuda.err"
+  tail -3 "$LOG/flashmoe-bench-decode-cuda.err"
+  python3 - "$LOG/flashmoe-bench-decode-cuda.json" "$TSV" <<'EOF' || say "no bench JSON"
 import json, sys
 d = json.load(open(sys.argv[1]))
 c = d.get("cuda", {})
@@ -206,4 +230,5 @@ for (ph, eng, st), v in by.items():
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
+pack_logs
 say "done"
