@@ -103,7 +103,11 @@ if has build && [ ! -x "$LB" ]; then
     say "llama-bench from the carried parts"
   else
     [ -f "$LLAMA_SRC/CMakeLists.txt" ] || tar -C "$WORK" -xzf "$CARRY/llama-trim.tar.gz"
-    say "configuring llama.cpp (CUDA arch $ARCH, flash attention ${FA:-OFF})"
+    if ! command -v nvcc >/dev/null; then
+      nv=$(ls -d /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
+      [ -n "$nv" ] && export PATH=$(dirname "$nv"):$PATH
+    fi
+    say "configuring llama.cpp (CUDA arch $ARCH, flash attention ${FA:-OFF}, $(nvcc --version | tail -2 | head -1))"
     cmake -S "$LLAMA_SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
       -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_CUDA_FA="${FA:-OFF}" \
       -DGGML_CUDA_NCCL=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
@@ -115,7 +119,7 @@ if has build && [ ! -x "$LB" ]; then
     say "built llama-bench in $(($(date +%s) - b0)) s"
   fi
   if [ "${SAVE_LLAMA:-0}" = 1 ]; then
-    strip -o "$WORK/llama-bench.stripped" "$LB" && xz -T"$NPROC" -6 -c "$WORK/llama-bench.stripped" \
+    strip -o "$WORK/llama-bench.stripped" "$LB" && xz -T"$NPROC" -4 -c "$WORK/llama-bench.stripped" \
       | split -b 15M - "$WORK/llama-bench.xz.part-"
     if [ "$(ls "$WORK"/llama-bench.xz.part-* | wc -l)" -le 4 ]; then
       mv "$WORK"/llama-bench.xz.part-* "$OUT/"
