@@ -441,11 +441,11 @@ def main():
               "sqrt(2 KL), llama.cpp / flashmoe |\n|---|---|---|---|")
         for mode, what in (("decode", "one token per call"), ("prompt", "whole sequence per call")):
             ll_kl, ll_top = llama_acc[mode]
-            k, t1 = fm_acc[f"int8_{mode}_kl_mean"], fm_acc[f"int8_{mode}_top1_agree"]
-            fm_s = (f"{statistics.median(k):.3g} / {statistics.median(t1):.3f}"
-                    if k and t1 else "-")
+            kls, t1 = fm_acc[f"int8_{mode}_kl_mean"], fm_acc[f"int8_{mode}_top1_agree"]
+            fm_s = (f"{statistics.median(kls):.3g} / {statistics.median(t1):.3f}"
+                    if kls and t1 else "-")
             rms = (f"{(2 * ll_kl) ** 0.5:.2g} / "
-                   + (f"{(2 * statistics.median(k)) ** 0.5:.2g}" if k else "-"))
+                   + (f"{(2 * statistics.median(kls)) ** 0.5:.2g}" if kls else "-"))
             print(f"| {mode} ({what}) | {ll_kl:.3g} / {ll_top:.3f} | {fm_s} | {rms} |")
             notes[f"accuracy {mode}"] = (
                 f" llama_q8_kl={ll_kl:.3g} llama_q8_top1={ll_top:.3f} flashmoe_int8="
