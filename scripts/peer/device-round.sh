@@ -133,6 +133,7 @@ if has build && [ ! -x "$LB" ]; then
   fi
 fi
 [ -x "$LB" ] && "$LB" --version >"$LOG/llama-version.txt" 2>&1
+say "llama.cpp: llama-cpp-python $(cat "$LLAMA_SRC/LLAMA_CPP_PYTHON_VERSION" 2>/dev/null), commit $(cat "$LLAMA_SRC/LLAMA_COMMIT" 2>/dev/null || echo unknown) (the tarball's; llama-bench says: $(head -1 "$LOG/llama-version.txt" 2>/dev/null))"
 
 if [ -n "$MODEL_PID" ]; then
   wait "$MODEL_PID" || { say "no model: stopping"; exit 1; }

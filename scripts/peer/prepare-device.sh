@@ -41,6 +41,13 @@ llama_add_compile_flags()
 add_subdirectory(llama-bench)
 EOF
 echo "$VER" >"$dst/LLAMA_CPP_PYTHON_VERSION"
+# Without its .git, llama.cpp's build-info would take the commit of whatever repository holds
+# the source there (flashmoe's checkout on the device): pin the vendored commit instead.
+commit=$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo unknown)
+count=$(git -C "$SRC" rev-list --count HEAD 2>/dev/null || echo 0)
+echo "$commit" >"$dst/LLAMA_COMMIT"
+printf '\n# pinned by flashmoe prepare-device.sh: the vendored commit, not the enclosing repo'"'"'s\nset(BUILD_COMMIT "%s")\nset(BUILD_NUMBER %s)\n' \
+  "$commit" "$count" >>"$dst/cmake/build-info.cmake"
 tar -C "$stage" -czf "$CARRY/llama-trim.tar.gz" llama.cpp
 rm -rf "$CARRY/peer"
 cp -r "$REPO/scripts/peer" "$CARRY/peer"
