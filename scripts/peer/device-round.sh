@@ -148,19 +148,24 @@ llama() {
   timeout "$(remain)" "$LB" -m "$GGUF" -p 0 -n "$TOKENS" -d "$DEPTH" -r 1 -o json "$@" >"$LOG/$tag.json" 2>"$LOG/$tag.err"
   python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['avg_ts'])" "$LOG/$tag.json" 2>/dev/null || echo -
 }
-# flashmoe `run --ids` greedy decode on CUDA after a DEPTH-token prompt: its decode tok/s
-# (stderr under $LOG/$1.txt). The prompt's prefill touches every expert, so the decode that is
-# timed finds them where the run keeps them (VRAM, or the pinned host tier beyond it), as
-# llama.cpp has its weights in place after loading; llama-bench decodes at the same depth.
+# flashmoe `run` on CUDA after a prompt of about DEPTH tokens: its decode tok/s (stderr under
+# $LOG/$1.txt). The prompt's prefill touches every expert, so the decode that is timed finds
+# them where the run keeps them (VRAM, or the pinned host tier beyond it), as llama.cpp has its
+# weights in place after loading; llama-bench decodes at the same depth. Tokens are sampled at
+# temperature 1: a random model's greedy decode repeats one token, whose experts then stay in
+# any VRAM cache (llama-bench feeds random tokens).
 fmrun() {
   local tag=$1; shift
-  timeout "$(remain)" "$FM" run --model "$MODEL" --backend "${FM_BACKEND:-cuda}" --ids "$IDS" \
-    --tokens "$FM_TOKENS" --ctx-size 2048 --timing "$@" >"$LOG/$tag.ids" 2>"$LOG/$tag.txt"
-  sed -nE 's/^decode: (.*= )?([0-9.]+) tok\/s.*/\2/p' "$LOG/$tag.txt" | tail -1
+  timeout "$(remain)" "$FM" run --model "$MODEL" --backend "${FM_BACKEND:-cuda}" \
+    --prompt-file "$PROMPT" --no-think --temperature 1 --seed 1 --tokens "$FM_TOKENS" \
+    --ctx-size 2048 --timing "$@" >"$LOG/$tag.out" 2>"$LOG/$tag.txt"
+  sed -nE 's/^(decode: (.*= )?|generated .* tokens, decode )([0-9.]+) tok\/s.*/\3/p' "$LOG/$tag.txt" | tail -1
 }
 FM_TOKENS=${FM_TOKENS:-128}
 DEPTH=${DEPTH:-512}
-IDS=$(seq -s, 1 "$DEPTH")
+PROMPT=$WORK/prompt.txt
+# About one token per byte with the synthetic models' byte-level tokenizer.
+head -c "$DEPTH" "$CARRY/peer/peer.py" >"$PROMPT"
 NL=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); c=m['config'].get('text_config', m['config']); print(c['num_hidden_layers'])" "$MODEL/manifest.json" 2>/dev/null || echo 0)
 
 # Measurement order: round by round, each setting's llama.cpp then flashmoe run (alternating),
@@ -177,7 +182,7 @@ for r in $(seq 1 "$ROUNDS"); do
     v=$(llama "llama-vram-$r" -ngl 99); say "vram round $r: llama.cpp -ngl 99: $v tok/s"
     row vram llama.cpp "$r" "-ngl 99, tg$TOKENS at depth $DEPTH" "$v" "llama-bench"
     v=$(fmrun "flashmoe-vram-$r"); say "vram round $r: flashmoe run --backend cuda: $v tok/s"
-    row vram flashmoe "$r" "run --backend cuda, $FM_TOKENS tokens after $DEPTH" "$v" "experts loaded by the prompt's prefill"
+    row vram flashmoe "$r" "run --backend cuda, $FM_TOKENS tokens (temperature 1) after $DEPTH" "$v" "experts loaded by the prompt's prefill"
   fi
   if has beyond; then
     for setting in "all:$NL:$BEYOND_VRAM_GB" "half:$((NL / 2)):$HALF_GB"; do
@@ -188,7 +193,7 @@ for r in $(seq 1 "$ROUNDS"); do
       row beyond llama.cpp "$r" "$name: -ngl 99 --n-cpu-moe $ncpu (of $NL layers) -t $NPROC, tg$TOKENS at depth $DEPTH" "$v" "experts of $ncpu layers on the CPU"
       v=$(fmrun "flashmoe-beyond-$name-$r" --vram-cache-gb "$gb" --pinned-cache-gb "$PIN_GB")
       say "beyond ($name) round $r: flashmoe --vram-cache-gb $gb --pinned-cache-gb $PIN_GB: $v tok/s"
-      row beyond flashmoe "$r" "$name: run --backend cuda --vram-cache-gb $gb --pinned-cache-gb $PIN_GB, $FM_TOKENS tokens after $DEPTH" "$v" "experts $EXP_GB GB, in the pinned tier after the prefill"
+      row beyond flashmoe "$r" "$name: run --backend cuda --vram-cache-gb $gb --pinned-cache-gb $PIN_GB, $FM_TOKENS tokens (temperature 1) after $DEPTH" "$v" "experts $EXP_GB GB, in the pinned tier after the prefill"
     done
   fi
 done
