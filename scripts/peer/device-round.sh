@@ -11,8 +11,9 @@
 #           (SAVE_LLAMA=1 writes those parts under $OUT)
 #   model   `flashmoe synth --preset $PRESET` (full depth unless LAYERS) and its GGUF twin
 #           (gguf_twin.py: the same shapes and bits per weight, Q4_0 for 4-bit)
-#   vram    all experts in VRAM: `llama-bench -ngl 99` against flashmoe `run --backend cuda`
-#           (default VRAM cache: every expert fits), alternating, ROUNDS each
+#   vram    all experts in VRAM: `llama-bench -ngl 99 -n TOKENS -d DEPTH` against flashmoe
+#           `run --backend cuda` (default VRAM cache: every expert fits) decoding FM_TOKENS
+#           sampled tokens after a prompt of about DEPTH tokens, alternating, ROUNDS each
 #   beyond  experts beyond VRAM: llama.cpp `--n-cpu-moe N` (the experts of N layers on the CPU,
 #           computed there) against flashmoe `run --backend cuda --vram-cache-gb G
 #           --pinned-cache-gb P` (experts copied from a pinned host tier on a VRAM miss), for
@@ -20,10 +21,12 @@
 #   bench   one `flashmoe bench decode --backend cuda --json`: its cuda.model_experts_from_disk
 #           holds the model's decode with every expert preloaded into VRAM (no first touches),
 #           and with every routed expert read from the disk; its decode section the CPU figures
-#           and int8's accuracy against --exact
+#           and int8's accuracy against --exact (about 90 s: after a build, past DEADLINE)
 # Under $OUT: steps.log, rounds.tsv (one line per measurement), summary.md (the table) and
-# logs.tar.gz (the build, synth and twin logs, each measurement's JSON or text). WORK (target/peer-work) holds the build and the
-# models; it is git-ignored, so a warm machine keeps it for the next call.
+# logs.tar.gz (the build, synth and twin logs, each measurement's JSON or text). WORK
+# (target/peer-work) holds the build and the models; it is git-ignored, so a warm machine keeps
+# it for the next call. On an H100 (2026-12-07) the build took 135 s, the model and twin 26 s
+# beside it, flashmoe's first run 70 s more for its NVRTC compile (cached in WORK after).
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}
