@@ -40,7 +40,8 @@ ROUNDS=${ROUNDS:-2}
 BEYOND_VRAM_GB=${BEYOND_VRAM_GB:-1}
 NPROC=$(nproc)
 # At most 8 files come back from $OUT: steps.log, rounds.tsv, summary.md, logs.tar.gz (every
-# other log and JSON, from $LOG) and up to 4 parts of the saved llama-bench.
+# other log and JSON, from $LOG), up to 3 parts of the saved llama-bench and flashmoe's PTX
+# cache.
 LOG=$WORK/logs
 mkdir -p "$OUT" "$WORK"
 rm -rf "$LOG" && mkdir -p "$LOG"
@@ -72,7 +73,12 @@ if ! ldconfig -p | grep -q 'libnvrtc.so '; then
   mkdir -p /tmp/nvl && ln -sf "$lib" /tmp/nvl/libnvrtc.so
   export LD_LIBRARY_PATH=/tmp/nvl:$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 fi
+# flashmoe's PTX cache (NVRTC output, keyed by the kernels' source): about 70 s of compiling
+# on a fresh machine, skipped when a former call brought it back (SAVE_PTX=1).
 export FLASHMOE_CACHE=$WORK/flashmoe-cache
+if [ -f "$CARRY/flashmoe-cache.tar.gz" ] && [ ! -d "$FLASHMOE_CACHE" ]; then
+  tar -C "$WORK" -xzf "$CARRY/flashmoe-cache.tar.gz" && say "flashmoe PTX cache from the carry"
+fi
 
 # The model and its twin are written while llama.cpp builds (disk and RNG against nvcc).
 make_model() {
@@ -127,11 +133,11 @@ if has build && [ ! -x "$LB" ]; then
   if [ "${SAVE_LLAMA:-0}" = 1 ] && [ -x "$LB" ]; then
     strip -o "$WORK/llama-bench.stripped" "$LB" && xz -T"$NPROC" -4 -c "$WORK/llama-bench.stripped" \
       | split -b 15M - "$WORK/llama-bench.xz.part-"
-    if [ "$(ls "$WORK"/llama-bench.xz.part-* | wc -l)" -le 4 ]; then
+    if [ "$(ls "$WORK"/llama-bench.xz.part-* | wc -l)" -le 3 ]; then
       mv "$WORK"/llama-bench.xz.part-* "$OUT/"
       ls -la "$OUT"/llama-bench.xz.part-* | tee -a "$OUT/steps.log"
     else
-      say "llama-bench.xz is over 4 parts of 15 MiB: not saved"; rm -f "$WORK"/llama-bench.xz.part-*
+      say "llama-bench.xz is over 3 parts of 15 MiB: not saved"; rm -f "$WORK"/llama-bench.xz.part-*
     fi
   fi
 fi
@@ -252,4 +258,7 @@ open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
 pack_logs
+if [ "${SAVE_PTX:-0}" = 1 ] && [ -d "$FLASHMOE_CACHE" ]; then
+  tar -C "$WORK" -czf "$OUT/flashmoe-cache.tar.gz" flashmoe-cache && ls -la "$OUT/flashmoe-cache.tar.gz"
+fi
 say "done"
