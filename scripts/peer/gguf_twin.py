@@ -27,6 +27,11 @@ import numpy as np
 
 QK = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144)}
 
+# How the random values are drawn (2: one generator per tensor, seeded by its index). A twin and
+# its --f32 twin hold the same values only when both were written with one format, so
+# peer.py puts it in the file names.
+TWIN_FORMAT = 2
+
 
 def import_gguf(llama_src):
     """gguf-py vendored with the llama.cpp being benchmarked (matches its format), else PyPI's."""

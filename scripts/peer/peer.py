@@ -296,7 +296,7 @@ def main():
 
     src, ver = llama_source(a.cache, a.llama_cpp_python)
     exe = build_llama(a.cache, src, ver, a.cuda, a.jobs)
-    from gguf_twin import write_twin
+    from gguf_twin import TWIN_FORMAT, write_twin
 
     name = (f"{a.preset}-l{a.layers}-v{a.vocab}" + (f"-e{a.experts}" if a.experts else "")
             + f"-b{a.bits}-d{a.dense_bits}")
@@ -309,7 +309,7 @@ def main():
         if a.experts:
             cmd += ["--experts", a.experts]
         run(cmd)
-    gguf = os.path.join(models, name + ("-q4k" if a.q4k else "") + ".gguf")
+    gguf = os.path.join(models, name + ("-q4k" if a.q4k else "") + f".twin{TWIN_FORMAT}.gguf")
     if not os.path.exists(gguf):
         say(f"writing the GGUF twin {gguf}")
         write_twin(model, gguf + ".partial", src, q4k=a.q4k)
