@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use flashmoe_core::error::Result;
 use wgpu::util::DeviceExt;
 
+use crate::shaders::Fast;
 use crate::{op_err, WgpuError};
 
 /// Dispatches recorded before the pending encoder is submitted (bounds its memory).
@@ -40,6 +41,20 @@ pub struct Options {
     /// Products with one thread per row instead of a workgroup per row; `None`: per
     /// adapter (one thread per row on software adapters, whose barriers are expensive).
     pub row_per_thread: Option<bool>,
+    /// The fast affine products in this configuration (unless `row_per_thread` is
+    /// `Some(true)`); `None`: per adapter ([`Wgpu::default_fast`] on hardware adapters, none
+    /// on software ones).
+    pub fast: Option<Fast>,
+}
+
+/// Which kernels run the products: `per_row` (one thread per row: software adapters), a
+/// workgroup per row, or, for affine matrices whose rows are whole 16-byte chunks, the fast
+/// kernels (`fast.wgsl`) with a workgroup per row for the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    PerThread,
+    PerWorkgroup,
+    Fast(Fast),
 }
 
 fn instance() -> wgpu::Instance {
@@ -81,12 +96,13 @@ pub struct Wgpu {
     pub(crate) queue: wgpu::Queue,
     pub(crate) desc: AdapterDesc,
     pub(crate) limits: wgpu::Limits,
-    pipes: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    pipes: Mutex<HashMap<String, wgpu::ComputePipeline>>,
     pending: Mutex<(Option<wgpu::CommandEncoder>, usize)>,
     /// Bound where a kernel declares a buffer that an op does not use.
     pub(crate) dummy: wgpu::Buffer,
-    /// Products with one thread per row (the `per_row` entry points of `matmul.wgsl` and `expert.wgsl`).
-    pub(crate) row_per_thread: bool,
+    /// The product kernels (see [`Products`]).
+    pub(crate) products: Products,
+    default_fast: Option<Fast>,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -126,9 +142,12 @@ impl Wgpu {
         let adapter = &all[idx];
         let desc = describe(idx, adapter);
         let limits = adapter.limits();
+        // Subgroup operations where the adapter has them (the fast products' reduction).
+        let features = adapter.features() & wgpu::Features::SUBGROUP;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("flashmoe"),
             required_limits: limits.clone(),
+            required_features: features,
             ..Default::default()
         }))
         .map_err(|e| WgpuError::Device {
@@ -141,9 +160,32 @@ impl Wgpu {
             usage: USAGE,
             mapped_at_creation: false,
         });
-        let row_per_thread = opts.row_per_thread.unwrap_or(desc.software);
+        let info = adapter.get_info();
+        let default_fast = default_fast(&info, features, &limits);
+        let products = match (opts.row_per_thread, opts.fast) {
+            (Some(true), _) => Products::PerThread,
+            (_, Some(f)) => {
+                if !f.valid() || f.wgs > limits.max_compute_invocations_per_workgroup {
+                    return Err(WgpuError::Device {
+                        adapter: desc.name.clone(),
+                        msg: format!("fast products {f:?} do not fit this adapter"),
+                    });
+                }
+                if f.subgroup && default_fast.map(|d| (d.subgroup, d.lg)) != Some((true, f.lg)) {
+                    return Err(WgpuError::Device {
+                        adapter: desc.name.clone(),
+                        msg: format!("no fixed subgroup size of {} here", f.lg),
+                    });
+                }
+                Products::Fast(f)
+            }
+            (Some(false), None) => Products::PerWorkgroup,
+            (None, None) if desc.software => Products::PerThread,
+            (None, None) => default_fast.map_or(Products::PerWorkgroup, Products::Fast),
+        };
         Ok(Wgpu {
-            row_per_thread,
+            products,
+            default_fast,
             device,
             queue,
             desc,
@@ -157,6 +199,18 @@ impl Wgpu {
     /// The adapter this backend runs on.
     pub fn adapter(&self) -> &AdapterDesc {
         &self.desc
+    }
+
+    /// The product kernels this backend runs.
+    pub fn products(&self) -> Products {
+        self.products
+    }
+
+    /// The fast products' configuration a hardware adapter of this kind gets by default
+    /// (`None`: a workgroup of 32 threads is beyond it). With subgroup operations where the
+    /// adapter has them at a fixed size.
+    pub fn default_fast(&self) -> Option<Fast> {
+        self.default_fast
     }
 
     /// The largest buffer one binding may cover, in bytes.
@@ -198,16 +252,16 @@ impl Wgpu {
             })
     }
 
-    fn pipeline(&self, name: &'static str) -> Result<wgpu::ComputePipeline> {
+    fn pipeline(&self, name: &str) -> Result<wgpu::ComputePipeline> {
         let mut p = self
             .pipes
             .lock()
-            .map_err(|_| op_err(name, "lock poisoned"))?;
+            .map_err(|_| op_err("pipeline", "lock poisoned"))?;
         if let Some(x) = p.get(name) {
             return Ok(x.clone());
         }
-        let (src, entry) =
-            crate::shaders::source(name).ok_or_else(|| op_err(name, "no such kernel"))?;
+        let (src, entry) = crate::shaders::source(name)
+            .ok_or_else(|| op_err("pipeline", format!("no kernel named {name}")))?;
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -224,7 +278,7 @@ impl Wgpu {
                 compilation_options: Default::default(),
                 cache: None,
             });
-        p.insert(name, pipe.clone());
+        p.insert(name.to_string(), pipe.clone());
         Ok(pipe)
     }
 
@@ -265,7 +319,7 @@ impl Wgpu {
     /// up to 16 words) and `bufs` at their binding numbers.
     pub(crate) fn dispatch(
         &self,
-        name: &'static str,
+        name: &str,
         params: &[u32],
         bufs: &[(u32, &wgpu::Buffer)],
         groups: [u32; 3],
@@ -276,8 +330,10 @@ impl Wgpu {
         let lim = self.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > lim) {
             return Err(op_err(
-                name,
-                format!("grid {groups:?} exceeds the adapter's {lim} workgroups per dimension"),
+                "dispatch",
+                format!(
+                    "{name}: grid {groups:?} exceeds the adapter's {lim} workgroups per dimension"
+                ),
             ));
         }
         let pipe = self.pipeline(name)?;
@@ -371,4 +427,31 @@ pub(crate) fn grid(n: usize) -> ([u32; 3], u32) {
     let n = n as u32;
     let x = n.clamp(1, GRID_X);
     ([x, n.div_ceil(x), 1], x)
+}
+
+/// The fast products on a hardware adapter: lane groups of its subgroup size where that is
+/// fixed and subgroup operations are on (else 32 lanes summing through workgroup memory), 128
+/// threads per workgroup and two rows per lane group (each lane loads x once for both rows).
+/// `None` where the adapter cannot run a workgroup of 32.
+fn default_fast(
+    info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: &wgpu::Limits,
+) -> Option<Fast> {
+    let fixed = info.subgroup_min_size == info.subgroup_max_size;
+    let sg = info.subgroup_max_size;
+    let subgroup = features.contains(wgpu::Features::SUBGROUP)
+        && fixed
+        && sg.is_power_of_two()
+        && (4..=128).contains(&sg);
+    let lg = if subgroup { sg } else { 32 };
+    let max = limits.max_compute_invocations_per_workgroup;
+    let wgs = 128u32.max(lg);
+    let f = Fast {
+        lg,
+        wgs,
+        r: 2,
+        subgroup,
+    };
+    (wgs <= max).then_some(f)
 }

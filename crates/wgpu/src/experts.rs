@@ -16,6 +16,7 @@ use crate::device::{grid, Wgpu};
 use crate::mat::{format_words, parts_of, row_bytes};
 use crate::op_err;
 use crate::ops::GBuf;
+use crate::shaders::FastKind;
 
 /// Where one matrix landed in the packed upload: data base (format units), scales base
 /// (elements).
@@ -46,7 +47,9 @@ impl Pack {
         self.w.extend_from_slice(&d[..m.rows() * rb]);
         self.s.extend_from_slice(&s[..m.rows() * sb]);
         self.b.extend_from_slice(&b[..m.rows() * sb]);
-        for v in [&mut self.w, &mut self.s, &mut self.b] {
+        // Data on 16 bytes (the fast products read it in 16-byte chunks), scales on a word.
+        self.w.resize(self.w.len().next_multiple_of(16), 0);
+        for v in [&mut self.s, &mut self.b] {
             v.resize(v.len().next_multiple_of(4), 0);
         }
         at
@@ -213,13 +216,19 @@ impl Wgpu {
         y: &wgpu::Buffer,
         j: &wgpu::Buffer,
     ) -> Result<()> {
-        let (name, per) = self.product_kernel("expert");
+        let (name, per) = match self.fast_for(m, cols) {
+            Some(f) => (f.key(FastKind::Expert, m[1], 1), f.rows_per_group()),
+            None => {
+                let (n, per) = self.product_kernel("expert");
+                (n.to_string(), per)
+            }
+        };
         let (mut g, gx) = grid(rows.div_ceil(per));
         g[2] = jobs as u32;
         let mut params = m.to_vec();
         params.extend([rows as u32, cols as u32, jobs as u32, gx]);
         self.dispatch(
-            name,
+            &name,
             &params,
             &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
             g,

@@ -18,9 +18,10 @@ mod ops;
 pub mod shaders;
 
 pub use bench::{bench, BenchOptions};
-pub use device::{adapters, AdapterDesc, Options, Wgpu};
+pub use device::{adapters, AdapterDesc, Options, Products, Wgpu};
 pub use mat::GMat;
 pub use ops::{GBuf, GRoutes};
+pub use shaders::{Fast, FastKind};
 
 /// Why the wgpu backend could not start or run.
 #[derive(Debug, thiserror::Error)]

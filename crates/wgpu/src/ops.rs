@@ -7,9 +7,10 @@ use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnSha
 use flashmoe_core::error::Result;
 use flashmoe_core::weights::Linear;
 
-use crate::device::{grid, Wgpu};
+use crate::device::{grid, Products, Wgpu};
 use crate::mat::GMat;
 use crate::op_err;
+use crate::shaders::{Fast, FastKind};
 
 /// f32 elements on the device; `len` of them are in use (a KV cache grows within the
 /// buffer's capacity).
@@ -109,15 +110,24 @@ impl Wgpu {
         t: usize,
         y: &wgpu::Buffer,
     ) -> Result<()> {
-        let (name, per) = self.product_kernel("matmul");
+        let fast = self.fast_for(w.m, w.cols);
+        let tb = if t == 1 { 1 } else { 8 };
+        let (name, per) = match fast {
+            Some(f) => (f.key(FastKind::Matmul, w.m[1], tb), f.rows_per_group()),
+            None => {
+                let (n, per) = self.product_kernel("matmul");
+                (n.to_string(), per)
+            }
+        };
+        let tb = if fast.is_some() { tb as usize } else { 8 };
         for p in &w.parts {
             let (mut g, gx) = grid(p.rows.div_ceil(per));
-            g[2] = t.div_ceil(8) as u32;
+            g[2] = t.div_ceil(tb) as u32;
             let mut params = w.m.to_vec();
             params.extend([p.rows, w.cols, t, p.row0, w.rows].map(|v| v as u32));
             params.push(gx);
             self.dispatch(
-                name,
+                &name,
                 &params,
                 &[
                     (1, &p.w),
@@ -134,10 +144,20 @@ impl Wgpu {
 
     /// The product kernel `base` or its one-thread-per-row twin, and rows per workgroup.
     pub(crate) fn product_kernel(&self, base: &'static str) -> (&'static str, usize) {
-        match (base, self.row_per_thread) {
-            ("matmul", true) => ("matmul_rows", 64),
-            ("expert", true) => ("expert_rows", 64),
+        match (base, self.products) {
+            ("matmul", Products::PerThread) => ("matmul_rows", 64),
+            ("expert", Products::PerThread) => ("expert_rows", 64),
             (b, _) => (b, 1),
+        }
+    }
+
+    /// The fast products' configuration for a matrix of format words `m` and `cols` columns:
+    /// where this backend runs them and the matrix is affine with rows of whole 16-byte
+    /// chunks (four words of codes).
+    pub(crate) fn fast_for(&self, m: [u32; 4], cols: usize) -> Option<Fast> {
+        match self.products {
+            Products::Fast(f) if m[0] == 3 && cols.is_multiple_of(128 / m[1] as usize) => Some(f),
+            _ => None,
         }
     }
 

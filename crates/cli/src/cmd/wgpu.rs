@@ -79,6 +79,7 @@ pub fn factory(adapter: Option<usize>, allow_software: bool) -> Result<BackendFa
         adapter,
         allow_software,
         row_per_thread: None,
+        fast: None,
     };
     // The CPU model the upload came from, and the upload.
     type Uploaded = (Arc<Model>, Arc<Model<Wgpu>>);
@@ -112,6 +113,7 @@ pub fn bench(
         adapter: None,
         allow_software: true,
         row_per_thread: None,
+        fast: None,
     })?;
     let opts = flashmoe_wgpu::BenchOptions {
         tokens: tokens.max(1),

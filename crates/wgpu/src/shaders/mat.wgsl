@@ -1,28 +1,5 @@
-// Weight access shared by matmul, the expert batch and embed (prepended to those shaders).
-// A matrix is `W` in its stored format: fmt 0 f32, 1 bf16, 2 f16 (two per u32, low half
-// first), 3 MLX affine (`bits`-bit codes LSB-first in u32 words, one scale and bias per
-// `group` columns, scales/biases in sfmt 0 f32, 1 bf16, 2 f16). `w = q * scale + bias`.
-struct M {
-    fmt: u32,
-    bits: u32,
-    group: u32,
-    sfmt: u32,
-}
-
+// Weight access of matmul, the expert batch and embed (after scales.wgsl): `W` as words.
 @group(0) @binding(1) var<storage, read> W: array<u32>;
-@group(0) @binding(2) var<storage, read> S: array<u32>;
-@group(0) @binding(3) var<storage, read> Bz: array<u32>;
-
-fn half_bits(word: u32, i: u32) -> u32 {
-    return (word >> ((i & 1u) * 16u)) & 0xffffu;
-}
-
-fn half_to_f32(h: u32, f: u32) -> f32 {
-    if f == 1u {
-        return bitcast<f32>(h << 16u);
-    }
-    return unpack2x16float(h).x;
-}
 
 // Element `i` of a dense 16/32-bit array in format `f` (0 f32, 1 bf16, 2 f16).
 fn w_at(i: u32, f: u32) -> f32 {
@@ -30,20 +7,6 @@ fn w_at(i: u32, f: u32) -> f32 {
         return bitcast<f32>(W[i]);
     }
     return half_to_f32(half_bits(W[i >> 1u], i), f);
-}
-
-fn scale_at(i: u32, f: u32) -> f32 {
-    if f == 0u {
-        return bitcast<f32>(S[i]);
-    }
-    return half_to_f32(half_bits(S[i >> 1u], i), f);
-}
-
-fn bias_at(i: u32, f: u32) -> f32 {
-    if f == 0u {
-        return bitcast<f32>(Bz[i]);
-    }
-    return half_to_f32(half_bits(Bz[i >> 1u], i), f);
 }
 
 // Element (row, c) of a matrix of `cols` columns whose data starts at `wbase` (format units:

@@ -1,16 +1,5 @@
 // y [t, ystride] (columns row0..row0+rows) = x [t, cols] W^T. One workgroup per row and block
 // of up to TB tokens, so a row's weights are read once per block.
-struct P {
-    m: M,
-    rows: u32,
-    cols: u32,
-    t: u32,
-    row0: u32,
-    ystride: u32,
-    gx: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(4) var<storage, read> X: array<f32>;
 @group(0) @binding(5) var<storage, read_write> Y: array<f32>;
 
