@@ -17,6 +17,7 @@ use crate::buf::Buf;
 use crate::error::Result;
 use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
 use crate::kernels::quantize_affine;
+use crate::residency::SlotBackend;
 use crate::store::DType;
 use crate::weights::Linear;
 
@@ -332,6 +333,28 @@ pub fn run_with<B: Backend>(be: &B, bounds: Bounds) -> Report {
     c.report
 }
 
+/// The slot-batch op of a [`SlotBackend`] (expert residency, `crate::residency`) against
+/// [`Reference`], with the default [`Bounds`]; a backend with slots runs this beside [`run`].
+pub fn run_slots<B: SlotBackend>(be: &B) -> Report {
+    run_slots_with(be, Bounds::default())
+}
+
+/// [`run_slots`] with other bounds.
+pub fn run_slots_with<B: SlotBackend>(be: &B, bounds: Bounds) -> Report {
+    let mut c = Ctx {
+        be,
+        r: Reference,
+        rng: StdRng::seed_from_u64(0x5107),
+        bounds,
+        report: Report {
+            backend: be.name(),
+            ..Report::default()
+        },
+    };
+    c.section("slots", slots::slots);
+    c.report
+}
+
 /// Shapes of the attention cases: Qwen3.5-like (gated, GQA 2, partial rotary) and
 /// Qwen3-MoE-like (no gate, full rotary).
 fn attn_shapes() -> [AttnShape; 2] {
@@ -367,3 +390,4 @@ const GDN: GdnShape = GdnShape {
 };
 
 mod ops;
+mod slots;
