@@ -158,6 +158,16 @@ fn bench_wgpu_reports_the_adapter_limits_beside_kernels_and_decode() {
     let d = &w["decode"];
     assert!(d["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{d}");
     assert!(d["expert_upload_bound_ms"].as_f64().is_some(), "{d}");
+    assert!(
+        d["time_over_bound_ratio"].as_f64().is_some_and(|x| x > 0.0),
+        "{d}"
+    );
+    // The resident decode: every expert of the tiny model preloaded into device slots, so
+    // no token fills a slot.
+    let r = &w["decode_resident"];
+    assert!(r["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    assert_eq!(r["all_preloaded"], true, "{r}");
+    assert_eq!(r["slot_fills_per_token"].as_f64(), Some(0.0), "{r}");
 }
 
 /// The text commands on wgpu over the tiny test model with a tokenizer: `run --prompt` and

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use flashmoe_core::error::Result;
+use flashmoe_core::residency::Residency;
 use wgpu::util::DeviceExt;
 
 use crate::shaders::Fast;
@@ -103,6 +104,8 @@ pub struct Wgpu {
     /// The product kernels (see [`Products`]).
     pub(crate) products: Products,
     default_fast: Option<Fast>,
+    /// The routed experts' residency tier, when one is enabled (`slots.rs`).
+    pub(crate) tier: Mutex<Option<Residency<Wgpu>>>,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -186,6 +189,7 @@ impl Wgpu {
         Ok(Wgpu {
             products,
             default_fast,
+            tier: Mutex::new(None),
             device,
             queue,
             desc,
@@ -380,6 +384,14 @@ impl Wgpu {
             return Ok(());
         }
         self.with_encoder(|enc| enc.copy_buffer_to_buffer(src, so, dst, d_o, bytes))
+    }
+
+    /// Records zeroing the first `bytes` of `buf` (a multiple of 4).
+    pub(crate) fn clear(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.with_encoder(|enc| enc.clear_buffer(buf, 0, Some(bytes)))
     }
 
     /// Waits for everything recorded and reads `bytes` of `src` from offset 0.

@@ -166,52 +166,78 @@ impl Wgpu {
         let gu = self.buffer((2 * np * inter * 4) as u64);
         for (m, fw, yoff) in [(0, fg, 0), (1, fu, np)] {
             let jb = self.buffer_with(bytemuck::cast_slice(&jobs(m, &tok, yoff)));
-            self.batch(fw, inter, h, np, &wb, &sb, &bb, &x.buf, &gu, &jb)?;
+            self.batch(fw, inter, h, np, [&wb, &sb, &bb], 0, &x.buf, &gu, &jb)?;
         }
-        let hid = GBuf {
-            buf: self.buffer((np * inter * 4) as u64),
-            len: np * inter,
-        };
-        let (g, _) = grid((np * inter).div_ceil(64));
-        self.dispatch(
-            "ew",
-            &[2, (np * inter) as u32, 0, (np * inter) as u32],
-            &[(1, &hid.buf), (2, &gu), (3, &gu), (4, &gu)],
-            g,
-        )?;
+        let hid = self.swiglu_pairs(np, inter, &gu)?;
         let d = self.buffer((np * h * 4) as u64);
         let jb = self.buffer_with(bytemuck::cast_slice(&jobs(2, &|p| p, 0)));
-        self.batch(fd, h, inter, np, &wb, &sb, &bb, &hid.buf, &d, &jb)?;
+        self.batch(fd, h, inter, np, [&wb, &sb, &bb], 0, &hid, &d, &jb)?;
         let table: Vec<u32> = pairs
             .iter()
             .enumerate()
             .flat_map(|(p, &(_, _, wt))| [p as u32, wt.to_bits()])
             .collect();
-        let tb = self.buffer_with(bytemuck::cast_slice(&table));
-        let (g, _) = grid((t * h).div_ceil(64));
-        self.dispatch(
-            "esum",
-            &[h as u32, k as u32, (t * h) as u32],
-            &[(1, &d), (2, &tb), (3, &out.buf)],
-            g,
-        )?;
+        self.esum(&d, &table, h, k, t, out, false)?;
         Ok(ExpertTimes {
             wait,
             compute: start.elapsed().saturating_sub(wait),
         })
     }
 
-    /// One dispatch of `jobs` products of a `[rows, cols]` matrix (`expert.wgsl`).
+    /// `hid [np, inter] = silu(gu[..np]) * gu[np..]` of the gate and up products `gu [2np,
+    /// inter]`.
+    pub(crate) fn swiglu_pairs(
+        &self,
+        np: usize,
+        inter: usize,
+        gu: &wgpu::Buffer,
+    ) -> Result<wgpu::Buffer> {
+        let hid = self.buffer((np * inter * 4) as u64);
+        let (g, _) = grid((np * inter).div_ceil(64));
+        self.dispatch(
+            "ew",
+            &[2, (np * inter) as u32, 0, (np * inter) as u32],
+            &[(1, &hid), (2, gu), (3, gu), (4, gu)],
+            g,
+        )?;
+        Ok(hid)
+    }
+
+    /// `out [t, h] (+)= Σ w · d[pair]` over `table [t, k]` of (pair, weight bits) per token,
+    /// in the table's order (ascending expert id); added to `out` with `add`.
     #[allow(clippy::too_many_arguments)]
-    fn batch(
+    pub(crate) fn esum(
+        &self,
+        d: &wgpu::Buffer,
+        table: &[u32],
+        h: usize,
+        k: usize,
+        t: usize,
+        out: &GBuf,
+        add: bool,
+    ) -> Result<()> {
+        let tb = self.buffer_with(bytemuck::cast_slice(table));
+        let (g, _) = grid((t * h).div_ceil(64));
+        self.dispatch(
+            "esum",
+            &[h as u32, k as u32, (t * h) as u32, add as u32],
+            &[(1, d), (2, &tb), (3, &out.buf)],
+            g,
+        )
+    }
+
+    /// One dispatch of `jobs` products of a `[rows, cols]` matrix (`expert.wgsl`, or
+    /// `fast_expert.wgsl` where [`Wgpu::fast_for`] says): weights, scales and biases in `wsb`
+    /// (one buffer thrice for slots, the biases `bdelta` elements after the scales).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn batch(
         &self,
         m: [u32; 4],
         rows: usize,
         cols: usize,
         jobs: usize,
-        w: &wgpu::Buffer,
-        s: &wgpu::Buffer,
-        b: &wgpu::Buffer,
+        [w, s, b]: [&wgpu::Buffer; 3],
+        bdelta: u32,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         j: &wgpu::Buffer,
@@ -226,7 +252,7 @@ impl Wgpu {
         let (mut g, gx) = grid(rows.div_ceil(per));
         g[2] = jobs as u32;
         let mut params = m.to_vec();
-        params.extend([rows as u32, cols as u32, jobs as u32, gx]);
+        params.extend([rows as u32, cols as u32, jobs as u32, gx, bdelta]);
         self.dispatch(
             &name,
             &params,

@@ -558,6 +558,7 @@ impl Backend for Wgpu {
         host: Option<&Routes>,
         out: &mut GBuf,
     ) -> Result<ExpertTimes> {
+        // The routing on the host: the tier and the per-call upload both need it.
         let owned;
         let host = match host {
             Some(h) => h,
@@ -570,7 +571,14 @@ impl Backend for Wgpu {
                     .ok_or_else(|| op_err("moe_experts", "no routing"))?
             }
         };
-        self.experts(call, x, host, out)
+        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        match tier.as_mut() {
+            Some(t) => t.run(self, call, x, routes, Some(host), out),
+            None => {
+                drop(tier);
+                self.experts(call, x, host, out)
+            }
+        }
     }
 
     fn moe_combine(

@@ -11,7 +11,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if row >= p.rows {
         return;
     }
-    row_dot(p.m, J[j * 4u], J[j * 4u + 1u], p.cols, row, J[j * 4u + 2u], 1u, tid, WG);
+    row_dot(p.m, J[j * 4u], J[j * 4u + 1u], p.bdelta, p.cols, row, J[j * 4u + 2u], 1u, tid, WG);
     reduce_acc(tid);
     if tid == 0u {
         Y[J[j * 4u + 3u] * p.rows + row] = red[0];
@@ -26,6 +26,6 @@ fn per_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     if row >= p.rows {
         return;
     }
-    row_dot(p.m, J[j * 4u], J[j * 4u + 1u], p.cols, row, J[j * 4u + 2u], 1u, 0u, 1u);
+    row_dot(p.m, J[j * 4u], J[j * 4u + 1u], p.bdelta, p.cols, row, J[j * 4u + 2u], 1u, 0u, 1u);
     Y[J[j * 4u + 3u] * p.rows + row] = acc[0];
 }

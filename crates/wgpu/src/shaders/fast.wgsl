@@ -19,8 +19,9 @@ var<private> acc: array<f32, R * TB>;
 var<workgroup> sums: array<f32, (WGS / LG) * R * TB>;
 
 // Rows row0..row0+R (those < rows) of the matrix whose codes start at vec4 `wbase4` and
-// scales at `sbase`, times x rows xrow0..xrow0+tn: this lane's share into acc.
-fn rows_dot(m: M, wbase4: u32, sbase: u32, rows: u32, cols: u32, row0: u32, xrow0: u32, tn: u32, lane: u32) {
+// scales at `sbase` (biases `bdelta` elements after them, see mat.wgsl's row_dot), times x
+// rows xrow0..xrow0+tn: this lane's share into acc.
+fn rows_dot(m: M, wbase4: u32, sbase: u32, bdelta: u32, rows: u32, cols: u32, row0: u32, xrow0: u32, tn: u32, lane: u32) {
     for (var i = 0u; i < R * TB; i++) {
         acc[i] = 0.0;
     }
@@ -56,7 +57,7 @@ fn rows_dot(m: M, wbase4: u32, sbase: u32, rows: u32, cols: u32, row0: u32, xrow
                     for (var r = 0u; r < R; r++) {
                         let gi = sbase + min(row0 + r, rows - 1u) * ng + g;
                         let a = r * TB + tt;
-                        acc[a] = fma(scale_at(gi, m.sfmt), qx[r], fma(bias_at(gi, m.sfmt), sx, acc[a]));
+                        acc[a] = fma(scale_at(gi, m.sfmt), qx[r], fma(bias_at(gi + bdelta, m.sfmt), sx, acc[a]));
                         qx[r] = 0.0;
                     }
                     sx = 0.0;

@@ -7,7 +7,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let row0 = ((wid.x + wid.y * p.gx) * (WGS / LG) + rg) * R;
     let t0 = wid.z * TB;
     let tn = min(TB, p.t - t0);
-    rows_dot(p.m, 0u, 0u, p.rows, p.cols, row0, t0, tn, lane);
+    rows_dot(p.m, 0u, 0u, 0u, p.rows, p.cols, row0, t0, tn, lane);
     reduce(lane, rg);
     for (var i = lane; i < R * TB; i += LG) {
         let row = row0 + i / TB;

@@ -29,9 +29,11 @@ var<workgroup> red: array<f32, 512>;
 
 // acc[tt] = W[row] . X[xrow0 + tt] for tt < tn, over this thread's share of the columns
 // (from `tid` in steps of `step`: WG when a workgroup shares a row, 1 when a thread owns it).
+// A group's bias is element `bdelta` after its scale's index (0 where S and Bz are separate
+// buffers; the offset of the biases from the scales where one slot buffer holds both).
 // The affine form folds the dequantisation: sum over a word of q*x, times the scale, plus the
 // bias times the sum of x (one multiply per code instead of a dequantised weight).
-fn row_dot(m: M, wbase: u32, sbase: u32, cols: u32, row: u32, xrow0: u32, tn: u32, tid: u32, step: u32) {
+fn row_dot(m: M, wbase: u32, sbase: u32, bdelta: u32, cols: u32, row: u32, xrow0: u32, tn: u32, tid: u32, step: u32) {
     for (var tt = 0u; tt < TB; tt++) {
         acc[tt] = 0.0;
     }
@@ -53,7 +55,7 @@ fn row_dot(m: M, wbase: u32, sbase: u32, cols: u32, row: u32, xrow0: u32, tn: u3
         let c0 = i * per;
         let g = sbase + row * ng + c0 / m.group;
         let s = scale_at(g, m.sfmt);
-        let b = bias_at(g, m.sfmt);
+        let b = bias_at(g + bdelta, m.sfmt);
         for (var tt = 0u; tt < tn; tt++) {
             let xb = (xrow0 + tt) * cols + c0;
             var qx = 0.0;

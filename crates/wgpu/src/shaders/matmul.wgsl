@@ -11,7 +11,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let t0 = wid.z * TB;
     let tn = min(TB, p.t - t0);
-    row_dot(p.m, 0u, 0u, p.cols, row, t0, tn, tid, WG);
+    row_dot(p.m, 0u, 0u, 0u, p.cols, row, t0, tn, tid, WG);
     reduce_acc(tid);
     if tid < tn {
         Y[(t0 + tid) * p.ystride + p.row0 + row] = red[tid * WG];
@@ -30,7 +30,7 @@ fn per_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     }
     let t0 = wid.z * TB;
     let tn = min(TB, p.t - t0);
-    row_dot(p.m, 0u, 0u, p.cols, row, t0, tn, 0u, 1u);
+    row_dot(p.m, 0u, 0u, 0u, p.cols, row, t0, tn, 0u, 1u);
     for (var tt = 0u; tt < tn; tt++) {
         Y[(t0 + tt) * p.ystride + p.row0 + row] = acc[tt];
     }
