@@ -1,7 +1,9 @@
 //! `flashmoe bench --backend wgpu`: the adapter's limits measured in the same run (device
 //! copy bandwidth and host-to-device upload bandwidth through wgpu), the 4-bit product at
-//! dense shapes beside them, and greedy decode of the model on the device. Host timers around
-//! waits for the device; each figure is the best of a few repetitions.
+//! dense shapes beside them, and greedy decode of the model on the device (experts resident in
+//! device slots, and uploaded on use beside their bound). Copies and products are timed from
+//! the submission of many recorded repetitions to the device going idle (round 1 timed one
+//! submission per figure: latency, not bandwidth); each figure is the best of three.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -53,17 +55,35 @@ fn best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(b)
 }
 
+/// Device seconds per repetition of `record` (commands recorded, not run): `n` of them are
+/// recorded first, then the clock runs from their submission to the device going idle, so the
+/// host's recording is not counted and one submission's latency is spread over `n`. Best of
+/// three.
+fn device_time(be: &Wgpu, n: usize, mut record: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut b = f64::MAX;
+    for _ in 0..3 {
+        be.wait()?;
+        for _ in 0..n {
+            record()?;
+        }
+        let t = Instant::now();
+        be.wait()?;
+        b = b.min(t.elapsed().as_secs_f64() / n as f64);
+    }
+    Ok(b)
+}
+
+/// Repetitions moving about 2 GB, within 4..=200 (fewer than the encoder's batch).
+fn reps_for(bytes: usize) -> usize {
+    (2e9 / bytes.max(1) as f64).clamp(4.0, 200.0) as usize
+}
+
 /// Bytes copied per second from one device buffer to another, and bytes per second from host
 /// memory into a device buffer.
 fn limits(be: &Wgpu, mb: usize) -> Result<(f64, f64)> {
     let n = (mb.max(1) << 20) as u64;
     let (a, b) = (be.buffer(n), be.buffer(n));
-    be.copy(&a, 0, &b, 0, n)?;
-    be.wait()?;
-    let copy = best(5, || {
-        be.copy(&a, 0, &b, 0, n)?;
-        be.wait()
-    })?;
+    let copy = device_time(be, reps_for(2 * n as usize), || be.copy(&a, 0, &b, 0, n))?;
     let host = vec![1u8; n as usize];
     let upload = best(3, || {
         be.queue.write_buffer(&a, 0, &host);
@@ -259,8 +279,8 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
     v
 }
 
-/// Seconds per product of `wm` with one token, and weight bytes per second (best of three
-/// runs of 20).
+/// Device seconds per product of `wm` with one token, and weight bytes per second (see
+/// [`device_time`]).
 fn product(
     be: &Wgpu,
     wm: &crate::GMat,
@@ -271,13 +291,6 @@ fn product(
     let x = be.upload(&vec![0.5f32; cols])?;
     let mut y = be.alloc(rows)?;
     be.matmul(wm, &x, 1, &mut y)?;
-    be.wait()?;
-    let reps = 20;
-    let s = best(3, || {
-        for _ in 0..reps {
-            be.matmul(wm, &x, 1, &mut y)?;
-        }
-        be.wait()
-    })? / reps as f64;
+    let s = device_time(be, reps_for(bytes), || be.matmul(wm, &x, 1, &mut y))?;
     Ok((s, bytes as f64 / s / 1e9))
 }
