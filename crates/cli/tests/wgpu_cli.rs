@@ -163,11 +163,17 @@ fn bench_wgpu_reports_the_adapter_limits_beside_kernels_and_decode() {
         "{d}"
     );
     // The resident decode: every expert of the tiny model preloaded into device slots, so
-    // no token fills a slot.
+    // no token fills a slot and the layers read no routing back.
     let r = &w["decode_resident"];
     assert!(r["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{r}");
     assert_eq!(r["all_preloaded"], true, "{r}");
     assert_eq!(r["slot_fills_per_token"].as_f64(), Some(0.0), "{r}");
+    assert!(
+        r["resident_layer_calls_per_token"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "resident layers look their routing up on the device: {r}"
+    );
 }
 
 /// The text commands on wgpu over the tiny test model with a tokenizer: `run --prompt` and

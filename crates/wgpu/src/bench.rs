@@ -205,6 +205,8 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             "tok_per_s": 1e3 / resident_ms,
             "slot_hits_per_token": per(s0.hits, s1.hits),
             "slot_fills_per_token": per(s0.misses, s1.misses),
+            // Layers run from the device's routing (no read back), per token.
+            "resident_layer_calls_per_token": per(s0.resident_calls, s1.resident_calls),
         },
     }))
 }

@@ -217,11 +217,26 @@ impl Wgpu {
         add: bool,
     ) -> Result<()> {
         let tb = self.buffer_with(bytemuck::cast_slice(table));
+        self.esum_with(d, &tb, h, k, t, out, add)
+    }
+
+    /// [`Wgpu::esum`] with the table already on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn esum_with(
+        &self,
+        d: &wgpu::Buffer,
+        table: &wgpu::Buffer,
+        h: usize,
+        k: usize,
+        t: usize,
+        out: &GBuf,
+        add: bool,
+    ) -> Result<()> {
         let (g, _) = grid((t * h).div_ceil(64));
         self.dispatch(
             "esum",
             &[h as u32, k as u32, (t * h) as u32, add as u32],
-            &[(1, d), (2, &tb), (3, &out.buf)],
+            &[(1, d), (2, table), (3, &out.buf)],
             g,
         )
     }

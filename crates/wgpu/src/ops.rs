@@ -161,6 +161,21 @@ impl Wgpu {
         }
     }
 
+    /// The routing read back to the host: ids and weights through one wait.
+    pub(crate) fn read_routes(&self, r: &GRoutes) -> Result<Routes> {
+        let n = (r.t * r.k) as u64 * 4;
+        let both = self.buffer(2 * n);
+        self.copy(&r.ids, 0, &both, 0, n)?;
+        self.copy(&r.weights, 0, &both, n, n)?;
+        let bytes = self.read(&both, 2 * n)?;
+        let (ids, weights) = bytes.split_at(n as usize);
+        Ok(Routes {
+            k: r.k,
+            ids: bytemuck::pod_collect_to_vec(ids),
+            weights: bytemuck::pod_collect_to_vec(weights),
+        })
+    }
+
     /// The buffer of `b` with room for `n` elements, keeping its first `b.len`.
     fn grow(&self, b: &mut GBuf, n: usize) -> Result<()> {
         if n <= b.cap() {
@@ -539,15 +554,12 @@ impl Backend for Wgpu {
         )
     }
 
-    fn routes_host<'a>(&self, r: &'a GRoutes, _layer: usize) -> Result<Option<Cow<'a, Routes>>> {
-        let n = (r.t * r.k) as u64 * 4;
-        let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&self.read(&r.ids, n)?);
-        let weights: Vec<f32> = bytemuck::pod_collect_to_vec(&self.read(&r.weights, n)?);
-        Ok(Some(Cow::Owned(Routes {
-            k: r.k,
-            ids,
-            weights,
-        })))
+    fn routes_host<'a>(&self, r: &'a GRoutes, layer: usize) -> Result<Option<Cow<'a, Routes>>> {
+        // A resident layer's batch looks the ids up on the device (`slots.rs`).
+        if self.layer_resident(layer) {
+            return Ok(None);
+        }
+        self.read_routes(r).map(|r| Some(Cow::Owned(r)))
     }
 
     fn moe_experts(
@@ -558,24 +570,22 @@ impl Backend for Wgpu {
         host: Option<&Routes>,
         out: &mut GBuf,
     ) -> Result<ExpertTimes> {
-        // The routing on the host: the tier and the per-call upload both need it.
+        // The routing on the host, unless the tier runs the layer from the device's.
         let owned;
         let host = match host {
-            Some(h) => h,
+            Some(h) => Some(h),
+            None if self.layer_resident(call.layer) => None,
             None => {
-                owned = self
-                    .routes_host(routes, call.layer)?
-                    .map(|c| c.into_owned());
-                owned
-                    .as_ref()
-                    .ok_or_else(|| op_err("moe_experts", "no routing"))?
+                owned = self.read_routes(routes)?;
+                Some(&owned)
             }
         };
         let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
         match tier.as_mut() {
-            Some(t) => t.run(self, call, x, routes, Some(host), out),
+            Some(t) => t.run(self, call, x, routes, host, out),
             None => {
                 drop(tier);
+                let host = host.ok_or_else(|| op_err("moe_experts", "no routing"))?;
                 self.experts(call, x, host, out)
             }
         }

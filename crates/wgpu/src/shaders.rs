@@ -135,6 +135,10 @@ pub fn all() -> Vec<(String, String)> {
         ("topk".into(), include_str!("shaders/topk.wgsl").into()),
         ("argmax".into(), include_str!("shaders/argmax.wgsl").into()),
         ("esum".into(), include_str!("shaders/esum.wgsl").into()),
+        (
+            "slotjobs".into(),
+            include_str!("shaders/slotjobs.wgsl").into(),
+        ),
     ];
     for subgroup in [false, true] {
         let f = Fast {

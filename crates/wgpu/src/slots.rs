@@ -9,8 +9,13 @@
 //! - `slot_experts`: a batch as `experts.rs` runs one (gate and up jobs in one dispatch,
 //!   SwiGLU, down, the weighted sum), the job table pointing into the slots.
 //!
-//! No middle tier (a discrete GPU's staging is wgpu's own); routing is always read back to
-//! the host (`publish_resident` declines).
+//! - resident layers (every expert in a slot, published by the tier, the slots in one slab):
+//!   the job tables are built on the device from the router's ids (`slotjobs.wgsl`), so the
+//!   layer reads nothing back (`routes_host` gives `None`).
+//!
+//! No middle tier (a discrete GPU's staging is wgpu's own).
+use std::collections::HashMap;
+
 use flashmoe_core::cache::{warmup_accesses, CachePolicy, DEFAULT_WARMUP_TOKENS};
 use flashmoe_core::error::Result;
 use flashmoe_core::experts::ExpertSource;
@@ -30,6 +35,8 @@ pub struct GSlots {
     slabs: Vec<wgpu::Buffer>,
     per_slab: usize,
     slot: usize,
+    /// Published layers' expert -> slot tables.
+    resident: HashMap<usize, wgpu::Buffer>,
 }
 
 impl GSlots {
@@ -190,6 +197,7 @@ impl SlotBackend for Wgpu {
             slabs,
             per_slab,
             slot: layout.slot,
+            resident: HashMap::new(),
         })
     }
 
@@ -219,13 +227,32 @@ impl SlotBackend for Wgpu {
         Ok(())
     }
 
+    /// Takes a layer for device-side lookup when its slots are all in one slab (one binding
+    /// for every job of a batch) and slot offsets fit the job tables' words.
+    fn publish_resident(
+        &self,
+        _layout: &SlotLayout,
+        slots: &mut GSlots,
+        layer: usize,
+        table: &[usize],
+    ) -> Result<bool> {
+        if slots.slabs.len() != 1 || slots.slabs[0].size() > u32::MAX as u64 {
+            return Ok(false);
+        }
+        let t: Vec<u32> = table.iter().map(|&s| s as u32).collect();
+        slots
+            .resident
+            .insert(layer, self.buffer_with(bytemuck::cast_slice(&t)));
+        Ok(true)
+    }
+
     fn slot_experts(
         &self,
         layout: &SlotLayout,
         slots: &GSlots,
         batch: &SlotBatch<'_>,
         x: &GBuf,
-        _routes: &GRoutes,
+        groutes: &GRoutes,
         out: &mut GBuf,
     ) -> Result<()> {
         let op = "slot_experts";
@@ -235,7 +262,7 @@ impl SlotBackend for Wgpu {
             slots: sl,
         } = batch.routing
         else {
-            return Err(op_err(op, "resident routing was not published"));
+            return self.resident_batch(layout, slots, batch, x, groutes, out);
         };
         let (t, k) = (routes.tokens(), routes.k);
         let (h, inter) = (layout.hidden, layout.inter);
@@ -334,4 +361,74 @@ fn moe_layers(m: &Model<Wgpu>) -> Vec<usize> {
     (0..m.layers.len())
         .filter(|&l| matches!(m.layers[l].ffn, Ffn::Moe(_)))
         .collect()
+}
+
+/// Most experts per token of a resident batch (`slotjobs.wgsl`'s KMAX).
+const KMAX: usize = 64;
+
+impl Wgpu {
+    /// A resident layer's batch: every (token, expert) pair of `routes`, the job tables built
+    /// on the device from the ids and the layer's published table.
+    fn resident_batch(
+        &self,
+        layout: &SlotLayout,
+        slots: &GSlots,
+        batch: &SlotBatch<'_>,
+        x: &GBuf,
+        routes: &GRoutes,
+        out: &mut GBuf,
+    ) -> Result<()> {
+        let op = "slot_experts";
+        let table = slots
+            .resident
+            .get(&batch.layer)
+            .ok_or_else(|| op_err(op, format!("layer {} was not published", batch.layer)))?;
+        let (t, k) = (routes.t, routes.k);
+        let (h, inter) = (layout.hidden, layout.inter);
+        if k > KMAX || x.len < t * h || out.len < t * h {
+            return Err(op_err(
+                op,
+                format!("{t} tokens of {k} experts, x {} / out {}", x.len, out.len),
+            ));
+        }
+        let np = t * k;
+        if np == 0 {
+            return self.clear(&out.buf, (t * h * 4) as u64);
+        }
+        let (m, unit, ssz) = format_of(layout.format)?;
+        let o = layout.offsets;
+        let (gw, gs, _) = layout.format.sizes(inter, h);
+        let jg = self.buffer((2 * np * 4 * 4) as u64);
+        let jd = self.buffer((np * 4 * 4) as u64);
+        let tb = self.buffer((np * 2 * 4) as u64);
+        let words = [t, k, unit, ssz, layout.slot, o[0], o[1], o[3], o[4], gw, gs];
+        self.dispatch(
+            "slotjobs",
+            &words.map(|v| v as u32),
+            &[
+                (1, &routes.ids),
+                (2, &routes.weights),
+                (3, table),
+                (4, &jg),
+                (5, &jd),
+                (6, &tb),
+            ],
+            [t.div_ceil(64) as u32, 1, 1],
+        )?;
+        let s = &slots.slabs[0];
+        let bd_gu = ((o[2] - o[1]) / ssz) as u32;
+        let bd_d = ((o[5] - o[4]) / ssz) as u32;
+        let gu = self.buffer((2 * np * inter * 4) as u64);
+        self.batch(m, inter, h, 2 * np, [s, s, s], bd_gu, &x.buf, &gu, &jg)?;
+        let hid = self.swiglu_pairs(np, inter, &gu)?;
+        let d = self.buffer((np * h * 4) as u64);
+        self.batch(m, h, inter, np, [s, s, s], bd_d, &hid, &d, &jd)?;
+        self.esum_with(&d, &tb, h, k, t, out, !batch.first)
+    }
+
+    /// Whether `layer`'s experts are all in slots and looked up on the device.
+    pub(crate) fn layer_resident(&self, layer: usize) -> bool {
+        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        tier.as_ref().is_some_and(|t| t.layer_resident(layer))
+    }
 }
