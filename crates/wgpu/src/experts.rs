@@ -177,7 +177,8 @@ impl Wgpu {
             .enumerate()
             .flat_map(|(p, &(_, _, wt))| [p as u32, wt.to_bits()])
             .collect();
-        self.esum(&d, &table, h, k, t, out, false)?;
+        let tb = self.buffer_with(bytemuck::cast_slice(&table));
+        self.esum(&d, &tb, h, k, t, out, false)?;
         Ok(ExpertTimes {
             wait,
             compute: start.elapsed().saturating_sub(wait),
@@ -207,22 +208,6 @@ impl Wgpu {
     /// in the table's order (ascending expert id); added to `out` with `add`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn esum(
-        &self,
-        d: &wgpu::Buffer,
-        table: &[u32],
-        h: usize,
-        k: usize,
-        t: usize,
-        out: &GBuf,
-        add: bool,
-    ) -> Result<()> {
-        let tb = self.buffer_with(bytemuck::cast_slice(table));
-        self.esum_with(d, &tb, h, k, t, out, add)
-    }
-
-    /// [`Wgpu::esum`] with the table already on the device.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn esum_with(
         &self,
         d: &wgpu::Buffer,
         table: &wgpu::Buffer,

@@ -352,7 +352,8 @@ impl SlotBackend for Wgpu {
             table[at + 1] = wt.to_bits();
             fill[ti] += 1;
         }
-        self.esum(&d, &table, h, kmax, t, out, !batch.first)
+        let tb = self.buffer_with(bytemuck::cast_slice(&table));
+        self.esum(&d, &tb, h, kmax, t, out, !batch.first)
     }
 }
 
@@ -423,7 +424,7 @@ impl Wgpu {
         let hid = self.swiglu_pairs(np, inter, &gu)?;
         let d = self.buffer((np * h * 4) as u64);
         self.batch(m, h, inter, np, [s, s, s], bd_d, &hid, &d, &jd)?;
-        self.esum_with(&d, &tb, h, k, t, out, !batch.first)
+        self.esum(&d, &tb, h, k, t, out, !batch.first)
     }
 
     /// Whether `layer`'s experts are all in slots and looked up on the device.
