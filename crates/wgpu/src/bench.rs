@@ -162,6 +162,14 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
     // when they fit in `slot_bytes`.
     crate::slots::with_residency(&model, o.slot_bytes)?;
     let preloaded = Wgpu::preload(&model)?;
+    // Commands per submission: the device starts on a short batch while the host records the
+    // rest; each submission costs the host. Measured, the default last.
+    let default_batch = model.be.submit_batch();
+    let mut by_batch = Vec::new();
+    for b in [256, 8, default_batch] {
+        model.be.set_submit_batch(b)?;
+        by_batch.push(json!({"commands_per_submission": b, "ms_per_token": decode(&model, n)?}));
+    }
     let s0 = model.be.tier_stats().unwrap_or_default();
     let resident_ms = decode(&model, n)?;
     let s1 = model.be.tier_stats().unwrap_or_default();
@@ -205,6 +213,8 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             "tok_per_s": 1e3 / resident_ms,
             "slot_hits_per_token": per(s0.hits, s1.hits),
             "slot_fills_per_token": per(s0.misses, s1.misses),
+            "commands_per_submission": default_batch,
+            "by_commands_per_submission": by_batch,
             // Layers run from the device's routing (no read back), per token.
             "resident_layer_calls_per_token": per(s0.resident_calls, s1.resident_calls),
         },

@@ -15,8 +15,24 @@ use wgpu::util::DeviceExt;
 use crate::shaders::Fast;
 use crate::{op_err, WgpuError};
 
-/// Dispatches recorded before the pending encoder is submitted (bounds its memory).
-const MAX_PENDING: usize = 256;
+/// Commands recorded before the pending encoder is submitted, by default: on a GPU a short
+/// batch lets the device start while the host records the rest of a token (the bench measures
+/// others, `Wgpu::set_submit_batch`); a software adapter runs a submission on the host's threads.
+const BATCH_GPU: usize = 32;
+const BATCH_SOFTWARE: usize = 256;
+/// Bytes of one dispatch's parameters (16 words).
+const PARAMS: u64 = 64;
+
+/// What is recorded and not yet submitted: the encoder, its command count, and the uniform
+/// parameters of its dispatches, written into one buffer while it is mapped (unmapped at
+/// submission) instead of a buffer per dispatch.
+#[derive(Default)]
+struct Pending {
+    enc: Option<wgpu::CommandEncoder>,
+    n: usize,
+    arena: Option<wgpu::Buffer>,
+    used: u64,
+}
 /// Workgroups along x of a 2D grid (the limit per dimension is 65535).
 pub(crate) const GRID_X: u32 = 32768;
 
@@ -98,7 +114,11 @@ pub struct Wgpu {
     pub(crate) desc: AdapterDesc,
     pub(crate) limits: wgpu::Limits,
     pipes: Mutex<HashMap<String, wgpu::ComputePipeline>>,
-    pending: Mutex<(Option<wgpu::CommandEncoder>, usize)>,
+    pending: Mutex<Pending>,
+    /// Commands per submission (see [`BATCH_GPU`]).
+    batch: std::sync::atomic::AtomicUsize,
+    /// Bytes between two dispatches' parameters in the arena.
+    stride: u64,
     /// Bound where a kernel declares a buffer that an op does not use.
     pub(crate) dummy: wgpu::Buffer,
     /// The product kernels (see [`Products`]).
@@ -186,6 +206,12 @@ impl Wgpu {
             (None, None) if desc.software => Products::PerThread,
             (None, None) => default_fast.map_or(Products::PerWorkgroup, Products::Fast),
         };
+        let batch = if desc.software {
+            BATCH_SOFTWARE
+        } else {
+            BATCH_GPU
+        };
+        let stride = (limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS);
         Ok(Wgpu {
             products,
             default_fast,
@@ -195,7 +221,9 @@ impl Wgpu {
             desc,
             limits,
             pipes: Mutex::new(HashMap::new()),
-            pending: Mutex::new((None, 0)),
+            pending: Mutex::new(Pending::default()),
+            batch: batch.into(),
+            stride,
             dummy,
         })
     }
@@ -286,41 +314,65 @@ impl Wgpu {
         Ok(pipe)
     }
 
-    fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
-        let mut g = self
-            .pending
+    /// Commands per submission.
+    pub fn submit_batch(&self) -> usize {
+        self.batch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the commands per submission (at least 1); what is recorded is submitted first.
+    pub fn set_submit_batch(&self, n: usize) -> Result<()> {
+        self.flush()?;
+        self.batch
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn pending(&self) -> Result<std::sync::MutexGuard<'_, Pending>> {
+        self.pending
             .lock()
-            .map_err(|_| op_err("encode", "lock poisoned"))?;
-        let enc = g.0.get_or_insert_with(|| {
+            .map_err(|_| op_err("encode", "lock poisoned"))
+    }
+
+    /// Submits `g`'s commands (the arena unmapped first).
+    fn submit(&self, g: &mut Pending) {
+        if let Some(a) = g.arena.take() {
+            a.unmap();
+        }
+        if let Some(e) = g.enc.take() {
+            self.queue.submit([e.finish()]);
+        }
+        g.n = 0;
+        g.used = 0;
+    }
+
+    /// Records `f` into the pending encoder; submits when the batch is full.
+    fn record(&self, g: &mut Pending, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let enc = g.enc.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
         });
         f(enc);
-        g.1 += 1;
-        if g.1 >= MAX_PENDING {
-            if let Some(e) = g.0.take() {
-                self.queue.submit([e.finish()]);
-            }
-            g.1 = 0;
+        g.n += 1;
+        if g.n >= self.submit_batch() {
+            self.submit(g);
         }
+    }
+
+    fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        let mut g = self.pending()?;
+        self.record(&mut g, f);
         Ok(())
     }
 
     /// Submits what is recorded.
     pub(crate) fn flush(&self) -> Result<()> {
-        let mut g = self
-            .pending
-            .lock()
-            .map_err(|_| op_err("submit", "lock poisoned"))?;
-        if let Some(e) = g.0.take() {
-            self.queue.submit([e.finish()]);
-        }
-        g.1 = 0;
+        let mut g = self.pending()?;
+        self.submit(&mut g);
         Ok(())
     }
 
     /// Records kernel `name` over `groups` workgroups with `params` (binding 0, a uniform of
-    /// up to 16 words) and `bufs` at their binding numbers.
+    /// up to 16 words, in the batch's arena) and `bufs` at their binding numbers.
     pub(crate) fn dispatch(
         &self,
         name: &str,
@@ -340,19 +392,48 @@ impl Wgpu {
                 ),
             ));
         }
+        if params.len() > 16 {
+            return Err(op_err(
+                "dispatch",
+                format!("{name}: {} parameter words", params.len()),
+            ));
+        }
         let pipe = self.pipeline(name)?;
         let mut words = [0u32; 16];
         words[..params.len()].copy_from_slice(params);
-        let ubuf = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::cast_slice(&words),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let mut g = self.pending()?;
+        let slots = self.submit_batch() as u64;
+        let arena = match &g.arena {
+            Some(a) if g.used < slots => a.clone(),
+            _ => {
+                // A full arena (the batch was changed): submit and start another.
+                if g.arena.is_some() {
+                    self.submit(&mut g);
+                }
+                let a = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("params"),
+                    size: slots * self.stride,
+                    usage: wgpu::BufferUsages::UNIFORM,
+                    mapped_at_creation: true,
+                });
+                g.arena = Some(a.clone());
+                g.used = 0;
+                a
+            }
+        };
+        let off = g.used * self.stride;
+        g.used += 1;
+        arena
+            .get_mapped_range_mut(off..off + PARAMS)
+            .map_err(|e| op_err("dispatch", format!("{name}: parameters: {e:?}")))?
+            .copy_from_slice(bytemuck::cast_slice(&words));
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: ubuf.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &arena,
+                offset: off,
+                size: std::num::NonZeroU64::new(PARAMS),
+            }),
         }];
         entries.extend(bufs.iter().map(|(b, buf)| wgpu::BindGroupEntry {
             binding: *b,
@@ -363,12 +444,13 @@ impl Wgpu {
             layout: &pipe.get_bind_group_layout(0),
             entries: &entries,
         });
-        self.with_encoder(|enc| {
+        self.record(&mut g, |enc| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
             pass.set_pipeline(&pipe);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        })
+        });
+        Ok(())
     }
 
     /// Records a copy of `bytes` from `src` at `so` to `dst` at `d_o`.

@@ -57,4 +57,13 @@ fn wgpu_conforms() {
         println!("{}", r.summary());
         r.assert_ok();
     }
+    // Submissions of 3 commands: the parameter arena fills and is replaced mid-op, copies and
+    // dispatches interleave across submissions.
+    let Some(be) = device::backend() else {
+        return;
+    };
+    be.set_submit_batch(3).expect("batch");
+    let r = flashmoe_core::backend::conformance::run(&be);
+    println!("submissions of 3: {}", r.summary());
+    r.assert_ok();
 }
