@@ -119,6 +119,10 @@ pub struct Wgpu {
     batch: std::sync::atomic::AtomicUsize,
     /// Bytes between two dispatches' parameters in the arena.
     stride: u64,
+    /// Routed experts' reads overlap the device's work recorded before them (the shared
+    /// expert): what is recorded is submitted, not waited for, before the reads; `false`
+    /// waits for it (serial). The bench measures both.
+    overlap: std::sync::atomic::AtomicBool,
     /// Bound where a kernel declares a buffer that an op does not use.
     pub(crate) dummy: wgpu::Buffer,
     /// The product kernels (see [`Products`]).
@@ -224,6 +228,7 @@ impl Wgpu {
             pending: Mutex::new(Pending::default()),
             batch: batch.into(),
             stride,
+            overlap: true.into(),
             dummy,
         })
     }
@@ -325,6 +330,26 @@ impl Wgpu {
         self.batch
             .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether expert reads overlap the device's earlier work (see the field).
+    pub fn overlap(&self) -> bool {
+        self.overlap.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets [`Wgpu::overlap`].
+    pub fn set_overlap(&self, on: bool) {
+        self.overlap.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Before a layer's expert reads: the device starts on what is recorded (overlapped) or
+    /// finishes it (serial).
+    pub(crate) fn before_reads(&self) -> Result<()> {
+        if self.overlap() {
+            self.flush()
+        } else {
+            self.wait()
+        }
     }
 
     fn pending(&self) -> Result<std::sync::MutexGuard<'_, Pending>> {

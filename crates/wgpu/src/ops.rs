@@ -580,6 +580,10 @@ impl Backend for Wgpu {
                 Some(&owned)
             }
         };
+        // Reads follow (unless the layer is resident): start or finish the shared expert.
+        if host.is_some() {
+            self.before_reads()?;
+        }
         let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
         match tier.as_mut() {
             Some(t) => t.run(self, call, x, routes, host, out),
