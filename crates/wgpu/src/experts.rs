@@ -250,14 +250,21 @@ impl Wgpu {
             }
         };
         let (mut g, gx) = grid(rows.div_ceil(per));
-        g[2] = jobs as u32;
-        let mut params = m.to_vec();
-        params.extend([rows as u32, cols as u32, jobs as u32, gx, bdelta]);
-        self.dispatch(
-            &name,
-            &params,
-            &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
-            g,
-        )
+        let most = self.limits.max_compute_workgroups_per_dimension as usize;
+        let mut j0 = 0;
+        while j0 < jobs {
+            let n = most.min(jobs - j0);
+            g[2] = n as u32;
+            let mut params = m.to_vec();
+            params.extend([rows, cols, jobs, gx as usize, bdelta as usize, j0].map(|v| v as u32));
+            self.dispatch(
+                &name,
+                &params,
+                &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
+                g,
+            )?;
+            j0 += n;
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let row = wid.x + wid.y * p.gx;
-    let j = wid.z;
+    let j = wid.z + p.j0;
     if row >= p.rows {
         return;
     }
@@ -22,7 +22,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 @compute @workgroup_size(64)
 fn per_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let row = (wid.x + wid.y * p.gx) * WG + tid;
-    let j = wid.z;
+    let j = wid.z + p.j0;
     if row >= p.rows {
         return;
     }

@@ -7,6 +7,9 @@ struct P {
     jobs: u32,
     gx: u32,
     bdelta: u32,
+    // The first job of this dispatch (a batch of more jobs than a grid dimension holds is
+    // several dispatches).
+    j0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;

@@ -6,7 +6,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let lane = lid % LG;
     let rg = lid / LG;
     let row0 = ((wid.x + wid.y * p.gx) * (WGS / LG) + rg) * R;
-    let j = wid.z;
+    let j = wid.z + p.j0;
     rows_dot(p.m, J[j * 4u] / 4u, J[j * 4u + 1u], p.bdelta, p.rows, p.cols, row0, J[j * 4u + 2u], 1u, lane);
     reduce(lane, rg);
     for (var i = lane; i < R; i += LG) {
