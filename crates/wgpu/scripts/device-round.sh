@@ -2,8 +2,8 @@
 # One wgpu device round on the NVIDIA machine (issue 19's targets from one run), from the repo
 # root, carrying `wgpu-carry` (crates/wgpu/scripts/prepare-carry.sh) and `.gl` (the Vulkan
 # loader debs, /work/.library/device/README.md):
-#   1. `flashmoe devices`; the wgpu conformance, golden and slot tests on NVIDIA Vulkan (CI=true:
-#      a missing adapter or fixture fails);
+#   1. `flashmoe devices`; the wgpu conformance, golden, slot and expert-batch tests on NVIDIA
+#      Vulkan (CI=true: a missing adapter or fixture fails);
 #   2. a 397B-shaped synthetic model (`flashmoe synth`, SYNTH_LAYERS x SYNTH_EXPERTS; its head is
 #      the 248320 x 4096 matrix) and `bench decode --backend wgpu` beside `--backend cuda` on it;
 #   3. greedy `run --ids 1 --timing` on both backends at RUN_SHORT and RUN_LONG tokens: the
@@ -53,7 +53,7 @@ echo "== devices"
 timeout 60 "$B/flashmoe" devices
 
 declare -A RC
-for t in conformance golden slots; do
+for t in conformance golden slots experts; do
   echo "== wgpu $t"
   timeout 240 "$B/wgpu_$t" --test-threads=1 --nocapture >>"$OUT/tests.log" 2>&1
   RC[$t]=$?
@@ -93,9 +93,9 @@ for b in $BACKENDS; do
 done
 
 echo "== targets"
-python3 - "$OUT" "${RC[conformance]}" "${RC[golden]}" "${RC[slots]}" <<'PY'
+python3 - "$OUT" "${RC[conformance]}" "${RC[golden]}" "${RC[slots]}" "${RC[experts]}" <<'PY'
 import json, re, sys
-out, rc_conf, rc_golden, rc_slots = sys.argv[1], *map(int, sys.argv[2:5])
+out, rc_conf, rc_golden, rc_slots, rc_experts = sys.argv[1], *map(int, sys.argv[2:6])
 def load(name):
     try:
         return json.load(open(f"{out}/{name}"))
@@ -104,11 +104,12 @@ def load(name):
         return {}
 w = load("bench_wgpu.json").get("wgpu", {})
 c = load("bench_cuda.json").get("cuda", {})
-s = {"tests": {"conformance_rc": rc_conf, "golden_rc": rc_golden, "slots_rc": rc_slots},
+s = {"tests": {"conformance_rc": rc_conf, "golden_rc": rc_golden, "slots_rc": rc_slots,
+               "experts_rc": rc_experts},
      "adapter": w.get("adapter"), "products": w.get("products"),
      "device_copy_gbps": w.get("device_copy_gbps"), "upload_gbps": w.get("upload_gbps"),
      "cuda_d2d_gbps": c.get("d2d_gbps"), "cuda_h2d_pinned_gbps": c.get("h2d_pinned_gbps")}
-print(f"tests: conformance rc={rc_conf} golden rc={rc_golden} slots rc={rc_slots}")
+print(f"tests: conformance rc={rc_conf} golden rc={rc_golden} slots rc={rc_slots} experts rc={rc_experts}")
 print(f"adapter {s['adapter']}, default products {s['products']}")
 print(f"wgpu device copy {s['device_copy_gbps']} GB/s (bytes copied), upload {s['upload_gbps']} GB/s; "
       f"CUDA d2d {s['cuda_d2d_gbps']}, pinned h2d {s['cuda_h2d_pinned_gbps']}")
@@ -157,9 +158,18 @@ else:
 print(f"  bench: wgpu resident {s['resident_decode_ms']['wgpu_bench_resident']} ms/token "
       f"(this model), cuda synthetic all-in-VRAM {s['resident_decode_ms']['cuda_synthetic_experts_in_vram']} "
       f"ms/token (its own 8-layer model)")
+dr = w.get("decode_resident", {})
+s["resident_by_commands_per_submission"] = dr.get("by_commands_per_submission")
+print(f"  bench resident decode by commands per submission: "
+      + ", ".join(f"{b.get('commands_per_submission')}: {b.get('ms_per_token', 0):.3f} ms"
+                  for b in dr.get("by_commands_per_submission") or [])
+      + f"; resident layer calls/token {dr.get('resident_layer_calls_per_token')}, "
+        f"slot fills/token {dr.get('slot_fills_per_token')}")
 d = w.get("decode", {})
-s["streamed_decode"] = {k: d.get(k) for k in ("ms_per_token", "expert_bytes_uploaded_per_token",
+s["streamed_decode"] = {k: d.get(k) for k in ("ms_per_token", "serial_ms_per_token",
+                                              "expert_bytes_uploaded_per_token",
                                               "expert_upload_bound_ms", "bound_ms", "time_over_bound_ratio")}
+print(f"  streamed pipeline: overlapped {d.get('ms_per_token')} ms/token, serial {d.get('serial_ms_per_token')} ms/token")
 r = d.get("time_over_bound_ratio")
 if r:
     print(f"decode, experts streamed from host: {d.get('ms_per_token', 0):.2f} ms/token, bound "

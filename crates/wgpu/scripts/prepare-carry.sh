@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds what crates/wgpu/scripts/device-round.sh runs on the GPU machine and packs it into
 # wgpu-carry/ (git-ignored; carry it with .gl): the flashmoe binary with CUDA and wgpu, the
-# wgpu test binaries (conformance, golden, slots), all stripped, and the golden fixtures and
+# wgpu test binaries (conformance, golden, slots, experts), all stripped, and the golden fixtures and
 # tokenizer. Run from the repo root. Prints the carry's size (the device takes 64 MiB in all,
 # .gl included).
 set -euo pipefail
@@ -17,9 +17,9 @@ tests=$(cargo test --release -p flashmoe-wgpu --no-run 2>&1 | sed -n 's/.*Execut
 rm -rf "$C" && mkdir -p "$C/stage/bin" "$C/stage/shared/golden"
 strip -o "$C/stage/bin/flashmoe" "$bin"
 while read -r name path; do
-  case $name in conformance|golden|slots) strip -o "$C/stage/bin/wgpu_$name" "$path" ;; esac
+  case $name in conformance|golden|slots|experts) strip -o "$C/stage/bin/wgpu_$name" "$path" ;; esac
 done <<< "$tests"
-for t in conformance golden slots; do
+for t in conformance golden slots experts; do
   [ -x "$C/stage/bin/wgpu_$t" ] || { echo "missing test binary wgpu_$t" >&2; exit 1; }
 done
 for f in tiny-a tiny-next-a tiny-qwen3moe-a; do cp -r "$SHARED/golden/$f" "$C/stage/shared/golden/"; done
