@@ -130,6 +130,8 @@ pub struct Wgpu {
     default_fast: Option<Fast>,
     /// The routed experts' residency tier, when one is enabled (`slots.rs`).
     pub(crate) tier: Mutex<Option<Residency<Wgpu>>>,
+    /// Buffers of dropped `GBuf`s, for the next allocation of their size.
+    pub(crate) pool: std::sync::Arc<crate::pool::Pool>,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -220,6 +222,7 @@ impl Wgpu {
             products,
             default_fast,
             tier: Mutex::new(None),
+            pool: Default::default(),
             device,
             queue,
             desc,

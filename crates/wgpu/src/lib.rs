@@ -7,6 +7,7 @@
 //! - `mat.rs`: weight matrices in their stored format, split by rows where a matrix exceeds
 //!   the adapter's binding size.
 //! - `experts.rs`: the routed experts of a layer in one batch (uploaded per call).
+//! - `pool.rs`: buffers of dropped `GBuf`s kept for the next allocation of their size.
 //! - `slots.rs`: the device side of core's residency tier (expert slots kept between calls).
 //! - `bench.rs`: `flashmoe bench --backend wgpu` (adapter limits, products, decode).
 //! - `shaders/`: one WGSL file per kernel; `mat.wgsl` is the weight-access prelude of the
@@ -16,6 +17,7 @@ mod device;
 mod experts;
 mod mat;
 mod ops;
+mod pool;
 pub mod shaders;
 mod slots;
 

@@ -2,6 +2,7 @@
 //! `shaders/`); nothing waits for the device except the read-backs the contract names
 //! (`download`, `routes_host`, `argmax`).
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
 use flashmoe_core::error::Result;
@@ -10,6 +11,7 @@ use flashmoe_core::weights::Linear;
 use crate::device::{grid, Products, Wgpu};
 use crate::mat::GMat;
 use crate::op_err;
+use crate::pool::Pool;
 use crate::shaders::{Fast, FastKind};
 
 /// f32 elements on the device; `len` of them are in use (a KV cache grows within the
@@ -17,6 +19,16 @@ use crate::shaders::{Fast, FastKind};
 pub struct GBuf {
     pub(crate) buf: wgpu::Buffer,
     pub(crate) len: usize,
+    /// Where the buffer goes when this is dropped.
+    pool: Option<Arc<Pool>>,
+}
+
+impl Drop for GBuf {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.put(self.buf.clone());
+        }
+    }
 }
 
 impl GBuf {
@@ -199,15 +211,25 @@ impl Backend for Wgpu {
     }
 
     fn alloc(&self, n: usize) -> Result<GBuf> {
+        let size = (n as u64 * 4).max(16).next_multiple_of(4);
+        let buf = match self.pool.take(size) {
+            Some(b) => {
+                self.clear(&b, size)?;
+                b
+            }
+            None => self.buffer(size),
+        };
         Ok(GBuf {
-            buf: self.buffer(n as u64 * 4),
+            buf,
             len: n,
+            pool: Some(self.pool.clone()),
         })
     }
     fn upload(&self, v: &[f32]) -> Result<GBuf> {
         Ok(GBuf {
             buf: self.buffer_with(bytemuck::cast_slice(v)),
             len: v.len(),
+            pool: Some(self.pool.clone()),
         })
     }
     fn download(&self, b: &GBuf) -> Result<Vec<f32>> {

@@ -67,3 +67,20 @@ fn wgpu_conforms() {
     println!("submissions of 3: {}", r.summary());
     r.assert_ok();
 }
+
+/// `alloc` gives zeros also when it reuses a dropped buffer of the same size (`pool.rs`).
+#[test]
+fn a_reused_buffer_is_zeroed() {
+    use flashmoe_core::backend::Backend;
+    let Some(be) = device::backend() else {
+        return;
+    };
+    let n = 1000;
+    let mut a = be.alloc(n).expect("alloc");
+    let ones = be.upload(&vec![1.0f32; n]).expect("upload");
+    be.add(&mut a, &ones).expect("add");
+    assert_eq!(be.download(&a).expect("read"), vec![1.0f32; n]);
+    drop(a);
+    let b = be.alloc(n).expect("alloc again");
+    assert_eq!(be.download(&b).expect("read"), vec![0.0f32; n]);
+}
