@@ -9,7 +9,8 @@
 #   3. greedy `run --ids 1 --timing` on both backends at RUN_SHORT and RUN_LONG tokens: the
 #      marginal ms/token between them is decode with every expert resident (64 experts a layer
 #      are all touched within the short run's first tokens) on the same CLI path;
-#   4. the targets: 4-bit matvec / device copy (>= 0.6), resident decode wgpu / cuda (<= 1.5),
+#   4. the targets: 4-bit matvec / device copy traffic (>= 0.6; CUDA's d2d counts read + write),
+#      resident decode wgpu / cuda (<= 1.5),
 #      streamed-from-host decode / its bound (<= 1.2), printed and in $OUT/summary.json.
 # Files in $OUT: round.log (all of this), tests.log, bench_wgpu.json, bench_cuda.json,
 # runs.log, summary.json. NO_CUDA=1 skips the CUDA side (a machine without it, e.g. lavapipe).
@@ -111,17 +112,19 @@ s = {"tests": {"conformance_rc": rc_conf, "golden_rc": rc_golden, "slots_rc": rc
      "cuda_d2d_gbps": c.get("d2d_gbps"), "cuda_h2d_pinned_gbps": c.get("h2d_pinned_gbps")}
 print(f"tests: conformance rc={rc_conf} golden rc={rc_golden} slots rc={rc_slots} experts rc={rc_experts}")
 print(f"adapter {s['adapter']}, default products {s['products']}")
-print(f"wgpu device copy {s['device_copy_gbps']} GB/s (bytes copied), upload {s['upload_gbps']} GB/s; "
+print(f"wgpu device copy {s['device_copy_gbps']} GB/s (bytes copied; traffic twice that), upload {s['upload_gbps']} GB/s; "
       f"CUDA d2d {s['cuda_d2d_gbps']}, pinned h2d {s['cuda_h2d_pinned_gbps']}")
 mv = []
 for t in w.get("matvec_targets", []):
     row = {k: t.get(k) for k in ("shape", "best_products", "best_vs_copy", "best_vs_copy_traffic",
                                  "default_vs_copy", "default_vs_copy_traffic")}
-    row["pass_vs_copy"] = (t.get("best_vs_copy") or 0) >= 0.6
+    # Judged against the copy's traffic (read + write), CUDA's d2d convention (the bytes
+    # copied per second are half of it); both are printed.
+    row["pass"] = (t.get("best_vs_copy_traffic") or 0) >= 0.6
     mv.append(row)
-    print(f"matvec 4-bit {t.get('shape')}: best {t.get('best_vs_copy', 0):.3f} of copy "
-          f"({t.get('best_vs_copy_traffic', 0):.3f} of copy traffic) by {t.get('best_products')}; "
-          f"default {t.get('default_vs_copy', 0):.3f} -> target 0.6 {'PASS' if row['pass_vs_copy'] else 'FAIL'}")
+    print(f"matvec 4-bit {t.get('shape')}: best {t.get('best_vs_copy_traffic', 0):.3f} of copy traffic "
+          f"({t.get('best_vs_copy', 0):.3f} of bytes copied/s) by {t.get('best_products')}; "
+          f"default {t.get('default_vs_copy_traffic', 0):.3f} -> target 0.6 {'PASS' if row['pass'] else 'FAIL'}")
 s["matvec"] = mv
 kern = [k for k in w.get("kernels", [])]
 s["kernels"] = kern
