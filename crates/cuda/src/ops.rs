@@ -775,11 +775,7 @@ pub fn router_experts(
     a: crate::device::ExpertBatchArgs,
     out: u64,
 ) -> Result<()> {
-    if k + (a.sh[0] != 0) as usize > MAXP {
-        return Err(CudaError::Unsupported(format!(
-            "{k} routed experts per token (at most {MAXP} per batched launch)"
-        )));
-    }
+    batch_fits(k, &a)?;
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (threads_for(e).min(1024), 1, 1),
@@ -801,6 +797,17 @@ pub fn router_experts(
     )
 }
 
+/// Refuses more problems (`k` experts, and the shared expert when batched) than one batched
+/// launch holds.
+fn batch_fits(k: usize, a: &crate::device::ExpertBatchArgs) -> Result<()> {
+    if k + (a.sh[0] != 0) as usize > MAXP {
+        return Err(CudaError::Unsupported(format!(
+            "{k} routed experts per token (at most {MAXP} per batched launch)"
+        )));
+    }
+    Ok(())
+}
+
 /// The two `MvBatch` (gate‖up, down) of one token's `k` resident experts, as
 /// [`router_experts`] writes them, from ids already on the device (`ids`, i32, a
 /// `router_topk`'s) and the slot table `a.tbl`.
@@ -811,11 +818,7 @@ pub fn slot_batch(
     a: crate::device::ExpertBatchArgs,
     out: u64,
 ) -> Result<()> {
-    if k + (a.sh[0] != 0) as usize > MAXP {
-        return Err(CudaError::Unsupported(format!(
-            "{k} routed experts per token (at most {MAXP} per batched launch)"
-        )));
-    }
+    batch_fits(k, &a)?;
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (32, 1, 1),

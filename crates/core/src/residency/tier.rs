@@ -21,8 +21,8 @@ pub struct TierSpec {
     pub policy: CachePolicy,
     /// `static`'s warm-up, in accesses (`crate::cache::warmup_accesses`).
     pub warmup: usize,
-    /// Experts the middle tier keeps (LRU), 0 for none; it has at least `group` slots when the
-    /// backend has one (the staging of one batch's misses).
+    /// Experts the middle tier keeps (LRU), 0 for none; it has `group` more slots when the
+    /// backend has one (the staging of one batch's misses, also while every expert fits).
     pub host_experts: usize,
     /// Most experts of one batch (one launch's worth; at least a token's top-k).
     pub group: usize,
@@ -64,8 +64,8 @@ pub struct Residency<B: SlotBackend> {
     num_experts: usize,
     /// Every MoE layer's experts fit (no eviction can happen).
     all_fit: bool,
-    /// Layers published to the backend for [`SlotRouting::Resident`].
-    published: Vec<bool>,
+    /// Per layer, once offered to the backend: whether it runs [`SlotRouting::Resident`].
+    published: Vec<Option<bool>>,
     stats: TierStats,
 }
 
@@ -97,7 +97,7 @@ impl<B: SlotBackend> Residency<B> {
         // With everything resident the batch slots are never needed beyond the first fills.
         let map = SlotMap::new(policy, cap, group);
         let slots = be.alloc_slots(&layout, map.slots())?;
-        let middle = if spec.host_experts > 0 && !all_fit {
+        let middle = if spec.host_experts > 0 {
             let map = SlotMap::new(
                 Box::new(Lru::new(spec.host_experts)),
                 spec.host_experts,
@@ -149,7 +149,11 @@ impl<B: SlotBackend> Residency<B> {
 
     /// Whether `layer` runs without its routing on the host ([`SlotRouting::Resident`]).
     pub fn layer_resident(&self, layer: usize) -> bool {
-        self.published.get(layer).copied().unwrap_or(false)
+        self.published
+            .get(layer)
+            .copied()
+            .flatten()
+            .unwrap_or(false)
     }
 
     /// The slot holding expert `e` of `layer`, if resident (not a use).
@@ -181,9 +185,9 @@ impl<B: SlotBackend> Residency<B> {
         Ok(())
     }
 
-    /// Offers a whole layer to the backend for resident batches.
+    /// Offers a whole layer to the backend for resident batches (once).
     fn publish(&mut self, be: &B, layer: usize) -> Result<()> {
-        if !self.all_fit || self.layer_resident(layer) {
+        if !self.all_fit || self.published.get(layer).is_some_and(|p| p.is_some()) {
             return Ok(());
         }
         if self.map.layer_count(layer) < self.num_experts {
@@ -197,9 +201,9 @@ impl<B: SlotBackend> Residency<B> {
         };
         let ok = be.publish_resident(&self.layout, &mut self.slots, layer, &table)?;
         if self.published.len() <= layer {
-            self.published.resize(layer + 1, false);
+            self.published.resize(layer + 1, None);
         }
-        self.published[layer] = ok;
+        self.published[layer] = Some(ok);
         Ok(())
     }
 

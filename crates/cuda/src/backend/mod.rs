@@ -183,11 +183,9 @@ impl Cuda {
             .saturating_sub(group)
             .max(group.min(all))
             .min(all);
-        let host_experts = if experts >= all {
-            0
-        } else {
-            (opts.host_cache_bytes / layout.slot).max(1)
-        };
+        // At least one expert: the middle tier also stages the misses (pinned memory, one
+        // DMA each), as the old loop's host tier did.
+        let host_experts = (opts.host_cache_bytes / layout.slot).max(1);
         let spec = TierSpec {
             experts,
             policy,
@@ -196,8 +194,12 @@ impl Cuda {
             group,
         };
         let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
-        // The old tier's memory goes back before the new one is allocated.
-        *tier = None;
+        if tier.is_some() {
+            // The old tier's memory goes back before the new one is allocated, once no queued
+            // work reads it.
+            self.dev.sync()?;
+            *tier = None;
+        }
         *tier = Some(Residency::new(
             self,
             layout,

@@ -25,14 +25,16 @@ use flashmoe_core::residency::{Fill, FillFrom, SlotBackend, SlotBatch, SlotLayou
 use flashmoe_core::{Error, Result};
 
 use super::{ce, moe, room, Cuda, CudaBuf, CudaRoutes};
+use crate::cache::Layout;
 use crate::device::{DBuf, Event, ExpertBatchArgs, MvBatch, Pinned, MAXP};
-use crate::ops::{self, DevMat, Fmt};
+use crate::ops::{self, DevMat};
 
 /// Expert slots in VRAM.
 pub struct CudaSlots {
     slab: DBuf,
     n: usize,
-    fmt: Fmt,
+    /// The slots' layout with the kernels' format (the old decode loop's cache uses it too).
+    lay: Layout,
     /// Published layers: slot base per expert on the device (u64, what `slot_batch` reads),
     /// and the slots on the host (for batches that bring the routing to the host).
     tables: HashMap<usize, (DBuf, Vec<usize>)>,
@@ -71,18 +73,7 @@ impl CudaSlots {
 
     /// (gate‖up `[2I, H]`, down `[H, I]`) of the expert in slot `i`.
     fn mats(&self, i: usize, layout: &SlotLayout) -> Result<(DevMat, DevMat)> {
-        let base = self.base(i, layout)?;
-        let o = |j: usize| base + layout.offsets[j] as u64;
-        let (ei, eh) = (layout.inter, layout.hidden);
-        let m = |rows, cols, j: usize| DevMat {
-            fmt: self.fmt,
-            rows,
-            cols,
-            w: o(j),
-            s: o(j + 1),
-            b: o(j + 2),
-        };
-        Ok((m(2 * ei, eh, 0), m(eh, ei, 3)))
+        Ok(self.lay.mats(self.base(i, layout)?))
     }
 }
 
@@ -237,7 +228,7 @@ impl SlotBackend for Cuda {
         Ok(CudaSlots {
             slab: dev.alloc(n * layout.slot).map_err(ce)?,
             n,
-            fmt: Fmt::of_slot(layout.format).map_err(ce)?,
+            lay: Layout::from_slot(*layout).map_err(ce)?,
             tables: HashMap::new(),
             before: dev.event().map_err(ce)?,
             copied: dev.event().map_err(ce)?,
@@ -287,8 +278,8 @@ impl SlotBackend for Cuda {
                     weights,
                     host_slot: None,
                 } => {
-                    // No middle tier (every expert fits; filled once): through pageable memory,
-                    // in order on the compute stream.
+                    // No middle tier (a tier made with none): through pageable memory, in
+                    // order on the compute stream.
                     let mut b = vec![0u8; layout.slot];
                     layout.stage(weights, &mut b)?;
                     dev.write_async(dst, &b).map_err(ce)?;

@@ -12,7 +12,7 @@
 //! what an f32 backend reaches and orders below what a wrong op gives (NMSE ~1).
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::{AttnShape, Backend, GdnShape, Reference};
+use super::{AttnShape, Backend, GdnShape, Reference, Routes};
 use crate::buf::Buf;
 use crate::error::Result;
 use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
@@ -231,6 +231,20 @@ impl ExpertSource for MemExperts {
     }
 }
 
+/// `n` random experts (gate, up `[inter, h]`, down `[h, inter]`) in `f`, held in memory.
+pub fn random_experts(rng: &mut StdRng, n: usize, inter: usize, h: usize, f: Fmt) -> MemExperts {
+    MemExperts {
+        experts: (0..n)
+            .map(|_| ExpertWeights {
+                gate: random_linear(rng, inter, h, f),
+                up: random_linear(rng, inter, h, f),
+                down: random_linear(rng, h, inter, f),
+            })
+            .collect(),
+        counters: ExpertCounters::default(),
+    }
+}
+
 /// The harness's state: the backend under test, the twin, the inputs' generator, findings.
 struct Ctx<'a, B: Backend> {
     be: &'a B,
@@ -243,6 +257,21 @@ struct Ctx<'a, B: Backend> {
 impl<B: Backend> Ctx<'_, B> {
     fn randv(&mut self, n: usize, s: f32) -> Vec<f32> {
         (0..n).map(|_| self.rng.gen_range(-s..s)).collect()
+    }
+    /// `t` random inputs of `h` and their routing by the reference over `e` experts, `k` each
+    /// (renormalised): `(x, router logits, routes)`.
+    fn routed(
+        &mut self,
+        t: usize,
+        h: usize,
+        e: usize,
+        k: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Routes)> {
+        let x = self.randv(t * h, 1.0);
+        let lg = self.randv(t * e, 3.0);
+        let mut routes = Routes::default();
+        self.r.router_topk(&lg, e, k, true, &mut routes)?;
+        Ok((x, lg, routes))
     }
     /// Weights of a norm: 1 ± 0.5.
     fn normw(&mut self, n: usize) -> Vec<f32> {

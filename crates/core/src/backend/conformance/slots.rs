@@ -3,11 +3,10 @@
 //! smaller than the experts (evictions, batches cut at the group size, the middle tier when
 //! the backend has one) and a tier holding them all (the layer published, then run without the
 //! routing on the host when the backend can), over one token and a prompt, in two formats.
-use super::{random_linear, Ctx, Fmt, MemExperts};
-use crate::backend::{Backend, ExpertCall, Routes};
+use super::{random_experts, Ctx, Fmt};
+use crate::backend::{Backend, ExpertCall};
 use crate::cache::CachePolicy;
 use crate::error::Result;
-use crate::experts::{ExpertCounters, ExpertWeights};
 use crate::residency::{Residency, SlotBackend, SlotLayout, TierSpec};
 use crate::store::DType;
 
@@ -15,16 +14,7 @@ pub(super) fn slots<B: SlotBackend>(c: &mut Ctx<B>) -> Result<()> {
     let (h, inter, e) = (128, 64, 16);
     let layers = [0, 2];
     for f in [Fmt::Affine(4, 64, DType::BF16), Fmt::Bf16] {
-        let src = MemExperts {
-            experts: (0..e)
-                .map(|_| ExpertWeights {
-                    gate: random_linear(&mut c.rng, inter, h, f),
-                    up: random_linear(&mut c.rng, inter, h, f),
-                    down: random_linear(&mut c.rng, h, inter, f),
-                })
-                .collect(),
-            counters: ExpertCounters::default(),
-        };
+        let src = random_experts(&mut c.rng, e, inter, h, f);
         let layout = SlotLayout::of(&src.experts[0])?;
         let small = TierSpec {
             experts: 6,
@@ -45,10 +35,7 @@ pub(super) fn slots<B: SlotBackend>(c: &mut Ctx<B>) -> Result<()> {
                 .enumerate()
             {
                 let layer = layers[round % 2];
-                let x = c.randv(t * h, 1.0);
-                let lg = c.randv(t * e, 3.0);
-                let mut routes = Routes::default();
-                c.r.router_topk(&lg, e, k, true, &mut routes)?;
+                let (x, lg, routes) = c.routed(t, h, e, k)?;
                 let call = ExpertCall {
                     source: &src,
                     layer,
