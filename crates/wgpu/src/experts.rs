@@ -26,33 +26,62 @@ struct At {
     s: u32,
 }
 
-/// The packed bytes of data, scales and biases.
+/// Where the data, scales and biases of each matrix go in the packed upload (the bytes are
+/// copied once, into the upload's mapped memory, by [`Pack::upload`]).
 #[derive(Default)]
-struct Pack {
-    w: Vec<u8>,
-    s: Vec<u8>,
-    b: Vec<u8>,
+struct Pack<'a> {
+    /// (bytes, offset) per array: data, scales, biases.
+    parts: [Vec<(&'a [u8], usize)>; 3],
+    /// Bytes of each array so far.
+    len: [usize; 3],
 }
 
-impl Pack {
-    /// Appends `m` (each array padded to a word) and says where it landed.
-    fn push(&mut self, m: &Linear) -> At {
+impl<'a> Pack<'a> {
+    /// Appends `m` (its data on 16 bytes: the fast products read 16-byte chunks; scales and
+    /// biases on a word) and says where it landed.
+    fn push(&mut self, m: &'a Linear) -> At {
         let (wu, su) = units(m);
         let (d, s, b) = parts_of(m);
         let (rb, sb) = row_bytes(m);
         let at = At {
-            w: (self.w.len() / wu) as u32,
-            s: (self.s.len() / su) as u32,
+            w: (self.len[0] / wu) as u32,
+            s: (self.len[1] / su) as u32,
         };
-        self.w.extend_from_slice(&d[..m.rows() * rb]);
-        self.s.extend_from_slice(&s[..m.rows() * sb]);
-        self.b.extend_from_slice(&b[..m.rows() * sb]);
-        // Data on 16 bytes (the fast products read it in 16-byte chunks), scales on a word.
-        self.w.resize(self.w.len().next_multiple_of(16), 0);
-        for v in [&mut self.s, &mut self.b] {
-            v.resize(v.len().next_multiple_of(4), 0);
+        let bytes = [
+            &d[..m.rows() * rb],
+            &s[..m.rows() * sb],
+            &b[..m.rows() * sb],
+        ];
+        for (i, x) in bytes.into_iter().enumerate() {
+            self.parts[i].push((x, self.len[i]));
+            self.len[i] = (self.len[i] + x.len()).next_multiple_of(if i == 0 { 16 } else { 4 });
         }
         at
+    }
+
+    /// The three arrays on the device.
+    fn upload(&self, be: &Wgpu) -> Result<[wgpu::Buffer; 3]> {
+        let one = |i: usize| -> Result<wgpu::Buffer> {
+            let size = self.len[i].max(16).next_multiple_of(4) as u64;
+            let buf = be.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: crate::device::USAGE,
+                mapped_at_creation: true,
+            });
+            {
+                let mut view = buf
+                    .get_mapped_range_mut(..)
+                    .map_err(|e| op_err("moe_experts", format!("upload: {e:?}")))?;
+                let mut w = view.slice(..);
+                for &(x, at) in &self.parts[i] {
+                    w.slice(at..at + x.len()).copy_from_slice(x);
+                }
+            }
+            buf.unmap();
+            Ok(buf)
+        };
+        Ok([one(0)?, one(1)?, one(2)?])
     }
 }
 
@@ -133,11 +162,7 @@ impl Wgpu {
             .iter()
             .map(|w| [pack.push(&w.gate), pack.push(&w.up), pack.push(&w.down)])
             .collect();
-        let (wb, sb, bb) = (
-            self.buffer_with(&pack.w),
-            self.buffer_with(&pack.s),
-            self.buffer_with(&pack.b),
-        );
+        let [wb, sb, bb] = pack.upload(self)?;
         // Pairs (token, expert) in token order, each token's experts ascending.
         let mut pairs: Vec<(usize, usize, f32)> = Vec::with_capacity(t * k);
         for ti in 0..t {

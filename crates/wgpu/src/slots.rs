@@ -211,18 +211,25 @@ impl SlotBackend for Wgpu {
         // Earlier batches (recorded, not yet submitted) may read the slots being refilled:
         // submit them first; a queue write lands after what was submitted.
         self.flush()?;
-        let mut stage = vec![0u8; layout.slot];
+        let size = wgpu::BufferSize::new(layout.slot as u64)
+            .ok_or_else(|| op_err("fill_slots", "empty slot layout"))?;
         for f in fills {
             let FillFrom::Source { weights, .. } = &f.from else {
                 return Err(op_err("fill_slots", "wgpu has no middle tier"));
             };
-            layout.stage(weights, &mut stage)?;
             let (slab, off) = slots.at(f.slot);
             let buf = slots
                 .slabs
                 .get(slab)
                 .ok_or_else(|| op_err("fill_slots", format!("slot {} of none", f.slot)))?;
-            self.queue.write_buffer(buf, off, &stage);
+            // The parts straight into the queue's staging memory (one copy on the host).
+            let mut view = self
+                .queue
+                .write_buffer_with(buf, off, size)
+                .ok_or_else(|| op_err("fill_slots", format!("slot {}: no staging", f.slot)))?;
+            for (at, bytes) in layout.parts(weights)? {
+                view.slice(at..at + bytes.len()).copy_from_slice(bytes);
+            }
         }
         Ok(())
     }
