@@ -16,6 +16,7 @@ pub mod model_seq;
 pub mod os;
 pub mod packed;
 pub mod probe;
+pub mod residency;
 pub mod session;
 pub mod store;
 pub mod trace;

@@ -11,6 +11,19 @@ fn cpu_conforms() {
     r.assert_ok();
 }
 
+/// The slot-batch op of expert residency on the CPU's host slots, through the tier.
+#[test]
+fn cpu_slots_conform() {
+    let r = conformance::run_slots(&Cpu);
+    println!("{}", r.summary());
+    assert!(r
+        .checks
+        .iter()
+        .any(|c| c.class.contains("resident routing")));
+    assert!(r.checks.iter().any(|c| c.class.contains("evicting")));
+    r.assert_ok();
+}
+
 /// The reference against itself: zero error everywhere (the harness compares like with like).
 #[test]
 fn reference_agrees_with_itself() {
@@ -31,13 +44,16 @@ fn harness_names_the_op_that_disagrees() {
         mat_half: 0.0,
         mat_affine: 0.0,
     };
-    let r = conformance::run_with(&Cpu, zero);
+    let mut r = conformance::run_with(&Cpu, zero);
+    r.failures
+        .extend(conformance::run_slots_with(&Cpu, zero).failures);
     for op in [
         "matmul [",
         "rmsnorm [",
         "attention [",
         "gdn_chunked [",
         "moe_experts [",
+        "slot_experts [",
     ] {
         assert!(
             r.failures.iter().any(|f| f.starts_with(op)),

@@ -8,141 +8,70 @@
 use std::collections::{BTreeMap, HashMap};
 
 use flashmoe_core::experts::ExpertWeights;
+use flashmoe_core::residency::SlotLayout;
 
 use crate::device::{DBuf, Device, Pinned};
-use crate::ops::{linear_bytes, DevMat, Fmt};
+use crate::ops::{DevMat, Fmt};
 use crate::{CudaError, Result};
 
-const ALIGN: usize = 256;
-
-fn up(x: usize) -> usize {
-    x.div_ceil(ALIGN) * ALIGN
-}
-
-/// Where each part of an expert sits inside a slot.
+/// Where each part of an expert sits inside a slot: core's [`SlotLayout`] (the layout of the
+/// residency tier's slots too), with the kernels' format and the slot's matrices.
 #[derive(Clone, Copy, Debug)]
 pub struct Layout {
     pub fmt: Fmt,
     /// Moe intermediate size and hidden size.
     pub i: usize,
     pub h: usize,
-    gu_w: usize,
-    gu_s: usize,
-    gu_b: usize,
-    d_w: usize,
-    d_s: usize,
-    d_b: usize,
     pub slot: usize,
     /// Bytes actually copied per expert (without padding).
     pub bytes: usize,
+    tier: SlotLayout,
 }
 
 impl Layout {
     pub fn of(e: &ExpertWeights) -> Result<Layout> {
-        let fmt = Fmt::of(&e.gate)?;
-        if Fmt::of(&e.up)? != fmt || Fmt::of(&e.down)? != fmt {
-            return Err(CudaError::Unsupported(
-                "experts whose gate/up/down formats differ".into(),
-            ));
-        }
-        let (i, h) = (e.gate.rows(), e.gate.cols());
-        let (gw, gs, _) = fmt.sizes(i, h);
-        let (dw, ds, _) = fmt.sizes(h, i);
-        let mut o = 0;
-        let mut take = |n: usize| {
-            let at = o;
-            o += up(n);
-            at
-        };
-        let gu_w = take(2 * gw);
-        let gu_s = take(2 * gs);
-        let gu_b = take(2 * gs);
-        let d_w = take(dw);
-        let d_s = take(ds);
-        let d_b = take(ds);
+        Layout::from_slot(SlotLayout::of(e)?)
+    }
+
+    /// The layout of a residency tier's slots.
+    pub fn from_slot(tier: SlotLayout) -> Result<Layout> {
         Ok(Layout {
-            fmt,
-            i,
-            h,
-            gu_w,
-            gu_s,
-            gu_b,
-            d_w,
-            d_s,
-            d_b,
-            slot: o,
-            bytes: 2 * gw + 4 * gs + dw + 2 * ds,
+            fmt: Fmt::of_slot(tier.format)?,
+            i: tier.inter,
+            h: tier.hidden,
+            slot: tier.slot,
+            bytes: tier.bytes,
+            tier,
         })
     }
 
     /// The expert's nine byte ranges and their offsets inside a slot.
     pub fn parts<'a>(&self, e: &'a ExpertWeights) -> Result<[(usize, &'a [u8]); 9]> {
-        let (gw, gs, gb) = linear_bytes(&e.gate);
-        let (uw, us, ub) = linear_bytes(&e.up);
-        let (dw, ds, db) = linear_bytes(&e.down);
-        let n = gw.len()
-            + uw.len()
-            + dw.len()
-            + ds.len()
-            + db.len()
-            + gs.len()
-            + gb.len()
-            + us.len()
-            + ub.len();
-        if n != self.bytes || gw.len() != uw.len() || gs.len() != us.len() {
-            return Err(CudaError::Invalid(
-                "expert size differs from the first expert's".into(),
-            ));
-        }
-        Ok([
-            (self.gu_w, gw),
-            (self.gu_w + gw.len(), uw),
-            (self.gu_s, gs),
-            (self.gu_s + gs.len(), us),
-            (self.gu_b, gb),
-            (self.gu_b + gb.len(), ub),
-            (self.d_w, dw),
-            (self.d_s, ds),
-            (self.d_b, db),
-        ])
+        Ok(self.tier.parts(e)?)
     }
 
     /// Writes the expert's bytes into `dst` (one slot's worth) in slot layout.
     pub fn stage(&self, e: &ExpertWeights, dst: &mut [u8]) -> Result<()> {
-        for (at, b) in self.parts(e)? {
-            dst[at..at + b.len()].copy_from_slice(b);
-        }
-        Ok(())
+        Ok(self.tier.stage(e, dst)?)
     }
 
     /// Offsets inside a slot of gate‖up w, s, b and down w, s, b.
     pub fn offsets(&self) -> [usize; 6] {
-        [
-            self.gu_w, self.gu_s, self.gu_b, self.d_w, self.d_s, self.d_b,
-        ]
+        self.tier.offsets
     }
 
     /// (gate‖up [2I, H], down [H, I]) of the expert in the slot at `base`.
     pub fn mats(&self, base: u64) -> (DevMat, DevMat) {
-        let o = |x: usize| base + x as u64;
-        (
-            DevMat {
-                fmt: self.fmt,
-                rows: 2 * self.i,
-                cols: self.h,
-                w: o(self.gu_w),
-                s: o(self.gu_s),
-                b: o(self.gu_b),
-            },
-            DevMat {
-                fmt: self.fmt,
-                rows: self.h,
-                cols: self.i,
-                w: o(self.d_w),
-                s: o(self.d_s),
-                b: o(self.d_b),
-            },
-        )
+        let o = |x: usize| base + self.tier.offsets[x] as u64;
+        let m = |rows, cols, j: usize| DevMat {
+            fmt: self.fmt,
+            rows,
+            cols,
+            w: o(j),
+            s: o(j + 1),
+            b: o(j + 2),
+        };
+        (m(2 * self.i, self.h, 0), m(self.h, self.i, 3))
     }
 }
 

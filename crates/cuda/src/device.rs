@@ -249,6 +249,7 @@ fn kernel_names() -> Vec<String> {
     for k in [
         "embed_row",
         "router_experts",
+        "slot_batch",
         "argmax_f32",
         "gather_rows",
         "scatter_add_rows",

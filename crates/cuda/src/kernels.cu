@@ -1242,13 +1242,9 @@ struct ExpertBatchArgs {
     u64 xn, gue, he, ye;
     int I, H;
 };
-extern "C" __global__ void router_experts(const float* logits, int E, int K, int norm, int* ids, float* wts,
-                                          ExpertBatchArgs a, MvBatch* out) {
-    pdl_wait();
-    pdl_release();
-    extern __shared__ float p[];
-    topk_body(logits, E, K, norm, ids, wts, p);
-    __syncthreads();
+// Thread j < K (+1 with the shared expert) writes problem j of the two batches: expert ids[j]'s
+// gate‖up and down from its slot base tbl[ids[j]], or the shared expert's.
+__device__ void write_expert_batch(const int* ids, int K, const ExpertBatchArgs& a, MvBatch* out) {
     int j = threadIdx.x;
     int np = a.sh[0] ? K + 1 : K;
     if (j >= np) return;
@@ -1264,6 +1260,22 @@ extern "C" __global__ void router_experts(const float* logits, int E, int K, int
     out[0].x[j] = a.xn; out[0].y[j] = a.gue + (u64)j * 2 * a.I * 4;
     out[1].w[j] = d[0]; out[1].s[j] = d[1]; out[1].b[j] = d[2];
     out[1].x[j] = a.he + (u64)j * a.I * 4; out[1].y[j] = a.ye + (u64)j * a.H * 4;
+}
+extern "C" __global__ void router_experts(const float* logits, int E, int K, int norm, int* ids, float* wts,
+                                          ExpertBatchArgs a, MvBatch* out) {
+    pdl_wait();
+    pdl_release();
+    extern __shared__ float p[];
+    topk_body(logits, E, K, norm, ids, wts, p);
+    __syncthreads();
+    write_expert_batch(ids, K, a, out);
+}
+// The same two batches from ids already on the device (a router_topk's, one token): the
+// residency tier's resident layers (flashmoe_core::residency, `SlotRouting::Resident`).
+extern "C" __global__ void slot_batch(const int* ids, int K, ExpertBatchArgs a, MvBatch* out) {
+    pdl_wait();
+    pdl_release();
+    write_expert_batch(ids, K, a, out);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! Owns the mapping from a `flashmoe_core::weights::Linear` to device bytes and to the kernel
 //! that reads them. Never decides what to compute; model.rs does.
 use cudarc::driver::{CudaStream, LaunchConfig};
+use flashmoe_core::residency::SlotFormat;
 use flashmoe_core::store::DType;
 use flashmoe_core::weights::Linear;
 
@@ -264,13 +265,17 @@ fn dt_code(d: DType) -> Result<u8> {
 
 impl Fmt {
     pub fn of(l: &Linear) -> Result<Fmt> {
-        Ok(match l {
-            Linear::Dense { dtype, .. } => Fmt::Dense(dt_code(*dtype)?),
-            Linear::Affine {
+        Fmt::of_slot(SlotFormat::of(l))
+    }
+
+    /// The format of a residency tier's slots (`flashmoe_core::residency`).
+    pub fn of_slot(f: SlotFormat) -> Result<Fmt> {
+        Ok(match f {
+            SlotFormat::Dense(dtype) => Fmt::Dense(dt_code(dtype)?),
+            SlotFormat::Affine {
                 bits,
                 group,
                 sdtype,
-                ..
             } => {
                 if !matches!(bits, 2 | 4 | 8) || !group.is_power_of_two() {
                     return Err(CudaError::Unsupported(format!(
@@ -278,9 +283,9 @@ impl Fmt {
                     )));
                 }
                 Fmt::Affine {
-                    bits: *bits,
+                    bits,
                     lg: group.trailing_zeros(),
-                    sdt: dt_code(*sdtype)?,
+                    sdt: dt_code(sdtype)?,
                 }
             }
         })
@@ -381,15 +386,7 @@ pub struct DMat {
     _own: Vec<DBuf>,
 }
 
-/// Host bytes of a Linear: (weights, scales, biases).
-pub fn linear_bytes(l: &Linear) -> (&[u8], &[u8], &[u8]) {
-    match l {
-        Linear::Dense { data, .. } => (data.bytes(), &[], &[]),
-        Linear::Affine {
-            w, scales, biases, ..
-        } => (w.bytes(), scales.bytes(), biases.bytes()),
-    }
-}
+pub use flashmoe_core::residency::linear_bytes;
 
 /// Uploads rows `[start, start+n)` of each part, stacked, as one matrix (all parts share format
 /// and column count).
@@ -778,11 +775,7 @@ pub fn router_experts(
     a: crate::device::ExpertBatchArgs,
     out: u64,
 ) -> Result<()> {
-    if k + (a.sh[0] != 0) as usize > MAXP {
-        return Err(CudaError::Unsupported(format!(
-            "{k} routed experts per token (at most {MAXP} per batched launch)"
-        )));
-    }
+    batch_fits(k, &a)?;
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (threads_for(e).min(1024), 1, 1),
@@ -801,6 +794,40 @@ pub fn router_experts(
             A::E(Box::new(a)),
             A::P(out),
         ],
+    )
+}
+
+/// Refuses more problems (`k` experts, and the shared expert when batched) than one batched
+/// launch holds.
+fn batch_fits(k: usize, a: &crate::device::ExpertBatchArgs) -> Result<()> {
+    if k + (a.sh[0] != 0) as usize > MAXP {
+        return Err(CudaError::Unsupported(format!(
+            "{k} routed experts per token (at most {MAXP} per batched launch)"
+        )));
+    }
+    Ok(())
+}
+
+/// The two `MvBatch` (gate‖up, down) of one token's `k` resident experts, as
+/// [`router_experts`] writes them, from ids already on the device (`ids`, i32, a
+/// `router_topk`'s) and the slot table `a.tbl`.
+pub fn slot_batch(
+    dev: &Device,
+    ids: u64,
+    k: usize,
+    a: crate::device::ExpertBatchArgs,
+    out: u64,
+) -> Result<()> {
+    batch_fits(k, &a)?;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(
+        "slot_batch",
+        cfg,
+        &[A::P(ids), A::I(k as i32), A::E(Box::new(a)), A::P(out)],
     )
 }
 

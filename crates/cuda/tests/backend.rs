@@ -57,3 +57,59 @@ fn session_on_model_cuda() {
         });
     }
 }
+
+/// The slot-batch op (core's residency tier over VRAM slots and pinned host slots) against the
+/// reference: an evicting tier with a middle tier, and every expert resident (looked up on the
+/// device from the router's ids).
+#[test]
+fn cuda_slots_conform() {
+    let Some(be) = cuda() else { return };
+    let r = conformance::run_slots(&be);
+    println!("{}", r.summary());
+    assert!(
+        r.checks
+            .iter()
+            .any(|c| c.class.contains("resident routing")),
+        "no layer ran on device-side lookup"
+    );
+    r.assert_ok();
+}
+
+/// `Model<Cuda>` through the residency tier against the golden logits: every expert preloaded
+/// (each MoE layer looked up on the device, no routing read back), and a tier of one batch of
+/// VRAM slots over a small pinned host tier (evictions, middle-tier hits).
+#[test]
+fn session_on_model_cuda_tiers() {
+    use flashmoe_core::cache::CachePolicy;
+    use flashmoe_core::model_seq::ModelSeq;
+    use flashmoe_cuda::CudaOptions;
+    use std::sync::Arc;
+    let Some(_) = cuda() else { return };
+    let Some(shared) = flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR")) else {
+        return;
+    };
+    for (fixture, variant, prefix, _) in golden::FIXTURES {
+        golden::check_session(&shared, fixture, variant, prefix, CUDA_TOL, |m| {
+            let on = Cuda::load(m, 0).expect("model on CUDA");
+            assert!(
+                Cuda::preload(&on).expect("preload"),
+                "every MoE layer resident"
+            );
+            Box::new(ModelSeq::new(Arc::new(on)))
+        });
+        for policy in [CachePolicy::Lru, CachePolicy::Arc] {
+            golden::check_session(&shared, fixture, variant, prefix, CUDA_TOL, |m| {
+                let eb = m.experts.expert_bytes();
+                let opts = CudaOptions {
+                    expert_cache_bytes: Some(eb),
+                    host_cache_bytes: 3 * eb,
+                    ..CudaOptions::default()
+                };
+                let on = Cuda::load_with(m, &opts, policy).expect("model on CUDA");
+                let info = on.be.tier_info().expect("a tier");
+                assert!(!info.all_fit && info.host_slots.is_some(), "{info:?}");
+                Box::new(ModelSeq::new(Arc::new(on)))
+            });
+        }
+    }
+}

@@ -6,24 +6,31 @@
 //! Buffers are f32 device allocations with an element count; attention caches keep spare
 //! capacity and grow by doubling. Matrices are uploaded once in their stored format. Every op
 //! is queued on the device's compute stream; only `download`, `routes_host` and `argmax` wait
-//! for it. Experts are read from the call's `ExpertSource` and uploaded per call (the VRAM and
-//! pinned tiers of model.rs are not behind this seam yet: issue 18, phase 2, step 4).
+//! for it. Routed experts go through core's residency tier (`flashmoe_core::residency`) over
+//! VRAM slots and a pinned host tier (`slots.rs`) when one is enabled ([`Cuda::load_with`],
+//! [`Cuda::enable_residency`]); a bare `Cuda::new` reads them from the call's `ExpertSource`
+//! and uploads them per call (`moe.rs`).
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaContext;
 use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
-use flashmoe_core::model::{Model, SharedExperts};
+use flashmoe_core::cache::{warmup_accesses, CachePolicy, DEFAULT_WARMUP_TOKENS};
+use flashmoe_core::experts::ExpertSource;
+use flashmoe_core::model::{Ffn, Model, SharedExperts};
+use flashmoe_core::residency::{Residency, SlotLayout, TierSpec, TierStats};
 use flashmoe_core::weights::Linear;
 use flashmoe_core::{Error, Result};
 
-use crate::device::Device;
+use crate::device::{Device, MAXP};
+use crate::model::CudaOptions;
 use crate::ops::{self, DMat};
 use crate::seq::core_error;
 
 mod launch;
 mod moe;
 mod pool;
+mod slots;
 
 use pool::{Mem, Pool};
 
@@ -57,10 +64,26 @@ pub struct CudaRoutes {
 /// into a released primary context crashed the driver (see `CudaModel`'s `dev` field).
 static CONTEXTS: Mutex<Vec<Arc<CudaContext>>> = Mutex::new(Vec::new());
 
-/// The CUDA backend: one device, its compute stream and its compiled kernels.
+/// The CUDA backend: one device, its compute stream and its compiled kernels, and the
+/// routed experts' residency tier when one is enabled.
 pub struct Cuda {
     pool: Arc<Pool>,
+    tier: Mutex<Option<Residency<Cuda>>>,
     dev: Device,
+}
+
+/// Sizes of an enabled tier.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TierInfo {
+    /// VRAM slots (capacity plus one batch) and the bytes of each.
+    pub slots: usize,
+    pub slot_bytes: usize,
+    /// Bytes copied per missed expert.
+    pub expert_bytes: usize,
+    /// Pinned host slots, when the middle tier exists.
+    pub host_slots: Option<usize>,
+    /// Every expert of every MoE layer fits in VRAM.
+    pub all_fit: bool,
 }
 
 fn ce(e: crate::CudaError) -> Error {
@@ -93,15 +116,135 @@ impl Cuda {
         }
         Ok(Cuda {
             pool: Arc::new(Pool::new(dev.ctx.clone())),
+            tier: Mutex::new(None),
             dev,
         })
     }
 
     /// `model` (loaded on the CPU) on CUDA device `ordinal`: its weights uploaded, its experts
-    /// read through it (`SharedExperts`).
+    /// read through it (`SharedExperts`) into the residency tier of [`CudaOptions::default`]
+    /// (free VRAM less the reserve; LRU, as the old decode loop).
     pub fn load(model: Arc<Model>, ordinal: usize) -> crate::Result<Model<Cuda>> {
-        let be = Cuda::new(ordinal)?;
-        Ok(model.to_backend(be, Box::new(SharedExperts(model.clone())))?)
+        let opts = CudaOptions {
+            device: ordinal,
+            ..CudaOptions::default()
+        };
+        Cuda::load_with(model, &opts, CachePolicy::Lru)
+    }
+
+    /// `model` on the device `opts.device`, its routed experts kept in VRAM slots
+    /// (`opts.expert_cache_bytes`, or the free VRAM after the dense weights less
+    /// `opts.reserve_bytes`) under `policy`, with `opts.host_cache_bytes` of pinned host slots
+    /// between them and the model's `ExpertSource`. [`Cuda::preload`] fills them all when
+    /// they fit.
+    pub fn load_with(
+        model: Arc<Model>,
+        opts: &CudaOptions,
+        policy: CachePolicy,
+    ) -> crate::Result<Model<Cuda>> {
+        let be = Cuda::new(opts.device)?;
+        let m = model.to_backend(be, Box::new(SharedExperts(model.clone())))?;
+        let moe = moe_layers(&m);
+        if !moe.is_empty() {
+            let (e, k) = (m.cfg.num_experts, m.top_k);
+            m.be.enable_residency(&*m.experts, &moe, e, k, opts, policy)?;
+        }
+        Ok(m)
+    }
+
+    /// Routes the experts of `moe_layers` (`num_experts` each, `top_k` per token) through a
+    /// residency tier sized by `opts` (see [`Cuda::load_with`]); replaces an earlier tier.
+    pub fn enable_residency(
+        &self,
+        source: &dyn ExpertSource,
+        moe_layers: &[usize],
+        num_experts: usize,
+        top_k: usize,
+        opts: &CudaOptions,
+        policy: CachePolicy,
+    ) -> crate::Result<()> {
+        let Some(&l0) = moe_layers.first() else {
+            return Ok(());
+        };
+        let first = source.fetch(l0, &[0])?;
+        let w = first
+            .first()
+            .ok_or_else(|| Error::Invalid(format!("layer {l0}: the expert source has none")))?;
+        let layout = SlotLayout::of(w)?;
+        self.dev.bind()?;
+        let (free, _) = self.dev.mem_info()?;
+        let want = opts
+            .expert_cache_bytes
+            .unwrap_or_else(|| free.saturating_sub(opts.reserve_bytes));
+        let all = moe_layers.len() * num_experts;
+        // One batch: a token's experts, and up to a launch's worth of a prompt's.
+        let group = top_k.max(MAXP).min(num_experts).max(1);
+        let experts = (want / layout.slot)
+            .saturating_sub(group)
+            .max(group.min(all))
+            .min(all);
+        // At least one expert: the middle tier also stages the misses (pinned memory, one
+        // DMA each), as the old loop's host tier did.
+        let host_experts = (opts.host_cache_bytes / layout.slot).max(1);
+        let spec = TierSpec {
+            experts,
+            policy,
+            warmup: warmup_accesses(DEFAULT_WARMUP_TOKENS, top_k, moe_layers.len()),
+            host_experts,
+            group,
+        };
+        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        if tier.is_some() {
+            // The old tier's memory goes back before the new one is allocated, once no queued
+            // work reads it.
+            self.dev.sync()?;
+            *tier = None;
+        }
+        *tier = Some(Residency::new(
+            self,
+            layout,
+            &spec,
+            moe_layers,
+            num_experts,
+        )?);
+        Ok(())
+    }
+
+    /// Fills every routed expert of `m` into VRAM when they all fit ("all in VRAM"): from then
+    /// on every MoE layer runs without reading its routing back. Returns whether every layer
+    /// is resident.
+    pub fn preload(m: &Model<Cuda>) -> crate::Result<bool> {
+        let moe = moe_layers(m);
+        let mut tier = m.be.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = tier.as_mut() else {
+            return Ok(false);
+        };
+        t.preload(&m.be, &*m.experts, &moe)?;
+        Ok(moe.iter().all(|&l| t.layer_resident(l)))
+    }
+
+    /// The tier's counters, when one is enabled.
+    pub fn tier_stats(&self) -> Option<TierStats> {
+        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        tier.as_ref().map(|t| t.stats())
+    }
+
+    /// The tier's sizes, when one is enabled.
+    pub fn tier_info(&self) -> Option<TierInfo> {
+        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        tier.as_ref().map(|t| TierInfo {
+            slots: t.slots(),
+            slot_bytes: t.layout().slot,
+            expert_bytes: t.layout().bytes,
+            host_slots: t.host_slots(),
+            all_fit: t.all_fit(),
+        })
+    }
+
+    /// Whether `layer`'s experts are all resident and looked up on the device.
+    fn layer_resident(&self, layer: usize) -> bool {
+        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        tier.as_ref().is_some_and(|t| t.layer_resident(layer))
     }
 
     pub fn device(&self) -> &Device {
@@ -465,7 +608,11 @@ impl Backend for Cuda {
         moe::router_topk(self, logits, ne, k, renorm, out)
     }
 
-    fn routes_host<'a>(&self, r: &'a CudaRoutes, _layer: usize) -> Result<Option<Cow<'a, Routes>>> {
+    fn routes_host<'a>(&self, r: &'a CudaRoutes, layer: usize) -> Result<Option<Cow<'a, Routes>>> {
+        // A token of a resident layer: `slot_batch` reads the ids where they are.
+        if r.t == 1 && r.k <= MAXP && self.layer_resident(layer) {
+            return Ok(None);
+        }
         moe::routes_host(self, r).map(|r| Some(Cow::Owned(r)))
     }
 
@@ -477,7 +624,20 @@ impl Backend for Cuda {
         host: Option<&Routes>,
         out: &mut CudaBuf,
     ) -> Result<ExpertTimes> {
-        moe::experts(self, call, x, routes, host, out)
+        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = tier.as_mut() else {
+            drop(tier);
+            return moe::experts(self, call, x, routes, host, out);
+        };
+        let owned;
+        let host = match host {
+            None if !t.layer_resident(call.layer) => {
+                owned = moe::routes_host(self, routes)?;
+                Some(&owned)
+            }
+            h => h,
+        };
+        t.run(self, call, x, routes, host, out)
     }
 
     fn moe_combine(
@@ -523,6 +683,13 @@ impl Backend for Cuda {
         let (xp, dp, wp, op) = (x.ptr(), d.ptr(), w.ptr(), out.ptr());
         ops::add_rmsnorm(dev, xp, dp, wp, op, n, eps, [None, None], upd).map_err(ce)
     }
+}
+
+/// The MoE layers of `m`.
+fn moe_layers(m: &Model<Cuda>) -> Vec<usize> {
+    (0..m.layers.len())
+        .filter(|&l| matches!(m.layers[l].ffn, Ffn::Moe(_)))
+        .collect()
 }
 
 /// ops.rs's shape of a GatedDeltaNet layer.

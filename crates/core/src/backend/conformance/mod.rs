@@ -12,11 +12,12 @@
 //! what an f32 backend reaches and orders below what a wrong op gives (NMSE ~1).
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::{AttnShape, Backend, GdnShape, Reference};
+use super::{AttnShape, Backend, GdnShape, Reference, Routes};
 use crate::buf::Buf;
 use crate::error::Result;
 use crate::experts::{ExpertCounters, ExpertSource, ExpertWeights};
 use crate::kernels::quantize_affine;
+use crate::residency::SlotBackend;
 use crate::store::DType;
 use crate::weights::Linear;
 
@@ -230,6 +231,20 @@ impl ExpertSource for MemExperts {
     }
 }
 
+/// `n` random experts (gate, up `[inter, h]`, down `[h, inter]`) in `f`, held in memory.
+pub fn random_experts(rng: &mut StdRng, n: usize, inter: usize, h: usize, f: Fmt) -> MemExperts {
+    MemExperts {
+        experts: (0..n)
+            .map(|_| ExpertWeights {
+                gate: random_linear(rng, inter, h, f),
+                up: random_linear(rng, inter, h, f),
+                down: random_linear(rng, h, inter, f),
+            })
+            .collect(),
+        counters: ExpertCounters::default(),
+    }
+}
+
 /// The harness's state: the backend under test, the twin, the inputs' generator, findings.
 struct Ctx<'a, B: Backend> {
     be: &'a B,
@@ -242,6 +257,21 @@ struct Ctx<'a, B: Backend> {
 impl<B: Backend> Ctx<'_, B> {
     fn randv(&mut self, n: usize, s: f32) -> Vec<f32> {
         (0..n).map(|_| self.rng.gen_range(-s..s)).collect()
+    }
+    /// `t` random inputs of `h` and their routing by the reference over `e` experts, `k` each
+    /// (renormalised): `(x, router logits, routes)`.
+    fn routed(
+        &mut self,
+        t: usize,
+        h: usize,
+        e: usize,
+        k: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Routes)> {
+        let x = self.randv(t * h, 1.0);
+        let lg = self.randv(t * e, 3.0);
+        let mut routes = Routes::default();
+        self.r.router_topk(&lg, e, k, true, &mut routes)?;
+        Ok((x, lg, routes))
     }
     /// Weights of a norm: 1 ± 0.5.
     fn normw(&mut self, n: usize) -> Vec<f32> {
@@ -332,6 +362,28 @@ pub fn run_with<B: Backend>(be: &B, bounds: Bounds) -> Report {
     c.report
 }
 
+/// The slot-batch op of a [`SlotBackend`] (expert residency, `crate::residency`) against
+/// [`Reference`], with the default [`Bounds`]; a backend with slots runs this beside [`run`].
+pub fn run_slots<B: SlotBackend>(be: &B) -> Report {
+    run_slots_with(be, Bounds::default())
+}
+
+/// [`run_slots`] with other bounds.
+pub fn run_slots_with<B: SlotBackend>(be: &B, bounds: Bounds) -> Report {
+    let mut c = Ctx {
+        be,
+        r: Reference,
+        rng: StdRng::seed_from_u64(0x5107),
+        bounds,
+        report: Report {
+            backend: be.name(),
+            ..Report::default()
+        },
+    };
+    c.section("slots", slots::slots);
+    c.report
+}
+
 /// Shapes of the attention cases: Qwen3.5-like (gated, GQA 2, partial rotary) and
 /// Qwen3-MoE-like (no gate, full rotary).
 fn attn_shapes() -> [AttnShape; 2] {
@@ -367,3 +419,4 @@ const GDN: GdnShape = GdnShape {
 };
 
 mod ops;
+mod slots;

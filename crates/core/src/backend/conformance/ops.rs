@@ -1,9 +1,8 @@
 //! The harness's sections: each runs a group of operations on the backend under test and on
 //! [`Reference`] with the same random inputs, and compares every output and updated state.
-use super::{attn_shapes, random_linear, Ctx, Fmt, MemExperts, GDN};
+use super::{attn_shapes, random_experts, random_linear, Ctx, Fmt, GDN};
 use crate::backend::{Backend, ExpertCall, Reference, Routes};
 use crate::error::Result;
-use crate::experts::{ExpertCounters, ExpertWeights};
 use crate::store::DType;
 
 /// `matmul` over every format and shape class (decode t=1, a few inputs, a blocked prefill
@@ -367,22 +366,9 @@ pub(super) fn moe<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
 
     let (h, inter, e) = (128, 64, 8);
     let f = Fmt::Affine(4, 64, DType::BF16);
-    let experts: Vec<ExpertWeights> = (0..e)
-        .map(|_| ExpertWeights {
-            gate: random_linear(&mut c.rng, inter, h, f),
-            up: random_linear(&mut c.rng, inter, h, f),
-            down: random_linear(&mut c.rng, h, inter, f),
-        })
-        .collect();
-    let src = MemExperts {
-        experts,
-        counters: ExpertCounters::default(),
-    };
+    let src = random_experts(&mut c.rng, e, inter, h, f);
     for (t, k, parallel) in [(1, 3, false), (1, 3, true), (6, 2, true), (6, 8, false)] {
-        let x = c.randv(t * h, 1.0);
-        let lg = c.randv(t * e, 3.0);
-        let mut routes = Routes::default();
-        c.r.router_topk(&lg, e, k, true, &mut routes)?;
+        let (x, lg, routes) = c.routed(t, h, e, k)?;
         let call = ExpertCall {
             source: &src,
             layer: 0,
