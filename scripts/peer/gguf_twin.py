@@ -8,7 +8,17 @@ is mapped; the Qwen3.5/Qwen3-Next hybrids need llama.cpp's SSM tensor layout (no
 
 Random codes are uniform with block scales giving a standard deviation of about 0.02 (as
 `flashmoe synth` draws), so activations stay ordinary and routing is spread.
+
+Tensors are generated in parallel (one seeded generator per tensor, so the draw does not depend
+on the thread count) and streamed to the file one at a time: a full-depth twin (16 GiB for
+qwen3-30b-a3b) never sits in memory. `--f32` writes every quantized tensor dequantized to F32
+instead (the same values as the quantized twin of the same seed): llama.cpp then multiplies
+with F32 activations, so the quantized twin against it measures llama.cpp's own Q8 activation
+quantization alone (peer.py's accuracy row).
+
+    python3 gguf_twin.py MODEL_DIR OUT.gguf LLAMA_CPP_SRC [--q4k] [--f32]
 """
+import concurrent.futures
 import json
 import os
 import sys
@@ -16,6 +26,11 @@ import sys
 import numpy as np
 
 QK = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144)}
+
+# How the random values are drawn (2: one generator per tensor, seeded by its index). A twin and
+# its --f32 twin hold the same values only when both were written with one format, so
+# peer.py puts it in the file names.
+TWIN_FORMAT = 2
 
 
 def import_gguf(llama_src):
@@ -104,8 +119,10 @@ def gguf_name(name):
     raise ValueError(f"no qwen3moe GGUF name for flashmoe tensor {name}")
 
 
-def write_twin(model_dir, out_path, llama_src, q4k=False, seed=0):
-    """Writes the twin of packed model `model_dir` to `out_path`; returns its byte size."""
+def write_twin(model_dir, out_path, llama_src, q4k=False, seed=0, f32=False):
+    """Writes the twin of packed model `model_dir` to `out_path`; returns its byte size.
+    `f32`: quantized tensors written as F32 of their dequantized values (same seed, same
+    values)."""
     gguf = import_gguf(llama_src)
     man = json.load(open(os.path.join(model_dir, "manifest.json")))
     cfg = man["config"].get("text_config", man["config"])
@@ -114,12 +131,12 @@ def write_twin(model_dir, out_path, llama_src, q4k=False, seed=0):
             f"{model_dir}: model_type {cfg['model_type']}: only qwen3_moe presets "
             "(qwen3-30b-a3b, qwen3-235b-a22b) have a GGUF twin so far"
         )
-    rng = np.random.default_rng(seed)
     arch = "qwen3moe"
     w = gguf.GGUFWriter(out_path, arch)
     h, n_layer = cfg["hidden_size"], cfg["num_hidden_layers"]
     n_exp, moe_i = cfg["num_experts"], cfg["moe_intermediate_size"]
-    w.add_name(f"flashmoe-peer twin of {os.path.basename(os.path.normpath(model_dir))}")
+    w.add_name(f"flashmoe-peer twin of {os.path.basename(os.path.normpath(model_dir))}"
+               + (" (f32 of the dequantized values)" if f32 else ""))
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(h)
     w.add_block_count(n_layer)
@@ -147,6 +164,18 @@ def write_twin(model_dir, out_path, llama_src, q4k=False, seed=0):
     w.add_bos_token_id(256)
     w.add_add_bos_token(False)
 
+    # The plan: (GGUF name, element shape, GGML type name, maker of the tensor's array).
+    plan = []
+
+    def quantized(name, kind, shape):
+        qtype = gguf.GGMLQuantizationType[kind]
+        i = len(plan)
+
+        def make():
+            b = random_blocks(np.random.default_rng([seed, i]), kind, shape)
+            return gguf.quants.dequantize(b, qtype).astype(np.float32) if f32 else b
+        plan.append((name, list(shape), "F32" if f32 else kind, make))
+
     for info in man["dense"]["tensors"]:
         name = gguf_name(info["name"])
         if name is None:
@@ -156,20 +185,22 @@ def write_twin(model_dir, out_path, llama_src, q4k=False, seed=0):
         if info.get("quant"):  # packed u32 [rows, cols*bits/32]
             rows_cols[-1] = rows_cols[-1] * 32 // info["quant"]["bits"]
         if kind == "F32":
-            if info["name"] != "norm.weight" and not info["name"].endswith("norm.weight"):
+            if not info["name"].endswith("norm.weight"):
                 raise ValueError(f"{info['name']}: unexpected f32 tensor")
-            w.add_tensor(name, np.ones(rows_cols, dtype=np.float32))
+            plan.append((name, rows_cols, "F32",
+                         lambda s=rows_cols: np.ones(s, dtype=np.float32)))
         elif kind in ("BF16", "F16"):
-            v = (rng.standard_normal(rows_cols, dtype=np.float32) * 0.02).astype(np.float32)
-            if kind == "F16":
-                w.add_tensor(name, v.astype(np.float16))
-            else:
-                bits = (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-                w.add_tensor(name, bits.reshape(*rows_cols[:-1], rows_cols[-1] * 2),
-                             raw_dtype=gguf.GGMLQuantizationType.BF16)
+            i = len(plan)
+
+            def make(s=rows_cols, i=i, kind=kind):
+                rng = np.random.default_rng([seed, i])
+                v = rng.standard_normal(s, dtype=np.float32) * 0.02
+                if kind == "F16":
+                    return v.astype(np.float16)
+                return (v.view(np.uint32) >> 16).astype(np.uint16)
+            plan.append((name, rows_cols, kind, make))
         else:
-            w.add_tensor(name, random_blocks(rng, kind, rows_cols),
-                         raw_dtype=gguf.GGMLQuantizationType[kind])
+            quantized(name, kind, rows_cols)
     ex = man["experts"]
     bits = ex["bits"]
     kind = ggml_kind({"name": "experts", "quant": {"bits": bits}} if bits != 16
@@ -180,10 +211,54 @@ def write_twin(model_dir, out_path, llama_src, q4k=False, seed=0):
         l = layer["layer"]
         for proj, shape in (("gate", (n_exp, moe_i, h)), ("up", (n_exp, moe_i, h)),
                             ("down", (n_exp, h, moe_i))):
-            w.add_tensor(f"blk.{l}.ffn_{proj}_exps.weight", random_blocks(rng, kind, shape),
-                         raw_dtype=gguf.GGMLQuantizationType[kind])
+            quantized(f"blk.{l}.ffn_{proj}_exps.weight", kind, shape)
+
+    for name, shape, kind, _ in plan:
+        qtype = gguf.GGMLQuantizationType[kind]
+        if kind in QK:
+            qk, size = QK[kind]
+            nbytes = int(np.prod(shape[:-1])) * (shape[-1] // qk) * size
+            w.add_tensor_info(name, shape[:-1] + [(shape[-1] // qk) * size], np.uint8, nbytes,
+                              raw_dtype=qtype)
+        else:
+            esize = {"F32": 4, "F16": 2, "BF16": 2}[kind]
+            dt = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[kind]
+            w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * esize,
+                              raw_dtype=None if kind != "BF16" else qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    # Generated ahead on every core, written in order; at most `ahead` tensors in memory.
+    ahead = max(2, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(ahead) as pool:
+        pending = []
+        for _, _, _, make in plan:
+            pending.append(pool.submit(make))
+            if len(pending) > ahead:
+                w.write_tensor_data(pending.pop(0).result())
+        for f in pending:
+            w.write_tensor_data(f.result())
     w.close()
     return os.path.getsize(out_path)
+
+
+def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the GGUF twin of a flashmoe packed model")
+    ap.add_argument("model_dir")
+    ap.add_argument("out")
+    ap.add_argument("llama_src", help="llama.cpp source (its gguf-py is used)")
+    ap.add_argument("--q4k", action="store_true")
+    ap.add_argument("--f32", action="store_true",
+                    help="quantized tensors as F32 of their dequantized values")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    n = write_twin(a.model_dir, a.out + ".partial", a.llama_src, q4k=a.q4k, seed=a.seed,
+                   f32=a.f32)
+    os.replace(a.out + ".partial", a.out)
+    print(f"{a.out}: {n / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,13 @@
 //! `--backend wgpu` through the binary: `flashmoe devices` lists the adapter, `logits` on
 //! wgpu matches the golden logits (one prompt and stepped), `generate` gives the CPU's ids,
-//! and `auto` never picks a software adapter. On a machine with no adapter the tests say
-//! they were skipped; under CI=true (lavapipe installed by .ci/run) that is a failure.
+//! `run`, `chat` and `serve` answer from the adapter, and `auto` never picks a software
+//! adapter. On a machine with no adapter the tests say they were skipped; under CI=true
+//! (lavapipe installed by .ci/run) that is a failure.
 mod common;
+mod serve_util;
+
+use std::io::Write;
+use std::process::Stdio;
 
 use common::*;
 
@@ -153,4 +158,94 @@ fn bench_wgpu_reports_the_adapter_limits_beside_kernels_and_decode() {
     let d = &w["decode"];
     assert!(d["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{d}");
     assert!(d["expert_upload_bound_ms"].as_f64().is_some(), "{d}");
+    assert!(
+        d["time_over_bound_ratio"].as_f64().is_some_and(|x| x > 0.0),
+        "{d}"
+    );
+    // The resident decode: every expert of the tiny model preloaded into device slots, so
+    // no token fills a slot and the layers read no routing back.
+    let r = &w["decode_resident"];
+    assert!(r["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    assert_eq!(r["all_preloaded"], true, "{r}");
+    assert_eq!(r["slot_fills_per_token"].as_f64(), Some(0.0), "{r}");
+    assert!(
+        r["resident_layer_calls_per_token"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "resident layers look their routing up on the device: {r}"
+    );
+}
+
+/// The text commands on wgpu over the tiny test model with a tokenizer: `run --prompt` and
+/// `chat` (piped) name the adapter and answer, `serve --backend wgpu` answers a chat
+/// completion.
+#[test]
+fn run_chat_and_serve_on_wgpu() {
+    if shared_dir().is_none() || !have_adapter() {
+        return;
+    }
+    let Some(dir) = serve_util::model_dir("wgpu-text") else {
+        return;
+    };
+    let o = run_ok(
+        bin()
+            .args(["run", "--backend", "wgpu", "--model"])
+            .arg(&dir)
+            .args([
+                "--prompt",
+                "hello there",
+                "--no-think",
+                "--tokens",
+                "4",
+                "--temperature",
+                "0",
+            ]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("wgpu: "), "run names the adapter: {err}");
+    assert!(!o.stdout.is_empty(), "run printed nothing");
+
+    let data = temp_dir("wgpu-chat-data");
+    let mut child = bin()
+        .args(["chat", "--backend", "wgpu", "--model"])
+        .arg(&dir)
+        .args(["--no-think", "--max-tokens", "4", "--temperature", "0"])
+        .env("FLASHMOE_DATA_DIR", &data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"hello\n/exit\n")
+        .expect("write chat input");
+    let o = child.wait_with_output().expect("wait chat");
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "chat failed:\n{out}\n{err}");
+    assert!(err.contains("wgpu: "), "chat names the adapter: {err}");
+
+    let srv = serve_util::Server::start(&dir, &["--backend", "wgpu"]);
+    let r = srv.post(
+        "/v1/chat/completions",
+        &serde_json::json!({
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4,
+            "chat_template_kwargs": {"enable_thinking": false}
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert!(v["choices"][0]["message"].is_object(), "{v}");
+    assert!(
+        v["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|c| (1..=4).contains(&c)),
+        "{v}"
+    );
 }

@@ -16,6 +16,7 @@ use crate::device::{grid, Wgpu};
 use crate::mat::{format_words, parts_of, row_bytes};
 use crate::op_err;
 use crate::ops::GBuf;
+use crate::shaders::FastKind;
 
 /// Where one matrix landed in the packed upload: data base (format units), scales base
 /// (elements).
@@ -25,31 +26,62 @@ struct At {
     s: u32,
 }
 
-/// The packed bytes of data, scales and biases.
+/// Where the data, scales and biases of each matrix go in the packed upload (the bytes are
+/// copied once, into the upload's mapped memory, by [`Pack::upload`]).
 #[derive(Default)]
-struct Pack {
-    w: Vec<u8>,
-    s: Vec<u8>,
-    b: Vec<u8>,
+struct Pack<'a> {
+    /// (bytes, offset) per array: data, scales, biases.
+    parts: [Vec<(&'a [u8], usize)>; 3],
+    /// Bytes of each array so far.
+    len: [usize; 3],
 }
 
-impl Pack {
-    /// Appends `m` (each array padded to a word) and says where it landed.
-    fn push(&mut self, m: &Linear) -> At {
+impl<'a> Pack<'a> {
+    /// Appends `m` (its data on 16 bytes: the fast products read 16-byte chunks; scales and
+    /// biases on a word) and says where it landed.
+    fn push(&mut self, m: &'a Linear) -> At {
         let (wu, su) = units(m);
         let (d, s, b) = parts_of(m);
         let (rb, sb) = row_bytes(m);
         let at = At {
-            w: (self.w.len() / wu) as u32,
-            s: (self.s.len() / su) as u32,
+            w: (self.len[0] / wu) as u32,
+            s: (self.len[1] / su) as u32,
         };
-        self.w.extend_from_slice(&d[..m.rows() * rb]);
-        self.s.extend_from_slice(&s[..m.rows() * sb]);
-        self.b.extend_from_slice(&b[..m.rows() * sb]);
-        for v in [&mut self.w, &mut self.s, &mut self.b] {
-            v.resize(v.len().next_multiple_of(4), 0);
+        let bytes = [
+            &d[..m.rows() * rb],
+            &s[..m.rows() * sb],
+            &b[..m.rows() * sb],
+        ];
+        for (i, x) in bytes.into_iter().enumerate() {
+            self.parts[i].push((x, self.len[i]));
+            self.len[i] = (self.len[i] + x.len()).next_multiple_of(if i == 0 { 16 } else { 4 });
         }
         at
+    }
+
+    /// The three arrays on the device.
+    fn upload(&self, be: &Wgpu) -> Result<[wgpu::Buffer; 3]> {
+        let one = |i: usize| -> Result<wgpu::Buffer> {
+            let size = self.len[i].max(16).next_multiple_of(4) as u64;
+            let buf = be.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: crate::device::USAGE,
+                mapped_at_creation: true,
+            });
+            {
+                let mut view = buf
+                    .get_mapped_range_mut(..)
+                    .map_err(|e| op_err("moe_experts", format!("upload: {e:?}")))?;
+                let mut w = view.slice(..);
+                for &(x, at) in &self.parts[i] {
+                    w.slice(at..at + x.len()).copy_from_slice(x);
+                }
+            }
+            buf.unmap();
+            Ok(buf)
+        };
+        Ok([one(0)?, one(1)?, one(2)?])
     }
 }
 
@@ -130,11 +162,7 @@ impl Wgpu {
             .iter()
             .map(|w| [pack.push(&w.gate), pack.push(&w.up), pack.push(&w.down)])
             .collect();
-        let (wb, sb, bb) = (
-            self.buffer_with(&pack.w),
-            self.buffer_with(&pack.s),
-            self.buffer_with(&pack.b),
-        );
+        let [wb, sb, bb] = pack.upload(self)?;
         // Pairs (token, expert) in token order, each token's experts ascending.
         let mut pairs: Vec<(usize, usize, f32)> = Vec::with_capacity(t * k);
         for ti in 0..t {
@@ -163,66 +191,105 @@ impl Wgpu {
         let gu = self.buffer((2 * np * inter * 4) as u64);
         for (m, fw, yoff) in [(0, fg, 0), (1, fu, np)] {
             let jb = self.buffer_with(bytemuck::cast_slice(&jobs(m, &tok, yoff)));
-            self.batch(fw, inter, h, np, &wb, &sb, &bb, &x.buf, &gu, &jb)?;
+            self.batch(fw, inter, h, np, [&wb, &sb, &bb], 0, &x.buf, &gu, &jb)?;
         }
-        let hid = GBuf {
-            buf: self.buffer((np * inter * 4) as u64),
-            len: np * inter,
-        };
-        let (g, _) = grid((np * inter).div_ceil(64));
-        self.dispatch(
-            "ew",
-            &[2, (np * inter) as u32, 0, (np * inter) as u32],
-            &[(1, &hid.buf), (2, &gu), (3, &gu), (4, &gu)],
-            g,
-        )?;
+        let hid = self.swiglu_pairs(np, inter, &gu)?;
         let d = self.buffer((np * h * 4) as u64);
         let jb = self.buffer_with(bytemuck::cast_slice(&jobs(2, &|p| p, 0)));
-        self.batch(fd, h, inter, np, &wb, &sb, &bb, &hid.buf, &d, &jb)?;
+        self.batch(fd, h, inter, np, [&wb, &sb, &bb], 0, &hid, &d, &jb)?;
         let table: Vec<u32> = pairs
             .iter()
             .enumerate()
             .flat_map(|(p, &(_, _, wt))| [p as u32, wt.to_bits()])
             .collect();
         let tb = self.buffer_with(bytemuck::cast_slice(&table));
-        let (g, _) = grid((t * h).div_ceil(64));
-        self.dispatch(
-            "esum",
-            &[h as u32, k as u32, (t * h) as u32],
-            &[(1, &d), (2, &tb), (3, &out.buf)],
-            g,
-        )?;
+        self.esum(&d, &tb, h, k, t, out, false)?;
         Ok(ExpertTimes {
             wait,
             compute: start.elapsed().saturating_sub(wait),
         })
     }
 
-    /// One dispatch of `jobs` products of a `[rows, cols]` matrix (`expert.wgsl`).
+    /// `hid [np, inter] = silu(gu[..np]) * gu[np..]` of the gate and up products `gu [2np,
+    /// inter]`.
+    pub(crate) fn swiglu_pairs(
+        &self,
+        np: usize,
+        inter: usize,
+        gu: &wgpu::Buffer,
+    ) -> Result<wgpu::Buffer> {
+        let hid = self.buffer((np * inter * 4) as u64);
+        let (g, _) = grid((np * inter).div_ceil(64));
+        self.dispatch(
+            "ew",
+            &[2, (np * inter) as u32, 0, (np * inter) as u32],
+            &[(1, &hid), (2, gu), (3, gu), (4, gu)],
+            g,
+        )?;
+        Ok(hid)
+    }
+
+    /// `out [t, h] (+)= Σ w · d[pair]` over `table [t, k]` of (pair, weight bits) per token,
+    /// in the table's order (ascending expert id); added to `out` with `add`.
     #[allow(clippy::too_many_arguments)]
-    fn batch(
+    pub(crate) fn esum(
+        &self,
+        d: &wgpu::Buffer,
+        table: &wgpu::Buffer,
+        h: usize,
+        k: usize,
+        t: usize,
+        out: &GBuf,
+        add: bool,
+    ) -> Result<()> {
+        let (g, _) = grid((t * h).div_ceil(64));
+        self.dispatch(
+            "esum",
+            &[h as u32, k as u32, (t * h) as u32, add as u32],
+            &[(1, d), (2, table), (3, &out.buf)],
+            g,
+        )
+    }
+
+    /// One dispatch of `jobs` products of a `[rows, cols]` matrix (`expert.wgsl`, or
+    /// `fast_expert.wgsl` where [`Wgpu::fast_for`] says): weights, scales and biases in `wsb`
+    /// (one buffer thrice for slots, the biases `bdelta` elements after the scales).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn batch(
         &self,
         m: [u32; 4],
         rows: usize,
         cols: usize,
         jobs: usize,
-        w: &wgpu::Buffer,
-        s: &wgpu::Buffer,
-        b: &wgpu::Buffer,
+        [w, s, b]: [&wgpu::Buffer; 3],
+        bdelta: u32,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         j: &wgpu::Buffer,
     ) -> Result<()> {
-        let (name, per) = self.product_kernel("expert");
+        let (name, per) = match self.fast_for(m, cols) {
+            Some(f) => (f.key(FastKind::Expert, m[1], 1), f.rows_per_group()),
+            None => {
+                let (n, per) = self.product_kernel("expert");
+                (n.to_string(), per)
+            }
+        };
         let (mut g, gx) = grid(rows.div_ceil(per));
-        g[2] = jobs as u32;
-        let mut params = m.to_vec();
-        params.extend([rows as u32, cols as u32, jobs as u32, gx]);
-        self.dispatch(
-            name,
-            &params,
-            &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
-            g,
-        )
+        let most = self.limits.max_compute_workgroups_per_dimension as usize;
+        let mut j0 = 0;
+        while j0 < jobs {
+            let n = most.min(jobs - j0);
+            g[2] = n as u32;
+            let mut params = m.to_vec();
+            params.extend([rows, cols, jobs, gx as usize, bdelta as usize, j0].map(|v| v as u32));
+            self.dispatch(
+                &name,
+                &params,
+                &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
+                g,
+            )?;
+            j0 += n;
+        }
+        Ok(())
     }
 }

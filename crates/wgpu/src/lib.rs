@@ -7,6 +7,8 @@
 //! - `mat.rs`: weight matrices in their stored format, split by rows where a matrix exceeds
 //!   the adapter's binding size.
 //! - `experts.rs`: the routed experts of a layer in one batch (uploaded per call).
+//! - `pool.rs`: buffers of dropped `GBuf`s kept for the next allocation of their size.
+//! - `slots.rs`: the device side of core's residency tier (expert slots kept between calls).
 //! - `bench.rs`: `flashmoe bench --backend wgpu` (adapter limits, products, decode).
 //! - `shaders/`: one WGSL file per kernel; `mat.wgsl` is the weight-access prelude of the
 //!   products and of embed.
@@ -15,12 +17,16 @@ mod device;
 mod experts;
 mod mat;
 mod ops;
+mod pool;
 pub mod shaders;
+mod slots;
 
 pub use bench::{bench, BenchOptions};
-pub use device::{adapters, AdapterDesc, Options, Wgpu};
+pub use device::{adapters, AdapterDesc, Options, Products, Wgpu};
 pub use mat::GMat;
 pub use ops::{GBuf, GRoutes};
+pub use shaders::{Fast, FastKind};
+pub use slots::{with_residency, GSlots, TierInfo};
 
 /// Why the wgpu backend could not start or run.
 #[derive(Debug, thiserror::Error)]

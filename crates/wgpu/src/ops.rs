@@ -2,20 +2,33 @@
 //! `shaders/`); nothing waits for the device except the read-backs the contract names
 //! (`download`, `routes_host`, `argmax`).
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
 use flashmoe_core::error::Result;
 use flashmoe_core::weights::Linear;
 
-use crate::device::{grid, Wgpu};
+use crate::device::{grid, Products, Wgpu};
 use crate::mat::GMat;
 use crate::op_err;
+use crate::pool::Pool;
+use crate::shaders::{Fast, FastKind};
 
 /// f32 elements on the device; `len` of them are in use (a KV cache grows within the
 /// buffer's capacity).
 pub struct GBuf {
     pub(crate) buf: wgpu::Buffer,
     pub(crate) len: usize,
+    /// Where the buffer goes when this is dropped.
+    pool: Option<Arc<Pool>>,
+}
+
+impl Drop for GBuf {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.put(self.buf.clone());
+        }
+    }
 }
 
 impl GBuf {
@@ -109,15 +122,24 @@ impl Wgpu {
         t: usize,
         y: &wgpu::Buffer,
     ) -> Result<()> {
-        let (name, per) = self.product_kernel("matmul");
+        let fast = self.fast_for(w.m, w.cols);
+        let tb = if t == 1 { 1 } else { 8 };
+        let (name, per) = match fast {
+            Some(f) => (f.key(FastKind::Matmul, w.m[1], tb), f.rows_per_group()),
+            None => {
+                let (n, per) = self.product_kernel("matmul");
+                (n.to_string(), per)
+            }
+        };
+        let tb = if fast.is_some() { tb as usize } else { 8 };
         for p in &w.parts {
             let (mut g, gx) = grid(p.rows.div_ceil(per));
-            g[2] = t.div_ceil(8) as u32;
+            g[2] = t.div_ceil(tb) as u32;
             let mut params = w.m.to_vec();
             params.extend([p.rows, w.cols, t, p.row0, w.rows].map(|v| v as u32));
             params.push(gx);
             self.dispatch(
-                name,
+                &name,
                 &params,
                 &[
                     (1, &p.w),
@@ -134,11 +156,36 @@ impl Wgpu {
 
     /// The product kernel `base` or its one-thread-per-row twin, and rows per workgroup.
     pub(crate) fn product_kernel(&self, base: &'static str) -> (&'static str, usize) {
-        match (base, self.row_per_thread) {
-            ("matmul", true) => ("matmul_rows", 64),
-            ("expert", true) => ("expert_rows", 64),
+        match (base, self.products) {
+            ("matmul", Products::PerThread) => ("matmul_rows", 64),
+            ("expert", Products::PerThread) => ("expert_rows", 64),
             (b, _) => (b, 1),
         }
+    }
+
+    /// The fast products' configuration for a matrix of format words `m` and `cols` columns:
+    /// where this backend runs them and the matrix is affine with rows of whole 16-byte
+    /// chunks (four words of codes).
+    pub(crate) fn fast_for(&self, m: [u32; 4], cols: usize) -> Option<Fast> {
+        match self.products {
+            Products::Fast(f) if m[0] == 3 && cols.is_multiple_of(128 / m[1] as usize) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The routing read back to the host: ids and weights through one wait.
+    pub(crate) fn read_routes(&self, r: &GRoutes) -> Result<Routes> {
+        let n = (r.t * r.k) as u64 * 4;
+        let both = self.buffer(2 * n);
+        self.copy(&r.ids, 0, &both, 0, n)?;
+        self.copy(&r.weights, 0, &both, n, n)?;
+        let bytes = self.read(&both, 2 * n)?;
+        let (ids, weights) = bytes.split_at(n as usize);
+        Ok(Routes {
+            k: r.k,
+            ids: bytemuck::pod_collect_to_vec(ids),
+            weights: bytemuck::pod_collect_to_vec(weights),
+        })
     }
 
     /// The buffer of `b` with room for `n` elements, keeping its first `b.len`.
@@ -164,15 +211,25 @@ impl Backend for Wgpu {
     }
 
     fn alloc(&self, n: usize) -> Result<GBuf> {
+        let size = (n as u64 * 4).max(16).next_multiple_of(4);
+        let buf = match self.pool.take(size) {
+            Some(b) => {
+                self.clear(&b, size)?;
+                b
+            }
+            None => self.buffer(size),
+        };
         Ok(GBuf {
-            buf: self.buffer(n as u64 * 4),
+            buf,
             len: n,
+            pool: Some(self.pool.clone()),
         })
     }
     fn upload(&self, v: &[f32]) -> Result<GBuf> {
         Ok(GBuf {
             buf: self.buffer_with(bytemuck::cast_slice(v)),
             len: v.len(),
+            pool: Some(self.pool.clone()),
         })
     }
     fn download(&self, b: &GBuf) -> Result<Vec<f32>> {
@@ -519,15 +576,12 @@ impl Backend for Wgpu {
         )
     }
 
-    fn routes_host<'a>(&self, r: &'a GRoutes, _layer: usize) -> Result<Option<Cow<'a, Routes>>> {
-        let n = (r.t * r.k) as u64 * 4;
-        let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&self.read(&r.ids, n)?);
-        let weights: Vec<f32> = bytemuck::pod_collect_to_vec(&self.read(&r.weights, n)?);
-        Ok(Some(Cow::Owned(Routes {
-            k: r.k,
-            ids,
-            weights,
-        })))
+    fn routes_host<'a>(&self, r: &'a GRoutes, layer: usize) -> Result<Option<Cow<'a, Routes>>> {
+        // A resident layer's batch looks the ids up on the device (`slots.rs`).
+        if self.layer_resident(layer) {
+            return Ok(None);
+        }
+        self.read_routes(r).map(|r| Some(Cow::Owned(r)))
     }
 
     fn moe_experts(
@@ -538,19 +592,29 @@ impl Backend for Wgpu {
         host: Option<&Routes>,
         out: &mut GBuf,
     ) -> Result<ExpertTimes> {
+        // The routing on the host, unless the tier runs the layer from the device's.
         let owned;
         let host = match host {
-            Some(h) => h,
+            Some(h) => Some(h),
+            None if self.layer_resident(call.layer) => None,
             None => {
-                owned = self
-                    .routes_host(routes, call.layer)?
-                    .map(|c| c.into_owned());
-                owned
-                    .as_ref()
-                    .ok_or_else(|| op_err("moe_experts", "no routing"))?
+                owned = self.read_routes(routes)?;
+                Some(&owned)
             }
         };
-        self.experts(call, x, host, out)
+        // Reads follow (unless the layer is resident): start or finish the shared expert.
+        if host.is_some() {
+            self.before_reads()?;
+        }
+        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        match tier.as_mut() {
+            Some(t) => t.run(self, call, x, routes, host, out),
+            None => {
+                drop(tier);
+                let host = host.ok_or_else(|| op_err("moe_experts", "no routing"))?;
+                self.experts(call, x, host, out)
+            }
+        }
     }
 
     fn moe_combine(

@@ -4,20 +4,83 @@
 //! adapter is a failure.
 mod device;
 
-/// Both product kernels on this adapter (lavapipe's default is one thread per row, a GPU's a
-/// workgroup per row), so CI checks the one that GPUs run too.
+use flashmoe_wgpu::{Fast, Products};
+
+/// Every product kernel on this adapter, whichever it would choose by default (lavapipe's is
+/// one thread per row, a GPU's the fast kernels): one thread and one workgroup per row, the
+/// fast kernels summing through workgroup memory at two widths and rows per lane group, and
+/// through subgroup operations where the adapter has them (lavapipe does).
 #[test]
 fn wgpu_conforms() {
-    for rows in [false, true] {
-        let Some(be) = device::backend_with(Some(rows)) else {
+    let Some(probe) = device::backend() else {
+        return;
+    };
+    let wg = |lg, wgs, r| Fast {
+        lg,
+        wgs,
+        r,
+        subgroup: false,
+    };
+    let mut variants: Vec<(Option<bool>, Option<Fast>)> = vec![
+        (Some(true), None),
+        (Some(false), None),
+        (None, Some(wg(32, 128, 2))),
+        (None, Some(wg(16, 64, 4))),
+        (None, Some(wg(64, 256, 1))),
+    ];
+    match probe.default_fast() {
+        Some(f) if f.subgroup => {
+            for r in [1, 2, 4] {
+                variants.push((None, Some(Fast { r, ..f })));
+            }
+        }
+        _ => eprintln!("no subgroup operations at a fixed size here: those variants not run"),
+    }
+    if std::env::var("CI").as_deref() == Ok("true") && probe.adapter().software {
+        // lavapipe has subgroups: a CI run that lost them would leave the kernel GPUs run
+        // untested.
+        assert!(
+            probe.default_fast().is_some_and(|f| f.subgroup),
+            "CI=true: the software adapter has no subgroup operations"
+        );
+    }
+    drop(probe);
+    for (rows, fast) in variants {
+        let Some(be) = device::backend_with(rows, fast) else {
             return;
         };
-        eprintln!(
-            "product kernels: one {} per row",
-            if rows { "thread" } else { "workgroup" }
-        );
+        eprintln!("product kernels: {:?}", be.products());
+        if let Some(f) = fast {
+            assert_eq!(be.products(), Products::Fast(f));
+        }
         let r = flashmoe_core::backend::conformance::run(&be);
         println!("{}", r.summary());
         r.assert_ok();
     }
+    // Submissions of 3 commands: the parameter arena fills and is replaced mid-op, copies and
+    // dispatches interleave across submissions.
+    let Some(be) = device::backend() else {
+        return;
+    };
+    be.set_submit_batch(3).expect("batch");
+    let r = flashmoe_core::backend::conformance::run(&be);
+    println!("submissions of 3: {}", r.summary());
+    r.assert_ok();
+}
+
+/// `alloc` gives zeros also when it reuses a dropped buffer of the same size (`pool.rs`).
+#[test]
+fn a_reused_buffer_is_zeroed() {
+    use flashmoe_core::backend::Backend;
+    let Some(be) = device::backend() else {
+        return;
+    };
+    let n = 1000;
+    let mut a = be.alloc(n).expect("alloc");
+    let ones = be.upload(&vec![1.0f32; n]).expect("upload");
+    be.add(&mut a, &ones).expect("add");
+    assert_eq!(be.download(&a).expect("read"), vec![1.0f32; n]);
+    drop(a);
+    let b = be.alloc(n).expect("alloc again");
+    assert_eq!(be.download(&b).expect("read"), vec![0.0f32; n]);
 }

@@ -7,6 +7,10 @@ use flashmoe_testdata::golden::{check_on, FIXTURES};
 
 fn fixture(i: usize) {
     let Some(be) = device::backend() else { return };
+    fixture_on(be, i);
+}
+
+fn fixture_on(be: flashmoe_wgpu::Wgpu, i: usize) {
     let Some(shared) = flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR")) else {
         return;
     };
@@ -27,6 +31,26 @@ fn tiny_a_hf_bf16_fused() {
 #[test]
 fn tiny_a_mlx_4bit() {
     fixture(2);
+}
+
+/// The 4-bit checkpoint through the fast products as a GPU runs them (lavapipe's default is
+/// one thread per row): the adapter's own configuration, subgroup operations included where
+/// it has them.
+#[test]
+fn tiny_a_mlx_4bit_fast_products() {
+    let Some(probe) = device::backend() else {
+        return;
+    };
+    let fast = probe.default_fast();
+    drop(probe);
+    let Some(fast) = fast else {
+        eprintln!("skipped: no workgroup of 32 threads on this adapter");
+        return;
+    };
+    let Some(be) = device::backend_with(None, Some(fast)) else {
+        return;
+    };
+    fixture_on(be, 2);
 }
 
 #[test]

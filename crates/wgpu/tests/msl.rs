@@ -5,17 +5,21 @@
 fn every_kernel_translates_to_msl() {
     let kernels = flashmoe_wgpu::shaders::all();
     assert!(kernels.len() >= 12, "kernels: {}", kernels.len());
+    assert!(
+        kernels.iter().any(|(n, _)| n.ends_with("_sg")),
+        "the subgroup variants of the fast products are translated too"
+    );
     for (name, src) in kernels {
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{name}: WGSL: {}", e.emit_to_string(&src)));
         // unpack2x16float (the f16 weights and scales) is core WGSL; naga names it a
-        // capability, which wgpu grants on every Metal device.
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{name}: validation: {e:?}"));
+        // capability, which wgpu grants on every Metal device. Subgroup operations (the fast
+        // products' `sg` variants) are what Apple GPUs call SIMD-group functions.
+        let caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32
+            | naga::valid::Capabilities::SUBGROUP;
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name}: validation: {e:?}"));
         let opts = naga::back::msl::Options {
             lang_version: (2, 4),
             ..Default::default()

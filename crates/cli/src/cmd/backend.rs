@@ -21,7 +21,8 @@ pub enum BackendKind {
     /// NVIDIA GPU: dense weights, state and an expert cache in VRAM
     Cuda,
     /// Any Vulkan or Metal GPU through wgpu (a software adapter such as lavapipe too, when
-    /// named): dense weights and state on the device, routed experts uploaded per layer
+    /// named): dense weights and state on the device, routed experts in device slots
+    /// (--vram-cache-gb, default 4 GB)
     Wgpu,
 }
 
@@ -77,7 +78,11 @@ pub fn engine_backend(args: &ModelOpts) -> Result<Option<BackendFactory>> {
     let f = match args.backend {
         BackendKind::Cpu => None,
         BackendKind::Cuda => Some(cuda_factory(false, gpu)?),
-        BackendKind::Wgpu => Some(super::wgpu::factory(args.gpu_adapter, true)?),
+        BackendKind::Wgpu => Some(super::wgpu::factory(
+            args.gpu_adapter,
+            true,
+            gpu.vram_cache_bytes,
+        )?),
         BackendKind::Auto if cuda_available() => {
             eprintln!("backend: cuda (auto)");
             Some(cuda_factory(true, gpu)?)
@@ -85,7 +90,11 @@ pub fn engine_backend(args: &ModelOpts) -> Result<Option<BackendFactory>> {
         BackendKind::Auto => match super::wgpu::hardware_adapter(args.gpu_adapter) {
             Some(name) => {
                 eprintln!("backend: wgpu on {name} (auto)");
-                Some(super::wgpu::factory(args.gpu_adapter, false)?)
+                Some(super::wgpu::factory(
+                    args.gpu_adapter,
+                    false,
+                    gpu.vram_cache_bytes,
+                )?)
             }
             None => {
                 eprintln!("backend: cpu (auto: no CUDA device, no hardware wgpu adapter)");

@@ -64,10 +64,21 @@ fn gpu_device_nodes() -> bool {
     true
 }
 
-/// Sequences on a wgpu adapter: the first call uploads the model's dense weights (once per
-/// process; later sequences share them). `allow_software`: `--backend wgpu` was named.
+/// Device memory for routed-expert slots when `--vram-cache-gb` is not given (wgpu cannot
+/// ask how much is free).
 #[cfg(feature = "wgpu")]
-pub fn factory(adapter: Option<usize>, allow_software: bool) -> Result<BackendFactory> {
+const DEFAULT_SLOT_BYTES: usize = 4 << 30;
+
+/// Sequences on a wgpu adapter: the first call uploads the model's dense weights (once per
+/// process; later sequences share them) and keeps routed experts in device slots
+/// (`vram_cache_bytes`, else [`DEFAULT_SLOT_BYTES`]; LRU). `allow_software`: `--backend wgpu`
+/// was named.
+#[cfg(feature = "wgpu")]
+pub fn factory(
+    adapter: Option<usize>,
+    allow_software: bool,
+    vram_cache_bytes: Option<usize>,
+) -> Result<BackendFactory> {
     use std::sync::{Arc, Mutex};
 
     use flashmoe_core::model::Model;
@@ -79,6 +90,7 @@ pub fn factory(adapter: Option<usize>, allow_software: bool) -> Result<BackendFa
         adapter,
         allow_software,
         row_per_thread: None,
+        fast: None,
     };
     // The CPU model the upload came from, and the upload.
     type Uploaded = (Arc<Model>, Arc<Model<Wgpu>>);
@@ -92,7 +104,9 @@ pub fn factory(adapter: Option<usize>, allow_software: bool) -> Result<BackendFa
             _ => {
                 let be = Wgpu::new(opts)?;
                 eprintln!("wgpu: {} ({})", be.adapter().name, be.adapter().backend);
-                let m = Arc::new(flashmoe_core::model::upload_to(&model, be)?);
+                let m = flashmoe_core::model::upload_to(&model, be)?;
+                flashmoe_wgpu::with_residency(&m, vram_cache_bytes.unwrap_or(DEFAULT_SLOT_BYTES))?;
+                let m = Arc::new(m);
                 *slot = Some((model.clone(), m.clone()));
                 m
             }
@@ -112,6 +126,7 @@ pub fn bench(
         adapter: None,
         allow_software: true,
         row_per_thread: None,
+        fast: None,
     })?;
     let opts = flashmoe_wgpu::BenchOptions {
         tokens: tokens.max(1),
@@ -125,7 +140,7 @@ pub fn bench(
     _model: &std::sync::Arc<flashmoe_core::model::Model>,
     _tokens: usize,
 ) -> Result<serde_json::Value> {
-    factory(None, true).map(|_| serde_json::Value::Null)
+    factory(None, true, None).map(|_| serde_json::Value::Null)
 }
 
 #[cfg(not(feature = "wgpu"))]
@@ -139,7 +154,11 @@ pub fn hardware_adapter(_index: Option<usize>) -> Option<String> {
 }
 
 #[cfg(not(feature = "wgpu"))]
-pub fn factory(_adapter: Option<usize>, _allow_software: bool) -> Result<BackendFactory> {
+pub fn factory(
+    _adapter: Option<usize>,
+    _allow_software: bool,
+    _vram_cache_bytes: Option<usize>,
+) -> Result<BackendFactory> {
     anyhow::bail!(
         "--backend wgpu: this flashmoe was built without wgpu support; rebuild with \
          `cargo build --release -p flashmoe --features wgpu`"

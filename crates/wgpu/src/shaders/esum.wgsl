@@ -1,9 +1,11 @@
 // The routed sum (arch-spec §7): out[ti, i] = sum over token ti's k experts, ascending id, of
 // w * D[pair, i]; T [t, k] holds (pair row, weight bits) already in ascending expert order.
+// With `add`, out += that sum (a later batch of the residency tier).
 struct P {
     h: u32,
     k: u32,
     n: u32,
+    add: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -24,5 +26,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let e = (ti * p.k + j) * 2u;
         a = fma(bitcast<f32>(T[e + 1u]), D[T[e] * p.h + c], a);
     }
-    O[i] = a;
+    if p.add != 0u {
+        O[i] += a;
+    } else {
+        O[i] = a;
+    }
 }

@@ -1,28 +1,5 @@
-// Weight access shared by matmul, the expert batch and embed (prepended to those shaders).
-// A matrix is `W` in its stored format: fmt 0 f32, 1 bf16, 2 f16 (two per u32, low half
-// first), 3 MLX affine (`bits`-bit codes LSB-first in u32 words, one scale and bias per
-// `group` columns, scales/biases in sfmt 0 f32, 1 bf16, 2 f16). `w = q * scale + bias`.
-struct M {
-    fmt: u32,
-    bits: u32,
-    group: u32,
-    sfmt: u32,
-}
-
+// Weight access of matmul, the expert batch and embed (after scales.wgsl): `W` as words.
 @group(0) @binding(1) var<storage, read> W: array<u32>;
-@group(0) @binding(2) var<storage, read> S: array<u32>;
-@group(0) @binding(3) var<storage, read> Bz: array<u32>;
-
-fn half_bits(word: u32, i: u32) -> u32 {
-    return (word >> ((i & 1u) * 16u)) & 0xffffu;
-}
-
-fn half_to_f32(h: u32, f: u32) -> f32 {
-    if f == 1u {
-        return bitcast<f32>(h << 16u);
-    }
-    return unpack2x16float(h).x;
-}
 
 // Element `i` of a dense 16/32-bit array in format `f` (0 f32, 1 bf16, 2 f16).
 fn w_at(i: u32, f: u32) -> f32 {
@@ -30,20 +7,6 @@ fn w_at(i: u32, f: u32) -> f32 {
         return bitcast<f32>(W[i]);
     }
     return half_to_f32(half_bits(W[i >> 1u], i), f);
-}
-
-fn scale_at(i: u32, f: u32) -> f32 {
-    if f == 0u {
-        return bitcast<f32>(S[i]);
-    }
-    return half_to_f32(half_bits(S[i >> 1u], i), f);
-}
-
-fn bias_at(i: u32, f: u32) -> f32 {
-    if f == 0u {
-        return bitcast<f32>(Bz[i]);
-    }
-    return half_to_f32(half_bits(Bz[i >> 1u], i), f);
 }
 
 // Element (row, c) of a matrix of `cols` columns whose data starts at `wbase` (format units:
@@ -66,9 +29,11 @@ var<workgroup> red: array<f32, 512>;
 
 // acc[tt] = W[row] . X[xrow0 + tt] for tt < tn, over this thread's share of the columns
 // (from `tid` in steps of `step`: WG when a workgroup shares a row, 1 when a thread owns it).
+// A group's bias is element `bdelta` after its scale's index (0 where S and Bz are separate
+// buffers; the offset of the biases from the scales where one slot buffer holds both).
 // The affine form folds the dequantisation: sum over a word of q*x, times the scale, plus the
 // bias times the sum of x (one multiply per code instead of a dequantised weight).
-fn row_dot(m: M, wbase: u32, sbase: u32, cols: u32, row: u32, xrow0: u32, tn: u32, tid: u32, step: u32) {
+fn row_dot(m: M, wbase: u32, sbase: u32, bdelta: u32, cols: u32, row: u32, xrow0: u32, tn: u32, tid: u32, step: u32) {
     for (var tt = 0u; tt < TB; tt++) {
         acc[tt] = 0.0;
     }
@@ -90,7 +55,7 @@ fn row_dot(m: M, wbase: u32, sbase: u32, cols: u32, row: u32, xrow0: u32, tn: u3
         let c0 = i * per;
         let g = sbase + row * ng + c0 / m.group;
         let s = scale_at(g, m.sfmt);
-        let b = bias_at(g, m.sfmt);
+        let b = bias_at(g + bdelta, m.sfmt);
         for (var tt = 0u; tt < tn; tt++) {
             let xb = (xrow0 + tt) * cols + c0;
             var qx = 0.0;

@@ -1,16 +1,5 @@
 // y [t, ystride] (columns row0..row0+rows) = x [t, cols] W^T. One workgroup per row and block
 // of up to TB tokens, so a row's weights are read once per block.
-struct P {
-    m: M,
-    rows: u32,
-    cols: u32,
-    t: u32,
-    row0: u32,
-    ystride: u32,
-    gx: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(4) var<storage, read> X: array<f32>;
 @group(0) @binding(5) var<storage, read_write> Y: array<f32>;
 
@@ -22,7 +11,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let t0 = wid.z * TB;
     let tn = min(TB, p.t - t0);
-    row_dot(p.m, 0u, 0u, p.cols, row, t0, tn, tid, WG);
+    row_dot(p.m, 0u, 0u, 0u, p.cols, row, t0, tn, tid, WG);
     reduce_acc(tid);
     if tid < tn {
         Y[(t0 + tid) * p.ystride + p.row0 + row] = red[tid * WG];
@@ -41,7 +30,7 @@ fn per_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     }
     let t0 = wid.z * TB;
     let tn = min(TB, p.t - t0);
-    row_dot(p.m, 0u, 0u, p.cols, row, t0, tn, 0u, 1u);
+    row_dot(p.m, 0u, 0u, 0u, p.cols, row, t0, tn, 0u, 1u);
     for (var tt = 0u; tt < tn; tt++) {
         Y[(t0 + tt) * p.ystride + p.row0 + row] = acc[tt];
     }

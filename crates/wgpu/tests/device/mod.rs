@@ -1,20 +1,21 @@
 //! The adapter the wgpu tests run on: the first hardware one, else a software one
 //! (lavapipe). None at all: "skipped" on a developer's machine, a failure under CI=true
 //! (.ci/run installs lavapipe).
-// Each test binary uses one of the two.
+// Each test binary uses some of these.
 #![allow(dead_code)]
-use flashmoe_wgpu::{Options, Wgpu};
+use flashmoe_wgpu::{Fast, Options, Wgpu};
 
 pub fn backend() -> Option<Wgpu> {
-    backend_with(None)
+    backend_with(None, None)
 }
 
 /// [`backend`] with the product kernels chosen (`None`: the adapter's default).
-pub fn backend_with(row_per_thread: Option<bool>) -> Option<Wgpu> {
+pub fn backend_with(row_per_thread: Option<bool>, fast: Option<Fast>) -> Option<Wgpu> {
     match Wgpu::new(Options {
         adapter: None,
         allow_software: true,
         row_per_thread,
+        fast,
     }) {
         Ok(be) => {
             eprintln!("wgpu adapter: {:?}", be.adapter());
