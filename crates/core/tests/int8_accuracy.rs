@@ -18,26 +18,28 @@
 //!
 //! End to end: the KL divergence of the next-token distributions, int8 against exact, on the
 //! golden tiny-a (MLX 4-bit) and on a small `synth` model, both paths (one token per call and
-//! the whole sequence per call) through `bench::accuracy::int8_vs_exact`, the figure `bench
-//! decode` reports. Its own test binary: `int8_vs_exact` flips the process-wide switch.
+//! the whole sequence per call) through `bench::accuracy::vs_exact`, the figures `bench decode`
+//! reports, beside the same of llama.cpp's Q8_0 activations on the same products of the same
+//! model (`ActQuant::Q8_0Ref`). Its own test binary: `vs_exact` flips the process-wide switch.
 mod common;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use common::shared_dir;
-use flashmoe_core::bench::accuracy::{int8_vs_exact, Agreement};
+use flashmoe_core::bench::accuracy::{vs_exact, Agreement};
 use flashmoe_core::kernels::{
     dequantize, matmul, matvec_act, quantize_affine, set_act_quant, ActQuant, AffineView, Scales,
     WeightView,
 };
 use flashmoe_core::loader::{open_model, LoadOptions};
+use flashmoe_core::model::Model;
 use flashmoe_core::packed::{synth, NoProgress, SynthOptions};
 use half::f16;
 
 const ROWS: usize = 256;
 
-/// Both tests set the process-wide activation switch (`int8_vs_exact` flips it): one at a time.
+/// Both tests set the process-wide activation switch (`vs_exact` flips it): one at a time.
 static SWITCH: Mutex<()> = Mutex::new(());
 const COLS: usize = 2048;
 
@@ -213,6 +215,21 @@ fn int8_products_cost_no_more_than_rounding_the_activations() {
                 matvec_act(ActQuant::Int8, &view, &x, &mut y);
                 let mut mv = Errors::default();
                 mv.add(&wd, &x, &y, group, &format!("{what} matvec"));
+                // The yardstick (`ActQuant::Q8_0Ref`) is llama.cpp's Q8_0 rounding of `x`, as
+                // `q8_0_dequant` here: its error is that rounding's alone.
+                let mut yq = vec![0f32; ROWS];
+                matvec_act(ActQuant::Q8_0Ref, &view, &x, &mut yq);
+                let own: Vec<f64> = yq
+                    .iter()
+                    .zip(&y)
+                    .zip(&mv.q8_0)
+                    .zip(&mv.got)
+                    .map(|(((&q, &i), e8), ei)| (q as f64 - i as f64 + ei) - e8)
+                    .collect();
+                let own = rms(&own) / rms(&mv.q8_0);
+                if own >= 0.05 {
+                    failed.push(format!("{what}: Q8_0Ref is not Q8_0 ({own:.3})"));
+                }
                 // Prefill: 32 inputs, the int8 tile product (`int8mm::MIN_N`).
                 let n = 32;
                 let xs: Vec<f32> = (0..n).flat_map(|_| activations(kind, &mut rng)).collect();
@@ -256,11 +273,11 @@ fn rms_logit(a: &Agreement) -> f64 {
     (2.0 * a.kl_mean).sqrt()
 }
 
-fn report(name: &str, dec: &Agreement, pro: &Agreement) {
+fn report(name: &str, mode: &str, dec: &Agreement, pro: &Agreement) {
     for (path, a) in [("decode", dec), ("prompt", pro)] {
         eprintln!(
-            "{name} {path}: KL mean {:.3e} max {:.3e} nats, RMS logit error {:.4}, top-1 {:.3} \
-             ({} positions)",
+            "{name} {mode:>8} {path}: KL mean {:.3e} max {:.3e} nats, RMS logit error {:.4}, \
+             top-1 {:.3} ({} positions)",
             a.kl_mean,
             a.kl_max,
             rms_logit(a),
@@ -270,53 +287,67 @@ fn report(name: &str, dec: &Agreement, pro: &Agreement) {
     }
 }
 
-/// The golden tiny-a in MLX 4-bit (hidden 128: 2 groups of 64 per row, 8 layers of random
-/// weights). Measured before the bias term took the quantised sum: KL 5.4e-2 / 5.6e-2 nats
-/// (decode / prompt); after: 1.2e-2 / 2.2e-2.
-const TINY_A_KL: f64 = 3.5e-2;
-/// A `synth --preset tiny` model, 2 layers, dense and experts at 4 bits (codes uniform over
-/// 0..15, so the old bias term cost less here). Measured before: 4.2e-5 / 3.4e-5; after:
-/// 1.8e-5 / 1.6e-5.
-const SYNTH_KL: f64 = 2.6e-5;
+/// How far int8's mean KL may exceed that of llama.cpp's Q8_0 activations on the same products
+/// of the same model (`ActQuant::Q8_0Ref`): what units per group of 64 instead of per 32
+/// elements cost. Measured, int8 KL over Q8_0's (decode / prompt): synth qwen3-30b-a3b
+/// 1.19 / 1.20, synth tiny 1.28 / 0.94, tiny-a 0.84 / 1.00. While the bias term took the exact
+/// `Σx`: 4.6 / 5.3, 10.3 / 7.2, 3.9 / 2.6.
+const KL_CAP: f64 = 1.5;
 
-#[test]
-fn int8_logits_stay_close_to_exact() {
-    let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    let synth_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("int8-accuracy-synth");
-    let _ = std::fs::remove_dir_all(&synth_dir);
+fn synth_model(name: &str, preset: &str, layers: usize, experts: Option<usize>) -> Model {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("int8-accuracy-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
     let o = SynthOptions {
-        preset: "tiny".into(),
-        layers: Some(2),
-        experts: None,
+        preset: preset.into(),
+        layers: Some(layers),
+        experts,
         bits: 4,
         dense_bits: 4,
         seed: 7,
         force: false,
-        vocab: None,
+        vocab: Some(4096),
         tokenizer: None,
     };
-    synth(&synth_dir, &o, &NoProgress).expect("synth tiny");
-    let m = open_model(&synth_dir, &LoadOptions::default()).expect("load synth tiny");
-    let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 250).collect();
-    let (dec, pro) = int8_vs_exact(&m, &prompt, 24).expect("synth int8 vs exact");
-    report("synth tiny", &dec, &pro);
-    let _ = std::fs::remove_dir_all(&synth_dir);
-    let mut failed = Vec::new();
-    let mut check = |name: &str, dec: &Agreement, pro: &Agreement, bound: f64| {
-        if dec.kl_mean >= bound || pro.kl_mean >= bound {
-            failed.push(format!(
-                "{name}: KL {:e} / {:e} nats (decode / prompt), bound {bound:e}",
-                dec.kl_mean, pro.kl_mean
-            ));
-        }
-    };
-    check("synth tiny", &dec, &pro, SYNTH_KL);
+    synth(&dir, &o, &NoProgress).expect(name);
+    let m = open_model(&dir, &LoadOptions::default()).expect(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    m
+}
+
+#[test]
+fn int8_logits_within_llama_cpp_q8_0() {
+    let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let mut models = vec![
+        // The real dimensions of the issue's model (hidden 2048, head_dim 128), cut to one
+        // layer of 8 experts.
+        (
+            "synth qwen3-30b-a3b",
+            synth_model("30b", "qwen3-30b-a3b", 1, Some(8)),
+        ),
+        ("synth tiny", synth_model("tiny", "tiny", 2, None)),
+    ];
     if let Some(shared) = shared_dir() {
         let gdir = shared.join("golden").join("tiny-a").join("mlx-4bit");
         let m = open_model(&gdir, &LoadOptions::default()).expect("load tiny-a mlx-4bit");
-        let (dec, pro) = int8_vs_exact(&m, &prompt, 24).expect("tiny-a int8 vs exact");
-        report("tiny-a mlx-4bit", &dec, &pro);
-        check("tiny-a mlx-4bit", &dec, &pro, TINY_A_KL);
+        models.push(("tiny-a mlx-4bit", m));
+    }
+    let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 250).collect();
+    let mut failed = Vec::new();
+    for (name, m) in &models {
+        let r = vs_exact(m, &prompt, 24, &[ActQuant::Int8, ActQuant::Q8_0Ref]).expect(name);
+        let ((dec, pro), (qdec, qpro)) = (r[0], r[1]);
+        report(name, "int8", &dec, &pro);
+        report(name, "q8_0-ref", &qdec, &qpro);
+        for (path, a, q) in [("decode", dec, qdec), ("prompt", pro, qpro)] {
+            let ratio = a.kl_mean / q.kl_mean;
+            eprintln!("{name} {path}: int8 KL / Q8_0's {ratio:.3}");
+            if ratio > KL_CAP {
+                failed.push(format!(
+                    "{name} {path}: int8 KL {:e} nats, {ratio:.2}x llama.cpp Q8_0's {:e}",
+                    a.kl_mean, q.kl_mean
+                ));
+            }
+        }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }

@@ -127,6 +127,21 @@ pub(crate) fn quantize_groups(
     true
 }
 
+/// `x` as llama.cpp's Q8_0 activations hold it (`quantize_row_q8_0_ref`): per block of 32
+/// elements `d = max|x| / 127`, `q = round(x / d)` (ties away from zero, as `roundf`), and the
+/// value `q * f16(d)`. For `ActQuant::Q8_0Ref`, the yardstick of the int8 path's accuracy.
+pub(crate) fn q8_0_round(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / XQ_MAX;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let dh = half::f16::from_f32(d).to_f32();
+        out.extend(b.iter().map(|v| (v * id).round() * dh));
+    }
+    out
+}
+
 /// Per row: `f_g = scale_g * unit_g` into `fbuf[..ng]` (the factor of a group's integer dot),
 /// the row's scales into `sbuf[..ng]` and biases into `bbuf[..ng]`.
 #[inline]
