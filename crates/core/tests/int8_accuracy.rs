@@ -41,7 +41,7 @@ const ROWS: usize = 256;
 
 /// Both tests set the process-wide activation switch (`vs_exact` flips it): one at a time.
 static SWITCH: Mutex<()> = Mutex::new(());
-const COLS: usize = 2048;
+const COLS: usize = 1024;
 
 /// Deterministic normal deviates (splitmix64 and Box-Muller): no dependency, same on every
 /// machine.
@@ -175,13 +175,13 @@ impl Errors {
 
 /// Most Q8_0's RMS error may be exceeded per group size: from the rounding of 32-element blocks
 /// to 64 or 128 (a larger group's maximum is larger, its unit coarser; most with outlier
-/// channels). Measured over the three activation kinds: group 32 <= 1.002, 64 <= 1.44,
-/// 128 <= 2.03 (outliers). Before the bias term took the quantised sum: >= 1.9, 2.7, 3.4.
+/// channels). Measured over the three activation kinds: group 32 <= 1.002, 64 <= 1.53,
+/// 128 <= 1.89 (outliers). Before the bias term took the quantised sum: >= 2.17, 2.9, 2.6.
 fn q8_0_cap(group: usize) -> f64 {
     match group {
         32 => 1.1,
-        64 => 1.6,
-        _ => 2.3,
+        64 => 1.75,
+        _ => 2.4,
     }
 }
 
@@ -290,9 +290,9 @@ fn report(name: &str, mode: &str, dec: &Agreement, pro: &Agreement) {
 /// How far int8's mean KL may exceed that of llama.cpp's Q8_0 activations on the same products
 /// of the same model (`ActQuant::Q8_0Ref`): what units per group of 64 instead of per 32
 /// elements cost. Measured, int8 KL over Q8_0's (decode / prompt): synth qwen3-30b-a3b
-/// 1.19 / 1.20, synth tiny 1.28 / 0.94, tiny-a 0.84 / 1.00. While the bias term took the exact
-/// `Σx`: 4.6 / 5.3, 10.3 / 7.2, 3.9 / 2.6.
-const KL_CAP: f64 = 1.5;
+/// 1.16 / 1.18, synth tiny 1.25 / 1.36, tiny-a 0.88 / 1.05. While the bias term took the exact
+/// `Σx`: 4.7 / 5.0, 9.4 / 11.0, 4.0 / 3.1.
+const KL_CAP: f64 = 1.6;
 
 fn synth_model(name: &str, preset: &str, layers: usize, experts: Option<usize>) -> Model {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("int8-accuracy-{name}"));
@@ -334,7 +334,7 @@ fn int8_logits_within_llama_cpp_q8_0() {
     let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 250).collect();
     let mut failed = Vec::new();
     for (name, m) in &models {
-        let r = vs_exact(m, &prompt, 24, &[ActQuant::Int8, ActQuant::Q8_0Ref]).expect(name);
+        let r = vs_exact(m, &prompt, 12, &[ActQuant::Int8, ActQuant::Q8_0Ref]).expect(name);
         let ((dec, pro), (qdec, qpro)) = (r[0], r[1]);
         report(name, "int8", &dec, &pro);
         report(name, "q8_0-ref", &qdec, &qpro);
