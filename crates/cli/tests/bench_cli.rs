@@ -157,6 +157,13 @@ fn bench_all_json_on_tiny_synth() {
         "{d}"
     );
     for path in ["decode", "prompt"] {
+        // The yardstick beside it: llama.cpp's Q8_0 activations on the same products.
+        assert!(
+            d[format!("q8_0_ref_{path}_kl_mean")]
+                .as_f64()
+                .is_some_and(|x| x >= 0.0),
+            "{d}"
+        );
         let kl = d[format!("int8_{path}_kl_mean")]
             .as_f64()
             .expect("KL reported");
@@ -175,7 +182,7 @@ fn bench_all_json_on_tiny_synth() {
     }
     let tsv = std::fs::read_to_string(dir.join("results.tsv")).expect("TSV");
     assert!(
-        tsv.contains("int8_kl=") && tsv.contains("activations=exact"),
+        tsv.contains("int8_kl=") && tsv.contains("q8_0_kl=") && tsv.contains("activations=exact"),
         "{tsv}"
     );
 }

@@ -12,15 +12,17 @@ use flashmoe_core::loader::{open_model, LoadOptions};
 /// The exact path's bound, as in `golden.rs`.
 const EXACT_TOL: f32 = 1e-3;
 /// The whole prompt in one call (int8 products of its 40+ tokens' dense matrices): measured
-/// 2.70 (logits up to ~3 in magnitude). tiny-a has hidden size 128, random weights and 2 groups
-/// per row: each int8 product is off by ~1% relative, which its 8 layers amplify. 2x margin.
-const INT8_PROMPT_TOL: f32 = 6.0;
-/// The first decode step after an int8 prompt: measured 1.47 (0.28 when the prompt was exact);
+/// 1.70 (logits up to ~3 in magnitude; 2.70 while the bias term took the exact `Σx`, see
+/// `int8.rs`). tiny-a has hidden size 128, random weights and 2 groups per row, which its 8
+/// layers amplify; `int8_accuracy.rs` measures the error against what rounding costs. 2x margin.
+const INT8_PROMPT_TOL: f32 = 3.5;
+/// The first decode step after an int8 prompt: measured 0.61 (1.47 with the exact `Σx`);
 /// 2x margin.
-const INT8_FIRST_STEP_TOL: f32 = 3.0;
-/// All 24 decode steps: measured 2.91 by the last. Each step's error feeds the KV cache and the
-/// GatedDeltaNet state, so it grows with the number of steps; 2x margin.
-const INT8_DECODE_TOL: f32 = 6.0;
+const INT8_FIRST_STEP_TOL: f32 = 1.2;
+/// All 24 decode steps: measured 1.47 by the last (2.91 with the exact `Σx`). Each step's error
+/// feeds the KV cache and the GatedDeltaNet state, so it grows with the number of steps; 2x
+/// margin.
+const INT8_DECODE_TOL: f32 = 3.0;
 
 #[test]
 fn tiny_a_mlx_4bit_int8_activations() {

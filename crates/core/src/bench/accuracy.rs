@@ -114,6 +114,17 @@ pub fn int8_vs_exact(
     prompt: &[u32],
     steps: usize,
 ) -> Result<(Agreement, Agreement)> {
+    Ok(vs_exact(model, prompt, steps, &[ActQuant::Int8])?[0])
+}
+
+/// `int8_vs_exact` for each of `modes` (say `Int8` and its yardstick `Q8_0Ref`), against one
+/// run of the exact path.
+pub fn vs_exact(
+    model: &Model,
+    prompt: &[u32],
+    steps: usize,
+    modes: &[ActQuant],
+) -> Result<Vec<(Agreement, Agreement)>> {
     let _restore = Restore(act_quant());
     let vocab = model.cfg.vocab_size;
     set_act_quant(ActQuant::Exact);
@@ -141,24 +152,33 @@ pub fn int8_vs_exact(
         .take(ids.len().max(PROMPT_MIN))
         .collect();
     let exact_whole = whole(model, &long)?;
-    set_act_quant(ActQuant::Int8);
-    let int8_steps = stepped(model, &ids)?;
-    let int8_whole = whole(model, &long)?;
-    Ok((
-        agreement(&exact_steps, &int8_steps, vocab),
-        agreement(&exact_whole, &int8_whole, vocab),
-    ))
+    let mut out = Vec::with_capacity(modes.len());
+    for &aq in modes {
+        set_act_quant(aq);
+        let q_steps = stepped(model, &ids)?;
+        let q_whole = whole(model, &long)?;
+        out.push((
+            agreement(&exact_steps, &q_steps, vocab),
+            agreement(&exact_whole, &q_whole, vocab),
+        ));
+    }
+    Ok(out)
 }
 
-/// Writes `int8_{decode,prompt}_{kl_mean,kl_max,top1_agree}` and the positions compared.
+/// Writes `int8_{decode,prompt}_{kl_mean,kl_max,top1_agree}` and the positions compared, and
+/// the same of llama.cpp's Q8_0 activations on the same products (`ActQuant::Q8_0Ref`) as
+/// `q8_0_ref_{decode,prompt}_{kl_mean,kl_max,top1_agree}`: int8 is within llama.cpp's accuracy
+/// where its KL is not above that one's.
 pub(crate) fn report(s: &mut Section, model: &Model, prompt: &[u32], steps: usize) -> Result<()> {
-    let (dec, pro) = int8_vs_exact(model, prompt, steps)?;
-    s.val("int8_accuracy_positions", dec.positions);
-    s.val("int8_prompt_accuracy_positions", pro.positions);
-    for (tag, a) in [("decode", dec), ("prompt", pro)] {
-        s.num(&format!("int8_{tag}_kl_mean"), a.kl_mean);
-        s.num(&format!("int8_{tag}_kl_max"), a.kl_max);
-        s.num(&format!("int8_{tag}_top1_agree"), a.top1);
+    let r = vs_exact(model, prompt, steps, &[ActQuant::Int8, ActQuant::Q8_0Ref])?;
+    s.val("int8_accuracy_positions", r[0].0.positions);
+    s.val("int8_prompt_accuracy_positions", r[0].1.positions);
+    for (mode, (dec, pro)) in ["int8", "q8_0_ref"].iter().zip(r) {
+        for (tag, a) in [("decode", dec), ("prompt", pro)] {
+            s.num(&format!("{mode}_{tag}_kl_mean"), a.kl_mean);
+            s.num(&format!("{mode}_{tag}_kl_max"), a.kl_max);
+            s.num(&format!("{mode}_{tag}_top1_agree"), a.top1);
+        }
     }
     Ok(())
 }

@@ -189,7 +189,7 @@ pub(crate) fn decode(
         // The other activation path's warm decode in the same run, so that its speed and the
         // accuracy figures below sit beside each other.
         let other = match aq {
-            ActQuant::Int8 => ActQuant::Exact,
+            ActQuant::Int8 | ActQuant::Q8_0Ref => ActQuant::Exact,
             ActQuant::Exact => ActQuant::Int8,
         };
         say(&format!("decode: warm, {} activations", other.name()));

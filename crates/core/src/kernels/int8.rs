@@ -14,9 +14,14 @@
 //! to elements `l pw .. (l + 1) pw` (`pw = 32 / bits`), the same lanes as the float kernel's.
 //!
 //! Accuracy: per group `g`, `unit_g = max|x| / 127` and `x_q = round(x / unit_g)`, so each
-//! element of `x` is off by at most `unit_g / 2` and row `r` by at most
-//! `Σ_g |scale_g| qmax group unit_g / 2` (`qmax = 2^bits - 1`) plus f32 rounding. The bias
-//! term `Σ_g bias_g Σx_g` stays exact f32 (arch-spec §11.3 "Kernel arithmetic").
+//! element `x̂ = unit_g x_q` is off by at most `unit_g / 2`. The bias term is
+//! `Σ_g bias_g unit_g Σ x_q`, the *quantised* activations' sum as llama.cpp's `q4_1 · q8_1`
+//! takes it: then every weight `w_j = scale_g q_j + bias_g` meets the same `x̂_j`, and row `r`
+//! is `Σ_j w_j x̂_j` up to f32 rounding, off by at most `Σ_j |w_j| unit_g / 2`, the least that
+//! rounding the activations can cost. The exact `Σx_g` there (as before 2026-12-07) leaves the
+//! rounding error `Σ_j scale_g q_j (x̂_j - x_j)`: MLX codes sit far from zero (mean ~7.5 of
+//! 0..15, the bias cancelling it), so that was 2.5-3x the RMS error of `Σ_j w_j (x̂_j - x_j)`
+//! and ~3x llama.cpp's Q8_0 (`tests/int8_accuracy.rs`).
 
 use super::lanes::dot8;
 use super::AffineView;
@@ -45,7 +50,7 @@ pub(crate) struct Int8Prep {
     pub xq: Vec<i8>,
     /// `[cols / group]`: `max|x_g| / 127`.
     pub unit: Vec<f32>,
-    /// `[cols / group]`: `Σx_g` in f32 (8 strided partial sums, then summed in order).
+    /// `[cols / group]`: `unit_g Σ x_q` (`quantised_sum`), the bias term's sum.
     pub xsum: Vec<f32>,
     /// `x[cols / E * E ..]`, unchanged: columns past the last whole block are done in f32.
     pub tail: Vec<f32>,
@@ -83,9 +88,17 @@ impl Int8Prep {
     }
 }
 
+/// The bias term's sum of group `g`: `unit_g Σ x_q`, the sum of the int8 activations the codes
+/// meet, not the exact `Σ x_g` (module header, "Accuracy"). `|qsum| <= 128 * 127`: exact in f32.
+#[inline]
+pub(crate) fn quantised_sum(unit: f32, qsum: i32) -> f32 {
+    unit * qsum as f32
+}
+
 /// Quantises `x` per group of `group` into `q` (natural order), pushing each group's unit
-/// (`max|x_g| / 127`) and exact sum; false when a group holds a non-finite value (or sums past
-/// f32's range). Shared by the matvec's preparation and the batched one (`int8mm::Batch`).
+/// (`max|x_g| / 127`) and bias-term sum (`quantised_sum`); false when a group holds a non-finite
+/// value (or sums past f32's range). Shared by the matvec's preparation and the batched one
+/// (`int8mm::Batch`).
 pub(crate) fn quantize_groups(
     group: usize,
     x: &[f32],
@@ -101,14 +114,32 @@ pub(crate) fn quantize_groups(
         }
         let sx = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
         let inv = if sx > 0.0 { XQ_MAX / sx } else { 0.0 };
+        let mut qsum = 0i32;
         for (q, v) in qg.iter_mut().zip(xg) {
             // Ties to even, as `_mm256_cvtps_epi32` rounds, so both preps agree exactly.
             *q = (v * inv).round_ties_even() as i8;
+            qsum += *q as i32;
         }
-        unit.push(sx / XQ_MAX);
-        xsum.push(sum);
+        let u = sx / XQ_MAX;
+        unit.push(u);
+        xsum.push(quantised_sum(u, qsum));
     }
     true
+}
+
+/// `x` as llama.cpp's Q8_0 activations hold it (`quantize_row_q8_0_ref`): per block of 32
+/// elements `d = max|x| / 127`, `q = round(x / d)` (ties away from zero, as `roundf`), and the
+/// value `q * f16(d)`. For `ActQuant::Q8_0Ref`, the yardstick of the int8 path's accuracy.
+pub(crate) fn q8_0_round(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / XQ_MAX;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let dh = half::f16::from_f32(d).to_f32();
+        out.extend(b.iter().map(|v| (v * id).round() * dh));
+    }
+    out
 }
 
 /// Per row: `f_g = scale_g * unit_g` into `fbuf[..ng]` (the factor of a group's integer dot),

@@ -6,14 +6,15 @@
 //!
 //! - Inputs (`Batch`): each quantised per weight group as the matvec's `Int8Prep` does
 //!   (`unit_g = max|x_g| / 127`, ties to even), kept in natural element order with each
-//!   group's unit and exact f32 sum.
+//!   group's unit and bias-term sum `unit_g Σ x_q` (`int8::quantised_sum`).
 //! - Weights: a tile of `TILE` = 8 rows at a time is unpacked to one byte per code and
 //!   interleaved by 4 columns, `ws[(j * 8 + l) * 4 + c] = code(row r0 + l, col 4 j + c)`, so that
 //!   one 32-byte load holds 4 columns of all 8 rows and one broadcast 4-byte load holds the same
 //!   4 columns of an input: a `vpdpbusd` of the two is 32 multiply-adds whose 8 lanes are the 8
 //!   rows' partial dot products. No horizontal sums: a tile's 8 lanes are 8 outputs.
 //! - Per group `g`, each lane's integer dot `d` (at most `64 * 15 * 127`, exact in f32) meets
-//!   its factor once: `acc = fma(d, scale_g * unit_g, acc)`, then `acc = fma(bias_g, Σx_g, acc)`.
+//!   its factor once: `acc = fma(d, scale_g * unit_g, acc)`, then
+//!   `acc = fma(bias_g, unit_g Σ x_q, acc)`.
 //!   Every ISA does these f32 operations in this order, so all of them give the same bits (the
 //!   tests compare them exactly).
 //!
@@ -41,7 +42,7 @@ pub(crate) struct Batch {
     pub xq: Vec<i8>,
     /// `[n, ng]`: `max|x_g| / 127`.
     pub unit: Vec<f32>,
-    /// `[n, ng]`: `Σ x_g`.
+    /// `[n, ng]`: `unit_g Σ x_q` (`int8::quantised_sum`).
     pub xsum: Vec<f32>,
 }
 

@@ -314,18 +314,28 @@ unsafe fn int8_prep_avx2(bits: u32, group: usize, x: &[f32]) -> Option<Int8Prep>
         let sx = lanes.iter().fold(0f32, |m, v| m.max(*v));
         let inv = if sx > 0.0 { int8::XQ_MAX / sx } else { 0.0 };
         let iv = _mm256_set1_ps(inv);
+        // The group's `Σ x_q` (i32 lanes; at most 128 * 127 in all).
+        let mut qs = _mm256_setzero_si256();
         for j in (0..group).step_by(32) {
             // Round to nearest even (the default MXCSR mode), as the portable prep does.
             let q = |k: usize| {
                 _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(gp.add(j + 8 * k)), iv))
             };
-            let p01 = _mm256_packs_epi32(q(0), q(1));
-            let p23 = _mm256_packs_epi32(q(2), q(3));
+            let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
+            qs = _mm256_add_epi32(
+                qs,
+                _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3)),
+            );
+            let p01 = _mm256_packs_epi32(q0, q1);
+            let p23 = _mm256_packs_epi32(q2, q3);
             let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), unlane);
             _mm256_storeu_si256(np.add(g * group + j) as *mut __m256i, b);
         }
-        unit.push(sx / int8::XQ_MAX);
-        xsum.push(sum);
+        let mut qlanes = [0i32; 8];
+        _mm256_storeu_si256(qlanes.as_mut_ptr() as *mut __m256i, qs);
+        let u = sx / int8::XQ_MAX;
+        unit.push(u);
+        xsum.push(int8::quantised_sum(u, qlanes.iter().sum()));
     }
     let mut xq = vec![0i8; nb * e];
     let (src, dst) = (natural.as_ptr(), xq.as_mut_ptr());

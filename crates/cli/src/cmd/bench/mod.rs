@@ -90,7 +90,8 @@ pub struct Args {
     pub backend: super::backend::BackendKind,
     /// Measure with exact f32 activations instead of the default int8 ones (see `run --help`).
     /// `decode` reports the other path's warm tok/s too (unless --no-compare) and, either way,
-    /// int8's KL divergence and top-1 agreement against exact (`int8_decode_kl_mean`, ...);
+    /// int8's KL divergence and top-1 agreement against exact (`int8_decode_kl_mean`, ...),
+    /// beside llama.cpp's Q8_0 activations' on the same products (`q8_0_ref_decode_kl_mean`, ...);
     /// `kernels` reports both paths (`q4_matvec_bw`, `q4_int8_matvec_bw`)
     #[arg(long, env = "FLASHMOE_EXACT", value_parser = clap::builder::FalseyValueParser::new(), conflicts_with = "int8_activations")]
     pub exact: bool,

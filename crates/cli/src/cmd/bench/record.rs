@@ -98,6 +98,7 @@ pub fn row(report: &Value, model: &Path, notes: &str) -> Row {
         ("decode", "int8_decode_kl_mean", "int8_kl"),
         ("decode", "int8_decode_top1_agree", "int8_top1"),
         ("decode", "int8_prompt_kl_mean", "int8_prompt_kl"),
+        ("decode", "q8_0_ref_decode_kl_mean", "q8_0_kl"),
     ] {
         if let Some(x) = num(report, sec, key) {
             extra.push(format!("{label}={x}"));
