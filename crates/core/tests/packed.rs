@@ -680,3 +680,52 @@ fn cached_io_keeps_recent_experts_mapped_within_a_bound() {
     // Still served from the mapping, as before kept leases.
     assert_eq!(px.counters().snapshot().mapped, 6);
 }
+
+/// `--io cached` serves a kept expert whose pages are all resident on the fetching thread:
+/// nothing there waits for the disk, and the hop to an I/O thread and back was a futex wake
+/// per expert of every warm token. Its first use, not yet kept, still goes to an I/O thread.
+#[test]
+fn cached_io_serves_kept_resident_experts_without_the_io_threads() {
+    use flashmoe_core::packed::{synth, SynthOptions};
+    let dir = tmp("kept-inline");
+    let o = SynthOptions {
+        preset: "tiny".into(),
+        layers: Some(1),
+        experts: None,
+        bits: 4,
+        dense_bits: 4,
+        seed: 6,
+        force: true,
+        vocab: None,
+        tokenizer: None,
+    };
+    let man = synth(&dir, &o, &NoProgress).expect("synth");
+    let cfg = man.model_config(&dir).expect("config");
+    let layer = man.experts.layers[0].layer;
+    let px = PackedExperts::open(&dir, &man, cfg.num_layers, 2, IoMode::Cached, false, 2)
+        .expect("experts");
+    let fetch = |ids: &[usize]| px.fetch(layer, ids).expect("fetch");
+    for round in 0..3 {
+        // Resident: read the expert file through the page cache first.
+        for l in &man.experts.layers {
+            std::fs::read(dir.join(&l.file)).expect("read expert file");
+        }
+        let first = fetch(&[1]);
+        assert!(
+            px.is_kept_mapped(layer, 1),
+            "round {round}: kept after a use"
+        );
+        assert_eq!(px.io_jobs(), 1, "round {round}: I/O thread jobs");
+        let again = fetch(&[1]);
+        assert_eq!(
+            px.io_jobs(),
+            1,
+            "round {round}: a kept expert went to an I/O thread"
+        );
+        assert_eq!(first[0].gate.nbytes(), again[0].gate.nbytes());
+    }
+    // Prefetching a kept expert serves it at once, too.
+    px.prefetch(layer, &[1]);
+    drop(fetch(&[1]));
+    assert_eq!(px.io_jobs(), 1);
+}
