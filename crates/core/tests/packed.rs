@@ -627,26 +627,39 @@ fn synth_vocab_sets_the_head_and_refuses_fewer_than_the_tokenizer() {
     assert!(e.to_string().contains("--vocab 100"), "{e}");
 }
 
-/// `--io cached` keeps resident experts mapped between uses (no page-table work per token for
-/// a warm expert), at most its limit of them, the least recently used evicted first; a limit
-/// of 0 keeps none.
-#[test]
-fn cached_io_keeps_recent_experts_mapped_within_a_bound() {
+/// A one-layer tiny synthetic packed model in a fresh directory, with its config.
+fn tiny_one_layer(
+    name: &str,
+    seed: u64,
+) -> (
+    PathBuf,
+    flashmoe_core::packed::Manifest,
+    flashmoe_core::config::ModelConfig,
+) {
     use flashmoe_core::packed::{synth, SynthOptions};
-    let dir = tmp("kept-leases");
+    let dir = tmp(name);
     let o = SynthOptions {
         preset: "tiny".into(),
         layers: Some(1),
         experts: None,
         bits: 4,
         dense_bits: 4,
-        seed: 5,
+        seed,
         force: true,
         vocab: None,
         tokenizer: None,
     };
     let man = synth(&dir, &o, &NoProgress).expect("synth");
     let cfg = man.model_config(&dir).expect("config");
+    (dir, man, cfg)
+}
+
+/// `--io cached` keeps resident experts mapped between uses (no page-table work per token for
+/// a warm expert), at most its limit of them, the least recently used evicted first; a limit
+/// of 0 keeps none.
+#[test]
+fn cached_io_keeps_recent_experts_mapped_within_a_bound() {
+    let (dir, man, cfg) = tiny_one_layer("kept-leases", 5);
     // Resident: read every expert file through the page cache first.
     for l in &man.experts.layers {
         std::fs::read(dir.join(&l.file)).expect("read expert file");
@@ -679,4 +692,39 @@ fn cached_io_keeps_recent_experts_mapped_within_a_bound() {
     assert_eq!(px.kept_mapped().0, 0);
     // Still served from the mapping, as before kept leases.
     assert_eq!(px.counters().snapshot().mapped, 6);
+}
+
+/// `--io cached` serves a kept expert whose pages are all resident on the fetching thread:
+/// nothing there waits for the disk, and the hop to an I/O thread and back was a futex wake
+/// per expert of every warm token. Its first use, not yet kept, still goes to an I/O thread.
+#[test]
+fn cached_io_serves_kept_resident_experts_without_the_io_threads() {
+    let (dir, man, cfg) = tiny_one_layer("kept-inline", 6);
+    let layer = man.experts.layers[0].layer;
+    let px = PackedExperts::open(&dir, &man, cfg.num_layers, 2, IoMode::Cached, false, 2)
+        .expect("experts");
+    let fetch = |ids: &[usize]| px.fetch(layer, ids).expect("fetch");
+    for round in 0..3 {
+        // Resident: read the expert file through the page cache first.
+        for l in &man.experts.layers {
+            std::fs::read(dir.join(&l.file)).expect("read expert file");
+        }
+        let first = fetch(&[1]);
+        assert!(
+            px.is_kept_mapped(layer, 1),
+            "round {round}: kept after a use"
+        );
+        assert_eq!(px.io_jobs(), 1, "round {round}: I/O thread jobs");
+        let again = fetch(&[1]);
+        assert_eq!(
+            px.io_jobs(),
+            1,
+            "round {round}: a kept expert went to an I/O thread"
+        );
+        assert_eq!(first[0].gate.nbytes(), again[0].gate.nbytes());
+    }
+    // Prefetching a kept expert serves it at once, too.
+    px.prefetch(layer, &[1]);
+    drop(fetch(&[1]));
+    assert_eq!(px.io_jobs(), 1);
 }

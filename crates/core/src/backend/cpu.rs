@@ -38,13 +38,41 @@ fn softplus(x: f32) -> f32 {
     }
 }
 
+/// The rotation of position `pos` for the first `rot` dims of a head vector: `(cos, sin)` of
+/// frequency index d < rot/2, as [`rope`] computes them. The cos and sin of one position are
+/// the same for every head: computed once per token here instead of once per head (with
+/// 32 q and 4 k heads, `pow` and `sin_cos` per head were ~2% of a decoded token's
+/// instructions).
+fn rope_table(pos: usize, rot: usize, theta: f64, cs: &mut Vec<(f32, f32)>) {
+    cs.clear();
+    cs.extend((0..rot / 2).map(|d| {
+        // HF computes inv_freq = 1 / theta^(2d/rot) in fp32; the angle in f64 keeps long
+        // positions exact without changing short ones beyond f32 rounding.
+        let inv = (1.0 / theta.powf((2 * d) as f64 / rot as f64)) as f32 as f64;
+        let ang = pos as f64 * inv;
+        (ang.cos() as f32, ang.sin() as f32)
+    }));
+}
+
+/// Rotates the first `2 * cs.len()` dims of one head vector by a [`rope_table`] (NeoX
+/// rotate-half: dim d < rot/2 pairs with d + rot/2, frequency index d).
+fn rope_apply(x: &mut [f32], cs: &[(f32, f32)]) {
+    let half = cs.len();
+    let (lo, hi) = x[..2 * half].split_at_mut(half);
+    for ((x1, x2), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
+        let (a, b) = (*x1, *x2);
+        *x1 = a * c - b * s;
+        *x2 = b * c + a * s;
+    }
+}
+
 /// Rotates the first `rot` dims of one head vector at position `pos` (NeoX rotate-half:
-/// dim d < rot/2 pairs with d + rot/2, frequency index d).
+/// dim d < rot/2 pairs with d + rot/2, frequency index d): the plain twin of
+/// [`rope_table`] + [`rope_apply`], which the tests hold them to bit for bit.
+#[cfg(test)]
 fn rope(x: &mut [f32], pos: usize, rot: usize, theta: f64) {
     let half = rot / 2;
     for d in 0..half {
-        // HF computes inv_freq = 1 / theta^(2d/rot) in fp32; the angle in f64 keeps long
-        // positions exact without changing short ones beyond f32 rounding.
         let inv = (1.0 / theta.powf((2 * d) as f64 / rot as f64)) as f32 as f64;
         let ang = pos as f64 * inv;
         let (s, c) = (ang.sin() as f32, ang.cos() as f32);
@@ -73,6 +101,15 @@ const PAR_MIN_EXPERT_BYTES: usize = 1 << 20;
 
 /// Most experts fetched at once: bounds the buffers a prefill chunk holds.
 pub(crate) const FETCH_BATCH: usize = 16;
+
+/// Whether rayon has a second thread to share work with. With one (`--threads 1`) a parallel
+/// iterator called from outside the pool, as the forward pass is, still hands the work to
+/// the pool's one thread and sleeps until it is done: two wake-ups per call and nothing run
+/// in parallel (8 per decoded token on Qwen3-30B-A3B shapes: attention heads and the routed
+/// experts of each layer). Below two threads the callers here loop on their own thread.
+fn pool_parallel() -> bool {
+    rayon::current_num_threads() > 1
+}
 
 fn shape_err(op: &str, what: String) -> Error {
     Error::Invalid(format!("cpu backend, {op}: {what}"))
@@ -150,7 +187,7 @@ fn delta_rule(
             delta_rule_recurrent(&q, &k, &v, &bh, &gh, dk, dv, st, out);
         }
     };
-    if nv * t * dk * dv >= PAR_MIN_STATE {
+    if nv * t * dk * dv >= PAR_MIN_STATE && pool_parallel() {
         st.par_chunks_mut(dk * dv)
             .zip(oh.par_chunks_mut(t * dv))
             .enumerate()
@@ -313,12 +350,14 @@ impl Backend for Cpu {
         let (nh, nkv, hd) = (s.heads, s.kv_heads, s.head_dim);
         let qw = s.q_rows() / nh;
         let mut tmp = vec![0f32; hd];
+        let mut cs = Vec::with_capacity(s.rotary_dim / 2);
         for ti in 0..t {
+            rope_table(pos0 + ti, s.rotary_dim, s.rope_theta, &mut cs);
             for h in 0..nh {
                 let src = &qg[ti * nh * qw + h * qw..][..qw];
                 let dst = &mut q[(ti * nh + h) * hd..][..hd];
                 kernels::rmsnorm(&src[..hd], q_norm, s.eps, false, dst);
-                rope(dst, pos0 + ti, s.rotary_dim, s.rope_theta);
+                rope_apply(dst, &cs);
                 if s.gated {
                     gate[(ti * nh + h) * hd..][..hd].copy_from_slice(&src[hd..]);
                 }
@@ -327,7 +366,7 @@ impl Backend for Cpu {
                 let kh = &mut k[(ti * nkv + h) * hd..][..hd];
                 tmp.copy_from_slice(kh);
                 kernels::rmsnorm(&tmp, k_norm, s.eps, false, kh);
-                rope(kh, pos0 + ti, s.rotary_dim, s.rope_theta);
+                rope_apply(kh, &cs);
             }
         }
         Ok(())
@@ -358,7 +397,7 @@ impl Backend for Cpu {
         let scale = 1.0 / (hd as f32).sqrt();
         let (kc, vc) = (&*kc, &*vc);
         // Heads are independent: one task per (token, head).
-        o.par_chunks_mut(hd).enumerate().for_each(|(idx, oh)| {
+        let head = |(idx, oh): (usize, &mut [f32])| {
             let (ti, h) = (idx / nh, idx % nh);
             let kvh = h / group;
             let qh = &q[idx * hd..][..hd];
@@ -371,7 +410,12 @@ impl Backend for Cpu {
             for (p, &a) in sc.iter().enumerate() {
                 kernels::axpy(a, &vc[p * kvw + kvh * hd..][..hd], oh);
             }
-        });
+        };
+        if pool_parallel() {
+            o.par_chunks_mut(hd).enumerate().for_each(head);
+        } else {
+            o.chunks_mut(hd).enumerate().for_each(head);
+        }
         Ok(())
     }
 
@@ -520,7 +564,9 @@ impl Backend for Cpu {
             // In parallel, each expert's products run on its own thread (the experts are the
             // parallelism); serially, each product is split over rows instead.
             let run = |&e: &usize| run_expert(&call, e, x, hidden, routes, par);
-            let done: Vec<Result<ExpertOut>> = if par {
+            // At one thread the experts still take the one-thread products (the same
+            // arithmetic as in the pool), in a loop on this thread.
+            let done: Vec<Result<ExpertOut>> = if par && pool_parallel() {
                 batch.par_iter().map(run).collect()
             } else {
                 batch.iter().map(run).collect()
@@ -568,5 +614,36 @@ impl Backend for Cpu {
 
     fn argmax(&self, x: &Vec<f32>) -> Result<u32> {
         Ok(kernels::top_k(x, 1).first().map_or(0, |s| s.0 as u32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rope, rope_apply, rope_table};
+
+    /// One table per position rotates every head exactly as the per-head `rope` did: the
+    /// same angles, the same f32 arithmetic, bit for bit; dims past `rot` untouched.
+    #[test]
+    fn rope_table_matches_rope_bit_for_bit() {
+        let mut cs = Vec::new();
+        for (hd, rot, theta) in [(128, 128, 1e6), (256, 64, 1e7), (64, 32, 1e4), (8, 2, 1e4)] {
+            for pos in [0, 1, 7, 4095, 100_000, 1 << 20] {
+                rope_table(pos, rot, theta, &mut cs);
+                for head in 0..3 {
+                    let x: Vec<f32> = (0..hd)
+                        .map(|d| ((d * 31 + head * 7 + pos) as f32 * 0.173).sin() * 3.0)
+                        .collect();
+                    let (mut a, mut b) = (x.clone(), x.clone());
+                    rope(&mut a, pos, rot, theta);
+                    rope_apply(&mut b, &cs);
+                    let (ab, bb): (Vec<u32>, Vec<u32>) = (
+                        a.iter().map(|v| v.to_bits()).collect(),
+                        b.iter().map(|v| v.to_bits()).collect(),
+                    );
+                    assert_eq!(ab, bb, "hd {hd} rot {rot} pos {pos} head {head}");
+                    assert_eq!(&b[rot..], &x[rot..], "dims past rot changed");
+                }
+            }
+        }
     }
 }
