@@ -271,3 +271,37 @@ fn appends_continue_and_cut_or_damaged_files_are_reported() {
         assert!(e.contains("same shape"), "{e}");
     }
 }
+
+/// A GPU backend routes resident layers on the device and never brings the routing back, so
+/// `--trace-routing` there is refused by name instead of recording a trace with layers missing
+/// (or, as before for wgpu, running on the CPU without saying so).
+#[test]
+fn trace_routing_on_a_gpu_backend_is_refused() {
+    let Some((model, dir, trace)) = setup("trace-gpu") else {
+        return;
+    };
+    for backend in ["wgpu", "cuda"] {
+        let e = run_err(
+            bin()
+                .args([
+                    "generate",
+                    "--backend",
+                    backend,
+                    "--ids",
+                    "1,2",
+                    "--tokens",
+                    "2",
+                ])
+                .arg("--model")
+                .arg(&model)
+                .arg("--trace-routing")
+                .arg(&trace),
+        );
+        assert!(
+            e.contains("--trace-routing") && e.contains("--backend cpu"),
+            "{backend}: {e}"
+        );
+        assert!(!trace.exists(), "{backend}: no trace is written");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -56,22 +56,33 @@ pub fn runner(model: Arc<Model>, args: &ModelOpts) -> Result<Box<dyn SeqBackend>
     })
 }
 
+/// `--trace-routing` runs on the CPU: refused by name with `--backend cuda|wgpu`, before any
+/// trace file is opened.
+pub fn check_trace_backend(args: &ModelOpts) -> Result<()> {
+    if args.trace.trace_routing.is_none() {
+        return Ok(());
+    }
+    // The routing is recorded through the model's taps from each layer's host routing; a
+    // GPU backend whose layers hold every expert routes on the device and never brings
+    // the routing back, so a trace from it would miss those layers.
+    if matches!(args.backend, BackendKind::Cuda | BackendKind::Wgpu) {
+        anyhow::bail!(
+            "--trace-routing records each layer's routing on the host, which a GPU backend \
+             does not bring back for layers whose experts are all resident: use --backend cpu"
+        );
+    }
+    Ok(())
+}
+
 /// What a sequence runs on (`None`: the CPU). `auto` takes CUDA when a device is present and
 /// usable, else the CPU (with a note when a device was found but could not be used); `cuda`
 /// without one fails when the backend is built, with the device's reason.
 pub fn engine_backend(args: &ModelOpts) -> Result<Option<BackendFactory>> {
     let gpu = args.gpu();
     if args.trace.trace_routing.is_some() {
-        // The routing is recorded through the core model's taps; the CUDA backend runs its
-        // own forward pass.
-        match args.backend {
-            BackendKind::Cuda => anyhow::bail!(
-                "--trace-routing records through the CPU model's forward pass: use --backend cpu"
-            ),
-            BackendKind::Auto if cuda_available() => {
-                eprintln!("note: --trace-routing runs on the CPU backend")
-            }
-            _ => {}
+        check_trace_backend(args)?;
+        if args.backend == BackendKind::Auto && cuda_available() {
+            eprintln!("note: --trace-routing runs on the CPU backend");
         }
         return Ok(None);
     }

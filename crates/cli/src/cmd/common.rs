@@ -283,6 +283,7 @@ impl ModelArgs {
 
     /// The model alone (token-level commands), its context budget applied and printed.
     pub fn load(&self) -> Result<Model> {
+        super::backend::check_trace_backend(&self.opts)?;
         self.opts.apply_kernel_switches()?;
         self.note_unverifiable();
         let mut model = open_model(&self.model, &self.opts.options())
