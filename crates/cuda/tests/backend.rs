@@ -164,13 +164,7 @@ fn fused_ops_launch_the_fused_kernels() {
 
     // SwiGLU MLP: gate‖up in one product, swiglu_k over it.
     let inter = 128;
-    let (gw, uw, dw) = (
-        random_linear(&mut rng, inter, h, f),
-        random_linear(&mut rng, inter, h, f),
-        random_linear(&mut rng, h, inter, f),
-    );
-    let gu = be.upload_group(&[&gw, &uw]).unwrap();
-    let dm = be.upload_mat(&dw).unwrap();
+    let (gu, dm) = swiglu_mats(&be, &mut rng, inter, h, f);
     let mut y = be.alloc(h).unwrap();
     let names = trace(&mut || {
         be.fused_swiglu_mlp(&gu[0], &gu[1], &dm, &x, 1, &mut y)
@@ -187,6 +181,117 @@ fn fused_ops_launch_the_fused_kernels() {
     });
     assert_eq!(count(&names, &|n| n.ends_with("_mpa")), 1, "{names:?}");
     assert_eq!(count(&names, &|n| n == "argmax_f32"), 0, "{names:?}");
+}
+
+/// A SwiGLU MLP's matrices of `inter` over `h` on `be` as the model uploads them: gate‖up one
+/// group, and down.
+fn swiglu_mats(
+    be: &Cuda,
+    rng: &mut rand::rngs::StdRng,
+    inter: usize,
+    h: usize,
+    f: flashmoe_core::backend::conformance::Fmt,
+) -> (
+    Vec<<Cuda as flashmoe_core::backend::Backend>::Mat>,
+    <Cuda as flashmoe_core::backend::Backend>::Mat,
+) {
+    use flashmoe_core::backend::conformance::random_linear;
+    use flashmoe_core::backend::Backend;
+    let (gw, uw, dw) = (
+        random_linear(rng, inter, h, f),
+        random_linear(rng, inter, h, f),
+        random_linear(rng, h, inter, f),
+    );
+    let gu = be.upload_group(&[&gw, &uw]).unwrap();
+    (gu, be.upload_mat(&dw).unwrap())
+}
+
+/// The MoE block of one token with every expert of the layer in VRAM (`fused_moe`, the old
+/// decode loop's launches): against the reference's composition (with the shared expert as
+/// problem K, on its own, absent), and the kernels it launches: `router_experts` (top-k and
+/// the problem batches), the two indirect products with the shared expert among their
+/// problems, one SwiGLU, one combine into the residual; no `router_topk`, `slot_batch` or
+/// separate shared-expert products.
+#[test]
+fn fused_moe_runs_the_old_loops_launches() {
+    use flashmoe_core::backend::conformance::{random_experts, Fmt, MoeShape};
+    use flashmoe_core::backend::{Backend, ExpertCall, MoeCall};
+    use flashmoe_core::cache::CachePolicy;
+    use flashmoe_core::store::DType;
+    use flashmoe_cuda::CudaOptions;
+    use rand::{rngs::StdRng, SeedableRng};
+    let Some(be) = cuda() else { return };
+    let dev = be.device();
+    let shape = MoeShape {
+        hidden: 256,
+        inter: 128,
+        experts: 16,
+        fmt: Fmt::Affine(4, 64, DType::BF16),
+    };
+    let (h, inter, e, f) = (shape.hidden, shape.inter, shape.experts, shape.fmt);
+    let mut rng = StdRng::seed_from_u64(11);
+    let src = random_experts(&mut rng, e, inter, h, f);
+    let opts = CudaOptions::default();
+    be.enable_residency(&src, &[0], e, 4, &opts, CachePolicy::Lru)
+        .unwrap();
+    assert!(be.preload_experts(&src, &[0]).unwrap(), "layer 0 resident");
+    assert!(be.fuses_moe(0, 4) && !be.fuses_moe(1, 4));
+
+    let r = conformance::run_fused_moe(&be, &src, 0, shape);
+    println!("{}", r.summary());
+    assert!(
+        r.checks.iter().any(|c| c.class.contains("fused=true")),
+        "no case took the fused path"
+    );
+    r.assert_ok();
+
+    let (gu, dm) = swiglu_mats(&be, &mut rng, inter, h, f);
+    let xn = be.upload(&vec![0.5f32; h]).unwrap();
+    let lg = be
+        .upload(&(0..e).map(|i| i as f32 * 0.1).collect::<Vec<_>>())
+        .unwrap();
+    let sg = be.upload(&[0.3]).unwrap();
+    let mut x = be.upload(&vec![0.1f32; h]).unwrap();
+    let mut routes = be.alloc_routes(1, 4).unwrap();
+    let m = MoeCall::<Cuda> {
+        call: ExpertCall {
+            source: &src,
+            layer: 0,
+            parallel: false,
+        },
+        xn: &xn,
+        t: 1,
+        logits: &lg,
+        ne: e,
+        k: 4,
+        renorm: true,
+        shared: Some([&gu[0], &gu[1], &dm]),
+        shared_gate: Some(&sg),
+    };
+    let start = dev.trace_start().expect("trace");
+    be.fused_moe(&m, &mut routes, &mut x).unwrap();
+    let (ks, _) = dev.trace_finish(&start).expect("trace");
+    let names: Vec<String> = ks
+        .iter()
+        .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
+        .collect();
+    let count = |p: &dyn Fn(&str) -> bool| names.iter().filter(|n| p(n)).count();
+    for (k, n) in [
+        ("router_experts", 1),
+        ("swiglu_k", 1),
+        ("moe_combine", 1),
+        ("slot_batch", 0),
+    ] {
+        assert_eq!(count(&|s| s == k), n, "{k}: {names:?}");
+    }
+    assert_eq!(count(&|s| s.starts_with("router_topk")), 0, "{names:?}");
+    // Two products, both indirect (the shared expert is a problem of each).
+    assert_eq!(count(&|s| s.starts_with("qmv")), 2, "{names:?}");
+    assert_eq!(
+        count(&|s| s.starts_with("qmv") && s.ends_with('i')),
+        2,
+        "{names:?}"
+    );
 }
 
 /// A one-row norm also writes its output prepared for the `mp` matvec (prep.rs), so the

@@ -1,8 +1,9 @@
 //! The fused operations of [`Backend`] composed from its primitives: the trait's default
 //! bodies, and what a backend that fuses an op falls back on where its fusion does not apply
 //! (CUDA's one-token kernels, for a prompt). Each has the contract of the trait method of the
-//! same name (`fused_attention`, `fused_gdn_in`, `fused_swiglu_mlp`).
-use super::{AttnShape, Backend, GdnShape};
+//! same name (`fused_attention`, `fused_gdn_in`, `fused_swiglu_mlp`,
+//! `fused_moe`).
+use super::{AttnShape, Backend, ExpertTimes, GdnShape, MoeCall};
 use crate::error::Result;
 
 /// [`Backend::fused_attention`]: `qk_norm_rope` (k normed and rotated in place), `attention`
@@ -64,4 +65,30 @@ pub fn swiglu_mlp<B: Backend>(
     let mut hdn = be.scratch(t * inter)?;
     be.swiglu(&g, &u, &mut hdn)?;
     be.matmul(down, &hdn, t, y)
+}
+
+/// [`Backend::fused_moe`]: `router_topk`, the shared expert (`fused_swiglu_mlp`), the routing
+/// to the host (`routes_host`), `moe_experts`, `moe_combine`: the MoE block's ops in order.
+pub fn moe<B: Backend>(
+    be: &B,
+    m: &MoeCall<'_, B>,
+    routes: &mut B::Routes,
+    x: &mut B::Buf,
+) -> Result<ExpertTimes> {
+    be.router_topk(m.logits, m.ne, m.k, m.renorm, routes)?;
+    let h = be.buf_len(m.xn).checked_div(m.t).unwrap_or(0);
+    let shared = match m.shared {
+        Some([g, u, d]) => {
+            let mut ys = be.scratch(m.t * h)?;
+            be.fused_swiglu_mlp(g, u, d, m.xn, m.t, &mut ys)?;
+            Some(ys)
+        }
+        None => None,
+    };
+    let routes: &B::Routes = routes;
+    let host = be.routes_host(routes, m.call.layer)?;
+    let mut routed = be.alloc(m.t * h)?;
+    let et = be.moe_experts(m.call, m.xn, routes, host.as_deref(), &mut routed)?;
+    be.moe_combine(x, &routed, shared.as_ref(), m.shared_gate)?;
+    Ok(et)
 }

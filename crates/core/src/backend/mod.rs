@@ -133,6 +133,21 @@ pub struct ExpertCall<'a> {
     pub parallel: bool,
 }
 
+/// One MoE block after the router product, for [`Backend::fused_moe`]: `t` tokens `xn [t, H]`,
+/// the router's `logits [t, ne]`, top `k` (renormalised when `renorm`), the shared expert's
+/// gate, up and down matrices and its gate's logits `[t]` when the layer has them.
+pub struct MoeCall<'a, B: Backend> {
+    pub call: ExpertCall<'a>,
+    pub xn: &'a B::Buf,
+    pub t: usize,
+    pub logits: &'a B::Buf,
+    pub ne: usize,
+    pub k: usize,
+    pub renorm: bool,
+    pub shared: Option<[&'a B::Mat; 3]>,
+    pub shared_gate: Option<&'a B::Buf>,
+}
+
 /// Task time [`Backend::moe_experts`] spent waiting for expert bytes and computing, summed over
 /// its tasks (in parallel they exceed the wall time; a timer splits wall time by their ratio).
 #[derive(Clone, Copy, Default, Debug)]
@@ -428,6 +443,26 @@ pub trait Backend: Send + Sync + Sized {
         y: &mut Self::Buf,
     ) -> Result<()> {
         compose::swiglu_mlp(self, [gate, up, down], x, t, y)
+    }
+    /// Whether [`Backend::fused_moe`] fuses one token's MoE block of `layer` routed to `k`
+    /// experts (the block then hands it the router's logits and the shared expert instead of
+    /// running them op by op). Default: never.
+    fn fuses_moe(&self, _layer: usize, _k: usize) -> bool {
+        false
+    }
+    /// The MoE block after the router product (arch-spec §7): [`Backend::router_topk`] into
+    /// `routes`, then `x += Σ_j w_j E_j(xn) + sigmoid(shared_gate) · shared(xn)`, the routed
+    /// experts as [`Backend::moe_experts`] sums them. Returns the experts' task times. (CUDA,
+    /// for one token with every expert of the layer in VRAM: top-k and the two problem
+    /// batches in one kernel, the shared expert one more problem of the routed experts'
+    /// batched launches, the combine into `x` in one kernel.)
+    fn fused_moe(
+        &self,
+        m: &MoeCall<'_, Self>,
+        routes: &mut Self::Routes,
+        x: &mut Self::Buf,
+    ) -> Result<ExpertTimes> {
+        compose::moe(self, m, routes, x)
     }
     /// Greedy decoding's head: argmax of `rmsnorm(x [H]; norm) W_head^T` (CUDA reduces the
     /// argmax as the head's blocks write their rows).

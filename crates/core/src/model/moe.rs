@@ -2,7 +2,7 @@
 //! SwiGLU experts fetched from the ExpertSource, shared expert scaled by sigmoid(gate).
 //! Routing stays here; where expert bytes come from is the ExpertSource's business, how they
 //! are multiplied the backend's.
-use crate::backend::{Backend, Cpu, ExpertCall};
+use crate::backend::{Backend, Cpu, ExpertCall, MoeCall};
 use crate::error::Result;
 use crate::experts::ExpertSource;
 
@@ -68,6 +68,32 @@ impl<B: Backend> Moe<B> {
             _ => be.matmul(&self.router, xn, t, &mut logits)?,
         }
         let mut routes = be.alloc_routes(t, top_k)?;
+        let call = ExpertCall {
+            source: experts,
+            layer: self.layer,
+            parallel,
+        };
+        // One token the backend fuses (CUDA, every expert in VRAM): the rest of the block is
+        // one op, unless a tap wants what only the op-by-op path has (the routing, the shared
+        // and routed outputs apart).
+        let split = ["routing", "shared_out", "experts_out"];
+        if t == 1 && be.fuses_moe(self.layer, top_k) && !split.iter().any(|w| tap.wants(w)) {
+            let m = MoeCall {
+                call,
+                xn,
+                t,
+                logits: &logits,
+                ne,
+                k: top_k,
+                renorm,
+                shared: self.shared.as_ref().map(|s| [&s.gate, &s.up, &s.down]),
+                shared_gate: sg.as_ref(),
+            };
+            tap.tap(be, "routes", Some(l), None)?;
+            let et = be.fused_moe(&m, &mut routes, x)?;
+            tap.expert_times(l, et);
+            return tap.tap(be, "experts_out", Some(l), None);
+        }
         be.router_topk(&logits, ne, top_k, renorm, &mut routes)?;
         // shared = down(silu(x Gs^T) * (x Us^T)): queued before the routing is read back where
         // that overlaps the round trip, else after the expert reads are issued.
@@ -100,11 +126,6 @@ impl<B: Backend> Moe<B> {
         }
         // routed = sum_j w_j Expert_{idx_j}(x)
         let mut routed = be.alloc(t * h)?;
-        let call = ExpertCall {
-            source: experts,
-            layer: self.layer,
-            parallel,
-        };
         let et = be.moe_experts(call, xn, &routes, host.as_deref(), &mut routed)?;
         tap.expert_times(l, et);
         tap.tap(be, "experts_out", Some(l), Some(&routed))?;

@@ -30,7 +30,9 @@ pub trait Tap<B: Backend> {
         layer: Option<usize>,
         x: Option<&B::Buf>,
     ) -> Result<()>;
-    /// Whether the model should compute a tensor that only taps use (`result_norm`).
+    /// Whether the model should compute a tensor that only taps use (`result_norm`). A tap
+    /// that reads `routing`, `shared_out` or `experts_out` must want them: without, a backend
+    /// that fuses the MoE block (`Backend::fused_moe`) passes `experts_out` without a tensor.
     fn wants(&self, _name: &'static str) -> bool {
         false
     }

@@ -147,6 +147,17 @@ impl<B: SlotBackend> Residency<B> {
         self.all_fit
     }
 
+    /// The layout and the backend's slots when `layer` runs [`SlotRouting::Resident`], for a
+    /// backend that fuses more of the MoE block than [`SlotBackend::slot_experts`] (CUDA's
+    /// `fused_moe`); counted as a resident call.
+    pub fn resident(&mut self, layer: usize) -> Option<(&SlotLayout, &B::Slots)> {
+        if !self.layer_resident(layer) {
+            return None;
+        }
+        self.stats.resident_calls += 1;
+        Some((&self.layout, &self.slots))
+    }
+
     /// Whether `layer` runs without its routing on the host ([`SlotRouting::Resident`]).
     pub fn layer_resident(&self, layer: usize) -> bool {
         self.published

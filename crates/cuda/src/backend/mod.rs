@@ -14,10 +14,11 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::CudaContext;
 use flashmoe_core::backend::{
-    compose, AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes,
+    compose, AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, MoeCall, Routes,
 };
 use flashmoe_core::cache::{warmup_accesses, CachePolicy, DEFAULT_WARMUP_TOKENS};
 use flashmoe_core::experts::ExpertSource;
@@ -208,13 +209,22 @@ impl Cuda {
     /// on every MoE layer runs without reading its routing back. Returns whether every layer
     /// is resident.
     pub fn preload(m: &Model<Cuda>) -> crate::Result<bool> {
-        let moe = moe_layers(m);
-        let mut tier = m.be.tier.lock().unwrap_or_else(|p| p.into_inner());
+        m.be.preload_experts(&*m.experts, &moe_layers(m))
+    }
+
+    /// [`Cuda::preload`] for experts not of a `Model` (tests): fills every expert of `layers`
+    /// from `source` when they all fit; returns whether every layer is resident.
+    pub fn preload_experts(
+        &self,
+        source: &dyn ExpertSource,
+        layers: &[usize],
+    ) -> crate::Result<bool> {
+        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
         let Some(t) = tier.as_mut() else {
             return Ok(false);
         };
-        t.preload(&m.be, &*m.experts, &moe)?;
-        Ok(moe.iter().all(|&l| t.layer_resident(l)))
+        t.preload(self, source, layers)?;
+        Ok(layers.iter().all(|&l| t.layer_resident(l)))
     }
 
     /// The tier's counters, when one is enabled.
@@ -723,6 +733,32 @@ impl Backend for Cuda {
     ) -> Result<()> {
         x.written();
         moe::combine(self, x, routed, shared, shared_gate)
+    }
+
+    fn fuses_moe(&self, layer: usize, k: usize) -> bool {
+        k < MAXP && self.layer_resident(layer)
+    }
+
+    fn fused_moe(
+        &self,
+        m: &MoeCall<'_, Cuda>,
+        routes: &mut CudaRoutes,
+        x: &mut CudaBuf,
+    ) -> Result<ExpertTimes> {
+        x.written();
+        if m.t == 1 && m.k < MAXP {
+            let t0 = Instant::now();
+            let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((layout, slots)) = tier.as_mut().and_then(|t| t.resident(m.call.layer)) {
+                self.routes_resident.store(true, Ordering::Relaxed);
+                self.moe_resident(layout, slots, m, routes, x)?;
+                return Ok(ExpertTimes {
+                    wait: Duration::ZERO,
+                    compute: t0.elapsed(),
+                });
+            }
+        }
+        compose::moe(self, m, routes, x)
     }
 
     fn argmax(&self, x: &CudaBuf) -> Result<u32> {

@@ -19,12 +19,12 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use flashmoe_core::backend::{Backend, Routes};
+use flashmoe_core::backend::{Backend, MoeCall, Routes};
 use flashmoe_core::experts::ExpertWeights;
 use flashmoe_core::residency::{Fill, FillFrom, SlotBackend, SlotBatch, SlotLayout, SlotRouting};
 use flashmoe_core::{Error, Result};
 
-use super::{ce, moe, room, Cuda, CudaBuf, CudaRoutes};
+use super::{ce, moe, room, stacked, Cuda, CudaBuf, CudaRoutes};
 use crate::cache::Layout;
 use crate::device::{DBuf, Event, ExpertBatchArgs, MvBatch, Pinned, MAXP};
 use crate::ops::{self, DevMat};
@@ -205,22 +205,8 @@ impl Cuda {
     ) -> Result<()> {
         let dev = &self.dev;
         let (h, i, k) = (layout.hidden, layout.inter, routes.k);
-        let (gue, he, ye) = (self.buf(k * 2 * i)?, self.buf(k * i)?, self.buf(k * h)?);
+        let (a, [gue, he, ye, pb]) = self.expert_batch(layout, tbl, x, k)?;
         let psz = std::mem::size_of::<MvBatch>();
-        let pb = self.buf((2 * psz).div_ceil(4))?;
-        let mut a = ExpertBatchArgs {
-            tbl,
-            xn: x.ptr(),
-            gue: gue.ptr(),
-            he: he.ptr(),
-            ye: ye.ptr(),
-            i: i as i32,
-            h: h as i32,
-            ..Default::default()
-        };
-        for (o, &v) in a.off.iter_mut().zip(&layout.offsets) {
-            *o = v as i64;
-        }
         let (gu0, dn0) = slots.mats(0, layout)?;
         ops::slot_batch(dev, routes.ids.ptr(), k, a, pb.ptr()).map_err(ce)?;
         // Right after slot_batch, which wrote the batch it reads.
@@ -236,6 +222,113 @@ impl Cuda {
         ops::matvec_indirect(dev, &dn0, pd, k, pre_dn, false).map_err(ce)?;
         let (op, yp, wp) = (out.ptr(), ye.ptr(), routes.wts.ptr());
         ops::moe_combine(dev, op, yp, wp, k, 0, 0, 0, h).map_err(ce)
+    }
+}
+
+impl Cuda {
+    /// [`Backend::fused_moe`] for one token of a published layer (the old decode loop's
+    /// all-in-VRAM MoE block): `router_experts` (top-k, and the two problem batches from the
+    /// layer's slot table), the shared expert as problem K of the experts' two batched
+    /// launches when it has their shape and format (else on its own first), and one
+    /// `moe_combine` adding the weighted experts and the gated shared expert to `x`.
+    pub(super) fn moe_resident(
+        &self,
+        layout: &SlotLayout,
+        slots: &CudaSlots,
+        m: &MoeCall<'_, Cuda>,
+        routes: &mut CudaRoutes,
+        x: &mut CudaBuf,
+    ) -> Result<()> {
+        let dev = self.bind()?;
+        let (h, i, k, ne) = (layout.hidden, layout.inter, m.k, m.ne);
+        let (tbl, _) = slots.tables.get(&m.call.layer).ok_or_else(|| {
+            Error::Invalid(format!(
+                "cuda fused_moe: layer {} was not published",
+                m.call.layer
+            ))
+        })?;
+        if k == 0 || k > ne {
+            return Err(Error::Invalid(format!(
+                "cuda fused_moe: top {k} of {ne} experts"
+            )));
+        }
+        room("fused_moe", "logits", m.logits, ne)?;
+        room("fused_moe", "xn", m.xn, h)?;
+        room("fused_moe", "x", x, h)?;
+        if routes.ids.len < k {
+            *routes = self.alloc_routes(1, k)?;
+        }
+        (routes.t, routes.k, routes.staged) = (1, k, 0);
+        let (gu0, dn0) = slots.mats(0, layout)?;
+        // The shared expert as one more problem when it has the experts' shape and format.
+        let batched = match m.shared {
+            Some([g, u, d]) if k < MAXP => stacked(&[g, u])
+                .copied()
+                .filter(|gu| gu.same_shape(&gu0) && d.m.same_shape(&dn0))
+                .map(|gu| (gu, d.m)),
+            _ => None,
+        };
+        // Otherwise on its own, first (the indirect launches follow the batch writer).
+        let mut own = None;
+        if let (Some([g, u, d]), None) = (m.shared, batched) {
+            let mut ys = self.scratch(h)?;
+            self.fused_swiglu_mlp(g, u, d, m.xn, 1, &mut ys)?;
+            own = Some(ys);
+        }
+        let np = k + batched.is_some() as usize;
+        let (mut a, [gue, he, ye, pb]) = self.expert_batch(layout, tbl.ptr(), m.xn, np)?;
+        let psz = std::mem::size_of::<MvBatch>();
+        if let Some((g, d)) = batched {
+            a.sh = [g.w, g.s, g.b, d.w, d.s, d.b];
+        }
+        let (lg, ids, wts) = (m.logits.ptr(), routes.ids.ptr(), routes.wts.ptr());
+        ops::router_experts(dev, lg, ne, k, m.renorm, ids, wts, a, pb.ptr()).map_err(ce)?;
+        // Right after router_experts, which wrote the batch it reads.
+        // xn as its norm prepared it (prep.rs); SwiGLU prepares each h for the down launch.
+        let (pre_gu, pre_dn) = (m.xn.prepared_for(&gu0), down_prepared(self, &dn0, i));
+        ops::matvec_indirect(dev, &gu0, pb.ptr(), np, pre_gu, true).map_err(ce)?;
+        ops::swiglu(dev, gue.ptr(), he.ptr(), i, np, pre_dn).map_err(ce)?;
+        let pd = pb.ptr() + psz as u64;
+        ops::matvec_indirect(dev, &dn0, pd, np, pre_dn, false).map_err(ce)?;
+        let ys = match (&own, batched) {
+            (Some(b), _) => b.ptr(),
+            (None, Some(_)) => ye.at(k * h),
+            (None, None) => 0,
+        };
+        let sg = m.shared_gate.map_or(0, |g| g.ptr());
+        let (xp, yp) = (x.ptr(), ye.ptr());
+        ops::moe_combine(dev, xp, yp, wts, k, ys, sg, 0, h).map_err(ce)
+    }
+}
+
+impl Cuda {
+    /// The arguments of a kernel writing the two problem batches of `np` experts over `xn`
+    /// from slot table `tbl`, and the buffers they name: gate‖up outputs, h, the experts'
+    /// outputs `[np, H]`, the two batches.
+    fn expert_batch(
+        &self,
+        layout: &SlotLayout,
+        tbl: u64,
+        xn: &CudaBuf,
+        np: usize,
+    ) -> Result<(ExpertBatchArgs, [CudaBuf; 4])> {
+        let (h, i) = (layout.hidden, layout.inter);
+        let (gue, he, ye) = (self.buf(np * 2 * i)?, self.buf(np * i)?, self.buf(np * h)?);
+        let pb = self.buf((2 * std::mem::size_of::<MvBatch>()).div_ceil(4))?;
+        let mut a = ExpertBatchArgs {
+            tbl,
+            xn: xn.ptr(),
+            gue: gue.ptr(),
+            he: he.ptr(),
+            ye: ye.ptr(),
+            i: i as i32,
+            h: h as i32,
+            ..Default::default()
+        };
+        for (o, &v) in a.off.iter_mut().zip(&layout.offsets) {
+            *o = v as i64;
+        }
+        Ok((a, [gue, he, ye, pb]))
     }
 }
 

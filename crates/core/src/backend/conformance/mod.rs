@@ -359,6 +359,22 @@ pub fn run_with<B: Backend>(be: &B, bounds: Bounds) -> Report {
     c.section("gdn", ops::gdn);
     c.section("gdn fused", ops::gdn_fused);
     c.section("moe", ops::moe);
+    c.section("fused moe", |c| {
+        let shape = MoeShape {
+            hidden: 128,
+            inter: 64,
+            experts: 8,
+            fmt: Fmt::Affine(4, 64, DType::BF16),
+        };
+        let src = random_experts(
+            &mut c.rng,
+            shape.experts,
+            shape.inter,
+            shape.hidden,
+            shape.fmt,
+        );
+        fused_moe::fused_moe(c, &src, 0, shape)
+    });
     c.section("head", ops::head);
     c.report
 }
@@ -382,6 +398,30 @@ pub fn run_slots_with<B: SlotBackend>(be: &B, bounds: Bounds) -> Report {
         },
     };
     c.section("slots", slots::slots);
+    c.report
+}
+
+/// [`Backend::fused_moe`] over `src`'s experts of `layer` (of `shape`) against [`Reference`]'s
+/// composition, with the default [`Bounds`]: for a backend that fuses the block only for
+/// experts it holds (CUDA with every expert of `layer` in VRAM), which [`run`]'s bare backend
+/// does not.
+pub fn run_fused_moe<B: Backend>(
+    be: &B,
+    src: &MemExperts,
+    layer: usize,
+    shape: MoeShape,
+) -> Report {
+    let mut c = Ctx {
+        be,
+        r: Reference,
+        rng: StdRng::seed_from_u64(0xf05e),
+        bounds: Bounds::default(),
+        report: Report {
+            backend: be.name(),
+            ..Report::default()
+        },
+    };
+    c.section("fused moe", |c| fused_moe::fused_moe(c, src, layer, shape));
     c.report
 }
 
@@ -419,5 +459,8 @@ const GDN: GdnShape = GdnShape {
     kconv: 4,
 };
 
+mod fused_moe;
 mod ops;
 mod slots;
+
+pub use fused_moe::MoeShape;
