@@ -337,6 +337,7 @@ impl SlotBackend for Wgpu {
                 &x.buf,
                 &gu,
                 &jb,
+                true,
             )?;
         }
         let hid = self.swiglu_pairs(np, inter, &gu)?;
@@ -347,7 +348,18 @@ impl SlotBackend for Wgpu {
             }
             let jb = self.buffer_with(bytemuck::cast_slice(jobs));
             let s = &slots.slabs[slab];
-            self.batch(m, h, inter, jobs.len() / 4, [s, s, s], bd_d, &hid, &d, &jb)?;
+            self.batch(
+                m,
+                h,
+                inter,
+                jobs.len() / 4,
+                [s, s, s],
+                bd_d,
+                &hid,
+                &d,
+                &jb,
+                true,
+            )?;
         }
         // Each token's pairs, padded to the most any token has with weight 0 (adds nothing).
         let kmax = per_token.iter().copied().max().unwrap_or(1).max(1);
@@ -427,10 +439,21 @@ impl Wgpu {
         let bd_gu = ((o[2] - o[1]) / ssz) as u32;
         let bd_d = ((o[5] - o[4]) / ssz) as u32;
         let gu = self.buffer((2 * np * inter * 4) as u64);
-        self.batch(m, inter, h, 2 * np, [s, s, s], bd_gu, &x.buf, &gu, &jg)?;
+        self.batch(
+            m,
+            inter,
+            h,
+            2 * np,
+            [s, s, s],
+            bd_gu,
+            &x.buf,
+            &gu,
+            &jg,
+            true,
+        )?;
         let hid = self.swiglu_pairs(np, inter, &gu)?;
         let d = self.buffer((np * h * 4) as u64);
-        self.batch(m, h, inter, np, [s, s, s], bd_d, &hid, &d, &jd)?;
+        self.batch(m, h, inter, np, [s, s, s], bd_d, &hid, &d, &jd, true)?;
         self.esum(&d, &tb, h, k, t, out, !batch.first)
     }
 
