@@ -226,7 +226,8 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             "commands_per_submission": default_batch,
             // Host work per decoded token (the warm-up token not counted): bind groups,
             // buffers, submissions and waits are deterministic; record_ms is the host's time
-            // recording and submitting (on a software adapter, without the shaders' run).
+            // recording, submit_ms its time in queue.submit (a software adapter may run the
+            // shaders there).
             "host_per_token": host_json(&host, n),
             "by_commands_per_submission": by_batch,
             // Layers run from the device's routing (no read back), per token.
@@ -270,6 +271,7 @@ fn host_json(c: &crate::HostCounters, n: usize) -> Value {
         "submissions": per(c.submissions),
         "waits": per(c.waits),
         "record_ms": per(c.record_ns) / 1e6,
+        "submit_ms": per(c.submit_ns) / 1e6,
     })
 }
 

@@ -57,8 +57,11 @@ pub struct HostCounters {
     /// Host waits for the device (`poll` until idle).
     pub waits: u64,
     /// Nanoseconds the host spent recording dispatches, copies and clears (parameters, bind
-    /// groups, encoding) and submitting; not deterministic.
+    /// groups, encoding), submissions not counted; not deterministic.
     pub record_ns: u64,
+    /// Nanoseconds in `queue.submit` (with the parameters' write): a software adapter may
+    /// run the shaders there.
+    pub submit_ns: u64,
 }
 
 impl HostCounters {
@@ -72,6 +75,7 @@ impl HostCounters {
             submissions: self.submissions - earlier.submissions,
             waits: self.waits - earlier.waits,
             record_ns: self.record_ns - earlier.record_ns,
+            submit_ns: self.submit_ns - earlier.submit_ns,
         }
     }
 }
@@ -86,6 +90,7 @@ struct Counts {
     submissions: AtomicU64,
     waits: AtomicU64,
     record_ns: AtomicU64,
+    submit_ns: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -328,13 +333,25 @@ impl Wgpu {
             submissions: l(&c.submissions),
             waits: l(&c.waits),
             record_ns: l(&c.record_ns),
+            submit_ns: l(&c.submit_ns),
         }
     }
 
-    fn add_ns(&self, t: Instant) {
+    /// The start of a recording: its time, and the submission time so far.
+    fn start(&self) -> (Instant, u64) {
+        (
+            Instant::now(),
+            self.counts.submit_ns.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds the time since `start` to `record_ns`, less the submissions' in it.
+    fn add_ns(&self, (t, s0): (Instant, u64)) {
+        let all = t.elapsed().as_nanos() as u64;
+        let sub = self.counts.submit_ns.load(Ordering::Relaxed) - s0;
         self.counts
             .record_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(all.saturating_sub(sub), Ordering::Relaxed);
     }
 
     /// The largest buffer one binding may cover, in bytes.
@@ -462,6 +479,7 @@ impl Wgpu {
 
     /// Submits `g`'s commands, their parameters written to the arena first.
     fn submit(&self, g: &mut Pending) {
+        let t = Instant::now();
         if let (Some(a), true) = (&g.arena, g.used > 0) {
             let n = (g.used * self.stride) as usize;
             self.queue.write_buffer(a, 0, &g.host[..n]);
@@ -472,6 +490,9 @@ impl Wgpu {
         }
         g.n = 0;
         g.used = 0;
+        self.counts
+            .submit_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Records `f` into the pending encoder; submits when the batch is full.
@@ -488,7 +509,7 @@ impl Wgpu {
     }
 
     fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
-        let t = Instant::now();
+        let t = self.start();
         bump(&self.counts.transfers);
         let mut g = self.pending()?;
         self.record(&mut g, f);
@@ -499,7 +520,7 @@ impl Wgpu {
 
     /// Submits what is recorded.
     pub(crate) fn flush(&self) -> Result<()> {
-        let t = Instant::now();
+        let t = self.start();
         let mut g = self.pending()?;
         self.submit(&mut g);
         drop(g);
@@ -557,7 +578,7 @@ impl Wgpu {
                 format!("{name}: {} parameter words", params.len()),
             ));
         }
-        let t = Instant::now();
+        let t = self.start();
         let pipe = self.pipeline(name)?;
         let mut words = [0u32; 16];
         words[..params.len()].copy_from_slice(params);

@@ -7,7 +7,7 @@
 //! overlapped with the shared expert.
 use std::time::Instant;
 
-use flashmoe_core::backend::{ExpertCall, ExpertTimes, Routes};
+use flashmoe_core::backend::{Backend, ExpertCall, ExpertTimes, Routes};
 use flashmoe_core::error::Result;
 use flashmoe_core::experts::ExpertWeights;
 use flashmoe_core::weights::Linear;
@@ -208,7 +208,18 @@ impl Wgpu {
         let hid = self.swiglu_pairs(np, inter, &gu)?;
         let d = self.buffer((np * h * 4) as u64);
         let jb = self.buffer_with(bytemuck::cast_slice(&jobs(2, &|p| p, 0)));
-        self.batch(fd, h, inter, np, [&wb, &sb, &bb], 0, &hid, &d, &jb, false)?;
+        self.batch(
+            fd,
+            h,
+            inter,
+            np,
+            [&wb, &sb, &bb],
+            0,
+            &hid.buf,
+            &d,
+            &jb,
+            false,
+        )?;
         let table: Vec<u32> = pairs
             .iter()
             .enumerate()
@@ -224,18 +235,14 @@ impl Wgpu {
 
     /// `hid [np, inter] = silu(gu[..np]) * gu[np..]` of the gate and up products `gu [2np,
     /// inter]`.
-    pub(crate) fn swiglu_pairs(
-        &self,
-        np: usize,
-        inter: usize,
-        gu: &wgpu::Buffer,
-    ) -> Result<wgpu::Buffer> {
-        let hid = self.buffer((np * inter * 4) as u64);
+    pub(crate) fn swiglu_pairs(&self, np: usize, inter: usize, gu: &wgpu::Buffer) -> Result<GBuf> {
+        // Pooled, not cleared (written whole): no buffer made per layer.
+        let hid = self.scratch(np * inter)?;
         let (g, _) = grid((np * inter).div_ceil(64));
         self.dispatch(
             "ew",
             &[2, (np * inter) as u32, 0, (np * inter) as u32],
-            &[(1, &hid), (2, gu), (3, gu), (4, gu)],
+            &[(1, &hid.buf), (2, gu), (3, gu), (4, gu)],
             g,
         )?;
         Ok(hid)
