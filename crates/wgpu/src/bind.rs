@@ -11,8 +11,9 @@ use flashmoe_core::error::Result;
 
 use crate::op_err;
 
-/// Bind groups kept at most; past it, those unused for the last `KEEP / 2` dispatches go
-/// (they hold their buffers alive).
+/// Bind groups kept at most; past it, those unused for the last `KEEP / 2` dispatches go.
+/// Every `KEEP` dispatches those unused for the last `KEEP` go too: a kept bind group holds
+/// its buffers alive (a KV cache that grew, a dropped buffer the pool did not keep).
 const KEEP: usize = 8192;
 
 /// The layout of kernel `name`'s entry point `entry` in `src`: binding 0 a uniform at a
@@ -91,6 +92,10 @@ impl Cache {
         make: impl FnOnce(&[(u32, wgpu::Buffer)]) -> wgpu::BindGroup,
     ) -> (wgpu::BindGroup, bool) {
         self.tick += 1;
+        if self.tick.is_multiple_of(KEEP as u64) {
+            let old = self.tick - KEEP as u64;
+            self.map.retain(|_, (_, t)| *t > old);
+        }
         let key = (name.to_string(), bufs);
         if let Some((bg, t)) = self.map.get_mut(&key) {
             *t = self.tick;

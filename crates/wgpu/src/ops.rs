@@ -451,7 +451,8 @@ impl Backend for Wgpu {
         let mut t0 = 0;
         while t0 < t {
             let tn = chunk.min(t - t0);
-            self.dispatch(
+            // Not kept: `scratch` (up to 64 MiB) is made for this call.
+            self.dispatch_once(
                 "attention",
                 &[
                     s.heads as u32,
