@@ -172,10 +172,12 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
     let mut by_batch = Vec::new();
     for b in [256, 8, default_batch] {
         model.be.set_submit_batch(b)?;
-        by_batch.push(json!({"commands_per_submission": b, "ms_per_token": decode(&model, n)?}));
+        let (ms, c) = decode_counted(&model, n)?;
+        by_batch.push(json!({"commands_per_submission": b, "ms_per_token": ms,
+            "host_per_token": host_json(&c, n)}));
     }
     let s0 = model.be.tier_stats().unwrap_or_default();
-    let resident_ms = decode(&model, n)?;
+    let (resident_ms, host) = decode_counted(&model, n)?;
     let s1 = model.be.tier_stats().unwrap_or_default();
     let per = |a: u64, b: u64| (b - a) as f64 / (n + 1) as f64;
     let upload_ms = expert_bytes / upload / 1e6;
@@ -222,6 +224,11 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             "slot_hits_per_token": per(s0.hits, s1.hits),
             "slot_fills_per_token": per(s0.misses, s1.misses),
             "commands_per_submission": default_batch,
+            // Host work per decoded token (the warm-up token not counted): bind groups,
+            // buffers, submissions and waits are deterministic; record_ms is the host's time
+            // recording, submit_ms its time in queue.submit (a software adapter may run the
+            // shaders there).
+            "host_per_token": host_json(&host, n),
             "by_commands_per_submission": by_batch,
             // Layers run from the device's routing (no read back), per token.
             "resident_layer_calls_per_token": per(s0.resident_calls, s1.resident_calls),
@@ -238,6 +245,34 @@ fn decode(model: &Model<Wgpu>, n: usize) -> Result<f64> {
         id = model.forward_argmax(&[id], &mut st)?;
     }
     Ok(t.elapsed().as_secs_f64() * 1e3 / n as f64)
+}
+
+/// [`decode`] with the host work of the `n` timed tokens.
+fn decode_counted(model: &Model<Wgpu>, n: usize) -> Result<(f64, crate::HostCounters)> {
+    let mut st = model.new_state()?;
+    let mut id = model.forward_argmax(&[1], &mut st)?;
+    let c0 = model.be.host_counters();
+    let t = Instant::now();
+    for _ in 0..n {
+        id = model.forward_argmax(&[id], &mut st)?;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / n as f64;
+    Ok((ms, model.be.host_counters().since(&c0)))
+}
+
+/// Host counters of `n` tokens, per token.
+fn host_json(c: &crate::HostCounters, n: usize) -> Value {
+    let per = |x: u64| x as f64 / n as f64;
+    json!({
+        "dispatches": per(c.dispatches),
+        "transfers": per(c.transfers),
+        "bind_groups": per(c.bind_groups),
+        "buffers": per(c.buffers),
+        "submissions": per(c.submissions),
+        "waits": per(c.waits),
+        "record_ms": per(c.record_ns) / 1e6,
+        "submit_ms": per(c.submit_ns) / 1e6,
+    })
 }
 
 /// A 4-bit, group-64 matrix of random codes with small bf16 scales and biases: made from

@@ -6,7 +6,9 @@
 //! commands when they are submitted, so batching dispatches in one encoder is safe only
 //! without it.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use flashmoe_core::error::Result;
 use flashmoe_core::residency::Residency;
@@ -24,14 +26,75 @@ const BATCH_SOFTWARE: usize = 256;
 const PARAMS: u64 = 64;
 
 /// What is recorded and not yet submitted: the encoder, its command count, and the uniform
-/// parameters of its dispatches, written into one buffer while it is mapped (unmapped at
-/// submission) instead of a buffer per dispatch.
+/// parameters of its dispatches. The parameters go to a host copy of the arena, one slot per
+/// dispatch, written to the device arena by one `queue.write_buffer` at submission: that write
+/// lands before this submission's commands (the only readers of these slots) and after the
+/// earlier submissions' (queue order), so one arena serves every batch. A fresh arena mapped
+/// at creation per batch cost a buffer creation, a mapping and a staging copy per submission.
 #[derive(Default)]
 struct Pending {
     enc: Option<wgpu::CommandEncoder>,
     n: usize,
     arena: Option<wgpu::Buffer>,
+    host: Vec<u8>,
     used: u64,
+}
+
+/// Host-side work of the backend, counted since the device was opened (see
+/// [`Wgpu::host_counters`]): deterministic for a given sequence of ops, unlike timings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCounters {
+    /// Kernel dispatches recorded.
+    pub dispatches: u64,
+    /// Copies and clears recorded.
+    pub transfers: u64,
+    /// Bind groups created.
+    pub bind_groups: u64,
+    /// Device buffers created (weights, outputs, staging, parameter arenas).
+    pub buffers: u64,
+    /// Queue submissions.
+    pub submissions: u64,
+    /// Host waits for the device (`poll` until idle).
+    pub waits: u64,
+    /// Nanoseconds the host spent recording dispatches, copies and clears (parameters, bind
+    /// groups, encoding), submissions not counted; not deterministic.
+    pub record_ns: u64,
+    /// Nanoseconds in `queue.submit` (with the parameters' write): a software adapter may
+    /// run the shaders there.
+    pub submit_ns: u64,
+}
+
+impl HostCounters {
+    /// What was counted between `earlier` and `self`.
+    pub fn since(&self, earlier: &HostCounters) -> HostCounters {
+        HostCounters {
+            dispatches: self.dispatches - earlier.dispatches,
+            transfers: self.transfers - earlier.transfers,
+            bind_groups: self.bind_groups - earlier.bind_groups,
+            buffers: self.buffers - earlier.buffers,
+            submissions: self.submissions - earlier.submissions,
+            waits: self.waits - earlier.waits,
+            record_ns: self.record_ns - earlier.record_ns,
+            submit_ns: self.submit_ns - earlier.submit_ns,
+        }
+    }
+}
+
+/// The atomics behind [`HostCounters`].
+#[derive(Default)]
+struct Counts {
+    dispatches: AtomicU64,
+    transfers: AtomicU64,
+    bind_groups: AtomicU64,
+    buffers: AtomicU64,
+    submissions: AtomicU64,
+    waits: AtomicU64,
+    record_ns: AtomicU64,
+    submit_ns: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 /// Workgroups along x of a 2D grid (the limit per dimension is 65535).
 pub(crate) const GRID_X: u32 = 32768;
@@ -132,6 +195,9 @@ pub struct Wgpu {
     pub(crate) tier: Mutex<Option<Residency<Wgpu>>>,
     /// Buffers of dropped `GBuf`s, for the next allocation of their size.
     pub(crate) pool: std::sync::Arc<crate::pool::Pool>,
+    counts: Counts,
+    /// Bind groups kept between dispatches (`bind.rs`).
+    binds: Mutex<crate::bind::Cache>,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -233,6 +299,8 @@ impl Wgpu {
             stride,
             overlap: true.into(),
             dummy,
+            counts: Counts::default(),
+            binds: Mutex::default(),
         })
     }
 
@@ -253,6 +321,39 @@ impl Wgpu {
         self.default_fast
     }
 
+    /// The host-side work counted so far (see [`HostCounters`]).
+    pub fn host_counters(&self) -> HostCounters {
+        let c = &self.counts;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        HostCounters {
+            dispatches: l(&c.dispatches),
+            transfers: l(&c.transfers),
+            bind_groups: l(&c.bind_groups),
+            buffers: l(&c.buffers),
+            submissions: l(&c.submissions),
+            waits: l(&c.waits),
+            record_ns: l(&c.record_ns),
+            submit_ns: l(&c.submit_ns),
+        }
+    }
+
+    /// The start of a recording: its time, and the submission time so far.
+    fn start(&self) -> (Instant, u64) {
+        (
+            Instant::now(),
+            self.counts.submit_ns.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds the time since `start` to `record_ns`, less the submissions' in it.
+    fn add_ns(&self, (t, s0): (Instant, u64)) {
+        let all = t.elapsed().as_nanos() as u64;
+        let sub = self.counts.submit_ns.load(Ordering::Relaxed) - s0;
+        self.counts
+            .record_ns
+            .fetch_add(all.saturating_sub(sub), Ordering::Relaxed);
+    }
+
     /// The largest buffer one binding may cover, in bytes.
     pub(crate) fn max_binding(&self) -> u64 {
         self.limits
@@ -260,8 +361,14 @@ impl Wgpu {
             .min(self.limits.max_buffer_size)
     }
 
+    /// Counts a buffer created outside [`Wgpu::buffer`] and [`Wgpu::buffer_with`].
+    pub(crate) fn count_buffer(&self) {
+        bump(&self.counts.buffers);
+    }
+
     /// A zeroed buffer of `bytes` (at least 16, a multiple of 4).
     pub(crate) fn buffer(&self, bytes: u64) -> wgpu::Buffer {
+        bump(&self.counts.buffers);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: bytes.max(16).next_multiple_of(4),
@@ -272,6 +379,7 @@ impl Wgpu {
 
     /// A buffer holding `data` (padded with zeros to 16 bytes and a multiple of 4).
     pub(crate) fn buffer_with(&self, data: &[u8]) -> wgpu::Buffer {
+        bump(&self.counts.buffers);
         let n = data.len().max(16).next_multiple_of(4);
         if n == data.len() {
             return self
@@ -302,6 +410,14 @@ impl Wgpu {
         }
         let (src, entry) = crate::shaders::source(name)
             .ok_or_else(|| op_err("pipeline", format!("no kernel named {name}")))?;
+        let bgl = crate::bind::layout(&self.device, name, &src, entry)?;
+        let layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(name),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -312,7 +428,7 @@ impl Wgpu {
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(name),
-                layout: None,
+                layout: Some(&layout),
                 module: &module,
                 entry_point: Some(entry),
                 compilation_options: Default::default(),
@@ -361,16 +477,22 @@ impl Wgpu {
             .map_err(|_| op_err("encode", "lock poisoned"))
     }
 
-    /// Submits `g`'s commands (the arena unmapped first).
+    /// Submits `g`'s commands, their parameters written to the arena first.
     fn submit(&self, g: &mut Pending) {
-        if let Some(a) = g.arena.take() {
-            a.unmap();
+        let t = Instant::now();
+        if let (Some(a), true) = (&g.arena, g.used > 0) {
+            let n = (g.used * self.stride) as usize;
+            self.queue.write_buffer(a, 0, &g.host[..n]);
         }
         if let Some(e) = g.enc.take() {
+            bump(&self.counts.submissions);
             self.queue.submit([e.finish()]);
         }
         g.n = 0;
         g.used = 0;
+        self.counts
+            .submit_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Records `f` into the pending encoder; submits when the batch is full.
@@ -387,15 +509,22 @@ impl Wgpu {
     }
 
     fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        let t = self.start();
+        bump(&self.counts.transfers);
         let mut g = self.pending()?;
         self.record(&mut g, f);
+        drop(g);
+        self.add_ns(t);
         Ok(())
     }
 
     /// Submits what is recorded.
     pub(crate) fn flush(&self) -> Result<()> {
+        let t = self.start();
         let mut g = self.pending()?;
         self.submit(&mut g);
+        drop(g);
+        self.add_ns(t);
         Ok(())
     }
 
@@ -407,6 +536,29 @@ impl Wgpu {
         params: &[u32],
         bufs: &[(u32, &wgpu::Buffer)],
         groups: [u32; 3],
+    ) -> Result<()> {
+        self.dispatch_with(name, params, bufs, groups, true)
+    }
+
+    /// [`Wgpu::dispatch`] whose bind group is not kept: for buffers made for one call (a
+    /// layer's uploaded experts), which a kept bind group would hold alive.
+    pub(crate) fn dispatch_once(
+        &self,
+        name: &str,
+        params: &[u32],
+        bufs: &[(u32, &wgpu::Buffer)],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        self.dispatch_with(name, params, bufs, groups, false)
+    }
+
+    fn dispatch_with(
+        &self,
+        name: &str,
+        params: &[u32],
+        bufs: &[(u32, &wgpu::Buffer)],
+        groups: [u32; 3],
+        keep: bool,
     ) -> Result<()> {
         if groups.contains(&0) {
             return Ok(());
@@ -426,58 +578,78 @@ impl Wgpu {
                 format!("{name}: {} parameter words", params.len()),
             ));
         }
+        let t = self.start();
         let pipe = self.pipeline(name)?;
         let mut words = [0u32; 16];
         words[..params.len()].copy_from_slice(params);
         let mut g = self.pending()?;
         let slots = self.submit_batch() as u64;
+        if g.used >= slots {
+            // The arena is full (the batch was made smaller): submit what it holds.
+            self.submit(&mut g);
+        }
         let arena = match &g.arena {
-            Some(a) if g.used < slots => a.clone(),
+            Some(a) if a.size() >= slots * self.stride => a.clone(),
             _ => {
-                // A full arena (the batch was changed): submit and start another.
-                if g.arena.is_some() {
-                    self.submit(&mut g);
-                }
+                // None yet, or the batch was made larger: what the old arena holds goes first.
+                self.submit(&mut g);
+                bump(&self.counts.buffers);
                 let a = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("params"),
                     size: slots * self.stride,
-                    usage: wgpu::BufferUsages::UNIFORM,
-                    mapped_at_creation: true,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
                 });
                 g.arena = Some(a.clone());
-                g.used = 0;
+                g.host = vec![0; (slots * self.stride) as usize];
                 a
             }
         };
         let off = g.used * self.stride;
         g.used += 1;
-        arena
-            .get_mapped_range_mut(off..off + PARAMS)
-            .map_err(|e| op_err("dispatch", format!("{name}: parameters: {e:?}")))?
-            .copy_from_slice(bytemuck::cast_slice(&words));
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &arena,
-                offset: off,
-                size: std::num::NonZeroU64::new(PARAMS),
-            }),
-        }];
-        entries.extend(bufs.iter().map(|(b, buf)| wgpu::BindGroupEntry {
-            binding: *b,
-            resource: buf.as_entire_binding(),
-        }));
-        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipe.get_bind_group_layout(0),
-            entries: &entries,
-        });
+        g.host[off as usize..(off + PARAMS) as usize].copy_from_slice(bytemuck::cast_slice(&words));
+        bump(&self.counts.dispatches);
+        let make = |bufs: &[(u32, wgpu::Buffer)]| {
+            bump(&self.counts.bind_groups);
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &arena,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(PARAMS),
+                }),
+            }];
+            entries.extend(bufs.iter().map(|(b, buf)| wgpu::BindGroupEntry {
+                binding: *b,
+                resource: buf.as_entire_binding(),
+            }));
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipe.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        };
+        let owned: Vec<(u32, wgpu::Buffer)> = std::iter::once((0, arena.clone()))
+            .chain(bufs.iter().map(|&(b, buf)| (b, buf.clone())))
+            .collect();
+        let bg = if keep {
+            self.binds
+                .lock()
+                .map_err(|_| op_err("dispatch", "lock poisoned"))?
+                .get(name, owned, |o| make(&o[1..]))
+                .0
+        } else {
+            make(&owned[1..])
+        };
+        let dyn_off = [off as u32];
         self.record(&mut g, |enc| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
             pass.set_pipeline(&pipe);
-            pass.set_bind_group(0, &bg, &[]);
+            pass.set_bind_group(0, &bg, &dyn_off);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
+        drop(g);
+        self.add_ns(t);
         Ok(())
     }
 
@@ -510,6 +682,7 @@ impl Wgpu {
             return Ok(Vec::new());
         }
         let size = bytes.next_multiple_of(4);
+        bump(&self.counts.buffers);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read-back"),
             size,
@@ -537,6 +710,7 @@ impl Wgpu {
     /// Waits until the device has finished everything submitted.
     pub(crate) fn wait(&self) -> Result<()> {
         self.flush()?;
+        bump(&self.counts.waits);
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())

@@ -7,7 +7,7 @@
 //! overlapped with the shared expert.
 use std::time::Instant;
 
-use flashmoe_core::backend::{ExpertCall, ExpertTimes, Routes};
+use flashmoe_core::backend::{Backend, ExpertCall, ExpertTimes, Routes};
 use flashmoe_core::error::Result;
 use flashmoe_core::experts::ExpertWeights;
 use flashmoe_core::weights::Linear;
@@ -63,6 +63,7 @@ impl<'a> Pack<'a> {
     fn upload(&self, be: &Wgpu) -> Result<[wgpu::Buffer; 3]> {
         let one = |i: usize| -> Result<wgpu::Buffer> {
             let size = self.len[i].max(16).next_multiple_of(4) as u64;
+            be.count_buffer();
             let buf = be.device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
                 size,
@@ -191,12 +192,34 @@ impl Wgpu {
         let gu = self.buffer((2 * np * inter * 4) as u64);
         for (m, fw, yoff) in [(0, fg, 0), (1, fu, np)] {
             let jb = self.buffer_with(bytemuck::cast_slice(&jobs(m, &tok, yoff)));
-            self.batch(fw, inter, h, np, [&wb, &sb, &bb], 0, &x.buf, &gu, &jb)?;
+            self.batch(
+                fw,
+                inter,
+                h,
+                np,
+                [&wb, &sb, &bb],
+                0,
+                &x.buf,
+                &gu,
+                &jb,
+                false,
+            )?;
         }
         let hid = self.swiglu_pairs(np, inter, &gu)?;
         let d = self.buffer((np * h * 4) as u64);
         let jb = self.buffer_with(bytemuck::cast_slice(&jobs(2, &|p| p, 0)));
-        self.batch(fd, h, inter, np, [&wb, &sb, &bb], 0, &hid, &d, &jb)?;
+        self.batch(
+            fd,
+            h,
+            inter,
+            np,
+            [&wb, &sb, &bb],
+            0,
+            &hid.buf,
+            &d,
+            &jb,
+            false,
+        )?;
         let table: Vec<u32> = pairs
             .iter()
             .enumerate()
@@ -212,18 +235,14 @@ impl Wgpu {
 
     /// `hid [np, inter] = silu(gu[..np]) * gu[np..]` of the gate and up products `gu [2np,
     /// inter]`.
-    pub(crate) fn swiglu_pairs(
-        &self,
-        np: usize,
-        inter: usize,
-        gu: &wgpu::Buffer,
-    ) -> Result<wgpu::Buffer> {
-        let hid = self.buffer((np * inter * 4) as u64);
+    pub(crate) fn swiglu_pairs(&self, np: usize, inter: usize, gu: &wgpu::Buffer) -> Result<GBuf> {
+        // Pooled, not cleared (written whole): no buffer made per layer.
+        let hid = self.scratch(np * inter)?;
         let (g, _) = grid((np * inter).div_ceil(64));
         self.dispatch(
             "ew",
             &[2, (np * inter) as u32, 0, (np * inter) as u32],
-            &[(1, &hid), (2, gu), (3, gu), (4, gu)],
+            &[(1, &hid.buf), (2, gu), (3, gu), (4, gu)],
             g,
         )?;
         Ok(hid)
@@ -253,7 +272,8 @@ impl Wgpu {
 
     /// One dispatch of `jobs` products of a `[rows, cols]` matrix (`expert.wgsl`, or
     /// `fast_expert.wgsl` where [`Wgpu::fast_for`] says): weights, scales and biases in `wsb`
-    /// (one buffer thrice for slots, the biases `bdelta` elements after the scales).
+    /// (one buffer thrice for slots, the biases `bdelta` elements after the scales). `keep`:
+    /// the bind group is kept (slots), not for weights uploaded for this call alone.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn batch(
         &self,
@@ -266,6 +286,7 @@ impl Wgpu {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         j: &wgpu::Buffer,
+        keep: bool,
     ) -> Result<()> {
         let (name, per) = match self.fast_for(m, cols) {
             Some(f) => (f.key(FastKind::Expert, m[1], 1), f.rows_per_group()),
@@ -282,12 +303,12 @@ impl Wgpu {
             g[2] = n as u32;
             let mut params = m.to_vec();
             params.extend([rows, cols, jobs, gx as usize, bdelta as usize, j0].map(|v| v as u32));
-            self.dispatch(
-                &name,
-                &params,
-                &[(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)],
-                g,
-            )?;
+            let bufs = [(1, w), (2, s), (3, b), (4, x), (5, y), (6, j)];
+            if keep {
+                self.dispatch(&name, &params, &bufs, g)?;
+            } else {
+                self.dispatch_once(&name, &params, &bufs, g)?;
+            }
             j0 += n;
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! (software Vulkan) runs the same shaders on a machine with no GPU, which is how CI tests it.
 //!
 //! - `device.rs`: adapters, the device, buffers, pipelines, dispatch and read-back.
+//! - `bind.rs`: the kernels' explicit layouts and the bind groups kept between dispatches.
 //! - `ops.rs`: the [`Backend`](flashmoe_core::backend::Backend) implementation.
 //! - `mat.rs`: weight matrices in their stored format, split by rows where a matrix exceeds
 //!   the adapter's binding size.
@@ -13,6 +14,7 @@
 //! - `shaders/`: one WGSL file per kernel; `mat.wgsl` is the weight-access prelude of the
 //!   products and of embed.
 mod bench;
+mod bind;
 mod device;
 mod experts;
 mod mat;
@@ -22,7 +24,7 @@ pub mod shaders;
 mod slots;
 
 pub use bench::{bench, BenchOptions};
-pub use device::{adapters, AdapterDesc, Options, Products, Wgpu};
+pub use device::{adapters, AdapterDesc, HostCounters, Options, Products, Wgpu};
 pub use mat::GMat;
 pub use ops::{GBuf, GRoutes};
 pub use shaders::{Fast, FastKind};

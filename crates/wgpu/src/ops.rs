@@ -225,6 +225,19 @@ impl Backend for Wgpu {
             pool: Some(self.pool.clone()),
         })
     }
+    /// A pooled buffer without the clear `alloc` records on reuse: the op writes it whole.
+    fn scratch(&self, n: usize) -> Result<GBuf> {
+        let size = (n as u64 * 4).max(16).next_multiple_of(4);
+        let buf = match self.pool.take(size) {
+            Some(b) => b,
+            None => self.buffer(size),
+        };
+        Ok(GBuf {
+            buf,
+            len: n,
+            pool: Some(self.pool.clone()),
+        })
+    }
     fn upload(&self, v: &[f32]) -> Result<GBuf> {
         Ok(GBuf {
             buf: self.buffer_with(bytemuck::cast_slice(v)),
@@ -438,7 +451,8 @@ impl Backend for Wgpu {
         let mut t0 = 0;
         while t0 < t {
             let tn = chunk.min(t - t0);
-            self.dispatch(
+            // Not kept: `scratch` (up to 64 MiB) is made for this call.
+            self.dispatch_once(
                 "attention",
                 &[
                     s.heads as u32,

@@ -1,8 +1,9 @@
 //! Device buffers of dropped [`GBuf`](crate::GBuf)s kept for the next allocation of the same
 //! size: a decode step allocates the same outputs every token, and creating a buffer (memory,
 //! a handle, wgpu's zero-initialisation tracking) costs the host more than the dispatch that
-//! fills it. A reused buffer is zeroed on the device (`alloc`'s contract) by a recorded clear,
-//! after every command recorded before it, so earlier users are done with it.
+//! fills it. A reused buffer is zeroed on the device (`alloc`'s contract; not `scratch`'s,
+//! whose op writes it whole) by a recorded clear, after every command recorded before it, so
+//! earlier users are done with it.
 use std::collections::HashMap;
 use std::sync::Mutex;
 

@@ -16,6 +16,7 @@
 //! No middle tier (a discrete GPU's staging is wgpu's own).
 use std::collections::HashMap;
 
+use flashmoe_core::backend::Backend;
 use flashmoe_core::cache::{warmup_accesses, CachePolicy, DEFAULT_WARMUP_TOKENS};
 use flashmoe_core::error::Result;
 use flashmoe_core::experts::ExpertSource;
@@ -337,6 +338,7 @@ impl SlotBackend for Wgpu {
                 &x.buf,
                 &gu,
                 &jb,
+                true,
             )?;
         }
         let hid = self.swiglu_pairs(np, inter, &gu)?;
@@ -347,7 +349,18 @@ impl SlotBackend for Wgpu {
             }
             let jb = self.buffer_with(bytemuck::cast_slice(jobs));
             let s = &slots.slabs[slab];
-            self.batch(m, h, inter, jobs.len() / 4, [s, s, s], bd_d, &hid, &d, &jb)?;
+            self.batch(
+                m,
+                h,
+                inter,
+                jobs.len() / 4,
+                [s, s, s],
+                bd_d,
+                &hid.buf,
+                &d,
+                &jb,
+                true,
+            )?;
         }
         // Each token's pairs, padded to the most any token has with weight 0 (adds nothing).
         let kmax = per_token.iter().copied().max().unwrap_or(1).max(1);
@@ -406,9 +419,11 @@ impl Wgpu {
         let (m, unit, ssz) = format_of(layout.format)?;
         let o = layout.offsets;
         let (gw, gs, _) = layout.format.sizes(inter, h);
-        let jg = self.buffer((2 * np * 4 * 4) as u64);
-        let jd = self.buffer((np * 4 * 4) as u64);
-        let tb = self.buffer((np * 2 * 4) as u64);
+        // Pooled and written whole (see `swiglu_pairs`): the same sizes every token, so no
+        // buffer per layer.
+        let jg = self.scratch(2 * np * 4)?;
+        let jd = self.scratch(np * 4)?;
+        let tb = self.scratch(np * 2)?;
         let words = [t, k, unit, ssz, layout.slot, o[0], o[1], o[3], o[4], gw, gs];
         self.dispatch(
             "slotjobs",
@@ -417,21 +432,43 @@ impl Wgpu {
                 (1, &routes.ids),
                 (2, &routes.weights),
                 (3, table),
-                (4, &jg),
-                (5, &jd),
-                (6, &tb),
+                (4, &jg.buf),
+                (5, &jd.buf),
+                (6, &tb.buf),
             ],
             [t.div_ceil(64) as u32, 1, 1],
         )?;
         let s = &slots.slabs[0];
         let bd_gu = ((o[2] - o[1]) / ssz) as u32;
         let bd_d = ((o[5] - o[4]) / ssz) as u32;
-        let gu = self.buffer((2 * np * inter * 4) as u64);
-        self.batch(m, inter, h, 2 * np, [s, s, s], bd_gu, &x.buf, &gu, &jg)?;
-        let hid = self.swiglu_pairs(np, inter, &gu)?;
-        let d = self.buffer((np * h * 4) as u64);
-        self.batch(m, h, inter, np, [s, s, s], bd_d, &hid, &d, &jd)?;
-        self.esum(&d, &tb, h, k, t, out, !batch.first)
+        let gu = self.scratch(2 * np * inter)?;
+        self.batch(
+            m,
+            inter,
+            h,
+            2 * np,
+            [s, s, s],
+            bd_gu,
+            &x.buf,
+            &gu.buf,
+            &jg.buf,
+            true,
+        )?;
+        let hid = self.swiglu_pairs(np, inter, &gu.buf)?;
+        let d = self.scratch(np * h)?;
+        self.batch(
+            m,
+            h,
+            inter,
+            np,
+            [s, s, s],
+            bd_d,
+            &hid.buf,
+            &d.buf,
+            &jd.buf,
+            true,
+        )?;
+        self.esum(&d.buf, &tb.buf, h, k, t, out, !batch.first)
     }
 
     /// Whether `layer`'s experts are all in slots and looked up on the device.
