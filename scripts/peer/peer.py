@@ -2,7 +2,7 @@
 """flashmoe against llama.cpp on the same model shapes and bits per weight (issue 20).
 
     scripts/peer/peer.py [--preset qwen3-30b-a3b --layers 4 --vocab 4096] [--threads N]
-                         [--rounds 3] [--cases decode,prefill,larger,accuracy] [--cuda]
+                         [--rounds 3] [--cases decode,prefill,load,larger,accuracy] [--cuda]
                          [--record results.tsv]
 
 The CUDA comparison on a GPU machine without network is scripts/peer/device-round.sh
@@ -20,7 +20,9 @@ The CUDA comparison on a GPU machine without network is scripts/peer/device-roun
    (warm page cache), and prints each path's llama.cpp and flashmoe tok/s (min and median over
    the rounds) and their ratio: decode (flashmoe's defaults, kept mapped, and the same
    run's --exact f32 activations, with int8's KL divergence and top-1 agreement against
-   it), prefill at each --prompts length, and decode of a model larger than memory
+   it), prefill at each --prompts length, load to first token (a whole process, warm page
+   cache: llama-bench -n 1 without warm-up against `flashmoe run --tokens 1`) with the peak
+   resident memory of a --tokens decode process of each, and decode of a model larger than memory
    (a memory cgroup of --cgroup-fraction of the model's size: llama.cpp mmap against flashmoe
    --io direct) where cgroups can be made. Every round of it starts cold: the models' files
    are dropped from the page cache and what the cgroup still holds is reclaimed before each
@@ -123,6 +125,22 @@ def llama_bench(exe, gguf, threads, prompt=0, gen=0, ngl=0):
     out = run(cmd, capture_output=True, text=True).stdout
     rows = json.loads(out)
     return rows[0]["avg_ts"]
+
+
+
+def timed(cmd):
+    """Wall seconds from spawning `cmd` to its exit, and its peak resident memory in bytes
+    (this child's own rusage through wait4, not the maximum over every child so far)."""
+    say("$ " + " ".join(str(c) for c in cmd))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+    return wall, ru.ru_maxrss * 1024
 
 
 def flashmoe_bench(fm, model, what, threads, extra=()):
@@ -284,15 +302,17 @@ def main():
     ap.add_argument("--flashmoe", default=os.path.join(REPO, "target/release/flashmoe"))
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--record", help="append rows to this TSV (as `bench --record`)")
-    ap.add_argument("--cases", default="decode,prefill,larger,accuracy",
-                    help="which of decode, prefill, larger (than memory), accuracy to run")
+    ap.add_argument("--cases", default="decode,prefill,load,larger,accuracy",
+                    help="which of decode, prefill, load (to first token, and peak memory of "
+                    "a decode), larger (than memory), accuracy to run")
     ap.add_argument("--kl-ctx", type=int, default=128,
                     help="accuracy: tokens per llama-perplexity chunk (the second half scored)")
     ap.add_argument("--kl-chunks", type=int, default=4, help="accuracy: chunks compared")
     a = ap.parse_args()
     cases = set(a.cases.split(","))
-    if cases - {"decode", "prefill", "larger", "accuracy"}:
-        sys.exit(f"--cases: unknown {sorted(cases - {'decode', 'prefill', 'larger', 'accuracy'})}")
+    known = {"decode", "prefill", "load", "larger", "accuracy"}
+    if cases - known:
+        sys.exit(f"--cases: unknown {sorted(cases - known)}")
 
     src, ver = llama_source(a.cache, a.llama_cpp_python)
     exe = build_llama(a.cache, src, ver, a.cuda, a.jobs)
@@ -332,7 +352,8 @@ def main():
         if fm is not None:
             r[1].append(fm)
 
-    for rnd in range(a.rounds if {"decode", "prefill"} & cases else 0):
+    mem = {}  # engine -> [peak RSS bytes of a warm decode]
+    for rnd in range(a.rounds if {"decode", "prefill", "load"} & cases else 0):
         say(f"round {rnd + 1}/{a.rounds}")
         if "decode" in cases:
             add("decode", ll=llama_bench(exe, gguf, t, gen=a.tokens, ngl=ngl))
@@ -343,6 +364,22 @@ def main():
             add("decode, --exact", fm=d.get("warm_exact_tok_s"))
             for key in ACC_KEYS:
                 acc.setdefault(key, []).append(d.get(key))
+        if "load" in cases:
+            # Process start to the first generated token (warm page cache): llama-bench
+            # without its warm-up run, one token; flashmoe `run`, one token. Then the peak
+            # memory of a whole process decoding --tokens tokens, each engine's defaults.
+            w, _ = timed([exe, "-m", gguf, "-t", t, "-p", 0, "-n", 1, "-r", 1, "--no-warmup",
+                          "-o", "json", "-ngl", ngl])
+            add("load to first token, s", ll=w)
+            w, _ = timed([a.flashmoe, "run", "--model", model, "--ids", "1", "--tokens", 1,
+                          "--threads", t] + (["--backend", "cuda"] if a.cuda else []))
+            add("load to first token, s", fm=w)
+            _, rss = timed([exe, "-m", gguf, "-t", t, "-p", 0, "-n", a.tokens, "-r", 1,
+                            "--no-warmup", "-o", "json", "-ngl", ngl])
+            mem.setdefault("llama.cpp", []).append(rss)
+            _, rss = timed([a.flashmoe, "run", "--model", model, "--ids", "1", "--tokens",
+                            a.tokens, "--threads", t] + (["--backend", "cuda"] if a.cuda else []))
+            mem.setdefault("flashmoe", []).append(rss)
         for p in prompts if "prefill" in cases else []:
             add(f"prefill {p}", ll=llama_bench(exe, gguf, t, prompt=p, ngl=ngl))
             r = flashmoe_bench(a.flashmoe, model, "prefill", t,
@@ -402,9 +439,17 @@ def main():
         lls = stats(ll) if ll else base.get(path, (None, None))
         fms = stats([x for x in fm if x is not None])
         ratio = fms[1] / lls[1] if lls[1] and fms[1] else None
+        if path.endswith(", s"):
+            # A time: the ratio says how many times sooner flashmoe is there.
+            ratio = lls[1] / fms[1] if lls[1] and fms[1] else None
         print(f"| {path} | {fmt(lls[0])} / {fmt(lls[1])} | {fmt(fms[0])} / {fmt(fms[1])} | "
               f"{fmt(ratio)} |")
-        rows.append((path, lls, fms))
+        if not path.endswith(", s"):
+            rows.append((path, lls, fms))
+    if mem.get("llama.cpp") and mem.get("flashmoe"):
+        ll, fm = max(mem["llama.cpp"]) / 2**30, max(mem["flashmoe"]) / 2**30
+        print(f"| peak RSS of a {a.tokens}-token decode process, GiB (max over rounds) | "
+              f"{ll:.2f} | {fm:.2f} | {ll / fm:.1f}x less |")
     if larger is None and "larger" in cases and a.cgroup_fraction > 0 and not a.cuda:
         print("| decode, model larger than memory | skipped: no memory cgroup here | | |")
     notes = {}
