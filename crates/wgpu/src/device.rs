@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use flashmoe_core::error::Result;
-use flashmoe_core::residency::Residency;
+use flashmoe_core::residency::TierCell;
 use wgpu::util::DeviceExt;
 
 use crate::shaders::Fast;
@@ -192,7 +192,7 @@ pub struct Wgpu {
     pub(crate) products: Products,
     default_fast: Option<Fast>,
     /// The routed experts' residency tier, when one is enabled (`slots.rs`).
-    pub(crate) tier: Mutex<Option<Residency<Wgpu>>>,
+    pub(crate) tier: TierCell<Wgpu>,
     /// Buffers of dropped `GBuf`s, for the next allocation of their size.
     pub(crate) pool: std::sync::Arc<crate::pool::Pool>,
     counts: Counts,
@@ -287,7 +287,7 @@ impl Wgpu {
         Ok(Wgpu {
             products,
             default_fast,
-            tier: Mutex::new(None),
+            tier: TierCell::default(),
             pool: Default::default(),
             device,
             queue,

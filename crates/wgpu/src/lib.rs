@@ -25,10 +25,11 @@ mod slots;
 
 pub use bench::{bench, BenchOptions};
 pub use device::{adapters, AdapterDesc, HostCounters, Options, Products, Wgpu};
+pub use flashmoe_core::residency::TierInfo;
 pub use mat::GMat;
 pub use ops::{GBuf, GRoutes};
 pub use shaders::{Fast, FastKind};
-pub use slots::{with_residency, GSlots, TierInfo};
+pub use slots::{with_residency, GSlots};
 
 /// Why the wgpu backend could not start or run.
 #[derive(Debug, thiserror::Error)]

@@ -620,7 +620,7 @@ impl Backend for Wgpu {
         if host.is_some() {
             self.before_reads()?;
         }
-        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tier = self.tier.lock();
         match tier.as_mut() {
             Some(t) => t.run(self, call, x, routes, host, out),
             None => {

@@ -23,7 +23,7 @@ use flashmoe_core::experts::ExpertSource;
 use flashmoe_core::model::{Ffn, Model};
 use flashmoe_core::residency::{
     Fill, FillFrom, Residency, SlotBackend, SlotBatch, SlotFormat, SlotLayout, SlotRouting,
-    TierSpec, TierStats,
+    TierInfo, TierSpec, TierStats,
 };
 use flashmoe_core::store::DType;
 
@@ -65,14 +65,6 @@ fn format_of(f: SlotFormat) -> Result<([u32; 4], usize, usize)> {
     })
 }
 
-/// What a wgpu model's routed experts go through, and its counters.
-#[derive(Clone, Copy, Debug)]
-pub struct TierInfo {
-    pub slots: usize,
-    pub slot_bytes: usize,
-    pub all_fit: bool,
-}
-
 impl Wgpu {
     /// Routes the experts of `moe_layers` (`num_experts` each, `top_k` per token) through a
     /// residency tier of up to `budget` bytes of device slots under `policy`; replaces an
@@ -107,7 +99,7 @@ impl Wgpu {
             host_experts: 0,
             group,
         };
-        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tier = self.tier.lock();
         *tier = None;
         *tier = Some(Residency::new(
             self,
@@ -123,7 +115,7 @@ impl Wgpu {
     /// they did.
     pub fn preload(m: &Model<Wgpu>) -> Result<bool> {
         let moe = moe_layers(m);
-        let mut tier = m.be.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tier = m.be.tier.lock();
         let Some(t) = tier.as_mut() else {
             return Ok(false);
         };
@@ -133,23 +125,17 @@ impl Wgpu {
 
     /// The tier's counters, when one is enabled.
     pub fn tier_stats(&self) -> Option<TierStats> {
-        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
-        tier.as_ref().map(|t| t.stats())
+        self.tier.stats()
     }
 
     /// The tier's sizes, when one is enabled.
     pub fn tier_info(&self) -> Option<TierInfo> {
-        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
-        tier.as_ref().map(|t| TierInfo {
-            slots: t.slots(),
-            slot_bytes: t.layout().slot,
-            all_fit: t.all_fit(),
-        })
+        self.tier.info()
     }
 
     /// Drops the tier: routed experts are uploaded per call again.
     pub fn disable_residency(&self) {
-        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tier = self.tier.lock();
         *tier = None;
     }
 }
@@ -473,7 +459,7 @@ impl Wgpu {
 
     /// Whether `layer`'s experts are all in slots and looked up on the device.
     pub(crate) fn layer_resident(&self, layer: usize) -> bool {
-        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let tier = self.tier.lock();
         tier.as_ref().is_some_and(|t| t.layer_resident(layer))
     }
 }

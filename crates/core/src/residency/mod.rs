@@ -38,11 +38,13 @@ use crate::backend::{Backend, Routes};
 use crate::error::Result;
 use crate::experts::ExpertWeights;
 
+mod cell;
 mod host;
 mod layout;
 mod slots;
 mod tier;
 
+pub use cell::{TierCell, TierInfo};
 pub use host::HostSlots;
 pub use layout::{linear_bytes, SlotFormat, SlotLayout};
 pub use tier::{Residency, TierSpec, TierStats};

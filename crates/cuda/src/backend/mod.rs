@@ -23,7 +23,7 @@ use flashmoe_core::backend::{
 use flashmoe_core::cache::{warmup_accesses, CachePolicy, DEFAULT_WARMUP_TOKENS};
 use flashmoe_core::experts::ExpertSource;
 use flashmoe_core::model::{Ffn, Model, SharedExperts};
-use flashmoe_core::residency::{Residency, SlotLayout, TierSpec, TierStats};
+use flashmoe_core::residency::{Residency, SlotLayout, TierCell, TierInfo, TierSpec, TierStats};
 use flashmoe_core::weights::Linear;
 use flashmoe_core::{Error, Result};
 
@@ -60,7 +60,7 @@ pub struct Cuda {
     pool: Arc<Pool>,
     /// Code widths of the uploaded `mp` matrices, for producers preparing x (prep.rs).
     widths: prep::Widths,
-    tier: Mutex<Option<Residency<Cuda>>>,
+    tier: TierCell<Cuda>,
     /// The routing's readback in page-locked memory (moe.rs).
     staging: moe::Staging,
     /// The last one-token `routes_host` found its layer resident (routed on the device): the
@@ -68,20 +68,6 @@ pub struct Cuda {
     /// read).
     routes_resident: AtomicBool,
     dev: Device,
-}
-
-/// Sizes of an enabled tier.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TierInfo {
-    /// VRAM slots (capacity plus one batch) and the bytes of each.
-    pub slots: usize,
-    pub slot_bytes: usize,
-    /// Bytes copied per missed expert.
-    pub expert_bytes: usize,
-    /// Pinned host slots, when the middle tier exists.
-    pub host_slots: Option<usize>,
-    /// Every expert of every MoE layer fits in VRAM.
-    pub all_fit: bool,
 }
 
 fn ce(e: crate::CudaError) -> Error {
@@ -109,7 +95,7 @@ impl Cuda {
         Ok(Cuda {
             pool: Arc::new(Pool::new(dev.ctx.clone())),
             widths: prep::Widths::default(),
-            tier: Mutex::new(None),
+            tier: TierCell::default(),
             staging: moe::Staging::new(&dev)?,
             routes_resident: AtomicBool::new(false),
             dev,
@@ -188,7 +174,7 @@ impl Cuda {
             host_experts,
             group,
         };
-        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tier = self.tier.lock();
         if tier.is_some() {
             // The old tier's memory goes back before the new one is allocated, once no queued
             // work reads it.
@@ -219,7 +205,7 @@ impl Cuda {
         source: &dyn ExpertSource,
         layers: &[usize],
     ) -> crate::Result<bool> {
-        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tier = self.tier.lock();
         let Some(t) = tier.as_mut() else {
             return Ok(false);
         };
@@ -229,25 +215,17 @@ impl Cuda {
 
     /// The tier's counters, when one is enabled.
     pub fn tier_stats(&self) -> Option<TierStats> {
-        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
-        tier.as_ref().map(|t| t.stats())
+        self.tier.stats()
     }
 
     /// The tier's sizes, when one is enabled.
     pub fn tier_info(&self) -> Option<TierInfo> {
-        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
-        tier.as_ref().map(|t| TierInfo {
-            slots: t.slots(),
-            slot_bytes: t.layout().slot,
-            expert_bytes: t.layout().bytes,
-            host_slots: t.host_slots(),
-            all_fit: t.all_fit(),
-        })
+        self.tier.info()
     }
 
     /// Whether `layer`'s experts are all resident and looked up on the device.
     fn layer_resident(&self, layer: usize) -> bool {
-        let tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let tier = self.tier.lock();
         tier.as_ref().is_some_and(|t| t.layer_resident(layer))
     }
 
@@ -708,7 +686,7 @@ impl Backend for Cuda {
         out: &mut CudaBuf,
     ) -> Result<ExpertTimes> {
         out.written();
-        let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tier = self.tier.lock();
         let Some(t) = tier.as_mut() else {
             drop(tier);
             return moe::experts(self, call, x, routes, host, out);
@@ -748,7 +726,7 @@ impl Backend for Cuda {
         x.written();
         if m.t == 1 && m.k < MAXP {
             let t0 = Instant::now();
-            let mut tier = self.tier.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tier = self.tier.lock();
             if let Some((layout, slots)) = tier.as_mut().and_then(|t| t.resident(m.call.layer)) {
                 self.routes_resident.store(true, Ordering::Relaxed);
                 self.moe_resident(layout, slots, m, routes, x)?;
