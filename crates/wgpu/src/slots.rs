@@ -17,13 +17,13 @@
 use std::collections::HashMap;
 
 use flashmoe_core::backend::Backend;
-use flashmoe_core::cache::{warmup_accesses, CachePolicy, DEFAULT_WARMUP_TOKENS};
+use flashmoe_core::cache::CachePolicy;
 use flashmoe_core::error::Result;
 use flashmoe_core::experts::ExpertSource;
 use flashmoe_core::model::{Ffn, Model};
 use flashmoe_core::residency::{
-    Fill, FillFrom, Residency, SlotBackend, SlotBatch, SlotFormat, SlotLayout, SlotRouting,
-    TierInfo, TierSpec, TierStats,
+    first_layout, Fill, FillFrom, Residency, SlotBackend, SlotBatch, SlotFormat, SlotLayout,
+    SlotRouting, TierInfo, TierSpec, TierStats,
 };
 use flashmoe_core::store::DType;
 
@@ -78,27 +78,20 @@ impl Wgpu {
         budget: usize,
         policy: CachePolicy,
     ) -> Result<()> {
-        let Some(&l0) = moe_layers.first() else {
+        let Some(layout) = first_layout(source, moe_layers)? else {
             return Ok(());
         };
-        let first = source.fetch(l0, &[0])?;
-        let w = first
-            .first()
-            .ok_or_else(|| op_err("residency", format!("layer {l0}: no experts")))?;
-        let layout = SlotLayout::of(w)?;
-        let all = moe_layers.len() * num_experts;
         let group = top_k.clamp(1, num_experts.max(1));
-        let experts = (budget / layout.slot)
-            .saturating_sub(group)
-            .max(group.min(all))
-            .min(all);
-        let spec = TierSpec {
-            experts,
-            policy,
-            warmup: warmup_accesses(DEFAULT_WARMUP_TOKENS, top_k, moe_layers.len()),
-            host_experts: 0,
+        let spec = TierSpec::within(
+            budget,
+            layout.slot,
+            moe_layers.len(),
+            num_experts,
+            top_k,
             group,
-        };
+            policy,
+            0,
+        );
         let mut tier = self.tier.lock();
         *tier = None;
         *tier = Some(Residency::new(
@@ -307,47 +300,34 @@ impl SlotBackend for Wgpu {
         }
         let bd_gu = ((o[2] - o[1]) / ssz) as u32;
         let bd_d = ((o[5] - o[4]) / ssz) as u32;
-        let gu = self.buffer((2 * np * inter * 4) as u64);
-        for (slab, jobs) in gate_up.iter().enumerate() {
-            if jobs.is_empty() {
-                continue;
+        // One batched product per slab that holds any of the jobs (4 words each).
+        let per_slab = |jobs_by_slab: &[Vec<u32>], rows, cols, bd, x: &wgpu::Buffer, y| {
+            for (slab, jobs) in jobs_by_slab.iter().enumerate() {
+                if jobs.is_empty() {
+                    continue;
+                }
+                let jb = self.buffer_with(bytemuck::cast_slice(jobs));
+                let s = &slots.slabs[slab];
+                self.batch(
+                    m,
+                    rows,
+                    cols,
+                    jobs.len() / 4,
+                    [s, s, s],
+                    bd,
+                    x,
+                    y,
+                    &jb,
+                    true,
+                )?;
             }
-            let jb = self.buffer_with(bytemuck::cast_slice(jobs));
-            let s = &slots.slabs[slab];
-            self.batch(
-                m,
-                inter,
-                h,
-                jobs.len() / 4,
-                [s, s, s],
-                bd_gu,
-                &x.buf,
-                &gu,
-                &jb,
-                true,
-            )?;
-        }
+            Ok::<(), flashmoe_core::Error>(())
+        };
+        let gu = self.buffer((2 * np * inter * 4) as u64);
+        per_slab(&gate_up, inter, h, bd_gu, &x.buf, &gu)?;
         let hid = self.swiglu_pairs(np, inter, &gu)?;
         let d = self.buffer((np * h * 4) as u64);
-        for (slab, jobs) in down.iter().enumerate() {
-            if jobs.is_empty() {
-                continue;
-            }
-            let jb = self.buffer_with(bytemuck::cast_slice(jobs));
-            let s = &slots.slabs[slab];
-            self.batch(
-                m,
-                h,
-                inter,
-                jobs.len() / 4,
-                [s, s, s],
-                bd_d,
-                &hid.buf,
-                &d,
-                &jb,
-                true,
-            )?;
-        }
+        per_slab(&down, h, inter, bd_d, &hid.buf, &d)?;
         // Each token's pairs, padded to the most any token has with weight 0 (adds nothing).
         let kmax = per_token.iter().copied().max().unwrap_or(1).max(1);
         let mut table = vec![0u32; t * kmax * 2];

@@ -47,7 +47,7 @@ mod tier;
 pub use cell::{TierCell, TierInfo};
 pub use host::HostSlots;
 pub use layout::{linear_bytes, SlotFormat, SlotLayout};
-pub use tier::{Residency, TierSpec, TierStats};
+pub use tier::{first_layout, Residency, TierSpec, TierStats};
 
 /// Where one slot's expert comes from, for [`SlotBackend::fill_slots`].
 pub enum FillFrom<'a> {

@@ -269,3 +269,13 @@ fn layout_refuses_experts_of_another_shape() {
     wrong.down = random_linear(&mut rng, H, I, Fmt::Affine(8, 64, DType::BF16));
     assert!(SlotLayout::of(&wrong).is_err());
 }
+
+/// The budget keeps one batch of slots for staging: capacity is what is left, at least one
+/// batch and at most every expert (CUDA and wgpu size their tiers through this one rule).
+#[test]
+fn tier_spec_within_budget() {
+    let spec = |budget| TierSpec::within(budget, 100, 2, 8, 2, 4, CachePolicy::Lru, 0).experts;
+    assert_eq!(spec(1000), 6); // 10 slots, 4 kept for a batch
+    assert_eq!(spec(100), 4); // less than a batch: one batch anyway
+    assert_eq!(spec(1_000_000), 16); // never more than 2 layers x 8 experts
+}

@@ -28,6 +28,54 @@ pub struct TierSpec {
     pub group: usize,
 }
 
+impl TierSpec {
+    /// A tier of at most `budget` bytes of `slot`-byte slots over `layers` MoE layers of
+    /// `num_experts`, batches of `group`: the slots hold the policy's experts plus one batch,
+    /// so the capacity is what the budget leaves after a batch, at least one batch, at most
+    /// every expert. `static`'s warm-up is the default number of tokens at `top_k`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn within(
+        budget: usize,
+        slot: usize,
+        layers: usize,
+        num_experts: usize,
+        top_k: usize,
+        group: usize,
+        policy: CachePolicy,
+        host_experts: usize,
+    ) -> TierSpec {
+        let all = layers * num_experts;
+        let experts = (budget / slot.max(1))
+            .saturating_sub(group)
+            .max(group.min(all))
+            .min(all);
+        TierSpec {
+            experts,
+            policy,
+            warmup: crate::cache::warmup_accesses(
+                crate::cache::DEFAULT_WARMUP_TOKENS,
+                top_k,
+                layers,
+            ),
+            host_experts,
+            group,
+        }
+    }
+}
+
+/// The slot layout of a model's routed experts: that of expert 0 of its first MoE layer
+/// (every routed expert has the same shapes and format). `None` when it has no MoE layer.
+pub fn first_layout(source: &dyn ExpertSource, moe_layers: &[usize]) -> Result<Option<SlotLayout>> {
+    let Some(&l0) = moe_layers.first() else {
+        return Ok(None);
+    };
+    let first = source.fetch(l0, &[0])?;
+    let w = first
+        .first()
+        .ok_or_else(|| Error::Invalid(format!("layer {l0}: the expert source has no experts")))?;
+    Ok(Some(SlotLayout::of(w)?))
+}
+
 /// Monotonic counters of a tier (readers take differences).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TierStats {

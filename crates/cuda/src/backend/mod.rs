@@ -20,10 +20,10 @@ use cudarc::driver::CudaContext;
 use flashmoe_core::backend::{
     compose, AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, MoeCall, Routes,
 };
-use flashmoe_core::cache::{warmup_accesses, CachePolicy, DEFAULT_WARMUP_TOKENS};
+use flashmoe_core::cache::CachePolicy;
 use flashmoe_core::experts::ExpertSource;
 use flashmoe_core::model::{Ffn, Model, SharedExperts};
-use flashmoe_core::residency::{Residency, SlotLayout, TierCell, TierInfo, TierSpec, TierStats};
+use flashmoe_core::residency::{first_layout, Residency, TierCell, TierInfo, TierSpec, TierStats};
 use flashmoe_core::weights::Linear;
 use flashmoe_core::{Error, Result};
 
@@ -144,36 +144,29 @@ impl Cuda {
         opts: &CudaOptions,
         policy: CachePolicy,
     ) -> crate::Result<()> {
-        let Some(&l0) = moe_layers.first() else {
+        let Some(layout) = first_layout(source, moe_layers)? else {
             return Ok(());
         };
-        let first = source.fetch(l0, &[0])?;
-        let w = first
-            .first()
-            .ok_or_else(|| Error::Invalid(format!("layer {l0}: the expert source has none")))?;
-        let layout = SlotLayout::of(w)?;
         self.dev.bind()?;
         let (free, _) = self.dev.mem_info()?;
         let want = opts
             .expert_cache_bytes
             .unwrap_or_else(|| free.saturating_sub(opts.reserve_bytes));
-        let all = moe_layers.len() * num_experts;
         // One batch: a token's experts, and up to a launch's worth of a prompt's.
         let group = top_k.max(MAXP).min(num_experts).max(1);
-        let experts = (want / layout.slot)
-            .saturating_sub(group)
-            .max(group.min(all))
-            .min(all);
         // At least one expert: the middle tier also stages the misses (pinned memory, one
         // DMA each), as the old loop's host tier did.
         let host_experts = (opts.host_cache_bytes / layout.slot).max(1);
-        let spec = TierSpec {
-            experts,
-            policy,
-            warmup: warmup_accesses(DEFAULT_WARMUP_TOKENS, top_k, moe_layers.len()),
-            host_experts,
+        let spec = TierSpec::within(
+            want,
+            layout.slot,
+            moe_layers.len(),
+            num_experts,
+            top_k,
             group,
-        };
+            policy,
+            host_experts,
+        );
         let mut tier = self.tier.lock();
         if tier.is_some() {
             // The old tier's memory goes back before the new one is allocated, once no queued
