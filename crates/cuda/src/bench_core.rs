@@ -87,7 +87,7 @@ fn summary(t: &[KernelTime], launches: usize) -> Value {
     let total: f64 = t.iter().map(|k| k.total_us).sum();
     let top: Vec<Value> = t
         .iter()
-        .take(12)
+        .take(16)
         .map(|k| json!({"kernel": k.kernel, "launches": k.launches, "total_us": k.total_us}))
         .collect();
     json!({"launches": launches, "gpu_us": total, "top": top})
@@ -103,6 +103,25 @@ fn trace_new(m: &Model<Cuda>) -> Result<Value> {
     let (t, pl) = dev.trace_finish(&start)?;
     r.map_err(ce)?;
     Ok(summary(&t, pl.len()))
+}
+
+/// One prompt of `ids` traced on each path (after the timed samples): launches, summed GPU µs
+/// and the kernels that took most, so a prefill gap names its kernels.
+fn trace_prefill(cm: &mut CudaModel, m: &Model<Cuda>, ids: &[u32]) -> Result<Value> {
+    let mut st = cm.new_state()?;
+    let start = cm.dev.trace_start()?;
+    let r = cm.forward(ids, &mut st, Logits::Last);
+    let (t, pl) = cm.dev.trace_finish(&start)?;
+    r?;
+    let old = summary(&t, pl.len());
+    let mut st = m.new_state().map_err(ce)?;
+    let mut stats = ForwardStats::default();
+    let dev = m.be.device();
+    let start = dev.trace_start()?;
+    let r = m.forward(ids, &mut st, Logits::Last, &mut stats, None);
+    let (t, pl) = dev.trace_finish(&start)?;
+    r.map_err(ce)?;
+    Ok(json!({"old": old, "core": summary(&t, pl.len())}))
 }
 
 /// The A/B on `model` (see the module doc): `tokens` decode steps, a prompt of `prompt`.
@@ -146,6 +165,7 @@ pub fn core_path(model: Arc<Model>, device: usize, tokens: usize, prompt: usize)
         summary(&t, pl.len())
     };
     let trace_new = trace_new(&m)?;
+    let trace_pf = trace_prefill(&mut cm, &m, &ids)?;
     Ok(json!({
         "note": "old = CudaModel (model.rs, the tuned loop); core = Model<Cuda> (core's loop over the backend's ops); samples alternate, ms",
         "decode_tokens": n,
@@ -154,6 +174,7 @@ pub fn core_path(model: Arc<Model>, device: usize, tokens: usize, prompt: usize)
         "prefill_ms": {"old": old_pf, "core": new_pf, "core_over_old": best(&new_pf) / best(&old_pf)},
         "greedy_tokens_agree": format!("{same} of {}", toks_old.len()),
         "trace_one_token": {"old": trace_old, "core": trace_new},
+        "trace_prefill": trace_pf,
     }))
 }
 
