@@ -166,6 +166,16 @@ pub struct Epi {
     pub key: u64,
 }
 
+// The layouts kernels.cu asserts for the same structs (static_assert there): a field added on
+// one side only fails both builds instead of shifting every argument after it.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<MvBatch>() == 5 * MAXP * 8 && offset_of!(MvBatch, y) == 4 * MAXP * 8);
+    assert!(size_of::<Epi>() == 40 && offset_of!(Epi, cd) == 24 && offset_of!(Epi, key) == 32);
+    assert!(size_of::<ExpertBatchArgs>() == 144 && offset_of!(ExpertBatchArgs, sh) == 56);
+    assert!(offset_of!(ExpertBatchArgs, xn) == 104 && offset_of!(ExpertBatchArgs, i) == 136);
+};
+
 pub struct Device {
     /// Scratch for x prepared by `quant_x3_*` for the `mp` matvec kernels, used on the
     /// compute stream only ([`crate::ops::QX_SCRATCH`] bytes). Declared before `ctx` so that it

@@ -18,6 +18,10 @@ struct MvBatch {
     u64 x[MAXP];
     u64 y[MAXP];
 };
+// Argument structs are passed by value from Rust (device.rs mirrors them with #[repr(C)] and
+// asserts the same sizes there, and the field offsets, which NVRTC cannot evaluate at compile
+// time): a field added or removed on one side only fails the build.
+static_assert(sizeof(MvBatch) == 5 * MAXP * 8, "MvBatch layout (device.rs)");
 
 __device__ __forceinline__ float bf16f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 __device__ __forceinline__ float f16f(u16 h) {
@@ -402,6 +406,7 @@ struct Epi {
     int cd, K;
     u64* key;
 };
+static_assert(sizeof(Epi) == 40, "Epi layout (device.rs)");
 template <int BITS, int SDT, int R, int D, int EPI = 0>
 __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early,
                          Epi ep = Epi{}) {
@@ -1237,11 +1242,12 @@ extern "C" __global__ void router_topk(const float* logits, int ld, int E, int K
 // b, down w, s, b) is problem K.
 struct ExpertBatchArgs {
     u64 tbl;
-    long off[6];
+    long long off[6];
     u64 sh[6];
     u64 xn, gue, he, ye;
     int I, H;
 };
+static_assert(sizeof(ExpertBatchArgs) == 144, "ExpertBatchArgs layout (device.rs)");
 // Thread j < K (+1 with the shared expert) writes problem j of the two batches: expert ids[j]'s
 // gate‖up and down from its slot base tbl[ids[j]], or the shared expert's.
 __device__ void write_expert_batch(const int* ids, int K, const ExpertBatchArgs& a, MvBatch* out) {
