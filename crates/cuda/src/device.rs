@@ -2,8 +2,8 @@
 //! buffers, events, and the kernel module (CUDA C++ in `kernels.cu`, compiled by NVRTC for the
 //! device's architecture at first use and cached as PTX under `~/.cache/flashmoe`).
 //!
-//! Owns every `unsafe` call into the driver. Never knows about models; `ops.rs` and `model.rs`
-//! build on the safe wrappers here.
+//! Owns every `unsafe` call into the driver. Never knows about models; `ops.rs` and the backend
+//! (backend/) build on the safe wrappers here.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
