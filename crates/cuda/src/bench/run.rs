@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use flashmoe_core::backend::{Backend, Cpu};
 use flashmoe_core::model::{Ffn, ForwardStats, Logits, Mixer, Model, State};
 use flashmoe_core::residency::TierStats;
 use flashmoe_core::weights::Linear;
@@ -30,23 +31,14 @@ pub(super) fn prompt_ids(vocab: usize, n: usize) -> Vec<u32> {
         .collect()
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut b = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[b] {
-            b = i;
-        }
-    }
-    b as u32
-}
-
 /// One greedy step of `tok`.
 fn step(m: &Model<Cuda>, st: &mut State<Cuda>, tok: u32, pick: Pick) -> Result<u32> {
     Ok(match pick {
         Pick::Device => m.forward_argmax(&[tok], st)?,
         Pick::HostLogits => {
             let mut stats = ForwardStats::default();
-            argmax(&m.forward(&[tok], st, Logits::Last, &mut stats, None)?)
+            let logits = m.forward(&[tok], st, Logits::Last, &mut stats, None)?;
+            Cpu.argmax(&logits)?
         }
     })
 }
@@ -157,14 +149,8 @@ fn summary(t: &[KernelTime], launches: usize) -> Value {
 /// same run's D2D bandwidth and dependent-step cost, also the token's chain floor: each launch
 /// costs at least one dependent step or its weight bytes at D2D, whichever is more.
 pub(super) fn trace_token(m: &Model<Cuda>, d2d: f64) -> Result<Value> {
-    let dev = m.be.device();
-    let step_us = chain_step_us(dev)?;
-    let mut st = m.new_state()?;
-    m.forward_argmax(&[1], &mut st)?;
-    let start = dev.trace_start()?;
-    let r = m.forward_argmax(&[2], &mut st);
-    let (t, per_launch) = dev.trace_finish(&start)?;
-    r?;
+    let step_us = chain_step_us(m.be.device())?;
+    let (t, per_launch) = traced_token(m)?;
     let floor_us: f64 = per_launch
         .iter()
         .map(|&b| step_us.max(b as f64 / (d2d * 1e3)))
@@ -196,15 +182,22 @@ pub(super) fn trace_token(m: &Model<Cuda>, d2d: f64) -> Result<Value> {
     }))
 }
 
-/// One token after a 1-token prompt, traced: launches and summed GPU µs.
-pub(super) fn trace_one(m: &Model<Cuda>) -> Result<Value> {
+/// One greedy token after a 1-token prompt, an event after every launch: its kernels and
+/// each launch's weight bytes (`Device::trace_finish`).
+fn traced_token(m: &Model<Cuda>) -> Result<(Vec<KernelTime>, Vec<usize>)> {
     let dev = m.be.device();
     let mut st = m.new_state()?;
     m.forward_argmax(&[1], &mut st)?;
     let start = dev.trace_start()?;
     let r = m.forward_argmax(&[2], &mut st);
-    let (t, pl) = dev.trace_finish(&start)?;
+    let traced = dev.trace_finish(&start)?;
     r?;
+    Ok(traced)
+}
+
+/// One token after a 1-token prompt, traced: launches and summed GPU µs.
+pub(super) fn trace_one(m: &Model<Cuda>) -> Result<Value> {
+    let (t, pl) = traced_token(m)?;
     Ok(summary(&t, pl.len()))
 }
 
