@@ -635,9 +635,11 @@ fn epilogues_leave_the_token_unchanged_cuda() {
     let (l1, g1, n1) = run(true);
     ops::set_epilogues(true);
     eprintln!("plain launches {n0:?}\nwith epilogues {n1:?}");
+    // A stale or wrong prepared x, or a wrong epilogue, is an error of order 1; float
+    // rounding between the two paths is orders of magnitude under the bound.
     let e = nmse(&l1, &l0);
     eprintln!("logits with and without the epilogues: NMSE {e:.2e}");
-    assert!(e < 1e-8, "logits with and without the epilogues: NMSE {e}");
+    assert!(e < 1e-6, "logits with and without the epilogues: NMSE {e}");
     assert_eq!(g0, g1, "greedy tokens with and without the epilogues");
     let has = |n: &[String], s: &str| n.iter().any(|k| k.ends_with(s));
     assert!(
