@@ -38,16 +38,22 @@ fn attn_fits(s: &AttnShape) -> bool {
         && s.heads.is_multiple_of(s.kv_heads)
 }
 
-/// `gdn_rows` for key heads of `dk`: (kernel, parts per column P, rows per part RP).
+/// `gdn_rows` for key heads of `dk`: (kernel, parts per column P, rows per part RP); 4 parts
+/// up to dk 128, 8 up to 256.
 fn gdn_kernel(dk: usize) -> Option<(&'static str, usize, usize)> {
-    match dk {
-        0 => None,
-        1..=32 => Some(("gdn_rows8", 4, 8)),
-        33..=64 => Some(("gdn_rows16", 4, 16)),
-        65..=128 => Some(("gdn_rows32", 4, 32)),
-        129..=256 => Some(("gdn_rows32", 8, 32)),
-        _ => None,
+    gdn_kernel_parts(dk, if dk <= 128 { 4 } else { 8 })
+}
+
+/// `gdn_rows` with `parts` parts a column (a power of two, 2 to 32) for key heads of `dk`:
+/// the kernel of the fewest rows a part that covers dk.
+fn gdn_kernel_parts(dk: usize, parts: usize) -> Option<(&'static str, usize, usize)> {
+    if !parts.is_power_of_two() || !(2..=32).contains(&parts) {
+        return None;
     }
+    [("gdn_rows8", 8), ("gdn_rows16", 16), ("gdn_rows32", 32)]
+        .into_iter()
+        .find(|&(_, rp)| dk > 0 && dk <= parts * rp)
+        .map(|(k, rp)| (k, parts, rp))
 }
 
 impl Cuda {
@@ -210,7 +216,21 @@ impl Cuda {
         t: usize,
         o: &mut CudaBuf,
     ) -> Result<bool> {
-        let Some((name, parts, rp)) = gdn_kernel(s.dk) else {
+        let k = gdn_kernel(s.dk);
+        self.gdn_prompt_with(k, [u, b, a, dt_bias, neg_a], state, s, t, o)
+    }
+
+    /// [`Cuda::gdn_prompt`] with `kernel` (name, parts, rows a part) chosen by the caller.
+    pub(super) fn gdn_prompt_with(
+        &self,
+        kernel: Option<(&str, usize, usize)>,
+        [u, b, a, dt_bias, neg_a]: [&CudaBuf; 5],
+        state: &mut CudaBuf,
+        s: &GdnShape,
+        t: usize,
+        o: &mut CudaBuf,
+    ) -> Result<bool> {
+        let Some((name, parts, rp)) = kernel else {
             return Ok(false);
         };
         if s.nk == 0 || !s.nv.is_multiple_of(s.nk) || s.dv == 0 {
@@ -230,9 +250,9 @@ impl Cuda {
         if t == 0 {
             return Ok(true);
         }
-        // Columns of a block: up to 32 (a block of 32 * P threads); a head's columns over
-        // ceil(dv / 32) blocks, so the 64 heads of a 397B layer fill 256 blocks.
-        let nc = s.dv.min(32);
+        // Columns of a block: up to 32 and 256 threads (a block of nc * P threads); a head's
+        // columns over ceil(dv / nc) blocks, so the 64 heads of a 397B layer fill 256 blocks.
+        let nc = s.dv.min(32).min(256 / parts);
         let per_token = (2 * parts * rp + nc + 2) * 4;
         if per_token > SMEM {
             return Err(Error::Invalid(format!(

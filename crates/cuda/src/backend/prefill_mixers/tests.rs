@@ -196,3 +196,112 @@ fn a_prompt_launches_one_kernel_per_mixer() {
     assert_eq!(count(&n, &|k| k.starts_with("gdn_rows")), 1, "{n:?}");
     assert_eq!(count(&n, &|k| k.starts_with("gdn_step")), 0, "{n:?}");
 }
+
+/// Device time of `f` (after one warm-up run): the mean of 5 runs between two events, ms.
+fn time_ms(be: &Cuda, f: &mut dyn FnMut()) -> f64 {
+    let dev = be.device();
+    f();
+    let (a, b) = (dev.event().unwrap(), dev.event().unwrap());
+    dev.record(&a, &dev.compute).unwrap();
+    for _ in 0..5 {
+        f();
+    }
+    dev.record(&b, &dev.compute).unwrap();
+    dev.event_sync(&b).unwrap();
+    dev.elapsed_ms(&a, &b).unwrap() as f64 / 5.0
+}
+
+/// The mixers of one 397B-shaped layer over a 512-token prompt, timed (`FLASHMOE_PROBE=1`):
+/// attention in one launch and one `attn_decode` per row; the delta rule with 4, 8 and 16
+/// parts a column (each first checked against the default's output and state) and one
+/// `gdn_step` per token. Prints the times; asserts only agreement.
+#[test]
+fn probe_mixer_times() {
+    if std::env::var("FLASHMOE_PROBE").map_or(true, |v| v != "1") {
+        flashmoe_testdata::say_skipped("a timing probe (FLASHMOE_PROBE=1 runs it on a device)");
+        return;
+    }
+    let Some(be) = cuda() else { return };
+    let mut rng = StdRng::seed_from_u64(512);
+    let t = 512;
+    let s = AttnShape {
+        heads: 32,
+        kv_heads: 2,
+        head_dim: 256,
+        rotary_dim: 64,
+        rope_theta: 1e7,
+        gated: true,
+        eps: 1e-6,
+    };
+    let q = be.upload(&randv(&mut rng, t * s.o_width(), 1.0)).unwrap();
+    let kc = be.upload(&randv(&mut rng, t * s.kv_width(), 1.0)).unwrap();
+    let vc = be.upload(&randv(&mut rng, t * s.kv_width(), 1.0)).unwrap();
+    let mut o = be.alloc(t * s.o_width()).unwrap();
+    let one = time_ms(&be, &mut || {
+        be.attention_prefill(&q, &kc, &vc, None, &s, 0, t, &mut o)
+            .unwrap();
+    });
+    let rows = time_ms(&be, &mut || {
+        be.attention_rows(&q, &kc, &vc, &s, 0, t, &mut o).unwrap();
+    });
+    println!("probe attention 32x256 (GQA 16) t={t}: attn_prefill {one:.3} ms, attn_decode per row {rows:.3} ms");
+
+    let g = gdn(16, 64, 128, 128);
+    let up = |v: &[f32]| be.upload(v).unwrap();
+    let u = up(&randv(&mut rng, t * g.conv_dim(), 1.0));
+    let (b, a) = (
+        up(&randv(&mut rng, t * g.nv, 2.0)),
+        up(&randv(&mut rng, t * g.nv, 2.0)),
+    );
+    let dt = up(&randv(&mut rng, g.nv, 1.0));
+    let na = up(&randv(&mut rng, g.nv, 1.0)
+        .iter()
+        .map(|v| -v.exp())
+        .collect::<Vec<_>>());
+    let st = randv(&mut rng, g.state_len(), 0.5);
+    let ins = [&u, &b, &a, &dt, &na];
+    let run = |k, st0: &[f32]| {
+        let (mut s1, mut o1) = (up(st0), poisoned(&be, t * g.value_dim()));
+        assert!(be.gdn_prompt_with(k, ins, &mut s1, &g, t, &mut o1).unwrap());
+        (be.download(&o1).unwrap(), be.download(&s1).unwrap())
+    };
+    let (o4, s4) = run(super::gdn_kernel(g.dk), &st);
+    let mut line = format!("probe gdn 64 heads 128x128 t={t}:");
+    for parts in [4, 8, 16] {
+        let k = super::gdn_kernel_parts(g.dk, parts);
+        let (op, sp) = run(k, &st);
+        let (eo, es) = (nmse(&op, &o4), nmse(&sp, &s4));
+        assert!(
+            eo < BOUND && es < BOUND,
+            "parts {parts}: NMSE {eo:.1e} {es:.1e}"
+        );
+        let mut s1 = up(&st);
+        let mut o1 = be.alloc(t * g.value_dim()).unwrap();
+        let ms = time_ms(&be, &mut || {
+            be.gdn_prompt_with(k, ins, &mut s1, &g, t, &mut o1).unwrap();
+        });
+        line += &format!(" P={parts} {ms:.3} ms;");
+    }
+    let mut s1 = up(&st);
+    let mut o1 = be.alloc(t * g.value_dim()).unwrap();
+    let ms = time_ms(&be, &mut || {
+        be.gdn_recurrent(&u, &b, &a, &dt, &na, &mut s1, &g, t, &mut o1)
+            .unwrap();
+    });
+    println!("{line} gdn_step per token {ms:.3} ms");
+}
+
+#[test]
+fn gdn_kernel_covers_dk_with_the_fewest_rows_a_part() {
+    use super::{gdn_kernel, gdn_kernel_parts};
+    assert_eq!(gdn_kernel(24), Some(("gdn_rows8", 4, 8)));
+    assert_eq!(gdn_kernel(64), Some(("gdn_rows16", 4, 16)));
+    assert_eq!(gdn_kernel(128), Some(("gdn_rows32", 4, 32)));
+    assert_eq!(gdn_kernel(192), Some(("gdn_rows32", 8, 32)));
+    assert_eq!(gdn_kernel(0), None);
+    assert_eq!(gdn_kernel(257), None);
+    assert_eq!(gdn_kernel_parts(128, 8), Some(("gdn_rows16", 8, 16)));
+    assert_eq!(gdn_kernel_parts(128, 16), Some(("gdn_rows8", 16, 8)));
+    assert_eq!(gdn_kernel_parts(128, 2), None, "64 rows a part: no kernel");
+    assert_eq!(gdn_kernel_parts(128, 6), None, "not a power of two");
+}
