@@ -256,6 +256,7 @@ fn kernel_names() -> Vec<String> {
             v.push(format!("dmv_{d}_{var}"));
         }
     }
+    v.extend(crate::backend::PREFILL_MIXER_KERNELS.map(String::from));
     for k in [
         "embed_row",
         "router_experts",

@@ -1611,3 +1611,281 @@ extern "C" __global__ void gated_rmsnorm_rows(const float* o, const float* z, co
         if (qbits) quant_x3_any(qbits, v, i < dv ? (int)(r * dv + i) : cols, cols, qx);
     }
 }
+
+// =============================================================================================
+// Prompt mixers (backend/prefill_mixers.rs): attention over T query rows and the gated delta
+// rule over T tokens, one launch per layer each, where the token path launches once per token.
+// =============================================================================================
+#define APF_Q 16
+#define APF_K 16
+// Causal GQA attention of T query rows (flash-attention style, f32, online softmax). Grid
+// (nh, ceil(T / APF_Q)), 128 threads: a block holds APF_Q query rows of head h in shared memory
+// (pre-scaled) and streams key tiles of APF_K rows, keys then values through one buffer.
+// q [T, nh*hd] normed and rotated; the caches kc, vc [pos0 + T, nkv*hd] already hold the T new
+// rows; query i (position pos0 + i) sees keys 0..=pos0+i. o [T, nh*hd] = softmax(q K^T * scale)
+// V, times sigmoid(gate[i, h*hd + d]) when gate is not null. hd % 4 == 0, hd <= 256.
+// S = Q K^T: thread (row tid/8, keys tid%8 and tid%8+8); P V: thread (rows 2*(tid/16) and +1,
+// float4 columns tid%16 + 16m).
+extern "C" __global__ void __launch_bounds__(128) attn_prefill(const float* q, const float* kc, const float* vc,
+                                                               const float* gate, int nh, int nkv, int hd, int T,
+                                                               long pos0, float scale, float* o) {
+    pdl_wait();
+    pdl_release();
+    extern __shared__ float4 apf_sm4[];
+    float* sm = (float*)apf_sm4;
+    const int ld = hd + 4;                   // row stride: rows 0..7 of a float4 column hit 8 bank quads
+    float* sQ = sm;                          // [APF_Q][ld]
+    float* sKV = sQ + APF_Q * ld;            // [APF_K][ld]
+    float* sP = sKV + APF_K * ld;            // [APF_Q][APF_K + 1] scores, then probabilities
+    float* sM = sP + APF_Q * (APF_K + 1);    // [APF_Q] running max
+    float* sL = sM + APF_Q;                  // [APF_Q] running sum
+    float* sC = sL + APF_Q;                  // [APF_Q] this tile's rescale of the accumulators
+    const int h = blockIdx.x, q0 = blockIdx.y * APF_Q, tid = threadIdx.x;
+    const int kvh = h / (nh / nkv);
+    const long ldq = (long)nh * hd, kvw = (long)nkv * hd;
+    const int nq = min(APF_Q, T - q0);
+    for (int r = 0; r < APF_Q; r++)
+        for (int d = tid; d < hd; d += blockDim.x)
+            sQ[r * ld + d] = r < nq ? q[(q0 + r) * ldq + (long)h * hd + d] * scale : 0.f;
+    if (tid < APF_Q) {
+        sM[tid] = -INFINITY;
+        sL[tid] = 0.f;
+    }
+    const long kend = pos0 + q0 + nq;        // keys the block's last row sees
+    const int sq = tid >> 3, sk = tid & 7;
+    const int pr = (tid >> 4) * 2, pd = tid & 15;
+    const int nch = hd >> 2;
+    float4 acc[2][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int m = 0; m < 4; m++) acc[a][m] = make_float4(0.f, 0.f, 0.f, 0.f);
+    const long qpos = pos0 + q0 + sq;        // rows past nq see as much as row sq would: no NaN
+    for (long k0 = 0; k0 < kend; k0 += APF_K) {
+        __syncthreads();  // the previous tile's values and probabilities are consumed
+        for (int r = 0; r < APF_K; r++)
+            for (int d = tid; d < hd; d += blockDim.x)
+                sKV[r * ld + d] = k0 + r < kend ? kc[(k0 + r) * kvw + (long)kvh * hd + d] : 0.f;
+        __syncthreads();
+        {
+            const float4* qr = (const float4*)(sQ + sq * ld);
+            const float4* ka = (const float4*)(sKV + sk * ld);
+            const float4* kb = (const float4*)(sKV + (sk + 8) * ld);
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+            for (int c = 0; c < nch; c++) {
+                const float4 x = qr[c], a = ka[c], b = kb[c];
+                s0 = fmaf(x.x, a.x, fmaf(x.y, a.y, s0));
+                s1 = fmaf(x.z, a.z, fmaf(x.w, a.w, s1));
+                s2 = fmaf(x.x, b.x, fmaf(x.y, b.y, s2));
+                s3 = fmaf(x.z, b.z, fmaf(x.w, b.w, s3));
+            }
+            sP[sq * (APF_K + 1) + sk] = k0 + sk <= qpos ? s0 + s1 : -INFINITY;
+            sP[sq * (APF_K + 1) + sk + 8] = k0 + sk + 8 <= qpos ? s2 + s3 : -INFINITY;
+        }
+        __syncthreads();
+        // The values into the key buffer, and each row's softmax update (8 lanes a row).
+        for (int r = 0; r < APF_K; r++)
+            for (int d = tid; d < hd; d += blockDim.x)
+                sKV[r * ld + d] = k0 + r < kend ? vc[(k0 + r) * kvw + (long)kvh * hd + d] : 0.f;
+        {
+            float* row = sP + sq * (APF_K + 1);
+            const float x0 = row[sk], x1 = row[sk + 8], mo = sM[sq];
+            float mx = fmaxf(x0, x1);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            // Key 0 is in every row's first tile, so mn is finite from there on.
+            const float mn = fmaxf(mo, mx);
+            const float p0 = expf(x0 - mn), p1 = expf(x1 - mn);
+            float ps = p0 + p1;
+            ps += __shfl_xor_sync(0xffffffffu, ps, 4);
+            ps += __shfl_xor_sync(0xffffffffu, ps, 2);
+            ps += __shfl_xor_sync(0xffffffffu, ps, 1);
+            row[sk] = p0;
+            row[sk + 8] = p1;
+            __syncwarp();
+            if (sk == 0) {
+                const float corr = expf(mo - mn);
+                sC[sq] = corr;
+                sL[sq] = sL[sq] * corr + ps;
+                sM[sq] = mn;
+            }
+        }
+        __syncthreads();
+        const float c0 = sC[pr], c1 = sC[pr + 1];
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            acc[0][m].x *= c0; acc[0][m].y *= c0; acc[0][m].z *= c0; acc[0][m].w *= c0;
+            acc[1][m].x *= c1; acc[1][m].y *= c1; acc[1][m].z *= c1; acc[1][m].w *= c1;
+        }
+        const float* p0r = sP + pr * (APF_K + 1);
+        const float* p1r = p0r + (APF_K + 1);
+#pragma unroll 4
+        for (int j = 0; j < APF_K; j++) {
+            const float p0 = p0r[j], p1 = p1r[j];
+            const float4* vr = (const float4*)(sKV + j * ld);
+#pragma unroll
+            for (int m = 0; m < 4; m++) {
+                const int c = pd + 16 * m;
+                if (c < nch) {
+                    const float4 v = vr[c];
+                    acc[0][m].x = fmaf(p0, v.x, acc[0][m].x);
+                    acc[0][m].y = fmaf(p0, v.y, acc[0][m].y);
+                    acc[0][m].z = fmaf(p0, v.z, acc[0][m].z);
+                    acc[0][m].w = fmaf(p0, v.w, acc[0][m].w);
+                    acc[1][m].x = fmaf(p1, v.x, acc[1][m].x);
+                    acc[1][m].y = fmaf(p1, v.y, acc[1][m].y);
+                    acc[1][m].z = fmaf(p1, v.z, acc[1][m].z);
+                    acc[1][m].w = fmaf(p1, v.w, acc[1][m].w);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < 2; a++) {
+        const int r = pr + a;
+        if (r >= nq) continue;
+        const float inv = 1.f / sL[r];
+        const long base = (q0 + r) * ldq + (long)h * hd;
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const int c = pd + 16 * m;
+            if (c >= nch) continue;
+            float vals[4] = {acc[a][m].x * inv, acc[a][m].y * inv, acc[a][m].z * inv, acc[a][m].w * inv};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const long i = base + 4 * c + e;
+                o[i] = gate ? vals[e] * sigmoidf_(gate[i]) : vals[e];
+            }
+        }
+    }
+}
+
+// The gated delta rule (arch-spec §6.4-6.5) over T tokens in one launch: gdn_step's arithmetic
+// with each thread's rows of the state in registers across the whole prompt (read and written
+// once per call instead of once per token). Grid (nv, ceil(dv / nc)), block nc * P threads
+// (rounded up to whole warps): thread (column c = tid / P, part = tid % P) owns rows
+// part*RP .. +RP of column v = blockIdx.y*nc + c of S[h]; the P parts of a column are adjacent
+// lanes and sum over rows with shuffles. Per chunk of TC tokens the block stages the
+// l2-normalised k and q of key head h/rep (one warp a token; laid out so each part reads its
+// rows as float4 without bank conflicts), v, decay and beta; then runs the tokens with no
+// barrier. dk <= P * RP, P a power of two <= 32; TC tokens a chunk (<= 32, sized to the shared
+// memory by the launch).
+template <int RP>
+__device__ __forceinline__ void gdn_rows_body(const float* u, const float* bv, const float* av,
+                                              const float* dt_bias, const float* neg_a, float* S, float* y,
+                                              int nk, int nv, int dk, int dv, int P, int nc, int T, int TC) {
+    pdl_wait();
+    pdl_release();
+    extern __shared__ float4 gdr_sm4[];
+    float* sm = (float*)gdr_sm4;
+    const int W = P * RP;                    // rows, padded
+    float* sKQ = sm;                         // [TC][2][W]: k then q; row i = p*RP + r at ((r/4)*P + p)*4 + r%4
+    float* sV = sKQ + TC * 2 * W;        // [TC][nc]
+    float* sG = sV + TC * nc;            // [TC] decay
+    float* sB = sG + TC;                 // [TC] beta
+    const int tid = threadIdx.x, part = tid % P, c = tid / P;
+    const int h = blockIdx.x, v = blockIdx.y * nc + c;
+    const bool act = c < nc && v < dv;
+    const int rep = nv / nk, kh = h / rep, kd = nk * dk;
+    const long cd = 2L * kd + (long)nv * dv, vd = (long)nv * dv;
+    float* col = S + (long)h * dk * dv + v;
+    float s[RP];
+#pragma unroll
+    for (int r = 0; r < RP; r++) {
+        const int i = part * RP + r;
+        s[r] = act && i < dk ? col[(long)i * dv] : 0.f;
+    }
+    const float dtb = dt_bias[h], na = neg_a[h];
+    const int lane = tid & 31, warp = tid >> 5, nwarp = blockDim.x >> 5;
+    for (int t0 = 0; t0 < T; t0 += TC) {
+        const int nt = min(TC, T - t0);
+        __syncthreads();  // the previous chunk is consumed
+        for (int tt = warp; tt < nt; tt += nwarp) {
+            const float* ur = u + (long)(t0 + tt) * cd;
+            const float* qs = ur + (long)kh * dk;
+            const float* ks = ur + kd + (long)kh * dk;
+            float sq = 0.f, sk = 0.f;
+            for (int i = lane; i < dk; i += 32) {
+                sq += qs[i] * qs[i];
+                sk += ks[i] * ks[i];
+            }
+            sq = warp_sum(sq);
+            sk = warp_sum(sk);
+            const float rq = 1.f / sqrtf(sq + 1e-6f) * (1.f / sqrtf((float)dk));
+            const float rk = 1.f / sqrtf(sk + 1e-6f);
+            float* dst = sKQ + tt * 2 * W;
+            for (int i = lane; i < W; i += 32) {
+                const int p = i / RP, r = i % RP;
+                const int at = ((r >> 2) * P + p) * 4 + (r & 3);
+                dst[at] = i < dk ? ks[i] * rk : 0.f;
+                dst[W + at] = i < dk ? qs[i] * rq : 0.f;
+            }
+        }
+        for (int e = tid; e < nt * nc; e += blockDim.x) {
+            const int tt = e / nc, cc = e - tt * nc, vv = blockIdx.y * nc + cc;
+            sV[e] = vv < dv ? u[(long)(t0 + tt) * cd + 2 * kd + (long)h * dv + vv] : 0.f;
+        }
+        if (tid < nt) {
+            const long t = t0 + tid;
+            sB[tid] = sigmoidf_(bv[t * nv + h]);
+            const float x = av[t * nv + h] + dtb;
+            const float sp = x > 20.f ? x : log1pf(expf(x));
+            sG[tid] = expf(na * sp);
+        }
+        __syncthreads();
+        for (int tt = 0; tt < nt; tt++) {
+            const float4* k4 = (const float4*)(sKQ + tt * 2 * W);
+            const float4* q4 = k4 + W / 4;
+            const float decay = sG[tt], beta = sB[tt];
+            float kr[RP];
+            float m0 = 0.f, m1 = 0.f, m2 = 0.f, m3 = 0.f;
+#pragma unroll
+            for (int r4 = 0; r4 < RP / 4; r4++) {
+                const float4 kk = k4[r4 * P + part];
+                kr[4 * r4] = kk.x; kr[4 * r4 + 1] = kk.y; kr[4 * r4 + 2] = kk.z; kr[4 * r4 + 3] = kk.w;
+                s[4 * r4] *= decay; s[4 * r4 + 1] *= decay; s[4 * r4 + 2] *= decay; s[4 * r4 + 3] *= decay;
+                m0 = fmaf(s[4 * r4], kk.x, m0);
+                m1 = fmaf(s[4 * r4 + 1], kk.y, m1);
+                m2 = fmaf(s[4 * r4 + 2], kk.z, m2);
+                m3 = fmaf(s[4 * r4 + 3], kk.w, m3);
+            }
+            float kvm = (m0 + m1) + (m2 + m3);
+            for (int off = 1; off < P; off <<= 1) kvm += __shfl_xor_sync(0xffffffffu, kvm, off);
+            const float delta = act ? (sV[tt * nc + c] - kvm) * beta : 0.f;
+            float o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
+#pragma unroll
+            for (int r4 = 0; r4 < RP / 4; r4++) {
+                const float4 qq = q4[r4 * P + part];
+                s[4 * r4] = fmaf(kr[4 * r4], delta, s[4 * r4]);
+                s[4 * r4 + 1] = fmaf(kr[4 * r4 + 1], delta, s[4 * r4 + 1]);
+                s[4 * r4 + 2] = fmaf(kr[4 * r4 + 2], delta, s[4 * r4 + 2]);
+                s[4 * r4 + 3] = fmaf(kr[4 * r4 + 3], delta, s[4 * r4 + 3]);
+                o0 = fmaf(s[4 * r4], qq.x, o0);
+                o1 = fmaf(s[4 * r4 + 1], qq.y, o1);
+                o2 = fmaf(s[4 * r4 + 2], qq.z, o2);
+                o3 = fmaf(s[4 * r4 + 3], qq.w, o3);
+            }
+            float ov = (o0 + o1) + (o2 + o3);
+            for (int off = 1; off < P; off <<= 1) ov += __shfl_xor_sync(0xffffffffu, ov, off);
+            if (act && part == 0) y[(long)(t0 + tt) * vd + (long)h * dv + v] = ov;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RP; r++) {
+        const int i = part * RP + r;
+        if (act && i < dk) col[(long)i * dv] = s[r];
+    }
+}
+#define GDN_ROWS(RP)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gdn_rows##RP(                                         \
+        const float* u, const float* bv, const float* av, const float* dt_bias, const float* neg_a, float* S, \
+        float* y, int nk, int nv, int dk, int dv, int P, int nc, int T, int TC) {                             \
+        gdn_rows_body<RP>(u, bv, av, dt_bias, neg_a, S, y, nk, nv, dk, dv, P, nc, T, TC);                    \
+    }
+GDN_ROWS(8)
+GDN_ROWS(16)
+GDN_ROWS(32)
+// =============================================================================================
+// End of the prompt mixers.
+// =============================================================================================

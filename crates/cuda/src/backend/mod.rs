@@ -39,6 +39,7 @@ mod mat;
 mod moe;
 mod options;
 mod pool;
+mod prefill_mixers;
 mod prep;
 mod slots;
 #[cfg(test)]
@@ -50,6 +51,7 @@ pub use mat::CudaMat;
 use mat::{group_layout, member, stacked};
 pub use options::CudaOptions;
 use pool::{Mem, Pool};
+pub(crate) use prefill_mixers::KERNELS as PREFILL_MIXER_KERNELS;
 
 /// Contexts of every `Cuda` made in this process, kept alive to its end: a model's buffers
 /// and matrices are freed after its backend when they are dropped in field order, and freeing
@@ -501,37 +503,17 @@ impl Backend for Cuda {
         t: usize,
         o: &mut CudaBuf,
     ) -> Result<()> {
-        kc.written();
-        vc.written();
         o.written();
-        let dev = self.bind()?;
-        let kvw = s.kv_width();
-        cache_at("attention", kc, vc, kvw, pos0)?;
-        room("attention", "k", k, t * kvw)?;
-        room("attention", "v", v, t * kvw)?;
+        self.bind()?;
+        room("attention", "q", q, t * s.o_width())?;
         room("attention", "o", o, t * s.o_width())?;
-        let n = (pos0 + t) * kvw;
-        for (c, src) in [(&mut *kc, k), (&mut *vc, v)] {
-            self.grow(c, n)?;
-            self.copy(c.at(pos0 * kvw), src.ptr(), t * kvw)?;
-            c.len = n;
+        self.append_kv("attention", k, v, kc, vc, s, pos0, t)?;
+        // A prompt in one launch (prefill_mixers.rs); one token, or a shape it does not take,
+        // one attn_decode per row.
+        if t > 1 && self.attention_prefill(q, kc, vc, None, s, pos0, t, o)? {
+            return Ok(());
         }
-        let a = ops::AttnShape {
-            nh: s.heads,
-            nkv: s.kv_heads,
-            hd: s.head_dim,
-            gated: false,
-            rot: s.rotary_dim,
-            theta: s.rope_theta,
-            eps: s.eps,
-        };
-        let ow = s.o_width();
-        for i in 0..t {
-            let (qi, oi) = (q.at(i * ow), o.at(i * ow));
-            ops::attn_decode(dev, &a, qi, kc.ptr(), vc.ptr(), 0, pos0 + i + 1, oi, None)
-                .map_err(ce)?;
-        }
-        Ok(())
+        self.attention_rows(q, kc, vc, s, pos0, t, o)
     }
 
     fn gated_output(&self, o: &mut CudaBuf, gate: &CudaBuf) -> Result<()> {
@@ -601,6 +583,25 @@ impl Backend for Cuda {
             ops::gdn_step(dev, &g, ui, bi, ai, dt, na, state.ptr(), oi).map_err(ce)?;
         }
         Ok(())
+    }
+
+    fn gdn_chunked(
+        &self,
+        u: &CudaBuf,
+        b: &CudaBuf,
+        a: &CudaBuf,
+        dt_bias: &CudaBuf,
+        neg_a: &CudaBuf,
+        state: &mut CudaBuf,
+        s: &GdnShape,
+        t: usize,
+        o: &mut CudaBuf,
+    ) -> Result<()> {
+        // The whole prompt in one launch (prefill_mixers.rs), else one gdn_step per token.
+        if self.gdn_prompt(u, b, a, dt_bias, neg_a, state, s, t, o)? {
+            return Ok(());
+        }
+        self.gdn_recurrent(u, b, a, dt_bias, neg_a, state, s, t, o)
     }
 
     fn gated_rmsnorm(
@@ -801,6 +802,10 @@ impl Backend for Cuda {
         o.written();
         let qkv = [qg, &*k, v];
         if fused::attention(self, qkv, q_norm, k_norm, kc, vc, s, pos0, t, o)?.is_some() {
+            return Ok(());
+        }
+        let (qn, kn) = (q_norm, k_norm);
+        if self.fused_attention_prompt(qg, k, v, qn, kn, kc, vc, s, pos0, t, o)? {
             return Ok(());
         }
         let (qn, kn) = (q_norm, k_norm);

@@ -150,10 +150,12 @@ pub(super) fn norms<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
 }
 
 /// `qk_norm_rope` and `attention` (prefill from empty, decode after a cached prefix, a
-/// prefill chunk after a prefix), gated and plain shapes, positions up to 1e5.
+/// prefill chunk after a prefix; prompts of more than 64 rows, from empty and after a prefix,
+/// which a backend may run in query tiles with a ragged last one), gated and plain shapes,
+/// positions up to 1e5.
 pub(super) fn attention<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
     for s in attn_shapes() {
-        for (pos0, t) in [(0, 5), (6, 1), (3, 4), (100_000, 1)] {
+        for (pos0, t) in [(0, 5), (6, 1), (3, 4), (100_000, 1), (0, 70), (45, 67)] {
             let class = format!("gated={} hd={} pos0={pos0} t={t}", s.gated, s.head_dim);
             let (qg, k0) = (c.randv(t * s.q_rows(), 2.0), c.randv(t * s.kv_width(), 2.0));
             let (qn, kn) = (c.normw(s.head_dim), c.normw(s.head_dim));
