@@ -114,6 +114,11 @@ fn trace_prefill(cm: &mut CudaModel, m: &Model<Cuda>, ids: &[u32]) -> Result<Val
     let (t, pl) = cm.dev.trace_finish(&start)?;
     r?;
     let old = summary(&t, pl.len());
+    Ok(json!({"old": old, "core": trace_prefill_core(m, ids)?}))
+}
+
+/// One prompt of `ids` on `Model<Cuda>`, traced.
+fn trace_prefill_core(m: &Model<Cuda>, ids: &[u32]) -> Result<Value> {
     let mut st = m.new_state().map_err(ce)?;
     let mut stats = ForwardStats::default();
     let dev = m.be.device();
@@ -121,7 +126,34 @@ fn trace_prefill(cm: &mut CudaModel, m: &Model<Cuda>, ids: &[u32]) -> Result<Val
     let r = m.forward(ids, &mut st, Logits::Last, &mut stats, None);
     let (t, pl) = dev.trace_finish(&start)?;
     r.map_err(ce)?;
-    Ok(json!({"old": old, "core": summary(&t, pl.len())}))
+    Ok(summary(&t, pl.len()))
+}
+
+/// `Model<Cuda>`'s prompt with the tensor-core GEMM (crate::gemm) against its `mm` twin, in
+/// this run: ms of each (GEMM warm) and how far the last token's logits moved.
+fn gemm_ab(m: &Model<Cuda>, ids: &[u32]) -> Result<Value> {
+    let run = |on: bool| -> Result<(f64, Vec<f32>)> {
+        crate::gemm::set_enabled(on);
+        let mut st = m.new_state().map_err(ce)?;
+        let mut stats = ForwardStats::default();
+        let t0 = Instant::now();
+        let r = m.forward(ids, &mut st, Logits::Last, &mut stats, None);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        crate::gemm::set_enabled(true);
+        Ok((ms, r.map_err(ce)?))
+    };
+    let (mm_ms, mm) = run(false)?;
+    let (gemm_ms, g) = run(true)?;
+    let diff = mm
+        .iter()
+        .zip(&g)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = mm.iter().map(|a| a.abs()).fold(0f32, f32::max);
+    Ok(
+        json!({"note": "one prompt each, same run: T-row products on the tensor-core GEMM (qgemm) vs the mm kernel",
+              "gemm_ms": gemm_ms, "mm_ms": mm_ms, "logits_max_abs_diff": diff, "logits_max_abs": scale}),
+    )
 }
 
 /// The A/B on `model` (see the module doc): `tokens` decode steps, a prompt of `prompt`.
@@ -166,7 +198,9 @@ pub fn core_path(model: Arc<Model>, device: usize, tokens: usize, prompt: usize)
     };
     let trace_new = trace_new(&m)?;
     let trace_pf = trace_prefill(&mut cm, &m, &ids)?;
+    let gemm = gemm_ab(&m, &ids)?;
     Ok(json!({
+        "prefill_gemm_vs_mm": gemm,
         "note": "old = CudaModel (model.rs, the tuned loop); core = Model<Cuda> (core's loop over the backend's ops); samples alternate, ms",
         "decode_tokens": n,
         "decode_ms_per_token": {"old": old, "core": new, "core_over_old": best(&new) / best(&old)},
@@ -197,11 +231,15 @@ pub fn core_synth_modes(layers: usize, k: usize, tokens: usize, prompt: usize) -
             .map(|i| ((i * 7919 + 13) % vocab) as u32)
             .collect();
         let pf = prefill_new(&m, &ids)?;
+        let warm = prefill_new(&m, &ids)?;
         let trace = trace_new(&m)?;
+        let pf_trace = trace_prefill_core(&m, &ids)?;
+        let gemm = gemm_ab(&m, &ids)?;
         modes.insert(
             "experts_in_vram".into(),
             json!({"ms_per_token": ms, "all_resident": resident, "trace_one_token": trace,
-                   "prefill": {"prompt_tokens": ids.len(), "ms": pf}}),
+                   "prefill": {"prompt_tokens": ids.len(), "ms": pf, "ms_warm": warm,
+                               "trace": pf_trace, "gemm_vs_mm": gemm}}),
         );
     }
     {

@@ -246,6 +246,7 @@ fn kernel_names() -> Vec<String> {
             v.push(format!("dmv_{d}_{var}"));
         }
     }
+    v.extend(crate::gemm::kernel_names());
     for k in [
         "embed_row",
         "router_experts",
@@ -629,6 +630,7 @@ impl Device {
                 A::B(v) => &**v as *const MvBatch as *mut c_void,
                 A::E(v) => &**v as *const ExpertBatchArgs as *mut c_void,
                 A::X(v) => &**v as *const Epi as *mut c_void,
+                A::G(v) => &**v as *const crate::gemm::GemmBatch as *mut c_void,
             })
             .collect();
         let dependent = self.arch.0 >= 9 && std::ptr::eq(stream, &*self.compute);
@@ -743,4 +745,6 @@ pub enum A {
     B(Box<MvBatch>),
     E(Box<ExpertBatchArgs>),
     X(Box<Epi>),
+    /// The tensor-core GEMM's products (gemm.rs).
+    G(Box<crate::gemm::GemmBatch>),
 }

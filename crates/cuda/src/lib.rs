@@ -18,6 +18,7 @@ pub mod bench;
 pub mod bench_core;
 mod cache;
 pub mod device;
+pub mod gemm;
 pub mod model;
 pub mod ops;
 pub mod seq;
