@@ -250,6 +250,7 @@ pub fn products_table(
 
 /// `out[n] += sum_j w[n k + j] y[idx[n k + j]]` over the j < k with `idx >= 0`, in j order, for
 /// `t` rows of `h` (`idx` i32 and `w` f32 in device memory).
+#[allow(clippy::too_many_arguments)]
 pub fn rows_combine(
     dev: &Device,
     out: u64,
