@@ -1829,6 +1829,9 @@ __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, c
                         xv[j][h] = mt.y;
                     }
             }
+            // A warp whose tokens all lie past the problem's end (routed experts: a few tokens
+            // each) skips its products; each 8-token tile past the end too.
+            if (n0 + wn * 32 < P.ntok) {
             u32 a[2][4];
 #pragma unroll
             for (int i = 0; i < 2; i++) {
@@ -1842,6 +1845,7 @@ __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, c
             }
 #pragma unroll
             for (int j = 0; j < 4; j++) {
+                if (n0 + wn * 32 + j * 8 >= P.ntok) break;
                 const unsigned char* xb = xsm + (wn * 32 + j * 8 + g) * QG_XROW + kc * 64 + t * 8;
                 const uint2 hi = *(const uint2*)xb;
                 const uint2 lo = *(const uint2*)(xb + 32);
@@ -1850,6 +1854,7 @@ __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, c
                     mma16816(c[i][j], a[i][0], a[i][1], a[i][2], a[i][3], hi.x, hi.y);
                     mma16816(c[i][j], a[i][0], a[i][1], a[i][2], a[i][3], lo.x, lo.y);
                 }
+            }
             }
             if ((ch + 1) % gk == 0) {
 #pragma unroll
