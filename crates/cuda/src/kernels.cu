@@ -1888,11 +1888,11 @@ __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, c
 // Kernel names: qgemm{bits}_{sdt} (up to MAXP problems by value, blockIdx.z) and
 // qgemm{bits}_{sdt}_t (problems in a device table: the routed experts of a prompt).
 #define QGK(BITS, SDT, SN)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) qgemm##BITS##_##SN(GemmBatch b, int cols, int lg,     \
+    extern "C" __global__ void __launch_bounds__(256, 2) qgemm##BITS##_##SN(GemmBatch b, int cols, int lg,     \
                                                                         const u16* xq, const float2* meta) { \
         qgemm_tile<BITS, SDT>(b.p[blockIdx.z], cols, lg, xq, meta);                                         \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) qgemm##BITS##_##SN##_t(const GemmProb* tbl, int cols,  \
+    extern "C" __global__ void __launch_bounds__(256, 2) qgemm##BITS##_##SN##_t(const GemmProb* tbl, int cols,  \
                                                                             int lg, const u16* xq,          \
                                                                             const float2* meta) {           \
         pdl_wait();                                                                                         \
