@@ -314,10 +314,15 @@ impl Device {
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| drv("load PTX module", e))?;
         let mut funcs = HashMap::new();
+        let optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .unwrap_or(0)
+            .max(0) as usize;
         for n in kernel_names() {
             let f = module
                 .load_function(&n)
                 .map_err(|e| drv(&format!("kernel {n}"), e))?;
+            crate::gemm::opt_in(&n, &f, optin)?;
             funcs.insert(n, f);
         }
         let qx = malloc(crate::ops::QX_SCRATCH)?;

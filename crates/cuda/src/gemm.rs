@@ -4,8 +4,8 @@
 //! bf16/f16/f32 scales) runs in two launches: `gemm_prep_x` stages x once per product (each
 //! row as f16 hi + lo of `x * 2^k` with one power of two per (row, group), plus `2^-k` and the
 //! group's sum of x), then `qgemm*` tiles 128 weight rows by 64 tokens per block, streams
-//! 32-column k-tiles of codes and staged x through a three-stage `cp.async` ring in shared
-//! memory, turns codes into exact f16 integers and multiplies on `mma.sync.m16n8k16` with f32
+//! 64-column k-tiles of codes and staged x through a four-stage `cp.async` ring in shared
+//! memory (about 100 KB per block, two blocks per SM on sm_90), turns codes into exact f16 integers and multiplies on `mma.sync.m16n8k16` with f32
 //! accumulation; each group is folded in f32 (`acc += s 2^-k sum(q x 2^k) + b sum(x)`), so the
 //! result stays near f32 (about 22 bits of x, exact codes). Each weight is read once per
 //! 64 tokens, instead of once per 8 tokens by the `mm` kernel it replaces for T > 1 (kept as
@@ -64,9 +64,12 @@ pub struct GemmBatch {
 const _: () = assert!(std::mem::size_of::<GemmProb>() == 48);
 const _: () = assert!(std::mem::size_of::<GemmBatch>() == 48 * MAXP);
 
-/// Rows and tokens of one block's tile (`QG_BM`, `QG_BN` in kernels.cu).
+/// Rows, tokens and columns of one block's tile, and stages of its ring (`QG_BM`, `QG_BN`,
+/// `QG_BK`, `QG_NST` in kernels.cu).
 const BM: usize = 128;
 const BN: usize = 64;
+const BK: usize = 64;
+const NST: usize = 4;
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(true) };
@@ -94,8 +97,9 @@ pub fn kernel_names() -> Vec<String> {
     v
 }
 
-/// Whether the GEMM runs `m` on `dev`: sm_80+, affine 2/4/8-bit codes in groups of 32-128,
-/// rows of whole 32-column k-tiles, and codes 16-byte aligned (the `cp.async` copies).
+/// Whether the GEMM runs `m` on `dev`: sm_80+ with room for its shared memory, affine
+/// 2/4/8-bit codes in groups of 32-128, rows of whole 64-column k-tiles, and codes 16-byte
+/// aligned (the `cp.async` copies).
 pub fn fits(dev: &Device, m: &DevMat) -> bool {
     let Fmt::Affine { bits, lg, .. } = m.fmt else {
         return false;
@@ -103,10 +107,39 @@ pub fn fits(dev: &Device, m: &DevMat) -> bool {
     dev.arch.0 >= 8
         && enabled()
         && matches!(bits, 2 | 4 | 8)
+        && smem(bits) as usize <= smem_optin(dev)
         && (5..=7).contains(&lg)
-        && m.cols.is_multiple_of(32)
+        && m.cols.is_multiple_of(BK)
         && m.cols <= (i32::MAX as usize) / 2
         && m.w.is_multiple_of(16)
+}
+
+/// The most dynamic shared memory a block may opt in to on `dev`.
+fn smem_optin(dev: &Device) -> usize {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as A;
+    dev.ctx.attribute(A).map_or(48 << 10, |v| v.max(0) as usize)
+}
+
+/// Lets `qgemm` kernel `f` (of `bits`-wide codes, from its name) use its shared memory beyond
+/// the default 48 KiB; where the device has less, nothing is set and [`fits`] says no.
+pub fn opt_in(name: &str, f: &cudarc::driver::CudaFunction, optin: usize) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as A;
+    let Some(bits) = name
+        .strip_prefix("qgemm")
+        .and_then(|r| r.chars().next())
+        .and_then(|c| c.to_digit(10))
+    else {
+        return Ok(());
+    };
+    let need = smem(bits);
+    if need as usize > optin {
+        return Ok(());
+    }
+    f.set_attribute(A, need as i32)
+        .map_err(|e| CudaError::Driver {
+            what: format!("shared memory of {name}"),
+            msg: format!("{e:?}"),
+        })
 }
 
 /// f32 elements of the staged x of `nrows` rows of `cols` (group `2^lg`): per row `cols`
@@ -165,8 +198,11 @@ pub fn stage_x(
     )
 }
 
+/// Dynamic shared memory of a `qgemm` block: per stage 128 rows of codes (`QG_WROW`) and 64
+/// token rows of staged x (`QG_XROW`).
 fn smem(bits: u32) -> u32 {
-    3 * (BM as u32 * 4 * bits + BN as u32 * 160)
+    let wrow = if bits == 2 { 48 } else { 8 * bits + 16 };
+    (NST * (BM * wrow as usize + BN * 288)) as u32
 }
 
 fn config(bits: u32, rows: usize, ntok: usize, nprob: usize) -> LaunchConfig {

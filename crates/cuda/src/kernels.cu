@@ -1651,11 +1651,14 @@ static_assert(sizeof(GemmBatch) == 48 * MAXP, "GemmBatch mirrors gemm::GemmBatch
 
 #define QG_BM 128
 #define QG_BN 64
-#define QG_BK 32
-#define QG_NST 3
-// Bytes of one staged token row of a k-tile: 2 chunks x (hi 32 + lo 32), padded so that the
+#define QG_BK 64
+#define QG_NST 4
+// Bytes of one staged token row of a k-tile: 4 chunks x (hi 32 + lo 32), padded so that the
 // 8 tokens of a B fragment read hit distinct banks.
-#define QG_XROW 160
+#define QG_XROW 288
+// Bytes of one staged weight row of a k-tile: its codes (8 BITS bytes), padded so that the 8
+// rows of an A fragment read hit distinct banks.
+#define QG_WROW(BITS) ((BITS) == 2 ? 48 : 8 * (BITS) + 16)
 
 // Position in a chunk's staged x of column j (0..15) of the chunk, for BITS-wide codes.
 __device__ __forceinline__ int qg_pos(int bits, int j) {
@@ -1726,21 +1729,20 @@ __device__ __forceinline__ void qg_cp16(void* smem, const void* g) {
     const u32 s = qg_saddr(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
 }
-__device__ __forceinline__ void qg_cp8(void* smem, const void* g) {
-    const u32 s = qg_saddr(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(g) : "memory");
-}
 __device__ __forceinline__ void qg_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void qg_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-// One 128-row x 64-token tile of problem P. 8 warps: warp & 3 picks 32 rows, warp >> 2 picks
-// 32 tokens; each warp holds 2 x 4 MMA tiles (16 rows x 8 tokens) and their group sums.
+// One 128-row x 64-token tile of problem P, over k-tiles of 64 columns in a 4-stage ring
+// (dynamic shared memory above 48 KiB: gemm.rs opts in). 8 warps: warp & 3 picks 32 rows,
+// warp >> 2 picks 32 tokens; each warp holds 2 x 4 MMA tiles (16 rows x 8 tokens) and their
+// group sums.
 template <int BITS, int SDT>
 __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, const float2* meta) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     extern __shared__ __align__(16) unsigned char qg_sm[];
-    const int WROW = 4 * BITS;                 // bytes of a row's k-tile of codes
-    const int WST = QG_BM * WROW;              // bytes of a stage's codes
+    const int WROW = 8 * BITS;                 // bytes of a row's k-tile of codes
+    const int RS = QG_WROW(BITS);              // their stride in shared memory
+    const int WST = QG_BM * RS;                // bytes of a stage's codes
     const int XST = QG_BN * QG_XROW;           // bytes of a stage's x
     const int m0 = blockIdx.x * QG_BM, n0 = blockIdx.y * QG_BN;
     if (m0 >= P.rows || n0 >= P.ntok) return;
@@ -1753,23 +1755,23 @@ __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, c
     unsigned char* ws = qg_sm;
     unsigned char* xs = qg_sm + QG_NST * WST;
     // Stage k-tile kt into buffer st: codes of 128 rows (rows past the end repeat the last),
-    // x of 64 tokens (likewise).
+    // x of the tokens that exist (a token past the end only feeds its own MMA column, whose
+    // results are never written, so its stale shared memory is harmless).
     auto load = [&](int kt, int st) {
         if (kt < nkt) {
-            const int CPR = WROW >= 16 ? WROW / 16 : 1;  // copies per row
+            const int CPR = WROW / 16;  // 16-byte copies per row
             for (int i = threadIdx.x; i < QG_BM * CPR; i += 256) {
                 const int r = i / CPR, part = i % CPR;
                 const long gr = min(m0 + r, P.rows - 1);
                 const unsigned char* src = W + (gr * wpr) * 4 + (long)kt * WROW + part * 16;
-                unsigned char* dst = ws + st * WST + r * WROW + part * 16;
-                if (WROW >= 16) qg_cp16(dst, src);
-                else qg_cp8(dst, src);
+                qg_cp16(ws + st * WST + r * RS + part * 16, src);
             }
-            for (int i = threadIdx.x; i < QG_BN * 8; i += 256) {
-                const int n = i >> 3, part = i & 7;
-                const long gn = min(n0 + n, P.ntok - 1);
-                const u16* src = X + gn * cols * 2 + (long)kt * QG_BK * 2 + part * 8;
-                qg_cp16(xs + st * XST + n * QG_XROW + part * 16, src);
+            for (int i = threadIdx.x; i < QG_BN * 16; i += 256) {
+                const int n = i >> 4, part = i & 15;
+                if (n0 + n < P.ntok) {
+                    const u16* src = X + (long)(n0 + n) * cols * 2 + (long)kt * QG_BK * 2 + part * 8;
+                    qg_cp16(xs + st * XST + n * QG_XROW + part * 16, src);
+                }
             }
         }
         qg_commit();
@@ -1809,8 +1811,8 @@ __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, c
         const u32* wsm = (const u32*)(ws + st * WST);
         const unsigned char* xsm = xs + st * XST;
 #pragma unroll
-        for (int kc = 0; kc < 2; kc++) {
-            const int ch = kt * 2 + kc;  // 16-column chunk index
+        for (int kc = 0; kc < 4; kc++) {
+            const int ch = kt * 4 + kc;  // 16-column chunk index
             if (ch % gk == 0) {
                 const int gi = ch / gk;
 #pragma unroll
@@ -1836,8 +1838,8 @@ __device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, c
 #pragma unroll
             for (int i = 0; i < 2; i++) {
                 const int r = wm * 32 + i * 16 + g;
-                const u32 w0 = wsm[r * BITS + kc * (BITS / 2) + wi] >> shift;
-                const u32 w1 = wsm[(r + 8) * BITS + kc * (BITS / 2) + wi] >> shift;
+                const u32 w0 = wsm[r * (RS / 4) + kc * (BITS / 2) + wi] >> shift;
+                const u32 w1 = wsm[(r + 8) * (RS / 4) + kc * (BITS / 2) + wi] >> shift;
                 a[i][0] = dq2<BITS>(w0, 0);
                 a[i][1] = dq2<BITS>(w1, 0);
                 a[i][2] = dq2<BITS>(w0, 1);
