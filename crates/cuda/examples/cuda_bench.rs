@@ -1,12 +1,14 @@
 //! `cargo run --release -p flashmoe-cuda --example cuda_bench -- [MODEL_DIR] [--layers N]
 //! [--k K] [--tokens T] [--prefill-tokens N] [--no-kernels] [--vram-only] [--ptx-only]
-//! [--core-path]`: prints bench_cuda's JSON; with `--core-path` also `core_path`,
-//! `Model<Cuda>` against `CudaModel` (bench_core.rs). With `--ptx-only`, compiles the kernels
-//! for sm_90 through NVRTC and exits (no GPU needed).
+//! [--core-path]`: prints bench_cuda's JSON (every figure of `Model<Cuda>`, core's forward pass
+//! on the CUDA backend); with `--core-path` also `core_path`: decode, prefill and traces of
+//! `Model<Cuda>` on the dense synthetic model and on MODEL_DIR under the keys of the former
+//! A/B against the deleted tuned loop. With `--ptx-only`, compiles the kernels for sm_90
+//! through NVRTC and exits (no GPU needed).
 use flashmoe_core::loader::{open_model, LoadOptions};
 use std::sync::Arc;
 
-use flashmoe_cuda::bench_core::{core_path, core_synth_modes, dense_synth};
+use flashmoe_cuda::bench::core_path;
 use flashmoe_cuda::{bench_cuda, BenchOptions, Device};
 
 fn main() {
@@ -63,9 +65,14 @@ fn main() {
         i += 1;
     }
     let dir = dir.expect("usage: cuda_bench MODEL_DIR [--layers N] [--k K] [--tokens T]");
-    let model =
-        open_model(std::path::Path::new(&dir), &LoadOptions::default()).expect("load model");
-    let mut v = match bench_cuda(&model, &opts) {
+    let model = match open_model(std::path::Path::new(&dir), &LoadOptions::default()) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("loading {dir}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut v = match bench_cuda(model.clone(), &opts) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("{e}");
@@ -73,21 +80,7 @@ fn main() {
         }
     };
     if core {
-        // Model<Cuda> against CudaModel (bench_core.rs): the synthetic dense model, then this one.
-        let (d, n, p) = (opts.device, opts.tokens, opts.prefill_tokens);
-        let synth = dense_synth(opts.synth_layers).map(Arc::new);
-        let s = synth.and_then(|m| core_path(m, d, n, p));
-        let m = core_path(Arc::new(model), d, n, p);
-        let show = |r: flashmoe_cuda::Result<serde_json::Value>| {
-            r.unwrap_or_else(|e| serde_json::json!(format!("error: {e}")))
-        };
-        let (l, k) = (opts.synth_layers, opts.synth_k);
-        let moe = core_synth_modes(l, k, n, p);
-        v["core_path"] = serde_json::json!({
-            "synthetic_dense": show(s),
-            "model": show(m),
-            "synthetic_moe": show(moe),
-        });
+        v["core_path"] = core_path(model, &opts);
     }
     println!("{}", serde_json::to_string_pretty(&v).unwrap());
 }

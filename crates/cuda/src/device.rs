@@ -2,8 +2,8 @@
 //! buffers, events, and the kernel module (CUDA C++ in `kernels.cu`, compiled by NVRTC for the
 //! device's architecture at first use and cached as PTX under `~/.cache/flashmoe`).
 //!
-//! Owns every `unsafe` call into the driver. Never knows about models; `ops.rs` and `model.rs`
-//! build on the safe wrappers here.
+//! Owns every `unsafe` call into the driver. Never knows about models; `ops.rs` and the backend
+//! (backend/) build on the safe wrappers here.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -166,6 +166,16 @@ pub struct Epi {
     pub key: u64,
 }
 
+// The layouts kernels.cu asserts for the same structs (static_assert there): a field added on
+// one side only fails both builds instead of shifting every argument after it.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<MvBatch>() == 5 * MAXP * 8 && offset_of!(MvBatch, y) == 4 * MAXP * 8);
+    assert!(size_of::<Epi>() == 40 && offset_of!(Epi, cd) == 24 && offset_of!(Epi, key) == 32);
+    assert!(size_of::<ExpertBatchArgs>() == 144 && offset_of!(ExpertBatchArgs, sh) == 56);
+    assert!(offset_of!(ExpertBatchArgs, xn) == 104 && offset_of!(ExpertBatchArgs, i) == 136);
+};
+
 pub struct Device {
     /// Scratch for x prepared by `quant_x3_*` for the `mp` matvec kernels, used on the
     /// compute stream only ([`crate::ops::QX_SCRATCH`] bytes). Declared before `ctx` so that it
@@ -265,7 +275,6 @@ fn kernel_names() -> Vec<String> {
         "gdn_conv",
         "gdn_step",
         "gdn_step_wide",
-        "gdn_out_norm",
         "chain_step",
         "silu_mul",
         "mul_sigmoid",
@@ -526,41 +535,6 @@ impl Device {
         // SAFETY: both ranges are live device allocations of at least len bytes.
         unsafe { result::memcpy_dtod_async(dst, src, len, stream.cu_stream()) }
             .map_err(|e| drv("dtod", e))
-    }
-
-    /// Page-locks `len` bytes at `ptr` in place (cuMemHostRegister), so DMA copies read them
-    /// directly. Returns false (and registers nothing) when some of its pages are already
-    /// registered as part of another range: such a range must not be treated as pinned.
-    ///
-    /// # Safety
-    /// The range must stay allocated until [`Device::unregister_host`] is called on it.
-    pub unsafe fn register_host(&self, ptr: *const u8, len: usize) -> Result<bool> {
-        use cudarc::driver::sys;
-        // Read-only registration also accepts read-only mappings (mmap'd checkpoints); fall
-        // back to a plain one where the device does not support it.
-        let mut r = sys::cuMemHostRegister_v2(
-            ptr as *mut _,
-            len,
-            sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_READ_ONLY,
-        );
-        if r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED
-            || r == sys::CUresult::CUDA_ERROR_INVALID_VALUE
-        {
-            r = sys::cuMemHostRegister_v2(ptr as *mut _, len, sys::CU_MEMHOSTREGISTER_PORTABLE);
-        }
-        match r {
-            sys::CUresult::CUDA_SUCCESS => Ok(true),
-            sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED => Ok(false),
-            e => Err(drv("register host memory", result::DriverError(e))),
-        }
-    }
-
-    /// Undoes [`Device::register_host`].
-    ///
-    /// # Safety
-    /// `ptr` must have been registered and no copy from it may be in flight.
-    pub unsafe fn unregister_host(&self, ptr: *const u8) {
-        let _ = cudarc::driver::sys::cuMemHostUnregister(ptr as *mut _);
     }
 
     pub fn event(&self) -> Result<Event> {

@@ -18,6 +18,10 @@ struct MvBatch {
     u64 x[MAXP];
     u64 y[MAXP];
 };
+// Argument structs are passed by value from Rust (device.rs mirrors them with #[repr(C)] and
+// asserts the same sizes there, and the field offsets, which NVRTC cannot evaluate at compile
+// time): a field added or removed on one side only fails the build.
+static_assert(sizeof(MvBatch) == 5 * MAXP * 8, "MvBatch layout (device.rs)");
 
 __device__ __forceinline__ float bf16f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 __device__ __forceinline__ float f16f(u16 h) {
@@ -402,6 +406,7 @@ struct Epi {
     int cd, K;
     u64* key;
 };
+static_assert(sizeof(Epi) == 40, "Epi layout (device.rs)");
 template <int BITS, int SDT, int R, int D, int EPI = 0>
 __device__ void qmv_prep(const MvBatch& p, int rows, int cols, int lg, const unsigned char* qx, int qb, bool early,
                          Epi ep = Epi{}) {
@@ -1237,11 +1242,12 @@ extern "C" __global__ void router_topk(const float* logits, int ld, int E, int K
 // b, down w, s, b) is problem K.
 struct ExpertBatchArgs {
     u64 tbl;
-    long off[6];
+    long long off[6];
     u64 sh[6];
     u64 xn, gue, he, ye;
     int I, H;
 };
+static_assert(sizeof(ExpertBatchArgs) == 144, "ExpertBatchArgs layout (device.rs)");
 // Thread j < K (+1 with the shared expert) writes problem j of the two batches: expert ids[j]'s
 // gate‖up and down from its slot base tbl[ids[j]], or the shared expert's.
 __device__ void write_expert_batch(const int* ids, int K, const ExpertBatchArgs& a, MvBatch* out) {
@@ -1434,7 +1440,8 @@ extern "C" __global__ void gdn_conv(const float* mixed, float* state, const floa
 // One step of the gated delta rule for value head h = blockIdx.x, columns blockIdx.y * nc ..
 // + nc of its state (every column of S is independent: kv_mem, delta, the update and the output
 // are per column), each column's dk rows split over P parts of ceil(dk / P) <= GDN_RP rows.
-// Writes the raw output o; the gated RMSNorm over the head (which spans blocks) is gdn_out_norm.
+// Writes the raw output o; the gated RMSNorm over the head (which spans blocks) is
+// gated_rmsnorm_rows.
 template <int GDN_RP>
 __device__ __forceinline__ void gdn_step_body(const float* u, const float* bv, const float* av,
                                               const float* dt_bias, const float* neg_a, float* S, float* y,
@@ -1520,27 +1527,6 @@ extern "C" __global__ void __launch_bounds__(256) gdn_step_wide(const float* u, 
     gdn_step_body<128>(u, bv, av, dt_bias, neg_a, S, y, nk, nv, dk, dv, P, nc);
 }
 
-// y[h] = rmsnorm(y[h]) * w * silu(z[h]) per value head h = blockIdx.x (dv threads), in place; with
-// qbits (dv a multiple of 32), y is also prepared at qx for the out-projection's `mp` matvec.
-extern "C" __global__ void gdn_out_norm(float* y, const float* z, const float* w, int dv, float eps,
-                                        unsigned char* qx, int qbits, int cols) {
-    __shared__ float red[32];
-    const int h = blockIdx.x, v = threadIdx.x;
-    const long e = (long)h * dv + v;
-    // The norm weight, and z (the in-projection's output, two launches back: gdn_step
-    // released this launch only after waiting for gdn_conv, which waited for it), before the
-    // wait for y.
-    const float wv = v < dv ? w[v] : 0.f, zv = v < dv ? z[e] : 0.f;
-    pdl_wait();
-    pdl_release();
-    const float o = v < dv ? y[e] : 0.f;
-    const float ss = block_sum(o * o, red);
-    const float inv = 1.f / sqrtf(ss / dv + eps);
-    const float r = v < dv ? o * inv * wv * siluf_(zv) : 0.f;
-    if (v < dv) y[e] = r;
-    if (qbits) quant_x3_any(qbits, r, v < dv ? (int)e : cols, cols, qx);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Primitives of core's op-level `Backend` that the token path above fuses away (backend.rs):
 // plain, one thread per element or one block per head, every input read after the wait.
@@ -1604,10 +1590,9 @@ extern "C" __global__ void gdn_conv_rows(const float* mixed, float* state, const
 #undef CONV_IN
 }
 
-// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for rows r = blockIdx.x of dv (any dv; gdn_out_norm,
-// the token path's in-place form, takes dv <= 1024 with one thread per element).
+// y[r] = rmsnorm(o[r]) * w * silu(z[r]) for rows r = blockIdx.x of dv (any dv).
 // With qbits (dv % 32 == 0, so no warp straddles two rows), y is also prepared at qx as one
-// vector of cols = rows * dv for the `mp` matvec reading it (as gdn_out_norm does).
+// vector of cols = rows * dv for the `mp` matvec reading it.
 extern "C" __global__ void gated_rmsnorm_rows(const float* o, const float* z, const float* w, int dv, float eps,
                                               float* y, unsigned char* qx, int qbits, int cols) {
     pdl_wait();

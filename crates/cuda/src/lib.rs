@@ -2,31 +2,27 @@
 //! routed experts go through core's residency tier over VRAM slots and pinned host slots, fed
 //! from the model's `ExpertSource` on a separate copy stream.
 //!
-//! Two ways in: [`Cuda`] (backend/) implements core's op-level `Backend`, so the forward pass
-//! written once in `flashmoe_core::model` runs on the GPU (`Model<Cuda>`, checked by the
-//! conformance harness and the golden suite); the CLI's `--backend cuda` and the engine run it
-//! ([`CudaSeq`] is `ModelSeq<Cuda>`). [`CudaModel`] (model.rs, prefill.rs, cache.rs) is the
-//! former tuned loop, still used by `bench_cuda` (and compared with `Model<Cuda>` in the same
-//! run by `bench_core`) until the bench is ported (issue 18, phase 2).
+//! [`Cuda`] (backend/) implements core's op-level `Backend`, so the forward pass written once
+//! in `flashmoe_core::model` runs on the GPU (`Model<Cuda>`, checked by the conformance harness
+//! and the golden suite); the CLI's `--backend cuda` and the engine run it ([`CudaSeq`] is
+//! `ModelSeq<Cuda>`), and so does the bench (bench/: `flashmoe bench --backend cuda`,
+//! `cuda_bench`). No layer loop lives in this crate (issue 18): its kernels (kernels.cu), their
+//! typed launches (ops.rs), the device (device.rs) and the backend's placement and fusions.
 //!
 //! Builds everywhere: the driver and NVRTC are loaded at run time, the kernels (kernels.cu) are
 //! compiled for the device's architecture on first use and cached under ~/.cache/flashmoe.
-//! Without a driver or GPU, [`CudaModel::new`] and [`Device::new`] return
+//! Without a driver or GPU, [`Cuda::new`] and [`Device::new`] return
 //! [`CudaError::NoDevice`].
 pub mod backend;
 pub mod bench;
-pub mod bench_core;
-mod cache;
 pub mod device;
 pub mod gemm;
-pub mod model;
 pub mod ops;
 pub mod seq;
 
-pub use backend::Cuda;
+pub use backend::{Cuda, CudaOptions};
 pub use bench::{bench_cuda, bench_cuda_disk, BenchOptions, DiskSource};
 pub use device::Device;
-pub use model::{CudaCounters, CudaModel, CudaOptions, CudaState, ModelRef, PromptPath};
 pub use seq::CudaSeq;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,7 @@
 //! Typed launches of the kernels in kernels.cu, and weight matrices in VRAM ([`DMat`]).
 //!
 //! Owns the mapping from a `flashmoe_core::weights::Linear` to device bytes and to the kernel
-//! that reads them. Never decides what to compute; model.rs does.
+//! that reads them. Never decides what to compute; the backend (backend/) does.
 use cudarc::driver::{CudaStream, LaunchConfig};
 use flashmoe_core::residency::SlotFormat;
 use flashmoe_core::store::DType;
@@ -475,21 +475,6 @@ impl Proj {
         }
     }
 
-    /// Whole matrices, one part each.
-    pub fn whole(dev: &Device, ls: &[&Linear]) -> Result<Proj> {
-        let parts: Vec<_> = ls.iter().map(|l| (*l, 0, l.rows())).collect();
-        Proj::new(dev, &parts)
-    }
-
-    /// y[t, 0..rows] = P x[t] for `n` tokens: x rows `ldx` floats apart, y rows `self.rows`.
-    pub fn run_rows(&self, dev: &Device, x: u64, ldx: usize, y: u64, n: usize) -> Result<()> {
-        for (m, off) in &self.mats {
-            let p = [(m.m.w, m.m.s, m.m.b, x, y + (*off as u64) * 4)];
-            matvec_batch(dev, &dev.compute, &m.m, &p, n, ldx, self.rows)?;
-        }
-        Ok(())
-    }
-
     /// y[0..rows] = P x (one token).
     pub fn run(&self, dev: &Device, x: u64, y: u64) -> Result<()> {
         self.run_prepared(dev, x, y, None)
@@ -512,10 +497,6 @@ impl Proj {
             .iter()
             .all(|(m, _)| m.m.prepared_bits() == Some(b))
             .then_some(b)
-    }
-
-    pub fn nbytes(&self) -> usize {
-        self.mats.iter().map(|(m, _)| m.m.nbytes()).sum()
     }
 }
 
@@ -1390,7 +1371,7 @@ pub fn gdn_conv(dev: &Device, g: &GdnShape, mixed: u64, state: u64, w: u64, u: u
 }
 
 /// One GatedDeltaNet decode step (arch-spec §6) for every value head: updates the state `s`
-/// and writes the raw output to `y`; [`gdn_out_norm`] applies the gated RMSNorm.
+/// and writes the raw output to `y` (the backend's `gated_rmsnorm` applies the gated RMSNorm).
 #[allow(clippy::too_many_arguments)]
 pub fn gdn_step(
     dev: &Device,
@@ -1446,48 +1427,6 @@ pub fn gdn_step(
             A::I(g.dv as i32),
             A::I(parts as i32),
             A::I(nc as i32),
-        ],
-    )
-}
-
-/// y[h] = rmsnorm(y[h]) * norm_w * silu(z[h]) for every value head, in place (the GatedDeltaNet
-/// output's gated norm); with `pre`, y is also prepared there for the out-projection's `mp`
-/// matvec (only when dv is a multiple of 32: a warp must not straddle heads' x blocks).
-pub fn gdn_out_norm(
-    dev: &Device,
-    g: &GdnShape,
-    y: u64,
-    z: u64,
-    norm_w: u64,
-    pre: Option<Prepared>,
-) -> Result<()> {
-    if g.dv > 1024 {
-        return Err(CudaError::Unsupported(format!("GatedDeltaNet dv {}", g.dv)));
-    }
-    if pre.is_some() && !g.dv.is_multiple_of(32) {
-        return Err(CudaError::Invalid(format!(
-            "prepared x needs dv a multiple of 32, not {}",
-            g.dv
-        )));
-    }
-    let [qa, qbits] = Prepared::args(pre);
-    let cfg = LaunchConfig {
-        grid_dim: (g.nv as u32, 1, 1),
-        block_dim: (threads_for(g.dv), 1, 1),
-        shared_mem_bytes: 0,
-    };
-    dev.launch(
-        "gdn_out_norm",
-        cfg,
-        &[
-            A::P(y),
-            A::P(z),
-            A::P(norm_w),
-            A::I(g.dv as i32),
-            A::F(g.eps),
-            qa,
-            qbits,
-            A::I((g.nv * g.dv) as i32),
         ],
     )
 }

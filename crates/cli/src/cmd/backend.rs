@@ -151,12 +151,12 @@ fn cuda_factory(_fallback: bool, _gpu: GpuOptions) -> Result<BackendFactory> {
 /// The CUDA part of `flashmoe bench --backend cuda`: GPU copy bandwidths, kernel GB/s beside
 /// them and decode with experts in VRAM / pinned host RAM, each beside its bound.
 #[cfg(feature = "cuda")]
-pub fn cuda_bench(model: &Model, tokens: usize) -> Result<serde_json::Value> {
+pub fn cuda_bench(model: &Arc<Model>, tokens: usize) -> Result<serde_json::Value> {
     let opts = flashmoe_cuda::BenchOptions {
         tokens: tokens.max(1),
         ..Default::default()
     };
-    Ok(flashmoe_cuda::bench_cuda(model, &opts)?)
+    Ok(flashmoe_cuda::bench_cuda(model.clone(), &opts)?)
 }
 
 /// (c) of `bench --backend cuda`: the model's own decode with every routed expert read from
@@ -164,24 +164,31 @@ pub fn cuda_bench(model: &Model, tokens: usize) -> Result<serde_json::Value> {
 /// bandwidth `disk_gbps` (measured in this run) plus its VRAM-resident decode time.
 #[cfg(feature = "cuda")]
 pub fn cuda_bench_disk(
-    model: &Model,
-    direct: &Model,
+    model: &Arc<Model>,
+    direct: &Arc<Model>,
     disk_gbps: f64,
     tokens: usize,
 ) -> Result<serde_json::Value> {
-    let src = flashmoe_cuda::DiskSource { direct, disk_gbps };
-    Ok(flashmoe_cuda::bench_cuda_disk(model, &src, tokens.max(1))?)
+    let src = flashmoe_cuda::DiskSource {
+        direct: direct.clone(),
+        disk_gbps,
+    };
+    Ok(flashmoe_cuda::bench_cuda_disk(
+        model.clone(),
+        &src,
+        tokens.max(1),
+    )?)
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn cuda_bench(_model: &Model, _tokens: usize) -> Result<serde_json::Value> {
+pub fn cuda_bench(_model: &Arc<Model>, _tokens: usize) -> Result<serde_json::Value> {
     cuda_runner_unavailable()
 }
 
 #[cfg(not(feature = "cuda"))]
 pub fn cuda_bench_disk(
-    _model: &Model,
-    _direct: &Model,
+    _model: &Arc<Model>,
+    _direct: &Arc<Model>,
     _disk_gbps: f64,
     _tokens: usize,
 ) -> Result<serde_json::Value> {

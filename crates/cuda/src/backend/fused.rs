@@ -1,5 +1,5 @@
 //! The fused operations of [`Cuda`] (the optional group of core's `Backend`), with the
-//! kernels and epilogues of the decode loop (model.rs) behind them:
+//! kernels and epilogues of the token path behind them:
 //! - `matmul_many` over one stacked group: one launch, the outputs views of one buffer;
 //! - `fused_attention`, one token whose q|k|v are such views: `attn_prep` norms and rotates q
 //!   and k and writes k and v straight into the caches, `attn_decode` applies the output gate;

@@ -1,5 +1,5 @@
-//! Launches of the kernels that exist for core's `Backend` primitives only (the token path of
-//! `model.rs` fuses them into others): `silu_mul`, `mul_sigmoid`, `qk_norm_rope`,
+//! Launches of the kernels that exist for core's `Backend` primitives only (the fused ops fold
+//! them into others on the token path): `silu_mul`, `mul_sigmoid`, `qk_norm_rope`,
 //! `gdn_conv_rows`, `gated_rmsnorm_rows` in kernels.cu.
 use cudarc::driver::LaunchConfig;
 use flashmoe_core::backend::AttnShape;

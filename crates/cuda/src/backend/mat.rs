@@ -9,7 +9,7 @@ use crate::ops::{self, DMat, DevMat};
 
 /// A weight matrix on the device: `m` (its own rows), inside `whole`, the matrix uploaded with
 /// it. [`Backend::upload_group`] stacks a group's matrices into one `whole` (one launch for
-/// all of them, as model.rs's `Proj`); [`Backend::upload_mat`] gives a matrix its own.
+/// all of them); [`Backend::upload_mat`] gives a matrix its own.
 pub struct CudaMat {
     pub m: DevMat,
     pub(super) whole: Arc<DMat>,

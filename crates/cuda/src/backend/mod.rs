@@ -1,7 +1,7 @@
 //! [`Cuda`]: the GPU as an implementation of core's op-level `Backend` trait, so that the one
 //! forward pass of `flashmoe_core::model` runs on it (`Model<Cuda>`). Each primitive maps to
-//! the kernels of kernels.cu through the typed launches of ops.rs (and `launch.rs` for the few
-//! primitives the token path of model.rs fuses away).
+//! the kernels of kernels.cu through the typed launches of ops.rs (and `launch.rs` for the
+//! primitives with no launch of their own in ops.rs).
 //!
 //! Buffers are f32 device allocations with an element count; attention caches keep spare
 //! capacity and grow by doubling. Matrices are uploaded once in their stored format. Every op
@@ -28,7 +28,6 @@ use flashmoe_core::weights::Linear;
 use flashmoe_core::{Error, Result};
 
 use crate::device::{Device, MAXP};
-use crate::model::CudaOptions;
 use crate::ops;
 use crate::seq::core_error;
 
@@ -36,8 +35,10 @@ mod buf;
 mod fused;
 mod gemm;
 mod launch;
+mod layout;
 mod mat;
 mod moe;
+mod options;
 mod pool;
 mod prep;
 mod slots;
@@ -48,11 +49,12 @@ use buf::{cache_at, room};
 pub use buf::{CudaBuf, CudaRoutes};
 pub use mat::CudaMat;
 use mat::{group_layout, member, stacked};
+pub use options::CudaOptions;
 use pool::{Mem, Pool};
 
 /// Contexts of every `Cuda` made in this process, kept alive to its end: a model's buffers
 /// and matrices are freed after its backend when they are dropped in field order, and freeing
-/// into a released primary context crashed the driver (see `CudaModel`'s `dev` field).
+/// into a released primary context crashed the driver (crates/cuda/NOTES.md, 2026-11-29).
 static CONTEXTS: Mutex<Vec<Arc<CudaContext>>> = Mutex::new(Vec::new());
 
 /// The CUDA backend: one device, its compute stream and its compiled kernels, and the
@@ -105,7 +107,7 @@ impl Cuda {
 
     /// `model` (loaded on the CPU) on CUDA device `ordinal`: its weights uploaded, its experts
     /// read through it (`SharedExperts`) into the residency tier of [`CudaOptions::default`]
-    /// (free VRAM less the reserve; LRU, as the old decode loop).
+    /// (free VRAM less the reserve; LRU).
     pub fn load(model: Arc<Model>, ordinal: usize) -> crate::Result<Model<Cuda>> {
         let opts = CudaOptions {
             device: ordinal,
@@ -156,7 +158,7 @@ impl Cuda {
         // One batch: a token's experts, and up to a launch's worth of a prompt's.
         let group = top_k.max(MAXP).min(num_experts).max(1);
         // At least one expert: the middle tier also stages the misses (pinned memory, one
-        // DMA each), as the old loop's host tier did.
+        // DMA each).
         let host_experts = (opts.host_cache_bytes / layout.slot).max(1);
         let spec = TierSpec::within(
             want,

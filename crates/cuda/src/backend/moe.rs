@@ -19,7 +19,7 @@ const STAGE_BYTES: usize = 64 << 10;
 /// The latest routing's readback, queued right after `router_topk` (an async copy into
 /// page-locked memory and an event on the compute stream): `routes_host` waits for that event
 /// only, not for the work queued after the router (the shared expert, which the MoE block
-/// queues first: `Backend::shared_before_routing`), as model.rs's token path did.
+/// queues first: `Backend::shared_before_routing`).
 pub(super) struct Staging(Mutex<Option<Stage>>);
 
 struct Stage {

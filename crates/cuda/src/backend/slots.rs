@@ -1,6 +1,6 @@
 //! [`Cuda`] as a [`SlotBackend`]: core's residency tier (`flashmoe_core::residency`) over
-//! VRAM slots in one device slab, laid out as `SlotLayout` says (the layout the old decode
-//! loop's cache.rs used: [gate‖up] w, s, b then down w, s, b), and a middle tier of
+//! VRAM slots in one device slab, laid out as `SlotLayout` says ([gate‖up] w, s, b then
+//! down w, s, b), and a middle tier of
 //! page-locked host slots of the same layout.
 //!
 //! - Fills: misses are staged into their host slots on several cores and each copied on the
@@ -9,12 +9,12 @@
 //!   refilled), and the compute stream waits for the copies. Host slots are rewritten only
 //!   after the previous fill's copies out of them are done.
 //! - Batches with the routing on the host: one token runs the experts as one batched gate‖up
-//!   launch, SwiGLU and one batched down launch (the old loop's `ffn`), combined with their
+//!   launch, SwiGLU and one batched down launch, combined with their
 //!   weights; a prompt runs each expert over its gathered tokens and scatters the weighted
 //!   rows back.
 //! - Resident layers: the router's ids stay on the device; `slot_batch` writes the two
 //!   problem batches from them and the layer's slot table, and the indirect matvecs read them
-//!   (the old loop's all-in-VRAM path), so the token has no host round-trip.
+//!   (the all-in-VRAM path), so the token has no host round-trip.
 use std::collections::HashMap;
 
 use rayon::prelude::*;
@@ -24,8 +24,8 @@ use flashmoe_core::experts::ExpertWeights;
 use flashmoe_core::residency::{Fill, FillFrom, SlotBackend, SlotBatch, SlotLayout, SlotRouting};
 use flashmoe_core::{Error, Result};
 
+use super::layout::Layout;
 use super::{ce, moe, room, stacked, Cuda, CudaBuf, CudaRoutes};
-use crate::cache::Layout;
 use crate::device::{DBuf, Event, ExpertBatchArgs, MvBatch, Pinned, MAXP};
 use crate::ops::{self, DevMat};
 
@@ -33,7 +33,7 @@ use crate::ops::{self, DevMat};
 pub struct CudaSlots {
     slab: DBuf,
     n: usize,
-    /// The slots' layout with the kernels' format (the old decode loop's cache uses it too).
+    /// The slots' layout with the kernels' format.
     lay: Layout,
     /// Published layers: slot base per expert on the device (u64, what `slot_batch` reads),
     /// and the slots on the host (for batches that bring the routing to the host).
@@ -230,8 +230,8 @@ impl Cuda {
 }
 
 impl Cuda {
-    /// [`Backend::fused_moe`] for one token of a published layer (the old decode loop's
-    /// all-in-VRAM MoE block): `router_experts` (top-k, and the two problem batches from the
+    /// [`Backend::fused_moe`] for one token of a published layer (the all-in-VRAM MoE
+    /// block): `router_experts` (top-k, and the two problem batches from the
     /// layer's slot table), the shared expert as problem K of the experts' two batched
     /// launches when it has their shape and format (else on its own first), and one
     /// `moe_combine` adding the weighted experts and the gated shared expert to `x`.
@@ -337,7 +337,7 @@ impl Cuda {
 }
 
 /// Where SwiGLU prepares each problem's h for the experts' down launch (`mp` kernel): the
-/// device's prepared-x scratch, one h of `inter` per problem (as model.rs's token path).
+/// device's prepared-x scratch, one h of `inter` per problem.
 fn down_prepared(be: &Cuda, dn: &DevMat, inter: usize) -> Option<ops::Prepared> {
     let bits = dn.prepared_bits().filter(|_| ops::epilogues())?;
     Some(ops::Prepared {
@@ -437,7 +437,7 @@ impl SlotBackend for Cuda {
     ) -> Result<bool> {
         let dev = self.bind()?;
         let (gu0, dn0) = slots.mats(0, layout)?;
-        // The old loop's bounds for the indirect kernels.
+        // The indirect kernels' bounds.
         let fits = layout.hidden <= 10240
             && layout.inter <= 10240
             && indirect_fits(&gu0)

@@ -175,7 +175,7 @@ pub fn run(a: Args) -> Result<()> {
             top_k: a.k,
             ..Default::default()
         };
-        let model = flashmoe_core::loader::open_model(&a.model, &lo)?;
+        let model = std::sync::Arc::new(flashmoe_core::loader::open_model(&a.model, &lo)?);
         let mut cuda = super::backend::cuda_bench(&model, a.tokens)?;
         if !a.no_cold && flashmoe_core::packed::is_packed_dir(&a.model) {
             say("cuda: decode with every routed expert read from disk (--io direct)");
@@ -184,13 +184,13 @@ pub fn run(a: Args) -> Result<()> {
                 &model,
                 a.io_mb.clamp(1, 1024) << 20,
             )?;
-            let direct = flashmoe_core::loader::open_model(
+            let direct = std::sync::Arc::new(flashmoe_core::loader::open_model(
                 &a.model,
                 &flashmoe_core::loader::LoadOptions {
                     io: flashmoe_core::loader::IoMode::Direct,
                     ..lo
                 },
-            )?;
+            )?);
             let disk = super::backend::cuda_bench_disk(&model, &direct, disk_gbps, a.tokens)?;
             cuda["model_experts_from_disk"] = disk;
         }
