@@ -257,6 +257,7 @@ fn kernel_names() -> Vec<String> {
         }
     }
     v.extend(crate::backend::PREFILL_MIXER_KERNELS.map(String::from));
+    v.extend(crate::gemm::kernel_names());
     for k in [
         "embed_row",
         "router_experts",
@@ -323,10 +324,15 @@ impl Device {
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| drv("load PTX module", e))?;
         let mut funcs = HashMap::new();
+        let optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .unwrap_or(0)
+            .max(0) as usize;
         for n in kernel_names() {
             let f = module
                 .load_function(&n)
                 .map_err(|e| drv(&format!("kernel {n}"), e))?;
+            crate::gemm::opt_in(&n, &f, optin)?;
             funcs.insert(n, f);
         }
         let qx = malloc(crate::ops::QX_SCRATCH)?;
@@ -604,6 +610,7 @@ impl Device {
                 A::B(v) => &**v as *const MvBatch as *mut c_void,
                 A::E(v) => &**v as *const ExpertBatchArgs as *mut c_void,
                 A::X(v) => &**v as *const Epi as *mut c_void,
+                A::G(v) => &**v as *const crate::gemm::GemmBatch as *mut c_void,
             })
             .collect();
         let dependent = self.arch.0 >= 9 && std::ptr::eq(stream, &*self.compute);
@@ -718,4 +725,6 @@ pub enum A {
     B(Box<MvBatch>),
     E(Box<ExpertBatchArgs>),
     X(Box<Epi>),
+    /// The tensor-core GEMM's products (gemm.rs).
+    G(Box<crate::gemm::GemmBatch>),
 }

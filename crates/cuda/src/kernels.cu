@@ -1888,4 +1888,298 @@ GDN_ROWS(16)
 GDN_ROWS(32)
 // =============================================================================================
 // End of the prompt mixers.
+// BEGIN qgemm: prompt products (T > 1 rows) on the tensor cores (sm_80+; crates/cuda/src/gemm.rs).
+// Y[n][r] = sum_c W[r][c] x[n][c] for an affine W (2/4/8-bit codes, group >= 32, bf16/f16/f32
+// scales). Near f32: codes become exact f16 integers (dq2), x is staged once per product by
+// gemm_prep_x as f16 hi + lo of x * 2^k with one power-of-two k per (row of x, group), the
+// tensor cores accumulate sum(q x) of a group in f32 (mma.sync m16n8k16), and each group is
+// folded in f32: acc += s * 2^-k * sum(q x 2^k) + b * sum(x).
+// k-slot order: in a 16-column chunk, lane t (of a quad) feeds the MMA codes (p0, p0 + 16/BITS)
+// and (p0 + 1, p0 + 1 + 16/BITS) of word t*BITS/8 with p0 = 2 (t % (8/BITS)); gemm_prep_x
+// stores x of each chunk in that order, so the lane's B fragment is one 8-byte read.
+// =============================================================================================
+struct GemmProb {
+    u64 w, s, b;  // the matrix
+    u64 y;        // output of its first token; token n at y + n * ldy floats
+    int rows, ldy, ntok, x0;  // x0: first row of the prepared x its tokens read
+};
+struct GemmBatch {
+    GemmProb p[MAXP];
+};
+static_assert(sizeof(GemmProb) == 48, "GemmProb mirrors gemm::GemmProb");
+static_assert(sizeof(GemmBatch) == 48 * MAXP, "GemmBatch mirrors gemm::GemmBatch");
+
+#define QG_BM 128
+#define QG_BN 64
+#define QG_BK 64
+#define QG_NST 4
+// Bytes of one staged token row of a k-tile: 4 chunks x (hi 32 + lo 32), padded so that the
+// 8 tokens of a B fragment read hit distinct banks.
+#define QG_XROW 288
+// Bytes of one staged weight row of a k-tile: its codes (8 BITS bytes), padded so that the 8
+// rows of an A fragment read hit distinct banks.
+#define QG_WROW(BITS) ((BITS) == 2 ? 48 : 8 * (BITS) + 16)
+
+// Position in a chunk's staged x of column j (0..15) of the chunk, for BITS-wide codes.
+__device__ __forceinline__ int qg_pos(int bits, int j) {
+    const int epw = 32 / bits, hpw = 16 / bits, wpb = 8 / bits;
+    const int wi = j / epw, p = j % epw, h = p / hpw, q = p % hpw;
+    const int t = wi * wpb + (q >> 1), e = ((q & 1) << 1) | h;
+    return t * 4 + e;
+}
+
+// x (rows of ldx floats; row i is src row idx[i] when idx is given) staged for qgemm: per row
+// `cols` u32 (per 16-column chunk 16 f16 hi then 16 f16 lo, in qg_pos order), and per (row,
+// group) (2^-k, sum x). One warp per (row, group).
+extern "C" __global__ void __launch_bounds__(256) gemm_prep_x(const float* x, int ldx, const int* idx, int nrows,
+                                                              int cols, int lg, int bits, u16* xq, float2* meta) {
+    pdl_wait();
+    pdl_release();
+    const int lane = threadIdx.x & 31, gs = 1 << lg, gpr = cols >> lg;
+    const long npairs = (long)nrows * gpr;
+    for (long pr = (long)blockIdx.x * 8 + (threadIdx.x >> 5); pr < npairs; pr += (long)gridDim.x * 8) {
+        const int r = (int)(pr / gpr), g = (int)(pr % gpr);
+        const long src = idx ? (long)idx[r] : (long)r;
+        const float* xr = x + src * ldx + (long)g * gs;
+        float v[4];
+        float m = 0.f, sm = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int c = lane + 32 * i;
+            v[i] = c < gs ? xr[c] : 0.f;
+            m = fmaxf(m, fabsf(v[i]));
+            sm += v[i];
+        }
+        m = warp_max(m);
+        sm = warp_sum(sm);
+        // The group's largest element scaled to [2^13, 2^14): hi and lo keep about 22 bits.
+        int k = 13 - (((__float_as_int(m) >> 23) & 0xff) - 127);
+        k = min(max(k, -100), 100);
+        const float sc = __int_as_float((127 + k) << 23);
+        u16* row = xq + (long)r * cols * 2;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int c = lane + 32 * i;
+            if (c < gs) {
+                const int col = g * gs + c;
+                const float a = v[i] * sc;
+                const u16 hi = f2h_(a);
+                const u16 lo = f2h_(a - f16f(hi));
+                u16* ch = row + (col >> 4) * 32;
+                const int pos = qg_pos(bits, col & 15);
+                ch[pos] = hi;
+                ch[16 + pos] = lo;
+            }
+        }
+        if (lane == 0) {
+            float2 mt;
+            mt.x = __int_as_float((127 - k) << 23);
+            mt.y = sm;
+            meta[pr] = mt;
+        }
+    }
+}
+
+__device__ __forceinline__ u32 qg_saddr(const void* p) {
+    u32 s;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
+    return s;
+}
+__device__ __forceinline__ void qg_cp16(void* smem, const void* g) {
+    const u32 s = qg_saddr(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
+}
+__device__ __forceinline__ void qg_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void qg_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// One 128-row x 64-token tile of problem P, over k-tiles of 64 columns in a 4-stage ring
+// (dynamic shared memory above 48 KiB: gemm.rs opts in). 8 warps: warp & 3 picks 32 rows,
+// warp >> 2 picks 32 tokens; each warp holds 2 x 4 MMA tiles (16 rows x 8 tokens) and their
+// group sums.
+template <int BITS, int SDT>
+__device__ void qgemm_tile(const GemmProb& P, int cols, int lg, const u16* xq, const float2* meta) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    extern __shared__ __align__(16) unsigned char qg_sm[];
+    const int WROW = 8 * BITS;                 // bytes of a row's k-tile of codes
+    const int RS = QG_WROW(BITS);              // their stride in shared memory
+    const int WST = QG_BM * RS;                // bytes of a stage's codes
+    const int XST = QG_BN * QG_XROW;           // bytes of a stage's x
+    const int m0 = blockIdx.x * QG_BM, n0 = blockIdx.y * QG_BN;
+    if (m0 >= P.rows || n0 >= P.ntok) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int wm = warp & 3, wn = warp >> 2;
+    const int wpr = cols * BITS / 32, gpr = cols >> lg, nkt = cols / QG_BK;
+    const unsigned char* W = (const unsigned char*)P.w;
+    const u16* X = xq + (long)P.x0 * cols * 2;
+    const float2* M = meta + (long)P.x0 * gpr;
+    unsigned char* ws = qg_sm;
+    unsigned char* xs = qg_sm + QG_NST * WST;
+    // Stage k-tile kt into buffer st: codes of 128 rows (rows past the end repeat the last),
+    // x of the tokens that exist (a token past the end only feeds its own MMA column, whose
+    // results are never written, so its stale shared memory is harmless).
+    auto load = [&](int kt, int st) {
+        if (kt < nkt) {
+            const int CPR = WROW / 16;  // 16-byte copies per row
+            for (int i = threadIdx.x; i < QG_BM * CPR; i += 256) {
+                const int r = i / CPR, part = i % CPR;
+                const long gr = min(m0 + r, P.rows - 1);
+                const unsigned char* src = W + (gr * wpr) * 4 + (long)kt * WROW + part * 16;
+                qg_cp16(ws + st * WST + r * RS + part * 16, src);
+            }
+            for (int i = threadIdx.x; i < QG_BN * 16; i += 256) {
+                const int n = i >> 4, part = i & 15;
+                if (n0 + n < P.ntok) {
+                    const u16* src = X + (long)(n0 + n) * cols * 2 + (long)kt * QG_BK * 2 + part * 8;
+                    qg_cp16(xs + st * XST + n * QG_XROW + part * 16, src);
+                }
+            }
+        }
+        qg_commit();
+    };
+    pdl_wait();
+    pdl_release();
+#pragma unroll
+    for (int s = 0; s < QG_NST - 1; s++) load(s, s);
+
+    float acc[2][4][4], c[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = c[i][j][e] = 0.f;
+    // Rows (g, g + 8 of each 16-row tile) and tokens (2t, 2t + 1 of each 8-token tile) this
+    // lane's accumulators hold, clamped for loads.
+    long srow[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) srow[i][h] = (long)min(m0 + wm * 32 + i * 16 + h * 8 + g, P.rows - 1) * gpr;
+    int tok[4][2];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) tok[j][h] = min(n0 + wn * 32 + j * 8 + 2 * t + h, P.ntok - 1);
+    float sv[2][2], bv[2][2], iv[4][2], xv[4][2];
+    const int wi = t * BITS / 8, shift = (t % (8 / BITS)) * BITS * 2;
+    const int gk = (1 << lg) / 16;  // 16-column chunks per group
+    for (int kt = 0; kt < nkt; kt++) {
+        qg_wait<QG_NST - 2>();
+        __syncthreads();
+        load(kt + QG_NST - 1, (kt + QG_NST - 1) % QG_NST);
+        const int st = kt % QG_NST;
+        const u32* wsm = (const u32*)(ws + st * WST);
+        const unsigned char* xsm = xs + st * XST;
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++) {
+            const int ch = kt * 4 + kc;  // 16-column chunk index
+            if (ch % gk == 0) {
+                const int gi = ch / gk;
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        sv[i][h] = ldsc<SDT>((const void*)P.s, srow[i][h] + gi);
+                        bv[i][h] = ldsc<SDT>((const void*)P.b, srow[i][h] + gi);
+                    }
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const float2 mt = M[(long)tok[j][h] * gpr + gi];
+                        iv[j][h] = mt.x;
+                        xv[j][h] = mt.y;
+                    }
+            }
+            // A warp whose tokens all lie past the problem's end (routed experts: a few tokens
+            // each) skips its products; each 8-token tile past the end too.
+            if (n0 + wn * 32 < P.ntok) {
+            u32 a[2][4];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int r = wm * 32 + i * 16 + g;
+                const u32 w0 = wsm[r * (RS / 4) + kc * (BITS / 2) + wi] >> shift;
+                const u32 w1 = wsm[(r + 8) * (RS / 4) + kc * (BITS / 2) + wi] >> shift;
+                a[i][0] = dq2<BITS>(w0, 0);
+                a[i][1] = dq2<BITS>(w1, 0);
+                a[i][2] = dq2<BITS>(w0, 1);
+                a[i][3] = dq2<BITS>(w1, 1);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                if (n0 + wn * 32 + j * 8 >= P.ntok) break;
+                const unsigned char* xb = xsm + (wn * 32 + j * 8 + g) * QG_XROW + kc * 64 + t * 8;
+                const uint2 hi = *(const uint2*)xb;
+                const uint2 lo = *(const uint2*)(xb + 32);
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    mma16816(c[i][j], a[i][0], a[i][1], a[i][2], a[i][3], hi.x, hi.y);
+                    mma16816(c[i][j], a[i][0], a[i][1], a[i][2], a[i][3], lo.x, lo.y);
+                }
+            }
+            }
+            if ((ch + 1) % gk == 0) {
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int h = e >> 1, n = e & 1;  // c[e]: row g + 8h, token 2t + n
+                            acc[i][j][e] = fmaf(sv[i][h] * iv[j][n], c[i][j][e], fmaf(bv[i][h], xv[j][n], acc[i][j][e]));
+                            c[i][j][e] = 0.f;
+                        }
+            }
+        }
+    }
+    qg_wait<0>();
+    float* Y = (float*)P.y;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = m0 + wm * 32 + i * 16 + (e >> 1) * 8 + g;
+                const int n = n0 + wn * 32 + j * 8 + 2 * t + (e & 1);
+                if (r < P.rows && n < P.ntok) Y[(long)n * P.ldy + r] = acc[i][j][e];
+            }
+#endif
+}
+
+// Kernel names: qgemm{bits}_{sdt} (up to MAXP problems by value, blockIdx.z) and
+// qgemm{bits}_{sdt}_t (problems in a device table: the routed experts of a prompt).
+#define QGK(BITS, SDT, SN)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 2) qgemm##BITS##_##SN(GemmBatch b, int cols, int lg,     \
+                                                                        const u16* xq, const float2* meta) { \
+        qgemm_tile<BITS, SDT>(b.p[blockIdx.z], cols, lg, xq, meta);                                         \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 2) qgemm##BITS##_##SN##_t(const GemmProb* tbl, int cols,  \
+                                                                            int lg, const u16* xq,          \
+                                                                            const float2* meta) {           \
+        pdl_wait();                                                                                         \
+        const GemmProb P = tbl[blockIdx.z];                                                                 \
+        qgemm_tile<BITS, SDT>(P, cols, lg, xq, meta);                                                       \
+    }
+QGK(4, 0, bf16) QGK(4, 1, f16) QGK(4, 2, f32)
+QGK(2, 0, bf16) QGK(2, 1, f16) QGK(2, 2, f32)
+QGK(8, 0, bf16) QGK(8, 1, f16) QGK(8, 2, f32)
+
+// out[n] += sum_j w[n k + j] y[idx[n k + j]] over j < k with idx >= 0, in j order (rows of h):
+// a prompt's routed experts, each expert's rows computed apart, added back per token.
+extern "C" __global__ void gemm_rows_combine(float* out, const float* y, const int* idx, const float* w, int k,
+                                             int h) {
+    pdl_wait();
+    pdl_release();
+    const long n = blockIdx.y;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < h; i += gridDim.x * blockDim.x) {
+        float v = out[n * h + i];
+        for (int j = 0; j < k; j++) {
+            const int r = idx[n * k + j];
+            if (r >= 0) v = fmaf(w[n * k + j], y[(long)r * h + i], v);
+        }
+        out[n * h + i] = v;
+    }
+}
+// END qgemm
 // =============================================================================================

@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod bench;
 pub mod device;
+pub mod gemm;
 pub mod ops;
 pub mod seq;
 

@@ -46,12 +46,39 @@ pub(super) fn matmul_many(
             Ok(())
         }
         None => {
+            if t > 1 && gemm_many(be, ws, x, t, ys)? {
+                return Ok(());
+            }
             for (w, y) in ws.iter().zip(ys.iter_mut()) {
                 be.matmul(w, x, t, y)?;
             }
             Ok(())
         }
     }
+}
+
+/// `matmul_many` of `t > 1` rows as one tensor-core GEMM launch when the matrices share
+/// format and width (backend/gemm.rs); false when it does not apply.
+fn gemm_many(
+    be: &Cuda,
+    ws: &[&CudaMat],
+    x: &CudaBuf,
+    t: usize,
+    ys: &mut [&mut CudaBuf],
+) -> Result<bool> {
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        room("matmul_many", "x", x, t * w.m.cols)?;
+        room("matmul_many", "y", y, t * w.m.rows)?;
+    }
+    let ms: Vec<&ops::DevMat> = ws.iter().map(|w| &w.m).collect();
+    let yp: Vec<u64> = ys.iter().map(|y| y.ptr()).collect();
+    if !be.gemm_products(&ms, x.ptr(), t, &yp)? {
+        return Ok(false);
+    }
+    for y in ys.iter_mut() {
+        y.written();
+    }
+    Ok(true)
 }
 
 /// `x m^T` for one token into a new buffer of `m.rows`.
@@ -220,7 +247,9 @@ pub(super) fn swiglu_mlp(
     let g = be.buf(t * 2 * inter)?;
     let p = [(gu.w, gu.s, gu.b, x.ptr(), g.ptr())];
     let pre = x.prepared_for(gu).filter(|_| t == 1);
-    ops::matvec_batch_prepared(dev, &dev.compute, gu, &p, t, h, 2 * inter, pre).map_err(ce)?;
+    if !(t > 1 && be.gemm_products(&[gu], x.ptr(), t, &[g.ptr()])?) {
+        ops::matvec_batch_prepared(dev, &dev.compute, gu, &p, t, h, 2 * inter, pre).map_err(ce)?;
+    }
     let hid = be.buf(t * inter)?;
     // Decoding, SwiGLU prepares the hidden state for the down product's `mp` kernel.
     let dm = &down.m;
@@ -234,7 +263,10 @@ pub(super) fn swiglu_mlp(
         });
     ops::swiglu(dev, g.ptr(), hid.ptr(), inter, t, pre).map_err(ce)?;
     let p = [(dm.w, dm.s, dm.b, hid.ptr(), y.ptr())];
-    ops::matvec_batch_prepared(dev, &dev.compute, dm, &p, t, inter, dm.rows, pre).map_err(ce)?;
+    if !(t > 1 && be.gemm_products(&[dm], hid.ptr(), t, &[y.ptr()])?) {
+        ops::matvec_batch_prepared(dev, &dev.compute, dm, &p, t, inter, dm.rows, pre)
+            .map_err(ce)?;
+    }
     Ok(Some(()))
 }
 

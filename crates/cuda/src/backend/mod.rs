@@ -33,6 +33,7 @@ use crate::seq::core_error;
 
 mod buf;
 mod fused;
+mod gemm;
 mod launch;
 mod layout;
 mod mat;
@@ -383,6 +384,9 @@ impl Backend for Cuda {
         room("matmul", "x", x, t * m.cols)?;
         room("matmul", "y", y, t * m.rows)?;
         y.written();
+        if t > 1 && self.gemm_products(&[m], x.ptr(), t, &[y.ptr()])? {
+            return Ok(());
+        }
         let pre = x.prepared_for(m).filter(|_| t == 1);
         let p = [(m.w, m.s, m.b, x.ptr(), y.ptr())];
         ops::matvec_batch_prepared(dev, &dev.compute, m, &p, t, m.cols, m.rows, pre).map_err(ce)

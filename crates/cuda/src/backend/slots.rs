@@ -72,7 +72,7 @@ impl CudaSlots {
     }
 
     /// (gate‖up `[2I, H]`, down `[H, I]`) of the expert in slot `i`.
-    fn mats(&self, i: usize, layout: &SlotLayout) -> Result<(DevMat, DevMat)> {
+    pub(super) fn mats(&self, i: usize, layout: &SlotLayout) -> Result<(DevMat, DevMat)> {
         Ok(self.lay.mats(self.base(i, layout)?))
     }
 }
@@ -154,6 +154,10 @@ impl Cuda {
             let wb = self.upload(&w)?;
             let (op, yp, wp) = (out.ptr(), ye.ptr(), wb.ptr());
             return ops::moe_combine(dev, op, yp, wp, n, 0, 0, 0, h).map_err(ce);
+        }
+        // A prompt on the tensor cores: every expert in one launch per product (gemm.rs).
+        if self.gemm_experts(layout, slots, hr, experts, ids, x, out)? {
+            return Ok(());
         }
         // A prompt: each expert over its tokens, gathered; the weighted rows scattered back
         // (an expert's tokens are distinct rows, so the scatter has no conflicting adds). Every

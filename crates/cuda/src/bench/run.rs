@@ -115,7 +115,9 @@ pub(super) fn time_prefill(m: &mut Model<Cuda>, n: usize) -> Result<Value> {
     let recurrent = run(m, false);
     m.opts.chunked_gdn = chunked;
     let recurrent = recurrent.map(|r| json!(r.0)).unwrap_or_else(err);
+    let gemm = gemm_ab(m, &ids).unwrap_or_else(err);
     Ok(json!({
+        "gemm_vs_mm": gemm,
         "prompt_tokens": ids.len(),
         "auto_takes": "core's prefill step: one forward call over the whole prompt (T-row products, each routed expert over its tokens, chunked GatedDeltaNet); the old loop's token path is gone",
         "chunked_ms": one,
@@ -126,6 +128,33 @@ pub(super) fn time_prefill(m: &mut Model<Cuda>, n: usize) -> Result<Value> {
         "chunked_bytes_copied": one_bytes,
         "one_call_per_token_bytes_copied": stepped_bytes,
     }))
+}
+
+/// The prompt `ids` with T-row products on the tensor-core GEMM (crate::gemm) and on its `mm`
+/// twin, in this run: ms of each and how far the last token's logits moved.
+fn gemm_ab(m: &Model<Cuda>, ids: &[u32]) -> Result<Value> {
+    let run = |on: bool| -> Result<(f64, Vec<f32>)> {
+        crate::gemm::set_enabled(on);
+        let mut st = m.new_state()?;
+        let mut fs = ForwardStats::default();
+        let t = Instant::now();
+        let r = m.forward(ids, &mut st, Logits::Last, &mut fs, None);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        crate::gemm::set_enabled(true);
+        Ok((ms, r?))
+    };
+    let (mm_ms, mm) = run(false)?;
+    let (gemm_ms, g) = run(true)?;
+    let diff = mm
+        .iter()
+        .zip(&g)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = mm.iter().map(|a| a.abs()).fold(0f32, f32::max);
+    Ok(
+        json!({"note": "one prompt each, same run: T-row products on the tensor-core GEMM (qgemm) vs the mm kernel",
+              "gemm_ms": gemm_ms, "mm_ms": mm_ms, "logits_max_abs_diff": diff, "logits_max_abs": scale}),
+    )
 }
 
 /// An error as a JSON value (a section that failed, beside the others).
@@ -287,5 +316,6 @@ pub(super) fn core_path(m: &Model<Cuda>, tokens: usize, prompt: usize) -> Result
         "greedy_tokens": toks,
         "trace_one_token": {"core": trace_one(m)?},
         "trace_prefill": {"core": trace_prompt(m, &ids)?["kernels"].clone()},
+        "prefill_gemm_vs_mm": gemm_ab(m, &ids).unwrap_or_else(err),
     }))
 }

@@ -20,6 +20,11 @@ pub(super) fn matmul<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         cases.push((Fmt::Affine(4, 64, DType::BF16), 1030, 1024, t));
         cases.push((Fmt::Bf16, 1030, 1024, t));
     }
+    // Prompts of several row and token tiles of a GEMM (CUDA's tensor-core products: 128 rows
+    // by 64 tokens per block), ragged in both, in each code width.
+    cases.push((Fmt::Affine(4, 64, DType::BF16), 300, 1024, 70));
+    cases.push((Fmt::Affine(8, 32, DType::F16), 130, 512, 129));
+    cases.push((Fmt::Affine(2, 128, DType::F32), 200, 768, 65));
     for (f, rows, cols, t) in cases {
         let w = random_linear(&mut c.rng, rows, cols, f);
         let x = c.randv(t * cols, 1.0);
