@@ -34,6 +34,9 @@ const PARAMS: u64 = 64;
 #[derive(Default)]
 struct Pending {
     enc: Option<wgpu::CommandEncoder>,
+    /// The compute pass open in `enc` when dispatches share one ([`Wgpu::set_one_pass`]);
+    /// ended before any other command and before submission.
+    pass: Option<wgpu::ComputePass<'static>>,
     n: usize,
     arena: Option<wgpu::Buffer>,
     host: Vec<u8>,
@@ -198,6 +201,12 @@ pub struct Wgpu {
     counts: Counts,
     /// Bind groups kept between dispatches (`bind.rs`).
     binds: Mutex<crate::bind::Cache>,
+    /// The timestamp queries the device has (`timing.rs`).
+    pub(crate) stamps: crate::timing::Stamps,
+    /// The trace being recorded, if any (`timing.rs`).
+    pub(crate) trace: Mutex<Option<crate::timing::Trace>>,
+    /// Consecutive dispatches share one compute pass instead of one pass each.
+    one_pass: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -238,11 +247,13 @@ impl Wgpu {
         let desc = describe(idx, adapter);
         let limits = adapter.limits();
         // Subgroup operations where the adapter has them (the fast products' reduction).
+        // Timestamp queries where offered (`timing.rs`: a trace's GPU times).
         let features = adapter.features() & wgpu::Features::SUBGROUP;
+        let stamps = crate::timing::Stamps::request(adapter.features());
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("flashmoe"),
             required_limits: limits.clone(),
-            required_features: features,
+            required_features: features | stamps,
             ..Default::default()
         }))
         .map_err(|e| WgpuError::Device {
@@ -301,6 +312,9 @@ impl Wgpu {
             dummy,
             counts: Counts::default(),
             binds: Mutex::default(),
+            stamps: crate::timing::Stamps::of(stamps),
+            trace: Mutex::new(None),
+            one_pass: false.into(),
         })
     }
 
@@ -484,6 +498,7 @@ impl Wgpu {
             let n = (g.used * self.stride) as usize;
             self.queue.write_buffer(a, 0, &g.host[..n]);
         }
+        g.pass = None;
         if let Some(e) = g.enc.take() {
             bump(&self.counts.submissions);
             self.queue.submit([e.finish()]);
@@ -495,26 +510,62 @@ impl Wgpu {
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Records `f` into the pending encoder; submits when the batch is full.
-    fn record(&self, g: &mut Pending, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
-        let enc = g.enc.get_or_insert_with(|| {
+    /// The pending encoder, with no pass open in it.
+    fn encoder<'a>(&self, g: &'a mut Pending) -> &'a mut wgpu::CommandEncoder {
+        g.pass = None;
+        g.enc.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
-        f(enc);
+        })
+    }
+
+    /// Counts a recorded command; submits when the batch is full.
+    fn recorded(&self, g: &mut Pending) {
         g.n += 1;
         if g.n >= self.submit_batch() {
             self.submit(g);
         }
     }
 
+    /// Records `f` (a copy, clear or resolve) into the pending encoder, between timestamps
+    /// while a trace is on and the device has them inside encoders.
     fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        self.with_encoder_named("copy", f)
+    }
+
+    pub(crate) fn with_encoder_named(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<()> {
         let t = self.start();
         bump(&self.counts.transfers);
+        let q = self.trace_take(name, true)?;
         let mut g = self.pending()?;
-        self.record(&mut g, f);
+        let enc = self.encoder(&mut g);
+        match &q {
+            Some((set, i)) => {
+                enc.write_timestamp(set, *i);
+                f(enc);
+                enc.write_timestamp(set, i + 1);
+            }
+            None => f(enc),
+        }
+        self.recorded(&mut g);
         drop(g);
         self.add_ns(t);
+        Ok(())
+    }
+
+    /// Whether consecutive dispatches share one compute pass.
+    pub fn one_pass(&self) -> bool {
+        self.one_pass.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`Wgpu::one_pass`]; what is recorded is submitted first.
+    pub fn set_one_pass(&self, on: bool) -> Result<()> {
+        self.flush()?;
+        self.one_pass.store(on, Ordering::Relaxed);
         Ok(())
     }
 
@@ -580,6 +631,7 @@ impl Wgpu {
         }
         let t = self.start();
         let pipe = self.pipeline(name)?;
+        let q = self.trace_take(name, false)?;
         let mut words = [0u32; 16];
         words[..params.len()].copy_from_slice(params);
         let mut g = self.pending()?;
@@ -642,12 +694,46 @@ impl Wgpu {
             make(&owned[1..])
         };
         let dyn_off = [off as u32];
-        self.record(&mut g, |enc| {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        let run = |pass: &mut wgpu::ComputePass<'_>| {
             pass.set_pipeline(&pipe);
             pass.set_bind_group(0, &bg, &dyn_off);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        });
+        };
+        // One pass for consecutive dispatches (timestamps between them where the device
+        // has them inside passes), else a pass per dispatch (timestamps at its ends).
+        let shared = self.one_pass() && (q.is_none() || self.stamps.inside_pass);
+        if shared {
+            if g.pass.is_none() {
+                let enc = self.encoder(&mut g);
+                let p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+                g.pass = Some(p.forget_lifetime());
+            }
+            let pass = g
+                .pass
+                .as_mut()
+                .ok_or_else(|| op_err("dispatch", "no pass"))?;
+            match &q {
+                Some((set, i)) => {
+                    pass.write_timestamp(set, *i);
+                    run(pass);
+                    pass.write_timestamp(set, i + 1);
+                }
+                None => run(pass),
+            }
+        } else {
+            let enc = self.encoder(&mut g);
+            let tw = q.as_ref().map(|(set, i)| wgpu::ComputePassTimestampWrites {
+                query_set: set,
+                beginning_of_pass_write_index: Some(*i),
+                end_of_pass_write_index: Some(i + 1),
+            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: tw,
+            });
+            run(&mut pass);
+        }
+        self.recorded(&mut g);
         drop(g);
         self.add_ns(t);
         Ok(())
@@ -673,7 +759,7 @@ impl Wgpu {
         if bytes == 0 {
             return Ok(());
         }
-        self.with_encoder(|enc| enc.clear_buffer(buf, 0, Some(bytes)))
+        self.with_encoder_named("clear", |enc| enc.clear_buffer(buf, 0, Some(bytes)))
     }
 
     /// Waits for everything recorded and reads `bytes` of `src` from offset 0.

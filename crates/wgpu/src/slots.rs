@@ -408,6 +408,9 @@ impl Wgpu {
         let bd_gu = ((o[2] - o[1]) / ssz) as u32;
         let bd_d = ((o[5] - o[4]) / ssz) as u32;
         let gu = self.scratch(2 * np * inter)?;
+        // Weight bytes of one gate (or up, or down) matrix with its scales and biases.
+        let per = (gw + 2 * gs) as u64;
+        self.note_bytes(2 * np as u64 * per);
         self.batch(
             m,
             inter,
@@ -422,6 +425,7 @@ impl Wgpu {
         )?;
         let hid = self.swiglu_pairs(np, inter, &gu.buf)?;
         let d = self.scratch(np * h)?;
+        self.note_bytes(np as u64 * per);
         self.batch(
             m,
             h,
