@@ -138,6 +138,8 @@ impl Wgpu {
             let mut params = w.m.to_vec();
             params.extend([p.rows, w.cols, t, p.row0, w.rows].map(|v| v as u32));
             params.push(gx);
+            let sb = |b: &Option<wgpu::Buffer>| b.as_ref().map_or(0, |b| b.size());
+            self.note_bytes(p.w.size() + sb(&p.s) + sb(&p.b));
             self.dispatch(
                 &name,
                 &params,
@@ -582,11 +584,13 @@ impl Backend for Wgpu {
         }
         out.t = t;
         out.k = k;
+        // A workgroup per token.
+        let (g, gx) = grid(t);
         self.dispatch(
             "topk",
-            &[ne as u32, k as u32, t as u32, renorm as u32],
+            &[ne as u32, k as u32, t as u32, renorm as u32, gx],
             &[(1, &logits.buf), (2, &out.ids), (3, &out.weights)],
-            [t.div_ceil(64) as u32, 1, 1],
+            g,
         )
     }
 
