@@ -161,6 +161,7 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
         }));
         kernels.extend(rows_of_shape);
     }
+    let chain = dispatch_chain(&be, 256)?;
     let model = flashmoe_core::model::upload_to(cpu, be)?;
     let n = o.tokens.max(1);
     // Streamed: every routed expert uploaded from host memory on use (no tier); the reads
@@ -223,6 +224,7 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
         "upload_gbps": upload,
         "products": format!("{default:?}"),
         "kernels": kernels,
+        "dispatch_chain": chain,
         // The target: the 4-bit product at >= 60% of the device copy bandwidth (given
         // against the bytes copied per second and against a copy's read+write traffic).
         "matvec_targets": best_ratio,
@@ -268,6 +270,35 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             "resident_layer_calls_per_token": per(s0.resident_calls, s1.resident_calls),
         },
     }))
+}
+
+/// The device's cost of one dependent dispatch: `n` additions into one small buffer (each
+/// waits for the one before), timed from submission to idle (wall) and between GPU
+/// timestamps (span and kernels), with one pass per dispatch and one pass shared: the least
+/// a token of d dispatches costs is about d times this step.
+fn dispatch_chain(be: &Wgpu, n: usize) -> Result<Value> {
+    let x = be.upload(&[1.0; 64])?;
+    let mut y = be.upload(&[0.0; 64])?;
+    let was = be.one_pass();
+    let mut out = Vec::new();
+    for one in [false, true] {
+        be.set_one_pass(one)?;
+        let wall = device_time(be, n, || be.add(&mut y, &x))?;
+        be.trace_start()?;
+        for _ in 0..n {
+            be.add(&mut y, &x)?;
+        }
+        let tr = be.trace_finish()?;
+        out.push(json!({
+            "one_pass": one,
+            "dispatches": n,
+            "wall_us_per_dispatch": wall * 1e6,
+            "span_us_per_dispatch": tr.span_us / n as f64,
+            "kernel_us_per_dispatch": tr.sum_us / n as f64,
+        }));
+    }
+    be.set_one_pass(was)?;
+    Ok(Value::Array(out))
 }
 
 /// One decode token (after a warm-up one) traced on the device ([`Wgpu::trace_start`]),
@@ -365,7 +396,7 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
             (true, Some(lg)) => lg,
             (true, None) => continue,
         };
-        for wgs in [128, 256] {
+        for wgs in [64, 128, 256, 512] {
             for r in [1, 2, 4] {
                 let f = Fast {
                     lg,
