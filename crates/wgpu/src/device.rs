@@ -314,7 +314,10 @@ impl Wgpu {
             binds: Mutex::default(),
             stamps: crate::timing::Stamps::of(stamps),
             trace: Mutex::new(None),
-            one_pass: false.into(),
+            // Measured on the H100's Vulkan driver (4d4c7dc): a resident decode token took
+            // 4.9 ms with dispatches sharing a pass against 6.4 ms with a pass each, most of
+            // it wgpu's submission work per pass (0.7 against 1.9 ms of the host's time).
+            one_pass: true.into(),
         })
     }
 
@@ -812,10 +815,12 @@ pub(crate) fn grid(n: usize) -> ([u32; 3], u32) {
 }
 
 /// The fast products on a hardware adapter: lane groups of its subgroup size where that is
-/// fixed and subgroup operations are on (else 32 lanes summing through workgroup memory), 128
-/// threads per workgroup and four rows per lane group (each lane loads x once for the four,
-/// and has four rows' loads in flight: CUDA's float matvec on the H100 of round 1 was fastest
-/// at four rows per warp, 0.64 of its copy rate on the 248320-row head against 0.49 at one).
+/// fixed and subgroup operations are on (else 32 lanes summing through workgroup memory), 256
+/// threads per workgroup and two rows per lane group (each lane loads x once for the two).
+/// Measured on the H100's Vulkan driver (4d4c7dc, GPU timestamps, every candidate of the
+/// bench): two rows at 256 threads took 28 / 81 / 1022 us at 4096x4096 / 16384x4096 /
+/// 248320x4096, four rows at 128 threads (the earlier default) 38 / 141 / 1087 us; two rows
+/// were the fastest or within 1% of it at each shape in this and the two earlier runs.
 /// `None` where the adapter cannot run a workgroup of 32.
 fn default_fast(
     info: &wgpu::AdapterInfo,
@@ -830,11 +835,11 @@ fn default_fast(
         && (4..=128).contains(&sg);
     let lg = if subgroup { sg } else { 32 };
     let max = limits.max_compute_invocations_per_workgroup;
-    let wgs = 128u32.max(lg);
+    let wgs = 256u32.min(max).max(lg);
     let f = Fast {
         lg,
         wgs,
-        r: 4,
+        r: 2,
         subgroup,
     };
     (wgs <= max).then_some(f)
