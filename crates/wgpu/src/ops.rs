@@ -569,7 +569,8 @@ impl Backend for Wgpu {
                 (6, &state.buf),
                 (7, &o.buf),
             ],
-            [s.nv as u32, 1, 1],
+            // Blocks of 32 columns (delta.wgsl's COLS).
+            [s.nv as u32, s.dv.div_ceil(32) as u32, 1],
         )
     }
 
