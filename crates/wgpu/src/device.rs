@@ -201,8 +201,10 @@ pub struct Wgpu {
     counts: Counts,
     /// Bind groups kept between dispatches (`bind.rs`).
     binds: Mutex<crate::bind::Cache>,
-    /// The timestamp queries the device has (`timing.rs`).
+    /// The timestamp queries traces use (`timing.rs`): the device's unless turned off.
     pub(crate) stamps: crate::timing::Stamps,
+    /// The timestamp queries the device has.
+    pub(crate) device_stamps: crate::timing::Stamps,
     /// The trace being recorded, if any (`timing.rs`).
     pub(crate) trace: Mutex<Option<crate::timing::Trace>>,
     /// Consecutive dispatches share one compute pass instead of one pass each.
@@ -313,6 +315,7 @@ impl Wgpu {
             counts: Counts::default(),
             binds: Mutex::default(),
             stamps: crate::timing::Stamps::of(stamps),
+            device_stamps: crate::timing::Stamps::of(stamps),
             trace: Mutex::new(None),
             // Measured on the H100's Vulkan driver (4d4c7dc): a resident decode token took
             // 4.9 ms with dispatches sharing a pass against 6.4 ms with a pass each, most of

@@ -207,6 +207,22 @@ pub fn trace_table(v: &Value) -> Vec<String> {
 }
 
 impl Wgpu {
+    /// Whether traces are timed (the device has timestamp queries and they are not turned
+    /// off).
+    pub fn timestamps(&self) -> bool {
+        self.stamps.pass
+    }
+
+    /// Turns timestamps off for later traces (`false`), as on an adapter without them, or
+    /// back to what the device has (`true`).
+    pub fn set_timestamps(&mut self, on: bool) {
+        self.stamps = if on {
+            self.device_stamps
+        } else {
+            Stamps::default()
+        };
+    }
+
     /// Starts timing what is recorded from here (after the device has finished what was
     /// recorded before). Without timestamp queries the commands are only counted.
     pub fn trace_start(&self) -> Result<()> {
@@ -243,10 +259,11 @@ impl Wgpu {
         let set = match (&tr.set, period > 0.0) {
             (Some(s), true) if tr.next > 0 => s,
             (None, _) => {
-                rep.unavailable = Some(format!(
-                    "adapter {} offers no TIMESTAMP_QUERY",
-                    self.desc.name
-                ));
+                rep.unavailable = Some(if self.device_stamps.pass {
+                    "TIMESTAMP_QUERY turned off".to_string()
+                } else {
+                    format!("adapter {} offers no TIMESTAMP_QUERY", self.desc.name)
+                });
                 return Ok(rep);
             }
             _ => {

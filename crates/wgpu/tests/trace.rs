@@ -76,6 +76,32 @@ fn traced_token_accounts_for_every_command() {
     }
 }
 
+/// Without timestamps (turned off, as on an adapter that has none) a trace still counts
+/// every command, times none, and says why; its table says so too.
+#[test]
+fn a_trace_without_timestamps_says_so() {
+    let Some(mut m) = model() else { return };
+    let had = m.be.timestamps();
+    m.be.set_timestamps(false);
+    assert!(!m.be.timestamps());
+    let mut st = m.new_state().expect("state");
+    let id = m.forward_argmax(&[1], &mut st).expect("warm-up");
+    m.be.trace_start().expect("trace");
+    let c0 = m.be.host_counters();
+    m.forward_argmax(&[id], &mut st).expect("token");
+    let c = m.be.host_counters().since(&c0);
+    let rep = m.be.trace_finish().expect("finish");
+    assert!(rep.kernels.is_empty() && rep.sum_us == 0.0, "{rep:?}");
+    let untimed: u64 = rep.untimed.iter().map(|u| u.1).sum();
+    assert_eq!(untimed, c.dispatches + c.transfers, "{rep:?}");
+    let why = rep.unavailable.clone().expect("a reason");
+    assert!(why.contains("TIMESTAMP_QUERY"), "{why}");
+    let table = flashmoe_wgpu::trace_table(&rep.json(1.0)).join("\n");
+    assert!(table.contains("no GPU timestamps"), "{table}");
+    m.be.set_timestamps(true);
+    assert_eq!(m.be.timestamps(), had);
+}
+
 /// Prefill of three tokens and two decode tokens give the same logits, bit for bit, with
 /// dispatches in one pass each and sharing a pass (wgpu puts the same barriers between
 /// dependent dispatches inside a pass as between passes).
