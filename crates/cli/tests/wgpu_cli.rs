@@ -174,6 +174,23 @@ fn bench_wgpu_reports_the_adapter_limits_beside_kernels_and_decode() {
             .is_some_and(|x| x > 0.0),
         "resident layers look their routing up on the device: {r}"
     );
+    // One resident token timed on the device: per kernel where the adapter has timestamp
+    // queries (lavapipe has), else the reason, and the table on stderr either way.
+    let t = &r["kernel_trace"];
+    match t["timestamps"].as_str() {
+        Some("on") => {
+            let k = t["kernels"].as_array().expect("kernels");
+            assert!(!k.is_empty(), "{t}");
+            assert!(t["sum_us"].as_f64().is_some_and(|x| x > 0.0), "{t}");
+            assert!(t["wall_us"].as_f64().is_some_and(|x| x > 0.0), "{t}");
+        }
+        other => assert!(other.is_some_and(|s| s.contains("TIMESTAMP")), "{t}"),
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("kernel") && err.contains("launches") && err.contains("device span"),
+        "{err}"
+    );
 }
 
 /// The text commands on wgpu over the tiny test model with a tokenizer: `run --prompt` and

@@ -80,17 +80,25 @@ fn reps_for(bytes: usize) -> usize {
 
 /// Bytes copied per second from one device buffer to another, and bytes per second from host
 /// memory into a device buffer.
-fn limits(be: &Wgpu, mb: usize) -> Result<(f64, f64)> {
+fn limits(be: &Wgpu, mb: usize) -> Result<(f64, f64, Option<f64>)> {
     let n = (mb.max(1) << 20) as u64;
     let (a, b) = (be.buffer(n), be.buffer(n));
     let copy = device_time(be, reps_for(2 * n as usize), || be.copy(&a, 0, &b, 0, n))?;
+    // The same copies timed on the device (where timestamps are allowed between commands).
+    be.trace_start()?;
+    for _ in 0..4 {
+        be.copy(&a, 0, &b, 0, n)?;
+    }
+    let tr = be.trace_finish()?;
+    let gpu_copy = (tr.unavailable.is_none() && tr.sum_us > 0.0 && tr.untimed.is_empty())
+        .then(|| 4.0 * n as f64 / (tr.sum_us * 1e3));
     let host = vec![1u8; n as usize];
     let upload = best(3, || {
         be.queue.write_buffer(&a, 0, &host);
         be.queue.submit([]);
         be.wait()
     })?;
-    Ok((n as f64 / copy / 1e9, n as f64 / upload / 1e9))
+    Ok((n as f64 / copy / 1e9, n as f64 / upload / 1e9, gpu_copy))
 }
 
 /// The `bench` section: limits, products, decode.
@@ -104,7 +112,7 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
         ..*o
     };
     let o = if software { &small } else { o };
-    let (copy, upload) = limits(&be, o.mb)?;
+    let (copy, upload, gpu_copy) = limits(&be, o.mb)?;
     let default = be.products;
     let mut kernels = Vec::new();
     let mut best_ratio: Vec<Value> = Vec::new();
@@ -115,6 +123,7 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
         for products in candidates(&be, default) {
             be.products = products;
             let k = product(&be, &wm, w.nbytes(), cols, rows)?;
+            let g = product_gpu(&be, &wm, w.nbytes(), cols, rows)?;
             rows_of_shape.push(json!({
                 "kernel": "matvec affine4-g64",
                 "products": format!("{products:?}"),
@@ -125,6 +134,9 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
                 "vs_copy": k.1 / copy,
                 // A copy reads and writes each byte: its traffic is twice the bytes copied.
                 "vs_copy_traffic": k.1 / (2.0 * copy),
+                // The kernel alone, between GPU timestamps (null without them).
+                "gpu_us": g.map(|g| g.0 * 1e6),
+                "gpu_weight_gbps": g.map(|g| g.1),
             }));
         }
         be.products = default;
@@ -149,6 +161,7 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
         }));
         kernels.extend(rows_of_shape);
     }
+    let chain = dispatch_chain(&be, 256)?;
     let model = flashmoe_core::model::upload_to(cpu, be)?;
     let n = o.tokens.max(1);
     // Streamed: every routed expert uploaded from host memory on use (no tier); the reads
@@ -168,14 +181,30 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
     let preloaded = Wgpu::preload(&model)?;
     // Commands per submission: the device starts on a short batch while the host records the
     // rest; each submission costs the host. Measured, the default last.
+    // Dispatches in one compute pass each or sharing one: measured beside each other, each
+    // with one traced token's device span and kernel sum (where the time goes).
     let default_batch = model.be.submit_batch();
+    let default_one = model.be.one_pass();
     let mut by_batch = Vec::new();
-    for b in [256, 8, default_batch] {
+    for (b, one) in [
+        (256, false),
+        (8, false),
+        (256, true),
+        (default_batch, !default_one),
+        (default_batch, default_one),
+    ] {
         model.be.set_submit_batch(b)?;
+        model.be.set_one_pass(one)?;
         let (ms, c) = decode_counted(&model, n)?;
-        by_batch.push(json!({"commands_per_submission": b, "ms_per_token": ms,
-            "host_per_token": host_json(&c, n)}));
+        let tr = trace_token(&model)?;
+        by_batch.push(
+            json!({"commands_per_submission": b, "one_pass": one, "ms_per_token": ms,
+            "host_per_token": host_json(&c, n),
+            "traced_token": {"wall_us": tr["wall_us"], "span_us": tr["span_us"],
+                "sum_us": tr["sum_us"], "gaps_us": tr["gaps_us"]}}),
+        );
     }
+    let kernel_trace = trace_token(&model)?;
     let s0 = model.be.tier_stats().unwrap_or_default();
     let (resident_ms, host) = decode_counted(&model, n)?;
     let s1 = model.be.tier_stats().unwrap_or_default();
@@ -189,9 +218,13 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
         "software_adapter_small_sizes": software,
         "buffer_mib": o.mb,
         "device_copy_gbps": copy,
+        // The copy's bytes over its time between GPU timestamps (null without them inside
+        // encoders): the copy engine's rate without the submission and wait around it.
+        "device_copy_gbps_timestamps": gpu_copy,
         "upload_gbps": upload,
         "products": format!("{default:?}"),
         "kernels": kernels,
+        "dispatch_chain": chain,
         // The target: the 4-bit product at >= 60% of the device copy bandwidth (given
         // against the bytes copied per second and against a copy's read+write traffic).
         "matvec_targets": best_ratio,
@@ -230,10 +263,56 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             // shaders there).
             "host_per_token": host_json(&host, n),
             "by_commands_per_submission": by_batch,
+            "one_pass": default_one,
+            // One token's commands timed on the device (timestamp queries), per kernel.
+            "kernel_trace": kernel_trace,
             // Layers run from the device's routing (no read back), per token.
             "resident_layer_calls_per_token": per(s0.resident_calls, s1.resident_calls),
         },
     }))
+}
+
+/// The device's cost of one dependent dispatch: `n` additions into one small buffer (each
+/// waits for the one before), timed from submission to idle (wall) and between GPU
+/// timestamps (span and kernels), with one pass per dispatch and one pass shared: the least
+/// a token of d dispatches costs is about d times this step.
+fn dispatch_chain(be: &Wgpu, n: usize) -> Result<Value> {
+    let x = be.upload(&[1.0; 64])?;
+    let mut y = be.upload(&[0.0; 64])?;
+    let was = be.one_pass();
+    let mut out = Vec::new();
+    for one in [false, true] {
+        be.set_one_pass(one)?;
+        let wall = device_time(be, n, || be.add(&mut y, &x))?;
+        be.trace_start()?;
+        for _ in 0..n {
+            be.add(&mut y, &x)?;
+        }
+        let tr = be.trace_finish()?;
+        out.push(json!({
+            "one_pass": one,
+            "dispatches": n,
+            "wall_us_per_dispatch": wall * 1e6,
+            "span_us_per_dispatch": tr.span_us / n as f64,
+            "kernel_us_per_dispatch": tr.sum_us / n as f64,
+        }));
+    }
+    be.set_one_pass(was)?;
+    Ok(Value::Array(out))
+}
+
+/// One decode token (after a warm-up one) traced on the device ([`Wgpu::trace_start`]),
+/// beside its wall time.
+fn trace_token(model: &Model<Wgpu>) -> Result<Value> {
+    let mut st = model.new_state()?;
+    let id = model.forward_argmax(&[1], &mut st)?;
+    model.be.trace_start()?;
+    let t = Instant::now();
+    let r = model.forward_argmax(&[id], &mut st);
+    let wall_us = t.elapsed().as_secs_f64() * 1e6;
+    let rep = model.be.trace_finish()?;
+    r?;
+    Ok(rep.json(wall_us))
 }
 
 /// Milliseconds per token of greedy decode of `n` tokens after one warm-up token.
@@ -317,7 +396,7 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
             (true, Some(lg)) => lg,
             (true, None) => continue,
         };
-        for wgs in [128, 256] {
+        for wgs in [64, 128, 256, 512] {
             for r in [1, 2, 4] {
                 let f = Fast {
                     lg,
@@ -332,6 +411,27 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
         }
     }
     v
+}
+
+/// [`product`] timed between GPU timestamps: the kernels' own seconds per product and weight
+/// bytes per second (`None` without timestamps).
+fn product_gpu(
+    be: &Wgpu,
+    wm: &crate::GMat,
+    bytes: usize,
+    cols: usize,
+    rows: usize,
+) -> Result<Option<(f64, f64)>> {
+    let x = be.upload(&vec![0.5f32; cols])?;
+    let mut y = be.alloc(rows)?;
+    let reps = reps_for(bytes).min(64);
+    be.trace_start()?;
+    for _ in 0..reps {
+        be.matmul(wm, &x, 1, &mut y)?;
+    }
+    let tr = be.trace_finish()?;
+    let s = tr.kernels.iter().map(|k| k.total_us).sum::<f64>() / 1e6 / reps as f64;
+    Ok((tr.unavailable.is_none() && s > 0.0).then(|| (s, bytes as f64 / s / 1e9)))
 }
 
 /// Device seconds per product of `wm` with one token, and weight bytes per second (see

@@ -34,6 +34,9 @@ const PARAMS: u64 = 64;
 #[derive(Default)]
 struct Pending {
     enc: Option<wgpu::CommandEncoder>,
+    /// The compute pass open in `enc` when dispatches share one ([`Wgpu::set_one_pass`]);
+    /// ended before any other command and before submission.
+    pass: Option<wgpu::ComputePass<'static>>,
     n: usize,
     arena: Option<wgpu::Buffer>,
     host: Vec<u8>,
@@ -198,6 +201,14 @@ pub struct Wgpu {
     counts: Counts,
     /// Bind groups kept between dispatches (`bind.rs`).
     binds: Mutex<crate::bind::Cache>,
+    /// The timestamp queries traces use (`timing.rs`): the device's unless turned off.
+    pub(crate) stamps: crate::timing::Stamps,
+    /// The timestamp queries the device has.
+    pub(crate) device_stamps: crate::timing::Stamps,
+    /// The trace being recorded, if any (`timing.rs`).
+    pub(crate) trace: Mutex<Option<crate::timing::Trace>>,
+    /// Consecutive dispatches share one compute pass instead of one pass each.
+    one_pass: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -238,11 +249,13 @@ impl Wgpu {
         let desc = describe(idx, adapter);
         let limits = adapter.limits();
         // Subgroup operations where the adapter has them (the fast products' reduction).
+        // Timestamp queries where offered (`timing.rs`: a trace's GPU times).
         let features = adapter.features() & wgpu::Features::SUBGROUP;
+        let stamps = crate::timing::Stamps::request(adapter.features());
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("flashmoe"),
             required_limits: limits.clone(),
-            required_features: features,
+            required_features: features | stamps,
             ..Default::default()
         }))
         .map_err(|e| WgpuError::Device {
@@ -301,6 +314,13 @@ impl Wgpu {
             dummy,
             counts: Counts::default(),
             binds: Mutex::default(),
+            stamps: crate::timing::Stamps::of(stamps),
+            device_stamps: crate::timing::Stamps::of(stamps),
+            trace: Mutex::new(None),
+            // Measured on the H100's Vulkan driver (4d4c7dc): a resident decode token took
+            // 4.9 ms with dispatches sharing a pass against 6.4 ms with a pass each, most of
+            // it wgpu's submission work per pass (0.7 against 1.9 ms of the host's time).
+            one_pass: true.into(),
         })
     }
 
@@ -484,6 +504,7 @@ impl Wgpu {
             let n = (g.used * self.stride) as usize;
             self.queue.write_buffer(a, 0, &g.host[..n]);
         }
+        g.pass = None;
         if let Some(e) = g.enc.take() {
             bump(&self.counts.submissions);
             self.queue.submit([e.finish()]);
@@ -495,26 +516,62 @@ impl Wgpu {
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Records `f` into the pending encoder; submits when the batch is full.
-    fn record(&self, g: &mut Pending, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
-        let enc = g.enc.get_or_insert_with(|| {
+    /// The pending encoder, with no pass open in it.
+    fn encoder<'a>(&self, g: &'a mut Pending) -> &'a mut wgpu::CommandEncoder {
+        g.pass = None;
+        g.enc.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
-        f(enc);
+        })
+    }
+
+    /// Counts a recorded command; submits when the batch is full.
+    fn recorded(&self, g: &mut Pending) {
         g.n += 1;
         if g.n >= self.submit_batch() {
             self.submit(g);
         }
     }
 
+    /// Records `f` (a copy, clear or resolve) into the pending encoder, between timestamps
+    /// while a trace is on and the device has them inside encoders.
     fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        self.with_encoder_named("copy", f)
+    }
+
+    pub(crate) fn with_encoder_named(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<()> {
         let t = self.start();
         bump(&self.counts.transfers);
+        let q = self.trace_take(name, true)?;
         let mut g = self.pending()?;
-        self.record(&mut g, f);
+        let enc = self.encoder(&mut g);
+        match &q {
+            Some((set, i)) => {
+                enc.write_timestamp(set, *i);
+                f(enc);
+                enc.write_timestamp(set, i + 1);
+            }
+            None => f(enc),
+        }
+        self.recorded(&mut g);
         drop(g);
         self.add_ns(t);
+        Ok(())
+    }
+
+    /// Whether consecutive dispatches share one compute pass.
+    pub fn one_pass(&self) -> bool {
+        self.one_pass.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`Wgpu::one_pass`]; what is recorded is submitted first.
+    pub fn set_one_pass(&self, on: bool) -> Result<()> {
+        self.flush()?;
+        self.one_pass.store(on, Ordering::Relaxed);
         Ok(())
     }
 
@@ -580,6 +637,7 @@ impl Wgpu {
         }
         let t = self.start();
         let pipe = self.pipeline(name)?;
+        let q = self.trace_take(name, false)?;
         let mut words = [0u32; 16];
         words[..params.len()].copy_from_slice(params);
         let mut g = self.pending()?;
@@ -642,12 +700,46 @@ impl Wgpu {
             make(&owned[1..])
         };
         let dyn_off = [off as u32];
-        self.record(&mut g, |enc| {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        let run = |pass: &mut wgpu::ComputePass<'_>| {
             pass.set_pipeline(&pipe);
             pass.set_bind_group(0, &bg, &dyn_off);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        });
+        };
+        // One pass for consecutive dispatches (timestamps between them where the device
+        // has them inside passes), else a pass per dispatch (timestamps at its ends).
+        let shared = self.one_pass() && (q.is_none() || self.stamps.inside_pass);
+        if shared {
+            if g.pass.is_none() {
+                let enc = self.encoder(&mut g);
+                let p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+                g.pass = Some(p.forget_lifetime());
+            }
+            let pass = g
+                .pass
+                .as_mut()
+                .ok_or_else(|| op_err("dispatch", "no pass"))?;
+            match &q {
+                Some((set, i)) => {
+                    pass.write_timestamp(set, *i);
+                    run(pass);
+                    pass.write_timestamp(set, i + 1);
+                }
+                None => run(pass),
+            }
+        } else {
+            let enc = self.encoder(&mut g);
+            let tw = q.as_ref().map(|(set, i)| wgpu::ComputePassTimestampWrites {
+                query_set: set,
+                beginning_of_pass_write_index: Some(*i),
+                end_of_pass_write_index: Some(i + 1),
+            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: tw,
+            });
+            run(&mut pass);
+        }
+        self.recorded(&mut g);
         drop(g);
         self.add_ns(t);
         Ok(())
@@ -673,7 +765,7 @@ impl Wgpu {
         if bytes == 0 {
             return Ok(());
         }
-        self.with_encoder(|enc| enc.clear_buffer(buf, 0, Some(bytes)))
+        self.with_encoder_named("clear", |enc| enc.clear_buffer(buf, 0, Some(bytes)))
     }
 
     /// Waits for everything recorded and reads `bytes` of `src` from offset 0.
@@ -726,10 +818,12 @@ pub(crate) fn grid(n: usize) -> ([u32; 3], u32) {
 }
 
 /// The fast products on a hardware adapter: lane groups of its subgroup size where that is
-/// fixed and subgroup operations are on (else 32 lanes summing through workgroup memory), 128
-/// threads per workgroup and four rows per lane group (each lane loads x once for the four,
-/// and has four rows' loads in flight: CUDA's float matvec on the H100 of round 1 was fastest
-/// at four rows per warp, 0.64 of its copy rate on the 248320-row head against 0.49 at one).
+/// fixed and subgroup operations are on (else 32 lanes summing through workgroup memory), 256
+/// threads per workgroup and two rows per lane group (each lane loads x once for the two).
+/// Measured on the H100's Vulkan driver (4d4c7dc, GPU timestamps, every candidate of the
+/// bench): two rows at 256 threads took 28 / 81 / 1022 us at 4096x4096 / 16384x4096 /
+/// 248320x4096, four rows at 128 threads (the earlier default) 38 / 141 / 1087 us; two rows
+/// were the fastest or within 1% of it at each shape in this and the two earlier runs.
 /// `None` where the adapter cannot run a workgroup of 32.
 fn default_fast(
     info: &wgpu::AdapterInfo,
@@ -744,11 +838,11 @@ fn default_fast(
         && (4..=128).contains(&sg);
     let lg = if subgroup { sg } else { 32 };
     let max = limits.max_compute_invocations_per_workgroup;
-    let wgs = 128u32.max(lg);
+    let wgs = 256u32.min(max).max(lg);
     let f = Fast {
         lg,
         wgs,
-        r: 4,
+        r: 2,
         subgroup,
     };
     (wgs <= max).then_some(f)

@@ -11,6 +11,7 @@
 //! - `pool.rs`: buffers of dropped `GBuf`s kept for the next allocation of their size.
 //! - `slots.rs`: the device side of core's residency tier (expert slots kept between calls).
 //! - `bench.rs`: `flashmoe bench --backend wgpu` (adapter limits, products, decode).
+//! - `timing.rs`: GPU timestamps around each recorded command of a trace, per kernel.
 //! - `shaders/`: one WGSL file per kernel; `mat.wgsl` is the weight-access prelude of the
 //!   products and of embed.
 mod bench;
@@ -22,6 +23,7 @@ mod ops;
 mod pool;
 pub mod shaders;
 mod slots;
+mod timing;
 
 pub use bench::{bench, BenchOptions};
 pub use device::{adapters, AdapterDesc, HostCounters, Options, Products, Wgpu};
@@ -30,6 +32,7 @@ pub use mat::GMat;
 pub use ops::{GBuf, GRoutes};
 pub use shaders::{Fast, FastKind};
 pub use slots::{with_residency, GSlots};
+pub use timing::{trace_table, KernelTime, TraceReport};
 
 /// Why the wgpu backend could not start or run.
 #[derive(Debug, thiserror::Error)]

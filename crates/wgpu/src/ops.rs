@@ -59,6 +59,24 @@ fn f(x: f32) -> u32 {
     x.to_bits()
 }
 
+/// The fast products' configuration for a one-token product of `rows` rows: where `f` would
+/// give it fewer than 32 workgroups (a router, a gate of a few rows), 64 lanes per row
+/// summing through workgroup memory, so that each lane's loop is short (the H100 took 44 us
+/// per launch of the 64-row routers and 1-row gates at 8 bits with 32 lanes on four rows).
+fn small_rows(f: Fast, rows: usize, t: usize) -> Fast {
+    let small = Fast {
+        lg: 64,
+        wgs: 256,
+        r: 1,
+        subgroup: false,
+    };
+    if t == 1 && rows.div_ceil(f.rows_per_group()) < 32 && f.wgs >= small.wgs {
+        small
+    } else {
+        f
+    }
+}
+
 /// Workgroups of 64 threads covering `n` elements.
 fn elems(n: usize) -> ([u32; 3], u32) {
     grid(n.div_ceil(64))
@@ -100,7 +118,9 @@ impl Wgpu {
             need(op, "z", z.len, x.len)?;
         }
         let rows = x.len / n;
-        let (g, gx) = grid(rows);
+        let (mut g, gx) = grid(rows);
+        // Slices of 1024 outputs (norm.wgsl's SW).
+        g[2] = n.div_ceil(1024) as u32;
         self.dispatch(
             "norm",
             &[n as u32, rows as u32, f(eps), z.is_some() as u32, gx],
@@ -122,7 +142,7 @@ impl Wgpu {
         t: usize,
         y: &wgpu::Buffer,
     ) -> Result<()> {
-        let fast = self.fast_for(w.m, w.cols);
+        let fast = self.fast_for(w.m, w.cols).map(|f| small_rows(f, w.rows, t));
         let tb = if t == 1 { 1 } else { 8 };
         let (name, per) = match fast {
             Some(f) => (f.key(FastKind::Matmul, w.m[1], tb), f.rows_per_group()),
@@ -138,6 +158,8 @@ impl Wgpu {
             let mut params = w.m.to_vec();
             params.extend([p.rows, w.cols, t, p.row0, w.rows].map(|v| v as u32));
             params.push(gx);
+            let sb = |b: &Option<wgpu::Buffer>| b.as_ref().map_or(0, |b| b.size());
+            self.note_bytes(p.w.size() + sb(&p.s) + sb(&p.b));
             self.dispatch(
                 &name,
                 &params,
@@ -547,7 +569,8 @@ impl Backend for Wgpu {
                 (6, &state.buf),
                 (7, &o.buf),
             ],
-            [s.nv as u32, 1, 1],
+            // Blocks of 32 columns (delta.wgsl's COLS).
+            [s.nv as u32, s.dv.div_ceil(32) as u32, 1],
         )
     }
 
@@ -582,11 +605,13 @@ impl Backend for Wgpu {
         }
         out.t = t;
         out.k = k;
+        // A workgroup per token.
+        let (g, gx) = grid(t);
         self.dispatch(
             "topk",
-            &[ne as u32, k as u32, t as u32, renorm as u32],
+            &[ne as u32, k as u32, t as u32, renorm as u32, gx],
             &[(1, &logits.buf), (2, &out.ids), (3, &out.weights)],
-            [t.div_ceil(64) as u32, 1, 1],
+            g,
         )
     }
 
@@ -662,12 +687,14 @@ impl Backend for Wgpu {
 
     fn argmax(&self, x: &GBuf) -> Result<u32> {
         let r = self.buffer(16);
-        self.dispatch(
-            "argmax",
-            &[x.len as u32],
-            &[(1, &x.buf), (2, &r)],
-            [1, 1, 1],
-        )?;
+        // Each workgroup of `argmax_part` takes 4096 values (argmax.wgsl's CHUNK).
+        let parts = x.len.div_ceil(4096).max(1);
+        let part = self.scratch(2 * parts)?;
+        let params = [x.len as u32, parts as u32];
+        // Each entry point's layout holds the bindings it uses.
+        let bufs = [(1, &x.buf), (3, &part.buf)];
+        self.dispatch("argmax_part", &params, &bufs, [parts as u32, 1, 1])?;
+        self.dispatch("argmax", &params, &[(2, &r), (3, &part.buf)], [1, 1, 1])?;
         let v: Vec<u32> = bytemuck::pod_collect_to_vec(&self.read(&r, 4)?);
         Ok(v[0])
     }

@@ -161,8 +161,9 @@ pub fn all() -> Vec<(String, String)> {
 }
 
 /// The source of kernel `name` and its entry point: `matmul_rows` and `expert_rows` are the
-/// one-thread-per-row entry points (`per_row`) of `matmul.wgsl` and `expert.wgsl`; `fast_*`
-/// names are [`Fast::key`]s.
+/// one-thread-per-row entry points (`per_row`) of `matmul.wgsl` and `expert.wgsl`,
+/// `argmax_part` the first dispatch (`part`) of `argmax.wgsl`; `fast_*` names are
+/// [`Fast::key`]s.
 pub fn source(name: &str) -> Option<(String, &'static str)> {
     if let Some((f, kind, bits, tb)) = Fast::parse(name) {
         return Some((f.source(kind, bits, tb), "main"));
@@ -170,6 +171,7 @@ pub fn source(name: &str) -> Option<(String, &'static str)> {
     let (file, entry) = match name {
         "matmul_rows" => ("matmul", "per_row"),
         "expert_rows" => ("expert", "per_row"),
+        "argmax_part" => ("argmax", "part"),
         n => (n, "main"),
     };
     all()

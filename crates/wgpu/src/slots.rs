@@ -27,7 +27,7 @@ use flashmoe_core::residency::{
 };
 use flashmoe_core::store::DType;
 
-use crate::device::Wgpu;
+use crate::device::{grid, Wgpu};
 use crate::op_err;
 use crate::ops::{GBuf, GRoutes};
 
@@ -390,7 +390,22 @@ impl Wgpu {
         let jg = self.scratch(2 * np * 4)?;
         let jd = self.scratch(np * 4)?;
         let tb = self.scratch(np * 2)?;
-        let words = [t, k, unit, ssz, layout.slot, o[0], o[1], o[3], o[4], gw, gs];
+        // A thread per (token, expert) pair.
+        let (g, gx) = grid(np.div_ceil(64));
+        let words = [
+            t,
+            k,
+            unit,
+            ssz,
+            layout.slot,
+            o[0],
+            o[1],
+            o[3],
+            o[4],
+            gw,
+            gs,
+            gx as usize,
+        ];
         self.dispatch(
             "slotjobs",
             &words.map(|v| v as u32),
@@ -402,12 +417,15 @@ impl Wgpu {
                 (5, &jd.buf),
                 (6, &tb.buf),
             ],
-            [t.div_ceil(64) as u32, 1, 1],
+            g,
         )?;
         let s = &slots.slabs[0];
         let bd_gu = ((o[2] - o[1]) / ssz) as u32;
         let bd_d = ((o[5] - o[4]) / ssz) as u32;
         let gu = self.scratch(2 * np * inter)?;
+        // Weight bytes of one gate (or up, or down) matrix with its scales and biases.
+        let per = (gw + 2 * gs) as u64;
+        self.note_bytes(2 * np as u64 * per);
         self.batch(
             m,
             inter,
@@ -422,6 +440,7 @@ impl Wgpu {
         )?;
         let hid = self.swiglu_pairs(np, inter, &gu.buf)?;
         let d = self.scratch(np * h)?;
+        self.note_bytes(np as u64 * per);
         self.batch(
             m,
             h,

@@ -132,7 +132,14 @@ pub fn bench(
         tokens: tokens.max(1),
         ..Default::default()
     };
-    Ok(flashmoe_wgpu::bench(be, model, &opts)?)
+    let v = flashmoe_wgpu::bench(be, model, &opts)?;
+    // One resident decode token's commands timed on the device, as a table on stderr (the
+    // report on stdout stays one JSON document with --json).
+    eprintln!("wgpu: one resident decode token on the device:");
+    for line in flashmoe_wgpu::trace_table(&v["decode_resident"]["kernel_trace"]) {
+        eprintln!("  {line}");
+    }
+    Ok(v)
 }
 
 #[cfg(not(feature = "wgpu"))]

@@ -1,6 +1,9 @@
-// The gated delta rule, recurrent form (arch-spec §6.4-6.5): one workgroup per value head;
-// each thread owns columns j of the head's state [dk, dv] (f32, updated in place), token by
-// token. q and k are l2-normalised (eps 1e-6 inside the rsqrt) in workgroup memory.
+// The gated delta rule, recurrent form (arch-spec §6.4-6.5): one workgroup per (value head,
+// block of COLS columns of its state [dk, dv]) (f32, updated in place), token by token; Q
+// threads share a column, each taking every Q-th row i, their sums added in a fixed order
+// through workgroup memory (a workgroup per head with a thread per column, 128 rows in
+// series, took 69 us per layer on an H100). q and k are l2-normalised (eps 1e-6 inside the
+// rsqrt) in workgroup memory.
 struct P {
     nk: u32,
     nv: u32,
@@ -19,14 +22,20 @@ struct P {
 @group(0) @binding(7) var<storage, read_write> O: array<f32>;
 
 const WGD: u32 = 128u;
+const COLS: u32 = 32u;
+const Q: u32 = 4u;
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> ks: array<f32, 256>;
 var<workgroup> rq: array<f32, 128>;
 var<workgroup> rk: array<f32, 128>;
+var<workgroup> part: array<f32, 128>;
 
 @compute @workgroup_size(128)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let h = wid.x;
+    let c = tid % COLS;
+    let qi = tid / COLS;
+    let j = wid.y * COLS + c;
     let dk = p.dk;
     let dv = p.dv;
     let kd = p.nk * dk;
@@ -64,19 +73,29 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             sp = log(1.0 + exp(x));
         }
         let decay = exp(NA[h] * sp);
-        for (var j = tid; j < dv; j += WGD) {
-            var kv = 0.0;
-            for (var i = 0u; i < dk; i++) {
+        var kv = 0.0;
+        if j < dv {
+            for (var i = qi; i < dk; i += Q) {
                 kv = fma(ST[sb + i * dv + j] * decay, ks[i] * nk, kv);
             }
-            let dlt = (U[ub + 2u * kd + h * dv + j] - kv) * beta;
-            var o = 0.0;
-            for (var i = 0u; i < dk; i++) {
+        }
+        part[tid] = kv;
+        workgroupBarrier();
+        let kvt = (part[c] + part[COLS + c]) + (part[2u * COLS + c] + part[3u * COLS + c]);
+        workgroupBarrier();
+        var o = 0.0;
+        if j < dv {
+            let dlt = (U[ub + 2u * kd + h * dv + j] - kvt) * beta;
+            for (var i = qi; i < dk; i += Q) {
                 let s = fma(ST[sb + i * dv + j], decay, ks[i] * nk * dlt);
                 ST[sb + i * dv + j] = s;
                 o = fma(s, qs[i] * nq, o);
             }
-            O[(ti * p.nv + h) * dv + j] = o;
+        }
+        part[tid] = o;
+        workgroupBarrier();
+        if qi == 0u && j < dv {
+            O[(ti * p.nv + h) * dv + j] = (part[c] + part[COLS + c]) + (part[2u * COLS + c] + part[3u * COLS + c]);
         }
         workgroupBarrier();
     }

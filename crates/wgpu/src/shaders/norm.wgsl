@@ -1,5 +1,8 @@
 // Per row of n: out = x / sqrt(mean(x^2) + eps) * w, times silu(z) when gated (arch-spec
-// §4.1, §4.2). One workgroup per row.
+// §4.1, §4.2). One workgroup per (row, slice of SW outputs): each sums the whole row's
+// squares (256 threads) and writes its slice, so a decode token's single 4096-wide row is
+// four workgroups of short loops (one workgroup of 64 threads over the row took ~39 us per
+// norm on an H100).
 struct P {
     n: u32,
     rows: u32,
@@ -14,13 +17,16 @@ struct P {
 @group(0) @binding(3) var<storage, read> Z: array<f32>;
 @group(0) @binding(4) var<storage, read_write> O: array<f32>;
 
-var<workgroup> red: array<f32, 64>;
+const WG: u32 = 256u;
+// Outputs per workgroup.
+const SW: u32 = 1024u;
+var<workgroup> red: array<f32, 256>;
 
 fn silu(x: f32) -> f32 {
     return x / (1.0 + exp(-x));
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let row = wid.x + wid.y * p.gx;
     if row >= p.rows {
@@ -28,20 +34,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let base = row * p.n;
     var ss = 0.0;
-    for (var i = tid; i < p.n; i += 64u) {
+    for (var i = tid; i < p.n; i += WG) {
         let v = X[base + i];
         ss = fma(v, v, ss);
     }
     red[tid] = ss;
     workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if tid < s {
             red[tid] += red[tid + s];
         }
         workgroupBarrier();
     }
     let r = inverseSqrt(red[0] / f32(p.n) + p.eps);
-    for (var i = tid; i < p.n; i += 64u) {
+    let end = min(p.n, (wid.z + 1u) * SW);
+    for (var i = wid.z * SW + tid; i < end; i += WG) {
         var y = X[base + i] * r * Wn[i];
         if p.gated != 0u {
             y *= silu(Z[base + i]);
