@@ -237,7 +237,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-fn kernel_names() -> Vec<String> {
+/// Every kernel [`Device::new`] loads from the compiled module, by name.
+pub fn kernel_names() -> Vec<String> {
     let mut v = Vec::new();
     for bits in [2, 4, 8] {
         for s in ["bf16", "f16", "f32"] {
