@@ -673,6 +673,17 @@ impl Device {
             .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The kernels `f` launches on the compute stream, one name per launch (traced; tests
+    /// check which kernels an op takes).
+    pub fn launched_by(&self, f: impl FnOnce()) -> Result<Vec<String>> {
+        let start = self.trace_start()?;
+        f();
+        let (k, _) = self.trace_finish(&start)?;
+        Ok(k.iter()
+            .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
+            .collect())
+    }
+
     /// Stops tracing, waits for the traced work and sums the time between consecutive events
     /// per (kernel, grid), longest first; also each launch's weight bytes, in launch order.
     pub fn trace_finish(&self, start: &Event) -> Result<(Vec<KernelTime>, Vec<usize>)> {

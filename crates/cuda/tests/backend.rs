@@ -69,14 +69,7 @@ fn fused_ops_launch_the_fused_kernels() {
     use rand::{rngs::StdRng, SeedableRng};
     let Some(be) = cuda() else { return };
     let dev = be.device();
-    let trace = |f: &mut dyn FnMut()| -> Vec<String> {
-        let start = dev.trace_start().expect("trace");
-        f();
-        let (k, _) = dev.trace_finish(&start).expect("trace");
-        k.iter()
-            .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
-            .collect()
-    };
+    let trace = |f: &mut dyn FnMut()| dev.launched_by(f).expect("trace");
     let count = |names: &[String], p: &dyn Fn(&str) -> bool| names.iter().filter(|n| p(n)).count();
     let mut rng = StdRng::seed_from_u64(7);
     let f = Fmt::Affine(4, 64, DType::BF16);
@@ -268,13 +261,11 @@ fn fused_moe_runs_the_old_loops_launches() {
         shared: Some([&gu[0], &gu[1], &dm]),
         shared_gate: Some(&sg),
     };
-    let start = dev.trace_start().expect("trace");
-    be.fused_moe(&m, &mut routes, &mut x).unwrap();
-    let (ks, _) = dev.trace_finish(&start).expect("trace");
-    let names: Vec<String> = ks
-        .iter()
-        .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
-        .collect();
+    let names = dev
+        .launched_by(|| {
+            be.fused_moe(&m, &mut routes, &mut x).unwrap();
+        })
+        .expect("trace");
     let count = |p: &dyn Fn(&str) -> bool| names.iter().filter(|n| p(n)).count();
     for (k, n) in [
         ("router_experts", 1),
@@ -306,14 +297,7 @@ fn prepared_x_is_used_and_dropped_on_write() {
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let Some(be) = cuda() else { return };
     let dev = be.device();
-    let names = |f: &mut dyn FnMut()| -> Vec<String> {
-        let start = dev.trace_start().expect("trace");
-        f();
-        let (k, _) = dev.trace_finish(&start).expect("trace");
-        k.iter()
-            .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
-            .collect()
-    };
+    let names = |f: &mut dyn FnMut()| dev.launched_by(f).expect("trace");
     let quants = |n: &[String]| n.iter().filter(|k| k.starts_with("quant_x3")).count();
     let mut rng = StdRng::seed_from_u64(11);
     let (h, rows) = (512, 256);

@@ -153,14 +153,7 @@ fn gdn_rows_matches_gdn_step_per_token() {
 fn a_prompt_launches_one_kernel_per_mixer() {
     let Some(be) = cuda() else { return };
     let dev = be.device();
-    let names = |f: &mut dyn FnMut()| -> Vec<String> {
-        let start = dev.trace_start().expect("trace");
-        f();
-        let (k, _) = dev.trace_finish(&start).expect("trace");
-        k.iter()
-            .flat_map(|k| std::iter::repeat_n(k.kernel.clone(), k.launches))
-            .collect()
-    };
+    let names = |f: &mut dyn FnMut()| dev.launched_by(f).expect("trace");
     let count = |n: &[String], p: &dyn Fn(&str) -> bool| n.iter().filter(|k| p(k)).count();
     let mut rng = StdRng::seed_from_u64(9);
     let (s, t) = (attn(4, 2, 64), 40);
