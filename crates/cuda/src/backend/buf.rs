@@ -65,6 +65,26 @@ pub(super) fn room(op: &str, what: &str, b: &CudaBuf, need: usize) -> Result<()>
     Ok(())
 }
 
+/// Checks that the delta rule's inputs and outputs hold `t` tokens of `s` (the recurrent and
+/// the one-launch prompt forms take the same buffers).
+pub(super) fn gdn_room(
+    op: &str,
+    [u, b, a, dt_bias, neg_a]: [&CudaBuf; 5],
+    state: &CudaBuf,
+    o: &CudaBuf,
+    s: &flashmoe_core::backend::GdnShape,
+    t: usize,
+) -> Result<()> {
+    let nv = s.nv;
+    room(op, "u", u, t * s.conv_dim())?;
+    room(op, "b", b, t * nv)?;
+    room(op, "a", a, t * nv)?;
+    room(op, "dt_bias", dt_bias, nv)?;
+    room(op, "neg_a", neg_a, nv)?;
+    room(op, "state", state, s.state_len())?;
+    room(op, "o", o, t * s.value_dim())
+}
+
 /// Checks that the KV caches hold `pos0` rows of `kvw`.
 pub(super) fn cache_at(
     op: &str,

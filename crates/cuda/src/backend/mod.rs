@@ -46,7 +46,7 @@ mod slots;
 #[cfg(test)]
 mod tests;
 
-use buf::{cache_at, room};
+use buf::{cache_at, gdn_room, room};
 pub use buf::{CudaBuf, CudaRoutes};
 pub use mat::CudaMat;
 use mat::{group_layout, member, stacked};
@@ -570,11 +570,7 @@ impl Backend for Cuda {
         o.written();
         let dev = self.bind()?;
         let (cd, nv, vd) = (s.conv_dim(), s.nv, s.value_dim());
-        room("gdn_recurrent", "u", u, t * cd)?;
-        room("gdn_recurrent", "b", b, t * nv)?;
-        room("gdn_recurrent", "a", a, t * nv)?;
-        room("gdn_recurrent", "state", state, s.state_len())?;
-        room("gdn_recurrent", "o", o, t * vd)?;
+        gdn_room("gdn_recurrent", [u, b, a, dt_bias, neg_a], state, o, s, t)?;
         let g = gdn_shape(s, 0.0);
         for i in 0..t {
             // gdn_step reads the state before its dependent-launch wait: the kernel before it

@@ -15,7 +15,7 @@ use cudarc::driver::LaunchConfig;
 use flashmoe_core::backend::{AttnShape, Backend, GdnShape};
 use flashmoe_core::{Error, Result};
 
-use super::{cache_at, ce, room, Cuda, CudaBuf};
+use super::{cache_at, ce, gdn_room, room, Cuda, CudaBuf};
 use crate::device::A;
 use crate::ops::{self, threads_for};
 
@@ -239,14 +239,8 @@ impl Cuda {
         state.written();
         o.written();
         let dev = self.bind()?;
-        let (cd, nv, vd) = (s.conv_dim(), s.nv, s.value_dim());
-        room("gdn_chunked", "u", u, t * cd)?;
-        room("gdn_chunked", "b", b, t * nv)?;
-        room("gdn_chunked", "a", a, t * nv)?;
-        room("gdn_chunked", "dt_bias", dt_bias, nv)?;
-        room("gdn_chunked", "neg_a", neg_a, nv)?;
-        room("gdn_chunked", "state", state, s.state_len())?;
-        room("gdn_chunked", "o", o, t * vd)?;
+        gdn_room("gdn_chunked", [u, b, a, dt_bias, neg_a], state, o, s, t)?;
+        let nv = s.nv;
         if t == 0 {
             return Ok(true);
         }
