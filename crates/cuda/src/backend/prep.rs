@@ -45,13 +45,13 @@ impl Widths {
 
     /// The (at most two) widths in use, most used first.
     pub(super) fn top(&self) -> [Option<u32>; 2] {
+        // Asked before every one-row norm: sorted in place, no allocation (unused widths,
+        // count 0, sort last; the sort is stable, so ties keep 2, 4, 8 order).
         let c = *self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut w: Vec<u32> = [2u32, 4, 8]
-            .into_iter()
-            .filter(|&b| c[b as usize] > 0)
-            .collect();
+        let mut w = [2u32, 4, 8];
         w.sort_by_key(|&b| std::cmp::Reverse(c[b as usize]));
-        [w.first().copied(), w.get(1).copied()]
+        let used = |i: usize| Some(w[i]).filter(|&b| c[b as usize] > 0);
+        [used(0), used(1)]
     }
 }
 
@@ -100,5 +100,28 @@ impl CudaBuf {
     /// The buffer is about to be written: what was prepared of it is stale.
     pub(super) fn written(&mut self) {
         self.prep = [None, None];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Widths;
+
+    fn widths(counts: [(usize, usize); 3]) -> Widths {
+        let w = Widths::default();
+        for (bits, n) in counts {
+            w.0.lock().unwrap()[bits] = n;
+        }
+        w
+    }
+
+    #[test]
+    fn top_widths_are_the_used_ones_most_used_first() {
+        assert_eq!(widths([(2, 0), (4, 0), (8, 0)]).top(), [None, None]);
+        assert_eq!(widths([(2, 0), (4, 5), (8, 0)]).top(), [Some(4), None]);
+        assert_eq!(widths([(2, 1), (4, 5), (8, 9)]).top(), [Some(8), Some(4)]);
+        // Ties keep the order 2, 4, 8.
+        assert_eq!(widths([(2, 3), (4, 3), (8, 3)]).top(), [Some(2), Some(4)]);
+        assert_eq!(widths([(2, 0), (4, 3), (8, 3)]).top(), [Some(4), Some(8)]);
     }
 }
