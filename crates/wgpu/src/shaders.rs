@@ -5,6 +5,8 @@
 
 const SCALES: &str = include_str!("shaders/scales.wgsl");
 const MAT: &str = include_str!("shaders/mat.wgsl");
+/// The ranking argmax and top-k share (`better`, `NONE`).
+const PICK: &str = include_str!("shaders/pick.wgsl");
 /// The parameters (binding 0, and the jobs) of the products, slow and fast alike.
 const MATMUL_P: &str = include_str!("shaders/matmul_p.wgsl");
 const EXPERT_P: &str = include_str!("shaders/expert_p.wgsl");
@@ -132,8 +134,14 @@ pub fn all() -> Vec<(String, String)> {
         ),
         ("conv".into(), include_str!("shaders/conv.wgsl").into()),
         ("delta".into(), include_str!("shaders/delta.wgsl").into()),
-        ("topk".into(), include_str!("shaders/topk.wgsl").into()),
-        ("argmax".into(), include_str!("shaders/argmax.wgsl").into()),
+        (
+            "topk".into(),
+            format!("{PICK}\n{}", include_str!("shaders/topk.wgsl")),
+        ),
+        (
+            "argmax".into(),
+            format!("{PICK}\n{}", include_str!("shaders/argmax.wgsl")),
+        ),
         ("esum".into(), include_str!("shaders/esum.wgsl").into()),
         (
             "slotjobs".into(),

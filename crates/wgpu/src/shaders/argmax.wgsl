@@ -2,7 +2,7 @@
 // dispatches: `part` gives each workgroup a slice of CHUNK values and writes its best
 // (value bits, index) to PART; `main`, one workgroup, takes the best of the parts. The
 // single u32 crosses to the host. (One workgroup over a 248,320-entry head's logits took
-// 0.39 ms on an H100, a tenth of a decode token.)
+// 0.39 ms on an H100, a tenth of a decode token.) `better` and NONE: pick.wgsl.
 struct P {
     n: u32,
     parts: u32,
@@ -13,22 +13,11 @@ struct P {
 @group(0) @binding(2) var<storage, read_write> R: array<u32>;
 @group(0) @binding(3) var<storage, read_write> PART: array<u32>;
 
-const NONE: u32 = 0xffffffffu;
 const WG: u32 = 256u;
 // Values per workgroup of `part` (16 per thread).
 const CHUNK: u32 = 4096u;
 var<workgroup> bv: array<f32, 256>;
 var<workgroup> bi: array<u32, 256>;
-
-fn better(v: f32, i: u32, w: f32, j: u32) -> bool {
-    if j == NONE {
-        return i != NONE;
-    }
-    if i == NONE {
-        return false;
-    }
-    return v > w || (v == w && i < j);
-}
 
 // The workgroup's best of (v, idx) into bv[0], bi[0].
 fn reduce(tid: u32, v: f32, idx: u32) {

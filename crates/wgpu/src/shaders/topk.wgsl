@@ -2,7 +2,7 @@
 // by descending logit (ties to the lower id), weights renormalised over the chosen when
 // `renorm`. The token's logits are kept in workgroup memory; the max, the sum and each of the
 // k picks are workgroup reductions (one thread per token read the logits 2 + k times in
-// series: ~0.4 ms per layer at 64 experts on an H100).
+// series: ~0.4 ms per layer at 64 experts on an H100). `better` and NONE: pick.wgsl.
 struct P {
     ne: u32,
     k: u32,
@@ -17,22 +17,10 @@ struct P {
 @group(0) @binding(3) var<storage, read_write> WTS: array<f32>;
 
 const WG: u32 = 64u;
-const NONE: u32 = 0xffffffffu;
 var<workgroup> lv: array<f32, 2048>;
 var<workgroup> taken: array<u32, 64>;
 var<workgroup> rv: array<f32, 64>;
 var<workgroup> ri: array<u32, 64>;
-
-// (v, i) ranks above (w, j): larger, then the lower id; NONE never does.
-fn better(v: f32, i: u32, w: f32, j: u32) -> bool {
-    if i == NONE {
-        return false;
-    }
-    if j == NONE {
-        return true;
-    }
-    return v > w || (v == w && i < j);
-}
 
 fn reduce_f(tid: u32, v: f32, is_max: bool) -> f32 {
     rv[tid] = v;
