@@ -17,6 +17,7 @@ pub mod backend;
 pub mod bench;
 pub mod device;
 pub mod gemm;
+pub mod kernel;
 pub mod ops;
 pub mod seq;
 

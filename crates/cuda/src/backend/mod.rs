@@ -52,7 +52,6 @@ pub use mat::CudaMat;
 use mat::{group_layout, member, stacked};
 pub use options::CudaOptions;
 use pool::{Mem, Pool};
-pub(crate) use prefill_mixers::KERNELS as PREFILL_MIXER_KERNELS;
 
 /// Contexts of every `Cuda` made in this process, kept alive to its end: a model's buffers
 /// and matrices are freed after its backend when they are dropped in field order, and freeing

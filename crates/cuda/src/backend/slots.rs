@@ -79,7 +79,9 @@ impl CudaSlots {
 
 /// Whether the one-token indirect matvec (`mvi`/`mpi`/`mt*i` kernels) runs `m`'s shape.
 fn indirect_fits(m: &DevMat) -> bool {
-    !m.fmt.kernel(true, m.rows, m.cols).0.ends_with("mvg")
+    m.fmt
+        .kernel(true, m.rows, m.cols)
+        .is_ok_and(|(k, _)| k.indirect().is_some())
 }
 
 impl Cuda {
