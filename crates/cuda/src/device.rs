@@ -566,18 +566,8 @@ impl Device {
         args: &[A<'_>],
     ) -> Result<()> {
         use cudarc::driver::sys;
-        use std::ffi::c_void;
         let f = self.func(k)?;
-        if args.len() > MAX_ARGS {
-            return Err(CudaError::Invalid(format!(
-                "kernel {k} launched with {} arguments, more than {MAX_ARGS}",
-                args.len()
-            )));
-        }
-        let mut params = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
-        for (p, a) in params.iter_mut().zip(args) {
-            *p = a.addr();
-        }
+        let mut params = params(k, args)?;
         let compute = std::ptr::eq(stream, &*self.compute);
         let dependent = self.arch.0 >= 9 && compute;
         // SAFETY: a zeroed attribute is a valid plain-data value; id and value are set below.
@@ -696,6 +686,22 @@ impl Device {
     pub fn launch(&self, k: Kernel, cfg: LaunchConfig, args: &[A<'_>]) -> Result<()> {
         self.launch_on(&self.compute, k, cfg, args)
     }
+}
+
+/// The driver's parameter array for kernel `k`'s `args`: the address of each (valid while
+/// `args` is borrowed), on the stack; more than [`MAX_ARGS`] is an error.
+pub(crate) fn params(k: Kernel, args: &[A<'_>]) -> Result<[*mut std::ffi::c_void; MAX_ARGS]> {
+    if args.len() > MAX_ARGS {
+        return Err(CudaError::Invalid(format!(
+            "kernel {k} launched with {} arguments, more than {MAX_ARGS}",
+            args.len()
+        )));
+    }
+    let mut p = [std::ptr::null_mut(); MAX_ARGS];
+    for (p, a) in p.iter_mut().zip(args) {
+        *p = a.addr();
+    }
+    Ok(p)
 }
 
 /// One kernel argument, by value (the structs by reference to the caller's value: the

@@ -21,6 +21,9 @@ pub mod kernel;
 pub mod ops;
 pub mod seq;
 
+#[cfg(test)]
+mod alloc_count;
+
 pub use backend::{Cuda, CudaOptions};
 pub use bench::{bench_cuda, bench_cuda_disk, BenchOptions, DiskSource};
 pub use device::Device;

@@ -84,3 +84,50 @@ fn a_format_with_no_kernel_is_an_error_not_a_panic() {
     ));
     assert!(Fmt::Dense(7).kernel(true, 64, 4096).is_err());
 }
+
+/// What a matvec launch does on the host before the driver call (kernel choice, launch
+/// shape, twins, the function's index, the parameter array over its struct arguments)
+/// allocates nothing; it formatted the kernel's name (one to three `String`s), hashed it,
+/// collected a `Vec` of parameters and boxed its `MvBatch` before.
+#[test]
+fn a_launchs_host_work_allocates_nothing() {
+    use crate::alloc_count::allocations;
+    use crate::device::params;
+    set_affine_path(AffinePath::Auto);
+    let f = affine(4, 0);
+    let batch = MvBatch::default();
+    let epi = Epi::default();
+    let mut sink = 0usize;
+    let n = allocations(|| {
+        for (rows, cols) in [(4096, 4096), (64, 20480), (151936, 2048)] {
+            let (k, smem) = f.kernel(true, rows, cols).unwrap();
+            let (k, blocks, threads) = launch_shape(132, k, rows, 1);
+            let k = k.indirect().unwrap_or(k).with_qvar(QVar::Mpc);
+            let [qa, qb] = Prepared::args(None);
+            let args = [
+                A::B(&batch),
+                A::I(rows as i32),
+                A::I(cols as i32),
+                A::P(0),
+                qa,
+                qb,
+                A::X(&epi),
+            ];
+            let p = params(k, &args).unwrap();
+            sink += k.index() + smem as usize + (blocks + threads) as usize;
+            sink += p.iter().filter(|p| !p.is_null()).count();
+        }
+    });
+    assert!(sink > 0);
+    assert_eq!(n, 0, "host work of a launch allocated {n} times");
+    // The counter counts.
+    assert_eq!(allocations(|| drop(std::hint::black_box(vec![1u8]))), 1);
+}
+
+#[test]
+fn more_arguments_than_the_bound_is_an_error() {
+    use crate::device::{params, MAX_ARGS};
+    let args = [A::I(0); MAX_ARGS + 1];
+    assert!(params(Kernel::ChainStep, &args).is_err());
+    assert!(params(Kernel::ChainStep, &args[..MAX_ARGS]).is_ok());
+}
