@@ -301,7 +301,7 @@ impl Backend for Cuda {
     }
 
     fn scratch(&self, n: usize) -> Result<CudaBuf> {
-        self.bind()?;
+        // No bind: a pool hit touches no driver state, a miss binds before allocating.
         self.buf(n)
     }
 

@@ -58,7 +58,11 @@ impl Pool {
         let hit = self.free.lock().unwrap_or_else(|p| p.into_inner())[slot(c)].pop();
         match hit {
             Some(b) => Ok(Some(b)),
-            None => dev.alloc(c).map(Some),
+            None => {
+                // Callers bind only for launches; the allocation needs the context too.
+                dev.bind()?;
+                dev.alloc(c).map(Some)
+            }
         }
     }
 
