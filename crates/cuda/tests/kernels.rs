@@ -9,17 +9,29 @@ use flashmoe_cuda::device::{kernel_names, Device};
 use flashmoe_cuda::kernel::Kernel;
 use flashmoe_cuda::CudaError;
 
-/// The PTX for sm_90, or None (said skipped) where NVRTC is missing outside CI.
-fn ptx() -> Option<String> {
-    match Device::ptx_for((9, 0)) {
+/// The PTX for sm_90, or None (said skipped, by each test) where NVRTC is missing outside CI.
+/// Compiled once for the tests of this file (NVRTC takes most of a minute on a CI machine).
+fn ptx() -> Option<&'static str> {
+    static PTX: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    match PTX.get_or_init(compile) {
         Ok(p) => Some(p),
+        Err(why) => {
+            flashmoe_testdata::say_skipped(why);
+            None
+        }
+    }
+}
+
+/// The PTX, or why there is none (NVRTC missing, outside CI).
+fn compile() -> Result<String, String> {
+    match Device::ptx_for((9, 0)) {
+        Ok(p) => Ok(p),
         Err(CudaError::NoDevice(why)) => {
             assert!(
                 std::env::var("CI").map_or(true, |v| v != "true"),
                 "CI=true but {why} (.ci/run installs nvidia-cuda-nvrtc-cu12)"
             );
-            flashmoe_testdata::say_skipped(&why);
-            None
+            Err(why)
         }
         Err(e) => panic!("kernels.cu does not compile: {e}"),
     }
@@ -54,7 +66,7 @@ fn kernels_compile_and_every_loaded_kernel_is_an_entry() {
 #[test]
 fn every_entry_is_a_kernel_and_names_round_trip() {
     let Some(ptx) = ptx() else { return };
-    let entries = entries(&ptx);
+    let entries = entries(ptx);
     assert!(!entries.is_empty(), "no .entry in the PTX");
     let unnamed: Vec<&&str> = entries
         .iter()
