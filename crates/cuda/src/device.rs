@@ -4,13 +4,14 @@
 //!
 //! Owns every `unsafe` call into the driver. Never knows about models; `ops.rs` and the backend
 //! (backend/) build on the safe wrappers here.
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdeviceptr, CUevent, CUevent_flags, CUstream};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 
+use crate::kernel::Kernel;
 use crate::{CudaError, Result};
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -191,19 +192,26 @@ pub struct Device {
     pub compute: Arc<CudaStream>,
     /// Host-to-device expert copies, overlapping `compute`.
     pub copy: Arc<CudaStream>,
-    funcs: HashMap<String, CudaFunction>,
+    /// The kernels at [`Kernel::index`] (loaded in [`Kernel::all`] order).
+    funcs: Vec<CudaFunction>,
     pub name: String,
     pub arch: (i32, i32),
     pub sms: i32,
     /// When on (`trace_start`), an event after every compute-stream launch: the bench's
     /// per-kernel breakdown of one token. Off in normal runs.
-    trace: std::sync::Mutex<Option<Vec<Traced>>>,
+    trace: Mutex<Option<Vec<Traced>>>,
+    /// Whether `trace` is on: read first by every launch, so an untraced launch takes no lock.
+    tracing: AtomicBool,
     /// Weight bytes the next launch reads, noted by the matvec wrappers for the trace.
-    pending_bytes: std::sync::atomic::AtomicUsize,
+    pending_bytes: AtomicUsize,
 }
 
-/// One traced launch: kernel name, grid, weight bytes read, and the event recorded after it.
-struct Traced(String, (u32, u32, u32), usize, Event);
+/// Most arguments a kernel takes (`launch_on` keeps their addresses in an array of this size
+/// on the stack; a longer list is refused).
+pub const MAX_ARGS: usize = 20;
+
+/// One traced launch: kernel, grid, weight bytes read, and the event recorded after it.
+struct Traced(Kernel, (u32, u32, u32), usize, Event);
 
 /// Per-kernel time of a traced stretch of work (each launch serialised behind an event, so
 /// the times include each launch's own latency and none of the dependent-launch overlap).
@@ -237,56 +245,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Every kernel [`Device::new`] loads from the compiled module, by name.
+/// Every kernel [`Device::new`] loads from the compiled module, by name ([`Kernel::all`]).
 pub fn kernel_names() -> Vec<String> {
-    let mut v = Vec::new();
-    for bits in [2, 4, 8] {
-        for s in ["bf16", "f16", "f32"] {
-            for var in [
-                "mv", "mv1", "mv2", "mvg", "mvi", "mv1i", "mv2i", "mp", "mpi", "mpc", "mpa", "mm",
-                "mt1", "mt1i", "mt2", "mt2i",
-            ] {
-                v.push(format!("qmv{bits}_{s}_{var}"));
-            }
-        }
-        v.push(format!("quant_x3_{bits}"));
-        v.push(format!("quant_x3_{bits}i"));
-    }
-    for d in ["bf16", "f16", "f32"] {
-        for var in ["mv", "mvi", "mm"] {
-            v.push(format!("dmv_{d}_{var}"));
-        }
-    }
-    v.extend(crate::backend::PREFILL_MIXER_KERNELS.map(String::from));
-    v.extend(crate::gemm::kernel_names());
-    for k in [
-        "embed_row",
-        "router_experts",
-        "slot_batch",
-        "argmax_f32",
-        "gather_rows",
-        "scatter_add_rows",
-        "add_rows_gated",
-        "rmsnorm_rows",
-        "add_rmsnorm",
-        "swiglu_k",
-        "moe_combine",
-        "router_topk",
-        "attn_prep",
-        "attn_decode",
-        "gdn_conv",
-        "gdn_step",
-        "gdn_step_wide",
-        "chain_step",
-        "silu_mul",
-        "mul_sigmoid",
-        "qk_norm_rope",
-        "gdn_conv_rows",
-        "gated_rmsnorm_rows",
-    ] {
-        v.push(k.to_string());
-    }
-    v
+    Kernel::all().map(Kernel::name).collect()
 }
 
 impl Device {
@@ -324,17 +285,19 @@ impl Device {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| drv("load PTX module", e))?;
-        let mut funcs = HashMap::new();
+        let mut funcs = Vec::with_capacity(Kernel::COUNT);
         let optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .unwrap_or(0)
             .max(0) as usize;
-        for n in kernel_names() {
+        for k in Kernel::all() {
+            let n = k.name();
             let f = module
                 .load_function(&n)
                 .map_err(|e| drv(&format!("kernel {n}"), e))?;
-            crate::gemm::opt_in(&n, &f, optin)?;
-            funcs.insert(n, f);
+            crate::gemm::opt_in(k, &f, optin)?;
+            debug_assert_eq!(funcs.len(), k.index());
+            funcs.push(f);
         }
         let qx = malloc(crate::ops::QX_SCRATCH)?;
         let qxp = malloc(3 * crate::ops::QX_SLOT)?;
@@ -350,8 +313,9 @@ impl Device {
             name,
             arch,
             sms,
-            trace: std::sync::Mutex::new(None),
-            pending_bytes: std::sync::atomic::AtomicUsize::new(0),
+            trace: Mutex::new(None),
+            tracing: AtomicBool::new(false),
+            pending_bytes: AtomicUsize::new(0),
         })
     }
 
@@ -395,10 +359,11 @@ impl Device {
             .map_err(|e| drv("bind context", e))
     }
 
-    pub fn func(&self, name: &str) -> Result<&CudaFunction> {
+    /// The loaded function of kernel `k`.
+    pub fn func(&self, k: Kernel) -> Result<&CudaFunction> {
         self.funcs
-            .get(name)
-            .ok_or_else(|| CudaError::Invalid(format!("no kernel named {name} was compiled")))
+            .get(k.index())
+            .ok_or_else(|| CudaError::Invalid(format!("kernel {k} was not loaded")))
     }
 
     pub fn alloc(&self, len: usize) -> Result<DBuf> {
@@ -585,36 +550,26 @@ impl Device {
         self.ctx.mem_get_info().map_err(|e| drv("mem info", e))
     }
 
-    /// Launches kernel `name` on `stream` with `args` in order. On the compute stream of a
+    /// Launches kernel `k` on `stream` with `args` in order. On the compute stream of a
     /// Hopper or later device it is a programmatic dependent launch: its blocks may start while
     /// the previous kernel runs, once that kernel's blocks have executed
     /// `griddepcontrol.launch_dependents`, and every kernel executes `griddepcontrol.wait`
     /// before touching anything its predecessor reads or writes (`pdl_wait` in kernels.cu).
+    ///
+    /// Allocates nothing and takes no lock unless tracing (the token path launches about a
+    /// hundred kernels, each a few microseconds of host work at most).
     pub fn launch_on(
         &self,
         stream: &CudaStream,
-        name: &str,
+        k: Kernel,
         cfg: LaunchConfig,
-        args: &[A],
+        args: &[A<'_>],
     ) -> Result<()> {
         use cudarc::driver::sys;
-        use std::ffi::c_void;
-        let f = self.func(name)?;
-        let mut params: Vec<*mut c_void> = args
-            .iter()
-            .map(|a| match a {
-                A::P(v) => v as *const u64 as *mut c_void,
-                A::I(v) => v as *const i32 as *mut c_void,
-                A::L(v) => v as *const i64 as *mut c_void,
-                A::F(v) => v as *const f32 as *mut c_void,
-                A::D(v) => v as *const f64 as *mut c_void,
-                A::B(v) => &**v as *const MvBatch as *mut c_void,
-                A::E(v) => &**v as *const ExpertBatchArgs as *mut c_void,
-                A::X(v) => &**v as *const Epi as *mut c_void,
-                A::G(v) => &**v as *const crate::gemm::GemmBatch as *mut c_void,
-            })
-            .collect();
-        let dependent = self.arch.0 >= 9 && std::ptr::eq(stream, &*self.compute);
+        let f = self.func(k)?;
+        let mut params = params(k, args)?;
+        let compute = std::ptr::eq(stream, &*self.compute);
+        let dependent = self.arch.0 >= 9 && compute;
         // SAFETY: a zeroed attribute is a valid plain-data value; id and value are set below.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -633,8 +588,9 @@ impl Device {
         };
         // SAFETY: every kernel's argument list is built by the typed wrappers in ops.rs to
         // match its signature in kernels.cu, and every pointer passed is a live allocation
-        // sized for the launch; `params` points into `args`, which outlives the call (the
-        // driver copies the values at launch); the function belongs to this device's context.
+        // sized for the launch; `params` points into `args` (and what its variants borrow),
+        // which outlive the call (the driver copies the values at launch); the function
+        // belongs to this device's context.
         unsafe {
             sys::cuLaunchKernelEx(
                 &lc,
@@ -644,16 +600,14 @@ impl Device {
             )
         }
         .result()
-        .map_err(|e| drv(&format!("launch {name}"), e))?;
-        if std::ptr::eq(stream, &*self.compute) {
+        .map_err(|e| drv(&format!("launch {k}"), e))?;
+        if compute && self.tracing.load(Ordering::Relaxed) {
             let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
-            let bytes = self
-                .pending_bytes
-                .swap(0, std::sync::atomic::Ordering::Relaxed);
+            let bytes = self.pending_bytes.swap(0, Ordering::Relaxed);
             if let Some(v) = t.as_mut() {
                 let ev = self.event()?;
                 self.record(&ev, stream)?;
-                v.push(Traced(name.to_string(), cfg.grid_dim, bytes, ev));
+                v.push(Traced(k, cfg.grid_dim, bytes, ev));
             }
         }
         Ok(())
@@ -664,13 +618,22 @@ impl Device {
         let ev = self.event()?;
         self.record(&ev, &self.compute)?;
         *self.trace.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        self.pending_bytes.store(0, Ordering::Relaxed);
+        self.tracing.store(true, Ordering::Relaxed);
         Ok(ev)
     }
 
-    /// Notes the weight bytes the next compute-stream launch reads (for the trace).
+    /// Whether compute-stream launches are being traced.
+    pub fn tracing(&self) -> bool {
+        self.tracing.load(Ordering::Relaxed)
+    }
+
+    /// Notes the weight bytes the next compute-stream launch reads (for the trace; nothing
+    /// when not tracing).
     pub fn note_bytes(&self, n: usize) {
-        self.pending_bytes
-            .store(n, std::sync::atomic::Ordering::Relaxed);
+        if self.tracing() {
+            self.pending_bytes.store(n, Ordering::Relaxed);
+        }
     }
 
     /// The kernels `f` launches on the compute stream, one name per launch (traced; tests
@@ -687,29 +650,28 @@ impl Device {
     /// Stops tracing, waits for the traced work and sums the time between consecutive events
     /// per (kernel, grid), longest first; also each launch's weight bytes, in launch order.
     pub fn trace_finish(&self, start: &Event) -> Result<(Vec<KernelTime>, Vec<usize>)> {
+        self.tracing.store(false, Ordering::Relaxed);
         let v = self
             .trace
             .lock()
-            .expect("trace lock")
+            .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or_default();
         self.sync()?;
         let mut out: Vec<KernelTime> = Vec::new();
         let mut prev = start;
-        for Traced(name, grid, bytes, ev) in &v {
+        for Traced(k, grid, bytes, ev) in &v {
             let us = self.elapsed_ms(prev, ev)? as f64 * 1e3;
             prev = ev;
-            match out
-                .iter_mut()
-                .find(|k| &k.kernel == name && k.grid == *grid)
-            {
-                Some(k) => {
-                    k.launches += 1;
-                    k.total_us += us;
-                    k.bytes += bytes;
+            let name = k.name();
+            match out.iter_mut().find(|t| t.kernel == name && t.grid == *grid) {
+                Some(t) => {
+                    t.launches += 1;
+                    t.total_us += us;
+                    t.bytes += bytes;
                 }
                 None => out.push(KernelTime {
-                    kernel: name.clone(),
+                    kernel: name,
                     grid: *grid,
                     launches: 1,
                     total_us: us,
@@ -721,22 +683,59 @@ impl Device {
         Ok((out, v.iter().map(|t| t.2).collect()))
     }
 
-    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
-        self.launch_on(&self.compute, name, cfg, args)
+    pub fn launch(&self, k: Kernel, cfg: LaunchConfig, args: &[A<'_>]) -> Result<()> {
+        self.launch_on(&self.compute, k, cfg, args)
     }
 }
 
-/// One kernel argument, by value.
-pub enum A {
+/// The driver's parameter array for kernel `k`'s `args`: the address of each (valid while
+/// `args` is borrowed), on the stack; more than [`MAX_ARGS`] is an error.
+pub(crate) fn params(k: Kernel, args: &[A<'_>]) -> Result<[*mut std::ffi::c_void; MAX_ARGS]> {
+    if args.len() > MAX_ARGS {
+        return Err(CudaError::Invalid(format!(
+            "kernel {k} launched with {} arguments, more than {MAX_ARGS}",
+            args.len()
+        )));
+    }
+    let mut p = [std::ptr::null_mut(); MAX_ARGS];
+    for (p, a) in p.iter_mut().zip(args) {
+        *p = a.addr();
+    }
+    Ok(p)
+}
+
+/// One kernel argument, by value (the structs by reference to the caller's value: the
+/// driver copies them at launch, so nothing is boxed per launch).
+#[derive(Clone, Copy)]
+pub enum A<'a> {
     /// A device pointer (0 for a null pointer).
     P(u64),
     I(i32),
     L(i64),
     F(f32),
     D(f64),
-    B(Box<MvBatch>),
-    E(Box<ExpertBatchArgs>),
-    X(Box<Epi>),
+    B(&'a MvBatch),
+    E(&'a ExpertBatchArgs),
+    X(&'a Epi),
     /// The tensor-core GEMM's products (gemm.rs).
-    G(Box<crate::gemm::GemmBatch>),
+    G(&'a crate::gemm::GemmBatch),
+}
+
+impl A<'_> {
+    /// The address of the value, as the driver's parameter array takes it (valid while `self`
+    /// is borrowed).
+    fn addr(&self) -> *mut std::ffi::c_void {
+        use std::ffi::c_void;
+        match self {
+            A::P(v) => v as *const u64 as *mut c_void,
+            A::I(v) => v as *const i32 as *mut c_void,
+            A::L(v) => v as *const i64 as *mut c_void,
+            A::F(v) => v as *const f32 as *mut c_void,
+            A::D(v) => v as *const f64 as *mut c_void,
+            A::B(v) => *v as *const MvBatch as *mut c_void,
+            A::E(v) => *v as *const ExpertBatchArgs as *mut c_void,
+            A::X(v) => *v as *const Epi as *mut c_void,
+            A::G(v) => *v as *const crate::gemm::GemmBatch as *mut c_void,
+        }
+    }
 }

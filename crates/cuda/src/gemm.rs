@@ -16,6 +16,7 @@ use std::cell::Cell;
 use cudarc::driver::LaunchConfig;
 
 use crate::device::{Device, A, MAXP};
+use crate::kernel::{Bits, Dt, Kernel};
 use crate::ops::{DevMat, Fmt};
 use crate::{CudaError, Result};
 
@@ -85,18 +86,6 @@ pub fn enabled() -> bool {
     ENABLED.with(|c| c.get())
 }
 
-/// The kernels of this module, for the device's function table.
-pub fn kernel_names() -> Vec<String> {
-    let mut v = vec!["gemm_prep_x".to_string(), "gemm_rows_combine".to_string()];
-    for bits in [2, 4, 8] {
-        for s in ["bf16", "f16", "f32"] {
-            v.push(format!("qgemm{bits}_{s}"));
-            v.push(format!("qgemm{bits}_{s}_t"));
-        }
-    }
-    v
-}
-
 /// Whether the GEMM runs `m` on `dev`: sm_80+ with room for its shared memory, affine
 /// 2/4/8-bit codes in groups of 32-128, rows of whole 64-column k-tiles, and codes 16-byte
 /// aligned (the `cp.async` copies).
@@ -120,24 +109,20 @@ fn smem_optin(dev: &Device) -> usize {
     dev.ctx.attribute(A).map_or(48 << 10, |v| v.max(0) as usize)
 }
 
-/// Lets `qgemm` kernel `f` (of `bits`-wide codes, from its name) use its shared memory beyond
-/// the default 48 KiB; where the device has less, nothing is set and [`fits`] says no.
-pub fn opt_in(name: &str, f: &cudarc::driver::CudaFunction, optin: usize) -> Result<()> {
+/// Lets `qgemm` kernel `k`'s function `f` use its shared memory beyond the default 48 KiB;
+/// where the device has less, nothing is set and [`fits`] says no. Other kernels: nothing.
+pub fn opt_in(k: Kernel, f: &cudarc::driver::CudaFunction, optin: usize) -> Result<()> {
     use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as A;
-    let Some(bits) = name
-        .strip_prefix("qgemm")
-        .and_then(|r| r.chars().next())
-        .and_then(|c| c.to_digit(10))
-    else {
+    let Some(bits) = k.qgemm_bits() else {
         return Ok(());
     };
-    let need = smem(bits);
+    let need = smem(bits.bits());
     if need as usize > optin {
         return Ok(());
     }
     f.set_attribute(A, need as i32)
         .map_err(|e| CudaError::Driver {
-            what: format!("shared memory of {name}"),
+            what: format!("shared memory of {k}"),
             msg: format!("{e:?}"),
         })
 }
@@ -148,11 +133,23 @@ pub fn staged_len(nrows: usize, cols: usize, lg: u32) -> usize {
     nrows * cols + 2 * nrows * (cols >> lg)
 }
 
-fn parts(m: &DevMat) -> (u32, u32, &'static str) {
-    match m.fmt {
-        Fmt::Affine { bits, lg, sdt } => (bits, lg, ["bf16", "f16", "f32"][sdt as usize]),
+/// `m`'s code width, log2 group, and its `qgemm` kernel (`table`: the `_t` form).
+fn parts(m: &DevMat, table: bool) -> Result<(u32, u32, Kernel)> {
+    let (bits, lg, sdt) = match m.fmt {
+        Fmt::Affine { bits, lg, sdt } => (bits, lg, sdt),
         Fmt::Dense(_) => unreachable!("qgemm takes affine matrices (gemm::fits)"),
-    }
+    };
+    let (Some(b), Some(scale)) = (Bits::of(bits), Dt::from_code(sdt)) else {
+        return Err(CudaError::Unsupported(format!(
+            "qgemm of {bits}-bit codes, scale code {sdt}"
+        )));
+    };
+    let k = Kernel::Qgemm {
+        bits: b,
+        scale,
+        table,
+    };
+    Ok((bits, lg, k))
 }
 
 /// Stages `nrows` rows of x (row i at `x + idx[i] * ldx` floats when `idx` is not 0, else
@@ -167,14 +164,14 @@ pub fn stage_x(
     nrows: usize,
     xq: u64,
 ) -> Result<()> {
-    let (bits, lg, _) = parts(m);
+    let (bits, lg, _) = parts(m, false)?;
     let pairs = nrows * (m.cols >> lg);
     if pairs == 0 {
         return Ok(());
     }
     let meta = xq + (nrows * m.cols * 4) as u64;
     dev.launch(
-        "gemm_prep_x",
+        Kernel::GemmPrepX,
         LaunchConfig {
             grid_dim: (
                 pairs.div_ceil(8).min(dev.sms.max(1) as usize * 16) as u32,
@@ -220,7 +217,7 @@ fn config(bits: u32, rows: usize, ntok: usize, nprob: usize) -> LaunchConfig {
 /// The products `probs` (all of `m`'s format and width; their own rows, tokens and outputs)
 /// over x staged at `xq` for `nrows` rows, in launches of up to [`MAXP`].
 pub fn products(dev: &Device, m: &DevMat, probs: &[GemmProb], xq: u64, nrows: usize) -> Result<()> {
-    let (bits, lg, sn) = parts(m);
+    let (bits, lg, kernel) = parts(m, false)?;
     let meta = xq + (nrows * m.cols * 4) as u64;
     for chunk in probs.chunks(MAXP) {
         let mut b = GemmBatch::default();
@@ -232,10 +229,10 @@ pub fn products(dev: &Device, m: &DevMat, probs: &[GemmProb], xq: u64, nrows: us
         }
         dev.note_bytes(m.nbytes() * chunk.len());
         dev.launch(
-            &format!("qgemm{bits}_{sn}"),
+            kernel,
             config(bits, rows, ntok, chunk.len()),
             &[
-                A::G(Box::new(b)),
+                A::G(&b),
                 A::I(m.cols as i32),
                 A::I(lg as i32),
                 A::P(xq),
@@ -260,7 +257,7 @@ pub fn products_table(
     xq: u64,
     nrows: usize,
 ) -> Result<()> {
-    let (bits, lg, sn) = parts(m);
+    let (bits, lg, kernel) = parts(m, true)?;
     if nprob == 0 || rows == 0 || ntok == 0 {
         return Ok(());
     }
@@ -272,7 +269,7 @@ pub fn products_table(
     let meta = xq + (nrows * m.cols * 4) as u64;
     dev.note_bytes(m.nbytes() * nprob);
     dev.launch(
-        &format!("qgemm{bits}_{sn}_t"),
+        kernel,
         config(bits, rows, ntok, nprob),
         &[
             A::P(tbl),
@@ -301,7 +298,7 @@ pub fn rows_combine(
         return Ok(());
     }
     dev.launch(
-        "gemm_rows_combine",
+        Kernel::GemmRowsCombine,
         LaunchConfig {
             grid_dim: (h.div_ceil(256) as u32, t as u32, 1),
             block_dim: (256, 1, 1),

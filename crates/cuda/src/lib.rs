@@ -17,8 +17,12 @@ pub mod backend;
 pub mod bench;
 pub mod device;
 pub mod gemm;
+pub mod kernel;
 pub mod ops;
 pub mod seq;
+
+#[cfg(test)]
+mod alloc_count;
 
 pub use backend::{Cuda, CudaOptions};
 pub use bench::{bench_cuda, bench_cuda_disk, BenchOptions, DiskSource};

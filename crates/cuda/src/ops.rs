@@ -8,9 +8,8 @@ use flashmoe_core::store::DType;
 use flashmoe_core::weights::Linear;
 
 use crate::device::{DBuf, Device, Epi, MvBatch, A, MAXP};
+use crate::kernel::{Bits, DVar, Dt, Kernel, QVar};
 use crate::{CudaError, Result};
-
-const DT_NAMES: [&str; 3] = ["bf16", "f16", "f32"];
 
 thread_local! {
     /// Which decode kernel affine matrices launched from this thread use: 0 = by shape,
@@ -58,14 +57,16 @@ const CONV_MAXK: usize = 8;
 /// Whether [`matvec_epilogue`] runs `m` with x prepared at `pre`: the `mp` kernel reading x
 /// prepared for its width, and (for the conv) a kernel of at most `CONV_MAXK` taps.
 pub fn epilogue_fits(m: &DevMat, pre: Option<Prepared>, e: &Epilogue) -> bool {
-    let (name, _) = m.fmt.kernel(true, m.rows, m.cols);
+    let Ok((k, _)) = m.fmt.kernel(true, m.rows, m.cols) else {
+        return false;
+    };
     let taps = match e {
         Epilogue::Conv { k, cd, .. } => (1..=CONV_MAXK).contains(k) && *cd <= m.rows,
         Epilogue::Argmax { .. } => true,
     };
     epilogues()
         && taps
-        && name.ends_with("_mp")
+        && k.qvar() == Some(QVar::Mp)
         && pre.is_some_and(|p| Some(p.bits) == m.prepared_bits())
 }
 
@@ -81,11 +82,11 @@ pub fn matvec_epilogue(
     if !epilogue_fits(m, Some(pre), &e) {
         return Err(CudaError::Unsupported("matvec epilogue shape".into()));
     }
-    let (name, smem) = m.fmt.kernel(true, m.rows, m.cols);
-    let (name, blocks, threads) = launch_shape(dev, &name, m.rows, 1);
-    let (suffix, epi) = match e {
+    let (k, smem) = m.fmt.kernel(true, m.rows, m.cols)?;
+    let (k, blocks, threads) = launch_shape(dev.sms, k, m.rows, 1);
+    let (var, epi) = match e {
         Epilogue::Conv { state, w, u, cd, k } => (
-            "c",
+            QVar::Mpc,
             Epi {
                 state,
                 w,
@@ -96,7 +97,7 @@ pub fn matvec_epilogue(
             },
         ),
         Epilogue::Argmax { key } => (
-            "a",
+            QVar::Mpa,
             Epi {
                 key,
                 ..Default::default()
@@ -110,17 +111,8 @@ pub fn matvec_epilogue(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    let name = format!("{name}{suffix}");
-    launch_prepared(
-        dev,
-        m,
-        &name,
-        cfg,
-        || A::B(Box::new(p)),
-        Some(pre),
-        false,
-        Some(epi),
-    )
+    let k = k.with_qvar(var);
+    launch_prepared(dev, m, k, cfg, A::B(&p), Some(pre), false, Some(&epi))
 }
 
 /// Decode kernel choice for affine matrices launched from the calling thread (bench and tests
@@ -220,7 +212,7 @@ pub struct Prepared {
 
 impl Prepared {
     /// The kernel arguments (pointer, code width); (0, 0) prepares nothing.
-    fn args(p: Option<Prepared>) -> [A; 2] {
+    fn args(p: Option<Prepared>) -> [A<'static>; 2] {
         match p {
             Some(p) => [A::P(p.at), A::I(p.bits as i32)],
             None => [A::P(0), A::I(0)],
@@ -306,33 +298,42 @@ impl Fmt {
     /// matrices use the dp4a kernel with x prepared by `quant_x3` (`mp`, see [`AffinePath`]),
     /// or the exact float kernel with x in shared memory (`mv`), or with x read from global
     /// memory for rows too long for shared memory (`mvg`); prefill uses `mm`.
-    pub fn kernel(&self, decode: bool, rows: usize, cols: usize) -> (String, u32) {
-        let v = match (decode, self) {
-            (false, _) => "mm",
-            (true, Fmt::Dense(_)) => "mv",
-            (true, Fmt::Affine { bits, lg, .. }) if mma_fits(*bits, *lg, cols) && use_mma() => {
-                if mma_tile(rows) == 16 {
-                    "mt1"
-                } else {
-                    "mt2"
-                }
-            }
-            (true, _) if self.prepared_bits(cols).is_some() => "mp",
-            (true, _) if cols <= XSM_MAX_COLS => "mv",
-            (true, _) => "mvg",
+    pub fn kernel(&self, decode: bool, rows: usize, cols: usize) -> Result<(Kernel, u32)> {
+        let k = match *self {
+            Fmt::Dense(d) => Kernel::Dmv {
+                dt: Dt::from_code(d).ok_or_else(|| self.unsupported())?,
+                var: if decode { DVar::Mv } else { DVar::Mm },
+            },
+            Fmt::Affine { bits, lg, sdt } => Kernel::Qmv {
+                bits: Bits::of(bits).ok_or_else(|| self.unsupported())?,
+                scale: Dt::from_code(sdt).ok_or_else(|| self.unsupported())?,
+                var: match () {
+                    _ if !decode => QVar::Mm,
+                    _ if mma_fits(bits, lg, cols) && use_mma() => {
+                        if mma_tile(rows) == 16 {
+                            QVar::Mt1
+                        } else {
+                            QVar::Mt2
+                        }
+                    }
+                    _ if self.prepared_bits(cols).is_some() => QVar::Mp,
+                    _ if cols <= XSM_MAX_COLS => QVar::Mv,
+                    _ => QVar::Mvg,
+                },
+            },
         };
-        let name = match *self {
-            Fmt::Dense(d) => format!("dmv_{}_{v}", DT_NAMES[d as usize]),
-            Fmt::Affine { bits, sdt, .. } => format!("qmv{bits}_{}_{v}", DT_NAMES[sdt as usize]),
-        };
-        let smem = match (v, *self) {
+        let smem = match (k.qvar(), *self) {
             // xpad(cols) floats (4 of padding every 32).
-            ("mv", Fmt::Affine { .. }) => ((cols + cols / 32 * 4 + 4) * 4) as u32,
-            ("mt1" | "mt2", Fmt::Affine { bits, .. }) => mma_smem(bits, cols) as u32,
-            ("mp", Fmt::Affine { bits, .. }) => qx_size(bits, cols) as u32,
+            (Some(QVar::Mv), _) => ((cols + cols / 32 * 4 + 4) * 4) as u32,
+            (Some(QVar::Mt1 | QVar::Mt2), Fmt::Affine { bits, .. }) => mma_smem(bits, cols) as u32,
+            (Some(QVar::Mp), Fmt::Affine { bits, .. }) => qx_size(bits, cols) as u32,
             _ => 0,
         };
-        (name, smem)
+        Ok((k, smem))
+    }
+
+    fn unsupported(&self) -> CudaError {
+        CudaError::Unsupported(format!("matrix format {self:?}"))
     }
 
     /// The code width of the prepared x the decode kernel reads, when it is the `mp` kernel
@@ -505,51 +506,54 @@ pub fn set_rows_per_warp(r: usize) {
     ROWS_PER_WARP.with(|c| c.set(r));
 }
 
-/// Kernel name, blocks and threads per block for `rows` rows of each of `nprob` problems.
+/// Kernel, blocks and threads per block for `rows` rows of each of `nprob` problems.
 /// Decode kernels give each warp 4 rows (`mv`, `mp`, `mt2` tiles of 32 rows per 8 warps), 1
 /// row (prefill `mm`, 8 tokens per pass) or a 16-row tile (`mt1`). The exact float decode
 /// kernel (`mv`) takes fewer rows per warp (`mv2`, `mv1`) and 4-warp blocks when 4-row warps
 /// would leave SMs without a couple of blocks: short matrices (routers, shared experts,
 /// 4096-row projections) are latency-bound, and more warps in flight is what shortens them.
-fn launch_shape(dev: &Device, name: &str, rows: usize, nprob: usize) -> (String, u32, u32) {
-    let sms = dev.sms.max(1) as usize;
-    let mut name = name.to_string();
+fn launch_shape(sms: i32, k: Kernel, rows: usize, nprob: usize) -> (Kernel, u32, u32) {
+    let sms = sms.max(1) as usize;
+    let mut k = k;
     let mut threads = 256usize;
-    let per_warp = if name.ends_with("mm") {
-        1
-    } else if name.contains("_mt1") {
-        2
-    } else if name.starts_with("qmv") && name.ends_with("_mv") {
-        let r = match ROWS_PER_WARP.with(|c| c.get()) {
-            r @ (1 | 2 | 4) => r,
-            _ => {
-                let blocks_at = |r: usize| (rows * nprob).div_ceil(8 * r);
-                if blocks_at(4) >= 2 * sms {
-                    4
-                } else if blocks_at(2) >= 2 * sms {
-                    2
-                } else {
-                    if blocks_at(1) < 2 * sms {
-                        threads = 128;
+    let per_warp =
+        if matches!(k.qvar(), Some(QVar::Mm)) || matches!(k, Kernel::Dmv { var: DVar::Mm, .. }) {
+            1
+        } else if k.qvar() == Some(QVar::Mt1) {
+            2
+        } else if k.qvar() == Some(QVar::Mv) {
+            let r = match ROWS_PER_WARP.with(|c| c.get()) {
+                r @ (1 | 2 | 4) => r,
+                _ => {
+                    let blocks_at = |r: usize| (rows * nprob).div_ceil(8 * r);
+                    if blocks_at(4) >= 2 * sms {
+                        4
+                    } else if blocks_at(2) >= 2 * sms {
+                        2
+                    } else {
+                        if blocks_at(1) < 2 * sms {
+                            threads = 128;
+                        }
+                        1
                     }
-                    1
                 }
+            };
+            match r {
+                1 => k = k.with_qvar(QVar::Mv1),
+                2 => k = k.with_qvar(QVar::Mv2),
+                _ => {}
             }
+            r
+        } else {
+            4
         };
-        if r != 4 {
-            name = format!("{name}{r}");
-        }
-        r
-    } else {
-        4
-    };
     let per_block = per_warp * threads / 32;
     // Row groups are strided over at most a few blocks per SM, so each block stages x once for
     // several groups on tall matrices.
     // (Capping the prepared-x kernel at its two resident blocks per SM measured the same as this
     // cap: H200, d5a6068, 16384x4096 0.494 vs 0.485 of D2D, VRAM decode 1.335 vs 1.319 ms.)
     let blocks = (rows.div_ceil(per_block) as u32).min(sms as u32 * 4 * (256 / threads as u32));
-    (name, blocks, threads as u32)
+    (k, blocks, threads as u32)
 }
 
 /// y = W x for one token.
@@ -598,21 +602,20 @@ pub fn matvec_batch_prepared(
             p.x[i] = x;
             p.y[i] = y;
         }
-        let (name, smem) = m.fmt.kernel(ntok == 1, m.rows, m.cols);
-        let (name, blocks, threads) = launch_shape(dev, &name, m.rows, chunk.len());
+        let (k, smem) = m.fmt.kernel(ntok == 1, m.rows, m.cols)?;
+        let (k, blocks, threads) = launch_shape(dev.sms, k, m.rows, chunk.len());
         let cfg = LaunchConfig {
             grid_dim: (blocks, chunk.len() as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
-        if name.contains("_mp") {
+        if k.is_prepared() {
             if !std::ptr::eq(stream, &*dev.compute) {
                 return Err(CudaError::Invalid(
                     "the prepared-x matvec runs on the compute stream only".into(),
                 ));
             }
-            let p = Box::new(p);
-            launch_prepared(dev, m, &name, cfg, || A::B(p.clone()), pre, false, None)?;
+            launch_prepared(dev, m, k, cfg, A::B(&p), pre, false, None)?;
             continue;
         }
         if std::ptr::eq(stream, &*dev.compute) {
@@ -620,10 +623,10 @@ pub fn matvec_batch_prepared(
         }
         dev.launch_on(
             stream,
-            &name,
+            k,
             cfg,
             &[
-                A::B(Box::new(p)),
+                A::B(&p),
                 A::I(m.rows as i32),
                 A::I(m.cols as i32),
                 A::I(m.fmt.lg()),
@@ -636,7 +639,7 @@ pub fn matvec_batch_prepared(
     Ok(())
 }
 
-/// The `mp` matvec (`name`, `cfg`): `quant_x3` prepares each problem's x into the device's
+/// The `mp` matvec (`k`, `cfg`): `quant_x3` prepares each problem's x into the device's
 /// scratch, then the matvec reads it; or, with `pre`, the producer of x has prepared it. `batch`
 /// is the kernels' first argument (the `MvBatch` by value, or its device pointer for the `mpi` /
 /// `quant_x3_*i` pair). `batch_fresh`: that device batch was written by the launch just before,
@@ -646,35 +649,43 @@ pub fn matvec_batch_prepared(
 fn launch_prepared(
     dev: &Device,
     m: &DevMat,
-    name: &str,
+    k: Kernel,
     cfg: LaunchConfig,
-    batch: impl Fn() -> A,
+    batch: A<'_>,
     pre: Option<Prepared>,
     batch_fresh: bool,
-    epi: Option<Epi>,
+    epi: Option<&Epi>,
 ) -> Result<()> {
     let Fmt::Affine { bits, .. } = m.fmt else {
         unreachable!("mp kernels are affine")
     };
+    let indirect = k.qvar().is_some_and(QVar::is_indirect);
     // With `quant_x3` launched between, the batch is two launches old when the matvec starts.
     let early = pre.is_none() || !batch_fresh;
-    let tail = |qx: u64, qb: usize| {
-        let mut v = vec![
-            batch(),
-            A::I(m.rows as i32),
-            A::I(m.cols as i32),
-            A::I(m.fmt.lg()),
-            A::P(qx),
-            A::I(qb as i32),
-        ];
-        if name.ends_with('i') {
-            v.push(A::I(early as i32));
-        }
-        if let Some(e) = epi {
-            v.push(A::X(Box::new(e)));
-        }
-        v
+    // The matvec's arguments (on the stack: this runs for most launches of a token).
+    let (qx, qb) = match pre {
+        Some(p) => (p.at, p.qb),
+        None => (dev.qx.ptr(), qx_size(bits, m.cols)),
     };
+    let mut args = [A::I(0); 8];
+    let mut n = 6;
+    args[..n].copy_from_slice(&[
+        batch,
+        A::I(m.rows as i32),
+        A::I(m.cols as i32),
+        A::I(m.fmt.lg()),
+        A::P(qx),
+        A::I(qb as i32),
+    ]);
+    if indirect {
+        args[n] = A::I(early as i32);
+        n += 1;
+    }
+    if let Some(e) = epi {
+        args[n] = A::X(e);
+        n += 1;
+    }
+    let nprob = cfg.grid_dim.1;
     if let Some(p) = pre {
         if p.bits != bits {
             return Err(CudaError::Invalid(format!(
@@ -682,22 +693,22 @@ fn launch_prepared(
                 p.bits
             )));
         }
-        dev.note_bytes(m.nbytes() * cfg.grid_dim.1 as usize);
-        return dev.launch(name, cfg, &tail(p.at, p.qb));
+        dev.note_bytes(m.nbytes() * nprob as usize);
+        return dev.launch(k, cfg, &args[..n]);
     }
-    let qb = qx_size(bits, m.cols);
-    let nprob = cfg.grid_dim.1;
     assert!(qb * nprob as usize <= dev.qx.len(), "prepared x scratch");
-    let suffix = if name.ends_with('i') { "i" } else { "" };
+    let Some(b) = Bits::of(bits) else {
+        return Err(m.fmt.unsupported());
+    };
     dev.launch(
-        &format!("quant_x3_{bits}{suffix}"),
+        Kernel::QuantX3 { bits: b, indirect },
         LaunchConfig {
             grid_dim: (m.cols.div_ceil(256) as u32, nprob, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         },
         &[
-            batch(),
+            batch,
             A::I(m.cols as i32),
             A::P(dev.qx.ptr()),
             A::I(qb as i32),
@@ -707,7 +718,7 @@ fn launch_prepared(
     // first weights before waiting for the prepared x (every compute-stream launch is a
     // dependent launch on Hopper, see `Device::launch_on`).
     dev.note_bytes(m.nbytes() * nprob as usize);
-    dev.launch(name, cfg, &tail(dev.qx.ptr(), qb))
+    dev.launch(k, cfg, &args[..n])
 }
 
 /// One x prepared at `at` for `m`'s `mp` kernel (`quant_x3`, as [`launch_prepared`] does
@@ -723,16 +734,22 @@ pub fn prepare_x(dev: &Device, m: &DevMat, x: u64, at: u64) -> Result<()> {
             m.cols
         )));
     }
+    let Some(b) = Bits::of(bits) else {
+        return Err(m.fmt.unsupported());
+    };
     let mut p = MvBatch::default();
     p.x[0] = x;
     dev.launch(
-        &format!("quant_x3_{bits}"),
+        Kernel::QuantX3 {
+            bits: b,
+            indirect: false,
+        },
         LaunchConfig {
             grid_dim: (m.cols.div_ceil(256) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         },
-        &[A::B(Box::new(p)), A::I(m.cols as i32), A::P(at), A::I(0)],
+        &[A::B(&p), A::I(m.cols as i32), A::P(at), A::I(0)],
     )
 }
 
@@ -748,23 +765,22 @@ pub fn matvec_indirect(
     pre: Option<Prepared>,
     batch_fresh: bool,
 ) -> Result<()> {
-    let (name, smem) = m.fmt.kernel(true, m.rows, m.cols);
-    if name.ends_with("mvg") || name.ends_with("mm") || nprob > MAXP {
+    let (k, smem) = m.fmt.kernel(true, m.rows, m.cols)?;
+    let (k, blocks, threads) = launch_shape(dev.sms, k, m.rows, nprob);
+    let Some(k) = k.indirect().filter(|_| nprob <= MAXP) else {
         return Err(CudaError::Unsupported("indirect matvec shape".into()));
-    }
-    let (name, blocks, threads) = launch_shape(dev, &name, m.rows, nprob);
-    let name = format!("{name}i");
+    };
     let cfg = LaunchConfig {
         grid_dim: (blocks, nprob as u32, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    if name.contains("_mp") {
-        return launch_prepared(dev, m, &name, cfg, || A::P(pd), pre, batch_fresh, None);
+    if k.is_prepared() {
+        return launch_prepared(dev, m, k, cfg, A::P(pd), pre, batch_fresh, None);
     }
     dev.note_bytes(m.nbytes() * nprob);
     dev.launch(
-        &name,
+        k,
         cfg,
         &[
             A::P(pd),
@@ -800,7 +816,7 @@ pub fn router_experts(
         shared_mem_bytes: (e * 12) as u32,
     };
     dev.launch(
-        "router_experts",
+        Kernel::RouterExperts,
         cfg,
         &[
             A::P(logits),
@@ -809,7 +825,7 @@ pub fn router_experts(
             A::I(norm as i32),
             A::P(ids),
             A::P(wts),
-            A::E(Box::new(a)),
+            A::E(&a),
             A::P(out),
         ],
     )
@@ -843,9 +859,9 @@ pub fn slot_batch(
         shared_mem_bytes: 0,
     };
     dev.launch(
-        "slot_batch",
+        Kernel::SlotBatch,
         cfg,
-        &[A::P(ids), A::I(k as i32), A::E(Box::new(a)), A::P(out)],
+        &[A::P(ids), A::I(k as i32), A::E(&a), A::P(out)],
     )
 }
 
@@ -861,7 +877,7 @@ pub fn embed_row(dev: &Device, m: &DevMat, row: usize, out: u64) -> Result<()> {
         shared_mem_bytes: 0,
     };
     dev.launch(
-        "embed_row",
+        Kernel::EmbedRow,
         cfg,
         &[
             A::P(m.w),
@@ -928,7 +944,7 @@ pub fn rmsnorm_rows(
         shared_mem_bytes: 0,
     };
     dev.launch(
-        "rmsnorm_rows",
+        Kernel::RmsnormRows,
         cfg,
         &[
             A::P(x),
@@ -980,7 +996,7 @@ pub fn add_rmsnorm(
         shared_mem_bytes: 0,
     };
     dev.launch(
-        "add_rmsnorm",
+        Kernel::AddRmsnorm,
         cfg,
         &[
             A::P(x),
@@ -1012,7 +1028,7 @@ pub fn swiglu(
     let n = i * nexp;
     let cfg = elementwise(n);
     dev.launch(
-        "swiglu_k",
+        Kernel::SwigluK,
         cfg,
         &[
             A::P(gu),
@@ -1034,7 +1050,7 @@ pub fn chain_step(dev: &Device, x: u64, y: u64, n: usize) -> Result<()> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    dev.launch("chain_step", cfg, &[A::P(x), A::P(y), A::I(n as i32)])
+    dev.launch(Kernel::ChainStep, cfg, &[A::P(x), A::P(y), A::I(n as i32)])
 }
 
 /// x += Σ_j wts[j] ye[j] + sigmoid(sg) ys (+ add). Null pointers (0) drop a term.
@@ -1052,7 +1068,7 @@ pub fn moe_combine(
 ) -> Result<()> {
     let cfg = elementwise(n);
     dev.launch(
-        "moe_combine",
+        Kernel::MoeCombine,
         cfg,
         &[
             A::P(x),
@@ -1099,7 +1115,7 @@ pub fn router_topk_rows(
         shared_mem_bytes: (e * 12) as u32,
     };
     dev.launch(
-        "router_topk",
+        Kernel::RouterTopk,
         cfg,
         &[
             A::P(logits),
@@ -1133,7 +1149,7 @@ pub fn gather_rows(
     dst: u64,
 ) -> Result<()> {
     dev.launch(
-        "gather_rows",
+        Kernel::GatherRows,
         rows_cfg(n, nr),
         &[
             A::P(src),
@@ -1159,7 +1175,7 @@ pub fn scatter_add_rows(
     y: u64,
 ) -> Result<()> {
     dev.launch(
-        "scatter_add_rows",
+        Kernel::ScatterAddRows,
         rows_cfg(n, nr),
         &[
             A::P(x),
@@ -1185,7 +1201,7 @@ pub fn add_rows_gated(
     n: usize,
 ) -> Result<()> {
     dev.launch(
-        "add_rows_gated",
+        Kernel::AddRowsGated,
         rows_cfg(n, rows),
         &[
             A::P(x),
@@ -1217,7 +1233,11 @@ pub fn argmax_zeroed(dev: &Device, x: u64, n: usize, key: u64) -> Result<()> {
         block_dim: (512, 1, 1),
         shared_mem_bytes: 0,
     };
-    dev.launch("argmax_f32", cfg, &[A::P(x), A::I(n as i32), A::P(key)])
+    dev.launch(
+        Kernel::ArgmaxF32,
+        cfg,
+        &[A::P(x), A::I(n as i32), A::P(key)],
+    )
 }
 
 /// The index in a key written by [`argmax`].
@@ -1266,7 +1286,7 @@ pub fn attn_prep(
         shared_mem_bytes: (a.hd * 4) as u32,
     };
     dev.launch(
-        "attn_prep",
+        Kernel::AttnPrep,
         cfg,
         &[
             A::P(qkv),
@@ -1315,7 +1335,7 @@ pub fn attn_decode(
         shared_mem_bytes: 0,
     };
     dev.launch(
-        "attn_decode",
+        Kernel::AttnDecode,
         cfg,
         &[
             A::P(q),
@@ -1357,7 +1377,7 @@ pub fn gdn_conv(dev: &Device, g: &GdnShape, mixed: u64, state: u64, w: u64, u: u
     let cd = g.conv_dim();
     let cfg = elementwise(cd);
     dev.launch(
-        "gdn_conv",
+        Kernel::GdnConv,
         cfg,
         &[
             A::P(mixed),
@@ -1387,10 +1407,10 @@ pub fn gdn_step(
     // Parts per column: as many as fit 1024 threads (at most 8), each keeping ceil(dk / parts)
     // <= 16 rows of its column in registers; else one part of up to 128 rows (`_wide`).
     let parts = (1024 / g.dv.max(1)).clamp(1, 8);
-    let (name, parts) = if g.dk.div_ceil(parts) <= 16 {
-        ("gdn_step", parts)
+    let (kernel, parts) = if g.dk.div_ceil(parts) <= 16 {
+        (Kernel::GdnStep, parts)
     } else if g.dk <= 128 && g.dv <= 256 {
-        ("gdn_step_wide", 1)
+        (Kernel::GdnStepWide, 1)
     } else {
         return Err(CudaError::Unsupported(format!(
             "GatedDeltaNet head dims dk {} dv {} (dk <= 16 * min(8, 1024 / dv), or dk <= 128 \
@@ -1411,7 +1431,7 @@ pub fn gdn_step(
         shared_mem_bytes: (nc * parts * 4) as u32,
     };
     dev.launch(
-        name,
+        kernel,
         cfg,
         &[
             A::P(u),
@@ -1430,3 +1450,7 @@ pub fn gdn_step(
         ],
     )
 }
+
+#[cfg(test)]
+#[path = "ops_tests.rs"]
+mod tests;

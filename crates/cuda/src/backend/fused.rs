@@ -139,12 +139,11 @@ pub(super) fn attention(
     let (qkv, qn, kn) = (qg.ptr(), q_norm.ptr(), k_norm.ptr());
     ops::attn_prep(dev, &a, qkv, qn, kn, pos0, q.ptr(), kc.ptr(), vc.ptr()).map_err(ce)?;
     // The output prepared for the o-projection (whole warps per head: hd % 32 == 0).
-    let mut prep = if s.head_dim.is_multiple_of(32) {
-        be.prep_room(s.o_width())?
+    let prep = if s.head_dim.is_multiple_of(32) {
+        be.prep_room(s.o_width(), 1)?
     } else {
         [None, None]
     };
-    prep[1] = None;
     let pre = Cuda::prep_args(&prep)[0];
     let (kp, vp) = (kc.ptr(), vc.ptr());
     ops::attn_decode(dev, &a, q.ptr(), kp, vp, qkv, pos0 + 1, o.ptr(), pre).map_err(ce)?;

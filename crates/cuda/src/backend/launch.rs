@@ -5,13 +5,14 @@ use cudarc::driver::LaunchConfig;
 use flashmoe_core::backend::AttnShape;
 
 use crate::device::{Device, A};
+use crate::kernel::Kernel;
 use crate::ops::{elementwise, threads_for, Prepared};
 use crate::{CudaError, Result};
 
 /// out[i] = silu(g[i]) * u[i], i < n.
 pub fn silu_mul(dev: &Device, g: u64, u: u64, out: u64, n: usize) -> Result<()> {
     dev.launch(
-        "silu_mul",
+        Kernel::SiluMul,
         elementwise(n),
         &[A::P(g), A::P(u), A::P(out), A::I(n as i32)],
     )
@@ -20,7 +21,7 @@ pub fn silu_mul(dev: &Device, g: u64, u: u64, out: u64, n: usize) -> Result<()> 
 /// o[i] *= sigmoid(g[i]), i < n.
 pub fn mul_sigmoid(dev: &Device, o: u64, g: u64, n: usize) -> Result<()> {
     dev.launch(
-        "mul_sigmoid",
+        Kernel::MulSigmoid,
         elementwise(n),
         &[A::P(o), A::P(g), A::I(n as i32)],
     )
@@ -48,7 +49,7 @@ pub fn qk_norm_rope(
         shared_mem_bytes: (hd * 4) as u32,
     };
     dev.launch(
-        "qk_norm_rope",
+        Kernel::QkNormRope,
         cfg,
         &[
             A::P(qg),
@@ -82,7 +83,7 @@ pub fn gdn_conv_rows(
     u: u64,
 ) -> Result<()> {
     dev.launch(
-        "gdn_conv_rows",
+        Kernel::GdnConvRows,
         elementwise(cd),
         &[
             A::P(mixed),
@@ -122,7 +123,7 @@ pub fn gated_rmsnorm_rows(
     };
     let (qx, qbits) = pre.map_or((0, 0), |p| (p.at, p.bits as i32));
     dev.launch(
-        "gated_rmsnorm_rows",
+        Kernel::GatedRmsnormRows,
         cfg,
         &[
             A::P(o),

@@ -52,7 +52,6 @@ pub use mat::CudaMat;
 use mat::{group_layout, member, stacked};
 pub use options::CudaOptions;
 use pool::{Mem, Pool};
-pub(crate) use prefill_mixers::KERNELS as PREFILL_MIXER_KERNELS;
 
 /// Contexts of every `Cuda` made in this process, kept alive to its end: a model's buffers
 /// and matrices are freed after its backend when they are dropped in field order, and freeing
@@ -302,7 +301,7 @@ impl Backend for Cuda {
     }
 
     fn scratch(&self, n: usize) -> Result<CudaBuf> {
-        self.bind()?;
+        // No bind: a pool hit touches no driver state, a miss binds before allocating.
         self.buf(n)
     }
 
@@ -416,12 +415,11 @@ impl Backend for Cuda {
             return Ok(());
         }
         // One row: prepared for the most used width too (the kernel takes one).
-        let mut prep = if rows == 1 {
-            self.prep_room(n)?
+        let prep = if rows == 1 {
+            self.prep_room(n, 1)?
         } else {
             [None, None]
         };
-        prep[1] = None;
         let pre = Cuda::prep_args(&prep)[0];
         let (xp, wp, op) = (x.ptr(), w.ptr(), out.ptr());
         ops::rmsnorm_rows(dev, xp, n, wp, op, n, n, rows, eps, pre).map_err(ce)?;
@@ -622,12 +620,11 @@ impl Backend for Cuda {
             return Ok(());
         }
         // Prepared for the out-projection (one token's heads are one row of its input).
-        let mut prep = if dv.is_multiple_of(32) {
-            self.prep_room(rows * dv)?
+        let prep = if dv.is_multiple_of(32) {
+            self.prep_room(rows * dv, 1)?
         } else {
             [None, None]
         };
-        prep[1] = None;
         let pre = Cuda::prep_args(&prep)[0];
         let (op, zp, wp, yp) = (o.ptr(), z.ptr(), w.ptr(), y.ptr());
         launch::gated_rmsnorm_rows(dev, op, zp, wp, dv, rows, eps, yp, pre).map_err(ce)?;
@@ -764,7 +761,7 @@ impl Backend for Cuda {
         let (n, upd) = (x.len, ops::Residual::Update);
         x.written();
         out.written();
-        let prep = self.prep_room(n)?;
+        let prep = self.prep_room(n, 2)?;
         let pre = Cuda::prep_args(&prep);
         let (xp, dp, wp, op) = (x.ptr(), d.ptr(), w.ptr(), out.ptr());
         ops::add_rmsnorm(dev, xp, dp, wp, op, n, eps, pre, upd).map_err(ce)?;

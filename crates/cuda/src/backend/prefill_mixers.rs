@@ -17,10 +17,8 @@ use flashmoe_core::{Error, Result};
 
 use super::{cache_at, ce, gdn_room, room, Cuda, CudaBuf};
 use crate::device::A;
+use crate::kernel::Kernel;
 use crate::ops::{self, threads_for};
-
-/// The kernels of this module, compiled and looked up with the others (device.rs).
-pub(crate) const KERNELS: [&str; 4] = ["attn_prefill", "gdn_rows8", "gdn_rows16", "gdn_rows32"];
 
 /// Query rows and key rows of an `attn_prefill` tile (`APF_Q`, `APF_K` in kernels.cu).
 const APF_Q: usize = 16;
@@ -40,20 +38,24 @@ fn attn_fits(s: &AttnShape) -> bool {
 
 /// `gdn_rows` for key heads of `dk`: (kernel, parts per column P, rows per part RP); 4 parts
 /// up to dk 128, 8 up to 256.
-fn gdn_kernel(dk: usize) -> Option<(&'static str, usize, usize)> {
+fn gdn_kernel(dk: usize) -> Option<(Kernel, usize, usize)> {
     gdn_kernel_parts(dk, if dk <= 128 { 4 } else { 8 })
 }
 
 /// `gdn_rows` with `parts` parts a column (a power of two, 2 to 32) for key heads of `dk`:
 /// the kernel of the fewest rows a part that covers dk.
-fn gdn_kernel_parts(dk: usize, parts: usize) -> Option<(&'static str, usize, usize)> {
+fn gdn_kernel_parts(dk: usize, parts: usize) -> Option<(Kernel, usize, usize)> {
     if !parts.is_power_of_two() || !(2..=32).contains(&parts) {
         return None;
     }
-    [("gdn_rows8", 8), ("gdn_rows16", 16), ("gdn_rows32", 32)]
-        .into_iter()
-        .find(|&(_, rp)| dk > 0 && dk <= parts * rp)
-        .map(|(k, rp)| (k, parts, rp))
+    [
+        (Kernel::GdnRows8, 8),
+        (Kernel::GdnRows16, 16),
+        (Kernel::GdnRows32, 32),
+    ]
+    .into_iter()
+    .find(|&(_, rp)| dk > 0 && dk <= parts * rp)
+    .map(|(k, rp)| (k, parts, rp))
 }
 
 impl Cuda {
@@ -167,7 +169,7 @@ impl Cuda {
             A::F(1.0 / (hd as f32).sqrt()),
             A::P(o.ptr()),
         ];
-        dev.launch("attn_prefill", cfg, &args).map_err(ce)?;
+        dev.launch(Kernel::AttnPrefill, cfg, &args).map_err(ce)?;
         Ok(true)
     }
 
@@ -223,7 +225,7 @@ impl Cuda {
     /// [`Cuda::gdn_prompt`] with `kernel` (name, parts, rows a part) chosen by the caller.
     pub(super) fn gdn_prompt_with(
         &self,
-        kernel: Option<(&str, usize, usize)>,
+        kernel: Option<(Kernel, usize, usize)>,
         [u, b, a, dt_bias, neg_a]: [&CudaBuf; 5],
         state: &mut CudaBuf,
         s: &GdnShape,

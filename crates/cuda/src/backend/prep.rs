@@ -8,7 +8,7 @@
 //! that writes a buffer drops what was prepared of it ([`super::CudaBuf::written`]), so a
 //! prepared copy is always of the current contents. Off with `ops::set_epilogues(false)` (the
 //! A/B switch of the token path's fusions).
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::pool::Mem;
 use super::{Cuda, CudaBuf};
@@ -31,15 +31,16 @@ impl PrepX {
     }
 }
 
-/// Matrices uploaded per `mp` code width (index: bits).
+/// Matrices uploaded per `mp` code width (index: bits). Counters, not a lock: read before every
+/// one-row norm of a token, written only by uploads.
 #[derive(Default)]
-pub(super) struct Widths(Mutex<[usize; 9]>);
+pub(super) struct Widths([AtomicUsize; 9]);
 
 impl Widths {
     /// Notes an uploaded matrix.
     pub(super) fn note(&self, m: &DevMat) {
         if let Some(b) = m.prepared_bits() {
-            self.0.lock().unwrap_or_else(|p| p.into_inner())[b as usize] += 1;
+            self.0[b as usize].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -47,7 +48,7 @@ impl Widths {
     pub(super) fn top(&self) -> [Option<u32>; 2] {
         // Asked before every one-row norm: sorted in place, no allocation (unused widths,
         // count 0, sort last; the sort is stable, so ties keep 2, 4, 8 order).
-        let c = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let c: [usize; 9] = std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed));
         let mut w = [2u32, 4, 8];
         w.sort_by_key(|&b| std::cmp::Reverse(c[b as usize]));
         let used = |i: usize| Some(w[i]).filter(|&b| c[b as usize] > 0);
@@ -56,11 +57,12 @@ impl Widths {
 }
 
 impl Cuda {
-    /// Room for `out` (one row of `n`) prepared for the widths in use: the `Prepared`
-    /// arguments of its producer's launch. Attached to `out` by [`Cuda::attach`] after it.
-    pub(super) fn prep_room(&self, n: usize) -> Result<[Option<PrepX>; 2]> {
+    /// Room for `out` (one row of `n`) prepared for the first `want` (at most two) of the
+    /// widths in use, for a producer that prepares that many: the `Prepared` arguments of its
+    /// launch. Attached to `out` by [`CudaBuf::attach`] after it.
+    pub(super) fn prep_room(&self, n: usize, want: usize) -> Result<[Option<PrepX>; 2]> {
         let mut r: [Option<PrepX>; 2] = [None, None];
-        for (slot, bits) in r.iter_mut().zip(self.widths.top()) {
+        for (slot, bits) in r.iter_mut().zip(self.widths.top()).take(want) {
             if let Some(bits) = bits.filter(|&b| ops::preparable(b, n)) {
                 let mem = self.mem(ops::qx_size(bits, n).div_ceil(4))?;
                 *slot = Some(PrepX { mem, bits });
@@ -110,7 +112,7 @@ mod tests {
     fn widths(counts: [(usize, usize); 3]) -> Widths {
         let w = Widths::default();
         for (bits, n) in counts {
-            w.0.lock().unwrap()[bits] = n;
+            w.0[bits].store(n, std::sync::atomic::Ordering::Relaxed);
         }
         w
     }

@@ -35,9 +35,10 @@ pub struct CudaSlots {
     n: usize,
     /// The slots' layout with the kernels' format.
     lay: Layout,
-    /// Published layers: slot base per expert on the device (u64, what `slot_batch` reads),
-    /// and the slots on the host (for batches that bring the routing to the host).
-    tables: HashMap<usize, (DBuf, Vec<usize>)>,
+    /// Published layers, by layer index (looked up once per MoE layer of a token): slot base
+    /// per expert on the device (u64, what `slot_batch` reads), and the slots on the host
+    /// (for batches that bring the routing to the host).
+    tables: Vec<Option<(DBuf, Vec<usize>)>>,
     /// Recorded on the compute stream before a fill's copies, which wait for it.
     before: Event,
     /// Recorded on the copy stream after a fill's copies; the compute stream waits for it.
@@ -71,6 +72,11 @@ impl CudaSlots {
         Ok(self.slab.ptr() + (i * layout.slot) as u64)
     }
 
+    /// The published table of `layer` (device and host), if it was published.
+    fn table(&self, layer: usize) -> Option<&(DBuf, Vec<usize>)> {
+        self.tables.get(layer)?.as_ref()
+    }
+
     /// (gate‖up `[2I, H]`, down `[H, I]`) of the expert in slot `i`.
     pub(super) fn mats(&self, i: usize, layout: &SlotLayout) -> Result<(DevMat, DevMat)> {
         Ok(self.lay.mats(self.base(i, layout)?))
@@ -79,7 +85,9 @@ impl CudaSlots {
 
 /// Whether the one-token indirect matvec (`mvi`/`mpi`/`mt*i` kernels) runs `m`'s shape.
 fn indirect_fits(m: &DevMat) -> bool {
-    !m.fmt.kernel(true, m.rows, m.cols).0.ends_with("mvg")
+    m.fmt
+        .kernel(true, m.rows, m.cols)
+        .is_ok_and(|(k, _)| k.indirect().is_some())
 }
 
 impl Cuda {
@@ -245,7 +253,7 @@ impl Cuda {
     ) -> Result<()> {
         let dev = self.bind()?;
         let (h, i, k, ne) = (layout.hidden, layout.inter, m.k, m.ne);
-        let (tbl, _) = slots.tables.get(&m.call.layer).ok_or_else(|| {
+        let (tbl, _) = slots.table(m.call.layer).ok_or_else(|| {
             Error::Invalid(format!(
                 "cuda fused_moe: layer {} was not published",
                 m.call.layer
@@ -357,7 +365,7 @@ impl SlotBackend for Cuda {
             slab: dev.alloc(n * layout.slot).map_err(ce)?,
             n,
             lay: Layout::from_slot(*layout).map_err(ce)?,
-            tables: HashMap::new(),
+            tables: Vec::new(),
             before: dev.event().map_err(ce)?,
             copied: dev.event().map_err(ce)?,
             pending: false,
@@ -452,7 +460,10 @@ impl SlotBackend for Cuda {
         // After the fills queued so far (the upload is synchronous).
         dev.sync().map_err(ce)?;
         let tbl = dev.upload(bytemuck::cast_slice(&bases)).map_err(ce)?;
-        slots.tables.insert(layer, (tbl, table.to_vec()));
+        if slots.tables.len() <= layer {
+            slots.tables.resize_with(layer + 1, || None);
+        }
+        slots.tables[layer] = Some((tbl, table.to_vec()));
         Ok(true)
     }
 
@@ -483,7 +494,7 @@ impl SlotBackend for Cuda {
                 slots: ids,
             } => self.slots_host(layout, slots, hr, experts, ids, x, out),
             SlotRouting::Resident => {
-                let (tbl, table) = slots.tables.get(&batch.layer).ok_or_else(|| {
+                let (tbl, table) = slots.table(batch.layer).ok_or_else(|| {
                     Error::Invalid(format!(
                         "cuda slot_experts: layer {} was not published",
                         batch.layer

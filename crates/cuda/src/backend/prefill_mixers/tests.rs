@@ -287,14 +287,15 @@ fn probe_mixer_times() {
 #[test]
 fn gdn_kernel_covers_dk_with_the_fewest_rows_a_part() {
     use super::{gdn_kernel, gdn_kernel_parts};
-    assert_eq!(gdn_kernel(24), Some(("gdn_rows8", 4, 8)));
-    assert_eq!(gdn_kernel(64), Some(("gdn_rows16", 4, 16)));
-    assert_eq!(gdn_kernel(128), Some(("gdn_rows32", 4, 32)));
-    assert_eq!(gdn_kernel(192), Some(("gdn_rows32", 8, 32)));
+    use crate::kernel::Kernel;
+    assert_eq!(gdn_kernel(24), Some((Kernel::GdnRows8, 4, 8)));
+    assert_eq!(gdn_kernel(64), Some((Kernel::GdnRows16, 4, 16)));
+    assert_eq!(gdn_kernel(128), Some((Kernel::GdnRows32, 4, 32)));
+    assert_eq!(gdn_kernel(192), Some((Kernel::GdnRows32, 8, 32)));
     assert_eq!(gdn_kernel(0), None);
     assert_eq!(gdn_kernel(257), None);
-    assert_eq!(gdn_kernel_parts(128, 8), Some(("gdn_rows16", 8, 16)));
-    assert_eq!(gdn_kernel_parts(128, 16), Some(("gdn_rows8", 16, 8)));
+    assert_eq!(gdn_kernel_parts(128, 8), Some((Kernel::GdnRows16, 8, 16)));
+    assert_eq!(gdn_kernel_parts(128, 16), Some((Kernel::GdnRows8, 16, 8)));
     assert_eq!(gdn_kernel_parts(128, 2), None, "64 rows a part: no kernel");
     assert_eq!(gdn_kernel_parts(128, 6), None, "not a power of two");
 }
