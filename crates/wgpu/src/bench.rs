@@ -17,7 +17,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::device::{Products, Wgpu};
-use crate::shaders::Fast;
+use crate::shaders::{Fast, Form};
 
 /// What to measure.
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +127,11 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             rows_of_shape.push(json!({
                 "kernel": "matvec affine4-g64",
                 "products": format!("{products:?}"),
+                // The fast configuration as `FLASHMOE_WGPU_FAST` takes it.
+                "spec": match products {
+                    Products::Fast(f) => Some(f.spec()),
+                    _ => None,
+                },
                 "default": products == default,
                 "shape": [rows, cols],
                 "us": k.0 * 1e6,
@@ -150,9 +155,25 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             })
             .cloned()
             .unwrap_or(Value::Null);
+        // The fastest by GPU time (timestamps; null without them): the figure to choose a
+        // default by, free of submission and wait.
+        let gpu_best = rows_of_shape
+            .iter()
+            .filter(|r| r["gpu_us"].is_f64())
+            .min_by(|a, b| {
+                a["gpu_us"]
+                    .as_f64()
+                    .partial_cmp(&b["gpu_us"].as_f64())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
         best_ratio.push(json!({
+            "best_gpu_products": gpu_best.map(|r| r["products"].clone()),
+            "best_gpu_spec": gpu_best.map(|r| r["spec"].clone()),
+            "best_gpu_us": gpu_best.map(|r| r["gpu_us"].clone()),
+            "default_gpu_us": rows_of_shape[0]["gpu_us"],
             "shape": [rows, cols],
             "best_products": best["products"],
+            "best_spec": best["spec"],
             "best_vs_copy": best["vs_copy"],
             "best_vs_copy_traffic": best["vs_copy_traffic"],
             "default_vs_copy": rows_of_shape[0]["vs_copy"],
@@ -403,9 +424,29 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
                     wgs,
                     r,
                     subgroup,
+                    form: Form::Plain,
                 };
                 if f.valid() && wgs <= max && !v.contains(&Products::Fast(f)) {
                     v.push(Products::Fast(f));
+                }
+            }
+        }
+    }
+    // The one-token form (`fast_dec.wgsl`) in the default's lanes and reduction, at each width,
+    // rows per lane group and chunks per lane step.
+    if let Some(d) = be.default_fast() {
+        for wgs in [128, 256, 512] {
+            for r in [1, 2, 4] {
+                for span in [1, 2] {
+                    let f = Fast {
+                        wgs,
+                        r,
+                        form: Form::Decode { span },
+                        ..d
+                    };
+                    if f.valid() && wgs <= max && !v.contains(&Products::Fast(f)) {
+                        v.push(Products::Fast(f));
+                    }
                 }
             }
         }

@@ -844,6 +844,7 @@ fn default_fast(
         wgs,
         r: 2,
         subgroup,
+        form: crate::shaders::Form::Plain,
     };
     (wgs <= max).then_some(f)
 }

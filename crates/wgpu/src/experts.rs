@@ -289,7 +289,7 @@ impl Wgpu {
         keep: bool,
     ) -> Result<()> {
         let (name, per) = match self.fast_for(m, cols) {
-            Some(f) => (f.key(FastKind::Expert, m[1], 1), f.rows_per_group()),
+            Some(f) => (f.key(FastKind::Expert, m, 1), f.rows_per_group()),
             None => {
                 let (n, per) = self.product_kernel("expert");
                 (n.to_string(), per)

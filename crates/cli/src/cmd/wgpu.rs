@@ -64,6 +64,22 @@ fn gpu_device_nodes() -> bool {
     true
 }
 
+/// The fast products' configuration named by `FLASHMOE_WGPU_FAST` (`Fast::spec`, e.g.
+/// `r2_lg32_wg256_sg_d2`), for A/B runs of the product kernels; unset: the adapter's default.
+#[cfg(feature = "wgpu")]
+fn fast_option() -> Result<Option<flashmoe_wgpu::Fast>> {
+    let Ok(v) = std::env::var("FLASHMOE_WGPU_FAST") else {
+        return Ok(None);
+    };
+    match flashmoe_wgpu::Fast::from_spec(&v) {
+        Some(f) => Ok(Some(f)),
+        None => anyhow::bail!(
+            "FLASHMOE_WGPU_FAST={v}: not a fast-product configuration (such as \
+             r2_lg32_wg256_sg, or r2_lg32_wg256_sg_d2 for the decode form)"
+        ),
+    }
+}
+
 /// Device memory for routed-expert slots when `--vram-cache-gb` is not given (wgpu cannot
 /// ask how much is free).
 #[cfg(feature = "wgpu")]
@@ -90,7 +106,7 @@ pub fn factory(
         adapter,
         allow_software,
         row_per_thread: None,
-        fast: None,
+        fast: fast_option()?,
     };
     // The CPU model the upload came from, and the upload.
     type Uploaded = (Arc<Model>, Arc<Model<Wgpu>>);
@@ -126,7 +142,7 @@ pub fn bench(
         adapter: None,
         allow_software: true,
         row_per_thread: None,
-        fast: None,
+        fast: fast_option()?,
     })?;
     let opts = flashmoe_wgpu::BenchOptions {
         tokens: tokens.max(1),
