@@ -425,6 +425,7 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
                     r,
                     subgroup,
                     form: Form::Plain,
+                    lean: false,
                 };
                 if f.valid() && wgs <= max && !v.contains(&Products::Fast(f)) {
                     v.push(Products::Fast(f));
@@ -432,16 +433,25 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
             }
         }
     }
-    // The one-token form (`fast_dec.wgsl`) in the default's lanes and reduction, at each width,
-    // rows per lane group and chunks per lane step.
+    // In the default's lanes and reduction: the plain kernel without forced loop bounding, and
+    // the one-token form (`fast_dec.wgsl`) with and without, at each width, rows per lane group
+    // and chunks per lane step.
     if let Some(d) = be.default_fast() {
-        for wgs in [128, 256, 512] {
-            for r in [1, 2, 4] {
-                for span in [1, 2] {
+        let forms = [
+            (Form::Plain, true),
+            (Form::Decode { span: 1 }, false),
+            (Form::Decode { span: 2 }, false),
+            (Form::Decode { span: 1 }, true),
+            (Form::Decode { span: 2 }, true),
+        ];
+        for (form, lean) in forms {
+            for wgs in [128, 256, 512] {
+                for r in [1, 2, 4] {
                     let f = Fast {
                         wgs,
                         r,
-                        form: Form::Decode { span },
+                        form,
+                        lean,
                         ..d
                     };
                     if f.valid() && wgs <= max && !v.contains(&Products::Fast(f)) {

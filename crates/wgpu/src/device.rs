@@ -438,12 +438,21 @@ impl Wgpu {
                 bind_group_layouts: &[Some(&bgl)],
                 immediate_size: 0,
             });
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        };
+        let module = if crate::shaders::lean(name) {
+            let checks = wgpu::ShaderRuntimeChecks {
+                force_loop_bounding: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            };
+            // SAFETY: only loop bounding is off (bounds and division checks stay on), and
+            // every loop of the fast products ends by its own bound (see `Fast::lean`).
+            unsafe { self.device.create_shader_module_trusted(desc, checks) }
+        } else {
+            self.device.create_shader_module(desc)
+        };
         let pipe = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -845,6 +854,7 @@ fn default_fast(
         r: 2,
         subgroup,
         form: crate::shaders::Form::Plain,
+        lean: false,
     };
     (wgs <= max).then_some(f)
 }

@@ -70,6 +70,7 @@ fn small_rows(f: Fast, rows: usize, t: usize) -> Fast {
         r: 1,
         subgroup: false,
         form: f.form,
+        lean: f.lean,
     };
     if t == 1 && rows.div_ceil(f.rows_per_group()) < 32 && f.wgs >= small.wgs {
         small

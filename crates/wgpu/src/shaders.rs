@@ -15,7 +15,8 @@ const EXPERT_P: &str = include_str!("shaders/expert_p.wgsl");
 /// How the fast affine products (`fast.wgsl`) run on an adapter: `lg` lanes share `r` rows,
 /// `wgs` threads per workgroup; lane sums added by subgroup operations (`subgroup`, where
 /// `lg` is the adapter's fixed subgroup size) or through workgroup memory; `form`: which
-/// kernel runs the one-token products.
+/// kernel runs the one-token products; `lean`: their shader modules are created without
+/// naga's forced loop bounding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fast {
     pub lg: u32,
@@ -23,6 +24,14 @@ pub struct Fast {
     pub r: u32,
     pub subgroup: bool,
     pub form: Form,
+    /// Without `force_loop_bounding` (wgpu's `ShaderRuntimeChecks`; bounds checks stay on):
+    /// naga otherwise gives every loop a 64-bit iteration counter that breaks out at zero,
+    /// which a driver cannot see through, so the constant loops over a chunk's words and a
+    /// lane group's rows may stay loops and the per-lane arrays indexed by their counters
+    /// may live in local memory instead of registers. The fast kernels' loops end by their
+    /// own bounds (constants or dispatch parameters, steps that cannot wrap for the shapes
+    /// the ops accept), which is what the option asks the caller to promise.
+    pub lean: bool,
 }
 
 /// The kernel of the one-token products (decode, and the routed-expert batch, one token per
@@ -84,15 +93,16 @@ impl Fast {
     }
 
     /// The configuration as one word: `r2_lg32_wg256_sg` (`_wg`: workgroup-memory sums), with
-    /// `_d2` for [`Form::Decode`] of span 2; [`Fast::from_spec`] reads it back (the
-    /// `FLASHMOE_WGPU_FAST` option of the CLI).
+    /// `_d2` for [`Form::Decode`] of span 2 and `_lean` for [`Fast::lean`];
+    /// [`Fast::from_spec`] reads it back (the `FLASHMOE_WGPU_FAST` option of the CLI).
     pub fn spec(&self) -> String {
         let red = if self.subgroup { "sg" } else { "wg" };
         let form = match self.form {
             Form::Plain => String::new(),
             Form::Decode { span } => format!("_d{span}"),
         };
-        format!("r{}_lg{}_wg{}_{red}{form}", self.r, self.lg, self.wgs)
+        let lean = if self.lean { "_lean" } else { "" };
+        format!("r{}_lg{}_wg{}_{red}{form}{lean}", self.r, self.lg, self.wgs)
     }
 
     /// Parses [`Fast::spec`]; `None` for anything else or a configuration not [`valid`].
@@ -105,6 +115,10 @@ impl Fast {
 
     fn from_fields(f: &[&str]) -> Option<Fast> {
         let num = |s: &str, p: &str| s.strip_prefix(p)?.parse::<u32>().ok();
+        let (f, lean) = match f {
+            [b @ .., "lean"] => (b, true),
+            b => (b, false),
+        };
         let (base, form) = match f {
             [b @ .., d] if d.starts_with('d') => (b, Form::Decode { span: num(d, "d")? }),
             b => (b, Form::Plain),
@@ -122,6 +136,7 @@ impl Fast {
                 _ => return None,
             },
             form,
+            lean,
         };
         fast.valid().then_some(fast)
     }
@@ -256,6 +271,7 @@ pub fn all() -> Vec<(String, String)> {
                 r: 2,
                 subgroup,
                 form,
+                lean: false,
             };
             for bits in [2, 4, 8] {
                 let mut cases = vec![
@@ -277,6 +293,11 @@ pub fn all() -> Vec<(String, String)> {
         }
     }
     v
+}
+
+/// Whether kernel `name`'s module is created without forced loop bounding ([`Fast::lean`]).
+pub fn lean(name: &str) -> bool {
+    Fast::parse(name).is_some_and(|(f, ..)| f.lean)
 }
 
 /// The source of kernel `name` and its entry point: `matmul_rows` and `expert_rows` are the

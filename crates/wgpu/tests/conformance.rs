@@ -10,7 +10,8 @@ use flashmoe_wgpu::{Fast, Form, Products};
 /// one thread per row, a GPU's the fast kernels): one thread and one workgroup per row, the
 /// fast kernels summing through workgroup memory at two widths and rows per lane group, and
 /// through subgroup operations where the adapter has them (lavapipe does), each also with its
-/// one-token products in the decode form (`fast_dec.wgsl`) at one and two chunks per step.
+/// one-token products in the decode form (`fast_dec.wgsl`) at one and two chunks per step, and
+/// lean (no forced loop bounding) in both forms.
 #[test]
 fn wgpu_conforms() {
     let Some(probe) = device::backend() else {
@@ -31,18 +32,27 @@ fn wgpu_conforms() {
         (None, Some(wg(32, 128, 2, d2))),
         (None, Some(wg(16, 64, 4, d1))),
         (None, Some(wg(64, 256, 1, d2))),
+        (
+            None,
+            Some(Fast {
+                lean: true,
+                ..wg(32, 128, 2, d2)
+            }),
+        ),
     ];
     match probe.default_fast() {
         Some(f) if f.subgroup => {
-            for (r, form) in [
-                (1, plain),
-                (2, plain),
-                (4, plain),
-                (1, d2),
-                (2, d1),
-                (4, d2),
+            for (r, form, lean) in [
+                (1, plain, false),
+                (2, plain, false),
+                (4, plain, false),
+                (1, d2, false),
+                (2, d1, false),
+                (4, d2, false),
+                (2, plain, true),
+                (2, d2, true),
             ] {
-                variants.push((None, Some(Fast { r, form, ..f })));
+                variants.push((None, Some(Fast { r, form, lean, ..f })));
             }
         }
         _ => eprintln!("no subgroup operations at a fixed size here: those variants not run"),

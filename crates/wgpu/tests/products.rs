@@ -91,16 +91,24 @@ fn fast_forms_match_the_plain_twin() {
         Form::Decode { span: 2 },
         Form::Decode { span: 4 },
     );
+    let lean = |f: Fast| Fast { lean: true, ..f };
     let mut variants = vec![
         wg(32, 128, 2, Form::Plain),
         wg(16, 64, 4, d1),
         wg(32, 128, 2, d2),
         wg(64, 256, 1, d4),
+        lean(wg(32, 128, 2, d2)),
     ];
     match sg {
-        Some(f) => {
-            variants.extend([(1, d2), (2, d1), (4, d4)].map(|(r, form)| Fast { r, form, ..f }))
-        }
+        Some(f) => variants.extend(
+            [
+                (1, d2, false),
+                (2, d1, false),
+                (4, d4, false),
+                (2, d2, true),
+            ]
+            .map(|(r, form, lean)| Fast { r, form, lean, ..f }),
+        ),
         None => eprintln!("no subgroup operations at a fixed size here: those forms not run"),
     }
     for f in variants {
@@ -137,15 +145,22 @@ fn fast_forms_match_the_plain_twin() {
 #[test]
 fn spec_round_trips() {
     for form in [Form::Plain, Form::Decode { span: 2 }] {
-        let f = Fast {
-            lg: 32,
-            wgs: 256,
-            r: 4,
-            subgroup: true,
-            form,
-        };
-        assert_eq!(Fast::from_spec(&f.spec()), Some(f), "{}", f.spec());
+        for lean in [false, true] {
+            let f = Fast {
+                lg: 32,
+                wgs: 256,
+                r: 4,
+                subgroup: true,
+                form,
+                lean,
+            };
+            assert_eq!(Fast::from_spec(&f.spec()), Some(f), "{}", f.spec());
+        }
     }
+    assert_eq!(
+        Fast::from_spec("r2_lg32_wg256_sg_lean").map(|f| (f.form, f.lean)),
+        Some((Form::Plain, true))
+    );
     assert_eq!(
         Fast::from_spec("r2_lg32_wg256_sg_d2").map(|f| f.form),
         Some(Form::Decode { span: 2 })
@@ -157,6 +172,7 @@ fn spec_round_trips() {
         "r2_lg32_wg256_sg_d3",
         "r2_lg64_wg32_wg",
         "r2_lg32_wg256_xx",
+        "r2_lg32_wg256_sg_lean_d2",
     ] {
         assert_eq!(Fast::from_spec(bad), None, "{bad}");
     }

@@ -39,5 +39,6 @@ pub fn fast_wg(lg: u32, wgs: u32, r: u32, form: Form) -> Fast {
         r,
         subgroup: false,
         form,
+        lean: false,
     }
 }
