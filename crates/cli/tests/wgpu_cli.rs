@@ -1,8 +1,9 @@
 //! `--backend wgpu` through the binary: `flashmoe devices` lists the adapter, `logits` on
 //! wgpu matches the golden logits (one prompt and stepped), `generate` gives the CPU's ids,
-//! `run`, `chat` and `serve` answer from the adapter, and `auto` never picks a software
-//! adapter. On a machine with no adapter the tests say they were skipped; under CI=true
-//! (lavapipe installed by .ci/run) that is a failure.
+//! `run`, `chat` and `serve` answer from the adapter, `auto` never picks a software
+//! adapter, and `FLASHMOE_WGPU_FAST` picks the product kernels. On a machine with no adapter
+//! the tests say they were skipped; under CI=true (lavapipe installed by .ci/run) that is a
+//! failure.
 mod common;
 mod serve_util;
 
@@ -100,6 +101,35 @@ fn generate_on_wgpu_gives_the_cpu_ids_and_auto_skips_software() {
             "auto chose a software adapter:\n{err}"
         );
     }
+}
+
+/// `FLASHMOE_WGPU_FAST` (the product kernels' A/B switch) runs the named configuration: the
+/// one-token decode form without loop bounding gives the CPU's greedy ids on the 4-bit
+/// model; a word that names no configuration is refused with it quoted.
+#[test]
+fn fast_products_named_by_the_environment() {
+    let Some(shared) = shared_dir() else { return };
+    if !have_adapter() {
+        return;
+    }
+    let model = shared.join("golden/tiny-a/mlx-4bit");
+    let gen = |backend: &str, fast: &str| {
+        let mut cmd = bin();
+        cmd.env("FLASHMOE_WGPU_FAST", fast)
+            .args(["generate", "--backend", backend, "--model"])
+            .arg(&model)
+            .args(["--ids", "1,2,3,4,5", "--tokens", "8"]);
+        cmd
+    };
+    let cpu = run_ok(&mut gen("cpu", ""));
+    let fast = run_ok(&mut gen("wgpu", "r2_lg32_wg128_wg_d2_lean"));
+    assert_eq!(
+        String::from_utf8_lossy(&fast.stdout).trim(),
+        String::from_utf8_lossy(&cpu.stdout).trim(),
+        "greedy ids through the decode form and on the CPU"
+    );
+    let err = run_err(&mut gen("wgpu", "r3_fast"));
+    assert!(err.contains("FLASHMOE_WGPU_FAST=r3_fast"), "{err}");
 }
 
 #[test]

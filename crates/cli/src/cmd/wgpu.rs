@@ -65,12 +65,14 @@ fn gpu_device_nodes() -> bool {
 }
 
 /// The fast products' configuration named by `FLASHMOE_WGPU_FAST` (`Fast::spec`, e.g.
-/// `r2_lg32_wg256_sg_d2`), for A/B runs of the product kernels; unset: the adapter's default.
+/// `r2_lg32_wg256_sg_d2_lean`), for A/B runs of the product kernels; unset or empty: the
+/// adapter's default.
 #[cfg(feature = "wgpu")]
 fn fast_option() -> Result<Option<flashmoe_wgpu::Fast>> {
-    let Ok(v) = std::env::var("FLASHMOE_WGPU_FAST") else {
+    let v = std::env::var("FLASHMOE_WGPU_FAST").unwrap_or_default();
+    if v.is_empty() {
         return Ok(None);
-    };
+    }
     match flashmoe_wgpu::Fast::from_spec(&v) {
         Some(f) => Ok(Some(f)),
         None => anyhow::bail!(
