@@ -225,6 +225,13 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
                 "sum_us": tr["sum_us"], "gaps_us": tr["gaps_us"]}}),
         );
     }
+    // Every kernel with naga's forced loop bounding toggled (`Wgpu::set_lean_kernels`), beside
+    // the default: what the loop counters cost a whole token, per kernel in its trace.
+    let lean_was = model.be.lean_kernels();
+    model.be.set_lean_kernels(!lean_was)?;
+    let (toggled_ms, _) = decode_counted(&model, n)?;
+    let toggled_trace = trace_token(&model)?;
+    model.be.set_lean_kernels(lean_was)?;
     let kernel_trace = trace_token(&model)?;
     let s0 = model.be.tier_stats().unwrap_or_default();
     let (resident_ms, host) = decode_counted(&model, n)?;
@@ -285,6 +292,9 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             "host_per_token": host_json(&host, n),
             "by_commands_per_submission": by_batch,
             "one_pass": default_one,
+            "lean_kernels": lean_was,
+            "lean_kernels_toggled": {"lean_kernels": !lean_was, "ms_per_token": toggled_ms,
+                "kernel_trace": toggled_trace},
             // One token's commands timed on the device (timestamp queries), per kernel.
             "kernel_trace": kernel_trace,
             // Layers run from the device's routing (no read back), per token.

@@ -78,6 +78,14 @@ fn wgpu_conforms() {
         println!("{}", r.summary());
         r.assert_ok();
     }
+    // Every kernel without forced loop bounding (`set_lean_kernels`), the adapter's products.
+    let Some(be) = device::backend() else {
+        return;
+    };
+    be.set_lean_kernels(true).expect("lean kernels");
+    let r = flashmoe_core::backend::conformance::run(&be);
+    println!("lean kernels: {}", r.summary());
+    r.assert_ok();
     // Submissions of 3 commands: the parameter arena fills and is replaced mid-op, copies and
     // dispatches interleave across submissions.
     let Some(be) = device::backend() else {

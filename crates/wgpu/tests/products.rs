@@ -140,6 +140,25 @@ fn fast_forms_match_the_plain_twin() {
     }
 }
 
+/// Every kernel lean (`set_lean_kernels`) switched on and off in one session: the products
+/// after each switch agree with those before (pipelines and kept bind groups of each setting
+/// are cached apart, and the arithmetic is the same).
+#[test]
+fn lean_kernels_switch_within_a_session() {
+    let Some(be) = device::backend() else {
+        return;
+    };
+    let before = products(&be, 1);
+    for on in [true, false, true] {
+        be.set_lean_kernels(on).expect("switch");
+        assert_eq!(be.lean_kernels(), on);
+        for ((g, _), (w, _)) in products(&be, 1).iter().zip(&before) {
+            let e = nmse(g, w);
+            assert!(e <= TWIN_NMSE, "lean {on}: nmse {e:e}");
+        }
+    }
+}
+
 /// The configuration word the CLI's `FLASHMOE_WGPU_FAST` takes reads back as written, for
 /// both forms; malformed or invalid words are refused.
 #[test]

@@ -82,6 +82,13 @@ fn fast_option() -> Result<Option<flashmoe_wgpu::Fast>> {
     }
 }
 
+/// `FLASHMOE_WGPU_LEAN=1`: every kernel's pipeline without naga's forced loop bounding
+/// (`Wgpu::set_lean_kernels`), for A/B runs.
+#[cfg(feature = "wgpu")]
+fn lean_option() -> bool {
+    std::env::var("FLASHMOE_WGPU_LEAN").is_ok_and(|v| v == "1")
+}
+
 /// Device memory for routed-expert slots when `--vram-cache-gb` is not given (wgpu cannot
 /// ask how much is free).
 #[cfg(feature = "wgpu")]
@@ -121,6 +128,7 @@ pub fn factory(
             Some((src, m)) if Arc::ptr_eq(src, &model) => m.clone(),
             _ => {
                 let be = Wgpu::new(opts)?;
+                be.set_lean_kernels(lean_option())?;
                 eprintln!("wgpu: {} ({})", be.adapter().name, be.adapter().backend);
                 let m = flashmoe_core::model::upload_to(&model, be)?;
                 flashmoe_wgpu::with_residency(&m, vram_cache_bytes.unwrap_or(DEFAULT_SLOT_BYTES))?;
@@ -146,6 +154,7 @@ pub fn bench(
         row_per_thread: None,
         fast: fast_option()?,
     })?;
+    be.set_lean_kernels(lean_option())?;
     let opts = flashmoe_wgpu::BenchOptions {
         tokens: tokens.max(1),
         ..Default::default()
