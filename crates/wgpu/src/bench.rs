@@ -445,7 +445,7 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
     }
     // In the default's lanes and reduction: the plain kernel without forced loop bounding, and
     // the one-token form (`fast_dec.wgsl`) with and without, at each width, rows per lane group
-    // and chunks per lane step.
+    // (eight only in that form: less x read per weight byte) and chunks per lane step.
     if let Some(d) = be.default_fast() {
         let forms = [
             (Form::Plain, true),
@@ -456,7 +456,7 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
         ];
         for (form, lean) in forms {
             for wgs in [128, 256, 512] {
-                for r in [1, 2, 4] {
+                for r in [1, 2, 4, 8] {
                     let f = Fast {
                         wgs,
                         r,

@@ -144,8 +144,10 @@ impl Wgpu {
         t: usize,
         y: &wgpu::Buffer,
     ) -> Result<()> {
-        let fast = self.fast_for(w.m, w.cols).map(|f| small_rows(f, w.rows, t));
         let tb = if t == 1 { 1 } else { 8 };
+        let fast = self
+            .fast_for(w.m, w.cols)
+            .map(|f| small_rows(f, w.rows, t).for_product(w.m, tb));
         let (name, per) = match fast {
             Some(f) => (f.key(FastKind::Matmul, w.m, tb), f.rows_per_group()),
             None => {

@@ -56,14 +56,15 @@ pub enum FastKind {
 }
 
 impl Fast {
-    /// Whether the numbers fit the kernel: powers of two, `lg` dividing `wgs`.
+    /// Whether the numbers fit the kernel: powers of two, `lg` dividing `wgs`, up to four rows
+    /// per lane group (eight in the decode form, whose per-row state is one token's).
     pub fn valid(&self) -> bool {
         let p2 = |v: u32| v.is_power_of_two();
-        let form = match self.form {
-            Form::Plain => true,
-            Form::Decode { span } => matches!(span, 1 | 2 | 4),
+        let (form, rows) = match self.form {
+            Form::Plain => (true, 4),
+            Form::Decode { span } => (matches!(span, 1 | 2 | 4), 8),
         };
-        p2(self.lg) && p2(self.wgs) && self.wgs >= self.lg && matches!(self.r, 1 | 2 | 4) && form
+        p2(self.lg) && p2(self.wgs) && self.wgs >= self.lg && p2(self.r) && self.r <= rows && form
     }
 
     /// Rows per workgroup.
@@ -74,7 +75,8 @@ impl Fast {
     /// This configuration as a product of `tb` tokens per workgroup of the affine matrix of
     /// format words `m` (fmt, bits, group, sdtype) runs it: [`Form::Decode`] only for one token
     /// and a group of whole words whose boundaries fall on a chunk's word boundaries at
-    /// constant places (a power of two of words), else [`Form::Plain`].
+    /// constant places (a power of two of words), else [`Form::Plain`] at no more than its four
+    /// rows per lane group. Callers take rows per workgroup from the result.
     pub fn for_product(self, m: [u32; 4], tb: u32) -> Fast {
         let [_, bits, group, sfmt] = m;
         let per = 32 / bits.max(1);
@@ -87,6 +89,7 @@ impl Fast {
             Form::Decode { .. } if fits => self,
             _ => Fast {
                 form: Form::Plain,
+                r: self.r.min(4),
                 ..self
             },
         }

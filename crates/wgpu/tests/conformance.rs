@@ -51,6 +51,7 @@ fn wgpu_conforms() {
                 (4, d2, false),
                 (2, plain, true),
                 (2, d2, true),
+                (8, d1, true),
             ] {
                 variants.push((None, Some(Fast { r, form, lean, ..f })));
             }

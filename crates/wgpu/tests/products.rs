@@ -98,6 +98,7 @@ fn fast_forms_match_the_plain_twin() {
         wg(32, 128, 2, d2),
         wg(64, 256, 1, d4),
         lean(wg(32, 128, 2, d2)),
+        wg(16, 128, 8, d1),
     ];
     match sg {
         Some(f) => variants.extend(
@@ -106,6 +107,7 @@ fn fast_forms_match_the_plain_twin() {
                 (2, d1, false),
                 (4, d4, false),
                 (2, d2, true),
+                (8, d2, true),
             ]
             .map(|(r, form, lean)| Fast { r, form, lean, ..f }),
         ),
@@ -180,6 +182,7 @@ fn spec_round_trips() {
         Fast::from_spec("r2_lg32_wg256_sg_lean").map(|f| (f.form, f.lean)),
         Some((Form::Plain, true))
     );
+    assert_eq!(Fast::from_spec("r8_lg32_wg256_sg_d1").map(|f| f.r), Some(8));
     assert_eq!(
         Fast::from_spec("r2_lg32_wg256_sg_d2").map(|f| f.form),
         Some(Form::Decode { span: 2 })
@@ -192,6 +195,7 @@ fn spec_round_trips() {
         "r2_lg64_wg32_wg",
         "r2_lg32_wg256_xx",
         "r2_lg32_wg256_sg_lean_d2",
+        "r8_lg32_wg256_sg",
     ] {
         assert_eq!(Fast::from_spec(bad), None, "{bad}");
     }
