@@ -1,8 +1,9 @@
 //! `--backend wgpu` through the binary: `flashmoe devices` lists the adapter, `logits` on
 //! wgpu matches the golden logits (one prompt and stepped), `generate` gives the CPU's ids,
-//! `run`, `chat` and `serve` answer from the adapter, and `auto` never picks a software
-//! adapter. On a machine with no adapter the tests say they were skipped; under CI=true
-//! (lavapipe installed by .ci/run) that is a failure.
+//! `run`, `chat` and `serve` answer from the adapter, `auto` never picks a software
+//! adapter, and `FLASHMOE_WGPU_FAST` picks the product kernels. On a machine with no adapter
+//! the tests say they were skipped; under CI=true (lavapipe installed by .ci/run) that is a
+//! failure.
 mod common;
 mod serve_util;
 
@@ -102,6 +103,42 @@ fn generate_on_wgpu_gives_the_cpu_ids_and_auto_skips_software() {
     }
 }
 
+/// `FLASHMOE_WGPU_FAST` (the product kernels' A/B switch) runs the named configuration: the
+/// one-token decode form without loop bounding gives the CPU's greedy ids on the 4-bit
+/// model, as does every kernel without loop bounding (`FLASHMOE_WGPU_LEAN=1`); a word that
+/// names no configuration is refused with it quoted.
+#[test]
+fn fast_products_named_by_the_environment() {
+    let Some(shared) = shared_dir() else { return };
+    if !have_adapter() {
+        return;
+    }
+    let model = shared.join("golden/tiny-a/mlx-4bit");
+    let gen = |backend: &str, fast: &str| {
+        let mut cmd = bin();
+        cmd.env("FLASHMOE_WGPU_FAST", fast)
+            .args(["generate", "--backend", backend, "--model"])
+            .arg(&model)
+            .args(["--ids", "1,2,3,4,5", "--tokens", "8"]);
+        cmd
+    };
+    let cpu = run_ok(&mut gen("cpu", ""));
+    let fast = run_ok(&mut gen("wgpu", "r2_lg32_wg128_wg_d2_lean"));
+    assert_eq!(
+        String::from_utf8_lossy(&fast.stdout).trim(),
+        String::from_utf8_lossy(&cpu.stdout).trim(),
+        "greedy ids through the decode form and on the CPU"
+    );
+    let lean = run_ok(gen("wgpu", "").env("FLASHMOE_WGPU_LEAN", "1"));
+    assert_eq!(
+        String::from_utf8_lossy(&lean.stdout).trim(),
+        String::from_utf8_lossy(&cpu.stdout).trim(),
+        "greedy ids with every kernel lean and on the CPU"
+    );
+    let err = run_err(&mut gen("wgpu", "r3_fast"));
+    assert!(err.contains("FLASHMOE_WGPU_FAST=r3_fast"), "{err}");
+}
+
 #[test]
 fn a_missing_adapter_index_is_a_clear_error() {
     let Some(shared) = shared_dir() else { return };
@@ -168,6 +205,14 @@ fn bench_wgpu_reports_the_adapter_limits_beside_kernels_and_decode() {
     assert!(r["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{r}");
     assert_eq!(r["all_preloaded"], true, "{r}");
     assert_eq!(r["slot_fills_per_token"].as_f64(), Some(0.0), "{r}");
+    // The same decode with every kernel's loop bounding toggled (the A/B of `lean`).
+    let l = &r["lean_kernels_toggled"];
+    assert!(l["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{l}");
+    assert_eq!(
+        l["lean_kernels"].as_bool(),
+        r["lean_kernels"].as_bool().map(|b| !b),
+        "{r}"
+    );
     assert!(
         r["resident_layer_calls_per_token"]
             .as_f64()

@@ -17,7 +17,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::device::{Products, Wgpu};
-use crate::shaders::Fast;
+use crate::shaders::{Fast, Form};
 
 /// What to measure.
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +127,11 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             rows_of_shape.push(json!({
                 "kernel": "matvec affine4-g64",
                 "products": format!("{products:?}"),
+                // The fast configuration as `FLASHMOE_WGPU_FAST` takes it.
+                "spec": match products {
+                    Products::Fast(f) => Some(f.spec()),
+                    _ => None,
+                },
                 "default": products == default,
                 "shape": [rows, cols],
                 "us": k.0 * 1e6,
@@ -150,9 +155,25 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             })
             .cloned()
             .unwrap_or(Value::Null);
+        // The fastest by GPU time (timestamps; null without them): the figure to choose a
+        // default by, free of submission and wait.
+        let gpu_best = rows_of_shape
+            .iter()
+            .filter(|r| r["gpu_us"].is_f64())
+            .min_by(|a, b| {
+                a["gpu_us"]
+                    .as_f64()
+                    .partial_cmp(&b["gpu_us"].as_f64())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
         best_ratio.push(json!({
+            "best_gpu_products": gpu_best.map(|r| r["products"].clone()),
+            "best_gpu_spec": gpu_best.map(|r| r["spec"].clone()),
+            "best_gpu_us": gpu_best.map(|r| r["gpu_us"].clone()),
+            "default_gpu_us": rows_of_shape[0]["gpu_us"],
             "shape": [rows, cols],
             "best_products": best["products"],
+            "best_spec": best["spec"],
             "best_vs_copy": best["vs_copy"],
             "best_vs_copy_traffic": best["vs_copy_traffic"],
             "default_vs_copy": rows_of_shape[0]["vs_copy"],
@@ -204,6 +225,13 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
                 "sum_us": tr["sum_us"], "gaps_us": tr["gaps_us"]}}),
         );
     }
+    // Every kernel with naga's forced loop bounding toggled (`Wgpu::set_lean_kernels`), beside
+    // the default: what the loop counters cost a whole token, per kernel in its trace.
+    let lean_was = model.be.lean_kernels();
+    model.be.set_lean_kernels(!lean_was)?;
+    let (toggled_ms, _) = decode_counted(&model, n)?;
+    let toggled_trace = trace_token(&model)?;
+    model.be.set_lean_kernels(lean_was)?;
     let kernel_trace = trace_token(&model)?;
     let s0 = model.be.tier_stats().unwrap_or_default();
     let (resident_ms, host) = decode_counted(&model, n)?;
@@ -264,6 +292,9 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
             "host_per_token": host_json(&host, n),
             "by_commands_per_submission": by_batch,
             "one_pass": default_one,
+            "lean_kernels": lean_was,
+            "lean_kernels_toggled": {"lean_kernels": !lean_was, "ms_per_token": toggled_ms,
+                "kernel_trace": toggled_trace},
             // One token's commands timed on the device (timestamp queries), per kernel.
             "kernel_trace": kernel_trace,
             // Layers run from the device's routing (no read back), per token.
@@ -403,9 +434,39 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
                     wgs,
                     r,
                     subgroup,
+                    form: Form::Plain,
+                    lean: false,
                 };
                 if f.valid() && wgs <= max && !v.contains(&Products::Fast(f)) {
                     v.push(Products::Fast(f));
+                }
+            }
+        }
+    }
+    // In the default's lanes and reduction: the plain kernel without forced loop bounding, and
+    // the one-token form (`fast_dec.wgsl`) with and without, at each width, rows per lane group
+    // (eight only in that form: less x read per weight byte) and chunks per lane step.
+    if let Some(d) = be.default_fast() {
+        let forms = [
+            (Form::Plain, true),
+            (Form::Decode { span: 1 }, false),
+            (Form::Decode { span: 2 }, false),
+            (Form::Decode { span: 1 }, true),
+            (Form::Decode { span: 2 }, true),
+        ];
+        for (form, lean) in forms {
+            for wgs in [128, 256, 512] {
+                for r in [1, 2, 4, 8] {
+                    let f = Fast {
+                        wgs,
+                        r,
+                        form,
+                        lean,
+                        ..d
+                    };
+                    if f.valid() && wgs <= max && !v.contains(&Products::Fast(f)) {
+                        v.push(Products::Fast(f));
+                    }
                 }
             }
         }

@@ -209,6 +209,8 @@ pub struct Wgpu {
     pub(crate) trace: Mutex<Option<crate::timing::Trace>>,
     /// Consecutive dispatches share one compute pass instead of one pass each.
     one_pass: std::sync::atomic::AtomicBool,
+    /// Every kernel's pipeline without forced loop bounding (see [`Wgpu::set_lean_kernels`]).
+    lean_all: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -321,6 +323,7 @@ impl Wgpu {
             // 4.9 ms with dispatches sharing a pass against 6.4 ms with a pass each, most of
             // it wgpu's submission work per pass (0.7 against 1.9 ms of the host's time).
             one_pass: true.into(),
+            lean_all: false.into(),
         })
     }
 
@@ -421,11 +424,12 @@ impl Wgpu {
     }
 
     fn pipeline(&self, name: &str) -> Result<wgpu::ComputePipeline> {
+        let key = self.pipe_key(name);
         let mut p = self
             .pipes
             .lock()
             .map_err(|_| op_err("pipeline", "lock poisoned"))?;
-        if let Some(x) = p.get(name) {
+        if let Some(x) = p.get(key.as_ref()) {
             return Ok(x.clone());
         }
         let (src, entry) = crate::shaders::source(name)
@@ -438,12 +442,22 @@ impl Wgpu {
                 bind_group_layouts: &[Some(&bgl)],
                 immediate_size: 0,
             });
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        };
+        let module = if crate::shaders::lean(name) || self.lean_kernels() {
+            let checks = wgpu::ShaderRuntimeChecks {
+                force_loop_bounding: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            };
+            // SAFETY: only loop bounding is off (bounds and division checks stay on), and
+            // every loop of the kernels ends by its own bound (see `Fast::lean`,
+            // `Wgpu::set_lean_kernels`).
+            unsafe { self.device.create_shader_module_trusted(desc, checks) }
+        } else {
+            self.device.create_shader_module(desc)
+        };
         let pipe = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -454,7 +468,7 @@ impl Wgpu {
                 compilation_options: Default::default(),
                 cache: None,
             });
-        p.insert(name.to_string(), pipe.clone());
+        p.insert(key.into_owned(), pipe.clone());
         Ok(pipe)
     }
 
@@ -573,6 +587,33 @@ impl Wgpu {
         self.flush()?;
         self.one_pass.store(on, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether every kernel runs without naga's forced loop bounding (the fast products'
+    /// `lean` configurations apart, which always do).
+    pub fn lean_kernels(&self) -> bool {
+        self.lean_all.load(Ordering::Relaxed)
+    }
+
+    /// Every kernel dispatched from now on without naga's forced loop bounding (bounds checks
+    /// stay on; `Fast::lean` says why it may matter): an A/B switch for a whole token. Every
+    /// kernel's loops end by their own bounds (parameters or constants, steps that cannot wrap
+    /// for the sizes the ops accept). Pipelines and kept bind groups of each setting are
+    /// cached apart.
+    pub fn set_lean_kernels(&self, on: bool) -> Result<()> {
+        self.flush()?;
+        self.lean_all.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The cache key of kernel `name`'s pipeline and its kept bind groups: `name`, with
+    /// `#lean` where [`Wgpu::lean_kernels`] makes it lean (and its name does not already).
+    fn pipe_key<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.lean_kernels() && !crate::shaders::lean(name) {
+            format!("{name}#lean").into()
+        } else {
+            name.into()
+        }
     }
 
     /// Submits what is recorded.
@@ -694,7 +735,7 @@ impl Wgpu {
             self.binds
                 .lock()
                 .map_err(|_| op_err("dispatch", "lock poisoned"))?
-                .get(name, owned, |o| make(&o[1..]))
+                .get(&self.pipe_key(name), owned, |o| make(&o[1..]))
                 .0
         } else {
             make(&owned[1..])
@@ -844,6 +885,8 @@ fn default_fast(
         wgs,
         r: 2,
         subgroup,
+        form: crate::shaders::Form::Plain,
+        lean: false,
     };
     (wgs <= max).then_some(f)
 }

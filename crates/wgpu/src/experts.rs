@@ -288,8 +288,8 @@ impl Wgpu {
         j: &wgpu::Buffer,
         keep: bool,
     ) -> Result<()> {
-        let (name, per) = match self.fast_for(m, cols) {
-            Some(f) => (f.key(FastKind::Expert, m[1], 1), f.rows_per_group()),
+        let (name, per) = match self.fast_for(m, cols).map(|f| f.for_product(m, 1)) {
+            Some(f) => (f.key(FastKind::Expert, m, 1), f.rows_per_group()),
             None => {
                 let (n, per) = self.product_kernel("expert");
                 (n.to_string(), per)

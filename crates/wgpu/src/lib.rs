@@ -30,7 +30,7 @@ pub use device::{adapters, AdapterDesc, HostCounters, Options, Products, Wgpu};
 pub use flashmoe_core::residency::TierInfo;
 pub use mat::GMat;
 pub use ops::{GBuf, GRoutes};
-pub use shaders::{Fast, FastKind};
+pub use shaders::{Fast, FastKind, Form};
 pub use slots::{with_residency, GSlots};
 pub use timing::{trace_table, KernelTime, TraceReport};
 

@@ -69,6 +69,8 @@ fn small_rows(f: Fast, rows: usize, t: usize) -> Fast {
         wgs: 256,
         r: 1,
         subgroup: false,
+        form: f.form,
+        lean: f.lean,
     };
     if t == 1 && rows.div_ceil(f.rows_per_group()) < 32 && f.wgs >= small.wgs {
         small
@@ -142,10 +144,12 @@ impl Wgpu {
         t: usize,
         y: &wgpu::Buffer,
     ) -> Result<()> {
-        let fast = self.fast_for(w.m, w.cols).map(|f| small_rows(f, w.rows, t));
         let tb = if t == 1 { 1 } else { 8 };
+        let fast = self
+            .fast_for(w.m, w.cols)
+            .map(|f| small_rows(f, w.rows, t).for_product(w.m, tb));
         let (name, per) = match fast {
-            Some(f) => (f.key(FastKind::Matmul, w.m[1], tb), f.rows_per_group()),
+            Some(f) => (f.key(FastKind::Matmul, w.m, tb), f.rows_per_group()),
             None => {
                 let (n, per) = self.product_kernel("matmul");
                 (n.to_string(), per)

@@ -4,34 +4,56 @@
 //! adapter is a failure.
 mod device;
 
-use flashmoe_wgpu::{Fast, Products};
+use flashmoe_wgpu::{Fast, Form, Products};
 
 /// Every product kernel on this adapter, whichever it would choose by default (lavapipe's is
 /// one thread per row, a GPU's the fast kernels): one thread and one workgroup per row, the
 /// fast kernels summing through workgroup memory at two widths and rows per lane group, and
-/// through subgroup operations where the adapter has them (lavapipe does).
+/// through subgroup operations where the adapter has them (lavapipe does), each also with its
+/// one-token products in the decode form (`fast_dec.wgsl`) at one and two chunks per step, and
+/// lean (no forced loop bounding) in both forms.
 #[test]
 fn wgpu_conforms() {
     let Some(probe) = device::backend() else {
         return;
     };
-    let wg = |lg, wgs, r| Fast {
-        lg,
-        wgs,
-        r,
-        subgroup: false,
-    };
+    let wg = device::fast_wg;
+    let (plain, d1, d2) = (
+        Form::Plain,
+        Form::Decode { span: 1 },
+        Form::Decode { span: 2 },
+    );
     let mut variants: Vec<(Option<bool>, Option<Fast>)> = vec![
         (Some(true), None),
         (Some(false), None),
-        (None, Some(wg(32, 128, 2))),
-        (None, Some(wg(16, 64, 4))),
-        (None, Some(wg(64, 256, 1))),
+        (None, Some(wg(32, 128, 2, plain))),
+        (None, Some(wg(16, 64, 4, plain))),
+        (None, Some(wg(64, 256, 1, plain))),
+        (None, Some(wg(32, 128, 2, d2))),
+        (None, Some(wg(16, 64, 4, d1))),
+        (None, Some(wg(64, 256, 1, d2))),
+        (
+            None,
+            Some(Fast {
+                lean: true,
+                ..wg(32, 128, 2, d2)
+            }),
+        ),
     ];
     match probe.default_fast() {
         Some(f) if f.subgroup => {
-            for r in [1, 2, 4] {
-                variants.push((None, Some(Fast { r, ..f })));
+            for (r, form, lean) in [
+                (1, plain, false),
+                (2, plain, false),
+                (4, plain, false),
+                (1, d2, false),
+                (2, d1, false),
+                (4, d2, false),
+                (2, plain, true),
+                (2, d2, true),
+                (8, d1, true),
+            ] {
+                variants.push((None, Some(Fast { r, form, lean, ..f })));
             }
         }
         _ => eprintln!("no subgroup operations at a fixed size here: those variants not run"),
@@ -57,6 +79,14 @@ fn wgpu_conforms() {
         println!("{}", r.summary());
         r.assert_ok();
     }
+    // Every kernel without forced loop bounding (`set_lean_kernels`), the adapter's products.
+    let Some(be) = device::backend() else {
+        return;
+    };
+    be.set_lean_kernels(true).expect("lean kernels");
+    let r = flashmoe_core::backend::conformance::run(&be);
+    println!("lean kernels: {}", r.summary());
+    r.assert_ok();
     // Submissions of 3 commands: the parameter arena fills and is replaced mid-op, copies and
     // dispatches interleave across submissions.
     let Some(be) = device::backend() else {

@@ -4,6 +4,7 @@
 mod device;
 
 use flashmoe_testdata::golden::{check_on, FIXTURES};
+use flashmoe_wgpu::{Fast, Form};
 
 fn fixture(i: usize) {
     let Some(be) = device::backend() else { return };
@@ -33,11 +34,9 @@ fn tiny_a_mlx_4bit() {
     fixture(2);
 }
 
-/// The 4-bit checkpoint through the fast products as a GPU runs them (lavapipe's default is
-/// one thread per row): the adapter's own configuration, subgroup operations included where
-/// it has them.
-#[test]
-fn tiny_a_mlx_4bit_fast_products() {
+/// The 4-bit checkpoint (fixture 2) through the fast products in the adapter's own
+/// configuration changed by `change`; "skipped" where the adapter has none.
+fn mlx_4bit_fast(change: impl Fn(Fast) -> Fast) {
     let Some(probe) = device::backend() else {
         return;
     };
@@ -47,10 +46,29 @@ fn tiny_a_mlx_4bit_fast_products() {
         eprintln!("skipped: no workgroup of 32 threads on this adapter");
         return;
     };
-    let Some(be) = device::backend_with(None, Some(fast)) else {
+    let Some(be) = device::backend_with(None, Some(change(fast))) else {
         return;
     };
     fixture_on(be, 2);
+}
+
+/// The 4-bit checkpoint through the fast products as a GPU runs them (lavapipe's default is
+/// one thread per row): the adapter's own configuration, subgroup operations included where
+/// it has them.
+#[test]
+fn tiny_a_mlx_4bit_fast_products() {
+    mlx_4bit_fast(|f| f);
+}
+
+/// The same through the one-token decode form of the fast products, lean (no forced loop
+/// bounding), in the adapter's lanes and reduction.
+#[test]
+fn tiny_a_mlx_4bit_decode_form() {
+    mlx_4bit_fast(|f| Fast {
+        form: Form::Decode { span: 2 },
+        lean: true,
+        ..f
+    });
 }
 
 #[test]

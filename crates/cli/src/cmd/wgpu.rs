@@ -64,6 +64,31 @@ fn gpu_device_nodes() -> bool {
     true
 }
 
+/// The fast products' configuration named by `FLASHMOE_WGPU_FAST` (`Fast::spec`, e.g.
+/// `r2_lg32_wg256_sg_d2_lean`), for A/B runs of the product kernels; unset or empty: the
+/// adapter's default.
+#[cfg(feature = "wgpu")]
+fn fast_option() -> Result<Option<flashmoe_wgpu::Fast>> {
+    let v = std::env::var("FLASHMOE_WGPU_FAST").unwrap_or_default();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    match flashmoe_wgpu::Fast::from_spec(&v) {
+        Some(f) => Ok(Some(f)),
+        None => anyhow::bail!(
+            "FLASHMOE_WGPU_FAST={v}: not a fast-product configuration (such as \
+             r2_lg32_wg256_sg, or r2_lg32_wg256_sg_d2 for the decode form)"
+        ),
+    }
+}
+
+/// `FLASHMOE_WGPU_LEAN=1`: every kernel's pipeline without naga's forced loop bounding
+/// (`Wgpu::set_lean_kernels`), for A/B runs.
+#[cfg(feature = "wgpu")]
+fn lean_option() -> bool {
+    std::env::var("FLASHMOE_WGPU_LEAN").is_ok_and(|v| v == "1")
+}
+
 /// Device memory for routed-expert slots when `--vram-cache-gb` is not given (wgpu cannot
 /// ask how much is free).
 #[cfg(feature = "wgpu")]
@@ -90,7 +115,7 @@ pub fn factory(
         adapter,
         allow_software,
         row_per_thread: None,
-        fast: None,
+        fast: fast_option()?,
     };
     // The CPU model the upload came from, and the upload.
     type Uploaded = (Arc<Model>, Arc<Model<Wgpu>>);
@@ -103,6 +128,7 @@ pub fn factory(
             Some((src, m)) if Arc::ptr_eq(src, &model) => m.clone(),
             _ => {
                 let be = Wgpu::new(opts)?;
+                be.set_lean_kernels(lean_option())?;
                 eprintln!("wgpu: {} ({})", be.adapter().name, be.adapter().backend);
                 let m = flashmoe_core::model::upload_to(&model, be)?;
                 flashmoe_wgpu::with_residency(&m, vram_cache_bytes.unwrap_or(DEFAULT_SLOT_BYTES))?;
@@ -126,8 +152,9 @@ pub fn bench(
         adapter: None,
         allow_software: true,
         row_per_thread: None,
-        fast: None,
+        fast: fast_option()?,
     })?;
+    be.set_lean_kernels(lean_option())?;
     let opts = flashmoe_wgpu::BenchOptions {
         tokens: tokens.max(1),
         ..Default::default()

@@ -4,19 +4,7 @@
 // of the rows (4 words of codes), loads the matching x once for the R rows, and folds the
 // dequantisation into the dot product, `s * sum(q * x) + b * sum(x)` per group (the FMA form
 // of the reference design: one multiply-add per code). The lane sums are added by
-// `reduce` (subgroup or workgroup variant, see reduce_*.wgsl).
-@group(0) @binding(1) var<storage, read> W4: array<vec4<u32>>;
-@group(0) @binding(4) var<storage, read> X4: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> Y: array<f32>;
-
-// Codes per word and x vec4s per word.
-const PER: u32 = 32u / BITS;
-const XV: u32 = PER / 4u;
-const MASK: u32 = (1u << BITS) - 1u;
-// acc[r * TB + tt]: row r, token tt.
-var<private> acc: array<f32, R * TB>;
-// Each lane group's R * TB sums.
-var<workgroup> sums: array<f32, (WGS / LG) * R * TB>;
+// `reduce` (subgroup or workgroup variant, see reduce_*.wgsl). Bindings and layout: fast_io.wgsl.
 
 // Codes as floats without an integer conversion (a quarter-rate instruction on NVIDIA):
 // 2^23 + q has q in its mantissa, exactly; subtracting 2^23 leaves q.

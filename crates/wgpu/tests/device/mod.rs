@@ -3,7 +3,7 @@
 //! (.ci/run installs lavapipe).
 // Each test binary uses some of these.
 #![allow(dead_code)]
-use flashmoe_wgpu::{Fast, Options, Wgpu};
+use flashmoe_wgpu::{Fast, Form, Options, Wgpu};
 
 pub fn backend() -> Option<Wgpu> {
     backend_with(None, None)
@@ -28,5 +28,17 @@ pub fn backend_with(row_per_thread: Option<bool>, fast: Option<Fast>) -> Option<
             eprintln!("skipped: {e}");
             None
         }
+    }
+}
+
+/// A fast-products configuration whose lanes sum through workgroup memory (any adapter).
+pub fn fast_wg(lg: u32, wgs: u32, r: u32, form: Form) -> Fast {
+    Fast {
+        lg,
+        wgs,
+        r,
+        subgroup: false,
+        form,
+        lean: false,
     }
 }
