@@ -1,13 +1,25 @@
 //! The WGSL sources, by kernel name. The products and embed are `scales.wgsl` and `mat.wgsl`
 //! (weight access) followed by their own file; the fast affine products ([`Fast`]) are
-//! `scales.wgsl`, constants written per adapter, `fast_io.wgsl`, `fast.wgsl` (or `fast_dec.wgsl`,
-//! the one-token form, or `fast_half.wgsl`, its f16 twin), a reduction and an entry file.
+//! `scales.wgsl`, constants written per adapter, `fast_io.wgsl`, `fast.wgsl` (or `fast_step.wgsl`
+//! and `fast_dec.wgsl`, the one-token form, or `fast_half.wgsl`, its f16 twin), a reduction and
+//! an entry file.
 //! [`all`] is what the MSL translation test walks.
 
 const SCALES: &str = include_str!("shaders/scales.wgsl");
 const MAT: &str = include_str!("shaders/mat.wgsl");
 /// The ranking argmax and top-k share (`better`, `NONE`).
 const PICK: &str = include_str!("shaders/pick.wgsl");
+/// The one-token forms of the fast products, after what they share (`fast_step.wgsl`).
+const FAST_DEC: &str = concat!(
+    include_str!("shaders/fast_step.wgsl"),
+    "\n",
+    include_str!("shaders/fast_dec.wgsl")
+);
+const FAST_HALF: &str = concat!(
+    include_str!("shaders/fast_step.wgsl"),
+    "\n",
+    include_str!("shaders/fast_half.wgsl")
+);
 /// The parameters (binding 0, and the jobs) of the products, slow and fast alike.
 const MATMUL_P: &str = include_str!("shaders/matmul_p.wgsl");
 const EXPERT_P: &str = include_str!("shaders/expert_p.wgsl");
@@ -220,8 +232,8 @@ impl Fast {
                     m[2], m[3]
                 );
                 match f.form {
-                    Form::Half { .. } => (include_str!("shaders/fast_half.wgsl"), "enable f16;\n"),
-                    _ => (include_str!("shaders/fast_dec.wgsl"), ""),
+                    Form::Half { .. } => (FAST_HALF, "enable f16;\n"),
+                    _ => (FAST_DEC, ""),
                 }
             }
         };
