@@ -48,3 +48,15 @@ fn every_kernel_translates_to_msl() {
         }
     }
 }
+
+/// Every kernel is listed once (the f16 form's 8-bit products run, and are named as, the
+/// decode form's).
+#[test]
+fn kernel_names_are_unique() {
+    let kernels = flashmoe_wgpu::shaders::all();
+    let mut names: Vec<&String> = kernels.iter().map(|(n, _)| n).collect();
+    names.sort();
+    let n = names.len();
+    names.dedup();
+    assert_eq!(names.len(), n, "a kernel listed twice");
+}
