@@ -90,11 +90,29 @@ impl Golden {
     }
 }
 
-/// Largest absolute difference of two equally long slices.
+/// Largest absolute difference of two equally long slices; NaN where any difference is NaN
+/// (`f32::max` would drop it, and a bound `err < tol` would pass on NaN outputs).
 pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, |m, d| {
+            if m.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    /// A NaN anywhere makes the difference NaN, so that `max_abs(..) < tol` fails.
+    #[test]
+    fn max_abs_keeps_nan() {
+        assert!(super::max_abs(&[1.0, f32::NAN, 2.0], &[1.0, 0.0, 0.0]).is_nan());
+        assert!(super::max_abs(&[f32::NAN, 0.0], &[0.0, 0.0]).is_nan());
+        assert_eq!(super::max_abs(&[1.0, -2.0], &[0.5, 0.0]), 2.0);
+    }
 }

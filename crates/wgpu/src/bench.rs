@@ -445,15 +445,22 @@ fn candidates(be: &Wgpu, default: Products) -> Vec<Products> {
     }
     // In the default's lanes and reduction: the plain kernel without forced loop bounding, and
     // the one-token form (`fast_dec.wgsl`) with and without, at each width, rows per lane group
-    // (eight only in that form: less x read per weight byte) and chunks per lane step.
+    // (eight only in that form: less x read per weight byte) and chunks per lane step; where
+    // the device has f16 in shaders, the f16 twin of that form (`fast_half.wgsl`) lean.
     if let Some(d) = be.default_fast() {
-        let forms = [
+        let mut forms = vec![
             (Form::Plain, true),
             (Form::Decode { span: 1 }, false),
             (Form::Decode { span: 2 }, false),
             (Form::Decode { span: 1 }, true),
             (Form::Decode { span: 2 }, true),
         ];
+        if be.has_f16() {
+            forms.extend([
+                (Form::Half { span: 1 }, true),
+                (Form::Half { span: 2 }, true),
+            ]);
+        }
         for (form, lean) in forms {
             for wgs in [128, 256, 512] {
                 for r in [1, 2, 4, 8] {

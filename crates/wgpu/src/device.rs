@@ -14,7 +14,7 @@ use flashmoe_core::error::Result;
 use flashmoe_core::residency::TierCell;
 use wgpu::util::DeviceExt;
 
-use crate::shaders::Fast;
+use crate::shaders::{Fast, Form};
 use crate::{op_err, WgpuError};
 
 /// Commands recorded before the pending encoder is submitted, by default: on a GPU a short
@@ -194,6 +194,8 @@ pub struct Wgpu {
     /// The product kernels (see [`Products`]).
     pub(crate) products: Products,
     default_fast: Option<Fast>,
+    /// The device was created with `SHADER_F16`.
+    f16: bool,
     /// The routed experts' residency tier, when one is enabled (`slots.rs`).
     pub(crate) tier: TierCell<Wgpu>,
     /// Buffers of dropped `GBuf`s, for the next allocation of their size.
@@ -250,9 +252,10 @@ impl Wgpu {
         let adapter = &all[idx];
         let desc = describe(idx, adapter);
         let limits = adapter.limits();
-        // Subgroup operations where the adapter has them (the fast products' reduction).
+        // Subgroup operations where the adapter has them (the fast products' reduction), f16
+        // in shaders where it has that (the f16 decode form, `Form::Half`, a candidate).
         // Timestamp queries where offered (`timing.rs`: a trace's GPU times).
-        let features = adapter.features() & wgpu::Features::SUBGROUP;
+        let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
         let stamps = crate::timing::Stamps::request(adapter.features());
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("flashmoe"),
@@ -287,6 +290,14 @@ impl Wgpu {
                         msg: format!("no fixed subgroup size of {} here", f.lg),
                     });
                 }
+                if matches!(f.form, Form::Half { .. })
+                    && !features.contains(wgpu::Features::SHADER_F16)
+                {
+                    return Err(WgpuError::Device {
+                        adapter: desc.name.clone(),
+                        msg: format!("no f16 in shaders here for {}", f.spec()),
+                    });
+                }
                 Products::Fast(f)
             }
             (Some(false), None) => Products::PerWorkgroup,
@@ -300,6 +311,7 @@ impl Wgpu {
         };
         let stride = (limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS);
         Ok(Wgpu {
+            f16: features.contains(wgpu::Features::SHADER_F16),
             products,
             default_fast,
             tier: TierCell::default(),
@@ -342,6 +354,12 @@ impl Wgpu {
     /// adapter has them at a fixed size.
     pub fn default_fast(&self) -> Option<Fast> {
         self.default_fast
+    }
+
+    /// Whether shaders may use f16 here (the device has `SHADER_F16`): [`Form::Half`]
+    /// configurations run only where this holds.
+    pub fn has_f16(&self) -> bool {
+        self.f16
     }
 
     /// The host-side work counted so far (see [`HostCounters`]).
@@ -885,7 +903,7 @@ fn default_fast(
         wgs,
         r: 2,
         subgroup,
-        form: crate::shaders::Form::Plain,
+        form: Form::Plain,
         lean: false,
     };
     (wgs <= max).then_some(f)

@@ -1,13 +1,25 @@
 //! The WGSL sources, by kernel name. The products and embed are `scales.wgsl` and `mat.wgsl`
 //! (weight access) followed by their own file; the fast affine products ([`Fast`]) are
-//! `scales.wgsl`, constants written per adapter, `fast_io.wgsl`, `fast.wgsl` (or `fast_dec.wgsl`,
-//! the one-token form), a reduction and an entry file.
+//! `scales.wgsl`, constants written per adapter, `fast_io.wgsl`, `fast.wgsl` (or `fast_step.wgsl`
+//! and `fast_dec.wgsl`, the one-token form, or `fast_half.wgsl`, its f16 twin), a reduction and
+//! an entry file.
 //! [`all`] is what the MSL translation test walks.
 
 const SCALES: &str = include_str!("shaders/scales.wgsl");
 const MAT: &str = include_str!("shaders/mat.wgsl");
 /// The ranking argmax and top-k share (`better`, `NONE`).
 const PICK: &str = include_str!("shaders/pick.wgsl");
+/// The one-token forms of the fast products, after what they share (`fast_step.wgsl`).
+const FAST_DEC: &str = concat!(
+    include_str!("shaders/fast_step.wgsl"),
+    "\n",
+    include_str!("shaders/fast_dec.wgsl")
+);
+const FAST_HALF: &str = concat!(
+    include_str!("shaders/fast_step.wgsl"),
+    "\n",
+    include_str!("shaders/fast_half.wgsl")
+);
 /// The parameters (binding 0, and the jobs) of the products, slow and fast alike.
 const MATMUL_P: &str = include_str!("shaders/matmul_p.wgsl");
 const EXPERT_P: &str = include_str!("shaders/expert_p.wgsl");
@@ -44,6 +56,13 @@ pub enum Form {
     /// `span` 16-byte chunks per row loaded per lane step, the codes as floats without a
     /// shift per code, four FMA chains per row.
     Decode { span: u32 },
+    /// `fast_half.wgsl`: [`Form::Decode`] with codes, x and products in f16 (packed
+    /// half-precision FMAs), partial sums turned f32 at each group or chunk end; only on a
+    /// device with `SHADER_F16` ([`Wgpu::has_f16`](crate::Wgpu::has_f16)). 2- and 4-bit
+    /// matrices only: 8-bit ones (MLX's routers and gates, whose small errors can flip a
+    /// routing choice, and which are read-bound at one code per byte) run [`Form::Decode`].
+    /// Products carry f16's rounding (~5e-4 relative rms against ~1e-7 in f32).
+    Half { span: u32 },
 }
 
 /// The entry files of the fast products.
@@ -62,7 +81,7 @@ impl Fast {
         let p2 = |v: u32| v.is_power_of_two();
         let (form, rows) = match self.form {
             Form::Plain => (true, 4),
-            Form::Decode { span } => (matches!(span, 1 | 2 | 4), 8),
+            Form::Decode { span } | Form::Half { span } => (matches!(span, 1 | 2 | 4), 8),
         };
         p2(self.lg) && p2(self.wgs) && self.wgs >= self.lg && p2(self.r) && self.r <= rows && form
     }
@@ -73,7 +92,8 @@ impl Fast {
     }
 
     /// This configuration as a product of `tb` tokens per workgroup of the affine matrix of
-    /// format words `m` (fmt, bits, group, sdtype) runs it: [`Form::Decode`] only for one token
+    /// format words `m` (fmt, bits, group, sdtype) runs it: [`Form::Decode`] (and
+    /// [`Form::Half`], as [`Form::Decode`] for 8-bit codes) only for one token
     /// and a group of whole words whose boundaries fall on a chunk's word boundaries at
     /// constant places (a power of two of words), else [`Form::Plain`] at no more than its four
     /// rows per lane group. Callers take rows per workgroup from the result.
@@ -86,7 +106,11 @@ impl Fast {
             && group.is_multiple_of(per)
             && (group / per).is_power_of_two();
         match self.form {
-            Form::Decode { .. } if fits => self,
+            Form::Half { span } if fits && bits == 8 => Fast {
+                form: Form::Decode { span },
+                ..self
+            },
+            Form::Decode { .. } | Form::Half { .. } if fits => self,
             _ => Fast {
                 form: Form::Plain,
                 r: self.r.min(4),
@@ -96,13 +120,15 @@ impl Fast {
     }
 
     /// The configuration as one word: `r2_lg32_wg256_sg` (`_wg`: workgroup-memory sums), with
-    /// `_d2` for [`Form::Decode`] of span 2 and `_lean` for [`Fast::lean`];
+    /// `_d2` for [`Form::Decode`] of span 2 (`_d2_h`: [`Form::Half`]) and `_lean` for
+    /// [`Fast::lean`];
     /// [`Fast::from_spec`] reads it back (the `FLASHMOE_WGPU_FAST` option of the CLI).
     pub fn spec(&self) -> String {
         let red = if self.subgroup { "sg" } else { "wg" };
         let form = match self.form {
             Form::Plain => String::new(),
             Form::Decode { span } => format!("_d{span}"),
+            Form::Half { span } => format!("_d{span}_h"),
         };
         let lean = if self.lean { "_lean" } else { "" };
         format!("r{}_lg{}_wg{}_{red}{form}{lean}", self.r, self.lg, self.wgs)
@@ -123,6 +149,7 @@ impl Fast {
             b => (b, false),
         };
         let (base, form) = match f {
+            [b @ .., d, "h"] if d.starts_with('d') => (b, Form::Half { span: num(d, "d")? }),
             [b @ .., d] if d.starts_with('d') => (b, Form::Decode { span: num(d, "d")? }),
             b => (b, Form::Plain),
         };
@@ -155,7 +182,7 @@ impl Fast {
         let f = self.for_product(m, tb);
         let fmt = match f.form {
             Form::Plain => String::new(),
-            Form::Decode { .. } => format!("_g{}_s{}", m[2], m[3]),
+            Form::Decode { .. } | Form::Half { .. } => format!("_g{}_s{}", m[2], m[3]),
         };
         format!("fast_{k}_b{}_t{tb}_{}{fmt}", m[1], f.spec())
     }
@@ -197,14 +224,17 @@ impl Fast {
              const LG: u32 = {}u;\nconst WGS: u32 = {}u;\n",
             m[1], f.r, f.lg, f.wgs
         );
-        let body = match f.form {
-            Form::Plain => include_str!("shaders/fast.wgsl"),
-            Form::Decode { span } => {
+        let (body, enable) = match f.form {
+            Form::Plain => (include_str!("shaders/fast.wgsl"), ""),
+            Form::Decode { span } | Form::Half { span } => {
                 consts += &format!(
                     "const SPAN: u32 = {span}u;\nconst GROUP: u32 = {}u;\nconst SFMT: u32 = {}u;\n",
                     m[2], m[3]
                 );
-                include_str!("shaders/fast_dec.wgsl")
+                match f.form {
+                    Form::Half { .. } => (FAST_HALF, "enable f16;\n"),
+                    _ => (FAST_DEC, ""),
+                }
             }
         };
         let red = if f.subgroup {
@@ -217,7 +247,7 @@ impl Fast {
             FastKind::Expert => (EXPERT_P, include_str!("shaders/fast_expert.wgsl")),
         };
         let io = include_str!("shaders/fast_io.wgsl");
-        format!("{SCALES}\n{consts}\n{io}\n{body}\n{red}\n{params}\n{entry}")
+        format!("{enable}{SCALES}\n{consts}\n{io}\n{body}\n{red}\n{params}\n{entry}")
     }
 }
 
@@ -265,9 +295,14 @@ pub fn all() -> Vec<(String, String)> {
         ),
     ];
     // The fast products: plain in both reductions for every code width, one and eight
-    // tokens; the decode form at each width in groups of 32 and 128 with each scale dtype.
+    // tokens; the decode form and its f16 twin at each width in groups of 32 and 128 with each
+    // scale dtype.
     for subgroup in [false, true] {
-        for form in [Form::Plain, Form::Decode { span: 2 }] {
+        for form in [
+            Form::Plain,
+            Form::Decode { span: 2 },
+            Form::Half { span: 2 },
+        ] {
             let f = Fast {
                 lg: 32,
                 wgs: 128,
@@ -290,7 +325,11 @@ pub fn all() -> Vec<(String, String)> {
                         .collect();
                 }
                 for (kind, m, tb) in cases {
-                    v.push((f.key(kind, m, tb), f.source(kind, m, tb)));
+                    // Once per kernel (the f16 form's 8-bit products are the decode form's).
+                    let key = f.key(kind, m, tb);
+                    if !v.iter().any(|(n, _)| *n == key) {
+                        v.push((key, f.source(kind, m, tb)));
+                    }
                 }
             }
         }

@@ -31,24 +31,9 @@ fn rows_dot(m: M, wbase4: u32, sbase: u32, bdelta: u32, rows: u32, cols: u32, ro
     let nv = cols / (4u * PER);
     let ng = cols / GROUP;
     let xb = xrow0 * (cols / 4u);
-    // Each row's codes and scales (rows past the matrix read its last row, not written).
-    var wr: array<u32, R>;
-    var sr: array<u32, R>;
-    for (var r = 0u; r < R; r++) {
-        let row = min(row0 + r, rows - 1u);
-        wr[r] = wbase4 + row * nv;
-        sr[r] = sbase + row * ng;
-        acc[r] = 0.0;
-    }
+    var rs = rows_at(wbase4, sbase, rows, row0, nv, ng);
     for (var i0 = lane; i0 < nv; i0 += LG * SPAN) {
-        // The step's loads first (a chunk past the row reads the row's last, unused).
-        var wv: array<vec4<u32>, R * SPAN>;
-        for (var u = 0u; u < SPAN; u++) {
-            let i = min(i0 + u * LG, nv - 1u);
-            for (var r = 0u; r < R; r++) {
-                wv[u * R + r] = W4[wr[r] + i];
-            }
-        }
+        var wv = step_loads(rs, i0, nv);
         for (var u = 0u; u < SPAN; u++) {
             let i = i0 + u * LG;
             if i >= nv {
@@ -71,7 +56,7 @@ fn rows_dot(m: M, wbase4: u32, sbase: u32, bdelta: u32, rows: u32, cols: u32, ro
                     let g = (i * 4u + j) / GW;
                     let s1 = (sx.x + sx.y) + (sx.z + sx.w);
                     for (var r = 0u; r < R; r++) {
-                        let gi = sr[r] + g;
+                        let gi = rs.s[r] + g;
                         let q = qx[r];
                         let d = (q.x + q.y) + (q.z + q.w);
                         acc[r] = fma(scale_at(gi, SFMT), d, fma(bias_at(gi + bdelta, SFMT), s1, acc[r]));

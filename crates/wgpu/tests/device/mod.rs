@@ -42,3 +42,20 @@ pub fn fast_wg(lg: u32, wgs: u32, r: u32, form: Form) -> Fast {
         lean: false,
     }
 }
+
+/// Whether `be`'s device has f16 in shaders (the f16 decode form); otherwise "skipped" on a
+/// developer's machine and a failure under CI=true (lavapipe, which .ci/run installs, has
+/// shaderFloat16 and 16-bit storage). Drops `be`.
+pub fn f16_or_skip(be: Wgpu) -> bool {
+    if be.has_f16() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "CI=true and the adapter has no f16 in shaders: {:?}",
+            be.adapter()
+        );
+    }
+    eprintln!("skipped: adapter has no f16");
+    false
+}
