@@ -335,7 +335,9 @@ impl Wgpu {
             // 4.9 ms with dispatches sharing a pass against 6.4 ms with a pass each, most of
             // it wgpu's submission work per pass (0.7 against 1.9 ms of the host's time).
             one_pass: true.into(),
-            lean_all: false.into(),
+            // Every kernel without forced loop bounding: a resident token on the H100 took
+            // 2.23 against 3.38 ms (2026-12-07, 09f4580; `Wgpu::set_lean_kernels`).
+            lean_all: true.into(),
         })
     }
 
@@ -897,14 +899,55 @@ fn default_fast(
         && (4..=128).contains(&sg);
     let lg = if subgroup { sg } else { 32 };
     let max = limits.max_compute_invocations_per_workgroup;
-    let wgs = 256u32.min(max).max(lg);
+    let wgs = 128u32.min(max).max(lg);
+    // The one-token decode form, lean, 8 rows per lane group of 32 at 128 threads: the
+    // fastest of the candidates by GPU time on the H100's Vulkan driver (2026-12-07, 09f4580,
+    // crates/wgpu/results/bench-wgpu-h100-2026-12-07-09f4580.json): 19.6 / 27.4 / 252 us at
+    // 4096x4096 / 16384x4096 / 248320x4096 against the former default's (plain form, 2 rows,
+    // 256 threads, loop bounding forced) 31.3 / 250.6 / 1024 us. Other adapters take the
+    // same shape unmeasured. Prompts (t > 1) run the plain form at 4 rows
+    // (`Fast::for_product`).
     let f = Fast {
         lg,
         wgs,
-        r: 2,
+        r: 8,
         subgroup,
-        form: Form::Plain,
-        lean: false,
+        form: Form::Decode { span: 1 },
+        lean: true,
     };
-    (wgs <= max).then_some(f)
+    (wgs <= max && f.valid()).then_some(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(sg: u32) -> wgpu::AdapterInfo {
+        wgpu::AdapterInfo {
+            subgroup_min_size: sg,
+            subgroup_max_size: sg,
+            ..wgpu::AdapterInfo::new(wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan)
+        }
+    }
+
+    /// The default fast products are a configuration the kernels accept, with subgroup sums
+    /// only at a fixed power-of-two size, on adapters of 32 and 64 lanes and without subgroups.
+    #[test]
+    fn default_fast_is_valid_on_every_kind_of_adapter() {
+        let limits = wgpu::Limits::default();
+        for (sg, feat) in [
+            (32, wgpu::Features::SUBGROUP),
+            (64, wgpu::Features::SUBGROUP),
+            (32, wgpu::Features::empty()),
+        ] {
+            let f = default_fast(&info(sg), feat, &limits).expect("a default");
+            assert!(f.valid(), "{f:?}");
+            assert_eq!(f.subgroup, !feat.is_empty(), "{f:?}");
+            assert_eq!(f.lg, sg, "{f:?}");
+            assert!(
+                f.lean && matches!(f.form, Form::Decode { span: 1 }),
+                "{f:?}"
+            );
+        }
+    }
 }

@@ -82,11 +82,11 @@ fn fast_option() -> Result<Option<flashmoe_wgpu::Fast>> {
     }
 }
 
-/// `FLASHMOE_WGPU_LEAN=1`: every kernel's pipeline without naga's forced loop bounding
-/// (`Wgpu::set_lean_kernels`), for A/B runs.
+/// Every kernel's pipeline without naga's forced loop bounding (`Wgpu::set_lean_kernels`),
+/// the default; `FLASHMOE_WGPU_LEAN=0` forces the bounding back on, for A/B runs.
 #[cfg(feature = "wgpu")]
 fn lean_option() -> bool {
-    std::env::var("FLASHMOE_WGPU_LEAN").is_ok_and(|v| v == "1")
+    std::env::var("FLASHMOE_WGPU_LEAN").map_or(true, |v| v != "0")
 }
 
 /// Device memory for routed-expert slots when `--vram-cache-gb` is not given (wgpu cannot
