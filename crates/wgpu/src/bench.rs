@@ -242,6 +242,7 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
     Ok(json!({
         "adapter": model.be.desc.name,
         "adapter_type": model.be.desc.device_type,
+        "unified_slots": model.be.unified_slots(),
         "backend": model.be.desc.backend,
         "software_adapter_small_sizes": software,
         "buffer_mib": o.mb,
@@ -378,6 +379,8 @@ fn host_json(c: &crate::HostCounters, n: usize) -> Value {
         "transfers": per(c.transfers),
         "bind_groups": per(c.bind_groups),
         "buffers": per(c.buffers),
+        "slot_copies": per(c.slot_copies),
+        "slot_maps": per(c.slot_maps),
         "submissions": per(c.submissions),
         "waits": per(c.waits),
         "record_ms": per(c.record_ns) / 1e6,

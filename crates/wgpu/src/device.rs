@@ -55,6 +55,11 @@ pub struct HostCounters {
     pub bind_groups: u64,
     /// Device buffers created (weights, outputs, staging, parameter arenas).
     pub buffers: u64,
+    /// Expert slot fills written through the queue: a staging copy into the slot on the
+    /// device (discrete slots, `slots.rs`).
+    pub slot_copies: u64,
+    /// Expert slot fills written in place through a mapping, no device copy (unified slots).
+    pub slot_maps: u64,
     /// Queue submissions.
     pub submissions: u64,
     /// Host waits for the device (`poll` until idle).
@@ -75,6 +80,8 @@ impl HostCounters {
             transfers: self.transfers - earlier.transfers,
             bind_groups: self.bind_groups - earlier.bind_groups,
             buffers: self.buffers - earlier.buffers,
+            slot_copies: self.slot_copies - earlier.slot_copies,
+            slot_maps: self.slot_maps - earlier.slot_maps,
             submissions: self.submissions - earlier.submissions,
             waits: self.waits - earlier.waits,
             record_ns: self.record_ns - earlier.record_ns,
@@ -90,6 +97,8 @@ struct Counts {
     transfers: AtomicU64,
     bind_groups: AtomicU64,
     buffers: AtomicU64,
+    slot_copies: AtomicU64,
+    slot_maps: AtomicU64,
     submissions: AtomicU64,
     waits: AtomicU64,
     record_ns: AtomicU64,
@@ -196,6 +205,11 @@ pub struct Wgpu {
     default_fast: Option<Fast>,
     /// The device was created with `SHADER_F16`.
     f16: bool,
+    /// The device has `MAPPABLE_PRIMARY_BUFFERS` (requested on unified memory only).
+    mappable: bool,
+    /// Expert slots allocated from now on are mapped and filled in place (see
+    /// [`Wgpu::set_unified_slots`]).
+    unified_slots: std::sync::atomic::AtomicBool,
     /// The routed experts' residency tier, when one is enabled (`slots.rs`).
     pub(crate) tier: TierCell<Wgpu>,
     /// Buffers of dropped `GBuf`s, for the next allocation of their size.
@@ -257,10 +271,22 @@ impl Wgpu {
         // Timestamp queries where offered (`timing.rs`: a trace's GPU times).
         let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
         let stamps = crate::timing::Stamps::request(adapter.features());
+        // Buffers the host maps and shaders read (expert slots filled in place, `slots.rs`),
+        // only where device memory is the host's: on a discrete GPU a mappable buffer would
+        // sit in host memory that shaders read over the bus.
+        let unified = matches!(
+            adapter.get_info().device_type,
+            wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu
+        );
+        let mappable = if unified {
+            adapter.features() & wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("flashmoe"),
             required_limits: limits.clone(),
-            required_features: features | stamps,
+            required_features: features | stamps | mappable,
             ..Default::default()
         }))
         .map_err(|e| WgpuError::Device {
@@ -312,6 +338,8 @@ impl Wgpu {
         let stride = (limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS);
         Ok(Wgpu {
             f16: features.contains(wgpu::Features::SHADER_F16),
+            mappable: !mappable.is_empty(),
+            unified_slots: (!mappable.is_empty()).into(),
             products,
             default_fast,
             tier: TierCell::default(),
@@ -373,6 +401,8 @@ impl Wgpu {
             transfers: l(&c.transfers),
             bind_groups: l(&c.bind_groups),
             buffers: l(&c.buffers),
+            slot_copies: l(&c.slot_copies),
+            slot_maps: l(&c.slot_maps),
             submissions: l(&c.submissions),
             waits: l(&c.waits),
             record_ns: l(&c.record_ns),
@@ -624,6 +654,39 @@ impl Wgpu {
         self.flush()?;
         self.lean_all.store(on, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether expert slots allocated from now on are unified: buffers the host writes
+    /// through a mapping and shaders read, so a fill makes no device copy. By default where
+    /// the adapter is unified memory (integrated or CPU) and offers
+    /// `MAPPABLE_PRIMARY_BUFFERS`.
+    pub fn unified_slots(&self) -> bool {
+        self.unified_slots.load(Ordering::Relaxed)
+    }
+
+    /// Chooses unified (`true`) or staged (`false`, a discrete GPU's) expert slots for tiers
+    /// enabled from now on; `true` fails where the device has no mappable storage buffers.
+    pub fn set_unified_slots(&self, on: bool) -> Result<()> {
+        if on && !self.mappable {
+            return Err(op_err(
+                "set_unified_slots",
+                format!(
+                    "{} ({}) has no mappable storage buffers on unified memory",
+                    self.desc.name, self.desc.device_type
+                ),
+            ));
+        }
+        self.unified_slots.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts an expert slot fill (`mapped`: written in place, else through the queue).
+    pub(crate) fn count_slot_fill(&self, mapped: bool) {
+        bump(if mapped {
+            &self.counts.slot_maps
+        } else {
+            &self.counts.slot_copies
+        });
     }
 
     /// The cache key of kernel `name`'s pipeline and its kept bind groups: `name`, with

@@ -13,6 +13,12 @@
 //!   the job tables are built on the device from the router's ids (`slotjobs.wgsl`), so the
 //!   layer reads nothing back (`routes_host` gives `None`).
 //!
+//! - unified slots (`Wgpu::unified_slots`: unified memory with mappable storage buffers):
+//!   the slabs are `STORAGE | MAP_WRITE`, and `fill_slots` maps the span it fills and writes
+//!   the expert there, so the buffer the shaders read is the one the host wrote (no staging,
+//!   no device copy; the map waits for submitted work, so a slot an earlier batch read is
+//!   refilled only after it).
+//!
 //! No middle tier (a discrete GPU's staging is wgpu's own).
 use std::collections::HashMap;
 
@@ -36,6 +42,8 @@ pub struct GSlots {
     slabs: Vec<wgpu::Buffer>,
     per_slab: usize,
     slot: usize,
+    /// Unified slots: filled through a mapping, not the queue.
+    mapped: bool,
     /// Published layers' expert -> slot tables.
     resident: HashMap<usize, wgpu::Buffer>,
 }
@@ -166,17 +174,30 @@ impl SlotBackend for Wgpu {
             ));
         }
         let per_slab = (max / layout.slot).max(1);
+        let mapped = self.unified_slots();
         let mut slabs = Vec::new();
         let mut left = n;
         while left > 0 {
             let k = left.min(per_slab);
-            slabs.push(self.buffer((k * layout.slot) as u64));
+            let bytes = (k * layout.slot) as u64;
+            slabs.push(if mapped {
+                self.count_buffer();
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("unified slots"),
+                    size: bytes.max(16).next_multiple_of(4),
+                    usage: crate::device::USAGE | wgpu::BufferUsages::MAP_WRITE,
+                    mapped_at_creation: false,
+                })
+            } else {
+                self.buffer(bytes)
+            });
             left -= k;
         }
         Ok(GSlots {
             slabs,
             per_slab,
             slot: layout.slot,
+            mapped,
             resident: HashMap::new(),
         })
     }
@@ -191,6 +212,9 @@ impl SlotBackend for Wgpu {
         // Earlier batches (recorded, not yet submitted) may read the slots being refilled:
         // submit them first; a queue write lands after what was submitted.
         self.flush()?;
+        if slots.mapped {
+            return self.fill_mapped(layout, slots, fills);
+        }
         let size = wgpu::BufferSize::new(layout.slot as u64)
             .ok_or_else(|| op_err("fill_slots", "empty slot layout"))?;
         for f in fills {
@@ -210,6 +234,7 @@ impl SlotBackend for Wgpu {
             for (at, bytes) in layout.parts(weights)? {
                 view.slice(at..at + bytes.len()).copy_from_slice(bytes);
             }
+            self.count_slot_fill(false);
         }
         Ok(())
     }
@@ -340,6 +365,72 @@ impl SlotBackend for Wgpu {
         }
         let tb = self.buffer_with(bytemuck::cast_slice(&table));
         self.esum(&d, &tb, h, kmax, t, out, !batch.first)
+    }
+}
+
+impl Wgpu {
+    /// `fill_slots` on unified slots: per slab, the span covering its fills mapped for
+    /// writing (the map completes once the submitted work that reads the slab has), each
+    /// expert written into its slot, and the slab unmapped before anything records a use.
+    fn fill_mapped(&self, layout: &SlotLayout, slots: &GSlots, fills: &[Fill<'_>]) -> Result<()> {
+        let op = "fill_slots";
+        // Per slab: the byte span its fills cover, widened to the mapping alignments.
+        let mut spans: HashMap<usize, (u64, u64)> = HashMap::new();
+        for f in fills {
+            let (slab, off) = slots.at(f.slot);
+            let buf = slots
+                .slabs
+                .get(slab)
+                .ok_or_else(|| op_err(op, format!("slot {} of none", f.slot)))?;
+            let lo = off / wgpu::MAP_ALIGNMENT * wgpu::MAP_ALIGNMENT;
+            let hi = (off + layout.slot as u64)
+                .next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT)
+                .min(buf.size());
+            let e = spans.entry(slab).or_insert((lo, hi));
+            *e = (e.0.min(lo), e.1.max(hi));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (&slab, &(lo, hi)) in &spans {
+            let tx = tx.clone();
+            slots.slabs[slab].map_async(wgpu::MapMode::Write, lo..hi, move |r| {
+                let _ = tx.send((slab, r));
+            });
+        }
+        drop(tx);
+        self.wait()?;
+        for (slab, r) in rx.iter() {
+            r.map_err(|e| op_err(op, format!("mapping slab {slab}: {e}")))?;
+        }
+        // One view per slab, every fill of the slab written through it.
+        let mut failed = None;
+        for (&slab, &(lo, hi)) in &spans {
+            let written = slots.slabs[slab]
+                .get_mapped_range_mut(lo..hi)
+                .map_err(|e| op_err(op, format!("slab {slab}: {e:?}")))
+                .and_then(|mut view| {
+                    for f in fills.iter().filter(|f| slots.at(f.slot).0 == slab) {
+                        let FillFrom::Source { weights, .. } = &f.from else {
+                            return Err(op_err(op, "wgpu has no middle tier"));
+                        };
+                        let at = (slots.at(f.slot).1 - lo) as usize;
+                        for (p, bytes) in layout.parts(weights)? {
+                            view.slice(at + p..at + p + bytes.len())
+                                .copy_from_slice(bytes);
+                        }
+                        self.count_slot_fill(true);
+                    }
+                    Ok(())
+                });
+            if let Err(e) = written {
+                failed = Some(e);
+                break;
+            }
+        }
+        // Unmapped even after a failure: a mapped slab cannot be bound.
+        for &slab in spans.keys() {
+            slots.slabs[slab].unmap();
+        }
+        failed.map_or(Ok(()), Err)
     }
 }
 

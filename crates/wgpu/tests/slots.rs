@@ -4,8 +4,6 @@
 //! slots, every expert preloaded and in a tier of one batch (evictions).
 mod device;
 
-use std::sync::Arc;
-
 use flashmoe_core::backend::conformance;
 use flashmoe_testdata::golden;
 use flashmoe_wgpu::{with_residency, Wgpu};
@@ -40,18 +38,9 @@ fn wgpu_slots_conform() {
 /// (prefill + decode: experts evicted and refilled between layers and tokens).
 #[test]
 fn golden_logits_through_the_tier() {
-    let Some(shared) = flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR")) else {
+    let Some((g, cpu)) = device::tiny_4bit() else {
         return;
     };
-    let gdir = shared.join("golden/tiny-a");
-    let g = flashmoe_testdata::Golden::load(&gdir);
-    let cpu = Arc::new(
-        flashmoe_core::loader::open_model(
-            &gdir.join("mlx-4bit"),
-            &flashmoe_core::loader::LoadOptions::default(),
-        )
-        .expect("load model"),
-    );
     let ids = g.ids("mlx4_input_ids");
     let (_, want) = &g.f32s["mlx4_logits"];
     let p = g.prompt_len("mlx4");

@@ -59,3 +59,20 @@ pub fn f16_or_skip(be: Wgpu) -> bool {
     eprintln!("skipped: adapter has no f16");
     false
 }
+
+/// The golden fixture `tiny-a` and its 4-bit model on the CPU (`None`: no shared data, see
+/// `flashmoe_testdata::shared_dir`).
+pub fn tiny_4bit() -> Option<(
+    flashmoe_testdata::Golden,
+    std::sync::Arc<flashmoe_core::model::Model>,
+)> {
+    let shared = flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR"))?;
+    let gdir = shared.join("golden/tiny-a");
+    let g = flashmoe_testdata::Golden::load(&gdir);
+    let cpu = flashmoe_core::loader::open_model(
+        &gdir.join("mlx-4bit"),
+        &flashmoe_core::loader::LoadOptions::default(),
+    )
+    .expect("load model");
+    Some((g, std::sync::Arc::new(cpu)))
+}
