@@ -205,6 +205,9 @@ fn bench_wgpu_reports_the_adapter_limits_beside_kernels_and_decode() {
     assert!(r["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{r}");
     assert_eq!(r["all_preloaded"], true, "{r}");
     assert_eq!(r["slot_fills_per_token"].as_f64(), Some(0.0), "{r}");
+    // The resident decode runs the default (every kernel lean), restored after the product
+    // candidates were timed with each one's own loop bounding.
+    assert_eq!(r["lean_kernels"], true, "{r}");
     // The same decode with every kernel's loop bounding toggled (the A/B of `lean`).
     let l = &r["lean_kernels_toggled"];
     assert!(l["ms_per_token"].as_f64().is_some_and(|x| x > 0.0), "{l}");

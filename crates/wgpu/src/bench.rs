@@ -116,6 +116,11 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
     let default = be.products;
     let mut kernels = Vec::new();
     let mut best_ratio: Vec<Value> = Vec::new();
+    // Each candidate's own `lean` decides its loop bounding while the candidates are timed
+    // (with every kernel lean, the default, `_lean` and its bounded twin would be the same
+    // pipeline and the comparison would measure nothing).
+    let lean_all = be.lean_kernels();
+    be.set_lean_kernels(false)?;
     for &(rows, cols) in o.shapes {
         let w = random_affine4(rows, cols);
         let wm = be.upload_mat(&w)?;
@@ -182,6 +187,7 @@ pub fn bench(mut be: Wgpu, cpu: &Arc<Model>, o: &BenchOptions) -> Result<Value> 
         }));
         kernels.extend(rows_of_shape);
     }
+    be.set_lean_kernels(lean_all)?;
     let chain = dispatch_chain(&be, 256)?;
     let model = flashmoe_core::model::upload_to(cpu, be)?;
     let n = o.tokens.max(1);
