@@ -7,7 +7,7 @@ mod device;
 use std::sync::Arc;
 
 use flashmoe_core::model::{ForwardStats, Logits, Model};
-use flashmoe_wgpu::{with_residency, Wgpu};
+use flashmoe_wgpu::{with_residency, HostCounters, TraceReport, Wgpu};
 
 fn model() -> Option<Model<Wgpu>> {
     let shared = flashmoe_testdata::shared_dir(env!("CARGO_MANIFEST_DIR"))?;
@@ -25,6 +25,17 @@ fn model() -> Option<Model<Wgpu>> {
     Some(on)
 }
 
+/// A second decode token (after a warm-up one) traced, with the host's counts over it.
+fn traced_token(m: &Model<Wgpu>) -> (TraceReport, HostCounters) {
+    let mut st = m.new_state().expect("state");
+    let id = m.forward_argmax(&[1], &mut st).expect("warm-up");
+    m.be.trace_start().expect("trace");
+    let c0 = m.be.host_counters();
+    m.forward_argmax(&[id], &mut st).expect("token");
+    let c = m.be.host_counters().since(&c0);
+    (m.be.trace_finish().expect("finish"), c)
+}
+
 /// One traced decode token: the launches per kernel add up to the dispatches and transfers
 /// the host counted; with timestamps every dispatch is timed and the products read weights.
 #[test]
@@ -32,13 +43,7 @@ fn traced_token_accounts_for_every_command() {
     let Some(m) = model() else { return };
     for one in [false, true] {
         m.be.set_one_pass(one).expect("one pass");
-        let mut st = m.new_state().expect("state");
-        let id = m.forward_argmax(&[1], &mut st).expect("warm-up");
-        m.be.trace_start().expect("trace");
-        let c0 = m.be.host_counters();
-        m.forward_argmax(&[id], &mut st).expect("token");
-        let c = m.be.host_counters().since(&c0);
-        let rep = m.be.trace_finish().expect("finish");
+        let (rep, c) = traced_token(&m);
         let timed: u64 = rep.kernels.iter().map(|k| k.launches).sum();
         let untimed: u64 = rep.untimed.iter().map(|u| u.1).sum();
         eprintln!(
@@ -84,13 +89,7 @@ fn a_trace_without_timestamps_says_so() {
     let had = m.be.timestamps();
     m.be.set_timestamps(false);
     assert!(!m.be.timestamps());
-    let mut st = m.new_state().expect("state");
-    let id = m.forward_argmax(&[1], &mut st).expect("warm-up");
-    m.be.trace_start().expect("trace");
-    let c0 = m.be.host_counters();
-    m.forward_argmax(&[id], &mut st).expect("token");
-    let c = m.be.host_counters().since(&c0);
-    let rep = m.be.trace_finish().expect("finish");
+    let (rep, c) = traced_token(&m);
     assert!(rep.kernels.is_empty() && rep.sum_us == 0.0, "{rep:?}");
     let untimed: u64 = rep.untimed.iter().map(|u| u.1).sum();
     assert_eq!(untimed, c.dispatches + c.transfers, "{rep:?}");
