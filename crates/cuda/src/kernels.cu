@@ -1073,8 +1073,10 @@ extern "C" __global__ void add_rows_gated(float* x, const float* y, const float*
 // `mp` matvecs that read it (code widths b1, b2; 0 = none). With write_x (one block), x += d
 // here; else x is left alone (the caller adds d later, in moe_combine), so that several blocks,
 // each summing the whole row and writing its slice, never read an x another block wrote.
+// x + d goes to xo: x itself (one block, which updates x in its sum pass), another buffer (any
+// number of blocks: each writes its slice of the output pass, and no block reads xo), or nowhere.
 extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w, float* out, int n, float eps,
-                                       unsigned char* q1, int b1, unsigned char* q2, int b2, int write_x) {
+                                       unsigned char* q1, int b1, unsigned char* q2, int b2, float* xo) {
     pdl_wait();
     pdl_release();
     __shared__ float red[32];
@@ -1086,15 +1088,16 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* d, const float* w,
 #pragma unroll 16
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = x[i] + d[i];
-        if (write_x) x[i] = v;
+        if (xo == x) x[i] = v;
         ss += v * v;
     }
     ss = block_sum(ss, red);
     float inv = 1.f / sqrtf(ss / n + eps);
     for (int b = blockIdx.x * blockDim.x; b < n; b += gridDim.x * blockDim.x) {
         const int i = b + threadIdx.x;
-        const float v = i == i0 ? v0 : (i < n ? (write_x ? x[i] : x[i] + d[i]) : 0.f);
+        const float v = i == i0 ? v0 : (i < n ? (xo == x ? x[i] : x[i] + d[i]) : 0.f);
         const float wv = i == i0 ? w0 : (i < n ? w[i] : 0.f);
+        if (xo && xo != x && i < n) xo[i] = v;
         put_prepared(out, i, n, v * inv * wv, q1, b1, q2, b2);
     }
 }

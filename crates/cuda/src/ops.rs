@@ -963,10 +963,12 @@ pub fn rmsnorm_rows(
 /// Where the residual sum of [`add_rmsnorm`] goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Residual {
-    /// x += d in the kernel (one block).
+    /// x += d in the kernel (one block: the others would read the updated x).
     Update,
-    /// x is left alone: the caller adds d later (the token path's `moe_combine`), so the norm
-    /// runs on several blocks.
+    /// x + d written to this other buffer (as long as x), x left alone: the norm runs on
+    /// several blocks, as the sum pass reads only x and d.
+    Into(u64),
+    /// x is left alone and the sum goes nowhere: the caller adds d later (several blocks).
     Defer,
 }
 
@@ -988,7 +990,12 @@ pub fn add_rmsnorm(
     let [q2, b2] = Prepared::args(pre[1]);
     let (split, threads) = match res {
         Residual::Update => (1, threads_for(n)),
-        Residual::Defer => norm_split(n, 1),
+        Residual::Into(_) | Residual::Defer => norm_split(n, 1),
+    };
+    let xo = match res {
+        Residual::Update => x,
+        Residual::Into(y) => y,
+        Residual::Defer => 0,
     };
     let cfg = LaunchConfig {
         grid_dim: (split, 1, 1),
@@ -1009,7 +1016,7 @@ pub fn add_rmsnorm(
             b1,
             q2,
             b2,
-            A::I((res == Residual::Update) as i32),
+            A::P(xo),
         ],
     )
 }

@@ -397,6 +397,17 @@ fn prepared_by_producer_cuda() {
             c.read(yd.ptr(), rows),
             "add_rmsnorm-prepared product, {what}"
         );
+        // The sum into another buffer (several blocks): the same sum, x left alone.
+        let xo = d.upload_f32(&vec![f32::NAN; cols]).unwrap();
+        let x2 = add_norm([pre, other], ops::Residual::Into(xo.ptr()));
+        assert_eq!(sum, c.read(xo.ptr(), cols), "add_rmsnorm sum into, {what}");
+        assert_eq!(
+            x,
+            c.read(x2.ptr(), cols),
+            "add_rmsnorm into leaves x, {what}"
+        );
+        let n2 = c.read(od.ptr(), cols);
+        assert!(max_abs(&n2, &n0) < 1e-5, "add_rmsnorm into output, {what}");
         let x2 = add_norm([pre, other], ops::Residual::Defer);
         let n1 = c.read(od.ptr(), cols);
         assert_eq!(
