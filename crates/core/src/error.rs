@@ -49,6 +49,16 @@ pub enum Error {
         inf: usize,
         vocab: usize,
     },
+    /// Greedy decoding's argmax, reduced where the logits live, found no finite largest value
+    /// for position `pos` (every logit NaN, or the largest infinite): what
+    /// [`Error::NonFiniteLogits`] says of a row read back to the host, known without reading
+    /// it back. Backends report position 0; the model gives the position.
+    #[error(
+        "non-finite logits at sequence position {pos} (no finite largest value): the model's \
+         weights or activations are not finite (damaged or badly converted model?); \
+         generation stopped"
+    )]
+    NonFiniteArgmax { pos: usize },
     /// A routing trace (`--trace-routing`) that cannot be read or appended to, at `offset`.
     #[error("{path}: routing trace, at byte offset {offset}: {msg}")]
     Trace {

@@ -54,6 +54,14 @@ impl<B: Backend + 'static> SeqBackend for ModelSeq<B> {
         self.model.forward(tokens, st, want, stats, None)
     }
 
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
+        let st = match &mut self.state {
+            Some(s) => s,
+            None => self.state.insert(self.model.new_state()?),
+        };
+        self.model.forward_argmax(tokens, st)
+    }
+
     fn pos(&self) -> usize {
         self.state.as_ref().map_or(0, |s| s.pos)
     }

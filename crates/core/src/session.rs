@@ -87,6 +87,16 @@ pub trait SeqBackend: Send {
         check_logits(&logits, logits.len() / rows.max(1), first)?;
         Ok(logits)
     }
+    /// Greedy decoding's step: runs `tokens` as [`SeqBackend::forward`] does and returns the
+    /// argmax of the last position's logits, reduced where they live where the backend can
+    /// (one id crosses to the host instead of the vocabulary's logits: 1 MB a token for
+    /// Qwen3.5). [`Error::NonFiniteArgmax`] when the largest logit is not finite. Forward
+    /// stats are not recorded. The caller has checked the ids and the context length.
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
+        let mut stats = ForwardStats::default();
+        let logits = self.forward(tokens, Logits::Last, &mut stats)?;
+        crate::backend::argmax_checked(&logits)
+    }
     /// Tokens the state has consumed.
     fn pos(&self) -> usize;
     /// Back to a fresh state.

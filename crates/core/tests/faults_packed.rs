@@ -12,7 +12,7 @@ use flashmoe_core::model::Model;
 use flashmoe_core::packed::{
     synth, synth_config, verify_note, DenseVerified, Manifest, NoProgress, Role, SynthOptions,
 };
-use flashmoe_core::session::Session;
+use flashmoe_core::session::{SeqBackend, Session};
 use flashmoe_core::Error;
 use serde_json::{json, Value};
 
@@ -558,6 +558,14 @@ fn nan_weights_stop_generation_with_an_error_naming_the_position() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(e.contains("non-finite logits at sequence position"), "{e}");
+    // Greedy decoding's argmax reduced where the logits live (no row to check on the host):
+    // the same stop, with the position, never an id.
+    let model = Arc::new(load(&dir, false).expect("loads"));
+    let mut seq = flashmoe_core::session::CpuBackend::new(model);
+    match seq.forward_argmax(&[1, 2, 3]) {
+        Err(Error::NonFiniteArgmax { pos }) => assert_eq!(pos, 2, "the prompt's last position"),
+        other => panic!("wanted NonFiniteArgmax, got {other:?}"),
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@
 #    128-token prompt then 24 tokens (prefill ms and decode tok/s from --timing);
 #  - one full cuda_bench of the after binary (pinned and pageable host tiers).
 # Part 2, issue 19: round-w.sh (crates/wgpu/scripts/resident-round.sh).
+# AB=0: the tests and part 2 only (no A/B, no disk runs, no full bench).
 set -uo pipefail
 C=$PWD/carry-c
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/flashmoe-cache /tmp/logs; L=/tmp/logs
@@ -45,6 +46,7 @@ ab() { # name, then the cuda_bench arguments
     timeout 60 $b $M "$@" > $L/bench_${w}_${n}_$k.json 2> $L/bench_${w}_${n}_$k.err; summ "$w $n rc=$? ($(el) s)"
   done
 }
+[ "${AB:-1}" = 0 ] && P1=0
 ab vram --layers 8 --tokens 16 --no-kernels --vram-only; pack
 python3 - $L <<'PY' | tee -a $OUT/summary.txt
 import json, sys, glob
@@ -69,7 +71,7 @@ pack
 summ "== part 2: wgpu ($(el) s)"
 timeout $(( LIM - 60 - $(el) )) bash $C/round-w.sh
 pack
-if [ "$(el)" -lt $(( LIM - 50 )) ]; then
+if [ "${AB:-1}" != 0 ] && [ "$(el)" -lt $(( LIM - 50 )) ]; then
   timeout $(( LIM - $(el) )) $BIN/cuda_bench $M --layers 8 --tokens 16 --no-kernels > $L/bench_after_full.json 2> $L/bench_after_full.err
   summ "after full rc=$? ($(el) s)"
 fi

@@ -1252,6 +1252,17 @@ pub fn argmax_index(key: u64) -> u32 {
     !(key as u32)
 }
 
+/// The value of an argmax key (`amax_key` in kernels.cu): NaN where every value was NaN (the
+/// key's value half is 0, what the launch zeroed).
+pub fn argmax_value(key: u64) -> f32 {
+    let o = (key >> 32) as u32;
+    f32::from_bits(if o & 0x8000_0000 != 0 {
+        o & 0x7fff_ffff
+    } else {
+        !o
+    })
+}
+
 /// Shape of a full-attention layer.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {

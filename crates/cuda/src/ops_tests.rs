@@ -131,3 +131,41 @@ fn more_arguments_than_the_bound_is_an_error() {
     assert!(params(Kernel::ChainStep, &args).is_err());
     assert!(params(Kernel::ChainStep, &args[..MAX_ARGS]).is_ok());
 }
+
+/// kernels.cu's `amax_key`, for the decoding test below.
+fn amax_key(v: f32, i: u32) -> u64 {
+    let b = v.to_bits();
+    let o = if v.is_nan() {
+        0
+    } else if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    };
+    (o as u64) << 32 | !i as u64
+}
+
+/// The argmax key gives back its index and value (which greedy decoding checks is finite);
+/// an all-NaN key (value half 0) decodes to NaN, and keys order as their values do.
+#[test]
+fn argmax_keys_decode_to_index_and_value() {
+    let vals = [
+        f32::NEG_INFINITY,
+        -1.5,
+        -0.0,
+        0.0,
+        3.25,
+        f32::MAX,
+        f32::INFINITY,
+    ];
+    for (i, &v) in vals.iter().enumerate() {
+        let k = amax_key(v, i as u32 * 7);
+        assert_eq!(argmax_index(k), i as u32 * 7);
+        assert_eq!(argmax_value(k).to_bits(), v.to_bits(), "{v}");
+    }
+    for w in vals.windows(2) {
+        assert!(amax_key(w[0], 0) < amax_key(w[1], 0) || w[0] == w[1]);
+    }
+    assert!(argmax_value(amax_key(f32::NAN, 3)).is_nan());
+    assert!(argmax_value(0).is_nan());
+}

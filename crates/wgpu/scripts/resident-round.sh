@@ -10,6 +10,7 @@
 #     rounds) is the resident-decode ratio of the issue's target (<= 1.5x CUDA).
 # Carry: carry-c (crates/cuda/scripts/combined-round-prepare.sh) and .gl (the Vulkan loader).
 # Part 2 of crates/cuda/scripts/combined-round.sh (carry-c/round-w.sh there).
+# TESTS: which wgpu tests (default: products golden conformance); BENCH=0 skips step 2.
 # Output: $OUT/summary.txt, $OUT/bench_default.json, $OUT/logs-w.tgz.
 set -uo pipefail
 C=$PWD/carry-c
@@ -30,7 +31,7 @@ for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 NV=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json; [ -f $NV ] && export VK_DRIVER_FILES=$NV
 BIN=$R/bin; S=/tmp/q397
 [ -d $S ] || timeout 60 $BIN/flashmoe synth --preset qwen3.5-397b-a17b --layers 4 --experts 64 --out $S --force > $L/synth.log 2>&1
-for t in products golden conformance; do
+for t in ${TESTS:-products golden conformance}; do
   [ "$(el)" -gt 150 ] && { summ "wgpu $t skipped (time)"; continue; }
   timeout 60 $BIN/wgpu_$t --test-threads=1 > $L/wgpu_$t.log 2>&1; summ "wgpu $t rc=$? ($(el) s)"
   grep -E "test result|FAILED|panicked" $L/wgpu_$t.log | head -3 | tee -a "$OUT/summary.txt"
@@ -64,9 +65,9 @@ if "wgpu" in marg and "cuda" in marg:
 PY
 pack
 BENCH="--model $S --json --no-cold --no-compare --constrained-rounds 0 --tokens 16 --backend wgpu"
-[ "$(el)" -lt 190 ] && { timeout $(( 235 - $(el) )) $BIN/flashmoe bench decode $BENCH > $OUT/bench_default.json 2> $L/bench_default.err
+[ "${BENCH:-1}" != 0 ] && [ "$(el)" -lt 190 ] && { timeout $(( 235 - $(el) )) $BIN/flashmoe bench decode $BENCH > $OUT/bench_default.json 2> $L/bench_default.err
   summ "bench default rc=$? ($(el) s)"; }
-python3 - "$OUT/bench_default.json" <<'PY' 2>&1 | tee -a $OUT/summary.txt
+[ "${BENCH:-1}" != 0 ] && python3 - "$OUT/bench_default.json" <<'PY' 2>&1 | tee -a $OUT/summary.txt
 import json, sys
 w = json.load(open(sys.argv[1]))["wgpu"]
 dr = w["decode_resident"]

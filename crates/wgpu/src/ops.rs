@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use flashmoe_core::backend::{AttnShape, Backend, ExpertCall, ExpertTimes, GdnShape, Routes};
-use flashmoe_core::error::Result;
+use flashmoe_core::error::{Error, Result};
 use flashmoe_core::weights::Linear;
 
 use crate::device::{grid, Products, Wgpu};
@@ -699,7 +699,11 @@ impl Backend for Wgpu {
         let bufs = [(1, &x.buf), (3, &part.buf)];
         self.dispatch("argmax_part", &params, &bufs, [parts as u32, 1, 1])?;
         self.dispatch("argmax", &params, &[(2, &r), (3, &part.buf)], [1, 1, 1])?;
-        let v: Vec<u32> = bytemuck::pod_collect_to_vec(&self.read(&r, 4)?);
+        let v: Vec<u32> = bytemuck::pod_collect_to_vec(&self.read(&r, 8)?);
+        // NONE (every value NaN) or an infinite largest value: no token to pick.
+        if v[0] as usize >= x.len || !f32::from_bits(v[1]).is_finite() {
+            return Err(Error::NonFiniteArgmax { pos: 0 });
+        }
         Ok(v[0])
     }
 }

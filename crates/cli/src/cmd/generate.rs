@@ -27,13 +27,14 @@ pub fn run(mut a: Args) -> Result<()> {
     let mut runner = super::backend::runner(model, &a.model.opts)?;
     let mut stats = ForwardStats::default();
     let step = a.model.opts.prefill_step();
-    let mut logits = prefill(runner.as_mut(), &ids, step, Logits::Last, &mut stats)?;
+    let logits = prefill(runner.as_mut(), &ids, step, Logits::Last, &mut stats)?;
     let mut out = IdPrinter::default();
+    let mut next = argmax(&logits);
     for i in 0..a.tokens {
-        let next = argmax(&logits);
         out.push(next)?;
         if i + 1 < a.tokens {
-            logits = runner.forward(&[next], Logits::Last, &mut stats)?;
+            // The argmax where the logits live: only the id comes back.
+            next = runner.forward_argmax(&[next])?;
         }
     }
     out.finish()

@@ -613,7 +613,7 @@ impl Backend for Cpu {
     }
 
     fn argmax(&self, x: &Vec<f32>) -> Result<u32> {
-        Ok(kernels::top_k(x, 1).first().map_or(0, |s| s.0 as u32))
+        super::argmax_checked(x)
     }
 }
 

@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::experts::ExpertSource;
 use crate::weights::Linear;
 
@@ -342,7 +342,9 @@ pub trait Backend: Send + Sync + Sized {
         shared_gate: Option<&Self::Buf>,
     ) -> Result<()>;
     /// Index of the largest element of `x` (first on ties; NaN never wins), reduced where
-    /// `x` lives: one integer crosses to the host.
+    /// `x` lives: one integer (and the value, to check it) crosses to the host.
+    /// [`Error::NonFiniteArgmax`] when no element is finite or the largest is infinite, so
+    /// that greedy decoding never continues from a NaN model ([`argmax_checked`] on a host).
     fn argmax(&self, x: &Self::Buf) -> Result<u32>;
 
     // ---- optional and fused operations: default compositions, overridden to fuse --------
@@ -526,3 +528,18 @@ macro_rules! host_memory {
     };
 }
 use host_memory;
+
+/// [`Backend::argmax`] of a host slice: the first index of the largest value (NaN never
+/// wins), or [`Error::NonFiniteArgmax`] when that value is not finite or there is none.
+pub fn argmax_checked(x: &[f32]) -> Result<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in x.iter().enumerate() {
+        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    match best {
+        Some((i, v)) if v.is_finite() => Ok(i as u32),
+        _ => Err(Error::NonFiniteArgmax { pos: 0 }),
+    }
+}

@@ -407,6 +407,9 @@ impl Backend for Reference {
                 best = Some(i);
             }
         }
-        Ok(best.unwrap_or(0) as u32)
+        match best {
+            Some(b) if x[b].is_finite() => Ok(b as u32),
+            _ => Err(Error::NonFiniteArgmax { pos: 0 }),
+        }
     }
 }

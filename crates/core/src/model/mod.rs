@@ -261,6 +261,10 @@ impl<B: Backend> Model<B> {
         let eps = self.cfg.rms_norm_eps;
         self.be
             .fused_head_argmax(&last, &self.final_norm, eps, &self.lm_head)
+            .map_err(|e| match e {
+                Error::NonFiniteArgmax { .. } => Error::NonFiniteArgmax { pos: state.pos - 1 },
+                e => e,
+            })
     }
 
     /// A copy of row `t - 1` of `x [t, H]`.

@@ -321,5 +321,8 @@ pub(super) fn read_key(be: &Cuda, key: &CudaBuf) -> Result<u32> {
     let mut k = [0f32; 2];
     be.bind()?.read_f32(key.ptr(), &mut k).map_err(ce)?;
     let bits = k[0].to_bits() as u64 | (k[1].to_bits() as u64) << 32;
+    if !ops::argmax_value(bits).is_finite() {
+        return Err(Error::NonFiniteArgmax { pos: 0 });
+    }
     Ok(ops::argmax_index(bits))
 }

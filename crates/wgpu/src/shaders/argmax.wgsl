@@ -1,7 +1,7 @@
-// Index of the largest of n values (first on ties; NaN never wins; 0 when none), in two
-// dispatches: `part` gives each workgroup a slice of CHUNK values and writes its best
-// (value bits, index) to PART; `main`, one workgroup, takes the best of the parts. The
-// single u32 crosses to the host. (One workgroup over a 248,320-entry head's logits took
+// Index of the largest of n values (first on ties; NaN never wins; NONE when none) and that
+// value, in two dispatches: `part` gives each workgroup a slice of CHUNK values and writes its
+// best (value bits, index) to PART; `main`, one workgroup, takes the best of the parts. Two
+// u32 cross to the host. (One workgroup over a 248,320-entry head's logits took
 // 0.39 ms on an H100, a tenth of a decode token.) `better` and NONE: pick.wgsl.
 struct P {
     n: u32,
@@ -69,6 +69,8 @@ fn main(@builtin(local_invocation_index) tid: u32) {
     }
     reduce(tid, v, idx);
     if tid == 0u {
-        R[0] = select(bi[0], 0u, bi[0] == NONE);
+        // The value too, which the host checks is finite (NONE: every value was NaN).
+        R[0] = bi[0];
+        R[1] = bitcast<u32>(bv[0]);
     }
 }
