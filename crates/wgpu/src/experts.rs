@@ -3,8 +3,9 @@
 //! by side in one upload, and each product runs as one batch of (expert, token) jobs
 //! (`expert.wgsl`); SwiGLU between, and the weighted sum in ascending expert id (`esum.wgsl`).
 //!
-//! Not yet here: a device slot cache (every call uploads the experts it uses) and reads
-//! overlapped with the shared expert.
+//! This is the path of experts uploaded on use; experts kept on the device are slots.rs's.
+//! Whether the device computes the shared expert while the host reads is [`Wgpu::overlap`]
+//! (serial by default, as measured).
 use std::time::Instant;
 
 use flashmoe_core::backend::{Backend, ExpertCall, ExpertTimes, Routes};

@@ -62,8 +62,10 @@ fn f(x: f32) -> u32 {
 /// The fast products' configuration for a one-token product of `rows` rows: where `f` would
 /// give it fewer than 32 workgroups (a router, a gate of a few rows), 64 lanes per row
 /// summing through workgroup memory, so that each lane's loop is short (the H100 took 44 us
-/// per launch of the 64-row routers and 1-row gates at 8 bits with 32 lanes on four rows).
-fn small_rows(f: Fast, rows: usize, t: usize) -> Fast {
+/// per launch of the 64-row routers and 1-row gates at 8 bits with 32 lanes on four rows,
+/// and 20-27 us with 32 lanes on eight, 2026-12-07). `max_wgs`: the adapter's most
+/// invocations per workgroup.
+fn small_rows(f: Fast, rows: usize, t: usize, max_wgs: u32) -> Fast {
     let small = Fast {
         lg: 64,
         wgs: 256,
@@ -72,7 +74,8 @@ fn small_rows(f: Fast, rows: usize, t: usize) -> Fast {
         form: f.form,
         lean: f.lean,
     };
-    if t == 1 && rows.div_ceil(f.rows_per_group()) < 32 && f.wgs >= small.wgs {
+    let few = rows.div_ceil(f.rows_per_group()) < 32;
+    if t == 1 && few && small.wgs <= max_wgs && small.valid() {
         small
     } else {
         f
@@ -147,7 +150,15 @@ impl Wgpu {
         let tb = if t == 1 { 1 } else { 8 };
         let fast = self
             .fast_for(w.m, w.cols)
-            .map(|f| small_rows(f, w.rows, t).for_product(w.m, tb));
+            .map(|f| {
+                small_rows(
+                    f,
+                    w.rows,
+                    t,
+                    self.limits.max_compute_invocations_per_workgroup,
+                )
+            })
+            .map(|f| f.for_product(w.m, tb));
         let (name, per) = match fast {
             Some(f) => (f.key(FastKind::Matmul, w.m, tb), f.rows_per_group()),
             None => {
@@ -705,5 +716,37 @@ impl Backend for Wgpu {
             return Err(Error::NonFiniteArgmax { pos: 0 });
         }
         Ok(v[0])
+    }
+}
+
+#[cfg(test)]
+mod small_rows_tests {
+    use super::*;
+    use crate::shaders::Form;
+
+    /// Routers and gates (few rows) take 64 lanes a row at one token, where the adapter runs
+    /// 256 invocations a workgroup; matrices of many rows, prompts and small adapters keep `f`.
+    #[test]
+    fn few_rows_take_wide_lane_groups() {
+        let f = Fast {
+            lg: 32,
+            wgs: 128,
+            r: 8,
+            subgroup: true,
+            form: Form::Decode { span: 1 },
+            lean: true,
+        };
+        for rows in [1, 64, 512] {
+            let s = small_rows(f, rows, 1, 1024);
+            assert_eq!(
+                (s.lg, s.wgs, s.r, s.subgroup),
+                (64, 256, 1, false),
+                "{rows}"
+            );
+            assert!(s.valid() && s.lean && s.form == f.form);
+        }
+        assert_eq!(small_rows(f, 4096, 1, 1024), f);
+        assert_eq!(small_rows(f, 64, 8, 1024), f);
+        assert_eq!(small_rows(f, 64, 1, 128), f);
     }
 }
