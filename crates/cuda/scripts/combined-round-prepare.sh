@@ -15,6 +15,9 @@ cargo build --release -p flashmoe-cuda --example cuda_bench
 exe() { cargo test --release -p $1 --test $2 --no-run 2>&1 | sed -n "s/.*Executable tests\/$2.rs (\(.*\))/\1/p"; }
 for t in backend device; do strip -o $F/bin/cuda_$t "$(exe flashmoe-cuda $t)"; done
 for t in products conformance golden; do strip -o $F/bin/wgpu_$t "$(exe flashmoe-wgpu $t)"; done
+# The CLI's wgpu tests run this checkout's binary by its path here (CARGO_BIN_EXE_flashmoe).
+cli=$(cargo test --release -p flashmoe --features cuda,wgpu --test wgpu_cli --no-run 2>&1 | sed -n 's/.*Executable tests\/wgpu_cli.rs (\(.*\))/\1/p')
+strip -o $F/bin/wgpu_cli "$cli"; echo "$PWD/target/release/flashmoe" > $F/bin/flashmoe.path
 strip -o $F/bin/flashmoe target/release/flashmoe
 strip -o $F/bin/cuda_bench target/release/examples/cuda_bench
 cp "$BEFORE/bench_before" "$BEFORE/flashmoe_before" $F/bin/

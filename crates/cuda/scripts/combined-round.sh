@@ -9,7 +9,7 @@
 #    128-token prompt then 24 tokens (prefill ms and decode tok/s from --timing);
 #  - one full cuda_bench of the after binary (pinned and pageable host tiers).
 # Part 2, issue 19: round-w.sh (crates/wgpu/scripts/resident-round.sh).
-# CUDA_TESTS=0 skips the CUDA tests. AB=0: the tests and part 2 only (no A/B, no disk runs, no full bench).
+# CUDA_TESTS=0 skips the CUDA tests; TINY=1 adds the A/B of tiny-a's decode (cuda_bench --layers 2). AB=0: the tests and part 2 only (no A/B, no disk runs, no full bench).
 set -uo pipefail
 C=$PWD/carry-c
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/flashmoe-cache /tmp/logs; L=/tmp/logs
@@ -48,6 +48,18 @@ ab() { # name, then the cuda_bench arguments
     timeout 60 $b $M "$@" > $L/bench_${w}_${n}_$k.json 2> $L/bench_${w}_${n}_$k.err; summ "$w $n rc=$? ($(el) s)"
   done
 }
+if [ "${TINY:-0}" = 1 ]; then # tiny-a's decode and the 2-layer synthetic, every mode
+  P1S=$P1; P1=$(( $(el) + 120 )); ab tiny --layers 2 --tokens 16 --no-kernels; P1=$P1S
+  python3 - $L <<'PY' | tee -a $OUT/summary.txt
+import json, sys, glob
+for w in ["before", "after"]:
+    for f in sorted(glob.glob(f"{sys.argv[1]}/bench_{w}_tiny_*.json")):
+        try: d = json.load(open(f))
+        except Exception as e: print(w, f, "unreadable", e); continue
+        m = d["synthetic"]["modes"]
+        print(f"{w} {f.split('_')[-1]}: tiny-a {d['model']['ms_per_token']:.4f} ms; 2-layer MoE " + ", ".join(f"{k} {v['ms_per_token']:.4f}" for k, v in m.items()))
+PY
+fi
 [ "${AB:-1}" = 0 ] && P1=0
 ab vram --layers 8 --tokens 16 --no-kernels --vram-only; pack
 python3 - $L <<'PY' | tee -a $OUT/summary.txt
@@ -58,7 +70,7 @@ for w in ["before", "after"]:
         except Exception as e: print(w, f, "unreadable", e); continue
         v = d["synthetic"]["modes"]["experts_in_vram"]; kt = v.get("kernel_trace", {})
         an = [k for k in kt.get("kernels", []) if k["kernel"] == "add_rmsnorm"]
-        print(f"{w} {f.split('_')[-1]}: tiny-a {d['model']['ms_per_token']:.4f} ms, MoE VRAM {v['ms_per_token']:.4f} ms (traced {kt.get('total_us', 0):.1f} us; add_rmsnorm grid {an[0]['grid'] if an else '-'}), prompt {v.get('prefill', {})}")
+        print(f"{w} {f.split('_')[-1]}: MoE VRAM {v['ms_per_token']:.4f} ms (traced {kt.get('total_us', 0):.1f} us; add_rmsnorm grid {an[0]['grid'] if an else '-'}), prompt {v.get('prefill', {})}")
 PY
 S=/tmp/q397; timeout 60 $BIN/flashmoe synth --preset qwen3.5-397b-a17b --layers 4 --experts 64 --out $S --force > $L/synth.log 2>&1; summ "synth rc=$? ($(el) s)"
 IDS=$(seq -s, 1 128)

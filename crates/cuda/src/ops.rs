@@ -918,6 +918,11 @@ fn norm_split(n: usize, rows: usize) -> (u32, u32) {
     }
 }
 
+/// Blocks of a one-row norm over `n` elements (1: the residual can be updated in place).
+pub fn norm_blocks(n: usize) -> u32 {
+    norm_split(n, 1).0
+}
+
 /// out[r] = rmsnorm(x[r]) * w for `rows` rows of `n` at strides ldx, ldo (floats); with `pre`
 /// (one row), out is also prepared there for the `mp` matvec that reads it.
 #[allow(clippy::too_many_arguments)]

@@ -36,6 +36,13 @@ for t in ${TESTS:-products golden conformance}; do
   timeout 60 $BIN/wgpu_$t --test-threads=1 > $L/wgpu_$t.log 2>&1; summ "wgpu $t rc=$? ($(el) s)"
   grep -E "test result|FAILED|panicked" $L/wgpu_$t.log | head -3 | tee -a "$OUT/summary.txt"
 done
+# The CLI's wgpu tests (run, chat, serve, logits, generate, bench): they run the binary at
+# the path it was built at, so this checkout's binary goes there.
+if [ "${CLI:-1}" != 0 ] && [ -f $BIN/wgpu_cli ]; then
+  p=$(cat $BIN/flashmoe.path); mkdir -p "$(dirname "$p")"; [ -e "$p" ] || ln -s $BIN/flashmoe "$p"
+  timeout 90 $BIN/wgpu_cli --test-threads=1 > $L/wgpu_cli.log 2>&1; summ "wgpu cli rc=$? ($(el) s)"
+  grep -E "test result|FAILED|panicked" $L/wgpu_cli.log | head -3 | tee -a "$OUT/summary.txt"
+fi
 pack
 run() { # backend, tokens
   local ids rc tps

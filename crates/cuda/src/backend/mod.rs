@@ -763,7 +763,8 @@ impl Backend for Cuda {
         // Where x is a whole allocation nobody else holds, the sum goes to a fresh buffer that
         // then becomes x, and the norm runs on several blocks: 4.3 us less per call on an H100
         // at hidden 4096 (the kernel trace of crates/cuda/results/ab-decode-h100-2026-12-07-*).
-        let sole = x.off == 0 && Arc::strong_count(&x.mem) == 1;
+        // (A norm of one block, a small model's, updates x in place as before.)
+        let sole = x.off == 0 && Arc::strong_count(&x.mem) == 1 && ops::norm_blocks(n) > 1;
         let fresh = if sole { Some(self.buf(n)?) } else { None };
         let res = fresh
             .as_ref()
