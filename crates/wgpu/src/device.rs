@@ -352,9 +352,10 @@ impl Wgpu {
             pending: Mutex::new(Pending::default()),
             batch: batch.into(),
             stride,
-            // Serial: in five H100 runs (4d4c7dc to 4ce93d5, 2026-12-07) the overlapped
-            // pipeline was 6-10% slower than serial every time (e.g. 48.99 against 45.71
-            // ms/token), as the reference design found on Apple silicon.
+            // Serial, as the reference design measured on Apple silicon. On the H100 the two
+            // are not told apart yet: in six runs that did not alternate (2026-12-07), the
+            // one measured first was 5-10% faster each time, whichever it was; `bench` now
+            // alternates them.
             overlap: false.into(),
             dummy,
             counts: Counts::default(),

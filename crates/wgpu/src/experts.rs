@@ -5,7 +5,7 @@
 //!
 //! This is the path of experts uploaded on use; experts kept on the device are slots.rs's.
 //! Whether the device computes the shared expert while the host reads is [`Wgpu::overlap`]
-//! (serial by default, as measured).
+//! (serial by default; the field says why).
 use std::time::Instant;
 
 use flashmoe_core::backend::{Backend, ExpertCall, ExpertTimes, Routes};

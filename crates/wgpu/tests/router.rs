@@ -3,7 +3,7 @@
 //! the top k holds ties (to the lower id), 2,048 experts (the most), and more tokens than one
 //! grid row's 32,768 workgroups; `argmax` over a head's 248,320 logits, which its first
 //! dispatch splits into slices of 4,096: the maximum in a late slice, ties across slices (the
-//! lower index), NaNs, all NaN.
+//! lower index), NaNs, all NaN (an error on both, as no value is finite).
 mod device;
 
 use flashmoe_core::backend::{Backend, Reference, Routes};
@@ -78,9 +78,10 @@ fn argmax_across_slices() {
     cases.push(("NaNs never win", nan));
     cases.push(("all NaN", vec![f32::NAN; 5000]));
     cases.push(("one value", vec![-2.0]));
+    // No finite largest value: an error on both, never an id.
     for (name, x) in cases {
-        let want = Reference.argmax(&x).expect("reference");
-        let got = be.argmax(&be.upload(&x).expect("upload")).expect("argmax");
+        let want = Reference.argmax(&x).ok();
+        let got = be.argmax(&be.upload(&x).expect("upload")).ok();
         assert_eq!(got, want, "{name}");
     }
 }
