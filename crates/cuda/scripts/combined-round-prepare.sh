@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Prepares the combined device round (crates/cuda/scripts/combined-round.sh, which runs
-# crates/wgpu/scripts/candidates-round.sh as its part 2) in carry-c/: this checkout's binaries
-# (CUDA tests, cuda_bench, flashmoe, wgpu tests), the before binaries, fixtures, PTX caches.
-# Then: run with carry ["carry-c", ".gl"], command `LIM=420 bash carry-c/round.sh` (LIM: the
-# seconds the round may take). Used at 09f4580 (2026-12-07).
+# crates/wgpu/scripts/resident-round.sh as its part 2; ROUND_W names another script of that
+# folder) in carry-c/: this checkout's binaries (CUDA tests, cuda_bench, flashmoe, wgpu tests,
+# the CLI's wgpu tests), the before binaries, fixtures, PTX caches. Then: run with carry
+# ["carry-c", ".gl"], command `LIM=420 bash carry-c/round.sh` (LIM: the seconds the round may
+# take; combined-round.sh's header lists its switches). Used at 09f4580 to d7ede6e (2026-12-07).
 # BEFORE: a folder with the before binaries (bench_before = cuda_bench, flashmoe_before) and the
 # PTX of their kernels.cu (kernels-sm_90-*.ptx.gz), e.g. built at 86c3e95 (the old loop).
 BEFORE=${BEFORE:?set BEFORE to the folder of the before binaries}

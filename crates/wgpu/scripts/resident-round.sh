@@ -9,7 +9,9 @@
 #     token md5 of each; the marginal ms per token between the two lengths (min and median over
 #     rounds) is the resident-decode ratio of the target (<= 1.5x CUDA).
 # Carry: carry-c (crates/cuda/scripts/combined-round-prepare.sh) and .gl (the Vulkan loader).
-# Part 2 of crates/cuda/scripts/combined-round.sh (carry-c/round-w.sh there).
+# Part 2 of crates/cuda/scripts/combined-round.sh (carry-c/round-w.sh there). It replaces the
+# product-candidates round of 09f4580 (in git history as candidates-round.sh): the bench it runs
+# still times every candidate.
 # TESTS: which wgpu tests (default: products golden conformance); BENCH=0 skips step 2.
 # Output: $OUT/summary.txt, $OUT/bench_default.json, $OUT/logs-w.tgz.
 set -uo pipefail
