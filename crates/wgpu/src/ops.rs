@@ -358,6 +358,47 @@ impl Backend for Wgpu {
         self.norm(x, w, None, eps, out)
     }
 
+    /// One dispatch instead of the add's and the norm's. Every workgroup of a row reads all of
+    /// x, so the sum cannot be written back into x: it goes to a fresh buffer that becomes x.
+    fn add_rmsnorm(
+        &self,
+        x: &mut GBuf,
+        d: &GBuf,
+        w: &GBuf,
+        eps: f32,
+        out: &mut GBuf,
+    ) -> Result<()> {
+        let n = w.len;
+        if n == 0 || !x.len.is_multiple_of(n) {
+            return Err(op_err(
+                "add_rmsnorm",
+                format!("{} elements in rows of {n}", x.len),
+            ));
+        }
+        need("add_rmsnorm", "d", d.len, x.len)?;
+        need("add_rmsnorm", "out", out.len, x.len)?;
+        let rows = x.len / n;
+        let mut sum = self.scratch(x.len)?;
+        let (mut g, gx) = grid(rows);
+        // Slices of 1024 outputs (norm.wgsl's SW).
+        g[2] = n.div_ceil(1024) as u32;
+        self.dispatch(
+            "add_norm",
+            &[n as u32, rows as u32, f(eps), 0, gx],
+            &[
+                (1, &x.buf),
+                (2, &w.buf),
+                (3, &d.buf),
+                (4, &out.buf),
+                (5, &sum.buf),
+            ],
+            g,
+        )?;
+        // The old x goes back to the pool; the queue orders its reuse after this dispatch.
+        std::mem::swap(x, &mut sum);
+        Ok(())
+    }
+
     fn add(&self, x: &mut GBuf, d: &GBuf) -> Result<()> {
         need("add", "d", d.len, x.len)?;
         self.ew(0, x.len, x, &d.buf, &d.buf, &d.buf, [0; 4])

@@ -344,7 +344,8 @@ pub fn lean(name: &str) -> bool {
 
 /// The source of kernel `name` and its entry point: `matmul_rows` and `expert_rows` are the
 /// one-thread-per-row entry points (`per_row`) of `matmul.wgsl` and `expert.wgsl`,
-/// `argmax_part` the first dispatch (`part`) of `argmax.wgsl`; `fast_*` names are
+/// `argmax_part` the first dispatch (`part`) of `argmax.wgsl`, `add_norm` the residual join
+/// and norm (`add`) of `norm.wgsl`; `fast_*` names are
 /// [`Fast::key`]s.
 pub fn source(name: &str) -> Option<(String, &'static str)> {
     if let Some((f, kind, m, tb)) = Fast::parse(name) {
@@ -354,6 +355,7 @@ pub fn source(name: &str) -> Option<(String, &'static str)> {
         "matmul_rows" => ("matmul", "per_row"),
         "expert_rows" => ("expert", "per_row"),
         "argmax_part" => ("argmax", "part"),
+        "add_norm" => ("norm", "add"),
         n => (n, "main"),
     };
     all()
