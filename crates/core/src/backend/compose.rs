@@ -87,7 +87,8 @@ pub fn moe<B: Backend>(
     };
     let routes: &B::Routes = routes;
     let host = be.routes_host(routes, m.call.layer)?;
-    let mut routed = be.alloc(m.t * h)?;
+    // Written whole by `moe_experts`.
+    let mut routed = be.scratch(m.t * h)?;
     let et = be.moe_experts(m.call, m.xn, routes, host.as_deref(), &mut routed)?;
     be.moe_combine(x, &routed, shared.as_ref(), m.shared_gate)?;
     Ok(et)

@@ -324,6 +324,7 @@ pub trait Backend: Send + Sync + Sized {
     /// `out [t, H] = Σ_j w_j · down_j(silu(gate_j x) * up_j x)` over each token's routed
     /// experts, summed in ascending expert id. `host` is what [`Backend::routes_host`] gave;
     /// the experts' bytes come from `call.source` (or from the backend's own residency).
+    /// `out` is written whole (the model hands it over from `scratch`, not zeroed).
     fn moe_experts(
         &self,
         call: ExpertCall<'_>,
@@ -475,9 +476,9 @@ pub trait Backend: Send + Sync + Sized {
         eps: f32,
         head: &Self::Mat,
     ) -> Result<u32> {
-        let mut xn = self.alloc(self.buf_len(x))?;
+        let mut xn = self.scratch(self.buf_len(x))?;
         self.rmsnorm(x, norm, eps, &mut xn)?;
-        let mut logits = self.alloc(self.mat_shape(head).0)?;
+        let mut logits = self.scratch(self.mat_shape(head).0)?;
         self.matmul(head, &xn, 1, &mut logits)?;
         self.argmax(&logits)
     }

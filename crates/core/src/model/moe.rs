@@ -124,8 +124,9 @@ impl<B: Backend> Moe<B> {
         if let Some(ys) = &shared {
             tap.tap(be, "shared_out", Some(l), Some(ys))?;
         }
-        // routed = sum_j w_j Expert_{idx_j}(x)
-        let mut routed = be.alloc(t * h)?;
+        // routed = sum_j w_j Expert_{idx_j}(x), written whole by `moe_experts` (no zeroing
+        // pass: on a GPU a clear or memset that also ends the overlap of the work around it)
+        let mut routed = be.scratch(t * h)?;
         let et = be.moe_experts(call, xn, &routes, host.as_deref(), &mut routed)?;
         tap.expert_times(l, et);
         tap.tap(be, "experts_out", Some(l), Some(&routed))?;
