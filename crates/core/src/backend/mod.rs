@@ -530,16 +530,22 @@ macro_rules! host_memory {
 }
 use host_memory;
 
-/// [`Backend::argmax`] of a host slice: the first index of the largest value (NaN never
-/// wins), or [`Error::NonFiniteArgmax`] when that value is not finite or there is none.
-pub fn argmax_checked(x: &[f32]) -> Result<u32> {
+/// The first index of the largest value of a host slice and that value (NaN never wins);
+/// `None` when every value is NaN or there is none.
+pub fn host_argmax(x: &[f32]) -> Option<(usize, f32)> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &v) in x.iter().enumerate() {
         if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
             best = Some((i, v));
         }
     }
-    match best {
+    best
+}
+
+/// [`Backend::argmax`] of a host slice: [`host_argmax`]'s index, or
+/// [`Error::NonFiniteArgmax`] when its value is not finite or there is none.
+pub fn argmax_checked(x: &[f32]) -> Result<u32> {
+    match host_argmax(x) {
         Some((i, v)) if v.is_finite() => Ok(i as u32),
         _ => Err(Error::NonFiniteArgmax { pos: 0 }),
     }

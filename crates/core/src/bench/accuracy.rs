@@ -51,13 +51,7 @@ pub fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
 }
 
 fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
+    crate::backend::host_argmax(v).map_or(0, |(i, _)| i)
 }
 
 /// Compares two `[n, vocab]` logit arrays row by row.

@@ -24,13 +24,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    crate::backend::host_argmax(v).map_or(0, |(i, _)| i as u32)
 }
 
 fn random_prompt(model: &Model, n: usize, seed: u64) -> Vec<u32> {
