@@ -38,6 +38,15 @@ impl<B: Backend> ModelSeq<B> {
     fn copy(&self, s: &Option<State<B>>) -> Result<Option<State<B>>> {
         s.as_ref().map(|s| s.copy_on(&self.model.be)).transpose()
     }
+
+    /// The model and the live state, allocated at the first use after `reset`.
+    fn live(&mut self) -> Result<(&Model<B>, &mut State<B>)> {
+        let st = match self.state.take() {
+            Some(s) => s,
+            None => self.model.new_state()?,
+        };
+        Ok((&self.model, self.state.insert(st)))
+    }
 }
 
 impl<B: Backend + 'static> SeqBackend for ModelSeq<B> {
@@ -47,19 +56,13 @@ impl<B: Backend + 'static> SeqBackend for ModelSeq<B> {
         want: Logits,
         stats: &mut ForwardStats,
     ) -> Result<Vec<f32>> {
-        let st = match &mut self.state {
-            Some(s) => s,
-            None => self.state.insert(self.model.new_state()?),
-        };
-        self.model.forward(tokens, st, want, stats, None)
+        let (model, st) = self.live()?;
+        model.forward(tokens, st, want, stats, None)
     }
 
     fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
-        let st = match &mut self.state {
-            Some(s) => s,
-            None => self.state.insert(self.model.new_state()?),
-        };
-        self.model.forward_argmax(tokens, st)
+        let (model, st) = self.live()?;
+        model.forward_argmax(tokens, st)
     }
 
     fn pos(&self) -> usize {
