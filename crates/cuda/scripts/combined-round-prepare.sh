@@ -28,5 +28,5 @@ for f in /tmp/cptx/*.ptx; do gzip -c $f > $F/cache/$(basename $f).gz; done
 cp "$BEFORE"/kernels-sm_90-*.ptx.gz $F/cache/
 (cd $F && tar cJf bins.txz bin && rm -rf bin)
 (cd "${FLASHMOE_SHARED:-../shared}" && tar czf "$OLDPWD/$F/shared.tgz" golden tokenizer)
-cp crates/cuda/scripts/combined-round.sh $F/round.sh; cp crates/wgpu/scripts/${ROUND_W:-resident-round.sh} $F/round-w.sh
+cp crates/cuda/scripts/carry-env.sh $F/env.sh; cp crates/cuda/scripts/combined-round.sh $F/round.sh; cp crates/wgpu/scripts/${ROUND_W:-resident-round.sh} $F/round-w.sh
 du -sh $F; ls -la $F $F/cache

@@ -11,24 +11,13 @@
 # Part 2, issue 19: round-w.sh (crates/wgpu/scripts/resident-round.sh).
 # CUDA_TESTS=0 skips the CUDA tests, CUDA_TESTS=device runs only the device tests; TINY=1 adds the A/B of tiny-a's decode (cuda_bench --layers 2). AB=0: the tests and part 2 only (no A/B, no disk runs, no full bench).
 set -uo pipefail
-C=$PWD/carry-c
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/flashmoe-cache /tmp/logs; L=/tmp/logs
+. $PWD/carry-c/env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/logs; L=/tmp/logs
 LIM=${LIM:-540}; P1=${P1:-$(( LIM * 50 / 100 ))}; T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 summ() { echo "$*" | tee -a "$OUT/summary.txt"; }
 pack() { (cd $L && tar czf $OUT/logs.tgz * 2>/dev/null); }
-R=/tmp/r; mkdir -p $R; (cd $R && { tar xJf $C/bins.txz 2>/dev/null || python3 -c "import tarfile; tarfile.open('$C/bins.txz','r:xz').extractall('.')"; }; tar xzf $C/shared.tgz)
-for f in $C/cache/*.gz; do gunzip -c "$f" > /tmp/flashmoe-cache/$(basename "$f" .gz); done
-export FLASHMOE_CACHE=/tmp/flashmoe-cache CI=true
-if ! ldconfig -p | grep -q 'libnvrtc.so '; then
-  lib=$(ls /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)
-  [ -z "$lib" ] && lib=$(find / -name 'libnvrtc.so*' -not -path '/proc/*' 2>/dev/null | grep -v alt | head -1)
-  mkdir -p /tmp/nvl && ln -sf "$lib" /tmp/nvl/libnvrtc.so
-  export LD_LIBRARY_PATH=/tmp/nvl:$(dirname "$lib"):${LD_LIBRARY_PATH:-}
-fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a $OUT/summary.txt
 nproc | sed 's/^/cpus /' | tee -a $OUT/summary.txt; grep -o -m1 'avx512f' /proc/cpuinfo | tee -a $OUT/summary.txt
-BIN=$R/bin
-export FLASHMOE_SHARED=$R
 if [ "${CUDA_TESTS:-1}" = 1 ]; then
 summ "== cuda backend tests ($(el) s)"
 timeout 90 $BIN/cuda_backend --test-threads=1 > $L/cuda_backend.log 2>&1; summ "rc=$?"

@@ -8,30 +8,22 @@
 #  3. greedy runs alternating wgpu / CUDA, 32 and 416 tokens, three rounds: decode tok/s and the
 #     token md5 of each; the marginal ms per token between the two lengths (min and median over
 #     rounds) is the resident-decode ratio of the issue's target (<= 1.5x CUDA).
-# Carry: carry-c (crates/cuda/scripts/combined-round-prepare.sh) and .gl (the Vulkan loader).
+# Carry: carry-c (crates/cuda/scripts/combined-round-prepare.sh; env.sh unpacks it) and .gl (the
+# Vulkan loader).
 # Part 2 of crates/cuda/scripts/combined-round.sh (carry-c/round-w.sh there). It replaces the
 # product-candidates round of 09f4580 (in git history as candidates-round.sh): the bench it runs
 # still times every candidate.
 # TESTS: which wgpu tests (default: products golden conformance); BENCH=0 skips step 2.
 # Output: $OUT/summary.txt, $OUT/bench_default.json, $OUT/logs-w.tgz.
 set -uo pipefail
-C=$PWD/carry-c
-OUT=${OUT:-/tmp/out}; R=/tmp/wp; L=$R/logs; mkdir -p "$OUT" $L /tmp/wp-cache
+. $PWD/carry-c/env.sh
+OUT=${OUT:-/tmp/out}; L=$R/logs; mkdir -p "$OUT" $L
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 summ() { echo "$*" | tee -a "$OUT/summary.txt"; }
 pack() { (cd $L && tar czf $OUT/logs-w.tgz * 2>/dev/null); }
-(cd $R && { tar xJf $C/bins.txz 2>/dev/null || python3 -c "import tarfile; tarfile.open('$C/bins.txz','r:xz').extractall('.')"; }; tar xzf $C/shared.tgz)
-for f in $C/cache/*.gz; do gunzip -c "$f" > /tmp/wp-cache/$(basename "$f" .gz); done
-export FLASHMOE_CACHE=/tmp/wp-cache CI=true FLASHMOE_SHARED=$R
-if ! ldconfig -p | grep -q 'libnvrtc.so '; then
-  lib=$(ls /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)
-  [ -z "$lib" ] && lib=$(find / -name 'libnvrtc.so*' -not -path '/proc/*' 2>/dev/null | grep -v alt | head -1)
-  [ -n "$lib" ] && { mkdir -p /tmp/nvl && ln -sf "$lib" /tmp/nvl/libnvrtc.so
-    export LD_LIBRARY_PATH=/tmp/nvl:$(dirname "$lib"):${LD_LIBRARY_PATH:-}; }
-fi
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 NV=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json; [ -f $NV ] && export VK_DRIVER_FILES=$NV
-BIN=$R/bin; S=/tmp/q397
+S=/tmp/q397
 [ -d $S ] || timeout 60 $BIN/flashmoe synth --preset qwen3.5-397b-a17b --layers 4 --experts 64 --out $S --force > $L/synth.log 2>&1
 for t in ${TESTS:-products golden conformance}; do
   [ "$(el)" -gt 150 ] && { summ "wgpu $t skipped (time)"; continue; }
